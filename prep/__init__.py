@@ -1,0 +1,1 @@
+"""Offline data preparation: load, render, tokenize and pack a dataset into padless shards."""

@@ -1,0 +1,1 @@
+"""The thin padless trainer: memory-mapped shards in, one varlen token stream per micro-batch, fused kernels."""
