@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's main job on a fresh clone, CPU only, no network: set up .venv, pack the bundled demo dataset with
+# the bundled demo tokenizer, show what the shards hold, then LoRA-train a tiny randomly initialised model on
+# them and show the loss falling. Outputs land in ./demo-out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+. .venv/bin/activate
+prep pack demo:alpaca --max-len 512 --eval-fraction 0.05 --out demo-out/shards --overwrite
+prep stats demo-out/shards --model-params 8e9 --gpu h200
+prep show demo-out/shards --pack 0 | head -n 40
+prep verify demo-out/shards
+train run demo-out/shards --output demo-out/run --max-steps 120 --eval-every 40 --lr 3e-3 "$@"
