@@ -1,0 +1,185 @@
+"""``shards.open(path) -> ShardSet``: memory-mapped, checked, random-access reading of a shard set.
+
+On open the manifest (format name, version, schema), every shard file's size, Arrow footer and schema are
+checked, so a wrong, truncated or foreign set fails at once with a message that says what was expected.
+Each file's sha256 is checked the first time a pack of it is read (hashing costs ~1 s/GB, paid once).
+Record batches are zstd-compressed, so a pack access decompresses its batch; a small cache keeps the last
+few decoded batches as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import ShardFormatError
+from .manifest import file_sha256, read_manifest
+from .pack import Pack, labels_from_mask
+from .schema import SCHEMA
+
+__all__ = ["ShardSet", "open_shards"]
+
+_CACHE_BATCHES = 4
+
+
+class ShardSet:
+    """A read-only shard set: ``len(ss)`` packs, ``ss[i] -> Pack``, ``ss.order(seed, epoch)``."""
+
+    def __init__(self, path: str | os.PathLike, *, check_checksums: bool = True) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+        self.max_len: int = int(self.manifest["max_len"])
+        self.check_checksums = check_checksums
+        shards = self.manifest["shards"]
+        if not shards:
+            raise ShardFormatError(f"{str(self.path)!r}: the manifest lists no shards; expected at least one")
+        # Global pack index -> (shard, batch, row) through cumulative counts over all batches of all shards.
+        batch_packs: list[int] = []
+        self._batch_shard: list[int] = []
+        self._batch_local: list[int] = []
+        for s_i, s in enumerate(shards):
+            counts = s.get("batches")
+            if not counts or sum(counts) != s["packs"]:
+                raise ShardFormatError(
+                    f"{s['file']}: manifest batch counts {counts} do not add up to its {s['packs']} packs"
+                )
+            batch_packs += counts
+            self._batch_shard += [s_i] * len(counts)
+            self._batch_local += list(range(len(counts)))
+        self._batch_start = np.zeros(len(batch_packs) + 1, np.int64)
+        np.cumsum(batch_packs, out=self._batch_start[1:])
+        self._len = int(self._batch_start[-1])
+        if self._len != self.manifest["totals"]["packs"]:
+            raise ShardFormatError(
+                f"{str(self.path)!r}: shards hold {self._len} packs but totals say {self.manifest['totals']['packs']}"
+            )
+        self._pid = -1
+        self._open_files()
+
+    # -- files -----------------------------------------------------------------------------------------
+    def _open_files(self) -> None:
+        """(Re)open every shard memory-mapped; also after a fork, since a mapping is per process."""
+        self._readers: list[pa.ipc.RecordBatchFileReader] = []
+        self._hashed: set[int] = set()
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        for s in self.manifest["shards"]:
+            f = self.path / s["file"]
+            if not f.is_file():
+                raise ShardFormatError(f"shard {str(f)!r} listed in the manifest is missing; re-run `prep pack`")
+            size = f.stat().st_size
+            if size != s["bytes"]:
+                raise ShardFormatError(
+                    f"shard {str(f)!r} is {size} bytes, expected {s['bytes']} (truncated or replaced); "
+                    "re-run `prep pack`"
+                )
+            try:
+                r = pa.ipc.open_file(pa.memory_map(str(f), "r"))
+            except (pa.ArrowInvalid, OSError) as e:
+                msg = f"shard {str(f)!r} is not a readable Arrow IPC file ({e}); re-run `prep pack`"
+                raise ShardFormatError(msg) from e
+            if not r.schema.equals(SCHEMA):
+                raise ShardFormatError(f"shard {str(f)!r} has schema {r.schema}, expected {SCHEMA}")
+            if r.num_record_batches != len(s["batches"]):
+                raise ShardFormatError(
+                    f"shard {str(f)!r} has {r.num_record_batches} record batches, expected {len(s['batches'])}"
+                )
+            self._readers.append(r)
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path), "check_checksums": self.check_checksums}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], check_checksums=state["check_checksums"])
+
+    def _batch(self, b: int) -> dict[str, np.ndarray]:
+        if os.getpid() != self._pid:
+            self._open_files()
+        hit = self._cache.get(b)
+        if hit is not None:
+            self._cache.move_to_end(b)
+            return hit
+        s_i = self._batch_shard[b]
+        shard = self.manifest["shards"][s_i]
+        if self.check_checksums and s_i not in self._hashed:
+            digest = file_sha256(self.path / shard["file"])
+            if digest != shard["sha256"]:
+                raise ShardFormatError(
+                    f"shard {str(self.path / shard['file'])!r} is corrupted: sha256 {digest[:16]}... expected "
+                    f"{shard['sha256'][:16]}...; re-run `prep pack`"
+                )
+            self._hashed.add(s_i)
+        try:
+            rb = self._readers[s_i].get_batch(self._batch_local[b])
+        except (pa.ArrowInvalid, OSError) as e:
+            msg = f"shard {shard['file']!r} batch {self._batch_local[b]} cannot be decoded ({e})"
+            raise ShardFormatError(msg) from e
+        out: dict[str, np.ndarray] = {}
+        for name in ("input_ids", "position_ids", "cu_seqlens", "loss_mask", "example_index"):
+            col = rb.column(name)
+            out[name + ".off"] = col.offsets.to_numpy()
+            out[name] = col.values.to_numpy(zero_copy_only=False)
+        for name in ("num_tokens", "num_trainable", "max_seqlen"):
+            out[name] = rb.column(name).to_numpy()
+        self._cache[b] = out
+        if len(self._cache) > _CACHE_BATCHES:
+            self._cache.popitem(last=False)
+        return out
+
+    # -- public ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Pack:
+        i = int(i)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"pack index {i} out of range for a shard set of {self._len} packs")
+        b = int(np.searchsorted(self._batch_start, i, side="right")) - 1
+        d = self._batch(b)
+        r = i - int(self._batch_start[b])
+
+        def row(name: str) -> np.ndarray:
+            off = d[name + ".off"]
+            return d[name][off[r] : off[r + 1]]
+
+        ids, mask = row("input_ids"), row("loss_mask")
+        return Pack(
+            input_ids=ids,
+            position_ids=row("position_ids"),
+            cu_seqlens=row("cu_seqlens"),
+            loss_mask=mask,
+            labels=labels_from_mask(ids, mask),
+            example_index=row("example_index"),
+            num_tokens=int(d["num_tokens"][r]),
+            num_trainable=int(d["num_trainable"][r]),
+            max_seqlen=int(d["max_seqlen"][r]),
+        )
+
+    def __iter__(self):
+        for i in range(self._len):
+            yield self[i]
+
+    def order(self, seed: int, epoch: int = 0) -> np.ndarray:
+        """A seeded permutation of pack indices (int64); same (seed, epoch) -> same order on every rank."""
+        return np.random.default_rng([int(seed), int(epoch)]).permutation(self._len).astype(np.int64)
+
+    def iter_batches(self):
+        """Yield every record batch as decoded numpy columns (fast sequential scans for stats / verify)."""
+        for b in range(len(self._batch_shard)):
+            yield b, self._batch(b)
+
+    def __repr__(self) -> str:
+        t = self.manifest["totals"]
+        return f"ShardSet({str(self.path)!r}, packs={self._len}, tokens={t['tokens']}, max_len={self.max_len})"
+
+
+def open_shards(path: str | os.PathLike, *, check_checksums: bool = True) -> ShardSet:
+    """Open a shard set folder written by ``prep pack`` (exported as ``shards.open``)."""
+    return ShardSet(path, check_checksums=check_checksums)
