@@ -1,20 +1,293 @@
 """RMSNorm over the last dim, Llama/Qwen3 (``offset=0``) and Gemma ``(1 + w)`` (``offset=1``) variants.
 
-Shapes: T packed tokens, E normalized size (hidden size, or D for Qwen3's per-head q/k norms on (T, H, D)).
+Shapes: T packed tokens, E normalized size: the hidden size for the model's norms (x (T, E)), or D for Qwen3's
+per-head q/k norms (x (T, H, D), weight (D,)). x is flattened to R rows of E; rows may be strided, a row's E
+values must be contiguous.
+
+Why fused: eager RMSNorm makes ~6 passes over (T, E) (fp32 cast, square, mean, scale, cast, weight product).
+The forward here reads x once and writes y once, plus one fp32 rstd per row kept for the backward; the backward
+reads dy and x once and writes dx once. The weight gradient is deterministic: every backward program sums its
+rows' ``dy * normed`` into its own fp32 row of a (programs, E) buffer, and one ``sum(0)`` reduces those rows
+(no atomics, so the same inputs give bit-identical weight gradients).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from .indexing import needs_long_indexing
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
 
+# --------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,  # (R, E) rows of stride_x
+    w_ptr,  # (E,)
+    y_ptr,  # (R, E) contiguous
+    rstd_ptr,  # (R,) fp32
+    R,
+    E,
+    stride_x,
+    eps,
+    offset,
+    GEMMA_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    LONG_INDEXING: tl.constexpr,
+):
+    """One program normalizes BLOCK_R whole rows (BLOCK_E >= E)."""
+    pid = tl.program_id(0)
+    if LONG_INDEXING:
+        pid = pid.to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask = rows < R
+    mask = row_mask[:, None] & (cols[None, :] < E)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
+    normed = x * rstd[:, None]
+    if GEMMA_CAST:
+        # Gemma: (normed * (offset + w)) in fp32, one rounding to x's dtype.
+        y = normed * (offset + w[None, :])
+    else:
+        # Llama/Qwen3: round normed to x's dtype first, then multiply by the weight (rounded to y's dtype).
+        y = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+    tl.store(y_ptr + rows[:, None] * E + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,  # (R, E) rows of stride_dy
+    x_ptr,  # (R, E) rows of stride_x
+    w_ptr,  # (E,)
+    rstd_ptr,  # (R,) fp32
+    dx_ptr,  # (R, E) contiguous
+    dw_partial_ptr,  # (N_PROGRAMS, E) fp32, one row per program
+    R,
+    E,
+    n_blocks,  # cdiv(R, BLOCK_R)
+    n_programs,  # the grid size
+    stride_dy,
+    stride_x,
+    offset,
+    GEMMA_CAST: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    LONG_INDEXING: tl.constexpr,
+):
+    """Program p handles row blocks p, p + N, p + 2N, ... (N programs); dx per row, dw summed per program.
+
+    With g = dy * (offset + w) and n = x * rstd: dx = rstd * (g - n * mean(g * n)), dw = sum_rows(dy * n')
+    where n' is n rounded to x's dtype for the Llama cast (the value the weight multiplied in the forward).
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    col_mask = cols < E
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w_eff = offset + w if GEMMA_CAST else w
+    dw_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    block = pid.to(tl.int64) if LONG_INDEXING else pid
+    # Interleaved blocks (neighbouring programs read neighbouring rows). A while loop, not tl.range: Triton 3.6's
+    # interpreter cannot take a runtime bound in range() with numpy 2 (int() of a 1-element array).
+    while block < n_blocks:
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        normed = x * rstd[:, None]
+        if COMPUTE_DX:
+            g = dy * w_eff[None, :]
+            mean_gn = tl.sum(g * normed, axis=1) / E
+            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
+            tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            if GEMMA_CAST:
+                dw_acc += tl.sum(dy * normed, axis=0)
+            else:
+                dw_acc += tl.sum(dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
+        block += n_programs
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + tl.program_id(0) * E + cols, dw_acc, mask=col_mask)
+
+
+# ------------------------------------------------------------------------------------------- host launchers
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# A whole row lives in registers; past 64K elements it would spill (no model we train is near that).
+_MAX_BLOCK_E = 65536
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., E) -> (R, E) with contiguous rows (a view when the strides allow it, else a copy)."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def _fwd_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, num_warps): about 4K elements per program.
+
+    E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 -> 32 rows
+    per program so that small rows still make wide programs. Tunable: tools/bench_kernels.py sweeps BLOCK_R.
+    """
+    block_e = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block_e))
+    elements = block_r * block_e
+    return block_r, block_e, 16 if elements >= 16384 else 8 if elements >= 2048 else 4
+
+
+def _bwd_programs(x: torch.Tensor, n_row_blocks: int) -> int:
+    # A few programs per SM (132 on an H200) keep every SM busy while each program's dw partial row amortises
+    # over many rows; the (programs, E) fp32 buffer stays small (264 x 4096 x 4 B = 4.3 MB).
+    per_sm = 2
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        sms = 2  # Triton's CPU interpreter: few programs, each looping over many rows, is fastest
+    return max(1, min(n_row_blocks, sms * per_sm))
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() == 0:
+        raise ValueError("x is a scalar: expected (..., E).")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}: expected ({x.shape[-1]},) to match x's last dim "
+            f"(x {tuple(x.shape)}; per-head norms take x (T, H, D) with weight (D,))."
+        )
+    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+        raise ValueError(f"x is {x.dtype}, weight {weight.dtype}: expected each one of {_DTYPES}.")
+    if triton.next_power_of_2(x.shape[-1]) > _MAX_BLOCK_E:
+        raise ValueError(f"x's last dim E={x.shape[-1]} is too large: rms_norm supports E <= {_MAX_BLOCK_E}.")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight on {weight.device}: expected one device.")
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
+    # Llama's ``weight * normed.to(x.dtype)`` promotes (bf16 x with an fp32 weight gives fp32); Gemma casts to x.
+    return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
+
+
+def _launch_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+    block_r: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty(x.shape, dtype=_out_dtype(x, weight, offset), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, rstd
+    default_r, block_e, default_warps = _fwd_config(n_cols)
+    block_r = block_r or default_r
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x2,
+        weight,
+        y,
+        rstd,
+        n_rows,
+        n_cols,
+        x2.stride(0),
+        eps,
+        offset,
+        GEMMA_CAST=offset != 0.0,
+        BLOCK_R=block_r,
+        BLOCK_E=block_e,
+        LONG_INDEXING=needs_long_indexing(x2, y),
+        num_warps=num_warps or default_warps,
+    )
+    return y, rstd
+
+
+def _launch_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float,
+    compute_dx: bool,
+    compute_dw: bool,
+    block_r: int | None = None,
+    num_warps: int | None = None,
+    programs: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    x2, dy2 = _rows(x), _rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight) if compute_dw else None
+    default_r, block_e, default_warps = _fwd_config(n_cols)
+    block_r = block_r or default_r
+    n_programs = programs or _bwd_programs(x, triton.cdiv(n_rows, block_r))
+    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy2,
+        x2,
+        weight,
+        rstd,
+        dx if compute_dx else x2,  # unused pointer when COMPUTE_DX is False
+        dw_partial,
+        n_rows,
+        n_cols,
+        triton.cdiv(n_rows, block_r),
+        n_programs,
+        dy2.stride(0),
+        x2.stride(0),
+        offset,
+        GEMMA_CAST=offset != 0.0,
+        COMPUTE_DX=compute_dx,
+        COMPUTE_DW=compute_dw,
+        BLOCK_R=block_r,
+        BLOCK_E=block_e,
+        LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
+        num_warps=num_warps or default_warps,
+    )
+    # Deterministic reduction of the per-program partial sums (fixed order, no atomics).
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+# ------------------------------------------------------------------------------------------ autograd.Function
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):  # type: ignore[override]
+        y, rstd = _launch_fwd(x, weight, eps, offset)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        # LoRA: frozen norm weights need no dw, so its partial sums are skipped entirely.
+        dx, dw = _launch_bwd(dy, x, weight, rstd, ctx.offset, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dw, None, None
+
+
+# ------------------------------------------------------------------------------------------------ public API
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm of x over its last dim (placeholder: reference math, Triton kernel follows)."""
-    return rms_norm_reference(x, weight, eps, offset)
+    """RMSNorm of x (..., E) over its last dim with weight (E,), fused forward and backward (Triton).
+
+    ``offset=0`` follows LlamaRMSNorm/Qwen3RMSNorm's casts, ``offset=1.0`` GemmaRMSNorm's ``(1 + w)`` in fp32
+    (see :func:`rms_norm_reference`). Per-head q/k norms: x (T, H, D), weight (D,).
+    """
+    _check_args(x, weight)
+    return _RMSNorm.apply(x, weight, float(eps), float(offset))
 
 
+# ------------------------------------------------------------------------------------------------ reference
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """Out-of-place RMSNorm with Hugging Face's casts.
 
