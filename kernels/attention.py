@@ -14,10 +14,26 @@ import math
 
 import torch
 
-__all__ = ["varlen_attention", "varlen_attention_reference"]
+from .attention_bwd import BwdConfig, flash_bwd
+from .attention_fwd import FwdConfig, build_schedule, flash_fwd
+
+__all__ = [
+    "BwdConfig",
+    "FwdConfig",
+    "default_configs",
+    "varlen_attention",
+    "varlen_attention_reference",
+    "varlen_attention_with_configs",
+]
+
+# max_seqlen buckets: short (Alpaca-like, <= 256 tokens), medium (<= 2048), long.
+SHORT, MEDIUM = 256, 2048
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window, softcap) -> None:
+def _check_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal, window, softcap
+) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be (T, H, D) / (T, Hkv, D); got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -39,6 +55,8 @@ def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
         )
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window={window!r} must be None or a positive int (Hugging Face sliding_window).")
+    if window is not None and not causal:
+        raise ValueError(f"window={window} needs causal=True (Hugging Face sliding_window is causal).")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap!r} must be None or > 0 (Gemma 2 attn_logit_softcapping).")
 
@@ -78,8 +96,6 @@ def _reference_impl(
             keep &= j <= i
         if window is not None:
             keep &= j > i - window
-            if not causal:
-                keep &= j < i + window
         scores = scores.masked_fill(~keep, float("-inf"))
         p = torch.softmax(scores, dim=-1)
         outs.append((p @ vs).transpose(0, 1))
@@ -104,9 +120,107 @@ def varlen_attention_reference(
     GQA repeats k/v here only. ``window=W``: token i sees j with i-W < j <= i. ``softcap``: scores become
     softcap*tanh(scores/softcap) before masking.
     """
-    _check_args(q, k, v, cu_seqlens, window, softcap)
+    _check_args(q, k, v, cu_seqlens, causal, window, softcap)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     return _reference_impl(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, compute)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while n % (2 * p) == 0 and 2 * p <= cap:
+        p *= 2
+    return p
+
+
+def default_configs(head_dim: int, dtype: torch.dtype, max_seqlen: int, group: int) -> tuple[FwdConfig, BwdConfig]:
+    """Hopper (H200) tiling per (D, dtype, max_seqlen bucket); ``tools/bench_attention.py --sweep`` re-tunes it.
+
+    Rows of a tile are (query token, head) pairs of one GQA group (HPB heads), so short examples still give the
+    tensor cores 64-128 rows while causal waste stays at 16-32-token granularity.
+    """
+    del dtype  # bf16 and fp16 share tiles; fp32 is a correctness path, not tuned.
+    big = head_dim > 128
+    short = max_seqlen <= SHORT
+    medium = max_seqlen <= MEDIUM
+    rows = 64 if big else 128
+    hpb = _pow2_divisor(group, 8 if short else 4)
+    fwd_n = 32 if short else (32 if big else 64 if medium else 128)
+    fwd = FwdConfig(
+        block_m=max(16, rows // hpb), hpb=hpb, block_n=fwd_n, num_warps=4 if short else 8, num_stages=2 if big else 3
+    )
+    bwd_rows = 64 if not big else 32
+    bhpb = _pow2_divisor(group, 4 if short else 2)
+    kv_n = 32 if (short or big) else 64
+    bwd = BwdConfig(
+        kv_block_n=kv_n, kv_block_m=max(16, bwd_rows // bhpb), kv_hpb=bhpb, kv_warps=4 if short else 8,
+        kv_stages=2, q_block_m=max(16, bwd_rows // bhpb), q_hpb=bhpb, q_block_n=kv_n,
+        q_warps=4 if short else 8, q_stages=2,
+    )  # fmt: skip
+    return fwd, bwd
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        sched_q = build_schedule(cu_seqlens, q.shape[0], max_seqlen, fwd_cfg.block_m)
+        out, lse = flash_fwd(q, k, v, cu_seqlens, sched_q, softmax_scale, causal, window, softcap, fwd_cfg)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sched_q)
+        ctx.args = (max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, sched_q = ctx.saved_tensors
+        max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg = ctx.args
+        T = q.shape[0]
+        if bwd_cfg.q_block_m != fwd_cfg.block_m:
+            sched_q = build_schedule(cu_seqlens, T, max_seqlen, bwd_cfg.q_block_m)
+        sched_kv = build_schedule(cu_seqlens, T, max_seqlen, bwd_cfg.kv_block_n)
+        dq, dk, dv = flash_bwd(
+            _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
+            softmax_scale, causal, window, softcap, bwd_cfg,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def varlen_attention_with_configs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    *,
+    fwd_cfg: FwdConfig | None = None,
+    bwd_cfg: BwdConfig | None = None,
+) -> torch.Tensor:
+    """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults."""
+    _check_args(q, k, v, cu_seqlens, causal, window, softcap)
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: expected one of {SUPPORTED_DTYPES}, all the same; cast "
+            "the inputs (use varlen_attention_reference for float64)."
+        )
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError(f"q, k, v, cu_seqlens must share a device; got {q.device}, {k.device}, {v.device}, "
+                         f"{cu_seqlens.device}.")  # fmt: skip
+    if q.shape[2] > 256:
+        raise ValueError(f"head dim D={q.shape[2]} is not supported; expected D <= 256.")
+    group = q.shape[1] // k.shape[1]
+    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    return _VarlenAttention.apply(
+        q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), window,
+        None if softcap is None else float(softcap), fwd_cfg or d_fwd, bwd_cfg or d_bwd,
+    )  # fmt: skip
 
 
 def varlen_attention(
@@ -120,5 +234,11 @@ def varlen_attention(
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Varlen attention over a packed stream; q (T, H, D), k/v (T, Hkv, D), cu_seqlens int32 (S+1,)."""
-    return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
+    """Varlen attention over a packed stream (Triton forward and backward, no T x T tensor anywhere).
+
+    q (T, H, D), k/v (T, Hkv, D) with H % Hkv == 0 (GQA without repeating k/v), ``cu_seqlens`` int32 (S+1,),
+    ``max_seqlen`` >= the longest example (a Python int from the shard: no device sync). ``window=W``: token i
+    sees keys i-W < j <= i (Hugging Face ``sliding_window``); ``softcap``: Gemma 2 logit capping. bf16/fp16 (and
+    fp32) with fp32 accumulation; D <= 256 (64, 80, 96, 128, 256 tuned). The backward is deterministic.
+    """
+    return varlen_attention_with_configs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)

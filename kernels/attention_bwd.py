@@ -1,0 +1,355 @@
+"""Varlen attention backward in Triton (FlashAttention-2 style), deterministic: no atomics anywhere.
+
+Shape legend as in ``kernels.attention_fwd``: q/do/dq (T, H, D), k/v/dk/dv (T, Hkv, D), lse and delta (T, H)
+fp32, G = H // Hkv. Three launches:
+
+1. ``_delta_kernel``: delta = rowsum(dO * O) per (token, head).
+2. ``_dkdv_kernel``: one program per (example, key block) and kv head; it loops over the G query heads of the
+   group (HPB at a time, packed into the rows as in the forward) and over the query blocks that see this key
+   block, so dK/dV are summed over the group inside the program: no atomics, bitwise reproducible.
+3. ``_dq_kernel``: one program per (example, query block) and HPB heads, looping over key blocks as the forward.
+
+Recomputing QK^T in both (2) and (3) costs one extra matmul pass over atomics-based dQ, but the result is
+deterministic by construction, which the trainer wants for reproducible runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import _block_ranges, _load_kv, _load_tile, _scores, dot_precision, interpreting, score_constants
+from .indexing import needs_long_indexing
+
+__all__ = ["BwdConfig", "flash_bwd"]
+
+
+class BwdConfig(NamedTuple):
+    """dK/dV tiling (key block x query tokens x heads) and dQ tiling (query tokens x heads x key block)."""
+
+    kv_block_n: int
+    kv_block_m: int
+    kv_hpb: int
+    kv_warps: int
+    kv_stages: int
+    q_block_m: int
+    q_hpb: int
+    q_block_n: int
+    q_warps: int
+    q_stages: int
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
+                  H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  LONG_INDEXING: tl.constexpr):  # fmt: skip
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if LONG_INDEXING:
+        tok = tok.to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    m = (tok[:, None] < T) & (d[None, :] < HEAD_DIM)
+    o = tl.load(O + tok[:, None] * stride_ot + h * stride_oh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + tok[:, None] * stride_dot + h * stride_doh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + tok * H + h, tl.sum(o * do, 1), mask=tok < T)
+
+
+@triton.jit
+def _q_ranges(j0, n, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr):  # fmt: skip
+    """Query-block ranges that see keys [j0, j0+BLOCK_N): [lo, f_lo) masked, [f_lo, f_hi) full, [f_hi, hi) masked.
+
+    Full blocks have every row real (< n), below the diagonal and inside the window for every key of the block.
+    """
+    if CAUSAL:
+        lo = (j0 // BLOCK_M) * BLOCK_M
+        f_lo = ((j0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        if WINDOW:
+            hi = tl.minimum(n, j0 + BLOCK_N - 1 + window)
+            f_hi = (tl.minimum(n, j0 + window) // BLOCK_M) * BLOCK_M
+        else:
+            hi = n
+            f_hi = (n // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        hi = n
+        f_lo = 0
+        f_hi = tl.where(j0 + BLOCK_N <= n, (n // BLOCK_M) * BLOCK_M, 0)
+    f_lo = tl.minimum(f_lo, hi)
+    f_hi = tl.maximum(tl.minimum(f_hi, hi), f_lo)
+    return lo, f_lo, f_hi, hi
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dot, stride_doh,
+    i0, n, window, pre, post, rows, rh, offs_d,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HPB: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One query block's contribution to this key block's dK and dV."""
+    pad_d = BLOCK_D != HEAD_DIM
+    rt = i0 + rows // HPB
+    row_ok = rt < n
+    qT = _load_tile(q_base + rt[None, :] * stride_qt + rh[None, :] * stride_qh + offs_d[:, None],
+                    row_ok[None, :], offs_d[:, None] < HEAD_DIM, MASK, pad_d)  # fmt: skip
+    do = _load_tile(do_base + rt[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :],
+                    row_ok[:, None], offs_d[None, :] < HEAD_DIM, MASK, pad_d)  # fmt: skip
+    if MASK:
+        lse = tl.load(lse_base + rt * H + rh, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rt * H + rh, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(lse_base + rt * H + rh)
+        delta = tl.load(delta_base + rt * H + rh)
+    qkT = tl.dot(k, qT, input_precision=PREC)  # (BLOCK_N, rows)
+    sT, tT = _scores(qkT, pre, post, SOFTCAP)
+    pT = tl.exp2(sT - lse[None, :])
+    if MASK:
+        keep = row_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[:, None] <= rt[None, :])
+        if WINDOW:
+            keep = keep & (cols[:, None] > rt[None, :] - window)
+        pT = tl.where(keep, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dot, stride_doh,
+    lo, hi, n, window, pre, post, rows, offs_d, h0,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    rh = h0 + rows % HPB
+    if INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
+        i0 = lo
+        while i0 < hi:
+            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                                stride_dot, stride_doh, i0, n, window, pre, post, rows, rh, offs_d, H, HEAD_DIM,
+                                BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+            i0 += BLOCK_M
+    else:
+        for i0 in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                                stride_dot, stride_doh, i0, n, window, pre, post, rows, rh, offs_d, H, HEAD_DIM,
+                                BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SCHED,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    n_tiles, window, pre, post, scale,
+    GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
+    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    tile = n_tiles - 1 - tl.program_id(0)
+    ex = tl.load(SCHED + 2 * tile)
+    if ex < 0:
+        return
+    j0 = tl.load(SCHED + 2 * tile + 1)
+    start = tl.load(CU + ex)
+    n = tl.load(CU + ex + 1) - start
+    if LONG_INDEXING:
+        start, j0, n = start.to(tl.int64), j0.to(tl.int64), n.to(tl.int64)
+    kvh = tl.program_id(1)
+    cols = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, BLOCK_M * HPB)
+    k = _load_kv(K + start * stride_kt + kvh * stride_kh, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, True, False)
+    v = _load_kv(V + start * stride_vt + kvh * stride_vh, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, True, False)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + start * stride_qt
+    do_base = DO + start * stride_dot
+    lse_base = LSE + start * H
+    delta_base = DELTA + start * H
+    lo, f_lo, f_hi, hi = _q_ranges(j0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    # The G query heads of this kv head, HPB at a time: dK/dV sum over them without atomics.
+    for hs in range(GROUP // HPB):
+        h0 = kvh * GROUP + hs * HPB
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                             stride_dot, stride_doh, lo, f_lo, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
+                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC, INTERPRET)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                             stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
+                             BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC, INTERPRET)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                             stride_dot, stride_doh, f_hi, hi, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
+                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC, INTERPRET)  # fmt: skip
+    out_ok = (cols[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+    tok = start + cols
+    tl.store(DK + tok[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=out_ok)  # fmt: skip
+    tl.store(DV + tok[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=out_ok)  # fmt: skip
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post, offs_d, offs_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key block's contribution to this query block's dQ."""
+    cols = j0 + offs_n
+    kT = _load_kv(k_base, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, MASK, True)
+    vT = _load_kv(v_base, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, MASK, True)
+    qk = tl.dot(q, kT, input_precision=PREC)
+    s, t = _scores(qk, pre, post, SOFTCAP)
+    p = tl.exp2(s - lse[:, None])
+    if MASK:
+        keep = cols[None, :] < n
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rt[:, None])
+        if WINDOW:
+            keep = keep & (cols[None, :] > rt[:, None] - window)
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, rt, n, window, pre, post, offs_d, offs_n,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    if INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
+        j0 = lo
+        while j0 < hi:
+            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post,
+                          offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+            j0 += BLOCK_N
+    else:
+        for j0 in range(lo, hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post,
+                          offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    n_tiles, window, pre, post, scale,
+    GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
+    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    tile = n_tiles - 1 - tl.program_id(0)
+    ex = tl.load(SCHED + 2 * tile)
+    if ex < 0:
+        return
+    m0 = tl.load(SCHED + 2 * tile + 1)
+    start = tl.load(CU + ex)
+    n = tl.load(CU + ex + 1) - start
+    if LONG_INDEXING:
+        start, m0, n = start.to(tl.int64), m0.to(tl.int64), n.to(tl.int64)
+    h0 = tl.program_id(1) * HPB
+    kvh = h0 // GROUP
+    rows = tl.arange(0, BLOCK_M * HPB)
+    rt = m0 + rows // HPB
+    rh = h0 + rows % HPB
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    tok = start + rt
+    row_ok = rt < n
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + tok[:, None] * stride_qt + rh[:, None] * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + tok[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + tok * H + rh, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + tok * H + rh, mask=row_ok, other=0.0)
+    k_base = K + start * stride_kt + kvh * stride_kh
+    v_base = V + start * stride_vt + kvh * stride_vh
+    dq = tl.zeros([BLOCK_M * HPB, BLOCK_D], dtype=tl.float32)
+    lo, f_lo, f_hi, hi = _block_ranges(m0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, f_lo, rt, n, window, pre,
+                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC,
+                   INTERPRET)  # fmt: skip
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, rt, n, window, pre,
+                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, PREC,
+                   INTERPRET)  # fmt: skip
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_hi, hi, rt, n, window, pre,
+                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC,
+                   INTERPRET)  # fmt: skip
+    tl.store(DQ + tok[:, None] * stride_dqt + rh[:, None] * stride_dqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- launchers
+def flash_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sched_kv: torch.Tensor,
+    sched_q: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    window: int | None,
+    softcap: float | None,
+    cfg: BwdConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels: returns (dq, dk, dv) in the input dtypes (fp32 accumulation inside)."""
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    assert group % cfg.kv_hpb == 0 and group % cfg.q_hpb == 0, (group, cfg)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0:
+        return dq, dk, dv
+    block_d = triton.next_power_of_2(D)
+    long_idx = needs_long_indexing(q, k, v, do, out, dq)
+    delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    block_t = max(1, 4096 // block_d)
+    _delta_kernel[(triton.cdiv(T, block_t), H)](
+        out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_idx,
+    )  # fmt: skip
+    pre, post = score_constants(softmax_scale, softcap)
+    common = dict(
+        CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_idx,
+        PREC=dot_precision(q.dtype), INTERPRET=interpreting(), GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d,
+    )  # fmt: skip
+    _dkdv_kernel[(sched_kv.shape[0], Hkv)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, sched_kv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        sched_kv.shape[0], window or 0, pre, post, softmax_scale,
+        BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m, HPB=cfg.kv_hpb,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **common,
+    )  # fmt: skip
+    _dq_kernel[(sched_q.shape[0], H // cfg.q_hpb)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1),
+        sched_q.shape[0], window or 0, pre, post, softmax_scale,
+        BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb, BLOCK_N=cfg.q_block_n,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages, **common,
+    )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,316 @@
+"""Varlen attention forward in Triton (FlashAttention-2 style) and the device-side tile schedule.
+
+Shape legend: T packed tokens, S examples, H query heads, Hkv key/value heads, G = H // Hkv (GQA group),
+D head dim (BLOCK_D = next power of two, masked when D is 80 or 96). q (T, H, D), k/v (T, Hkv, D), out (T, H, D),
+lse (T, H) fp32 in the log2 domain (log2 of the softmax denominator plus the row max of scores*log2(e)).
+
+Why a tile schedule: short examples are the common case (Alpaca median ~95 tokens, ~170 per 16K pack), so a
+program owns one (example, q block) pair listed in ``sched`` and never straddles two examples; the list is
+built on the device from ``cu_seqlens`` (no host sync). The grid is the static upper bound cdiv(T, BLOCK) + S;
+surplus programs read -1 and exit.
+
+Why heads in the row dimension: one program packs HPB query heads of the same GQA group into its rows (row r is
+token r // HPB, head r % HPB), so a 16-token q block of 4 heads still feeds the tensor cores a 64-row tile while
+the causal mask wastes work only at 16-token granularity, and each K/V tile is loaded once for HPB heads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .indexing import needs_long_indexing
+
+__all__ = ["FwdConfig", "build_schedule", "dot_precision", "flash_fwd", "interpreting", "score_constants"]
+
+LOG2E = 1.4426950408889634
+# Masked scores are set to this finite value (not -inf) so a row with no visible key never makes a NaN.
+MASKED = -1.0e30
+
+
+class FwdConfig(NamedTuple):
+    """Forward (and dQ) tiling: BLOCK_M query tokens x HPB heads per program, BLOCK_N keys per step."""
+
+    block_m: int
+    hpb: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _schedule_kernel(CU, SCHED, S, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, MAX_NB: tl.constexpr):
+    """SCHED (n_tiles, 2) int32, pre-filled with -1: row t = (example, first token of its block)."""
+    s = tl.arange(0, BLOCK_S)
+    valid = s < S
+    start = tl.load(CU + s, mask=valid, other=0)
+    end = tl.load(CU + s + 1, mask=valid, other=0)
+    nb = (end - start + BLOCK - 1) // BLOCK
+    first = tl.cumsum(nb, 0) - nb
+    for j in range(0, MAX_NB):
+        m = valid & (j < nb)
+        tl.store(SCHED + 2 * (first + j), s, mask=m)
+        tl.store(SCHED + 2 * (first + j) + 1, s * 0 + j * BLOCK, mask=m)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, absolute error ~1e-7 near 0 (fine for softcapped logits).
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _scores(qk, pre, post, SOFTCAP: tl.constexpr):
+    """Raw q.k -> scores in the log2 domain; with softcap also returns tanh(s/cap) for the backward."""
+    if SOFTCAP:
+        t = _tanh(qk * pre)
+        return t * post, t
+    else:
+        return qk * pre, qk
+
+
+@triton.jit
+def _load_tile(ptrs, seq_ok, d_ok, MASK: tl.constexpr, PAD_D: tl.constexpr):
+    """Load with only the masks this block needs (sequence tail and/or padded head dim); others read 0."""
+    if MASK:
+        if PAD_D:
+            return tl.load(ptrs, mask=seq_ok & d_ok, other=0.0)
+        else:
+            return tl.load(ptrs, mask=seq_ok, other=0.0)
+    else:
+        if PAD_D:
+            return tl.load(ptrs, mask=d_ok, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _load_kv(base, cols, offs_d, stride_t, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+             TRANSPOSED: tl.constexpr):  # fmt: skip
+    """Load a (BLOCK_N, BLOCK_D) K/V tile, or (BLOCK_D, BLOCK_N) if TRANSPOSED."""
+    if TRANSPOSED:
+        ptrs = base + cols[None, :] * stride_t + offs_d[:, None]
+        return _load_tile(ptrs, cols[None, :] < n, offs_d[:, None] < HEAD_DIM, MASK, BLOCK_D != HEAD_DIM)
+    else:
+        ptrs = base + cols[:, None] * stride_t + offs_d[None, :]
+        return _load_tile(ptrs, cols[:, None] < n, offs_d[None, :] < HEAD_DIM, MASK, BLOCK_D != HEAD_DIM)
+
+
+@triton.jit
+def _fwd_step(
+    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post, offs_d, offs_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax: scores, running max/denominator, rescaled accumulator."""
+    cols = j0 + offs_n
+    # K loaded transposed (BLOCK_D, BLOCK_N): the dot needs q @ k^T.
+    kT = _load_kv(k_base, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, MASK, True)
+    qk = tl.dot(q, kT, input_precision=PREC)
+    s, _ = _scores(qk, pre, post, SOFTCAP)
+    if MASK:
+        keep = cols[None, :] < n
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rt[:, None])
+        if WINDOW:
+            keep = keep & (cols[None, :] > rt[:, None] - window)
+        s = tl.where(keep, s, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load_kv(v_base, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, MASK, False)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, rt, n, window, pre, post,
+    offs_d, offs_n,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    if INTERPRET:
+        # Triton's interpreter cannot range() over runtime scalars with numpy >= 2 (its scalars are 1-element
+        # arrays); a while loop computes the same blocks. Compiled code keeps the for loop: only scf.for is
+        # software-pipelined (num_stages).
+        j0 = lo
+        while j0 < hi:
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window,
+                                      pre, post, offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP,
+                                      PREC)  # fmt: skip
+            j0 += BLOCK_N
+    else:
+        for j0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window,
+                                      pre, post, offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP,
+                                      PREC)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _block_ranges(m0, n, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr):  # fmt: skip
+    """Key-block ranges for q tokens [m0, m0+BLOCK_M): [lo, f_lo) masked, [f_lo, f_hi) full, [f_hi, hi) masked.
+
+    Causal: never visit keys above the diagonal; window: never visit keys left of the window.
+    """
+    if CAUSAL:
+        hi = tl.minimum(m0 + BLOCK_M, n)
+        f_hi = ((m0 + 1) // BLOCK_N) * BLOCK_N  # blocks ending at or before the first row's diagonal
+    else:
+        hi = n
+        f_hi = (n // BLOCK_N) * BLOCK_N
+    lo = 0
+    f_lo = 0
+    if WINDOW:
+        lo = (tl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # Fully inside the window for every row: first key >= last row - window + 1.
+        f_lo = ((tl.maximum(m0 + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        f_lo = tl.maximum(f_lo, lo)
+    f_lo = tl.minimum(f_lo, hi)
+    f_hi = tl.maximum(tl.minimum(f_hi, hi), f_lo)
+    return lo, f_lo, f_hi, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU, SCHED,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    n_tiles, window, pre, post,
+    GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
+    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # Heaviest tiles (last blocks of examples) are listed last: run them first for load balance.
+    tile = n_tiles - 1 - tl.program_id(0)
+    ex = tl.load(SCHED + 2 * tile)
+    if ex < 0:
+        return
+    m0 = tl.load(SCHED + 2 * tile + 1)
+    start = tl.load(CU + ex)
+    n = tl.load(CU + ex + 1) - start
+    if LONG_INDEXING:
+        # int64 token offsets: a 500K-token pack has T*H*D past 2**31 elements.
+        start, m0, n = start.to(tl.int64), m0.to(tl.int64), n.to(tl.int64)
+    h0 = tl.program_id(1) * HPB
+    kvh = h0 // GROUP
+
+    rows = tl.arange(0, BLOCK_M * HPB)
+    rt = m0 + rows // HPB  # token index inside the example
+    rh = h0 + rows % HPB
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    tok = start + rt
+    q_mask = (rt[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + tok[:, None] * stride_qt + rh[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+
+    k_base = K + start * stride_kt + kvh * stride_kh
+    v_base = V + start * stride_vt + kvh * stride_vh
+    acc = tl.zeros([BLOCK_M * HPB, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M * HPB], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * HPB], dtype=tl.float32)
+    lo, f_lo, f_hi, hi = _block_ranges(m0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, f_lo, rt, n, window,
+                               pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW,
+                               SOFTCAP, PREC, INTERPRET)  # fmt: skip
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, rt, n, window,
+                               pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW,
+                               SOFTCAP, PREC, INTERPRET)  # fmt: skip
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, f_hi, hi, rt, n, window,
+                               pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW,
+                               SOFTCAP, PREC, INTERPRET)  # fmt: skip
+    acc = acc / l_i[:, None]
+    tl.store(O + tok[:, None] * stride_ot + rh[:, None] * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=q_mask)  # fmt: skip
+    tl.store(LSE + tok * H + rh, m_i + tl.log2(l_i), mask=rt < n)
+
+
+# --------------------------------------------------------------------------------------------------- launchers
+def build_schedule(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int, block: int) -> torch.Tensor:
+    """(cdiv(T, block) + S, 2) int32 list of (example, first token of the block), -1 rows past the last tile."""
+    n_seq = cu_seqlens.numel() - 1
+    n_tiles = triton.cdiv(n_tokens, block) + n_seq
+    sched = torch.full((n_tiles, 2), -1, dtype=torch.int32, device=cu_seqlens.device)
+    if n_seq == 0 or n_tokens == 0:
+        return sched
+    if n_seq <= 16384:
+        block_s = max(16, triton.next_power_of_2(n_seq))
+        # MAX_NB rounded up to a power of two: few compiled variants; extra iterations store nothing.
+        max_nb = triton.next_power_of_2(triton.cdiv(max(max_seqlen, 1), block))
+        _schedule_kernel[(1,)](cu_seqlens, sched, n_seq, BLOCK=block, BLOCK_S=block_s, MAX_NB=max_nb)
+        return sched
+    # Very many examples (e.g. thousands of 1-token rows): vectorised torch ops, still no host sync.
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nb = (lens + block - 1) // block
+    last = torch.cumsum(nb, 0)
+    t = torch.arange(n_tiles, device=cu_seqlens.device)
+    ex = torch.searchsorted(last, t, right=True)
+    ok = ex < n_seq
+    exc = ex.clamp(max=n_seq - 1)
+    blk = t - (last[exc] - nb[exc])
+    sched[:, 0] = torch.where(ok, exc, -1).to(torch.int32)
+    sched[:, 1] = torch.where(ok, blk * block, -1).to(torch.int32)
+    return sched
+
+
+def score_constants(softmax_scale: float, softcap: float | None) -> tuple[float, float]:
+    """(pre, post) so that log2-domain scores are qk*pre, or tanh(qk*pre)*post with a softcap."""
+    if softcap is None:
+        return softmax_scale * LOG2E, 1.0
+    return softmax_scale / softcap, softcap * LOG2E
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tests): loops with runtime bounds use while instead of range."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products ("ieee"); bf16/fp16 ignore this and use the tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sched: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    window: int | None,
+    softcap: float | None,
+    cfg: FwdConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward: returns (out (T, H, D) q.dtype, lse (T, H) fp32 log2 domain)."""
+    T, H, D = q.shape
+    group = H // k.shape[1]
+    assert group % cfg.hpb == 0, (group, cfg)
+    out = torch.empty_like(q)
+    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    pre, post = score_constants(softmax_scale, softcap)
+    n_tiles = sched.shape[0]
+    grid = (n_tiles, H // cfg.hpb)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, sched,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        n_tiles, window or 0, pre, post,
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None,
+        LONG_INDEXING=needs_long_indexing(q, k, v, out), PREC=dot_precision(q.dtype), INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
