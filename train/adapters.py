@@ -1,0 +1,71 @@
+"""What gets trained: LoRA (peft), QLoRA (LoRA on a 4-bit NF4 base) or every parameter (full fine-tuning).
+
+LoRA targets all linear projections of the attention and MLP by default (q, k, v, o, gate, up, down); for an
+architecture with other module names (the fallback families) peft's ``"all-linear"`` picks them (lm_head
+excluded). Adapter weights stay fp32 (peft's ``autocast_adapter_dtype``) on a bf16 or 4-bit base.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from train.families import family_for_model_type
+
+__all__ = ["DEFAULT_TARGETS", "MODES", "apply_adapters", "trainable_parameter_count"]
+
+MODES = ("lora", "qlora", "full")
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_4bit(model: nn.Module) -> bool:
+    return (
+        bool(getattr(model, "is_loaded_in_4bit", False))
+        or getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None
+    )
+
+
+def apply_adapters(
+    model: nn.Module,
+    *,
+    mode: Literal["lora", "qlora", "full"] = "lora",
+    r: int = 16,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+) -> nn.Module:
+    """Make ``model`` trainable per ``mode``; LoRA/QLoRA return a peft ``PeftModel``, full returns ``model``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
+    quantized = _is_4bit(model)
+    if mode == "full":
+        if quantized:
+            raise ValueError("mode='full' cannot train a 4-bit quantized base; load it without quantize_4bit.")
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if mode == "qlora" and not quantized:
+        raise ValueError("mode='qlora' needs a base loaded in 4 bits: load_model(..., quantize_4bit=True).")
+    if r < 1:
+        raise ValueError(f"LoRA rank r={r} must be >= 1.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout={dropout} must be in [0, 1).")
+    from peft import LoraConfig, get_peft_model
+
+    if target_modules is None:
+        known = family_for_model_type(getattr(model.config, "model_type", "")) is not None
+        targets: list[str] | str = list(DEFAULT_TARGETS) if known else "all-linear"
+    else:
+        targets = list(target_modules)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

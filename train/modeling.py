@@ -1,0 +1,179 @@
+"""Build or load the causal LM that padless trains: a local Hugging Face folder, a hub id, or a tiny random model.
+
+``load_model(None, vocab_size=V)`` builds a tiny randomly initialised decoder of a supported family sized to the
+shards' tokenizer, so the README's main job runs end to end on a CPU in about a minute. A folder must hold
+``config.json`` and weights (safetensors or ``pytorch_model*.bin``); anything else is a clear error naming it.
+``quantize_4bit=True`` loads the base in NF4 through bitsandbytes for QLoRA (CUDA only).
+
+The KV cache is always off (``config.use_cache = False``): padless never decodes, and a cache is one of the ways
+transformers stops noticing packed position_ids (see ``train.model_patch``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from train.families import SUPPORTED_FAMILIES
+
+__all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
+
+TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+# Small enough for a CPU demo (a 150k vocab costs 150k x 128 embedding rows, tied to the lm_head), big enough for
+# the loss to fall visibly within a minute.
+_TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    "use_cache": False,
+    "attention_dropout": 0.0,
+}
+
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors.index.json")
+
+
+def tiny_config(family: str, vocab_size: int, **overrides: Any) -> PretrainedConfig:
+    """A tiny config of ``family`` (llama, mistral, qwen2, qwen3, gemma, gemma2) for ``vocab_size`` tokens."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family={family!r} has no tiny config; expected one of {TINY_FAMILIES}.")
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size={vocab_size!r}: expected an int >= 2 (the shards' tokenizer vocab size).")
+    kwargs: dict[str, Any] = dict(_TINY_DEFAULTS)
+    if family == "mistral":
+        kwargs["sliding_window"] = None  # full attention unless asked: HF's default 4096 never bites a tiny demo
+    if family in ("gemma", "gemma2"):
+        kwargs["hidden_act"] = "gelu_pytorch_tanh"
+        kwargs["hidden_activation"] = "gelu_pytorch_tanh"
+    if family == "gemma2":
+        kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
+        kwargs["sliding_window"] = 4096
+    kwargs.update(overrides)
+    kwargs["vocab_size"] = vocab_size
+    # Keep head_dim consistent when a test shrinks hidden_size / heads without naming head_dim.
+    if "head_dim" not in overrides and ("hidden_size" in overrides or "num_attention_heads" in overrides):
+        kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        if family == "gemma2" and "query_pre_attn_scalar" not in overrides:
+            kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS)
+
+
+def _bnb_config(dtype: torch.dtype) -> transformers.BitsAndBytesConfig:
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def _from_pretrained(
+    source: str, *, dtype: torch.dtype, device: torch.device, quantize_4bit: bool, overrides: dict
+) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": dtype, **overrides}
+    if quantize_4bit:
+        kwargs["quantization_config"] = _bnb_config(dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if not quantize_4bit:
+        model = model.to(device)
+    return model
+
+
+def load_model(
+    model: str | None,
+    *,
+    vocab_size: int | None = None,
+    family: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize_4bit: bool = False,
+    seed: int = 0,
+    config_overrides: dict | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM from a local folder or hub id, or build a tiny random one (``model=None``).
+
+    ``model=None`` needs ``vocab_size`` and builds :func:`tiny_config` (``family``, ``config_overrides``) with
+    weights drawn from ``seed``. ``quantize_4bit`` loads the base in NF4 (QLoRA; needs CUDA). The model comes back
+    in eval mode on ``device``, with ``config.use_cache = False``; the caller switches to train mode.
+    """
+    device = torch.device(device)
+    overrides = dict(config_overrides or {})
+    if quantize_4bit and device.type != "cuda":
+        raise ValueError(
+            f"quantize_4bit=True (QLoRA) needs a CUDA device; got device={str(device)!r}. "
+            "Run on a GPU, or drop --qlora for LoRA on CPU."
+        )
+    if model is None:
+        if vocab_size is None:
+            raise ValueError("load_model(None) builds a tiny random model and needs vocab_size (the shards' vocab).")
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"family={family!r}: a tiny random model can be one of {TINY_FAMILIES}.")
+        config = tiny_config(family, vocab_size, **overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if quantize_4bit:
+            # bitsandbytes quantizes while loading: save the random weights and load them back in NF4.
+            with tempfile.TemporaryDirectory(prefix="padless-tiny-") as folder:
+                built.save_pretrained(folder)
+                result = _from_pretrained(folder, dtype=dtype, device=device, quantize_4bit=True, overrides={})
+        else:
+            result = built.to(device=device, dtype=dtype)
+    else:
+        path = Path(os.path.expanduser(str(model)))
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder "
+                    "(config.json + *.safetensors). Point --model at the folder that save_pretrained wrote."
+                )
+            if not _has_weights(path):
+                raise FileNotFoundError(
+                    f"model folder {str(path)!r} has a config.json but no weights (*.safetensors or "
+                    "pytorch_model*.bin). Download the weights into it, or omit --model to train a tiny random model."
+                )
+            source = str(path)
+        elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
+            raise FileNotFoundError(f"model {str(model)!r} is not a model folder (no such directory).")
+        else:
+            source = str(model)
+        try:
+            result = _from_pretrained(
+                source, dtype=dtype, device=device, quantize_4bit=quantize_4bit, overrides=overrides
+            )
+        except OSError as error:
+            if source == str(model) and not path.is_dir():
+                raise OSError(
+                    f"cannot load model {str(model)!r}: it is not a local folder and the Hugging Face hub did not "
+                    f"provide it ({error}). Offline? Download it first (huggingface-cli download {model} "
+                    "--local-dir DIR) and pass --model DIR."
+                ) from error
+            raise
+    result.config.use_cache = False
+    if getattr(result, "generation_config", None) is not None:
+        result.generation_config.use_cache = False
+    result.eval()
+    return result
+
+
+def supported_family_names() -> tuple[str, ...]:
+    """Families padless patches (re-exported for help texts)."""
+    return SUPPORTED_FAMILIES

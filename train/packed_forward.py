@@ -1,0 +1,188 @@
+"""The packed forward and loss: one varlen token stream through the model's own weights, logits never built.
+
+For a patched family (``train.families``) every decoder layer runs
+norm -> q/k/v projections -> (T, H, D) views -> q/k norms (Qwen3) -> RoPE on the packed position_ids ->
+varlen attention over ``cu_seqlens`` -> o_proj -> residual -> norm -> fused SwiGLU/GeGLU MLP -> residual,
+then the final norm and the fused linear cross-entropy against ``lm_head.weight``. No attention mask, no KV cache,
+no padding; the projections are called as modules, so peft's LoRA layers (and bitsandbytes' 4-bit layers) just
+work. Each op resolves to a Triton kernel or its reference through ``train.ops``.
+
+An unpatched architecture goes through transformers' own forward with packed position_ids and an explicit
+block-diagonal causal mask (``train.model_patch`` explains why and warns).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train import ops
+from train.activation_checkpoint import check_mode, run_layer
+from train.batch import IGNORE_INDEX, MicroBatch
+from train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
+
+__all__ = ["block_causal_mask", "packed_loss"]
+
+
+def _norm(module: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = module.eps
+    return ops.rms_norm(x, module.weight, float(eps), offset)
+
+
+def _mlp(mlp: nn.Module, h: torch.Tensor, activation: str) -> torch.Tensor:
+    gate = mlp.gate_proj(h)
+    up = mlp.up_proj(h)
+    if activation == "swiglu":
+        act = ops.swiglu(gate, up)
+    elif activation == "geglu_tanh":
+        act = ops.geglu(gate, up, "tanh")
+    elif activation == "geglu_none":
+        act = ops.geglu(gate, up, "none")
+    else:
+        act = mlp.act_fn(gate) * up
+    return mlp.down_proj(act)
+
+
+def _decoder_layer(
+    layer: nn.Module,
+    plan: LayerPlan,
+    handle: PatchHandle,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    batch: MicroBatch,
+) -> torch.Tensor:
+    family = handle.family
+    offset = family.norm_offset
+    attn = layer.self_attn
+    n_tokens = x.shape[0]
+    h = _norm(layer.input_layernorm, x, offset)
+    q = attn.q_proj(h).view(n_tokens, -1, plan.head_dim)
+    k = attn.k_proj(h).view(n_tokens, -1, plan.head_dim)
+    v = attn.v_proj(h).view(n_tokens, -1, plan.head_dim)
+    if family.qk_norm:
+        q = _norm(attn.q_norm, q, offset)
+        k = _norm(attn.k_norm, k, offset)
+    q, k = ops.rope(q, k, cos, sin, batch.position_ids)
+    o = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, plan.scale, True, plan.window, plan.softcap)
+    o = attn.o_proj(o.reshape(n_tokens, -1))
+    if family.sandwich_norm:
+        o = _norm(layer.post_attention_layernorm, o, offset)
+    x = x + o
+    h = _norm(layer.pre_feedforward_layernorm if family.sandwich_norm else layer.post_attention_layernorm, x, offset)
+    y = _mlp(layer.mlp, h, handle.activation)
+    if family.sandwich_norm:
+        y = _norm(layer.post_feedforward_layernorm, y, offset)
+    return x + y
+
+
+def _packed_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    hf = handle.model
+    decoder = hf.get_decoder()
+    x = decoder.embed_tokens(batch.input_ids)  # (T, E)
+    if handle.embed_scale is not None:
+        x = x * torch.tensor(handle.embed_scale, dtype=x.dtype, device=x.device)
+    cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
+    for layer, plan in zip(decoder.layers, handle.layers):
+
+        def step(hidden: torch.Tensor, layer: nn.Module = layer, plan: LayerPlan = plan) -> torch.Tensor:
+            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch)
+
+        x = run_layer(step, x, checkpointing)
+    x = _norm(decoder.norm, x, handle.family.norm_offset)
+    weight = hf.get_output_embeddings().weight
+    return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap)
+
+
+def block_causal_mask(
+    cu_seqlens: torch.Tensor, n_tokens: int, dtype: torch.dtype, window: int | None = None
+) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: 0 where token i may see token j (same example, j <= i, within window), else min.
+
+    Built on ``cu_seqlens``' device without a host sync.
+    """
+    device = cu_seqlens.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    example = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n_tokens)
+    idx = torch.arange(n_tokens, device=device)
+    allowed = (example[:, None] == example[None, :]) & (idx[None, :] <= idx[:, None])
+    if window is not None:
+        allowed &= idx[None, :] > idx[:, None] - window
+    mask = torch.zeros(n_tokens, n_tokens, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _fallback_mask(hf: nn.Module, batch: MicroBatch, dtype: torch.dtype) -> torch.Tensor | dict:
+    config = hf.config
+    n_tokens = batch.input_ids.shape[0]
+    full = block_causal_mask(batch.cu_seqlens, n_tokens, dtype)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return full
+    sliding = block_causal_mask(batch.cu_seqlens, n_tokens, dtype, int(window))
+    if layer_types is None:
+        return sliding
+    # Models with per-layer attention types take a dict of masks keyed by layer type.
+    return {"full_attention": full, "sliding_attention": sliding}
+
+
+def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    hf = handle.model
+    dtype = hf.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.bfloat16
+    mask = _fallback_mask(hf, batch, dtype)
+    was_checkpointing = bool(getattr(hf, "is_gradient_checkpointing", False))
+    use_checkpoint = checkpointing != "off" and torch.is_grad_enabled()
+    if use_checkpoint and not was_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        kwargs = {
+            "input_ids": batch.input_ids[None],
+            "position_ids": batch.position_ids[None],
+            "attention_mask": mask,
+            "use_cache": False,
+        }
+        if checkpointing == "offload" and use_checkpoint:
+            from train.activation_checkpoint import _pack_to_host, _unpack_to_device
+
+            with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device):
+                logits = hf(**kwargs).logits[0]
+        else:
+            logits = hf(**kwargs).logits[0]
+    finally:
+        if use_checkpoint and not was_checkpointing:
+            hf.gradient_checkpointing_disable()
+    # The logits are materialised here (this path is about correctness, not memory).
+    targets = batch.labels.new_full(batch.labels.shape, IGNORE_INDEX)
+    targets[:-1] = batch.labels[1:]
+    loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def packed_loss(
+    model: nn.Module, batch: MicroBatch, *, checkpointing: str = "off"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
+
+    ``model``: a Hugging Face causal LM or a peft ``PeftModel`` around one, on the batch's device. It is patched on
+    first use (:func:`train.model_patch.patch_model`; an unpatched family warns once and takes the fallback).
+    ``checkpointing``: ``"off"`` | ``"on"`` (per-layer recompute) | ``"offload"`` (recompute, inputs in pinned CPU
+    memory). Divide by the step's total trainable tokens, not per micro-batch, for a split-invariant gradient.
+    """
+    check_mode(checkpointing)
+    handle = get_patch(model) or patch_model(model)
+    if handle.model is not unwrap_model(model):
+        raise RuntimeError("the patch handle belongs to another model instance; call patch_model(model) again.")
+    if batch.input_ids.dim() != 1:
+        raise ValueError(
+            f"batch.input_ids must be a flat (T,) packed stream; got shape {tuple(batch.input_ids.shape)}."
+        )
+    if handle.fallback:
+        return _fallback_path(handle, batch, checkpointing)
+    return _packed_path(handle, batch, checkpointing)
