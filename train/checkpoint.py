@@ -1,0 +1,225 @@
+"""Checkpoints (for an exact ``--resume``) and the final output (peft adapter or Hugging Face model).
+
+A checkpoint is a folder ``OUTPUT/checkpoints/step-00000010/`` holding the trainable parameters
+(``trainable.safetensors``: the LoRA weights, or every weight under ``--full``), ``optimizer.pt``,
+``scheduler.pt``, ``rng-rank{r}.pt`` (Python, numpy, torch CPU and CUDA generators of each rank) and
+``state.json`` (step, data position = epoch and micro-batch index, the config). It is written into a temp folder
+and renamed into place with ``os.replace``, then ``checkpoints/latest`` (a one-line file, also replaced
+atomically) names it: a crash mid-write leaves the previous checkpoint intact and current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import TrainConfig, TrainError
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "Position",
+    "copy_tokenizer_files",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_base_model",
+    "save_checkpoint",
+    "save_output",
+    "trainable_state",
+]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: ``step`` optimizer steps done; the next micro-batch is ``micro_batch`` of ``epoch``."""
+
+    step: int
+    epoch: int
+    micro_batch: int
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 parameters are DTensors: gather the full value before saving.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name, detached, contiguous, on the CPU."""
+    return {
+        name: _full(p.detach()).to("cpu", copy=True).contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    output: str | os.PathLike,
+    position: Position,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    barrier: Any = None,
+) -> Path:
+    """Write checkpoint ``step-{position.step}`` atomically; every rank calls it (rank 0 writes the shared parts)."""
+    from safetensors.torch import save_file
+
+    root = Path(output) / "checkpoints"
+    final = root / f"step-{position.step:08d}"
+    tmp = root / f".tmp-step-{position.step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if barrier:
+        barrier()
+    state = trainable_state(model)  # collective under FSDP: every rank takes part
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_file(state, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        meta = {**dataclasses.asdict(position), "config": dataclasses.asdict(cfg)}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if barrier:
+        barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears whole or not at all
+        _atomic_write_text(root / "latest", final.name + "\n")
+    if barrier:
+        barrier()
+    return final
+
+
+def latest_checkpoint(output: str | os.PathLike) -> Path | None:
+    """The checkpoint ``checkpoints/latest`` names, or None when the run has none."""
+    pointer = Path(output) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0
+) -> Position:
+    """Restore parameters, optimizer, scheduler and RNG from ``path``; return the data position to continue at."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise TrainError(
+            f"checkpoint {str(path)!r} lacks {missing}; it is incomplete. Remove it and resume from another"
+        )
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        diff = sorted(set(saved) ^ set(params))[:5]
+        raise TrainError(
+            f"checkpoint {str(path)!r} does not fit this model (parameters differ, e.g. {diff}); resume with the "
+            "same --model, mode, --lora-r and --target-modules as the run that wrote it"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng = path / f"rng-rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    return Position(step=int(meta["step"]), epoch=int(meta["epoch"]), micro_batch=int(meta["micro_batch"]))
+
+
+def copy_tokenizer_files(source: str | os.PathLike | None, dest: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files a model folder has (if ``source`` is a local folder) next to the output."""
+    if source is None or not Path(source).is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(dest) / name)
+            copied.append(name)
+    return copied
+
+
+def save_output(model: torch.nn.Module, output: str | os.PathLike, *, model_source: str | None) -> Path:
+    """Write the trained result into ``output``: a peft adapter (LoRA/QLoRA) or a Hugging Face model (full).
+
+    With no ``--model`` (the tiny random model) the trainer saved the frozen base under ``output/base_model``
+    (:func:`save_base_model`) and the adapter's config points at it, so ``PeftModel.from_pretrained`` works from
+    the folder alone.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / ".tmp-output"
+    shutil.rmtree(tmp, ignore_errors=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        base_ref = model_source if model_source is not None else str((output / "base_model").resolve())
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_ref
+        model.save_pretrained(str(tmp))
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        copy_tokenizer_files(model_source, tmp)
+    for item in tmp.iterdir():  # move file by file: the output folder also holds checkpoints/ and metrics.jsonl
+        os.replace(item, output / item.name)
+    tmp.rmdir()
+    return output
+
+
+def save_base_model(model: torch.nn.Module, base_dir: str | os.PathLike) -> Path:
+    """Save a (not yet adapted) Hugging Face model as a folder, atomically; used for the tiny random base."""
+    base_dir = Path(base_dir)
+    tmp = base_dir.with_name(base_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    os.replace(tmp, base_dir)
+    return base_dir

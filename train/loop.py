@@ -1,0 +1,306 @@
+"""``train(cfg)``: the training loop, read top to bottom.
+
+fetch -> forward -> backward -> clip -> step -> log -> evaluate -> checkpoint. The loss of a step is
+Σ token losses / trainable tokens of the WHOLE step (all micro-batches, all ranks), so the gradient does not
+depend on how the step is split; the denominator comes from the host-side epoch plan, never from the device.
+There is exactly one host-device sync per step (reading the loss and gradient norm, needed to stop on NaN
+before the optimizer touches the weights) plus one per evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import shards
+
+from . import distributed as dist_util
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint, save_output
+from .config import TrainConfig, TrainError
+from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
+from .evaluate import default_eval_shards, evaluate
+from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
+from .optim import build_optimizer, build_scheduler
+from .prepare import build_model, check_tokenizer, resolve_device, resolve_dtype
+from .progress import Progress
+
+__all__ = ["Callbacks", "NonFiniteLossError", "TrainResult", "train"]
+
+_OOM = getattr(torch.cuda, "OutOfMemoryError", torch.OutOfMemoryError)
+
+
+class NonFiniteLossError(TrainError):
+    """The loss or gradient norm became NaN/inf; training stopped before the optimizer step."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks for tests and tools: ``on_model(model)`` once the model is built (adapted, patched, unwrapped);
+    ``on_step(record)`` after each step's log and checkpoint."""
+
+    on_model: Callable[[torch.nn.Module], None] | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (also written to ``OUTPUT/summary.json``)."""
+
+    output: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_loss: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _default_output() -> Path:
+    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResult:
+    """Run ``cfg`` to the end; return the losses, eval loss and summary. Raises :class:`TrainError` subclasses."""
+    from .packed_forward import packed_loss  # the model path (imported late: it pulls in transformers)
+
+    callbacks = callbacks or Callbacks()
+    env = dist_util.detect()
+    device = resolve_device(cfg, env)
+    dtype = resolve_dtype(cfg, device)
+    dist_util.init_process_group(env, device)
+    output = Path(cfg.output) if cfg.output else _default_output()
+    result = TrainResult(output=output, steps=0)
+
+    # Data: the shard sets and the per-pack sizes every plan is made from (host-side, read once).
+    ss = shards.open(cfg.shards)
+    eval_path = cfg.eval_shards or default_eval_shards(cfg.shards)
+    eval_ss = shards.open(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
+    budget = cfg.tokens_per_micro_batch or ss.max_len
+    sizes = pack_sizes(ss)
+    plan_for = functools.lru_cache(maxsize=2)(
+        lambda epoch: plan_epoch(
+            ss.order(cfg.seed, epoch),
+            sizes.num_tokens,
+            epoch=epoch,
+            budget=budget,
+            world_size=env.world_size,
+            grad_accum=cfg.grad_accum,
+        )
+    )
+    if plan_for(0).steps == 0:
+        raise TrainError(
+            f"{cfg.shards!r} holds {len(ss)} packs: too few for {env.world_size} ranks; pack more data or use "
+            "fewer ranks"
+        )
+    total_steps = cfg.max_steps or sum(plan_for(e).steps for e in range(cfg.epochs))
+
+    # Model: load (or build the tiny one), check the tokenizer, add adapters, patch in the packed path.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, ss.manifest, device, dtype)
+    result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force)
+    if cfg.model is None and cfg.mode != "full" and env.is_main:
+        save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable
+    from .adapters import apply_adapters
+    from .model_patch import patch_model
+
+    model = apply_adapters(
+        model,
+        mode=cfg.mode,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.target_module_list,
+    )
+    patch_model(model)
+    model.train()
+    if callbacks.on_model:
+        callbacks.on_model(model)
+    loss_fn = functools.partial(packed_loss, checkpointing=cfg.checkpointing)
+    wrapped = dist_util.wrap_model(dist_util.PackedLossModule(model, loss_fn), env, device, fsdp=cfg.fsdp)
+    eval_loss_fn = lambda _model, batch: wrapped.run(batch)  # through the wrapper: FSDP must gather weights
+
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    flops = flop_model(model, full=cfg.mode == "full", checkpointing=cfg.checkpointing)
+    peak = peak_flops(device)
+
+    # Resume: weights, optimizer, scheduler, RNG and the data position of the latest checkpoint.
+    position = Position(step=0, epoch=0, micro_batch=0)
+    if cfg.resume:
+        ckpt = latest_checkpoint(output)
+        if ckpt is None:
+            raise TrainError(
+                f"--resume: {str(output)!r} has no checkpoint (checkpoints/latest); start without --resume"
+            )
+        position = load_checkpoint(ckpt, model, optimizer, scheduler, rank=env.rank)
+    metrics = MetricsLog(
+        output / "metrics.jsonl", enabled=env.is_main, keep_until_step=position.step if cfg.resume else None
+    )
+    progress = Progress(
+        total=total_steps, initial=position.step, enabled=cfg.progress and env.is_main, every=cfg.log_every
+    )
+    for warning in result.warnings:
+        progress.write(f"warning: {warning}")
+
+    def checkpoint(pos: Position) -> None:
+        save_checkpoint(output, pos, model, optimizer, scheduler, cfg, rank=env.rank, barrier=dist_util.barrier)
+
+    def run_eval(step: int) -> None:
+        loss, count = evaluate(
+            eval_loss_fn,
+            model,
+            eval_ss,
+            device=device,
+            budget=budget,
+            rank=env.rank,
+            world_size=env.world_size,
+            all_reduce=dist_util.all_reduce_sum,
+        )
+        result.eval_loss = loss
+        metrics.write({"step": step, "eval_loss": loss, "eval_trainable_tokens": count})
+        progress.write(f"step {step}: eval_loss {loss:.4f} over {count} trainable tokens")
+
+    step, epoch, start = position.step, position.epoch, position.micro_batch
+    wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
+    try:
+        while step < total_steps:
+            plan = plan_for(epoch)
+            if plan.dropped and start == 0 and env.is_main:
+                progress.write(f"note: {plan.describe_dropped()}")
+            mine = plan.ranks[env.rank]
+            with Prefetcher(ss, mine, start=start, pin=device.type == "cuda") as feed:
+                batches = iter(feed)
+                for s in range(start // cfg.grad_accum, plan.steps):
+                    if step >= total_steps:
+                        break
+                    t0 = time.perf_counter()
+                    window = plan.step_slice(s)
+                    n_step = step_sum(plan, s, sizes.num_trainable)  # all ranks, from the host plan
+                    scale = env.world_size / max(n_step, 1)  # DDP averages over ranks; undo that, divide by N
+                    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+                    step_tokens = step_sq = 0
+                    for k in range(window.start, window.stop):
+                        # fetch: the worker already concatenated (and pinned) it; the copy does not block the host
+                        _, host_batch = next(batches)
+                        batch = host_batch.to(device, non_blocking=True)
+                        step_tokens += host_batch.num_tokens
+                        step_sq += sum_squared_lengths(host_batch.cu_seqlens)
+                        with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
+                            # forward: Σ token losses of this micro-batch (logits never materialised)
+                            loss_sum, _ = wrapped.run(batch)
+                            # backward: scaled so the step's gradient is that of the step's token mean
+                            (loss_sum * scale).backward()
+                        step_loss += loss_sum.detach().float()
+
+                    # clip: the global gradient norm (also logged; inf = measure without clipping)
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+                    if hasattr(grad_norm, "full_tensor"):
+                        grad_norm = grad_norm.full_tensor()
+                    if env.distributed:
+                        dist_util.all_reduce_sum(step_loss)
+                    # host-device sync (one per step): the loss and norm decide whether the weights may change
+                    loss_total, norm = torch.stack([step_loss, grad_norm.float().to(device)]).tolist()
+                    loss = loss_total / n_step if n_step else 0.0
+                    if not (math.isfinite(loss) and math.isfinite(norm)):
+                        raise NonFiniteLossError(_nan_message(step + 1, loss, norm, output))
+
+                    # step: update the weights, advance the schedule, drop the gradients
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    done_epoch = window.stop >= plan.micro_batches_per_rank
+                    position = Position(
+                        step=step,
+                        epoch=epoch + 1 if done_epoch else epoch,
+                        micro_batch=0 if done_epoch else window.stop,
+                    )
+
+                    # log: one metrics.jsonl line per step, the bar every --log-every steps
+                    dt = time.perf_counter() - t0
+                    step_tokens_all = step_sum(plan, s, sizes.num_tokens)  # all ranks
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": norm,
+                        "tokens": step_tokens_all,
+                        "trainable_tokens": n_step,
+                        "tokens_per_s": step_tokens_all / dt,
+                        "trainable_tokens_per_s": n_step / dt,
+                        "mfu": flops.step_flops(step_tokens, step_sq) / dt / peak if peak else None,
+                        "peak_mem_gib": peak_memory_gib(device),
+                        "step_time_s": dt,
+                    }
+                    metrics.write(record)
+                    progress.update(record)
+                    result.losses.append(loss)
+                    tokens_seen += step_tokens_all
+                    trainable_seen += n_step
+
+                    # evaluate: every --eval-every steps and after the last one
+                    if eval_ss is not None and (
+                        step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+                    ):
+                        run_eval(step)
+
+                    # checkpoint: every --save-every steps (atomic; 'latest' moves only once it is whole)
+                    if cfg.save_every and step % cfg.save_every == 0:
+                        checkpoint(position)
+                    if callbacks.on_step:
+                        callbacks.on_step(record)
+            epoch, start = epoch + 1, 0
+    except _OOM as error:
+        raise TrainError(
+            f"CUDA out of memory at step {step + 1} ({str(error).splitlines()[0]}). Lower --tokens-per-micro-batch "
+            f"(now {budget}), turn on --checkpointing on (or offload), or use --qlora to store the base in 4 bits"
+        ) from error
+    finally:
+        progress.close()
+
+    # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
+    wall = time.perf_counter() - wall0
+    result.steps = step
+    if env.is_main:
+        save_output(model, output, model_source=cfg.model)
+    result.summary = {
+        "steps": step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "eval_loss": result.eval_loss,
+        "tokens": tokens_seen,
+        "trainable_tokens": trainable_seen,
+        "wall_s": wall,
+        "tokens_per_s": tokens_seen / wall if wall > 0 else None,
+        "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
+        "peak_mem_gib": peak_memory_gib(device),
+        "output": str(output),
+        "config": asdict(cfg),
+    }
+    if env.is_main:
+        (output / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
+    dist_util.barrier()
+    return result
+
+
+def _nan_message(step: int, loss: float, norm: float, output: Path) -> str:
+    ckpt = latest_checkpoint(output)
+    kept = (
+        f"the last good checkpoint {str(ckpt)!r} is kept (continue from it with --resume)"
+        if ckpt is not None
+        else "no checkpoint had been written (use --save-every N to keep one)"
+    )
+    return (
+        f"training stopped at step {step}: loss {loss} / gradient norm {norm} is not finite; the weights were not "
+        f"updated and {kept}. Try a lower --lr, more --warmup-steps or --dtype fp32"
+    )

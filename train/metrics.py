@@ -1,0 +1,145 @@
+"""What a step cost: FLOPs per step, MFU against a small table of GPU peaks, peak memory, and ``metrics.jsonl``.
+
+FLOPs (the usual 6N accounting, made exact for what we run): N = parameters that take part in matmuls (all
+parameters minus the input embedding, which is a lookup; a tied head counts once). Per token: forward 2N;
+backward 2N for the activation gradients, plus 2N for the weight gradients only when every weight trains
+(``--full``; LoRA's own weight gradients are negligible); plus another forward 2N when gradient checkpointing
+recomputes it. Attention adds, per layer and per example of length L, 2·L²·H·D in the forward (QKᵀ and PV,
+halved by the causal mask), twice that in the backward, once more when recomputed: the packs' sum of squared
+lengths gives it exactly, from the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PEAK_BF16_FLOPS",
+    "FlopModel",
+    "MetricsLog",
+    "flop_model",
+    "peak_flops",
+    "peak_memory_gib",
+    "sum_squared_lengths",
+]
+
+# Dense bf16 peak (no sparsity) per GPU, matched by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` from the table, or None (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "GH200" before "H200"
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def _numel(p: torch.Tensor) -> int:
+    # bitsandbytes 4-bit weights store two values per byte; their quant_state knows the logical shape.
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(np.prod(shape)) if shape is not None else p.numel()
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """FLOPs of one training step: ``per_token * tokens + per_sq_len * sum(L²)``."""
+
+    matmul_params: int
+    per_token: float
+    per_sq_len: float
+
+    def step_flops(self, tokens: int, sum_sq_len: int) -> float:
+        return self.per_token * tokens + self.per_sq_len * sum_sq_len
+
+
+def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str) -> FlopModel:
+    """Build the FLOP model from the (unwrapped) model's parameters and config (see the module doc)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += _numel(p)
+    lora = sum(_numel(p) for n, p in model.named_parameters() if "lora_" in n)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = total - lora
+    if embed is not None:
+        n -= embed.weight.numel()
+        if head is not None and head.weight is embed.weight:
+            n += head.weight.numel()  # tied: the head's matmul still happens
+    passes = 1 + 1 + (1 if full else 0) + (1 if checkpointing != "off" else 0)
+    cfg = getattr(model, "config", None)
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    head_dim = getattr(cfg, "head_dim", None) or (int(getattr(cfg, "hidden_size", 0) or 0) // heads if heads else 0)
+    attn_passes = 1 + 2 + (1 if checkpointing != "off" else 0)
+    return FlopModel(
+        matmul_params=n, per_token=2.0 * n * passes, per_sq_len=2.0 * layers * heads * head_dim * attn_passes
+    )
+
+
+def sum_squared_lengths(cu_seqlens: np.ndarray | torch.Tensor) -> int:
+    """Σ L² over the examples of a micro-batch, from its host-side ``cu_seqlens`` (no device sync)."""
+    lengths = np.diff(np.asarray(cu_seqlens, dtype=np.int64))
+    return int((lengths * lengths).sum())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated device memory in GiB (CUDA), or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line, so a crash loses nothing)."""
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and self.path.exists():
+            # A resumed run: drop lines the interrupted run wrote after the checkpoint it resumes from.
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif keep_until_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")

@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedule: AdamW (torch fused on CUDA, or bitsandbytes 8-bit), warm-up + cosine.
+
+Weight decay applies to matrices only: norms, biases and other 1-D parameters never decay (the usual AdamW
+practice; decaying a norm's gain pulls it to zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig, TrainError
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, in two groups (decay for >= 2-D, none for the rest)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainError("the model has no trainable parameters; check --target-modules (it matched no module)")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise TrainError(f"--optimizer adamw8bit needs bitsandbytes ({error}); pip install bitsandbytes") from error
+        if device.type != "cuda":
+            raise TrainError("--optimizer adamw8bit needs a CUDA device; use --optimizer adamw on CPU")
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    # Fused AdamW: one kernel for all parameters on CUDA. On CPU the default (foreach) path is used.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr before optimizer step ``step`` (0-based): linear warm-up, then cosine to min_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine over ``total_steps`` optimizer steps (stepped once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_ratio=cfg.min_lr_ratio
+        ),
+    )

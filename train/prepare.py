@@ -1,0 +1,149 @@
+"""Setting up a run before the loop: device, dtype, the model source check, the tokenizer check, the model.
+
+Kept apart from ``train.loop`` so the loop reads top to bottom. The model itself comes from the model path
+(``train.modeling.load_model``, ``train.adapters.apply_adapters``, ``train.model_patch.patch_model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig, TrainError
+from .distributed import DistEnv
+
+__all__ = [
+    "build_model",
+    "check_model_source",
+    "check_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    """``--device``, else ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if cfg.device:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"--device {cfg.device} asked for CUDA but no CUDA device is available; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """``--dtype``, else bf16 on a GPU and fp32 on the CPU."""
+    if cfg.dtype is not None:
+        return _DTYPES[cfg.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_model_source(model: str | None) -> None:
+    """Fail early and clearly on a local model path that is missing or holds no weights."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if not looks_local:
+        return  # a hub id: transformers resolves it (and says so when offline)
+    if not path.is_dir():
+        raise TrainError(f"--model {model!r}: no such folder; expected a Hugging Face model folder or a hub id")
+    if not (path / "config.json").is_file():
+        raise TrainError(f"--model {model!r} has no config.json; expected a Hugging Face model folder")
+    if not any(next(path.glob(g), None) is not None for g in _WEIGHT_GLOBS):
+        raise TrainError(
+            f"--model {model!r} holds no weights (no *.safetensors or *.bin files); download the weights into it "
+            "or leave out --model to train the tiny random model"
+        )
+
+
+def _model_tokenizer_hash(folder: Path) -> str | None:
+    """Content hash of a model folder's tokenizer files, computed like ``prep`` does, or None if it has none."""
+    try:
+        from shards.tokenizer_hash import tokenizer_hash  # type: ignore[import-not-found]
+    except ImportError:
+        tokenizer_hash = None
+    if tokenizer_hash is not None:
+        return tokenizer_hash(folder)
+    return None
+
+
+def _model_tokenizer_vocab(folder: Path) -> int | None:
+    """Vocabulary size (with added tokens) of the tokenizer in a model folder, or None if it has none."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(folder)))
+
+
+def check_tokenizer(
+    manifest: dict[str, Any], model_source: str | None, model: torch.nn.Module, *, force: bool
+) -> list[str]:
+    """The shards' tokenizer must fit the model: ids inside the embedding, same vocab/hash as the model folder's.
+
+    Returns warnings (mismatches overridden by ``force``); raises :class:`TrainError` otherwise.
+    """
+    tok = manifest.get("tokenizer") or {}
+    shard_vocab = tok.get("vocab_size")
+    rows = model.get_input_embeddings().weight.shape[0]
+    problems = []
+    if shard_vocab is not None and int(shard_vocab) > rows:
+        problems.append(
+            f"the shards' tokenizer has {shard_vocab} tokens but the model's embedding has {rows} rows "
+            "(token ids would fall outside it)"
+        )
+    folder = Path(model_source) if model_source is not None else None
+    if folder is not None and folder.is_dir():
+        vocab = _model_tokenizer_vocab(folder)
+        if vocab is not None and shard_vocab is not None and vocab != int(shard_vocab):
+            problems.append(f"the shards' tokenizer has {shard_vocab} tokens, the model folder's has {vocab}")
+        model_hash = _model_tokenizer_hash(folder)
+        if model_hash is not None and tok.get("hash") and model_hash != tok["hash"]:
+            problems.append(
+                f"the shards' tokenizer hash {str(tok['hash'])[:12]}... differs from the model folder's "
+                f"{model_hash[:12]}..."
+            )
+    if not problems:
+        return []
+    message = "; ".join(problems)
+    if force:
+        return [f"tokenizer mismatch overridden by --force: {message}"]
+    raise TrainError(
+        f"tokenizer mismatch: {message}. Re-run `prep pack --tokenizer {model_source or 'MODEL'}` to pack with the "
+        "model's tokenizer, or pass --force if you know they agree"
+    )
+
+
+def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """Load the base model (or the tiny one sized to the shards' vocab) on ``device`` in ``dtype``."""
+    from .modeling import load_model
+
+    check_model_source(cfg.model)
+    vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
+    if cfg.model is None and vocab is None:
+        raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model to train")
+    return load_model(
+        cfg.model,
+        vocab_size=int(vocab) if cfg.model is None else None,
+        family=cfg.family,
+        dtype=dtype,
+        device=str(device),
+        quantize_4bit=cfg.mode == "qlora",
+        seed=cfg.seed,
+    )
+
+
+def config_digest(cfg_dict: dict[str, Any]) -> str:
+    """Short digest of a config (to tell runs apart in summaries)."""
+    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:12]
