@@ -1,0 +1,261 @@
+"""``prep pack`` as a library call: load -> render/tokenize -> overlong -> split -> pack -> write, timed per stage.
+
+``PackConfig`` is the one typed config (the CLI builds it); ``run_pack`` validates it fully before reading or
+writing anything, writes the shard set(s) into a hidden staging folder and renames it into place at the end,
+so a failure at any stage leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PrepError
+
+__all__ = ["MIN_MAX_LEN", "PackConfig", "run_pack"]
+
+MIN_MAX_LEN = 16
+
+
+@dataclass(kw_only=True, frozen=True)
+class PackConfig:
+    """Options of ``prep pack`` (the field docs are the CLI help)."""
+
+    datasets: tuple[str, ...]
+    max_len: int
+    out: str
+    tokenizer: str | None = None  # local folder or hub id; None: the demo tokenizer in prep/assets
+    format: str | None = None  # text|alpaca|prompt-completion|chat|sharegpt; None: detect from columns
+    maps: tuple[str, ...] = ()  # NAME=COLUMN renames
+    train_on: str = "completion"  # completion|all (text is always trained on everything)
+    overlong: str = "truncate"  # truncate|split|drop
+    max_examples_per_pack: int = 0  # 0 = no cap
+    seed: int = 0
+    eval_fraction: float = 0.0
+    eval_examples: int = 0
+    num_proc: int = 1
+    overwrite: bool = False
+    progress: bool = True
+    zstd_level: int | None = None
+    tokens_per_batch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def output_options(self) -> dict[str, Any]:
+        """The options that change the output (so they enter the fingerprint); num_proc, out, ... do not."""
+        d = asdict(self)
+        for k in ("datasets", "out", "num_proc", "overwrite", "progress", "tokenizer", "extra"):
+            d.pop(k)
+        d["maps"] = list(self.maps)
+        return d
+
+
+def _validate(cfg: PackConfig) -> None:
+    if cfg.max_len < MIN_MAX_LEN:
+        raise PrepError(
+            f"--max-len {cfg.max_len} is below {MIN_MAX_LEN}; expected at least {MIN_MAX_LEN} tokens per pack"
+        )
+    if cfg.train_on not in ("completion", "all"):
+        raise PrepError(f"--train-on {cfg.train_on!r}: expected completion or all")
+    if cfg.overlong not in ("truncate", "split", "drop"):
+        raise PrepError(f"--overlong {cfg.overlong!r}: expected truncate, split or drop")
+    if cfg.max_examples_per_pack < 0:
+        raise PrepError(f"--max-examples-per-pack {cfg.max_examples_per_pack}: expected >= 0 (0 = no cap)")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise PrepError(f"--eval-fraction {cfg.eval_fraction}: expected a fraction in [0, 1)")
+    if cfg.eval_examples < 0 or (cfg.eval_examples and cfg.eval_fraction):
+        raise PrepError("give at most one of --eval-fraction and --eval-examples (and --eval-examples >= 0)")
+    if cfg.num_proc < 1:
+        raise PrepError(f"--num-proc {cfg.num_proc}: expected >= 1")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise PrepError(
+            f"--out {str(out)!r} already exists and is not empty; choose another folder or pass --overwrite"
+        )
+    if not out.parent.exists():
+        raise PrepError(f"the parent folder of --out {str(out)!r} does not exist; create it first")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=None if enabled else True, leave=False, dynamic_ncols=True)
+
+
+def _overlong(tok, mask, lengths, index, max_len: int, mode: str):
+    """Apply --overlong to flat arrays; returns new arrays and counts."""
+    counts = {"empty": int((lengths == 0).sum()), "overlong": int((lengths > max_len).sum())}
+    keep_ex = lengths > 0
+    if mode == "drop":
+        keep_ex &= lengths <= max_len
+    if not keep_ex.all():
+        keep_tok = np.repeat(keep_ex, lengths)
+        tok, mask, lengths, index = tok[keep_tok], mask[keep_tok], lengths[keep_ex], index[keep_ex]
+    starts = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    pos = np.arange(len(tok), dtype=np.int64) - np.repeat(starts, lengths)
+    if mode == "truncate" and counts["overlong"]:
+        keep_tok = pos < max_len
+        tok, mask, lengths = tok[keep_tok], mask[keep_tok], np.minimum(lengths, max_len)
+    elif mode == "split" and counts["overlong"]:
+        mask = mask.copy()
+        mask[pos % max_len == 0] = False  # every piece is its own example: no target on its first token
+        pieces = (lengths + max_len - 1) // max_len
+        new_len = np.full(int(pieces.sum()), max_len, np.int64)
+        last = np.cumsum(pieces) - 1
+        new_len[last] = lengths - (pieces - 1) * max_len
+        lengths, index = new_len, np.repeat(index, pieces)
+    counts["truncated"] = counts["overlong"] if mode == "truncate" else 0
+    counts["split"] = counts["overlong"] if mode == "split" else 0
+    counts["dropped"] = counts["overlong"] if mode == "drop" else 0
+    return tok, mask, lengths, index, counts
+
+
+def _gather(tok, mask, lengths, order):
+    """Tokens / mask of examples ``order`` laid end to end."""
+    starts = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    ol = lengths[order]
+    new_starts = np.zeros(len(order), np.int64)
+    np.cumsum(ol[:-1], out=new_starts[1:])
+    idx = np.repeat(starts[order] - new_starts, ol) + np.arange(int(ol.sum()), dtype=np.int64)
+    return tok[idx], mask[idx], ol
+
+
+def run_pack(cfg: PackConfig) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (also stored, minus timings, in the manifest)."""
+    _validate(cfg)
+    timer = _Timer()
+    t_start = time.perf_counter()
+    from .load import load_sources
+    from .render import apply_maps, detect_format, parse_maps
+    from .tokenize import tokenize_rows
+    from .tokenizer import load_tokenizer
+
+    maps = parse_maps(cfg.maps)
+    with timer.stage("load tokenizer"):
+        tk = load_tokenizer(cfg.tokenizer)
+    with timer.stage("load data"):
+        sources = load_sources(list(cfg.datasets))
+        formats = []
+        for s in sources:
+            s.rows = apply_maps(s.rows, maps, s.name)
+            if not s.rows:
+                raise PrepError(f"dataset {s.name!r} is empty: no rows found; expected at least one example")
+            formats.append(detect_format(s.rows, s.name, cfg.format))
+        if any(f in ("chat", "sharegpt") for f in formats) and tk.chat_template is None:
+            tk.render_chat([])  # the clear "no chat template" error, before any work
+    n_rows = sum(len(s.rows) for s in sources)
+    with timer.stage("tokenize"):
+        bar = _bar(n_rows, "tokenize", cfg.progress)
+        parts = [tokenize_rows(s.rows, f, cfg.train_on, tk, cfg.num_proc, bar.update) for s, f in zip(sources, formats)]
+        bar.close()
+        tok = np.concatenate([p.tokens for p in parts])
+        mask = np.concatenate([p.mask for p in parts])
+        lengths = np.concatenate([p.lengths for p in parts])
+        source_fp = hashlib.sha256("\n".join(s.fingerprint for s in sources).encode()).hexdigest()
+        del sources
+    index = np.arange(n_rows, dtype=np.int64)
+    # Held-out split over source rows, seeded, before overlong handling (so split pieces stay together).
+    n_eval = cfg.eval_examples or round(cfg.eval_fraction * n_rows)
+    if n_eval >= n_rows:
+        raise PrepError(f"the eval split takes {n_eval} of {n_rows} rows; leave at least one for training")
+    is_eval = np.zeros(n_rows, bool)
+    if n_eval:
+        is_eval[np.random.default_rng([cfg.seed, 1]).permutation(n_rows)[:n_eval]] = True
+    sets: dict[str, tuple] = {}
+    counts_all: dict[str, dict[str, int]] = {}
+    with timer.stage("overlong"):
+        for name, sel in (("train", ~is_eval), ("eval", is_eval)):
+            if not sel.any():
+                continue
+            tsel = np.repeat(sel, lengths)
+            t, m, ln, ix, counts = _overlong(tok[tsel], mask[tsel], lengths[sel], index[sel], cfg.max_len, cfg.overlong)
+            if len(ln) == 0:
+                raise PrepError(
+                    f"no {name} examples left after --overlong {cfg.overlong} (all {int(sel.sum())} rows empty or "
+                    f"longer than --max-len {cfg.max_len}); raise --max-len or use --overlong truncate"
+                )
+            sets[name], counts_all[name] = (t, m, ln, ix), counts
+    del tok, mask
+    from .pack import plan_packs
+
+    plans = {}
+    with timer.stage("pack"):
+        for name, (t, m, ln, ix) in sets.items():
+            plan = plan_packs(ln, cfg.max_len, max_examples_per_pack=cfg.max_examples_per_pack, seed=cfg.seed)
+            pt, pm, pl = _gather(t, m, ln, plan.example_order)
+            plans[name] = (pt, pm, pl, plan.examples_per_pack, ix[plan.example_order])
+    identity = tk.identity()
+    options = cfg.output_options()
+    options["formats"] = formats
+    fingerprint = hashlib.sha256(
+        json.dumps({"source": source_fp, "options": options, "tokenizer": identity}, sort_keys=True).encode()
+    ).hexdigest()
+    out = Path(cfg.out)
+    stage = out.parent / f".{out.name}.prep-{uuid.uuid4().hex[:8]}"
+    summary: dict[str, Any] = {}
+    from shards import ShardWriter
+
+    kw = {}
+    if cfg.zstd_level is not None:
+        kw["zstd_level"] = cfg.zstd_level
+    if cfg.tokens_per_batch is not None:
+        kw["tokens_per_batch"] = cfg.tokens_per_batch
+    try:
+        with timer.stage("write"):
+            for name, (pt, pm, pl, per, ix) in plans.items():
+                c = counts_all[name]
+                rows_in = int((~is_eval).sum()) if name == "train" else n_eval
+                stats = {
+                    "split": name,
+                    "rows": rows_in,
+                    "examples": len(pl),
+                    **c,
+                    "packs": len(per),
+                    "tokens": len(pt),
+                    "trainable": int(pm.sum()),
+                    "fill": float(len(pt) / (len(per) * cfg.max_len)),
+                    "lower_bound_packs": int(-(-len(pt) // cfg.max_len)),
+                }
+                meta = {
+                    "tokenizer": identity,
+                    "options": options,
+                    "source": {"inputs": list(cfg.datasets), "fingerprint": source_fp, "rows": n_rows},
+                    "fingerprint": fingerprint,
+                    "prep": stats,
+                }
+                path = stage if name == "train" else stage / "eval"
+                with ShardWriter(path, max_len=cfg.max_len, metadata=meta, **kw) as w:
+                    w.add_packs(pt, pm, pl, per, ix)
+                summary[name] = stats
+            if out.exists():
+                shutil.rmtree(out)  # only reached with --overwrite (or an empty folder), validated above
+            stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    summary["fingerprint"] = fingerprint
+    summary["out"] = str(out)
+    summary["stages"] = timer.stages
+    summary["wall_s"] = time.perf_counter() - t_start
+    return summary

@@ -1,0 +1,200 @@
+"""What ``prep`` prints: the pack summary, ``prep stats`` (with a GPU cost estimate) and ``prep show``."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PrepError
+
+__all__ = ["GPUS", "CostConfig", "format_pack_summary", "format_stats", "model_params_from_config", "shard_stats",
+           "show_pack"]  # fmt: skip
+
+# Peak dense bf16 tensor TFLOP/s (vendor datasheets, no sparsity) and an assumed on-demand $/hour.
+GPUS: dict[str, tuple[float, float]] = {
+    "B200": (2250.0, 6.00),
+    "H200": (989.0, 3.50),
+    "H100": (989.0, 2.50),
+    "A100": (312.0, 1.50),
+    "L40S": (362.0, 1.00),
+    "RTX4090": (165.0, 0.40),
+    "A10G": (70.0, 1.00),
+    "L4": (121.0, 0.80),
+}
+
+
+def format_pack_summary(s: dict[str, Any]) -> str:
+    lines = [f"packed -> {s['out']}  (fingerprint {s['fingerprint'][:16]})"]
+    for name in ("train", "eval"):
+        if name not in s:
+            continue
+        t = s[name]
+        lines.append(
+            f"  {name:5s}: rows {t['rows']:,} -> examples {t['examples']:,} (truncated {t['truncated']:,}, split "
+            f"{t['split']:,}, dropped {t['dropped']:,}, empty {t['empty']:,}); packs {t['packs']:,} (lower bound "
+            f"{t['lower_bound_packs']:,}); tokens {t['tokens']:,}, trainable {t['trainable']:,}; fill {t['fill']:.2%}"
+        )
+    stages = "  ".join(f"{k} {v:.2f}s" for k, v in s["stages"].items())
+    lines.append(f"  time: {stages}  | total {s['wall_s']:.2f}s")
+    return "\n".join(lines)
+
+
+def _parse_params(v: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", v)
+    if not m:
+        raise PrepError(f"--model-params {v!r}: expected a number like 7e9, 1.5B or 500M")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+
+
+def model_params_from_config(path: str) -> float:
+    """Approximate parameter count of a decoder-only HF config (embeddings, attention, gated MLP, norms)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        c = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PrepError(f"--model-config {path!r}: cannot read a config.json ({e})") from e
+    c = c.get("text_config", c)
+    try:
+        e, n_layer, v = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    except KeyError as k:
+        raise PrepError(f"--model-config {path!r} lacks {k}; expected a decoder-only Hugging Face config") from k
+    inter = c.get("intermediate_size", 4 * e)
+    heads = c.get("num_attention_heads", 1)
+    hd = c.get("head_dim") or e // heads
+    kv = c.get("num_key_value_heads", heads)
+    attn = e * heads * hd * 2 + e * kv * hd * 2
+    mlp = 3 * e * inter
+    emb = v * e * (1 if c.get("tie_word_embeddings", False) else 2)
+    return float(emb + n_layer * (attn + mlp + 2 * e) + e)
+
+
+@dataclass(kw_only=True, frozen=True)
+class CostConfig:
+    model_params: str | None = None
+    model_config: str | None = None
+    gpu: str = "H100"
+    mfu: float = 0.4
+    epochs: float = 1.0
+    price_per_hour: float | None = None
+
+
+def _cost(tokens: int, padded: int, c: CostConfig) -> dict[str, Any] | None:
+    if c.model_params is None and c.model_config is None:
+        return None
+    n = _parse_params(c.model_params) if c.model_params else model_params_from_config(c.model_config)
+    gpu = c.gpu.upper()
+    if gpu not in GPUS:
+        raise PrepError(f"--gpu {c.gpu!r} is not in the table; known: {', '.join(GPUS)}")
+    if not 0 < c.mfu <= 1:
+        raise PrepError(f"--mfu {c.mfu}: expected a fraction in (0, 1]")
+    peak, price = GPUS[gpu]
+    price = c.price_per_hour if c.price_per_hour is not None else price
+    rate = peak * 1e12 * c.mfu
+    out: dict[str, Any] = {"params": n, "gpu": gpu, "peak_tflops": peak, "mfu": c.mfu, "epochs": c.epochs,
+                           "price_per_hour": price}  # fmt: skip
+    # Full fine-tuning ~6N FLOPs per token (forward 2N, backward 4N); LoRA ~4N (no weight gradients of the
+    # frozen base). Attention FLOPs are left out: small next to 6N at these lengths.
+    for mode, k in (("full", 6.0), ("lora", 4.0)):
+        for what, t in (("packed", tokens), ("padded_b8", padded)):
+            hours = k * n * t * c.epochs / rate / 3600
+            out[f"{mode}_{what}_gpu_hours"] = hours
+            out[f"{mode}_{what}_cost"] = hours * price
+    return out
+
+
+def shard_stats(path: str, cost: CostConfig) -> dict[str, Any]:
+    """Everything ``prep stats`` shows, as a dict (``--json`` prints it)."""
+    import shards
+    from shards.stats import example_lengths, set_stats
+
+    ss = shards.open(path)
+    st = set_stats(ss)
+    st["prep"] = ss.manifest.get("prep", {})
+    st["tokenizer"] = ss.manifest.get("tokenizer", {})
+    lens = example_lengths(ss)
+    hist, edges = np.histogram(lens, bins=min(20, max(1, int(lens.max()))))
+    st["histogram"] = {"counts": hist.tolist(), "edges": edges.tolist()}
+    st["speedup_vs_padded"] = {b: v / st["tokens"] for b, v in st["padded_tokens"].items()}
+    st["cost"] = _cost(st["tokens"], st["padded_tokens"][8], cost)
+    return st
+
+
+def format_stats(st: dict[str, Any]) -> str:
+    p = st["prep"]
+    lines = [
+        f"packs {st['packs']:,}  examples {st['examples']:,}  tokens {st['tokens']:,}  trainable {st['trainable']:,}"
+        f"  max_len {st['max_len']}  fill {st['fill']:.2%}  (lower bound {st['lower_bound_packs']:,} packs)",
+    ]
+    if p:
+        lines.append(
+            f"rows {p.get('rows', 0):,}: truncated {p.get('truncated', 0):,}, split {p.get('split', 0):,}, dropped "
+            f"{p.get('dropped', 0):,}, empty {p.get('empty', 0):,}"
+        )
+    pc = st["length_percentiles"]
+    lines.append(
+        "example length: " + "  ".join(f"p{k} {v:.0f}" for k, v in pc.items()) + f"  mean {st['length_mean']:.1f}"
+    )
+    h = st["histogram"]
+    top = max(h["counts"]) or 1
+    for c, lo, hi in zip(h["counts"], h["edges"][:-1], h["edges"][1:]):
+        lines.append(f"  {lo:7.0f}-{hi:<7.0f} {'#' * round(40 * c / top):40s} {c:,}")
+    lines.append("padded batching (random order, pad to longest in batch) vs packed tokens:")
+    for b in (1, 2, 4, 8, 16, 32):
+        v = st["padded_tokens"][b]
+        lines.append(f"  batch {b:2d}: {v:>14,} tokens  -> packing is {v / st['tokens']:.2f}x less compute")
+    c = st["cost"]
+    if c:
+        lines.append(
+            f"cost estimate: {c['params'] / 1e9:.2f}B params on {c['gpu']} ({c['peak_tflops']:.0f} TFLOP/s bf16, "
+            f"MFU {c['mfu']:.0%}), {c['epochs']:g} epoch(s), ${c['price_per_hour']:.2f}/h"
+        )
+        for mode in ("full", "lora"):
+            lines.append(
+                f"  {mode:4s}: packed {c[f'{mode}_packed_gpu_hours']:.3f} GPU-h (${c[f'{mode}_packed_cost']:.2f});"
+                f" padded batch 8 {c[f'{mode}_padded_b8_gpu_hours']:.3f} GPU-h (${c[f'{mode}_padded_b8_cost']:.2f})"
+            )
+    return "\n".join(lines)
+
+
+def show_pack(path: str, i: int, tokenizer: str | None, color: bool = False) -> str:
+    """One pack decoded: a header per example, trained text [[in double brackets]] (or green)."""
+    import shards
+
+    from .tokenizer import load_tokenizer
+
+    ss = shards.open(path)
+    if not 0 <= i < len(ss):
+        raise PrepError(f"--pack {i} out of range: {path!r} holds packs 0..{len(ss) - 1}")
+    tk = load_tokenizer(tokenizer)
+    man_tok = ss.manifest.get("tokenizer", {})
+    p = ss[i]
+    lines = [
+        f"pack {i}: {p.num_tokens} tokens, {p.num_trainable} trained, {p.num_examples} examples, max_seqlen "
+        f"{p.max_seqlen} (decoded with {tk.name}; manifest tokenizer {man_tok.get('name')})"
+    ]
+    if man_tok.get("hash") and man_tok["hash"] != tk.file_hash:
+        lines.append("warning: this is not the tokenizer the shards were made with; pass --tokenizer")
+    on, off = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+    for k in range(p.num_examples):
+        a, b = int(p.cu_seqlens[k]), int(p.cu_seqlens[k + 1])
+        ids, mask = p.input_ids[a:b], p.loss_mask[a:b]
+        lines.append(f"--- example {k} (source row {int(p.example_index[k])}, tokens {a}..{b - 1}, "
+                     f"{int(mask.sum())} trained) ---")  # fmt: skip
+        out, t = [], 0
+        while t < len(ids):  # runs of equal mask, decoded together so multi-byte characters survive
+            u = t
+            while u < len(ids) and mask[u] == mask[t]:
+                u += 1
+            text = tk.tok.decode(ids[t:u].tolist(), skip_special_tokens=False)
+            out.append(f"{on}{text}{off}" if mask[t] else text)
+            t = u
+        lines.append("".join(out))
+    lines.append(f"legend: {on}trained{off}, plain = masked (no loss)")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Load a Hugging Face fast tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) without transformers/torch.
+
+``tokenizers`` does the encoding; the chat template is rendered with jinja2 in a sandbox set up the way
+transformers sets it up (trim_blocks, lstrip_blocks, loop controls, ``raise_exception``, ``tojson``), so the
+text is the same as ``apply_chat_template`` gives. The identity (name, vocab size with added tokens, special
+ids, a hash of the files and template) goes into the manifest and the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .errors import PrepError
+from .load import ASSETS
+
+__all__ = ["DEFAULT_TOKENIZER", "TokenizerInfo", "load_tokenizer"]
+
+DEFAULT_TOKENIZER = ASSETS / "demo_tokenizer"
+_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def _token_str(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+@dataclass
+class TokenizerInfo:
+    """A loaded tokenizer plus what prep needs to know about it."""
+
+    name: str
+    folder: Path
+    tok: Any  # tokenizers.Tokenizer
+    config: dict[str, Any]
+    chat_template: str | None
+    file_hash: str
+    _env: Any = field(default=None, repr=False)
+
+    def token_id(self, key: str) -> int | None:
+        s = _token_str(self.config.get(key))
+        return None if s is None else self.tok.token_to_id(s)
+
+    @cached_property
+    def bos_id(self) -> int | None:
+        return self.token_id("bos_token")
+
+    @cached_property
+    def eos_id(self) -> int | None:
+        return self.token_id("eos_token")
+
+    @cached_property
+    def pad_id(self) -> int | None:
+        return self.token_id("pad_token")
+
+    @cached_property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's post-processor puts BOS in front (Llama-style) when special tokens are on."""
+        if self.bos_id is None:
+            return False
+        ids = self.tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self.bos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "has_chat_template": self.chat_template is not None,
+            "hash": self.file_hash,
+        }
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The chat template applied to ``messages`` (as text)."""
+        if self.chat_template is None:
+            raise PrepError(
+                f"tokenizer {self.name!r} has no chat template, so chat data (messages/conversations) cannot be "
+                "rendered; use a tokenizer whose tokenizer_config.json has a chat_template, or --format text"
+            )
+        if self._env is None:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg: str):
+                raise jinja2.exceptions.TemplateError(msg)
+
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(
+                    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+                )
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.filters["tojson"] = tojson
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: "2024-01-01"  # fixed: output must not depend on the date
+            self._env = env.from_string(self.chat_template)
+        return self._env.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=_token_str(self.config.get("bos_token")) or "",
+            eos_token=_token_str(self.config.get("eos_token")) or "",
+            tools=None,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:  # worker processes rebuild the jinja template themselves
+        d = dict(self.__dict__)
+        d["_env"] = None
+        return d
+
+
+def _fetch_hub(name: str) -> Path:
+    from .load import _online
+
+    if not _online():
+        raise PrepError(
+            f"tokenizer {name!r} is not a local folder and the Hugging Face Hub cannot be reached (offline); "
+            "give a local folder with tokenizer.json (default: the demo tokenizer)"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=list(_FILES)))
+
+
+def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
+    """Load from a local folder (or a ``tokenizer.json`` file's folder), or a hub id when online."""
+    from tokenizers import Tokenizer
+
+    spec = str(spec) if spec is not None else str(DEFAULT_TOKENIZER)
+    folder = Path(spec).expanduser()
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.exists():
+        folder = _fetch_hub(spec)
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise PrepError(
+            f"tokenizer folder {str(folder)!r} has no tokenizer.json; expected a Hugging Face fast tokenizer "
+            "(save one with AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        )
+    tok = Tokenizer.from_file(str(tj))
+    cfg_path = folder / "tokenizer_config.json"
+    config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    stm = folder / "special_tokens_map.json"
+    if stm.is_file():
+        for k, v in json.loads(stm.read_text(encoding="utf-8")).items():
+            config.setdefault(k, v)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default"
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    h = hashlib.sha256()
+    for name in _FILES:
+        p = folder / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    h.update(b"template\0" + (template or "").encode())
+    return TokenizerInfo(
+        name=config.get("name_or_path") or folder.name,
+        folder=folder,
+        tok=tok,
+        config=config,
+        chat_template=template,
+        file_hash=h.hexdigest(),
+    )
