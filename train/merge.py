@@ -1,0 +1,54 @@
+"""``train merge``: fold a LoRA adapter into its base model and save a plain Hugging Face folder.
+
+The merged folder loads with ``AutoModelForCausalLM.from_pretrained`` alone (no peft) and computes what base +
+adapter computed. It is written to a temp folder next to ``out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import copy_tokenizer_files
+from .config import TrainError
+from .prepare import check_model_source
+
+__all__ = ["merge"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def merge(
+    adapter_dir: str | os.PathLike, *, base: str | None = None, out: str | os.PathLike, dtype: str | None = None
+) -> Path:
+    """Merge the peft adapter in ``adapter_dir`` into ``base`` (default: the adapter's own base); save to ``out``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise TrainError(
+            f"{str(adapter_dir)!r} has no adapter_config.json: not a peft adapter folder (the --output of a LoRA "
+            "`train run`). A --full run already wrote a complete model; there is nothing to merge"
+        )
+    base = base or json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise TrainError(f"{str(config_path)!r} names no base model; pass --model BASE")
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
+    check_model_source(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype] if dtype else "auto")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp-merge")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    copy_tokenizer_files(base, tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
