@@ -21,7 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import _block_ranges, _load_kv, _load_tile, _scores, dot_precision, interpreting, score_constants
+from .attention_fwd import (
+    _INTERPRET,
+    _block_ranges,
+    _dot,
+    _load_kv,
+    _load_tile,
+    _scores,
+    dot_precision,
+    score_constants,
+)
 from .indexing import needs_long_indexing
 
 __all__ = ["BwdConfig", "flash_bwd"]
@@ -105,7 +114,7 @@ def _dkdv_step(
     else:
         lse = tl.load(lse_base + rt * H + rh)
         delta = tl.load(delta_base + rt * H + rh)
-    qkT = tl.dot(k, qT, input_precision=PREC)  # (BLOCK_N, rows)
+    qkT = _dot(k, qT, None, PREC)  # (BLOCK_N, rows)
     sT, tT = _scores(qkT, pre, post, SOFTCAP)
     pT = tl.exp2(sT - lse[None, :])
     if MASK:
@@ -115,12 +124,12 @@ def _dkdv_step(
         if WINDOW:
             keep = keep & (cols[:, None] > rt[None, :] - window)
         pT = tl.where(keep, pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dv = _dot(pT.to(do.dtype), do, dv, PREC)
+    dpT = _dot(v, tl.trans(do), None, PREC)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+    dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, PREC)
     return dk, dv
 
 
@@ -130,10 +139,9 @@ def _dkdv_inner(
     lo, hi, n, window, pre, post, rows, offs_d, h0,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     rh = h0 + rows % HPB
-    if INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
+    if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
         i0 = lo
         while i0 < hi:
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
@@ -157,7 +165,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     tile = n_tiles - 1 - tl.program_id(0)
     ex = tl.load(SCHED + 2 * tile)
@@ -186,13 +194,13 @@ def _dkdv_kernel(
         h0 = kvh * GROUP + hs * HPB
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
                              stride_dot, stride_doh, lo, f_lo, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC, INTERPRET)  # fmt: skip
+                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
                              stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC, INTERPRET)  # fmt: skip
+                             BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
                              stride_dot, stride_doh, f_hi, hi, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC, INTERPRET)  # fmt: skip
+                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
     out_ok = (cols[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
     tok = start + cols
     tl.store(DK + tok[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -211,7 +219,7 @@ def _dq_step(
     cols = j0 + offs_n
     kT = _load_kv(k_base, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, MASK, True)
     vT = _load_kv(v_base, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, MASK, True)
-    qk = tl.dot(q, kT, input_precision=PREC)
+    qk = _dot(q, kT, None, PREC)
     s, t = _scores(qk, pre, post, SOFTCAP)
     p = tl.exp2(s - lse[:, None])
     if MASK:
@@ -221,11 +229,11 @@ def _dq_step(
         if WINDOW:
             keep = keep & (cols[None, :] > rt[:, None] - window)
         p = tl.where(keep, p, 0.0)
-    dp = tl.dot(do, vT, input_precision=PREC)
+    dp = _dot(do, vT, None, PREC)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
-    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+    return _dot(ds.to(kT.dtype), tl.trans(kT), dq, PREC)
 
 
 @triton.jit
@@ -233,9 +241,8 @@ def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, rt, n, window, pre, post, offs_d, offs_n,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    if INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
+    if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
         j0 = lo
         while j0 < hi:
             dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post,
@@ -256,7 +263,7 @@ def _dq_kernel(
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     tile = n_tiles - 1 - tl.program_id(0)
     ex = tl.load(SCHED + 2 * tile)
@@ -286,14 +293,11 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M * HPB, BLOCK_D], dtype=tl.float32)
     lo, f_lo, f_hi, hi = _block_ranges(m0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, f_lo, rt, n, window, pre,
-                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                   INTERPRET)  # fmt: skip
+                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, rt, n, window, pre,
-                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, PREC,
-                   INTERPRET)  # fmt: skip
+                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_hi, hi, rt, n, window, pre,
-                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                   INTERPRET)  # fmt: skip
+                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
     tl.store(DQ + tok[:, None] * stride_dqt + rh[:, None] * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mask)  # fmt: skip
 
@@ -334,7 +338,7 @@ def flash_bwd(
     pre, post = score_constants(softmax_scale, softcap)
     common = dict(
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_idx,
-        PREC=dot_precision(q.dtype), INTERPRET=interpreting(), GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d,
+        PREC=dot_precision(q.dtype), GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d,
     )  # fmt: skip
     _dkdv_kernel[(sched_kv.shape[0], Hkv)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, sched_kv,

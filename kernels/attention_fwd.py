@@ -25,9 +25,13 @@ import triton.language as tl
 
 from .indexing import needs_long_indexing
 
-__all__ = ["FwdConfig", "build_schedule", "dot_precision", "flash_fwd", "interpreting", "score_constants"]
+__all__ = ["FwdConfig", "build_schedule", "dot_precision", "flash_fwd", "score_constants"]
 
 LOG2E = 1.4426950408889634
+# Triton's CPU interpreter (tests) needs two work-arounds, chosen at import like triton.jit itself chooses.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Up to this many examples the schedule is one small Triton program (cumsum in registers); beyond, torch ops.
+SCHEDULE_KERNEL_MAX_S = 16384
 # Masked scores are set to this finite value (not -inf) so a row with no visible key never makes a NaN.
 MASKED = -1.0e30
 
@@ -56,6 +60,15 @@ def _schedule_kernel(CU, SCHED, S, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, M
         m = valid & (j < nb)
         tl.store(SCHED + 2 * (first + j), s, mask=m)
         tl.store(SCHED + 2 * (first + j) + 1, s * 0 + j * BLOCK, mask=m)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    if _INTERPRET:
+        # Triton 3.6's interpreter multiplies bf16 bit patterns as integers; fp32 copies of bf16/fp16 are exact.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -111,7 +124,7 @@ def _fwd_step(
     cols = j0 + offs_n
     # K loaded transposed (BLOCK_D, BLOCK_N): the dot needs q @ k^T.
     kT = _load_kv(k_base, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, MASK, True)
-    qk = tl.dot(q, kT, input_precision=PREC)
+    qk = _dot(q, kT, None, PREC)
     s, _ = _scores(qk, pre, post, SOFTCAP)
     if MASK:
         keep = cols[None, :] < n
@@ -126,7 +139,7 @@ def _fwd_step(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = _load_kv(v_base, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, MASK, False)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    acc = _dot(p.to(v.dtype), v, acc, PREC)
     return acc, m_new, l_i
 
 
@@ -136,9 +149,8 @@ def _fwd_inner(
     offs_d, offs_n,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    if INTERPRET:
+    if _INTERPRET:
         # Triton's interpreter cannot range() over runtime scalars with numpy >= 2 (its scalars are 1-element
         # arrays); a while loop computes the same blocks. Compiled code keeps the for loop: only scf.for is
         # software-pipelined (num_stages).
@@ -189,7 +201,7 @@ def _fwd_kernel(
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     # Heaviest tiles (last blocks of examples) are listed last: run them first for load balance.
     tile = n_tiles - 1 - tl.program_id(0)
@@ -222,13 +234,13 @@ def _fwd_kernel(
     lo, f_lo, f_hi, hi = _block_ranges(m0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, f_lo, rt, n, window,
                                pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW,
-                               SOFTCAP, PREC, INTERPRET)  # fmt: skip
+                               SOFTCAP, PREC)  # fmt: skip
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, rt, n, window,
                                pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW,
-                               SOFTCAP, PREC, INTERPRET)  # fmt: skip
+                               SOFTCAP, PREC)  # fmt: skip
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, f_hi, hi, rt, n, window,
                                pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW,
-                               SOFTCAP, PREC, INTERPRET)  # fmt: skip
+                               SOFTCAP, PREC)  # fmt: skip
     acc = acc / l_i[:, None]
     tl.store(O + tok[:, None] * stride_ot + rh[:, None] * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=q_mask)  # fmt: skip
@@ -243,7 +255,7 @@ def build_schedule(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int, blo
     sched = torch.full((n_tiles, 2), -1, dtype=torch.int32, device=cu_seqlens.device)
     if n_seq == 0 or n_tokens == 0:
         return sched
-    if n_seq <= 16384:
+    if n_seq <= SCHEDULE_KERNEL_MAX_S:
         block_s = max(16, triton.next_power_of_2(n_seq))
         # MAX_NB rounded up to a power of two: few compiled variants; extra iterations store nothing.
         max_nb = triton.next_power_of_2(triton.cdiv(max(max_seqlen, 1), block))
@@ -268,11 +280,6 @@ def score_constants(softmax_scale: float, softcap: float | None) -> tuple[float,
     if softcap is None:
         return softmax_scale * LOG2E, 1.0
     return softmax_scale / softcap, softcap * LOG2E
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tests): loops with runtime bounds use while instead of range."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -310,7 +317,7 @@ def flash_fwd(
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
         BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None,
-        LONG_INDEXING=needs_long_indexing(q, k, v, out), PREC=dot_precision(q.dtype), INTERPRET=interpreting(),
+        LONG_INDEXING=needs_long_indexing(q, k, v, out), PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
