@@ -30,7 +30,9 @@ _ACTIVATIONS = {"silu": _SILU, "tanh": _GELU_TANH, "none": _GELU_ERF}
 # --------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _tanh(u):
-    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf in fp32 (exp overflow gives 1, underflow -1).
+    # tanh(u) = 1 - 2 / (exp(2u) + 1). |u| is clamped to 20 first: tanh(20) rounds to 1 in fp32 already, and
+    # exp(2u) then never overflows (inf would still give the right limit, but warns in the CPU interpreter).
+    u = tl.minimum(tl.maximum(u, -20.0), 20.0)
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 

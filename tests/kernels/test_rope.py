@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -14,6 +15,13 @@ from tests.kernels.compare import assert_close_verbose, dtype_error_bound
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Same-dtype PyTorch error is the scale; this floor only covers values the reference happens to get exact.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even), which costs up to
+# one bf16 ulp (2**-7 relative) more than rounding; on the GPU the bound has no such term.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    return 2.0**-7 if INTERPRETED and dtype == torch.bfloat16 else 0.0
 
 
 def _cache(max_pos: int, d: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +66,8 @@ def _check(dtype, t, h, hkv, d, gen, pos_dtype=torch.int64):
     actual = run(rope_, dtype)
     for name, a, r, e in zip(("q", "k", "dq", "dk"), actual, same_dtype, expected, strict=True):
         assert a.dtype == dtype, f"{name} dtype {a.dtype}"
-        assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=f"{name} {dtype}")
+        bound = dtype_error_bound(r, e, ATOL[dtype])
+        assert_close_verbose(a, e, atol=bound, rtol=_rtol(dtype), name=f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -108,8 +117,9 @@ def test_rope_matches_transformers_apply_rotary_pos_emb():
             q.double(), k.double(), *(c[0].double() for c in rotary(q.float(), pos[None, :])), unsqueeze_dim=1
         )
         q_out, k_out = rope_(q.clone(), k.clone(), cos, sin, pos)
-        assert_close_verbose(q_out, q_hf64, atol=dtype_error_bound(q_hf, q_hf64, ATOL[dtype]), name="q vs HF")
-        assert_close_verbose(k_out, k_hf64, atol=dtype_error_bound(k_hf, k_hf64, ATOL[dtype]), name="k vs HF")
+        bound_q, bound_k = (dtype_error_bound(a, b, ATOL[dtype]) for a, b in ((q_hf, q_hf64), (k_hf, k_hf64)))
+        assert_close_verbose(q_out, q_hf64, atol=bound_q, rtol=_rtol(dtype), name=f"q vs HF {dtype}")
+        assert_close_verbose(k_out, k_hf64, atol=bound_k, rtol=_rtol(dtype), name=f"k vs HF {dtype}")
 
 
 def test_rope_in_place_without_grad_returns_the_same_tensors():
