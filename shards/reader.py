@@ -83,7 +83,10 @@ class ShardSet:
                 msg = f"shard {str(f)!r} is not a readable Arrow IPC file ({e}); re-run `prep pack`"
                 raise ShardFormatError(msg) from e
             if not r.schema.equals(SCHEMA):
-                raise ShardFormatError(f"shard {str(f)!r} has schema {r.schema}, expected {SCHEMA}")
+                got = [f"{x.name}: {x.type}{'' if x.nullable else ' not null'}" for x in r.schema]
+                want = [f"{x.name}: {x.type}{'' if x.nullable else ' not null'}" for x in SCHEMA]
+                diff = [(g, w) for g, w in zip(got, want) if g != w] or [(got, want)]
+                raise ShardFormatError(f"shard {str(f)!r} has a different schema: got/expected {diff}")
             if r.num_record_batches != len(s["batches"]):
                 raise ShardFormatError(
                     f"shard {str(f)!r} has {r.num_record_batches} record batches, expected {len(s['batches'])}"

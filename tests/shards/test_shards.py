@@ -1,0 +1,188 @@
+"""shards: writer/reader round trip, the labels convention, atomic writes, and every corruption caught."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import shards
+from shards.manifest import file_sha256
+from shards.verify import verify_shard_set
+
+
+def random_packs(rng: np.random.Generator, n_examples: int, max_len: int):
+    """Random examples grouped greedily into packs (the packer is tested elsewhere)."""
+    lengths = rng.integers(1, max_len // 3, size=n_examples)
+    per, cur, k = [], 0, 0
+    for ln in lengths:
+        if k and cur + ln > max_len:
+            per.append(k)
+            cur, k = 0, 0
+        cur += ln
+        k += 1
+    per.append(k)
+    tokens = rng.integers(0, 2**32 - 1, size=int(lengths.sum()), dtype=np.uint64).astype(np.uint32)
+    mask = rng.random(len(tokens)) < 0.6
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    mask[starts] = False
+    index = rng.permutation(n_examples * 3)[:n_examples]
+    return tokens, mask, lengths, np.array(per), index
+
+
+def write(path: Path, data, max_len=64, **kw) -> Path:
+    with shards.ShardWriter(path, max_len=max_len, metadata={"note": "test"}, **kw) as w:
+        w.add_packs(*data)
+    return path
+
+
+def test_round_trip_and_pack_contract(tmp_path):
+    rng = np.random.default_rng(1)
+    data = random_packs(rng, 500, 64)
+    tokens, mask, lengths, per, index = data
+    ss = shards.open(write(tmp_path / "s", data, tokens_per_batch=300, tokens_per_shard=2000))
+    assert len(ss.manifest["shards"]) > 1 and len(ss) == len(per) and ss.max_len == 64
+    assert ss.manifest["note"] == "test"
+    ex_start = np.concatenate([[0], np.cumsum(lengths)])
+    e = 0
+    for i in range(len(ss)):
+        p = ss[i]
+        n_ex = int(per[i])
+        lens = lengths[e : e + n_ex]
+        a, b = ex_start[e], ex_start[e + n_ex]
+        assert p.input_ids.dtype == np.uint32 and p.position_ids.dtype == np.int32
+        assert p.cu_seqlens.dtype == np.int32 and p.loss_mask.dtype == np.bool_
+        assert p.labels.dtype == np.int64 and p.example_index.dtype == np.int64
+        np.testing.assert_array_equal(p.input_ids, tokens[a:b])
+        np.testing.assert_array_equal(p.loss_mask, mask[a:b])
+        np.testing.assert_array_equal(p.cu_seqlens, np.concatenate([[0], np.cumsum(lens)]))
+        np.testing.assert_array_equal(p.position_ids, np.concatenate([np.arange(n) for n in lens]))
+        np.testing.assert_array_equal(p.example_index, index[e : e + n_ex])
+        expect_labels = [int(t) if m else -100 for t, m in zip(tokens[a:b], mask[a:b])]
+        assert p.labels.tolist() == expect_labels
+        assert (p.num_tokens, p.num_trainable, p.max_seqlen) == (b - a, int(mask[a:b].sum()), int(lens.max()))
+        assert not p.loss_mask[p.cu_seqlens[:-1]].any()
+        e += n_ex
+    assert ss[-1].num_tokens == ss[len(ss) - 1].num_tokens
+    with pytest.raises(IndexError, match="out of range"):
+        ss[len(ss)]
+    verify_shard_set(tmp_path / "s")
+
+
+def test_order_is_seeded_permutation(tmp_path):
+    ss = shards.open(write(tmp_path / "s", random_packs(np.random.default_rng(2), 300, 64)))
+    o = ss.order(seed=3, epoch=0)
+    assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(len(ss)))
+    np.testing.assert_array_equal(o, ss.order(3, 0))
+    assert not np.array_equal(o, ss.order(3, 1)) and not np.array_equal(o, ss.order(4, 0))
+
+
+def test_writer_validates_before_touching_disk(tmp_path):
+    with pytest.raises(ValueError, match="max_len=0"):
+        shards.ShardWriter(tmp_path / "s", max_len=0)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        shards.ShardWriter(tmp_path / "full", max_len=16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shards.ShardWriter(tmp_path / "no" / "s", max_len=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_writer_leaves_nothing_on_error(tmp_path):
+    tokens, mask, lengths, per, index = random_packs(np.random.default_rng(3), 50, 64)
+    bad_mask = mask.copy()
+    bad_mask[0] = True
+    w = shards.ShardWriter(tmp_path / "s", max_len=64)
+    with pytest.raises(ValueError, match="first token of example 0"), w:
+        w.add_packs(tokens, bad_mask, lengths, per, index)
+    with pytest.raises(ValueError, match="over max_len=8"), shards.ShardWriter(tmp_path / "s", max_len=8) as w:
+        w.add_packs(tokens, mask, lengths, per, index)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_refuses_other_formats_and_versions(tmp_path):
+    path = write(tmp_path / "s", random_packs(np.random.default_rng(4), 50, 64))
+    with pytest.raises(shards.ShardFormatError, match="not a padless shard set"):
+        shards.open(tmp_path)
+    man = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**man, "format_version": 99}))
+    with pytest.raises(shards.ShardFormatError, match=r"unsupported shard format version 99 .*expected version 1"):
+        shards.open(path)
+    (path / "manifest.json").write_text(json.dumps({**man, "format": "mds"}))
+    with pytest.raises(shards.ShardFormatError, match="has format 'mds', expected 'padless-shards'"):
+        shards.open(path)
+    schema = [list(x) for x in man["schema"]]
+    schema[0][1] = "list<item: int64>"
+    (path / "manifest.json").write_text(json.dumps({**man, "schema": schema}))
+    with pytest.raises(shards.ShardFormatError, match=r"declares the schema .* expected"):
+        shards.open(path)
+
+
+def test_truncated_shard_caught_by_reader_and_verify(tmp_path):
+    path = write(tmp_path / "s", random_packs(np.random.default_rng(5), 200, 64))
+    f = path / "shard-00000.arrow"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(shards.ShardFormatError, match=r"shard-00000.arrow' is \d+ bytes, expected \d+ \(truncated"):
+        shards.open(path)
+    with pytest.raises(shards.ShardFormatError, match="truncated"):
+        verify_shard_set(path)
+
+
+def test_corrupted_shard_caught_by_reader_and_verify(tmp_path):
+    path = write(tmp_path / "s", random_packs(np.random.default_rng(6), 200, 64))
+    f = path / "shard-00000.arrow"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    ss = shards.open(path)  # same size: only the checksum can tell
+    with pytest.raises(shards.ShardFormatError, match=r"shard-00000\.arrow' is corrupted: sha256"):
+        ss[0]
+    with pytest.raises(shards.ShardFormatError, match=r"shard-00000\.arrow: sha256 .* expected .*corrupted"):
+        verify_shard_set(path)
+
+
+def _rewrite_column(path: Path, name: str, fn) -> None:
+    """Rewrite one column of shard 0 (a valid file with a broken invariant) and fix the manifest checksums."""
+    f = path / "shard-00000.arrow"
+    with pa.memory_map(str(f)) as src:
+        table = pa.ipc.open_file(src).read_all()
+    col = table.column(name).combine_chunks()
+    values = fn(col.values.to_numpy(zero_copy_only=False).copy())
+    i = table.schema.get_field_index(name)
+    table = table.set_column(i, table.schema.field(i),
+                             pa.ListArray.from_arrays(col.offsets, pa.array(values, col.type.value_type)))  # fmt: skip
+    with pa.ipc.new_file(str(f), table.schema) as w:
+        w.write_table(table, max_chunksize=10**9)
+    man = json.loads((path / "manifest.json").read_text())
+    man["shards"][0].update(bytes=f.stat().st_size, sha256=file_sha256(f), batches=[table.num_rows])
+    (path / "manifest.json").write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize(
+    ("column", "fn", "message"),
+    [
+        ("position_ids", lambda v: np.where(np.arange(len(v)) == 5, v + 1, v), r"position_ids\[\d+\]=\d+, expected"),
+        ("loss_mask", lambda v: np.ones_like(v), "loss_mask is True on the first token of example 0"),
+        ("cu_seqlens", lambda v: v + 1, "cu_seqlens .* must start at 0"),
+    ],
+)
+def test_verify_names_shard_and_pack(tmp_path, column, fn, message):
+    path = write(tmp_path / "s", random_packs(np.random.default_rng(7), 100, 64))
+    _rewrite_column(path, column, fn)
+    with pytest.raises(shards.ShardFormatError, match=rf"shard shard-00000.arrow pack 0 \(global pack 0\): {message}"):
+        verify_shard_set(path)
+
+
+def test_shards_imports_no_torch_and_nothing_of_ours():
+    code = (
+        "import sys, shards, shards.verify, shards.stats; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'prep', 'train', 'kernels')]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
