@@ -1,0 +1,163 @@
+"""kernels.rmsnorm: fused RMSNorm (Llama/Qwen3 and Gemma casts) against the reference and HF's norm modules."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from kernels.rmsnorm import rms_norm, rms_norm_reference
+from tests.kernels.compare import assert_close_verbose, dtype_error_bound
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): up to one extra
+# bf16 ulp (2**-7 relative); on the GPU the bound has no such term.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    return 2.0**-7 if INTERPRETED and dtype == torch.bfloat16 else 0.0
+
+
+def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6):
+    weight_dtype = weight_dtype or dtype
+    x0 = (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dtype)
+    w0 = (torch.randn(shape[-1], generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(weight_dtype)
+    out_dtype = dtype if offset else torch.promote_types(dtype, weight_dtype)
+    dy = torch.randn(*shape, generator=gen).to(out_dtype)
+
+    def run(fn, x_dt, w_dt):
+        x = x0.to(x_dt).requires_grad_(True)
+        w = w0.to(w_dt).requires_grad_(weight_grad)
+        y = fn(x, w, eps, offset)
+        inputs = (x, w) if weight_grad else (x,)
+        return y.detach(), *torch.autograd.grad(y, inputs, dy.to(y.dtype))
+
+    expected = run(rms_norm_reference, torch.float64, torch.float64)
+    same_dtype = run(rms_norm_reference, dtype, weight_dtype)
+    actual = run(rms_norm, dtype, weight_dtype)
+    for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=False):
+        assert a.dtype == r.dtype, f"{name}: dtype {a.dtype}, reference {r.dtype}"
+        bound = dtype_error_bound(r, e, ATOL[dtype])
+        assert_close_verbose(a, e, atol=bound, rtol=_rtol(a.dtype), name=f"{name} {dtype} offset={offset}")
+    return actual
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("shape", [(13, 97), (11, 5, 64), (3, 1031)])
+def test_rms_norm_matches_reference(shape, offset, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{offset}-{dtype}".encode()))
+    _check(shape, dtype, offset, gen)
+
+
+def test_rms_norm_fp32_weight_with_bf16_activations_promotes_like_hf():
+    gen = torch.Generator().manual_seed(21)
+    y, *_ = _check((9, 48), torch.bfloat16, 0.0, gen, weight_dtype=torch.float32)
+    assert y.dtype == torch.float32  # Llama: weight * normed.to(bf16) promotes to the fp32 weight's dtype
+    y, *_ = _check((9, 48), torch.bfloat16, 1.0, gen, weight_dtype=torch.float32)
+    assert y.dtype == torch.bfloat16  # Gemma: .type_as(x)
+
+
+def test_rms_norm_frozen_weight_lora():
+    gen = torch.Generator().manual_seed(22)
+    _check((17, 40), torch.bfloat16, 0.0, gen, weight_grad=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.ones(8)
+    y = rms_norm(x, w, 1e-6)
+    y.sum().backward()
+    assert w.grad is None and x.grad is not None
+
+
+def test_rms_norm_weight_grad_is_deterministic():
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(67, 96, generator=gen, requires_grad=True)
+    w = torch.randn(96, generator=gen, requires_grad=True)
+    dy = torch.randn(67, 96, generator=gen)
+    grads = [torch.autograd.grad(rms_norm(x, w, 1e-5), (x, w), dy) for _ in range(2)]
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_rms_norm_long_indexing_forced(monkeypatch):
+    monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", "1")
+    gen = torch.Generator().manual_seed(24)
+    _check((13, 97), torch.bfloat16, 0.0, gen)
+    _check((7, 3, 32), torch.float32, 1.0, gen)
+
+
+def test_rms_norm_strided_rows():
+    # x as a slice of a wider buffer (rows strided), e.g. the q part of a fused projection reshaped per head.
+    gen = torch.Generator().manual_seed(25)
+    base = torch.randn(11, 160, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    w = torch.randn(96, generator=gen).requires_grad_(True)
+    dy = torch.randn(11, 96, generator=gen)
+    out = rms_norm(base[:, 32:128], w, 1e-6)
+    expected = rms_norm_reference(base[:, 32:128], w, 1e-6)
+    assert_close_verbose(out, expected, atol=1e-5, name="y")
+    got = torch.autograd.grad(out, (base, w), dy)
+    want = torch.autograd.grad(expected, (base, w), dy)
+    for a, e, name in zip(got, want, ("dbase", "dw"), strict=True):
+        assert_close_verbose(a, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma", "qwen3_qk_norm"])
+def test_rms_norm_matches_transformers_modules(model):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    gen = torch.Generator().manual_seed(zlib.crc32(model.encode()))
+    shape, offset, module = {
+        "llama": ((10, 72), 0.0, LlamaRMSNorm(72, eps=1e-5)),
+        "gemma": ((10, 72), 1.0, GemmaRMSNorm(72, eps=1e-6)),
+        "qwen3_qk_norm": ((10, 4, 64), 0.0, Qwen3RMSNorm(64, eps=1e-6)),
+    }[model]
+    eps = module.eps if hasattr(module, "eps") else module.variance_epsilon
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.3 + (0.0 if offset else 1.0))
+    for dtype in DTYPES:
+        mod = module.to(dtype)
+        x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+        with torch.no_grad():
+            hf = mod(x)
+            ref = rms_norm_reference(x, mod.weight, eps, offset)
+            hf64 = module.to(torch.float64)(x.double())
+            mod = module.to(dtype)
+            out = rms_norm(x, mod.weight, eps, offset)
+        assert_close_verbose(ref, hf, atol=0.0, name=f"{model} reference vs HF {dtype}")
+        bound = dtype_error_bound(hf, hf64, ATOL[dtype])
+        assert_close_verbose(out, hf64, atol=bound, rtol=_rtol(dtype), name=f"{model} kernel vs HF {dtype}")
+
+
+def test_rms_norm_rejects_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight has shape \(7,\): expected \(8,\)"):
+        rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="expected each one of"):
+        rms_norm(x.double(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="E=70000 is too large"):
+        rms_norm(torch.randn(1, 70000), torch.ones(70000), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "offset"), [((4099, 4096), 0.0), ((1025, 8192), 1.0), ((2049, 32, 128), 0.0)])
+def test_rms_norm_gpu_model_shapes(shape, offset, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(26)
+    x = torch.randn(*shape, device="cuda", generator=gen).to(dtype).requires_grad_(True)
+    w = (torch.randn(shape[-1], device="cuda", generator=gen) * 0.3 + 1.0).to(dtype).requires_grad_(True)
+    dy = torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    def run(fn, dt):
+        xa, wa = x.detach().to(dt).requires_grad_(True), w.detach().to(dt).requires_grad_(True)
+        y = fn(xa, wa, 1e-6, offset)
+        return y.detach(), *torch.autograd.grad(y, (xa, wa), dy.to(dt))
+
+    expected, same_dtype = run(rms_norm_reference, torch.float64), run(rms_norm_reference, dtype)
+    actual = run(rms_norm, dtype)
+    for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=True):
+        assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=name)
