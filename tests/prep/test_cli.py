@@ -1,0 +1,113 @@
+"""The ``prep`` command line: light start-up (no torch), stats numbers against an independent recount, show."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from click.testing import CliRunner
+
+from prep.cli import main
+from prep.report import GPUS
+
+from .conftest import alpaca_rows, chat_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_import_and_pack_do_not_import_torch(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))
+    code = (
+        "import sys\n"
+        "import prep.cli\n"
+        "assert 'torch' not in sys.modules, 'import prep.cli pulled torch'\n"
+        f"try:\n    prep.cli.main(['pack', {str(src)!r}, '--max-len', '64', '--out', {str(tmp_path / 'o')!r},"
+        " '--no-progress', '--eval-examples', '3'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'train', 'kernels'))\n"
+        "print('BAD', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "BAD []" in out.stdout
+    assert (tmp_path / "o" / "manifest.json").is_file() and (tmp_path / "o" / "eval" / "manifest.json").is_file()
+
+
+def test_python_dash_m_prep_help():
+    out = subprocess.run([sys.executable, "-m", "prep", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "pack" in out.stdout and "verify" in out.stdout
+
+
+def _recount(path: Path):
+    """Independent of shards.reader: read the Arrow files with pyarrow directly."""
+    lens, tokens, trainable, packs = [], 0, 0, 0
+    for f in sorted(path.glob("shard-*.arrow")):
+        t = pa.ipc.open_file(pa.memory_map(str(f))).read_all().to_pydict()
+        for ids, cu, m in zip(t["input_ids"], t["cu_seqlens"], t["loss_mask"]):
+            packs += 1
+            tokens += len(ids)
+            trainable += sum(m)
+            lens += [b - a for a, b in itertools.pairwise(cu)]
+    return np.array(lens), tokens, trainable, packs
+
+
+def test_stats_against_independent_recount(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(200, 3, hi=60))
+    r = CliRunner().invoke(main, ["pack", str(src), "--max-len", "128", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["stats", str(tmp_path / "o"), "--json", "--model-params", "1.5B", "--gpu", "H100",
+                                  "--mfu", "0.5", "--epochs", "3", "--price-per-hour", "2"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.output)
+    lens, tokens, trainable, packs = _recount(tmp_path / "o")
+    assert (st["packs"], st["tokens"], st["trainable"], st["examples"]) == (packs, tokens, trainable, len(lens))
+    assert st["fill"] == tokens / (packs * 128) and st["lower_bound_packs"] == -(-tokens // 128)
+    assert st["length_percentiles"]["50"] == float(np.percentile(lens, 50))
+    # Padded batching: the same random order, brute force.
+    order = np.random.default_rng(0).permutation(len(lens))
+    for b in (1, 3, 8, 32):
+        chunks = [lens[order[i : i + b]] for i in range(0, len(lens), b)]
+        assert st["padded_tokens"][str(b)] == sum(int(c.max()) * len(c) for c in chunks)
+    assert st["padded_tokens"]["1"] == tokens
+    c = st["cost"]
+    hours = 6 * 1.5e9 * tokens * 3 / (GPUS["H100"][0] * 1e12 * 0.5) / 3600
+    assert abs(c["full_packed_gpu_hours"] - hours) < 1e-12 and abs(c["full_packed_cost"] - 2 * hours) < 1e-12
+    assert abs(c["lora_packed_gpu_hours"] - hours * 4 / 6) < 1e-12
+    r = CliRunner().invoke(main, ["stats", str(tmp_path / "o"), "--model-params", "1.5B"])
+    assert r.exit_code == 0 and "padded batching" in r.output and "lora" in r.output
+
+
+def test_show_marks_trained_tokens_and_boundaries(tmp_path):
+    rows = chat_rows(10, 2)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    r = CliRunner().invoke(main, ["pack", str(src), "--max-len", "2048", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "o"), "--pack", "0", "--no-color"])
+    assert r.exit_code == 0, r.output
+    import shards
+
+    p = shards.open(tmp_path / "o")[0]
+    assert r.output.count("--- example ") == p.num_examples
+    k = int(p.example_index[0])
+    for m in rows[k]["messages"]:
+        if m["role"] == "assistant":
+            assert f"[[{m['content']}<|im_end|>\n]]" in r.output
+        else:
+            assert f"[[{m['content']}" not in r.output
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "o"), "--pack", "999"])
+    assert r.exit_code == 2 and "out of range" in r.output
+
+
+def test_verify_cli_exit_codes(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(50))
+    CliRunner().invoke(main, ["pack", str(src), "--max-len", "64", "--out", str(tmp_path / "o"), "--no-progress"])
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "o")])
+    assert r.exit_code == 0 and r.output.startswith("ok:")
+    f = tmp_path / "o" / "shard-00000.arrow"
+    f.write_bytes(f.read_bytes()[:-10])
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "shard-00000.arrow" in r.output and "truncated" in r.output

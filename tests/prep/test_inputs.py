@@ -1,0 +1,154 @@
+"""Loaders for every supported input, and every bad input: a clear, pinned message and nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prep.errors import PrepError
+from prep.load import load_sources
+from prep.pipeline import PackConfig, run_pack
+
+from .conftest import alpaca_rows, chat_rows, write_jsonl
+
+ROWS = alpaca_rows(20, 1)
+
+
+def test_every_local_format_loads_the_same_rows(tmp_path):
+    paths = {
+        "jsonl": write_jsonl(tmp_path / "a.jsonl", ROWS),
+        "jsonl.gz": write_jsonl(tmp_path / "a.jsonl.gz", ROWS, gz=True),
+        "json": tmp_path / "a.json",
+        "parquet": tmp_path / "a.parquet",
+        "csv": tmp_path / "a.csv",
+        "arrow": tmp_path / "a.arrow",
+    }
+    paths["json"].write_text(json.dumps(ROWS, indent=1))
+    table = pa.Table.from_pylist(ROWS)
+    pq.write_table(table, paths["parquet"])
+    with pa.ipc.new_file(str(paths["arrow"]), table.schema) as w:
+        w.write_table(table)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+        w.writeheader()
+        w.writerows(ROWS)
+    for kind, p in paths.items():
+        [src] = load_sources([str(p)])
+        assert src.rows == ROWS, kind
+    # A folder of files, concatenated in name order; two DATASET arguments concatenated in order.
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "1.jsonl", ROWS[:5])
+    write_jsonl(tmp_path / "dir" / "2.jsonl", ROWS[5:])
+    assert load_sources([str(tmp_path / "dir")])[0].rows == ROWS
+    assert [r for s in load_sources([str(paths["csv"]), str(paths["json"])]) for r in s.rows] == ROWS + ROWS
+
+
+def test_save_to_disk_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    assert load_sources([str(tmp_path / "ds")])[0].rows == ROWS
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
+    assert load_sources([str(tmp_path / "dd")])[0].rows == ROWS
+
+
+def run(tmp_path, datasets, **kw):
+    kw.setdefault("max_len", 128)
+    kw.setdefault("out", str(tmp_path / "out"))
+    return run_pack(PackConfig(datasets=tuple(str(d) for d in datasets), progress=False, **kw))
+
+
+def assert_nothing_written(tmp_path, before):
+    after = {p.name for p in tmp_path.iterdir()}
+    assert after == before, f"left behind: {after - before}"
+
+
+def _bad_json(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n')
+    return [p], {}
+
+
+def _bad_json_array(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('[\n{"text": "ok"},\n{"text": "ok",}\n]')
+    return [p], {}
+
+
+def _unknown_format(tmp_path):
+    return [write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "answer": "b"}])], {}
+
+
+def _empty(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n")
+    return [p], {}
+
+
+def _missing(tmp_path):
+    return [tmp_path / "nope.jsonl"], {}
+
+
+def _short(tmp_path):
+    return [write_jsonl(tmp_path / "a.jsonl", ROWS)], {"max_len": 8}
+
+
+def _existing_out(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    return [write_jsonl(tmp_path / "a.jsonl", ROWS)], {}
+
+
+def _bad_format_option(tmp_path):
+    return [write_jsonl(tmp_path / "a.jsonl", ROWS)], {"format": "chat"}
+
+
+def _offline_hub(tmp_path):
+    return ["someone/some-dataset"], {}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_missing, r"dataset '.*nope.jsonl' not found: no such file or folder"),
+        (_bad_json, r"malformed JSON in '.*bad.jsonl' at line 3, column 10"),
+        (_bad_json_array, r"malformed JSON in '.*bad.json' at line 3"),
+        (_unknown_format, r"cannot detect the format of .*columns are \['answer', 'question'\]; known formats"),
+        (_empty, r"dataset '.*empty.jsonl' is empty: no rows found"),
+        (_short, r"--max-len 8 is below 16"),
+        (_existing_out, r"--out '.*out' already exists and is not empty; .* --overwrite"),
+        (_bad_format_option, r"--format chat needs columns \['messages'\] but .* lacks \['messages'\]"),
+        (_offline_hub, r"'someone/some-dataset' is not a local file or folder, and the Hugging Face Hub cannot be "
+                       r"reached \(offline\)"),
+    ],
+    ids=["missing", "bad-jsonl", "bad-json", "unknown-format", "empty", "max-len", "existing-out", "format-cols",
+         "offline"],
+)  # fmt: skip
+def test_bad_input_clear_error_and_nothing_written(tmp_path, monkeypatch, make, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets, kw = make(tmp_path)
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(PrepError, match=message):
+        run(tmp_path, datasets, **kw)
+    assert_nothing_written(tmp_path, before)
+    if (tmp_path / "out").exists():
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_chat_without_template_is_refused(tmp_path, no_template_tokenizer):
+    src = write_jsonl(tmp_path / "c.jsonl", chat_rows(5))
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(PrepError, match=r"tokenizer .* has no chat template, so chat data .* cannot be rendered"):
+        run(tmp_path, [src], tokenizer=str(no_template_tokenizer))
+    assert_nothing_written(tmp_path, before)
+
+
+def test_overwrite_replaces(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    run(tmp_path, [src])
+    run(tmp_path, [src], overwrite=True, max_len=64)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["max_len"] == 64
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
