@@ -1,0 +1,303 @@
+"""Varlen attention kernels against the per-example plain-PyTorch reference (CPU: Triton interpreter, tiny shapes).
+
+Every case checks the output and dq, dk, dv (torch.autograd.grad) on fresh random inputs and random ragged
+``cu_seqlens``. fp32 cases use a tight absolute bound; bf16/fp16 bounds are twice PyTorch's own error in that
+dtype (``compare.dtype_error_bound``). Small explicit tilings force multi-block paths (full and masked key
+blocks, several q blocks per example) on examples of a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import attention_fwd
+from kernels.attention import (
+    BwdConfig,
+    FwdConfig,
+    _reference_impl,
+    varlen_attention,
+    varlen_attention_reference,
+    varlen_attention_with_configs,
+)
+from kernels.attention_fwd import build_schedule
+from tests.kernels.compare import assert_close_verbose, dtype_error_bound
+
+# Smallest tiles tl.dot accepts (16): 16-token q/k blocks make a 40-token example span 3 blocks.
+SMALL_FWD = FwdConfig(block_m=16, hpb=1, block_n=16, num_warps=4, num_stages=1)
+SMALL_BWD = BwdConfig(16, 16, 1, 4, 1, 16, 1, 16, 4, 1)
+# Heads packed into rows (2 heads x 16 tokens) with 32-key blocks: block_n > block_m exercises partial diagonals.
+PACKED_FWD = FwdConfig(block_m=16, hpb=2, block_n=32, num_warps=4, num_stages=1)
+PACKED_BWD = BwdConfig(32, 16, 2, 4, 1, 16, 2, 32, 4, 1)
+
+
+def make_cu(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def make_inputs(lens, H, Hkv, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q, k, v, do = (torch.randn(T, h, D, generator=g).to(dtype) for h in (H, Hkv, Hkv, H))
+    return q, k, v, do, make_cu(lens)
+
+
+def run_grads(fn, q, k, v, do, cu, max_seqlen, **kw):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v, cu, max_seqlen, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+def ragged_lens(total: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lens, left = [], total
+    while left > 0:
+        n = min(left, int(torch.randint(1, 40, (1,), generator=g)))
+        lens.append(n)
+        left -= n
+    return lens
+
+
+CASES = {
+    # name: (lens, H, Hkv, D, kwargs, configs)
+    "ragged_len1_mha": ([5, 40, 1, 17, 1], 2, 2, 16, {}, (SMALL_FWD, SMALL_BWD)),
+    "random_ragged_gqa4": (ragged_lens(90, 1), 4, 1, 32, {}, (None, None)),
+    "gqa8_packed": ([3, 37, 20], 8, 1, 16, {}, (PACKED_FWD, PACKED_BWD)),
+    "one_example_fills_pack": ([96], 2, 1, 16, {}, (SMALL_FWD, SMALL_BWD)),
+    "many_tiny": ([1, 2, 3, 1, 4, 1, 1, 6, 2, 1, 5, 3, 1, 1, 2, 7, 1], 4, 2, 16, {}, (None, None)),
+    "window": ([33, 1, 50], 4, 2, 32, {"window": 7}, (PACKED_FWD, PACKED_BWD)),
+    "window_wide_softcap": ([60, 20], 2, 1, 16, {"window": 35, "softcap": 3.0}, (SMALL_FWD, SMALL_BWD)),
+    "softcap_gqa4": ([33, 1, 50], 4, 1, 32, {"softcap": 2.0}, (None, None)),
+    "non_causal": ([19, 1, 44], 4, 2, 16, {"causal": False}, (PACKED_FWD, PACKED_BWD)),
+    "scale": ([21, 30], 2, 1, 16, {"softmax_scale": 0.3}, (SMALL_FWD, SMALL_BWD)),
+    "empty_example": ([10, 0, 25], 2, 1, 16, {}, (SMALL_FWD, SMALL_BWD)),
+    "d64": ([9, 20], 2, 1, 64, {}, (None, None)),
+    "d80": ([9, 20], 2, 1, 80, {"window": 6}, (SMALL_FWD, SMALL_BWD)),
+    "d96": ([9, 20], 2, 1, 96, {}, (None, None)),
+    "d128": ([9, 20], 2, 1, 128, {}, (SMALL_FWD, SMALL_BWD)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_fp32(name: str) -> None:
+    lens, H, Hkv, D, kw, (fcfg, bcfg) = CASES[name]
+    q, k, v, do, cu = make_inputs(lens, H, Hkv, D, seed=hash(name) % 1000)
+    max_seqlen = max(lens)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max_seqlen, fwd_cfg=fcfg, bwd_cfg=bcfg, **kw)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max_seqlen, **kw)
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"{name}:{tag}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_dtype_bound(dtype: torch.dtype) -> None:
+    lens = [1, 30, 7, 41, 1, 16]
+    q, k, v, do, cu = make_inputs(lens, 4, 1, 32, dtype=dtype, seed=7)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=PACKED_BWD)
+
+    def ref(compute):
+        def fn(q, k, v, cu, m):
+            return _reference_impl(q, k, v, cu, None, True, None, None, compute)
+
+        return fn
+
+    same = run_grads(ref(dtype), q, k, v, do, cu, max(lens))  # PyTorch's own error in this dtype
+    exact = run_grads(ref(torch.float64), *(x.double() for x in (q, k, v, do)), cu, max(lens))
+    for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
+        assert a.dtype == dtype
+        bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
+        assert_close_verbose(a, e, atol=bound, name=f"{dtype}:{tag}")
+
+
+def test_public_function_default_tiling() -> None:
+    lens = [12, 1, 30]
+    q, k, v, do, cu = make_inputs(lens, 8, 2, 32, dtype=torch.bfloat16, seed=3)
+    got = run_grads(varlen_attention, q, k, v, do, cu, max(lens))
+    want = run_grads(varlen_attention_reference, *(x.float() for x in (q, k, v, do)), cu, max(lens))
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert_close_verbose(a, e, atol=3e-2 * max(1.0, e.abs().max().item()), name=f"default:{tag}")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_no_contamination_between_examples(window: int | None) -> None:
+    """Changing every q/k/v token of one example changes no output or gradient of any other example (bitwise)."""
+    lens = [13, 1, 29, 18]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=11)
+    kw = {"window": window, "fwd_cfg": PACKED_FWD, "bwd_cfg": PACKED_BWD}
+    base = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), **kw)
+    a, b = int(cu[2]), int(cu[3])  # the 29-token example
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[a:b] = torch.randn_like(x[a:b]) * 3
+    changed = run_grads(varlen_attention_with_configs, q2, k2, v2, do, cu, max(lens), **kw)
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[a:b] = False
+    for tag, x, y in zip(("out", "dq", "dk", "dv"), base, changed, strict=True):
+        assert torch.equal(x[others], y[others]), f"{tag} of another example changed"
+        assert not torch.equal(x[a:b], y[a:b]), f"{tag} of the changed example did not change: test is vacuous"
+
+
+def test_backward_is_deterministic() -> None:
+    lens = ragged_lens(70, 5)
+    q, k, v, do, cu = make_inputs(lens, 4, 1, 16, dtype=torch.bfloat16, seed=5)
+    first = run_grads(varlen_attention, q, k, v, do, cu, max(lens))
+    second = run_grads(varlen_attention, q, k, v, do, cu, max(lens))
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_long_indexing_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", "1")
+    lens = [7, 30, 1]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=13)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=PACKED_BWD)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens))
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"long:{tag}")
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_schedule_kernel_matches_torch_path(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    lens = [1, 0, 40, 16, 17, 3, 64]
+    cu = make_cu(lens)
+    kernel = build_schedule(cu, sum(lens), max(lens), block)
+    monkeypatch.setattr(attention_fwd, "SCHEDULE_KERNEL_MAX_S", 0)
+    fallback = build_schedule(cu, sum(lens), max(lens), block)
+    expect = [(s, j) for s, n in enumerate(lens) for j in range(0, n, block)]
+    expect += [(-1, -1)] * (kernel.shape[0] - len(expect))
+    assert kernel.tolist() == [list(e) for e in expect]
+    assert torch.equal(kernel, fallback)
+
+
+def test_reference_is_per_example_attention() -> None:
+    """The reference itself against one hand-written softmax attention per example (guards the test oracle)."""
+    lens = [3, 5]
+    q, k, v, _, cu = make_inputs(lens, 2, 1, 8, dtype=torch.float64, seed=2)
+    out = varlen_attention_reference(q, k, v, cu, 5, window=2)
+    for s, (a, b) in enumerate([(0, 3), (3, 8)]):
+        for h in range(2):
+            for i in range(a, b):
+                js = [j for j in range(a, b) if j <= i and j > i - 2]
+                w = torch.softmax(torch.stack([q[i, h] @ k[j, 0] / math.sqrt(8) for j in js]), 0)
+                expect = sum(wj * v[j, 0] for wj, j in zip(w, js, strict=True))
+                torch.testing.assert_close(out[i, h], expect, rtol=1e-12, atol=1e-12)
+        del s
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"cu": torch.tensor([0, 4], dtype=torch.int64)}, "cu_seqlens must be a 1-D int32"),
+        ({"k": torch.zeros(4, 3, 16)}, "not a multiple of Hkv=3"),
+        ({"window": 0}, "window=0 must be None or a positive int"),
+        ({"window": 3, "causal": False}, "needs causal=True"),
+        ({"softcap": -1.0}, "softcap=-1.0 must be None or > 0"),
+        ({"q": torch.zeros(4, 2, 16, dtype=torch.float64)}, "expected one of"),
+        ({"q": torch.zeros(4, 2, 512), "k": torch.zeros(4, 1, 512)}, "head dim D=512"),
+    ],
+)
+def test_bad_arguments_raise(change: dict, match: str) -> None:
+    args = {"q": torch.zeros(4, 2, 16), "k": torch.zeros(4, 1, 16), "cu": make_cu([4]), "causal": True}
+    args.update(change)
+    q, k = args.pop("q"), args.pop("k")
+    v = torch.zeros_like(k)
+    if q.dtype != k.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(q, k, v, args.pop("cu"), 4, **args)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+def _alpaca_lens(total: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lens, left = [], total
+    while left > 0:
+        n = int(min(max(math.exp(math.log(95) + 0.8 * float(torch.randn(1, generator=g))), 8), 1024))
+        n = min(n, left)
+        lens.append(n)
+        left -= n
+    return lens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lens",
+    [_alpaca_lens(4096, 0), [1024] * 4, [4096, 1, 2047, 1024, 1, 1023], _alpaca_lens(16384, 1), [16384]],
+    ids=["alpaca4k", "eq1k", "ragged8k", "alpaca16k", "one16k"],
+)
+@pytest.mark.parametrize("kw", [{}, {"window": 512}, {"softcap": 50.0}], ids=["plain", "window", "softcap"])
+def test_gpu_realistic_bf16(lens: list[int], kw: dict) -> None:
+    torch.manual_seed(0)
+    T, H, Hkv, D = sum(lens), 32, 8, 128
+    dev = "cuda"
+    q, k, v, do = (torch.randn(T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, Hkv, Hkv, H))
+    cu = make_cu(lens).to(dev)
+    got = run_grads(varlen_attention, q, k, v, do, cu, max(lens), **kw)
+    same = run_grads(
+        lambda q, k, v, cu, m, **kw: _reference_impl(
+            q, k, v, cu, None, True, kw.get("window"), kw.get("softcap"), torch.bfloat16
+        ),
+        q, k, v, do, cu, max(lens), **kw,
+    )  # fmt: skip
+    exact = run_grads(varlen_attention_reference, *(x.float() for x in (q, k, v, do)), cu, max(lens), **kw)
+    for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
+        bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
+        assert_close_verbose(a, e, atol=bound, name=f"gpu:{tag}")
+    again = run_grads(varlen_attention, q, k, v, do, cu, max(lens), **kw)
+    for x, y in zip(got, again, strict=True):
+        assert torch.equal(x, y), "backward not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_head_dims(D: int, dtype: torch.dtype) -> None:
+    lens = [1, 300, 77, 1500, 5, 160]
+    H, Hkv = 8, 2
+    q, k, v, do, cu = make_inputs(lens, H, Hkv, D, dtype=dtype, seed=D)
+    q, k, v, do, cu = (x.cuda() for x in (q, k, v, do, cu))
+    got = run_grads(varlen_attention, q, k, v, do, cu, max(lens))
+    same = run_grads(
+        lambda q, k, v, cu, m: _reference_impl(q, k, v, cu, None, True, None, None, dtype), q, k, v, do, cu, 0
+    )
+    exact = run_grads(varlen_attention_reference, *(x.float() for x in (q, k, v, do)), cu, max(lens))
+    for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
+        bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
+        assert_close_verbose(a, e, atol=bound, name=f"gpu D={D}:{tag}")
+
+
+def torch_varlen_causal(q, k, v, cu, max_seqlen):
+    """Causal ``torch.nn.attention.varlen.varlen_attn`` across torch versions (2.10: is_causal; later: window_size).
+
+    GQA: ``enable_gqa=True`` where the signature has it, otherwise k/v are repeated (outside any timing that
+    matters: the caller decides). Raises ImportError when this torch has no varlen_attn.
+    """
+    import inspect
+
+    from torch.nn.attention import varlen  # ImportError on torch without it
+
+    params = inspect.signature(varlen.varlen_attn).parameters
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen.varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
+
+
+@pytest.mark.gpu
+def test_gpu_against_torch_varlen_attn() -> None:
+    pytest.importorskip("torch.nn.attention.varlen")
+    lens = _alpaca_lens(8192, 3)
+    T, H, Hkv, D = sum(lens), 16, 4, 128
+    q, k, v, do = (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv, H))
+    cu = make_cu(lens).cuda()
+    ours = run_grads(varlen_attention, q, k, v, do, cu, max(lens))
+    theirs = run_grads(torch_varlen_causal, q, k, v, do, cu, max(lens))
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), ours, theirs, strict=True):
+        assert_close_verbose(a, e, atol=2e-2 * max(1.0, e.abs().max().item()), name=f"vs varlen_attn:{tag}")

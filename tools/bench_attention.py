@@ -1,0 +1,396 @@
+"""Benchmark padless varlen attention against PyTorch's packed/padded paths on one GPU (H200 target).
+
+What it measures (bf16, causal): forward and forward+backward time (triton.testing.do_bench median) and useful
+TFLOP/s for packs of 4K/16K/64K tokens filled with Alpaca-like lengths (lognormal, median ~95, clipped to
+[8, 1024]) or equal lengths of 1K/4K/16K, for:
+
+* ``padless``: ``kernels.attention.varlen_attention`` on the packed stream (GQA without repeating k/v);
+* ``varlen_attn``: ``torch.nn.attention.varlen.varlen_attn`` on the same packed stream (if this torch has it);
+* ``sdpa_flash_padded``: SDPA, flash backend, on the same examples padded to a batch (k/v repeated for GQA
+  before timing; padding is wasted work, FLOPs still count only the useful part);
+* ``flex_document``: compiled FlexAttention with a document-causal block mask on the packed stream (mask built
+  once per pack, outside the timing);
+* ``matmul_peak``: a bf16 8192^3 matmul, the practical ceiling.
+
+FLOP convention (FlashAttention's): forward = 4 * sum_i(l_i^2 / 2) * H * D (two matmuls, causal half of each
+example); backward = 2.5x forward, so forward+backward = 3.5x forward. Only per-example causal FLOPs count:
+masked or padded work is never credited.
+
+``--sweep`` times alternative tilings of our kernels (forward, and the backward's dK/dV and dQ kernels
+separately) on a few cases and prints the best per case, to refresh ``kernels.attention.default_configs``.
+``--quick`` is a tiny CPU smoke run under the Triton interpreter (no baselines, wall-clock timer).
+
+Usage on the GPU machine:
+    python tools/bench_attention.py --out results/attention           # full table (D 128, 64, 256)
+    python tools/bench_attention.py --sweep --out results/attention   # tiling sweep (D 128 by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Row:
+    case: str
+    pack: int
+    D: int
+    impl: str
+    fwd_ms: float | None
+    fwdbwd_ms: float | None
+    fwd_tflops: float | None
+    fwdbwd_tflops: float | None
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def alpaca_lens(total: int, seed: int) -> list[int]:
+    """Lognormal lengths (median 95, sigma 0.8) clipped to [8, 1024], the last one cut to fill the pack exactly."""
+    g = torch.Generator().manual_seed(seed)
+    lens, left = [], total
+    while left > 0:
+        n = int(min(max(math.exp(math.log(95) + 0.8 * float(torch.randn(1, generator=g))), 8), 1024))
+        lens.append(min(n, left))
+        left -= lens[-1]
+    return lens
+
+
+def cases(packs: list[int], quick: bool = False) -> list[tuple[str, int, list[int]]]:
+    if quick:  # CPU smoke run: tiny examples the interpreter gets through in seconds
+        return [("alpaca-tiny", 96, [1, 30, 17, 40, 8]), ("eq32", 96, [32] * 3)]
+    out = []
+    for pack in packs:
+        out.append((f"alpaca/{pack // 1024}K", pack, alpaca_lens(pack, pack)))
+        for eq in (1024, 4096, 16384):
+            if eq <= pack:
+                out.append((f"eq{eq // 1024}K/{pack // 1024}K", pack, [eq] * (pack // eq)))
+    return out
+
+
+def causal_flops(lens: list[int], H: int, D: int) -> float:
+    """Forward FLOPs of causal per-example attention: 2 matmuls x 2 FLOP/MAC x l^2/2 x H x D."""
+    return 4.0 * sum(n * n / 2 for n in lens) * H * D
+
+
+def make_cu(lens: list[int], device) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ timers
+def timer(quick: bool) -> Callable[[Callable[[], object]], float]:
+    if quick:
+
+        def cpu_time(fn):
+            fn()
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+
+        return cpu_time
+    import triton.testing
+
+    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_and_fwdbwd(fn, inputs, do, bench) -> tuple[float, float]:
+    """Times fn(*inputs) and fn + autograd.grad w.r.t. the inputs that require grad (no accumulation)."""
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwdbwd():
+        out = fn(*inputs)
+        torch.autograd.grad(out, leaves, do)
+
+    return bench(fwd), bench(fwdbwd)
+
+
+# ------------------------------------------------------------------------------------------------ implementations
+def ours(lens, H, Hkv, D, device, dtype, fwd_cfg=None, bwd_cfg=None):
+    from kernels.attention import varlen_attention_with_configs
+
+    T = sum(lens)
+    q, k, v, do = (torch.randn(T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    cu, m = make_cu(lens, device), max(lens)
+
+    def fn(q, k, v):
+        return varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg)
+
+    return fn, (q, k, v), do
+
+
+def torch_varlen(lens, H, Hkv, D, device, dtype):
+    from tests.kernels.test_attention import torch_varlen_causal
+
+    T = sum(lens)
+    q, k, v, do = (torch.randn(T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    cu, m = make_cu(lens, device), max(lens)
+    return (lambda q, k, v: torch_varlen_causal(q, k, v, cu, m)), (q, k, v), do
+
+
+def sdpa_padded(lens, H, Hkv, D, device, dtype):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    B, L = len(lens), max(lens)
+    # Padded batch (B, H, L, D); k/v already repeated to H heads (not timed). Padding is wasted work.
+    q, k, v, do = (torch.randn(B, H, L, D, device=device, dtype=dtype) for _ in range(4))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+
+    def fn(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q, k, v, is_causal=True)
+
+    return fn, (q, k, v), do
+
+
+_FLEX = {}
+
+
+def flex_document(lens, H, Hkv, D, device, dtype):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    T = sum(lens)
+    doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(document_causal, None, None, T, T, device=device)
+    q = torch.randn(1, H, T, D, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, Hkv, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, H, T, D, device=device, dtype=dtype)
+    flex = _FLEX["fn"]
+    return (lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=Hkv != H)), (q, k, v), do
+
+
+IMPLS = {"padless": ours, "varlen_attn": torch_varlen, "sdpa_flash_padded": sdpa_padded, "flex_document": flex_document}
+
+
+def matmul_peak(bench) -> float:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / (bench(lambda: a @ b) * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_table(args, bench, device, dtype) -> list[Row]:
+    rows = []
+    for D in args.dims:
+        for name, pack, lens in cases(args.packs, args.quick):
+            flops = causal_flops(lens, args.H, D)
+            for impl in args.impls:
+                try:
+                    fn, inputs, do = IMPLS[impl](lens, args.H, args.Hkv, D, device, dtype)
+                    f, fb = fwd_and_fwdbwd(fn, inputs, do, bench)
+                    rows.append(Row(name, pack, D, impl, f, fb, flops / f / 1e9, 3.5 * flops / fb / 1e9))
+                except Exception as e:  # a baseline missing in this torch, or out of memory: record, go on
+                    rows.append(Row(name, pack, D, impl, None, None, None, None, f"{type(e).__name__}: {e}"[:160]))
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                print(rows[-1], flush=True)
+    return rows
+
+
+def sweep_candidates(D: int, group: int, quick: bool):
+    from kernels.attention import BwdConfig, FwdConfig
+
+    hpbs = [h for h in (1, 2, 4, 8) if group % h == 0]
+    if quick:
+        return [FwdConfig(16, 1, 16, 4, 1), FwdConfig(16, 2, 32, 4, 1)], [
+            BwdConfig(16, 16, 1, 4, 1, 16, 1, 16, 4, 1),
+            BwdConfig(32, 16, 2, 4, 1, 16, 2, 32, 4, 1),
+        ]
+    big = D > 128
+    fwd = []
+    for rows, hpb, bn, warps, stages in itertools.product(
+        (64, 128), hpbs, (32, 64, 128), (4, 8), (2, 3) if big else (2, 3, 4)
+    ):
+        if rows // hpb < 16 or (big and (rows > 64 or bn > 64)) or (rows == 64 and warps == 8):
+            continue
+        fwd.append(FwdConfig(rows // hpb, hpb, bn, warps, stages))
+    kv, dq = [], []
+    for bn, rows, hpb, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), hpbs, (4, 8), (1, 2, 3)):
+        if rows // hpb < 16 or (big and (bn > 64 or rows > 64)) or bn * rows > 8192:
+            continue
+        kv.append((bn, rows // hpb, hpb, warps, stages))
+    for rows, hpb, bn, warps, stages in itertools.product((32, 64, 128), hpbs, (32, 64), (4, 8), (1, 2, 3)):
+        if rows // hpb < 16 or (big and rows > 64) or rows * bn > 8192:
+            continue
+        dq.append((rows // hpb, hpb, bn, warps, stages))
+    return fwd, (kv, dq)
+
+
+def sweep_case(args, bench, device, dtype, name: str, lens: list[int], D: int) -> list[dict]:
+    """Time every candidate tiling on one case: forward alone; backward alone (dK/dV and dQ varied separately)."""
+    from kernels.attention import BwdConfig, default_configs, varlen_attention_with_configs
+
+    group = args.H // args.Hkv
+    fwd_cands, bwd_cands = sweep_candidates(D, group, args.quick)
+    d_fwd, d_bwd = default_configs(D, dtype, max(lens), group)
+    flops = causal_flops(lens, args.H, D)
+    _, (q, k, v), do = ours(lens, args.H, args.Hkv, D, device, dtype)
+    cu, m = make_cu(lens, device), max(lens)
+
+    def time_fwd(cfg):
+        with torch.no_grad():
+            return bench(lambda: varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=cfg, bwd_cfg=d_bwd))
+
+    def time_bwd(cfg):
+        out = varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=d_fwd, bwd_cfg=cfg)
+        return bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+
+    trials = [("fwd", d_fwd, time_fwd), ("bwd", d_bwd, time_bwd)]
+    trials += [("fwd", c, time_fwd) for c in fwd_cands if c != d_fwd]
+    if args.quick:
+        trials += [("bwd", c, time_bwd) for c in bwd_cands]
+    else:
+        kv, dq = bwd_cands
+        trials += [("bwd_kv", BwdConfig(*c, *d_bwd[5:]), time_bwd) for c in kv]
+        trials += [("bwd_dq", BwdConfig(*d_bwd[:5], *c), time_bwd) for c in dq]
+    results = []
+    for kind, cfg, fn_time in trials:
+        try:
+            ms, err = fn_time(cfg), ""
+        except Exception as e:  # out of shared memory / registers for this tiling: record and skip
+            ms, err = None, f"{type(e).__name__}: {e}"[:120]
+        tf = (1.0 if kind == "fwd" else 2.5) * flops / ms / 1e9 if ms else None
+        results.append({"case": name, "D": D, "kind": kind, "config": cfg._asdict(), "ms": ms, "tflops": tf,
+                        "default": cfg in (d_fwd, d_bwd), "error": err})  # fmt: skip
+    for kind in ("fwd", "bwd_kv", "bwd_dq", "bwd"):
+        ok = [r for r in results if r["kind"] == kind and r["ms"]]
+        if ok:
+            best = min(ok, key=lambda r: r["ms"])
+            dflt = next((r for r in ok if r["default"]), None)
+            versus = f"; default {dflt['ms']:.3f} ms" if dflt else ""
+            print(f"[sweep] {name} D={D} {kind}: best {best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s){versus} "
+                  f"{best['config']}", flush=True)  # fmt: skip
+    return results
+
+
+def run_sweep(args, bench, device, dtype) -> list[dict]:
+    results = []
+    for D in args.sweep_dims:
+        for name, _pack, lens in cases(args.packs, args.quick):
+            if args.quick or name in args.sweep_cases:
+                results += sweep_case(args, bench, device, dtype, name, lens, D)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+def environment(args, dtype: torch.dtype) -> dict:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU interpreter ({platform.machine()})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "H": args.H,
+        "Hkv": args.Hkv,
+        "dtype": str(dtype).removeprefix("torch."),
+        "flop_convention": "fwd = 4*sum(l^2/2)*H*D; fwd+bwd = 3.5x fwd (bwd = 2.5x fwd, FlashAttention's)",
+    }
+
+
+def markdown(env: dict, rows: list[Row], peak: float | None) -> str:
+    lines = [f"# Varlen attention benchmark: {env['gpu']}", ""]
+    lines += [f"- {k}: `{v}`" for k, v in env.items() if k != "gpu"]
+    if peak:
+        lines.append(f"- measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s")
+    lines += ["", "useful causal TFLOP/s, fwd / fwd+bwd (ms in parentheses)", ""]
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    keys = list(dict.fromkeys((r.D, r.case) for r in rows))
+    lines.append("| D | case | " + " | ".join(impls) + " |")
+    lines.append("|---|---|" + "---|" * len(impls))
+    for D, case in keys:
+        cells = []
+        for impl in impls:
+            r = next((r for r in rows if (r.D, r.case, r.impl) == (D, case, impl)), None)
+            if r is None or r.fwd_ms is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{r.fwd_tflops:.0f} / {r.fwdbwd_tflops:.0f} ({r.fwd_ms:.2f} / {r.fwdbwd_ms:.2f})")
+        lines.append(f"| {D} | {case} | " + " | ".join(cells) + " |")
+    notes = [f"- {r.impl} {r.case} D={r.D}: {r.note}" for r in rows if r.note]
+    if notes:
+        lines += ["", "Not measured:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--sweep", action="store_true", help="time alternative tilings of our kernels instead")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for JSON + markdown (default: $OUT)")
+    p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
+    p.add_argument("--dims", default="128,64,256", help="head dims for the table")
+    p.add_argument("--sweep-dims", default="128", help="head dims for --sweep")
+    p.add_argument(
+        "--sweep-cases", default="alpaca/16K,eq1K/16K,eq4K/16K,eq16K/16K", help="cases for --sweep (names as in table)"
+    )
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"implementations, from {list(IMPLS)}")
+    p.add_argument("--H", type=int, default=32)
+    p.add_argument("--Hkv", type=int, default=8)
+    args = p.parse_args()
+    if args.quick:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.packs, args.dims, args.sweep_dims, args.H, args.Hkv = "96", "16", "16", 4, 2
+        args.impls = "padless"
+    args.packs = [int(x) for x in args.packs.split(",")]
+    args.dims = [int(x) for x in args.dims.split(",")]
+    args.sweep_dims = [int(x) for x in args.sweep_dims.split(",")]
+    args.sweep_cases = args.sweep_cases.split(",")
+    args.impls = args.impls.split(",")
+    device = "cpu" if args.quick else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run on the H200, or use --quick for the CPU smoke run")
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    bench = timer(args.quick)
+    env = environment(args, dtype)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        results = run_sweep(args, bench, device, dtype)
+        if out:
+            (out / "attention_sweep.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+        return
+    peak = None if args.quick else matmul_peak(bench)
+    rows = run_table(args, bench, device, dtype)
+    md = markdown(env, rows, peak)
+    print("\n" + md)
+    if out:
+        (out / "attention_bench.json").write_text(
+            json.dumps({"env": env, "matmul_peak_tflops": peak, "rows": [asdict(r) for r in rows]}, indent=1)
+        )
+        (out / "attention_bench.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()
