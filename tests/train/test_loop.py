@@ -1,0 +1,199 @@
+"""Whole runs of ``train.loop.train`` on a tiny model: split invariance, exact resume, eval and reload, NaN stop.
+
+References are independent of the loop: gradients are read just before the optimizer step (a global optimizer
+hook, no mocking), the eval loss is recomputed with the UNPATCHED Hugging Face model loaded from the saved
+folders, running every eval example alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import shards
+from train.batch import IGNORE_INDEX
+from train.checkpoint import latest_checkpoint, trainable_state
+from train.loop import Callbacks, NonFiniteLossError, train
+
+from .conftest import base_config
+
+
+class _Recorder:
+    """Keeps the trained model and the gradients seen at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def __enter__(self) -> _Recorder:
+        def before_step(optimizer, args, kwargs):
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self.grads.append(
+                {names[id(p)]: p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]}
+            )
+
+        self._handle = register_optimizer_step_pre_hook(before_step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def on_model(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+
+def _run(cfg, **callbacks):
+    rec = _Recorder()
+    with rec:
+        result = train(cfg, callbacks=Callbacks(on_model=rec.on_model, **callbacks))
+    return result, rec
+
+
+def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path, tmp_path: Path) -> None:
+    ss = shards.open(synthetic_shards)
+    first4 = ss.order(0, 0)[:4]
+    budget = sum(ss[int(i)].num_tokens for i in first4)  # exactly the first 4 packs of the seeded order
+    one, rec_one = _run(
+        base_config(synthetic_shards, tmp_path / "a", max_steps=1, tokens_per_micro_batch=budget, max_grad_norm=0)
+    )
+    # Budget 1 token: every pack is bigger, so each is its own micro-batch; 4 of them make the step.
+    four, rec_four = _run(
+        base_config(
+            synthetic_shards, tmp_path / "b", max_steps=1, tokens_per_micro_batch=1, grad_accum=4, max_grad_norm=0
+        )
+    )
+    assert one.losses[0] == pytest.approx(four.losses[0], rel=1e-6)
+    g1, g4 = rec_one.grads[0], rec_four.grads[0]
+    assert g1.keys() == g4.keys() and len(g1) > 0
+    for name in g1:
+        torch.testing.assert_close(g1[name], g4[name], rtol=1e-5, atol=1e-8, msg=f"grad of {name}")
+    w1, w4 = trainable_state(rec_one.model), trainable_state(rec_four.model)
+    for name in w1:
+        # Adam's first step is g / (|g| + eps): where |g| ~ eps (1e-8) the last-bit difference of the two sums
+        # moves an update by up to ~1e-5 (lr 3e-3); a normalisation bug would be off by ~lr everywhere.
+        torch.testing.assert_close(w1[name], w4[name], rtol=0, atol=1e-4, msg=f"weight {name}")
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["trainable_tokens"] == sum(ss[int(i)].num_trainable for i in first4)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(synthetic_shards: Path, tmp_path: Path) -> None:
+    settings = dict(max_steps=4, save_every=2, lora_dropout=0.1, tokens_per_micro_batch=200, grad_accum=2)
+    straight, rec_a = _run(base_config(synthetic_shards, tmp_path / "a", **settings))
+
+    def stop_after_two(record):
+        if record["step"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _run(base_config(synthetic_shards, tmp_path / "b", **settings), on_step=stop_after_two)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000002"
+    resumed, rec_b = _run(base_config(synthetic_shards, tmp_path / "b", resume=True, **settings))
+
+    assert resumed.losses == straight.losses[2:]  # bit-exact on CPU
+    logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logged] == straight.losses
+    wa, wb = trainable_state(rec_a.model), trainable_state(rec_b.model)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def _one_by_one_eval_loss(model: torch.nn.Module, eval_ss) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(eval_ss)):
+            pack = eval_ss[i]
+            ids = torch.as_tensor(pack.input_ids.astype(np.int64))
+            labels = torch.as_tensor(pack.labels)
+            cu = pack.cu_seqlens.tolist()
+            for a, b in itertools.pairwise(cu):
+                logits = model(input_ids=ids[a:b][None]).logits[0].double()
+                total += F.cross_entropy(
+                    logits[:-1], labels[a + 1 : b], ignore_index=IGNORE_INDEX, reduction="sum"
+                ).item()
+                count += int((labels[a + 1 : b] != IGNORE_INDEX).sum())
+    return total / count
+
+
+def test_eval_loss_and_saved_adapter_match_the_unpatched_model(synthetic_shards: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result, rec = _run(base_config(synthetic_shards, out, max_steps=3, eval_every=2, lr=1e-2))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["step"] for r in evals] == [2, 3]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "trainable_tokens_per_s", "peak_mem_gib"):
+        assert all(key in r for r in steps), key
+    assert result.eval_loss == evals[-1]["eval_loss"]
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    # The reloaded adapter is the trained one ...
+    trained = trainable_state(rec.model)
+    for name, p in reloaded.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p.detach(), trained[name]), name
+    assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n), "training moved the adapter"
+    # ... and the eval loss equals the stock model with it, every eval example alone.
+    expected = _one_by_one_eval_loss(reloaded, shards.open(synthetic_shards / "eval"))
+    assert result.eval_loss == pytest.approx(expected, rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_full_fine_tuning_writes_a_hugging_face_model(synthetic_shards: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    result, rec = _run(base_config(synthetic_shards, out, max_steps=2, mode="full", lr=1e-3))
+    assert len(result.losses) == 2
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    trained = rec.model.state_dict()
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, trained[name]), name
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    seen: dict[str, torch.nn.Module] = {}
+
+    def poison_third_forward(model: torch.nn.Module) -> None:
+        seen["model"] = model
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] == 3 else output
+
+        model.get_input_embeddings().register_forward_hook(hook)
+
+    cfg = base_config(synthetic_shards, out, max_steps=5, save_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss nan .*last good checkpoint .*step-00000002"):
+        train(cfg, callbacks=Callbacks(on_model=poison_third_forward))
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert not (out / "checkpoints" / "step-00000003").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # The weights were not updated by the bad step: they equal the last good checkpoint's.
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    now = trainable_state(seen["model"])
+    assert saved.keys() == now.keys()
+    for name in saved:
+        assert torch.equal(saved[name], now[name]), name
