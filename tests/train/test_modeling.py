@@ -1,0 +1,143 @@
+"""load_model / tiny_config / apply_adapters: what is built, what is trainable, and the errors users meet."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.train.tiny_models import SMALL, make_batch, trainable
+from train.adapters import DEFAULT_TARGETS, apply_adapters
+from train.modeling import TINY_FAMILIES, load_model, tiny_config
+from train.packed_forward import packed_loss
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_config_per_family(family):
+    config = tiny_config(family, 321, hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    assert config.model_type == family
+    assert config.vocab_size == 321 and config.hidden_size == 48
+    assert config.head_dim == 12  # follows hidden_size / heads when not given
+    assert config.use_cache is False
+
+
+def test_tiny_config_errors():
+    with pytest.raises(ValueError, match="family='gpt2' has no tiny config"):
+        tiny_config("gpt2", 100)
+    with pytest.raises(ValueError, match="vocab_size=0"):
+        tiny_config("llama", 0)
+
+
+def test_tiny_model_is_seeded_small_and_cache_free():
+    a = load_model(None, vocab_size=151_000, family="qwen3", seed=3)
+    b = load_model(None, vocab_size=151_000, family="qwen3", seed=3)
+    c = load_model(None, vocab_size=151_000, family="qwen3", seed=4)
+    assert a.config.use_cache is False and not a.training
+    assert 64 <= a.config.hidden_size <= 128 and 2 <= a.config.num_hidden_layers <= 4
+    assert a.get_input_embeddings().weight.shape == (151_000, a.config.hidden_size)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        load_model(None)
+    with pytest.raises(ValueError, match=r"quantize_4bit=True \(QLoRA\) needs a CUDA device"):
+        load_model(None, vocab_size=50, quantize_4bit=True)
+    (tmp_path / "config.json").write_text(tiny_config("llama", 50).to_json_string())
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"model folder '{tmp_path}' has a config.json but no weights")
+    ):
+        load_model(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        load_model(str(empty))
+    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+        load_model(str(tmp_path / "missing"))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"(?s)padless-no-such-org/no-such-model.*not a local folder.*Offline"):
+        load_model("padless-no-such-org/no-such-model")
+
+
+def test_load_model_from_folder_roundtrip(tmp_path):
+    built = load_model(None, vocab_size=61, family="gemma", seed=5, config_overrides=SMALL)
+    built.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype=torch.float32)
+    assert loaded.config.use_cache is False
+    for (name, p), q in zip(built.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+    bf16 = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_apply_adapters_modes():
+    lora = apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="lora", r=4, alpha=8)
+    names = list(trainable(lora))
+    assert names and all("lora_" in n for n in names)
+    for target in DEFAULT_TARGETS:
+        assert any(f"{target}.lora_A" in n for n in names), target
+    only_q = apply_adapters(
+        load_model(None, vocab_size=50, config_overrides=SMALL), mode="lora", target_modules=["q_proj"]
+    )
+    assert all("q_proj" in n for n in trainable(only_q))
+    full = apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="full")
+    assert all(p.requires_grad for p in full.parameters())
+    with pytest.raises(ValueError, match="mode='qlora' needs a base loaded in 4 bits"):
+        apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="qlora")
+    with pytest.raises(ValueError, match="mode='dora'"):
+        apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="dora")
+
+
+def test_readme_demo_size_trains_on_cpu():
+    """The default tiny model learns: a few AdamW steps on one fixed pack lower the packed loss."""
+    model = load_model(None, vocab_size=500, family="llama", seed=0)
+    model = apply_adapters(model, mode="full")
+    model.train()
+    batch = make_batch([40, 60, 28], vocab_size=500, seed=1)
+    opt = torch.optim.AdamW(trainable(model).values(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        total, n = packed_loss(model, batch)
+        loss = total / n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.gpu
+def test_gpu_qlora_loads_and_trains_one_step():
+    model = load_model(
+        None,
+        vocab_size=1024,
+        family="qwen3",
+        dtype=torch.bfloat16,
+        device="cuda",
+        quantize_4bit=True,
+        config_overrides={"hidden_size": 256, "intermediate_size": 512, "head_dim": 64},
+    )
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    model = apply_adapters(model, mode="qlora", r=8)
+    model.train()
+    params = trainable(model)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    batch = make_batch([100, 37, 200], vocab_size=1024, seed=2, device="cuda")
+    total, n = packed_loss(model, batch, checkpointing="offload")
+    (total / n).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
+    opt.step()
+    assert torch.isfinite(total)
+    assert any(not torch.equal(before[k], v) for k, v in params.items())
