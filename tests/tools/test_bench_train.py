@@ -1,0 +1,165 @@
+"""CPU smoke test of ``tools/bench_train.py --tiny``: every code path the H200 run takes, on a tiny model.
+
+What can fail here: the step plans (every system's step k must hold the same examples), the padded and packed
+batch builders, the loss normalisation (token-loss sum / the step's trainable tokens, whatever the micro-batch
+split), the worker subprocess protocol (one JSON row per system, a hung worker costs one row), and the report.
+In fp32 on the CPU the losses of systems that see the same examples must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools" / "bench_train.py"
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_train_data import IGNORE_INDEX, make_example_steps, make_steps, packed_rows, padded_batches  # noqa: E402
+
+SYSTEMS = (
+    "padless-128,padless-512,hf-padded-b1,hf-padded-b8,hf-padded-b32,hf-packed-sdpa-512,"
+    "hf-packed-flex-512,liger-packed-sdpa-512,unsloth"
+)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "shards"
+    cmd = [sys.executable, "-m", "prep", "pack", "demo:alpaca", "--max-len", "128", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path_factory.mktemp("bench-out")
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--shards", str(shard_dir), "--out", str(out), "--steps", "2",
+           "--warmup", "1", "--padded-steps", "plan", "--systems", SYSTEMS, "--seed", "3"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    doc = json.loads((out / "bench_train_qwen3-8b_tiny.json").read_text()) if proc.returncode == 0 else {}
+    return proc, doc
+
+
+def _rows(doc: dict) -> dict[str, dict]:
+    return {r["system"]: r for r in doc["rows"]}
+
+
+def test_tiny_run_prints_one_table_with_every_system(tiny_run) -> None:
+    proc, doc = tiny_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("bench_train: qwen3-8b (tiny)") :]
+    for name in SYSTEMS.split(","):
+        assert name in table
+    rows = _rows(doc)
+    assert set(rows) == set(SYSTEMS.split(","))
+    for name in ("padless-128", "padless-512", "hf-padded-b1", "hf-padded-b8", "hf-padded-b32", "hf-packed-sdpa-512"):
+        r = rows[name]
+        assert r["status"] == "ok", (name, r["status"])
+        assert len(r["losses"]) == 3 and all(np.isfinite(r["losses"]))
+        assert r["tokens_per_s"] > 0 and r["trainable_tokens_per_s"] > 0
+        assert 0 < r["trainable_tokens_per_s"] < r["tokens_per_s"]
+    assert rows["hf-packed-flex-512"]["status"] == "skipped (cpu)"
+    assert rows["liger-packed-sdpa-512"]["status"] == "skipped (cpu)"
+    assert rows["unsloth"]["status"]  # "not installed offline" here; whatever happened, said in the row
+    md = (Path(doc["config"]["out"]) / "bench_train_qwen3-8b_tiny.md").read_text()
+    assert "| system |" in md and "transformers" in md and doc["environment"]["versions"]["torch"] in md
+
+
+def test_same_examples_give_the_same_loss(tiny_run) -> None:
+    """Within a plan every system trains on the same examples per step: fp32 losses agree at every step."""
+    proc, doc = tiny_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = _rows(doc)
+    groups = {"128 tok": ["padless-128", "hf-padded-b1"],
+              "512 tok": ["padless-512", "hf-padded-b8", "hf-padded-b32", "hf-packed-sdpa-512"]}  # fmt: skip
+    for plan, names in groups.items():
+        ref = rows[names[0]]["losses"]
+        for name in names:
+            assert rows[name]["plan"] == plan
+            np.testing.assert_allclose(rows[name]["losses"], ref, rtol=0, atol=2e-4, err_msg=name)
+    for name in ("padless-128", "padless-512"):
+        assert rows[name]["losses"][0] == pytest.approx(rows[name]["hf_unpacked_loss_step1"], abs=2e-4)
+    # different examples per step, different losses: the agreement above is not a constant
+    assert abs(rows["padless-128"]["losses"][0] - rows["padless-512"]["losses"][0]) > 1e-4
+
+
+def test_step_one_loss_matches_an_independent_computation(tiny_run, shard_dir: Path) -> None:
+    """padless-512's step-1 loss = the mean next-token loss, one example at a time, of the plan's first packs."""
+    from bench_train_systems import model_config
+    from transformers import AutoModelForCausalLM
+
+    import shards
+
+    proc, doc = tiny_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ss = shards.open(shard_dir)
+    order = ss.order(3, 0)
+    first, used = [], 0
+    for i in order.tolist():  # greedy whole packs up to 512 tokens: the trainer's micro-batch rule
+        n = ss[i].num_tokens
+        if first and used + n > 512:
+            break
+        first.append(i)
+        used += n
+    cfg, _ = model_config("qwen3-8b", ss.manifest["tokenizer"]["vocab_size"], tiny=True)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in first:
+            p = ss[i]
+            for a, b in zip(p.cu_seqlens[:-1].tolist(), p.cu_seqlens[1:].tolist()):
+                ids = torch.from_numpy(p.input_ids[a:b].astype(np.int64))[None]
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                target = torch.from_numpy(p.labels[a + 1 : b])
+                keep = target != IGNORE_INDEX
+                total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+                count += int(keep.sum())
+    assert _rows(doc)["padless-512"]["losses"][0] == pytest.approx(total / count, abs=2e-4)
+
+
+def test_batch_builders_keep_every_token_and_mask_padding(shard_dir: Path) -> None:
+    import shards
+
+    ss = shards.open(shard_dir)
+    steps = make_steps(ss, seed=5, budget=384, count=3)
+    seen = np.concatenate([s.pack_indices for s in steps])
+    np.testing.assert_array_equal(seen, ss.order(5, 0)[: len(seen)])  # consecutive packs in the seeded order
+    for s in steps:
+        assert sum(ss[int(i)].num_tokens for i in s.pack_indices) <= 384
+        np.testing.assert_array_equal(
+            np.concatenate([e.input_ids for e in s.examples]),
+            np.concatenate([ss[int(i)].input_ids for i in s.pack_indices]).astype(np.int64),
+        )
+        for b in padded_batches(s.examples, 3):
+            ids, mask, labels = b.kwargs["input_ids"], b.kwargs["attention_mask"], b.kwargs["labels"]
+            assert int(mask.sum()) == b.real_tokens and ids.shape == labels.shape == mask.shape
+            assert bool((labels[mask == 0] == IGNORE_INDEX).all())
+        (row,) = packed_rows(s, pad_to=s.num_tokens + 7)
+        pos = row.kwargs["position_ids"][0]
+        assert row.real_tokens == s.num_tokens and pos.numel() == s.num_tokens + 7
+        assert pos[s.num_tokens :].tolist() == list(range(7))  # the padding is its own example
+        assert bool((row.kwargs["labels"][0, s.num_tokens :] == IGNORE_INDEX).all())
+    ex = make_example_steps(ss, seed=5, per_step=4, count=2)
+    flat = [e for s in steps for e in s.examples]
+    for k, s in enumerate(ex):  # example steps walk the same example sequence
+        assert len(s.examples) == 4
+        for e, f in zip(s.examples, flat[4 * k : 4 * k + 4]):
+            np.testing.assert_array_equal(e.input_ids, f.input_ids)
+
+
+def test_a_hung_worker_costs_one_row_not_the_run(shard_dir: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--shards", str(shard_dir), "--out", str(tmp_path),
+           "--systems", "hf-padded-b1,hf-padded-b8", "--system-timeout", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(json.loads((tmp_path / "bench_train_qwen3-8b_tiny.json").read_text()))
+    assert set(rows) == {"hf-padded-b1", "hf-padded-b8"}
+    assert all(r["status"].startswith("timeout after 2 s") for r in rows.values())

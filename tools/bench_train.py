@@ -1,0 +1,310 @@
+"""End-to-end LoRA training benchmark: padless against HF+peft (padded, packed SDPA/Flex), Liger-Kernel, Unsloth.
+
+One command, one table: every system trains the same randomly initialised 8B-shaped model (Qwen3-8B or
+Llama-3-8B shapes, bf16, built directly on the GPU) on the same examples from one shard set, and reports real
+(non-padding) tokens/s, trainable tokens/s, MFU, seconds per step, peak ``torch.cuda.max_memory_allocated()`` and
+the loss of every step. Steps are padless's micro-batch plan at each token budget; every system at the same plan
+budget trains on exactly the same examples per step (see ``tools/bench_train_data.py``), so their step losses agree
+to bf16 noise, and padless's first-step loss is printed beside Hugging Face's unpacked loss on the same examples.
+
+Systems run in worker subprocesses, one after another (one GPU): an OOM is recorded and the worker goes on; a crash
+or hang (``--system-timeout``) loses only that system's row, and a fresh worker continues with the rest. Liger
+patches transformers' module globals, so its systems get their own worker.
+
+The shards (the real Alpaca 52K, Qwen3 tokenizer, max_len 1024):
+    python -m prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
+        --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out .bench-data/alpaca-qwen3-1024
+On the H200 (about 8 minutes for the Qwen3 row; ``--model-shape llama3-8b`` for the second row):
+    python tools/bench_train.py --shards .bench-data/alpaca-qwen3-1024 --model-shape qwen3-8b --out $OUT
+CPU smoke run of every code path on a tiny model: ``python tools/bench_train.py --tiny --shards DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_train_* modules
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # padless's packages from a plain checkout
+
+from bench_train_report import environment, render_markdown, render_table
+from bench_train_systems import SHAPES, BenchConfig, SystemSpec
+
+__all__ = ["default_systems", "main"]
+
+WORKER_FLAG = "--worker"
+
+
+def _tok(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def default_systems(max_len: int, *, warmup: int, steps: int, slow_steps: int) -> list[SystemSpec]:
+    """The full line-up; token budgets are multiples of the shards' max_len (1K..32K at max_len 1024)."""
+    k = lambda n: n * max_len
+    slow = dict(warmup=1, steps=slow_steps)  # the dense-mask SDPA peer at long rows
+    base = dict(warmup=warmup, steps=steps)
+    out: list[SystemSpec] = []
+    for n in (1, 4, 8, 16, 32):  # padless-1k is the "1K-token step" row
+        out.append(SystemSpec(name=f"padless-{_tok(k(n))}", family="padless", layout="stream", attn="padless",
+                              plan_tokens=k(n), **base))  # fmt: skip
+    for b in (1, 8, 16, 32):
+        plan = k(1 if b == 1 else 4)  # used by --padded-steps plan only
+        out.append(SystemSpec(name=f"hf-padded-b{b}", family="hf", layout="padded", attn="sdpa", plan_tokens=plan,
+                              batch_size=b, **base))  # fmt: skip
+    for attn, label in (("sdpa", "sdpa"), ("flex_attention", "flex")):
+        for n in (4, 16):
+            kw = slow if (attn == "sdpa" and n > 4) else base  # SDPA's dense T x T mask is slow at long rows
+            out.append(SystemSpec(name=f"hf-packed-{label}-{_tok(k(n))}", family="hf", layout="packed", attn=attn,
+                                  plan_tokens=k(n), needs_cuda=attn != "sdpa", **kw))  # fmt: skip
+    liger = dict(family="liger", group="liger", needs_cuda=True, **base)
+    out.append(SystemSpec(name="liger-padded-b32", layout="padded", attn="sdpa", plan_tokens=k(4), batch_size=32,
+                          **liger))  # fmt: skip
+    out.append(SystemSpec(name=f"liger-packed-sdpa-{_tok(k(4))}", layout="packed", attn="sdpa", plan_tokens=k(4),
+                          **liger))  # fmt: skip
+    out.append(SystemSpec(name=f"liger-packed-flex-{_tok(k(16))}", layout="packed", attn="flex_attention",
+                          plan_tokens=k(16), **liger))  # fmt: skip
+    out.append(SystemSpec(name="unsloth", family="unsloth", layout="padded", attn="sdpa", plan_tokens=k(4),
+                          batch_size=32, group="unsloth", needs_cuda=True, **base))  # fmt: skip
+    return out
+
+
+def _select(systems: list[SystemSpec], patterns: str) -> list[SystemSpec]:
+    from fnmatch import fnmatch
+
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [s for s in systems if any(fnmatch(s.name, p) for p in pats)]
+    if not chosen:
+        names = ", ".join(s.name for s in systems)
+        raise click.BadParameter(f"{patterns!r} matches no system; known: {names}", param_hint="--systems")
+    return chosen
+
+
+# -- worker (one subprocess runs a list of systems, one JSON line each) ----------------------------------------
+def worker_main(config_path: str, names: str, results_path: str) -> int:
+    from bench_train_systems import run_system
+
+    import shards
+
+    spec_all = json.loads(Path(config_path).read_text())
+    cfg = BenchConfig(**spec_all["config"])
+    specs = {s["name"]: SystemSpec(**s) for s in spec_all["systems"]}
+    ss = shards.open(cfg.shards)
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny CPU models: 2 threads on a loaded 2-core box run ~10x slower than 1
+    for name in names.split(","):
+        print(f"=== {name}", flush=True)
+        try:
+            row = run_system(cfg, specs[name], ss)
+        except Exception as error:  # one system's failure is its row, not the end of the run
+            traceback.print_exc()
+            row = {"system": name, "spec": asdict(specs[name]), "status": f"error: {type(error).__name__}: "
+                   + (str(error).splitlines() or [""])[0][:160]}  # fmt: skip
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"=== {name}: {row['status']}", flush=True)
+    return 0
+
+
+def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["system"]] = row
+    return rows
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _run_group(
+    names: list[str], config_path: Path, results: Path, timeout: float, log: Path, on_row: Callable[[], None]
+) -> None:
+    """Run ``names`` in worker subprocesses until each has a row; a crash or hang costs one row, not the run."""
+    remaining = list(names)
+    while remaining:
+        before = set(_read_rows(results))
+        cmd = [sys.executable, "-u", __file__, WORKER_FLAG, str(config_path), ",".join(remaining), str(results)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        tail: list[str] = []
+        last, n_done, timed_out = time.monotonic(), len(before), False
+        with open(log, "a") as logf:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if line:
+                    sys.stdout.write("  | " + line)
+                    logf.write(line)
+                    tail = ([*tail, line.rstrip()])[-8:]
+                done = len(set(_read_rows(results)) - before)
+                if done != n_done:
+                    n_done, last = done, time.monotonic()
+                    on_row()
+                if time.monotonic() - last > timeout:
+                    timed_out = True
+                    os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+        have = set(_read_rows(results))
+        remaining = [n for n in remaining if n not in have]
+        if remaining:  # the worker died (or hung) inside remaining[0]: record it, continue with the rest
+            why = f"timeout after {timeout:.0f} s" if timed_out else f"worker crashed (exit {rc})"
+            last_line = tail[-1][:160] if tail else ""
+            with open(results, "a") as f:
+                f.write(json.dumps({"system": remaining[0], "status": f"{why}: {last_line}"}) + "\n")
+            remaining = remaining[1:]
+            on_row()
+
+
+def _unsloth_row(spec: SystemSpec) -> dict[str, Any]:
+    """Unsloth only if it imports offline (it patches transformers at import, so only in a throwaway process)."""
+    probe = "import unsloth, importlib.metadata as m; print(m.version('unsloth'))"
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return {"system": spec.name, "status": "import unsloth hung > 120 s (offline?)"}
+    if r.returncode == 0:
+        status = f"imports (unsloth {r.stdout.strip()}); not benchmarked: needs a saved model folder"
+    elif "No module named 'unsloth'" in r.stderr:
+        status = "not installed offline"
+    else:
+        status = "import failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
+    return {"system": spec.name, "spec": asdict(spec), "status": status}
+
+
+@click.command(context_settings={"show_default": True})
+@click.option(
+    "--shards",
+    "shards_path",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Shard set built by `prep pack` (see this file's docstring for the exact command).",
+)
+@click.option("--model-shape", type=click.Choice(sorted(SHAPES)), default="qwen3-8b", help="Model shapes.")
+@click.option("--systems", default="*", help="Comma-separated names or globs (e.g. 'padless-*,hf-packed-flex-*').")
+@click.option("--steps", default=10, help="Timed steps per system (after --warmup).")
+@click.option("--warmup", default=3, help="Untimed warm-up steps per system (compilation, autotuning).")
+@click.option("--slow-steps", default=3, help="Timed steps of the slow peers (padded batch 1, SDPA at long rows).")
+@click.option("--seed", default=0, help="Model init, LoRA init and pack order.")
+@click.option("--lr", default=2e-4, help="AdamW learning rate.")
+@click.option("--out", default=lambda: os.environ.get("OUT", "bench-train-out"), help="Results folder ($OUT).")
+@click.option("--append", is_flag=True, help="Keep rows of earlier runs in --out (split a run over commands).")
+@click.option("--profile", is_flag=True, help="torch.profiler on one extra padless step: top kernels + trace.")
+@click.option("--tiny", is_flag=True, help="CPU smoke run: 2 layers, hidden 64, vocab of the shards, fp32.")
+@click.option("--peak-tflops", default=989.0, help="Dense bf16 peak for MFU (H100/H200 SXM spec: 989).")
+@click.option(
+    "--flex-pad-rows/--no-flex-pad-rows",
+    default=False,
+    help="Pad FlexAttention rows to the row budget (one compiled shape instead of dynamic shapes).",
+)
+@click.option(
+    "--padded-steps",
+    type=click.Choice(["examples", "plan"]),
+    default="examples",
+    help="Padded peers' steps: b examples (one micro-batch) per step, or padless's plan steps split into "
+    "micro-batches of b (gradient accumulation; exactly the same examples per step as padless).",
+)
+@click.option("--system-timeout", default=420.0, help="Seconds one system may run before its worker is killed.")
+@click.option(
+    "--time-budget",
+    default=0.0,
+    help="Seconds for the whole run; systems not started by then are "
+    "skipped (0 = no limit). Keep it under the machine's per-command limit.",
+)
+def main(shards_path: str, model_shape: str, systems: str, steps: int, warmup: int, slow_steps: int, seed: int,
+         lr: float, out: str, append: bool, profile: bool, tiny: bool, peak_tflops: float, flex_pad_rows: bool,
+         padded_steps: str, system_timeout: float, time_budget: float) -> None:  # fmt: skip
+    """Train every system on the same examples; print one table (also written to --out as JSON and markdown)."""
+    import shards
+
+    if steps < 1 or warmup < 0 or slow_steps < 1:
+        raise click.BadParameter(f"steps={steps}, warmup={warmup}, slow_steps={slow_steps}: need >= 1, >= 0, >= 1")
+    ss = shards.open(shards_path)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = BenchConfig(shards=str(Path(shards_path).resolve()), model_shape=model_shape, tiny=tiny, seed=seed, lr=lr,
+                      out=str(out_dir.resolve()), profile=profile, peak_tflops=peak_tflops,
+                      flex_pad_rows=flex_pad_rows, padded_steps=padded_steps,
+                      deadline=time.time() + time_budget if time_budget > 0 else 0.0)  # fmt: skip
+    line_up = _select(default_systems(ss.max_len, warmup=warmup, steps=steps, slow_steps=slow_steps), systems)
+    stem = f"bench_train_{model_shape}" + ("_tiny" if tiny else "")
+    results = out_dir / f"{stem}.rows.jsonl"
+    if results.exists() and not append:
+        results.unlink()
+    config_path = out_dir / f"{stem}.config.json"
+    config_path.write_text(json.dumps({"config": asdict(cfg), "systems": [asdict(s) for s in line_up]}, indent=1))
+    env = environment(cfg, ss, command=shlex.join([Path(sys.executable).name, *sys.argv]))
+    cuda = env["gpu"] != "none"
+    groups: dict[str, list[SystemSpec]] = {}
+    for s in line_up:
+        groups.setdefault(s.group, []).append(s)
+    t0 = time.monotonic()
+    order = {s.name: i for i, s in enumerate(line_up)}
+
+    def rows_now() -> dict[str, dict[str, Any]]:
+        # the line-up's order; rows of earlier runs kept by --append go last
+        rows = _read_rows(results)
+        return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    def save() -> None:  # after every row: a run killed by the machine's limit keeps what it measured
+        env["wall_s"] = time.monotonic() - t0
+        _write(out_dir, stem, env, cfg, rows_now())
+
+    for group, specs in groups.items():
+        runnable = []
+        for s in specs:
+            if s.family == "unsloth":
+                row = _unsloth_row(s)
+            elif s.needs_cuda and not cuda:
+                row = {"system": s.name, "spec": asdict(s), "status": "skipped (cpu)"}
+            else:
+                runnable.append(s.name)
+                continue
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if runnable:
+            print(f"[bench_train] worker group {group!r}: {', '.join(runnable)}", flush=True)
+            _run_group(runnable, config_path, results, system_timeout, out_dir / f"{stem}.log", save)
+        save()
+    print(render_table(rows_now(), env))
+
+
+def _write(out_dir: Path, stem: str, env: dict[str, Any], cfg: BenchConfig, rows: dict[str, dict[str, Any]]) -> None:
+    doc = {"environment": env, "config": asdict(cfg), "rows": list(rows.values())}
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / f"{stem}.md").write_text(render_markdown(rows, env))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
+        sys.exit(worker_main(*sys.argv[2:5]))
+    main()
