@@ -16,18 +16,23 @@ The gradients are computed during the forward (nothing else needs the logits) an
 incoming gradient of ``loss_sum`` (a 0-dim tensor: no host sync). The next-token shift is applied inside:
 token t is scored against labels[t + 1]; the last token scores nothing.
 
-Memory: one (C, V) logits buffer (``chunk_bytes``, default 320 MiB -> C = 1024 rows at V = 151936 bf16) plus
-the gradient outputs; at T = 16K, E = 4096 that is 297 MiB + grad_hidden 128 MiB.
+Memory and chunk size (``chunk_bytes`` = the one (C, V) logits buffer; default ``None`` = automatic):
+    weight frozen (LoRA): 320 MiB -> C = 1024 rows at V = 151936 bf16; at T = 16K, E = 4096 the extra memory is
+        that buffer + grad_hidden (128 MiB) ~ 0.42 GiB (budget 0.5 GiB).
+    weight trains: the buffer may grow to the size of the weight's gradient (V x E, which must exist anyway):
+        C = E = 4096 rows at Qwen3-8B, so grad_weight is accumulated in few, full-depth (K = 4096) matmuls
+        instead of one read-modify-write of V x E (2.5 GB in bf16) per small chunk.
 
-Predicted H200 times (fwd+bwd, T x E x V = T x 4096 x 151936 bf16; cuBLAS at ~700 TFLOP/s on these shapes,
-the Triton pass at ~4 TB/s reading the logits twice and writing them once):
-    each matmul is 2*T*E*V FLOP: 5.1 TFLOP at 4K, 20.4 TFLOP at 16K.
-    weight frozen  (2 matmuls): 4K ~ 14.6 + 0.9 ~ 16 ms;   16K ~ 58 + 3.5 ~ 62 ms
-    weight trains  (3 matmuls): 4K ~ 22 + 1.5 ~ 24 ms;     16K ~ 87 + 4   ~ 91 ms
-    (eager 21.1 / 88 ms and Liger 23.9 / 70 ms as measured by the lead; Liger's chunks are 128 rows at 4K and
-    512 at 16K, ours 1024, so its matmuls run at lower efficiency and it accumulates grad_weight 2x-8x more
-    often.) The grad_weight accumulation reads and writes V x E once per chunk (2.5 GB at bf16); a larger
-    ``chunk_bytes`` makes fewer, cheaper accumulations when the weight trains.
+Predicted H200 times, fwd+bwd at T x 4096 x 151936 bf16. Each matmul is 2*T*E*V FLOP = 5.1 TFLOP at T = 4K,
+20.4 TFLOP at 16K; cuBLAS at ~700 TFLOP/s on these shapes; the Triton pass moves 3 x C x V x 2 bytes (two
+reads, one write) at ~4 TB/s = 0.9 ms per 4K tokens:
+    weight frozen  (2 matmuls): 4K ~ 14.6 + 0.9 ~ 16 ms;   16K ~ 58 + 3.6 ~ 62 ms
+    weight trains  (3 matmuls): 4K ~ 22 + 1.0 ~ 23 ms;     16K ~ 87 + 4   ~ 91 ms
+If the lead's eager 21.1 ms at 4K includes grad_weight, cuBLAS runs nearer 800 TFLOP/s and the trainable case is
+~19 + 1 ~ 20 ms. Against eager (21.1 / 88 ms, lead's H200 numbers) we save the (T, V) fp32 passes and allocations; against
+Liger (23.9 / 70 ms) we run larger matmuls (Liger's chunks are 128 rows at 4K, 512 at 16K: small-M matmuls,
+and 32 grad_weight read-modify-writes), read the logits in a bf16 buffer filled by ``out=`` (no copies), write
+dlogits in place, and skip ignored rows' reads.
 
 Offsets: the Triton kernel widens its row index to int64 before multiplying by the row stride, so C x V past
 2**31 elements is safe; column offsets within a row stay int32 (V < 2**31).
@@ -40,12 +45,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
+__all__ = [
+    "FROZEN_WEIGHT_CHUNK_BYTES",
+    "auto_chunk_bytes",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+]
 
-# Size of the one (C, V) logits buffer. 320 MiB gives C = 1024 rows at V = 151936 in bf16: the grad_hidden
-# matmul (C x E output = 1024 x 4096) then fills 2 waves of 128x128 tiles on 132 SMs, and at T = 16K the buffer
-# plus grad_hidden (128 MiB) stays under 0.5 GiB.
-DEFAULT_CHUNK_BYTES = 320 * 2**20
+# The logits buffer when the weight is frozen. 320 MiB gives C = 1024 rows at V = 151936 in bf16: the
+# grad_hidden matmul (C x E output = 1024 x 4096) then fills 2 waves of 128x128 tiles on 132 SMs, and at T = 16K
+# the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB.
+FROZEN_WEIGHT_CHUNK_BYTES = 320 * 2**20
 # Chunk rows are rounded down to a multiple of this (matmul tile size) when the budget allows it.
 _ROW_QUANTUM = 128
 
@@ -69,8 +79,9 @@ def _ce_rows_kernel(
     stride_row,
     ignore_index,
     softcap,
-    V: tl.constexpr,  # constexpr: fixed per model, and the loop bound below must be a Python int under
-    # TRITON_INTERPRET (numpy 2.4 refuses int() of the interpreter's 1-element runtime scalars)
+    # V is constexpr: fixed per model (one compile), and under TRITON_INTERPRET a runtime loop bound fails
+    # (numpy 2.4 refuses int() of the interpreter's 1-element scalars).
+    V: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -155,6 +166,13 @@ def _launch_ce_rows(
         BLOCK_V=block,
         num_warps=num_warps,
     )
+
+
+def auto_chunk_bytes(weight: torch.Tensor, weight_trains: bool) -> int:
+    """The default logits-buffer size: 320 MiB, or up to the weight gradient's own size when the weight trains."""
+    if weight_trains:
+        return max(FROZEN_WEIGHT_CHUNK_BYTES, weight.numel() * weight.element_size())
+    return FROZEN_WEIGHT_CHUNK_BYTES
 
 
 def _chunk_rows(tokens: int, vocab: int, element_size: int, chunk_bytes: int) -> int:
@@ -269,7 +287,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_bytes: int) -> None:
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_bytes: int | None) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be "
@@ -297,7 +315,7 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
             f"fused_linear_cross_entropy: hidden on {hidden.device}, weight on {weight.device}, labels on "
             f"{labels.device}; move all three to one device."
         )
-    if chunk_bytes <= 0:
+    if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"fused_linear_cross_entropy: chunk_bytes={chunk_bytes}; expected a positive byte count.")
 
 
@@ -308,7 +326,7 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     softcap: float | None = None,
     *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy losses of ``hidden @ weight.T`` and the count of counted tokens.
 
@@ -316,7 +334,8 @@ def fused_linear_cross_entropy(
     trainable); labels (T,) integer, unshifted Hugging Face labels: token t is scored against labels[t + 1], the
     last token scores nothing, ``ignore_index`` labels are not counted. ``softcap``: Gemma 2's
     final_logit_softcapping (logits -> softcap * tanh(logits / softcap)). ``chunk_bytes``: size of the one
-    (C, V) logits buffer (default 320 MiB); larger chunks are faster when the weight trains, smaller save memory.
+    (C, V) logits buffer; ``None`` picks ``auto_chunk_bytes``: 320 MiB with a frozen weight, up to the weight
+    gradient's size when it trains (fewer, deeper grad_weight matmuls). Smaller saves memory, larger is faster.
 
     Returns (loss_sum fp32 0-dim, n_counted int64 0-dim); differentiable in loss_sum w.r.t. hidden and weight.
     Never materialises the (T, V) logits and never syncs with the host. An out-of-range label (not
@@ -333,7 +352,7 @@ def fused_linear_cross_entropy(
         labels,
         int(ignore_index),
         None if softcap is None else float(softcap),
-        int(chunk_bytes),
+        auto_chunk_bytes(weight, need_grad_weight) if chunk_bytes is None else int(chunk_bytes),
         need_grad_hidden,
         need_grad_weight,
     )
