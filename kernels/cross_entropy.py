@@ -28,10 +28,10 @@ Predicted H200 times, fwd+bwd at T x 4096 x 151936 bf16. Each matmul is 2*T*E*V 
 reads, one write) at ~4 TB/s = 0.9 ms per 4K tokens:
     weight frozen  (2 matmuls): 4K ~ 14.6 + 0.9 ~ 16 ms;   16K ~ 58 + 3.6 ~ 62 ms
     weight trains  (3 matmuls): 4K ~ 22 + 1.0 ~ 23 ms;     16K ~ 87 + 4   ~ 91 ms
-If the lead's eager 21.1 ms at 4K includes grad_weight, cuBLAS runs nearer 800 TFLOP/s and the trainable case is
-~19 + 1 ~ 20 ms. Against eager (21.1 / 88 ms, lead's H200 numbers) we save the (T, V) fp32 passes and allocations; against
-Liger (23.9 / 70 ms) we run larger matmuls (Liger's chunks are 128 rows at 4K, 512 at 16K: small-M matmuls,
-and 32 grad_weight read-modify-writes), read the logits in a bf16 buffer filled by ``out=`` (no copies), write
+If the lead's eager 21.1 ms at 4K includes grad_weight, cuBLAS runs nearer 800 TFLOP/s and the trainable case
+is ~19 + 1 ~ 20 ms. Against eager (21.1 / 88 ms, lead's H200 numbers) we save the (T, V) fp32 passes and
+allocations; against Liger (23.9 / 70 ms) we run larger matmuls (Liger's chunks are 128 rows at 4K, 512 at 16K:
+small-M matmuls, and 32 grad_weight read-modify-writes), fill a bf16 buffer by ``out=`` (no copies), write
 dlogits in place, and skip ignored rows' reads.
 
 Offsets: the Triton kernel widens its row index to int64 before multiplying by the row stride, so C x V past
