@@ -94,19 +94,6 @@ def test_gated_activation_extreme_inputs_stay_finite():
         assert_close_verbose(fn(gate, up), ref(gate, up), atol=1e-4, rtol=1e-6, name=name)
 
 
-def test_needs_long_indexing_counts_strided_extent(monkeypatch):
-    monkeypatch.delenv("PADLESS_FORCE_LONG_INDEXING", raising=False)
-    small = torch.empty(4, 4)
-    assert not needs_long_indexing(small, None)
-    # A (2, 1) view whose rows sit 2**31 elements apart reaches past int32 though it has only 2 elements
-    # (a meta tensor: no memory behind it).
-    wide = torch.empty_strided((2, 1), (INT32_MAX + 1, 1), device="meta")
-    assert needs_long_indexing(wide)
-    monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", "yes")
-    with pytest.raises(ValueError, match="PADLESS_FORCE_LONG_INDEXING='yes'"):
-        needs_long_indexing(small)
-
-
 def test_gated_activation_rejects_bad_inputs():
     g = torch.randn(3, 8)
     with pytest.raises(ValueError, match=r"gate \(3, 8\) and up \(3, 7\) differ"):
