@@ -150,9 +150,11 @@ def _launch_ce_rows(
     rows, vocab = logits.shape
     if rows == 0:
         return
-    # 8192 columns x 16 warps: 16 fp32 values per thread per pass, 16-byte bf16 loads.
-    block = min(8192, triton.next_power_of_2(vocab))
-    num_warps = 16 if block >= 8192 else (8 if block >= 2048 else 4)
+    # 2048 columns x 4 warps: 16 values per thread (two 16-byte bf16 loads). ptxas for sm_90a: 52 registers, so ~9
+    # CTAs (rows) per SM and ~36 KB of loads in flight per SM, against 1 CTA / 16 KB for 8192 x 16 warps
+    # (94-99 registers); a memory-bound row loop wants the bytes in flight. (Register counts, not yet timed.)
+    block = min(2048, triton.next_power_of_2(vocab))
+    num_warps = 4
     _ce_rows_kernel[(rows,)](
         logits,
         targets,

@@ -121,7 +121,7 @@ def test_many_chunks_with_a_partial_last_chunk(dtype):
 
 
 def test_vocab_spanning_several_blocks():
-    # V = 2 x 8192 + 37: the row loop runs three blocks, the last one masked.
+    # V = 2 x 8192 + 37: the row loop runs several blocks (9 of 2048), the last one masked.
     hidden, weight, labels = _inputs(6, 16, 2 * 8192 + 37, torch.float32, seed=11)
     labels[3] = 2 * 8192 + 30  # a target in the masked tail block
     _check_against_reference(hidden, weight, labels, train_weight=True, softcap=4.0)
