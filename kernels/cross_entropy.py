@@ -342,7 +342,9 @@ def fused_linear_cross_entropy(
     Returns (loss_sum fp32 0-dim, n_counted int64 0-dim); differentiable in loss_sum w.r.t. hidden and weight.
     Never materialises the (T, V) logits and never syncs with the host. An out-of-range label (not
     ``ignore_index``, outside [0, V)) makes loss_sum NaN. Gradients are computed in the forward when grad mode
-    is on and hidden or weight requires grad; a frozen weight skips its matmul. Backward may run once per call.
+    is on and hidden or weight requires grad; a frozen weight skips its matmul. They stay alive with the graph
+    (T x E, plus V x E when the weight trains) until backward or until loss_sum is freed. Backward may run once
+    per call (it scales the stored gradients in place).
     """
     _check_inputs(hidden, weight, labels, chunk_bytes)
     grad_on = torch.is_grad_enabled()

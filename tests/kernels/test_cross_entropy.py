@@ -29,22 +29,23 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _packed_labels(tokens: int, vocab: int, gen: torch.Generator, n_examples: int = 4) -> torch.Tensor:
     """Packed HF labels: random cu_seqlens, -100 on every example's first token and on a random prompt prefix."""
-    cuts = torch.randperm(tokens - 1, generator=gen)[: n_examples - 1] + 1
+    device = gen.device
+    cuts = torch.randperm(tokens - 1, generator=gen, device=device)[: n_examples - 1] + 1
     bounds = [0, *sorted(cuts.tolist()), tokens]
-    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
     for start, stop in itertools.pairwise(bounds):
-        prompt = int(torch.randint(1, max(2, (stop - start) // 2 + 1), (1,), generator=gen))
+        prompt = int(torch.randint(1, max(2, (stop - start) // 2 + 1), (1,), generator=gen, device=device))
         labels[start : start + prompt] = IGNORE
     return labels
 
 
 def _inputs(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, hidden_size, generator=gen)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=gen, device=device)
     # Logits with a spread of ~3 (a trained lm_head's scale), so softmax is neither flat nor one-hot.
-    weight = torch.randn(vocab, hidden_size, generator=gen) * (3.0 / hidden_size**0.5)
+    weight = torch.randn(vocab, hidden_size, generator=gen, device=device) * (3.0 / hidden_size**0.5)
     labels = _packed_labels(tokens, vocab, gen)
-    return hidden.to(device, dtype), weight.to(device, dtype), labels.to(device)
+    return hidden.to(dtype), weight.to(dtype), labels
 
 
 def _eager_same_dtype(hidden, weight, labels, ignore_index=IGNORE, softcap=None):
