@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run on the lent H200 (device tool): install the carried wheels, then the named stages, each under its own time
+# limit, logging everything under $OUT. Usage: bash tools/gpu_run.sh STAGE[:SECONDS] ...
+# Stages: env, tests-kernels, tests-train, tests-all, bench-kernels, bench-attention, sweep-attention, bench-train
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+log="$OUT/run.log"
+run_stage() {
+  local name="$1" limit="$2"; shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 60
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
+}
+for spec in "$@"; do
+  stage="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
+  case "$stage" in
+    env) run_stage env "$limit" bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"' ;;
+    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider ;;
+    tests-train) run_stage "$stage" "$limit" python3 -m pytest -q -m gpu tests/train -p no:cacheprovider ;;
+    tests-all) run_stage "$stage" "$limit" python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --out "$OUT/kernels" ;;
+    sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
+    bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" ;;
+    sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
+    bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 --out "$OUT/train" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
