@@ -25,14 +25,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     from .kernels_guard import KernelsShadowedError
 
-    errors: list[type[BaseException]] = [TrainError, ShardFormatError, KernelsShadowedError]
-    try:  # the model path's own error type, when it defines one
-        from .modeling import ModelLoadError  # type: ignore[attr-defined]
-
-        errors.append(ModelLoadError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (TrainError, ShardFormatError, KernelsShadowedError)
 
 
 def _run_clean(fn: Callable[[], Any]) -> Any:

@@ -101,6 +101,10 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         )
     total_steps = cfg.max_steps or sum(plan_for(e).steps for e in range(cfg.epochs))
 
+    resume_from = latest_checkpoint(output) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise TrainError(f"--resume: {str(output)!r} has no checkpoint (checkpoints/latest); start without --resume")
+
     # Model: load (or build the tiny one), check the tokenizer, add adapters, patch in the packed path.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
@@ -134,13 +138,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
 
     # Resume: weights, optimizer, scheduler, RNG and the data position of the latest checkpoint.
     position = Position(step=0, epoch=0, micro_batch=0)
-    if cfg.resume:
-        ckpt = latest_checkpoint(output)
-        if ckpt is None:
-            raise TrainError(
-                f"--resume: {str(output)!r} has no checkpoint (checkpoints/latest); start without --resume"
-            )
-        position = load_checkpoint(ckpt, model, optimizer, scheduler, rank=env.rank)
+    if resume_from is not None:
+        position = load_checkpoint(resume_from, model, optimizer, scheduler, rank=env.rank)
     metrics = MetricsLog(
         output / "metrics.jsonl", enabled=env.is_main, keep_until_step=position.step if cfg.resume else None
     )

@@ -22,6 +22,7 @@ __all__ = [
     "check_tokenizer",
     "resolve_device",
     "resolve_dtype",
+    "tokenizer_content_hash",
 ]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,24 +68,38 @@ def check_model_source(model: str | None) -> None:
         )
 
 
-def _model_tokenizer_hash(folder: Path) -> str | None:
-    """Content hash of a model folder's tokenizer files, computed like ``prep`` does, or None if it has none."""
-    try:
-        from shards.tokenizer_hash import tokenizer_hash  # type: ignore[import-not-found]
-    except ImportError:
-        tokenizer_hash = None
-    if tokenizer_hash is not None:
-        return tokenizer_hash(folder)
-    return None
+# The files (in this order) whose bytes, plus the chat template, make prep's tokenizer content hash. This mirrors
+# prep/tokenizer.py::load_tokenizer (train may not import prep); tests/train/test_cli.py checks the two agree.
+_HASHED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def tokenizer_content_hash(folder: str | Path) -> str | None:
+    """prep's content hash of the tokenizer in ``folder`` (None when it has no tokenizer.json)."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: prep uses "default"
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    h = hashlib.sha256()
+    for name in _HASHED_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    h.update(b"template\0" + (template or "").encode())
+    return h.hexdigest()
 
 
 def _model_tokenizer_vocab(folder: Path) -> int | None:
-    """Vocabulary size (with added tokens) of the tokenizer in a model folder, or None if it has none."""
-    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    """Vocabulary size with added tokens (as prep counts it) of the tokenizer.json in a model folder, or None."""
+    if not (folder / "tokenizer.json").is_file():
         return None
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
-    return len(AutoTokenizer.from_pretrained(str(folder)))
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def check_tokenizer(
@@ -108,7 +123,7 @@ def check_tokenizer(
         vocab = _model_tokenizer_vocab(folder)
         if vocab is not None and shard_vocab is not None and vocab != int(shard_vocab):
             problems.append(f"the shards' tokenizer has {shard_vocab} tokens, the model folder's has {vocab}")
-        model_hash = _model_tokenizer_hash(folder)
+        model_hash = tokenizer_content_hash(folder)
         if model_hash is not None and tok.get("hash") and model_hash != tok["hash"]:
             problems.append(
                 f"the shards' tokenizer hash {str(tok['hash'])[:12]}... differs from the model folder's "
@@ -133,17 +148,15 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
     vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
     if cfg.model is None and vocab is None:
         raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model to train")
-    return load_model(
-        cfg.model,
-        vocab_size=int(vocab) if cfg.model is None else None,
-        family=cfg.family,
-        dtype=dtype,
-        device=str(device),
-        quantize_4bit=cfg.mode == "qlora",
-        seed=cfg.seed,
-    )
-
-
-def config_digest(cfg_dict: dict[str, Any]) -> str:
-    """Short digest of a config (to tell runs apart in summaries)."""
-    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    try:
+        return load_model(
+            cfg.model,
+            vocab_size=int(vocab) if cfg.model is None else None,
+            family=cfg.family,
+            dtype=dtype,
+            device=str(device),
+            quantize_4bit=cfg.mode == "qlora",
+            seed=cfg.seed,
+        )
+    except (ValueError, OSError) as error:  # the model path's messages already say what to do
+        raise TrainError(str(error)) from error

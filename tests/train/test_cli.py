@@ -1,0 +1,160 @@
+"""The ``train`` command line: one help source, one-line errors for known failures, and the three commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from train.cli import main
+from train.config import TrainConfig, TrainError
+
+from .conftest import SYNTH_VOCAB
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _error_line(result) -> str:
+    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_help_is_the_config_field_docs() -> None:
+    help_text = " ".join(_invoke("run", "--help").output.split())
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("positional"):
+            continue
+        assert " ".join(f.metadata["help"].split())[:40] in help_text, f.name
+    for flag in ("--lora", "--qlora", "--full", "--tokens-per-micro-batch", "--checkpointing", "--resume"):
+        assert flag in help_text
+
+
+def test_python_dash_m_train_works() -> None:
+    proc = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "run" in proc.stdout and "parity" in proc.stdout and "merge" in proc.stdout
+
+
+def test_config_rejects_bad_values_with_the_option_name() -> None:
+    with pytest.raises(TrainError, match=r"--grad-accum must be >= 1, got 0"):
+        TrainConfig(shards="x", grad_accum=0)
+    with pytest.raises(TrainError, match=r"--resume needs --output"):
+        TrainConfig(shards="x", resume=True)
+    with pytest.raises(TrainError, match=r"--lora-dropout must be in \[0, 1\), got 1.5"):
+        TrainConfig(shards="x", lora_dropout=1.5)
+
+
+def test_bad_option_value_is_one_line(tmp_path: Path) -> None:
+    line = _error_line(_invoke("run", str(tmp_path), "--grad-accum", "0"))
+    assert "--grad-accum must be >= 1, got 0" in line
+
+
+def test_missing_shards(tmp_path: Path) -> None:
+    line = _error_line(_invoke("run", str(tmp_path / "nope"), "--no-progress"))
+    assert re.search(r"is not a folder; expected a folder holding manifest.json", line), line
+    (tmp_path / "empty").mkdir()
+    line = _error_line(_invoke("run", str(tmp_path / "empty"), "--no-progress"))
+    assert "is not a padless shard set" in line and "prep pack" in line
+
+
+def test_corrupt_shards(synthetic_shards: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_shards, broken)
+    shard = next(broken.glob("shard-*.arrow"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    line = _error_line(_invoke("run", str(broken), "--no-progress"))
+    assert "truncated or replaced" in line and "re-run `prep pack`" in line
+
+
+def test_model_folder_without_weights(synthetic_shards: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    line = _error_line(_invoke("run", str(synthetic_shards), "--model", str(folder), "--no-progress"))
+    assert "holds no weights" in line and str(folder) in line
+
+
+def _save_tiny(folder: Path, vocab: int, tokenizer_from: Path | None = None) -> Path:
+    from train.modeling import load_model
+
+    load_model(None, vocab_size=vocab, config_overrides={"hidden_size": 32, "intermediate_size": 64}).save_pretrained(
+        folder
+    )
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def test_tokenizer_mismatch_errors_and_force_overrides(synthetic_shards: Path, tmp_path: Path) -> None:
+    small = _save_tiny(tmp_path / "small", SYNTH_VOCAB - 100)
+    line = _error_line(_invoke("run", str(synthetic_shards), "--model", str(small), "--no-progress"))
+    assert f"has {SYNTH_VOCAB} tokens but the model's embedding has {SYNTH_VOCAB - 100} rows" in line
+    assert "--force" in line
+
+    # Embedding large enough, but the folder's tokenizer is another one: an error, and --force trains anyway.
+    demo_tok = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
+    other = _save_tiny(tmp_path / "other", SYNTH_VOCAB + 16, tokenizer_from=demo_tok)
+    args = ["run", str(synthetic_shards), "--model", str(other), "--no-progress", "--device", "cpu"]
+    line = _error_line(_invoke(*args, "--output", str(tmp_path / "o1")))
+    assert "tokenizer mismatch" in line and "hash" in line
+    ok = _invoke(*args, "--force", "--max-steps", "1", "--output", str(tmp_path / "o2"), "--eval-every", "-1")
+    assert ok.exit_code == 0, ok.output
+    assert "done: 1 steps" in ok.output
+    assert (tmp_path / "o2" / "adapter_config.json").is_file()
+
+
+def test_tokenizer_hash_mirrors_prep() -> None:
+    """train may not import prep at run time; this test holds the two hash implementations together."""
+    from prep.tokenizer import load_tokenizer
+    from train.prepare import tokenizer_content_hash
+
+    folder = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
+    assert tokenizer_content_hash(folder) == load_tokenizer(folder).file_hash
+
+
+def test_resume_without_a_checkpoint(synthetic_shards: Path, tmp_path: Path) -> None:
+    line = _error_line(_invoke("run", str(synthetic_shards), "--output", str(tmp_path), "--resume", "--no-progress"))
+    assert "has no checkpoint" in line and "without --resume" in line
+
+
+def test_merge_needs_an_adapter_folder(tmp_path: Path) -> None:
+    line = _error_line(_invoke("merge", str(tmp_path), "--out", str(tmp_path / "m")))
+    assert "has no adapter_config.json" in line
+
+
+def test_run_then_merge_then_parity(synthetic_shards: Path, tmp_path: Path) -> None:
+    """The user path: train (tiny model), merge the adapter, and the packed-vs-one-by-one check passes."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    res = _invoke(
+        "run", str(synthetic_shards), "--output", str(out), "--max-steps", "2", "--lr", "1e-2", "--no-progress"
+    )
+    assert res.exit_code == 0, res.output
+    assert re.search(r"done: 2 steps, final loss [\d.]+, eval_loss [\d.]+", res.output), res.output
+
+    merged_dir = tmp_path / "merged"
+    res = _invoke("merge", str(out), "--out", str(merged_dir))
+    assert res.exit_code == 0, res.output
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out)
+    ids = torch.arange(40)[None] % SYNTH_VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+    res = _invoke("parity", str(synthetic_shards), "--packs", "2")
+    assert res.exit_code == 0, res.output
+    assert re.search(r"^PASS: packed == one-by-one", res.output, re.M), res.output
