@@ -19,15 +19,18 @@ __all__ = ["PackPlan", "ffd_assign", "ffd_reference", "plan_packs"]
 
 
 @numba.njit(cache=True, nogil=True)
-def _sort_desc(lengths: np.ndarray, max_len: int) -> np.ndarray:
-    """Indices of ``lengths`` sorted by decreasing length, ties by increasing index (a stable counting sort)."""
+def _sort_desc(lengths: np.ndarray, max_len: int):
+    """A stable counting sort by decreasing length (ties by increasing index): (order, sorted lengths)."""
     n = lengths.shape[0]
     counts = np.zeros(max_len + 2, np.int64)
     for i in range(n):
         counts[max_len - lengths[i]] += 1
+    sorted_len = np.empty(n, np.int64)
     start = 0
     for v in range(max_len + 2):
         c = counts[v]
+        for t in range(start, start + c):
+            sorted_len[t] = max_len - v
         counts[v] = start
         start += c
     order = np.empty(n, np.int64)
@@ -35,56 +38,67 @@ def _sort_desc(lengths: np.ndarray, max_len: int) -> np.ndarray:
         k = max_len - lengths[i]
         order[counts[k]] = i
         counts[k] += 1
-    return order
+    return order, sorted_len
 
 
 @numba.njit(cache=True, nogil=True)
-def _ffd(lengths: np.ndarray, order: np.ndarray, capacity: int, max_per_bin: int, n_leaves: int) -> np.ndarray:
-    """Bin of each example (indexed like ``lengths``), bins numbered in the order first-fit opens them."""
+def _ffd_sorted(sorted_len: np.ndarray, capacity: int, max_per_bin: int, n_leaves: int) -> np.ndarray:
+    """Bin of each item of ``sorted_len`` (lengths in FFD order), bins numbered in the order first-fit opens them.
+
+    Equal lengths come in runs. Within a run every bin left of the one the last item went to had less room
+    than that length and has no more now, so the next item goes to that bin or one to its right; and a bin
+    with free space F takes floor(F / L) items of the run in a row. So a whole group is placed at once (one
+    tree update per bin and length, not per item), and the search for the next bin climbs from the last one
+    instead of descending from the root: O(n log n) worst case, about O(n) on real length distributions.
+    """
+    n = sorted_len.shape[0]
     size = 1
     while size < n_leaves:
         size *= 2
     # tree[1] is the root; leaves tree[size + b] hold bin b's free space (unopened bins are empty, so full).
     tree = np.full(2 * size, capacity, np.int32)
     count = np.zeros(size, np.int32)
-    bins = np.empty(lengths.shape[0], np.int64)
-    prev_need = -1
-    prev_leaf = 1
-    for j in range(order.shape[0]):
-        i = order[j]
-        need = lengths[i]
-        if need == prev_need:
-            # Same need as the last item: every bin left of its bin had less room then and has no more now, so
-            # search rightwards from there: climb until a right sibling has room. Runs of equal lengths are long
-            # (lengths <= max_len), so this is O(1) amortised instead of a full descent per item.
-            node = prev_leaf
-            if tree[node] < need:
-                while True:
-                    if node % 2 == 0 and tree[node + 1] >= need:
-                        node += 1
-                        break
-                    node //= 2
-        else:
+    bins = np.empty(n, np.int64)
+    j = 0
+    node = 1
+    run_end = 0
+    while j < n:
+        need = sorted_len[j]
+        if j >= run_end:  # a new length: find its run and search from the root
+            run_end = j
+            while run_end < n and sorted_len[run_end] == need:
+                run_end += 1
             node = 1
+        elif tree[node] < need:  # same length, last bin full for it: climb until a right sibling has room
+            while True:
+                if node % 2 == 0 and tree[node + 1] >= need:
+                    node += 1
+                    break
+                node //= 2
         while node < size:  # leftmost leaf with free >= need below `node`: go left whenever it has room
             node = 2 * node if tree[2 * node] >= need else 2 * node + 1
-        prev_need = need
-        prev_leaf = node
         b = node - size
-        bins[i] = b
-        count[b] += 1
-        free = tree[node] - need
+        k = tree[node] // need
+        if run_end - j < k:
+            k = run_end - j
+        if max_per_bin > 0 and max_per_bin - count[b] < k:
+            k = max_per_bin - count[b]
+        for t in range(j, j + k):
+            bins[t] = b
+        j += k
+        count[b] += k
+        free = tree[node] - k * need
         if max_per_bin > 0 and count[b] >= max_per_bin:
             free = 0  # closed: every example needs at least one token
         tree[node] = free
-        node //= 2
-        while node >= 1:  # fix maxima upwards; stop as soon as one is unchanged (those above are then too)
-            left, right = tree[2 * node], tree[2 * node + 1]
+        up = node // 2
+        while up >= 1:  # fix maxima upwards; stop as soon as one is unchanged (those above are then too)
+            left, right = tree[2 * up], tree[2 * up + 1]
             m = left if left > right else right
-            if tree[node] == m:
+            if tree[up] == m:
                 break
-            tree[node] = m
-            node //= 2
+            tree[up] = m
+            up //= 2
     return bins
 
 
@@ -105,11 +119,10 @@ def ffd_assign(lengths: np.ndarray, capacity: int, max_per_bin: int = 0) -> np.n
         return np.zeros(0, np.int64)
     if lengths.min() < 1 or lengths.max() > capacity:
         raise ValueError(f"lengths must be in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
-    return _assign_sorted(lengths, _sort_desc(lengths, int(capacity)), capacity, max_per_bin)
-
-
-def _assign_sorted(lengths: np.ndarray, order: np.ndarray, capacity: int, max_per_bin: int) -> np.ndarray:
-    return _ffd(lengths, order, int(capacity), int(max_per_bin), _leaf_bound(lengths, capacity, max_per_bin))
+    order, sorted_len = _sort_desc(lengths, int(capacity))
+    bins = np.empty(len(lengths), np.int64)
+    bins[order] = _ffd_sorted(sorted_len, int(capacity), int(max_per_bin), _leaf_bound(lengths, capacity, max_per_bin))
+    return bins
 
 
 def ffd_reference(lengths, capacity: int, max_per_bin: int = 0) -> list[int]:
@@ -133,21 +146,20 @@ def ffd_reference(lengths, capacity: int, max_per_bin: int = 0) -> list[int]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _group(bins: np.ndarray, lengths: np.ndarray, order: np.ndarray, n_bins: int):
+def _group(sorted_bins: np.ndarray, order: np.ndarray, n_bins: int):
     """Examples grouped by bin (placement order inside a bin) and the number of examples per bin."""
     per = np.zeros(n_bins, np.int64)
-    for i in range(bins.shape[0]):
-        per[bins[i]] += 1
+    for j in range(sorted_bins.shape[0]):
+        per[sorted_bins[j]] += 1
     start = np.zeros(n_bins, np.int64)
     acc = 0
     for b in range(n_bins):
         start[b] = acc
         acc += per[b]
-    flat = np.empty(bins.shape[0], np.int64)
+    flat = np.empty(sorted_bins.shape[0], np.int64)
     for j in range(order.shape[0]):
-        i = order[j]
-        b = bins[i]
-        flat[start[b]] = i
+        b = sorted_bins[j]
+        flat[start[b]] = order[j]
         start[b] += 1
     return flat, per
 
@@ -172,13 +184,28 @@ def plan_packs(lengths: np.ndarray, max_len: int, *, max_examples_per_pack: int 
         return PackPlan(np.zeros(0, np.int64), np.zeros(0, np.int64))
     if lengths.min() < 1 or lengths.max() > max_len:
         raise ValueError(f"lengths must be in [1, {max_len}], got [{lengths.min()}, {lengths.max()}]")
-    order = _sort_desc(lengths, int(max_len))
-    bins = _assign_sorted(lengths, order, max_len, max_examples_per_pack)
-    n_bins = int(bins.max()) + 1
-    flat, per = _group(bins, lengths, order, n_bins)
+    order, sorted_len = _sort_desc(lengths, int(max_len))
+    bound = _leaf_bound(lengths, max_len, max_examples_per_pack)
+    sorted_bins = _ffd_sorted(sorted_len, int(max_len), int(max_examples_per_pack), bound)
+    n_bins = int(sorted_bins.max()) + 1
+    flat, per = _group(sorted_bins, order, n_bins)
     perm = np.random.default_rng(seed).permutation(n_bins)
-    starts = np.concatenate([[0], np.cumsum(per)[:-1]])
-    # Reassemble packs in permuted order: for each pack in the new order, its slice of `flat`.
-    new_per = per[perm]
-    idx = np.repeat(starts[perm] - np.concatenate([[0], np.cumsum(new_per)[:-1]]), new_per) + np.arange(len(flat))
-    return PackPlan(flat[idx], new_per)
+    return PackPlan(*_reorder(flat, per, perm))
+
+
+@numba.njit(cache=True, nogil=True)
+def _reorder(flat: np.ndarray, per: np.ndarray, perm: np.ndarray):
+    """Packs laid out in the order ``perm``: (example ids pack after pack, examples per pack)."""
+    start = np.zeros(per.shape[0] + 1, np.int64)
+    for b in range(per.shape[0]):
+        start[b + 1] = start[b] + per[b]
+    out = np.empty(flat.shape[0], np.int64)
+    new_per = np.empty(per.shape[0], np.int64)
+    k = 0
+    for q in range(perm.shape[0]):
+        b = perm[q]
+        new_per[q] = per[b]
+        for t in range(start[b], start[b + 1]):
+            out[k] = flat[t]
+            k += 1
+    return out, new_per
