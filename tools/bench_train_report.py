@@ -15,7 +15,7 @@ _PACKAGES = ("torch", "triton", "transformers", "peft", "liger-kernel", "unsloth
 
 PREP_COMMAND = (
     "python -m prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 "
-    "--tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out .bench-data/alpaca-qwen3-1024"
+    "--tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out .device-data/alpaca-qwen3-1024"
 )
 
 

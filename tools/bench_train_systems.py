@@ -84,6 +84,7 @@ class SystemSpec:
     steps: int = 10
     group: str = "main"  # worker process: liger patches module globals, so it gets its own
     needs_cuda: bool = False
+    optional: bool = False  # left out of --systems default (the ~8-minute line-up); '*' runs it
 
 
 def model_config(shape: str, vocab: int | None, *, tiny: bool) -> tuple[Any, list[str]]:
@@ -265,7 +266,7 @@ def _profile_step(run, mbs, step, device, params, opt, profile_dir: Path) -> Non
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     profile_dir.mkdir(parents=True, exist_ok=True)
     (profile_dir / "top_kernels.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
-    prof.export_chrome_trace(str(profile_dir / "trace.json"))
+    prof.export_chrome_trace(str(profile_dir / "trace.json.gz"))
 
 
 def run_system(cfg: BenchConfig, spec: SystemSpec, ss: Any) -> dict[str, Any]:
