@@ -84,9 +84,9 @@ def _q_ranges(j0, n, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSA
             hi = n
             f_hi = (n // BLOCK_M) * BLOCK_M
     else:
-        lo = 0
+        lo = j0 * 0
         hi = n
-        f_lo = 0
+        f_lo = j0 * 0
         f_hi = tl.where(j0 + BLOCK_N <= n, (n // BLOCK_M) * BLOCK_M, 0)
     f_lo = tl.minimum(f_lo, hi)
     f_hi = tl.maximum(tl.minimum(f_hi, hi), f_lo)

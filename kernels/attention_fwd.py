@@ -33,7 +33,8 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # Up to this many examples the schedule is one small Triton program (cumsum in registers); beyond, torch ops.
 SCHEDULE_KERNEL_MAX_S = 16384
 # Masked scores are set to this finite value (not -inf) so a row with no visible key never makes a NaN.
-MASKED = -1.0e30
+# (Globals read inside @triton.jit code must be tl.constexpr.)
+_MASKED = tl.constexpr(-1.0e30)
 
 
 class FwdConfig(NamedTuple):
@@ -132,7 +133,7 @@ def _fwd_step(
             keep = keep & (cols[None, :] <= rt[:, None])
         if WINDOW:
             keep = keep & (cols[None, :] > rt[:, None] - window)
-        s = tl.where(keep, s, MASKED)
+        s = tl.where(keep, s, _MASKED)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -181,8 +182,8 @@ def _block_ranges(m0, n, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
     else:
         hi = n
         f_hi = (n // BLOCK_N) * BLOCK_N
-    lo = 0
-    f_lo = 0
+    lo = m0 * 0  # a tensor, not a constexpr 0: both returns of this helper stay runtime scalars
+    f_lo = m0 * 0
     if WINDOW:
         lo = (tl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
         # Fully inside the window for every row: first key >= last row - window + 1.
