@@ -26,15 +26,15 @@ __all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
 
 TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
-# Small enough for a CPU demo (a 150k vocab costs 150k x 128 embedding rows, tied to the lm_head), big enough for
-# the loss to fall visibly within a minute.
+# Small enough for a CPU demo: with a 150k vocab the tied embedding / lm_head dominates every step (a 1024-token
+# micro-batch costs ~3 x 1024 x 64 x 150k flops in the lm_head alone), so the hidden size stays at 64.
 _TINY_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 192,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "head_dim": 32,
+    "head_dim": 16,
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
     "use_cache": False,
@@ -90,7 +90,7 @@ def _from_pretrained(
     kwargs: dict[str, Any] = {"dtype": dtype, **overrides}
     if quantize_4bit:
         kwargs["quantization_config"] = _bnb_config(dtype)
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not quantize_4bit:
         model = model.to(device)
@@ -127,13 +127,18 @@ def load_model(
         if family not in TINY_FAMILIES:
             raise ValueError(f"family={family!r}: a tiny random model can be one of {TINY_FAMILIES}.")
         config = tiny_config(family, vocab_size, **overrides)
-        with torch.random.fork_rng(devices=[]):
+        # Initialise directly on the target device in the target dtype: a big random model (an 8B-shaped
+        # benchmark) would take minutes to initialise on the CPU. The seed then depends on the device.
+        build_dtype = torch.bfloat16 if quantize_4bit else dtype
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), torch.device(device):
             torch.manual_seed(seed)
-            built = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            built = AutoModelForCausalLM.from_config(config, dtype=build_dtype)
         if quantize_4bit:
             # bitsandbytes quantizes while loading: save the random weights and load them back in NF4.
             with tempfile.TemporaryDirectory(prefix="padless-tiny-") as folder:
                 built.save_pretrained(folder)
+                del built
                 result = _from_pretrained(folder, dtype=dtype, device=device, quantize_4bit=True, overrides={})
         else:
             result = built.to(device=device, dtype=dtype)

@@ -137,10 +137,19 @@ def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -
     if not dtype.is_floating_point:
         dtype = torch.bfloat16
     mask = _fallback_mask(hf, batch, dtype)
-    was_checkpointing = bool(getattr(hf, "is_gradient_checkpointing", False))
+    # transformers >= 5.2x renamed the property; read whichever exists without tripping a deprecation warning.
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(hf), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    was_checkpointing = bool(getattr(hf, flag, False))
     use_checkpoint = checkpointing != "off" and torch.is_grad_enabled()
     if use_checkpoint and not was_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf, "activation_checkpointing_enable"):
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         kwargs = {
             "input_ids": batch.input_ids[None],
@@ -157,7 +166,10 @@ def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -
             logits = hf(**kwargs).logits[0]
     finally:
         if use_checkpoint and not was_checkpointing:
-            hf.gradient_checkpointing_disable()
+            if hasattr(hf, "activation_checkpointing_disable"):
+                hf.activation_checkpointing_disable()
+            else:
+                hf.gradient_checkpointing_disable()
     # The logits are materialised here (this path is about correctness, not memory).
     targets = batch.labels.new_full(batch.labels.shape, IGNORE_INDEX)
     targets[:-1] = batch.labels[1:]
