@@ -55,31 +55,35 @@ def _tok(n: int) -> str:
 
 
 def default_systems(max_len: int, *, warmup: int, steps: int, slow_steps: int) -> list[SystemSpec]:
-    """The full line-up; token budgets are multiples of the shards' max_len (1K..32K at max_len 1024)."""
+    """The full line-up, most important first (a --time-budget cut skips the tail); token budgets are multiples
+    of the shards' max_len (1K..32K at max_len 1024)."""
     k = lambda n: n * max_len
     slow = dict(warmup=1, steps=slow_steps)  # the dense-mask SDPA peer at long rows
     base = dict(warmup=warmup, steps=steps)
+    hf = dict(family="hf", attn="sdpa")
     out: list[SystemSpec] = []
     for n in (1, 4, 8, 16, 32):  # padless-1k is the "1K-token step" row
         out.append(SystemSpec(name=f"padless-{_tok(k(n))}", family="padless", layout="stream", attn="padless",
                               plan_tokens=k(n), **base))  # fmt: skip
-    for b in (1, 8, 16, 32):
-        plan = k(1 if b == 1 else 4)  # used by --padded-steps plan only
-        out.append(SystemSpec(name=f"hf-padded-b{b}", family="hf", layout="padded", attn="sdpa", plan_tokens=plan,
-                              batch_size=b, **base))  # fmt: skip
-    for attn, label in (("sdpa", "sdpa"), ("flex_attention", "flex")):
-        for n in (4, 16):
-            kw = slow if (attn == "sdpa" and n > 4) else base  # SDPA's dense T x T mask is slow at long rows
-            out.append(SystemSpec(name=f"hf-packed-{label}-{_tok(k(n))}", family="hf", layout="packed", attn=attn,
-                                  plan_tokens=k(n), needs_cuda=attn != "sdpa", optional=attn != "sdpa" and n == 4,
-                                  **kw))  # fmt: skip
+
+    def padded(b: int, **kw: Any) -> SystemSpec:  # plan_tokens: used by --padded-steps plan only
+        return SystemSpec(name=f"hf-padded-b{b}", layout="padded", plan_tokens=k(1 if b == 1 else 4), batch_size=b,
+                          **{**hf, **base, **kw})  # fmt: skip
+
+    def packed(attn: str, n: int, **kw: Any) -> SystemSpec:
+        label = "flex" if attn == "flex_attention" else attn
+        return SystemSpec(name=f"hf-packed-{label}-{_tok(k(n))}", layout="packed", plan_tokens=k(n),
+                          **{**hf, **base, "attn": attn, "needs_cuda": attn != "sdpa", **kw})  # fmt: skip
+
+    out += [packed("flex_attention", 16), padded(32), packed("sdpa", 4), padded(1), padded(8), padded(16)]
+    out += [packed("sdpa", 16, **slow), packed("flex_attention", 4, optional=True)]
     liger = dict(family="liger", group="liger", needs_cuda=True, **base)
+    out.append(SystemSpec(name=f"liger-packed-flex-{_tok(k(16))}", layout="packed", attn="flex_attention",
+                          plan_tokens=k(16), **liger))  # fmt: skip
     out.append(SystemSpec(name="liger-padded-b32", layout="padded", attn="sdpa", plan_tokens=k(4), batch_size=32,
                           **liger))  # fmt: skip
     out.append(SystemSpec(name=f"liger-packed-sdpa-{_tok(k(4))}", layout="packed", attn="sdpa", plan_tokens=k(4),
                           optional=True, **liger))  # fmt: skip
-    out.append(SystemSpec(name=f"liger-packed-flex-{_tok(k(16))}", layout="packed", attn="flex_attention",
-                          plan_tokens=k(16), **liger))  # fmt: skip
     out.append(SystemSpec(name="unsloth", family="unsloth", layout="padded", attn="sdpa", plan_tokens=k(4),
                           batch_size=32, group="unsloth", needs_cuda=True, **base))  # fmt: skip
     return out
@@ -195,7 +199,7 @@ def _unsloth_row(spec: SystemSpec) -> dict[str, Any]:
     try:
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
-        return {"system": spec.name, "status": "import unsloth hung > 120 s (offline?)"}
+        return {"system": spec.name, "spec": asdict(spec), "status": "import unsloth hung > 120 s (offline?)"}
     if r.returncode == 0:
         status = f"imports (unsloth {r.stdout.strip()}); not benchmarked: needs a saved model folder"
     elif "No module named 'unsloth'" in r.stderr:
@@ -222,12 +226,13 @@ def _unsloth_row(spec: SystemSpec) -> dict[str, Any]:
 )
 @click.option("--steps", default=10, help="Timed steps per system (after --warmup).")
 @click.option("--warmup", default=3, help="Untimed warm-up steps per system (compilation, autotuning).")
-@click.option("--slow-steps", default=3, help="Timed steps of the slow peers (padded batch 1, SDPA at long rows).")
+@click.option("--slow-steps", default=3, help="Timed steps (after 1 warm-up) of the slow peer: packed SDPA, 16K rows.")
 @click.option("--seed", default=0, help="Model init, LoRA init and pack order.")
 @click.option("--lr", default=2e-4, help="AdamW learning rate.")
 @click.option("--out", default=lambda: os.environ.get("OUT", "bench-train-out"), help="Results folder ($OUT).")
 @click.option("--append", is_flag=True, help="Keep rows of earlier runs in --out (split a run over commands).")
 @click.option("--profile", is_flag=True, help="torch.profiler on one extra padless step: top kernels + trace.")
+@click.option("--profile-systems", default="padless-1k,padless-16k", help="Which padless systems --profile covers.")
 @click.option("--tiny", is_flag=True, help="CPU smoke run: 2 layers, hidden 64, vocab of the shards, fp32.")
 @click.option("--peak-tflops", default=989.0, help="Dense bf16 peak for MFU (H100/H200 SXM spec: 989).")
 @click.option(
@@ -249,29 +254,47 @@ def _unsloth_row(spec: SystemSpec) -> dict[str, Any]:
     help="Seconds for the whole run; systems not started by then are "
     "skipped (0 = no limit). Keep it under the machine's per-command limit.",
 )
-def main(shards_path: str, model_shape: str, systems: str, steps: int, warmup: int, slow_steps: int, seed: int,
-         lr: float, out: str, append: bool, profile: bool, tiny: bool, peak_tflops: float, flex_pad_rows: bool,
-         padded_steps: str, system_timeout: float, time_budget: float) -> None:  # fmt: skip
+def main(**o: Any) -> None:
     """Train every system on the same examples; print one table (also written to --out as JSON and markdown)."""
     import shards
 
-    if steps < 1 or warmup < 0 or slow_steps < 1:
-        raise click.BadParameter(f"steps={steps}, warmup={warmup}, slow_steps={slow_steps}: need >= 1, >= 0, >= 1")
-    ss = shards.open(shards_path)
-    out_dir = Path(out)
+    if o["steps"] < 1 or o["warmup"] < 0 or o["slow_steps"] < 1:
+        raise click.BadParameter(f"steps={o['steps']}, warmup={o['warmup']}, slow_steps={o['slow_steps']}: "
+                                 "need >= 1, >= 0, >= 1")  # fmt: skip
+    ss = shards.open(o["shards_path"])
+    out_dir = Path(o["out"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = BenchConfig(shards=str(Path(shards_path).resolve()), model_shape=model_shape, tiny=tiny, seed=seed, lr=lr,
-                      out=str(out_dir.resolve()), profile=profile, peak_tflops=peak_tflops,
-                      flex_pad_rows=flex_pad_rows, padded_steps=padded_steps,
-                      deadline=time.time() + time_budget if time_budget > 0 else 0.0)  # fmt: skip
-    line_up = _select(default_systems(ss.max_len, warmup=warmup, steps=steps, slow_steps=slow_steps), systems)
-    stem = f"bench_train_{model_shape}" + ("_tiny" if tiny else "")
+    cfg = BenchConfig(
+        shards=str(Path(o["shards_path"]).resolve()),
+        model_shape=o["model_shape"],
+        tiny=o["tiny"],
+        seed=o["seed"],
+        lr=o["lr"],
+        out=str(out_dir.resolve()),
+        profile=o["profile_systems"] if o["profile"] else "",
+        peak_tflops=o["peak_tflops"],
+        flex_pad_rows=o["flex_pad_rows"],
+        padded_steps=o["padded_steps"],
+        deadline=time.time() + o["time_budget"] if o["time_budget"] > 0 else 0.0,
+    )
+    every = default_systems(ss.max_len, warmup=o["warmup"], steps=o["steps"], slow_steps=o["slow_steps"])
+    line_up = _select(every, o["systems"])
+    env = environment(cfg, ss, command=shlex.join([Path(sys.executable).name, *sys.argv]))
+    rows = run_bench(cfg, line_up, env, append=o["append"], system_timeout=o["system_timeout"])
+    print(render_table(rows, env))
+
+
+def run_bench(
+    cfg: BenchConfig, line_up: list[SystemSpec], env: dict[str, Any], *, append: bool, system_timeout: float
+) -> dict[str, dict[str, Any]]:
+    """Run ``line_up`` worker group by worker group; rows (and --out files) are updated after every system."""
+    out_dir = Path(cfg.out)
+    stem = f"bench_train_{cfg.model_shape}" + ("_tiny" if cfg.tiny else "")
     results = out_dir / f"{stem}.rows.jsonl"
     if results.exists() and not append:
         results.unlink()
     config_path = out_dir / f"{stem}.config.json"
     config_path.write_text(json.dumps({"config": asdict(cfg), "systems": [asdict(s) for s in line_up]}, indent=1))
-    env = environment(cfg, ss, command=shlex.join([Path(sys.executable).name, *sys.argv]))
     cuda = env["gpu"] != "none"
     groups: dict[str, list[SystemSpec]] = {}
     for s in line_up:
@@ -304,7 +327,7 @@ def main(shards_path: str, model_shape: str, systems: str, steps: int, warmup: i
             print(f"[bench_train] worker group {group!r}: {', '.join(runnable)}", flush=True)
             _run_group(runnable, config_path, results, system_timeout, out_dir / f"{stem}.log", save)
         save()
-    print(render_table(rows_now(), env))
+    return rows_now()
 
 
 def _write(out_dir: Path, stem: str, env: dict[str, Any], cfg: BenchConfig, rows: dict[str, dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class BenchConfig:
     seed: int
     lr: float
     out: str
-    profile: bool
+    profile: str  # comma-separated globs of the padless systems to profile ("" = none)
     peak_tflops: float
     flex_pad_rows: bool
     padded_steps: str  # "examples": b examples per step (one micro-batch) | "plan": padless's plan steps
@@ -263,7 +264,7 @@ def _profile_step(run, mbs, step, device, params, opt, profile_dir: Path) -> Non
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # torch >= 2.4 names
     profile_dir.mkdir(parents=True, exist_ok=True)
     (profile_dir / "top_kernels.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     prof.export_chrome_trace(str(profile_dir / "trace.json.gz"))
@@ -315,7 +316,8 @@ def run_system(cfg: BenchConfig, spec: SystemSpec, ss: Any) -> dict[str, Any]:
         row["trainable_params"] = sum(p.numel() for p in params)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak below includes the weights, not the init
-        prof_dir = Path(cfg.out) / f"profile-{spec.name}" if cfg.profile and spec.family == "padless" else None
+        profiled = spec.family == "padless" and any(fnmatch(spec.name, p) for p in cfg.profile.split(",") if p)
+        prof_dir = Path(cfg.out) / f"profile-{spec.name}" if profiled else None
         losses, times, norms = _timed_loop(model, run, batches, steps, device, params, opt, prof_dir)
         row.update(_summarise(spec, steps, batches, losses, times, norms, mcfg, cfg, device))
         row["notes"] = notes
