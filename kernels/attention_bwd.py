@@ -49,6 +49,9 @@ class BwdConfig(NamedTuple):
     q_block_n: int
     q_warps: int
     q_stages: int
+    # Opt-in: dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7, no dQ launch), NOT bitwise
+    # reproducible. Off by default; tools/bench_attention.py --sweep measures it.
+    dq_atomic: bool = False
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -95,10 +98,11 @@ def _q_ranges(j0, n, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSA
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dot, stride_doh,
-    i0, n, window, pre, post, rows, rh, offs_d,
+    dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt, stride_qh, stride_dot,
+    stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """One query block's contribution to this key block's dK and dV."""
     pad_d = BLOCK_D != HEAD_DIM
@@ -130,42 +134,48 @@ def _dkdv_step(
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
     dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, PREC)
+    if ATOMIC_DQ:
+        # Opt-in fast path: dQ += dS K straight into an fp32 (T, H, D) buffer; atomics make it non-deterministic.
+        dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PREC)
+        dqa = dqa_base + rt[:, None] * (H * HEAD_DIM) + rh[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dqa, dq * scale, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dot, stride_doh,
-    lo, hi, n, window, pre, post, rows, offs_d, h0,
+    dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt, stride_qh, stride_dot,
+    stride_doh, lo, hi, n, window, pre, post, scale, rows, offs_d, h0,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     rh = h0 + rows % HPB
     if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
         i0 = lo
         while i0 < hi:
-            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                                stride_dot, stride_doh, i0, n, window, pre, post, rows, rh, offs_d, H, HEAD_DIM,
-                                BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
+                                stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
+                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ)  # fmt: skip
             i0 += BLOCK_M
     else:
         for i0 in range(lo, hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                                stride_dot, stride_doh, i0, n, window, pre, post, rows, rh, offs_d, H, HEAD_DIM,
-                                BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
+                                stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
+                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ)  # fmt: skip
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SCHED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, CU, SCHED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_tiles, window, pre, post, scale,
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     tile = n_tiles - 1 - tl.program_id(0)
     ex = tl.load(SCHED + 2 * tile)
@@ -188,19 +198,23 @@ def _dkdv_kernel(
     do_base = DO + start * stride_dot
     lse_base = LSE + start * H
     delta_base = DELTA + start * H
+    dqa_base = DQACC + start * (H * HEAD_DIM)  # (T, H, D) fp32 contiguous; only touched with ATOMIC_DQ
     lo, f_lo, f_hi, hi = _q_ranges(j0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # The G query heads of this kv head, HPB at a time: dK/dV sum over them without atomics.
     for hs in range(GROUP // HPB):
         h0 = kvh * GROUP + hs * HPB
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                             stride_dot, stride_doh, lo, f_lo, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                             stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                             stride_dot, stride_doh, f_hi, hi, n, window, pre, post, rows, offs_d, h0, H, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, lo, f_lo, n, window, pre, post, scale, rows, offs_d,
+                             h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
+                             ATOMIC_DQ)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, scale, rows, offs_d,
+                             h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC,
+                             ATOMIC_DQ)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, f_hi, hi, n, window, pre, post, scale, rows, offs_d,
+                             h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
+                             ATOMIC_DQ)  # fmt: skip
     out_ok = (cols[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
     tok = start + cols
     tl.store(DK + tok[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -328,6 +342,7 @@ def flash_bwd(
     if T == 0:
         return dq, dk, dv
     block_d = triton.next_power_of_2(D)
+    # The opt-in fp32 dQ buffer has as many elements as q: judged by q.
     long_idx = needs_long_indexing(q, k, v, do, out, dq)
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
     block_t = max(1, 4096 // block_d)
@@ -340,14 +355,18 @@ def flash_bwd(
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_idx,
         PREC=dot_precision(q.dtype), GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d,
     )  # fmt: skip
+    dq_acc = torch.zeros((T, H, D), dtype=torch.float32, device=q.device) if cfg.dq_atomic else dq
     _dkdv_kernel[(sched_kv.shape[0], Hkv)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, sched_kv,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
         BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m, HPB=cfg.kv_hpb,
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **common,
+        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **common,
     )  # fmt: skip
+    if cfg.dq_atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
     _dq_kernel[(sched_q.shape[0], H // cfg.q_hpb)](
         q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),

@@ -270,6 +270,8 @@ def sweep_case(args, bench, device, dtype, name: str, lens: list[int], D: int) -
     else:
         kv, dq = bwd_cands
         trials += [("bwd_kv", BwdConfig(*c, *d_bwd[5:]), time_bwd) for c in kv]
+        # The opt-in atomic-dQ backward (no dQ kernel; not bitwise reproducible).
+        trials += [("bwd_atomic_dq", BwdConfig(*c, *d_bwd[5:10], dq_atomic=True), time_bwd) for c in kv]
         trials += [("bwd_dq", BwdConfig(*d_bwd[:5], *c), time_bwd) for c in dq]
     results = []
     for kind, cfg, fn_time in trials:
@@ -280,7 +282,7 @@ def sweep_case(args, bench, device, dtype, name: str, lens: list[int], D: int) -
         tf = (1.0 if kind == "fwd" else 2.5) * flops / ms / 1e9 if ms else None
         results.append({"case": name, "D": D, "kind": kind, "config": cfg._asdict(), "ms": ms, "tflops": tf,
                         "default": cfg in (d_fwd, d_bwd), "error": err})  # fmt: skip
-    for kind in ("fwd", "bwd_kv", "bwd_dq", "bwd"):
+    for kind in ("fwd", "bwd_kv", "bwd_dq", "bwd_atomic_dq", "bwd"):
         ok = [r for r in results if r["kind"] == kind and r["ms"]]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
