@@ -26,15 +26,16 @@ __all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
 
 TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
-# Small enough for a CPU demo: with a 150k vocab the tied embedding / lm_head dominates every step (a 1024-token
-# micro-batch costs ~3 x 1024 x 64 x 150k flops in the lm_head alone), so the hidden size stays at 64.
+# Small enough for a CPU demo, big enough for the loss to fall visibly. With a 150k vocab the tied embedding /
+# lm_head dominates every CPU step (~3 x T x 128 x 150k flops per micro-batch). The golden-loss test
+# (tests/train/golden) pins these numbers: changing them means regenerating it.
 _TINY_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 192,
+    "hidden_size": 128,
+    "intermediate_size": 256,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "head_dim": 16,
+    "head_dim": 32,
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
     "use_cache": False,
