@@ -92,9 +92,12 @@ def _rms_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_E)
     col_mask = cols < E
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    w_eff = offset + w if GEMMA_CAST else w
+    if GEMMA_CAST:
+        w = offset + w
     dw_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    block = pid.to(tl.int64) if LONG_INDEXING else pid
+    block = pid
+    if LONG_INDEXING:
+        block = pid.to(tl.int64)
     # Interleaved blocks (neighbouring programs read neighbouring rows). A while loop, not tl.range: Triton 3.6's
     # interpreter cannot take a runtime bound in range() with numpy 2 (int() of a 1-element array).
     while block < n_blocks:
@@ -106,7 +109,7 @@ def _rms_norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         normed = x * rstd[:, None]
         if COMPUTE_DX:
-            g = dy * w_eff[None, :]
+            g = dy * w[None, :]
             mean_gn = tl.sum(g * normed, axis=1) / E
             dx = rstd[:, None] * (g - normed * mean_gn[:, None])
             tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)

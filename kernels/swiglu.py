@@ -46,18 +46,21 @@ def _act_and_grad(g, ACT: tl.constexpr, WANT_GRAD: tl.constexpr):
     if ACT == 0:  # silu(g) = g * sigmoid(g); silu' = s * (1 + g * (1 - s))
         s = tl.sigmoid(g)
         a = g * s
-        da = s * (1.0 + g * (1.0 - s)) if WANT_GRAD else a
+        da = a
+        if WANT_GRAD:
+            da = s * (1.0 + g * (1.0 - s))
     elif ACT == 1:  # gelu_tanh(g) = 0.5 g (1 + tanh(k0 (g + k1 g^3)))
         t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
         a = 0.5 * g * (1.0 + t)
+        da = a
         if WANT_GRAD:
             da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
-        else:
-            da = a
     else:  # gelu(g) = 0.5 g (1 + erf(g / sqrt 2)); gelu' = Phi(g) + g phi(g)
         cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
         a = g * cdf
-        da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g) if WANT_GRAD else a
+        da = a
+        if WANT_GRAD:
+            da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     return a, da
 
 
