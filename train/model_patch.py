@@ -97,7 +97,9 @@ class PatchHandle:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM inside a peft ``PeftModel`` (or the model itself)."""
+    """The Hugging Face causal LM inside DDP and/or a peft ``PeftModel`` (or the model itself)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

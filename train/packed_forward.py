@@ -22,7 +22,7 @@ from train.activation_checkpoint import check_mode, run_layer
 from train.batch import IGNORE_INDEX, MicroBatch
 from train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
 
-__all__ = ["block_causal_mask", "packed_loss"]
+__all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
 
 
 def _norm(module: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
@@ -198,3 +198,19 @@ def packed_loss(
     if handle.fallback:
         return _fallback_path(handle, batch, checkpointing)
     return _packed_path(handle, batch, checkpointing)
+
+
+class PackedLossModule(nn.Module):
+    """``packed_loss`` as a module, so that a wrapper that needs the forward to go through it (DDP) can hold it.
+
+    ``DistributedDataParallel(PackedLossModule(model))(batch)`` returns ``(loss_sum, n_counted)`` with DDP's
+    gradient synchronisation prepared by its own forward. ``self.model`` is the (peft-wrapped) causal LM.
+    """
+
+    def __init__(self, model: nn.Module, checkpointing: str = "off") -> None:
+        super().__init__()
+        self.model = model
+        self.checkpointing = check_mode(checkpointing)
+
+    def forward(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_loss(self.model, batch, checkpointing=self.checkpointing)

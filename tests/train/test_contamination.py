@@ -124,6 +124,9 @@ def test_fallback_path_warns_and_is_uncontaminated():
     assert params
     with pytest.warns(FallbackWarning, match="does not patch model_type 'gpt_neox'.*block-diagonal causal mask"):
         patch_model(model)
+    assert model.config.use_cache is False
+    # The trap: with a KV cache on, transformers stops building its packed mask. Our explicit mask does not care.
+    model.config.use_cache = True
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)  # patched once: no second warning per step
         assert not leaks(padless_loss, model, params)

@@ -21,13 +21,12 @@ from tests.train.tiny_models import (
 )
 from train.adapters import apply_adapters
 from train.model_patch import patch_model
-from train.packed_forward import packed_loss
+from train.packed_forward import PackedLossModule, packed_loss
 
-LENGTHS = [7, 12, 5, 9]  # ragged; longer than the sliding windows below
+LENGTHS = [7, 12, 5]  # ragged; longer than the sliding windows below
 
 CASES = {
     "llama": ("llama", {}),
-    "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
     "mistral-window3": ("mistral", {"sliding_window": 3}),
     "qwen2-window4": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3": ("qwen3", {}),
@@ -79,6 +78,14 @@ def test_full_finetune_packed_equals_one_by_one():
     params = trainable(model)
     assert len(params) == len(list(model.parameters()))
     check_parity(model, make_batch(LENGTHS, seed=4), params)
+
+
+def test_packed_loss_module_wraps_packed_loss():
+    model = tiny_model("llama")
+    batch = make_batch(LENGTHS, seed=9)
+    direct, n = packed_loss(model, batch)
+    wrapped, m = PackedLossModule(model, checkpointing="on")(batch)
+    assert torch.equal(direct, wrapped) and int(n) == int(m)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
