@@ -6,6 +6,7 @@ Llama-3-8B shapes, bf16, built directly on the GPU) on the same examples from on
 the loss of every step. Steps are padless's micro-batch plan at each token budget; every system at the same plan
 budget trains on exactly the same examples per step (see ``tools/bench_train_data.py``), so their step losses agree
 to bf16 noise, and padless's first-step loss is printed beside Hugging Face's unpacked loss on the same examples.
+Padded peers take b examples per step from the same example sequence (``--padded-steps plan``: padless's steps).
 
 Systems run in worker subprocesses, one after another (one GPU): an OOM is recorded and the worker goes on; a crash
 or hang (``--system-timeout``) loses only that system's row, and a fresh worker continues with the rest. Liger
@@ -14,13 +15,15 @@ patches transformers' module globals, so its systems get their own worker.
 The shards (the real Alpaca 52K, Qwen3 tokenizer, max_len 1024):
     python -m prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
         --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out .device-data/alpaca-qwen3-1024
-On the H200 (about 8 minutes for the Qwen3 row; ``--model-shape llama3-8b`` for the second row):
-    python tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 --model-shape qwen3-8b --out $OUT
+On the H200 (about 8 minutes for the Qwen3 line-up; docs/bench/train.md has the Llama-3-8B command):
+    python tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 --model-shape qwen3-8b --out $OUT \
+        --profile --time-budget 560
 CPU smoke run of every code path on a tiny model: ``python tools/bench_train.py --tiny --shards DIR``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -318,6 +321,8 @@ def run_bench(
                 row = _unsloth_row(s)
             elif s.needs_cuda and not cuda:
                 row = {"system": s.name, "spec": asdict(s), "status": "skipped (cpu)"}
+            elif s.family == "liger" and importlib.util.find_spec("liger_kernel") is None:
+                row = {"system": s.name, "spec": asdict(s), "status": "n/a (liger-kernel not installed)"}
             else:
                 runnable.append(s.name)
                 continue
