@@ -12,6 +12,8 @@ from kernels.rmsnorm import rms_norm, rms_norm_reference
 from tests.kernels.compare import assert_close_verbose, dtype_error_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The unmarked tests run the real kernels on a GPU machine too (small shapes); on CPU through the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): up to one extra
 # bf16 ulp (2**-7 relative); on the GPU the bound has no such term.
@@ -24,10 +26,10 @@ def _rtol(dtype: torch.dtype) -> float:
 
 def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6):
     weight_dtype = weight_dtype or dtype
-    x0 = (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dtype)
-    w0 = (torch.randn(shape[-1], generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(weight_dtype)
+    x0 = (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dtype).to(DEVICE)
+    w0 = (torch.randn(shape[-1], generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(weight_dtype).to(DEVICE)
     out_dtype = dtype if offset else torch.promote_types(dtype, weight_dtype)
-    dy = torch.randn(*shape, generator=gen).to(out_dtype)
+    dy = torch.randn(*shape, generator=gen).to(out_dtype).to(DEVICE)
 
     def run(fn, x_dt, w_dt):
         x = x0.to(x_dt).requires_grad_(True)
@@ -65,8 +67,8 @@ def test_rms_norm_fp32_weight_with_bf16_activations_promotes_like_hf():
 def test_rms_norm_frozen_weight_lora():
     gen = torch.Generator().manual_seed(22)
     _check((17, 40), torch.bfloat16, 0.0, gen, weight_grad=False)
-    x = torch.randn(4, 8, requires_grad=True)
-    w = torch.ones(8)
+    x = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE)
     y = rms_norm(x, w, 1e-6)
     y.sum().backward()
     assert w.grad is None and x.grad is not None
@@ -74,9 +76,9 @@ def test_rms_norm_frozen_weight_lora():
 
 def test_rms_norm_weight_grad_is_deterministic():
     gen = torch.Generator().manual_seed(23)
-    x = torch.randn(67, 96, generator=gen, requires_grad=True)
-    w = torch.randn(96, generator=gen, requires_grad=True)
-    dy = torch.randn(67, 96, generator=gen)
+    x = torch.randn(67, 96, generator=gen).to(DEVICE).requires_grad_(True)
+    w = torch.randn(96, generator=gen).to(DEVICE).requires_grad_(True)
+    dy = torch.randn(67, 96, generator=gen).to(DEVICE)
     grads = [torch.autograd.grad(rms_norm(x, w, 1e-5), (x, w), dy) for _ in range(2)]
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
@@ -91,9 +93,9 @@ def test_rms_norm_long_indexing_forced(monkeypatch):
 def test_rms_norm_strided_rows():
     # x as a slice of a wider buffer (rows strided), e.g. the q part of a fused projection reshaped per head.
     gen = torch.Generator().manual_seed(25)
-    base = torch.randn(11, 160, generator=gen, dtype=torch.float64).float().requires_grad_(True)
-    w = torch.randn(96, generator=gen).requires_grad_(True)
-    dy = torch.randn(11, 96, generator=gen)
+    base = torch.randn(11, 160, generator=gen).to(DEVICE).requires_grad_(True)
+    w = torch.randn(96, generator=gen).to(DEVICE).requires_grad_(True)
+    dy = torch.randn(11, 96, generator=gen).to(DEVICE)
     out = rms_norm(base[:, 32:128], w, 1e-6)
     expected = rms_norm_reference(base[:, 32:128], w, 1e-6)
     assert_close_verbose(out, expected, atol=1e-5, name="y")
@@ -118,9 +120,10 @@ def test_rms_norm_matches_transformers_modules(model):
     eps = module.eps if hasattr(module, "eps") else module.variance_epsilon
     with torch.no_grad():
         module.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.3 + (0.0 if offset else 1.0))
+    module = module.to(DEVICE)
     for dtype in DTYPES:
         mod = module.to(dtype)
-        x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+        x = (torch.randn(*shape, generator=gen) * 3).to(dtype).to(DEVICE)
         with torch.no_grad():
             hf = mod(x)
             ref = rms_norm_reference(x, mod.weight, eps, offset)

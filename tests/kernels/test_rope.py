@@ -13,6 +13,8 @@ from kernels.rope import rope_, rope_reference
 from tests.kernels.compare import assert_close_verbose, dtype_error_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The unmarked tests run the real kernels on a GPU machine too (small shapes); on CPU through the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Same-dtype PyTorch error is the scale; this floor only covers values the reference happens to get exact.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even), which costs up to
@@ -42,14 +44,14 @@ def _ragged_positions(t: int, gen: torch.Generator) -> tuple[torch.Tensor, torch
 
 
 def _check(dtype, t, h, hkv, d, gen, pos_dtype=torch.int64):
-    cos, sin = _cache(4 * t + 7, d)
+    cos, sin = (c.to(DEVICE) for c in _cache(4 * t + 7, d))
     pos, _ = _ragged_positions(t, gen)
     pos = pos + torch.randint(0, 3 * t, (1,), generator=gen)  # offsets so the cache rows vary beyond t
-    pos = pos.to(pos_dtype)
-    q0 = torch.randn(t, h, d, generator=gen).to(dtype)
-    k0 = torch.randn(t, hkv, d, generator=gen).to(dtype)
-    gq = torch.randn(t, h, d, generator=gen).to(dtype)
-    gk = torch.randn(t, hkv, d, generator=gen).to(dtype)
+    pos = pos.to(pos_dtype).to(DEVICE)
+    q0 = torch.randn(t, h, d, generator=gen).to(dtype).to(DEVICE)
+    k0 = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
+    gq = torch.randn(t, h, d, generator=gen).to(dtype).to(DEVICE)
+    gk = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
 
     def run(fn, dt):
         qa = q0.to(dt).requires_grad_(True)
@@ -98,15 +100,16 @@ def test_rope_matches_transformers_apply_rotary_pos_emb():
 
     t, h, hkv, d = 23, 4, 2, 64
     config = LlamaConfig(hidden_size=h * d, num_attention_heads=h, num_key_value_heads=hkv, head_dim=d)
-    rotary = LlamaRotaryEmbedding(config)
+    rotary = LlamaRotaryEmbedding(config).to(DEVICE)
     gen = torch.Generator().manual_seed(3)
     pos, _ = _ragged_positions(t, gen)
+    pos = pos.to(DEVICE)
     # Our (P, D/2) cache built from HF's own inv_freq (HF's cos is cat(freqs, freqs)).
-    freqs = torch.arange(64, dtype=torch.float32)[:, None] * rotary.inv_freq[None, :].float()
+    freqs = torch.arange(64, dtype=torch.float32, device=DEVICE)[:, None] * rotary.inv_freq[None, :].float()
     cos, sin = freqs.cos(), freqs.sin()
     for dtype in DTYPES:
-        q = torch.randn(t, h, d, generator=gen).to(dtype)
-        k = torch.randn(t, hkv, d, generator=gen).to(dtype)
+        q = torch.randn(t, h, d, generator=gen).to(dtype).to(DEVICE)
+        k = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
         hf_cos, hf_sin = rotary(q, pos[None, :])  # (1, T, D) in q's dtype
         q_hf, k_hf = apply_rotary_pos_emb(q, k, hf_cos[0], hf_sin[0], unsqueeze_dim=1)  # q (T, H, D)
         # The reference is HF's arithmetic exactly (same casts); the kernel rounds once from fp32.
@@ -124,9 +127,9 @@ def test_rope_matches_transformers_apply_rotary_pos_emb():
 
 def test_rope_in_place_without_grad_returns_the_same_tensors():
     gen = torch.Generator().manual_seed(4)
-    cos, sin = _cache(32, 64)
-    q, k = torch.randn(9, 3, 64, generator=gen), torch.randn(9, 1, 64, generator=gen)
-    pos, _ = _ragged_positions(9, gen)
+    cos, sin = (c.to(DEVICE) for c in _cache(32, 64))
+    q, k = torch.randn(9, 3, 64, generator=gen).to(DEVICE), torch.randn(9, 1, 64, generator=gen).to(DEVICE)
+    pos = _ragged_positions(9, gen)[0].to(DEVICE)
     expected_q, expected_k = rope_reference(q, k, cos, sin, pos)
     q_ptr, k_ptr = q.data_ptr(), k.data_ptr()
     q_out, k_out = rope_(q, k, cos, sin, pos)
@@ -150,19 +153,18 @@ def _fused_qkv_loss(fn, x, w, cos, sin, pos, h, hkv, d, gq, gk):
 def test_rope_autograd_on_views_of_a_linear_output(layout):
     gen = torch.Generator().manual_seed(5)
     t, h, hkv, d, e = 11, 3, 2, 64, 16
-    cos, sin = _cache(40, d)
-    pos, _ = _ragged_positions(t, gen)
-    x = torch.randn(t, e, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    cos, sin = (c.to(DEVICE) for c in _cache(40, d))
+    pos = _ragged_positions(t, gen)[0].to(DEVICE)
+    x = torch.randn(t, e, generator=gen).to(DEVICE).requires_grad_(True)
+    gq, gk = torch.randn(t, h, d, generator=gen).to(DEVICE), torch.randn(t, hkv, d, generator=gen).to(DEVICE)
     if layout == "fused_qkv_views":
-        w = torch.randn((h + 2 * hkv) * d, e, generator=gen).requires_grad_(True)
-        gq, gk = torch.randn(t, h, d, generator=gen), torch.randn(t, hkv, d, generator=gen)
+        w = torch.randn((h + 2 * hkv) * d, e, generator=gen).to(DEVICE).requires_grad_(True)
 
         def loss_of(fn):
             return _fused_qkv_loss(fn, x, w, cos, sin, pos, h, hkv, d, gq, gk)
     else:
-        w = torch.randn(h * d, e, generator=gen).requires_grad_(True)
-        wk = torch.randn(hkv * d, e, generator=gen)
-        gq, gk = torch.randn(t, h, d, generator=gen), torch.randn(t, hkv, d, generator=gen)
+        w = torch.randn(h * d, e, generator=gen).to(DEVICE).requires_grad_(True)
+        wk = torch.randn(hkv * d, e, generator=gen).to(DEVICE)
 
         def loss_of(fn):
             q = (x @ w.T).view(t, h, d)  # the HF layout: q_proj(x).view(T, H, D)
@@ -179,10 +181,10 @@ def test_rope_autograd_on_views_of_a_linear_output(layout):
 def test_rope_backward_with_a_broadcast_gradient():
     # q.sum() hands backward a stride-0 (expanded) gradient, which must not be rotated in place.
     gen = torch.Generator().manual_seed(6)
-    cos, sin = _cache(16, 64)
-    pos, _ = _ragged_positions(7, gen)
-    q0, k0 = torch.randn(7, 2, 64, generator=gen, requires_grad=True), torch.randn(7, 1, 64, generator=gen)
-    k0.requires_grad_(True)
+    cos, sin = (c.to(DEVICE) for c in _cache(16, 64))
+    pos = _ragged_positions(7, gen)[0].to(DEVICE)
+    q0 = torch.randn(7, 2, 64, generator=gen).to(DEVICE).requires_grad_(True)
+    k0 = torch.randn(7, 1, 64, generator=gen).to(DEVICE).requires_grad_(True)
     q, k = rope_(q0 * 1, k0 * 1, cos, sin, pos)
     dq, dk = torch.autograd.grad(q.sum() + k.sum(), (q0, k0))
     qr, kr = rope_reference(q0, k0, cos, sin, pos)

@@ -13,6 +13,8 @@ from kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 from tests.kernels.compare import assert_close_verbose, dtype_error_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The unmarked tests run the real kernels on a GPU machine too (small shapes); on CPU through the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even), which costs up to
 # one bf16 ulp (2**-7 relative) more than rounding; on the GPU the bound has no such term.
@@ -33,14 +35,14 @@ ACTIVATIONS = {
 def _inputs(shape, dtype, layout, gen):
     """gate, up leaves (scaled so the activation's curved region and both tails are exercised) and dy."""
     if layout == "fused_halves":  # the (T, I) halves of one (T, 2I) gate_up projection output: strided rows
-        base = (3 * torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)).to(dtype).requires_grad_(True)
+        base = (3 * torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)).to(dtype).to(DEVICE).requires_grad_()
         gate, up = base[..., : shape[-1]], base[..., shape[-1] :]
         leaves = (base,)
     else:
-        gate = (3 * torch.randn(*shape, generator=gen)).to(dtype).requires_grad_(True)
-        up = torch.randn(*shape, generator=gen).to(dtype).requires_grad_(True)
+        gate = (3 * torch.randn(*shape, generator=gen)).to(dtype).to(DEVICE).requires_grad_(True)
+        up = torch.randn(*shape, generator=gen).to(dtype).to(DEVICE).requires_grad_(True)
         leaves = (gate, up)
-    dy = torch.randn(*shape, generator=gen).to(dtype)
+    dy = torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
     return gate, up, leaves, dy
 
 
@@ -88,7 +90,7 @@ def test_gated_activation_long_indexing_forced(monkeypatch):
 
 def test_gated_activation_extreme_inputs_stay_finite():
     # tanh via exp must saturate, not produce inf/inf = nan, for large |gate|.
-    gate = torch.tensor([[-1e4, -80.0, -20.0, 0.0, 20.0, 80.0, 1e4]])
+    gate = torch.tensor([[-1e4, -80.0, -20.0, 0.0, 20.0, 80.0, 1e4]], device=DEVICE)
     up = torch.ones_like(gate)
     for name, (fn, ref) in ACTIVATIONS.items():
         assert_close_verbose(fn(gate, up), ref(gate, up), atol=1e-4, rtol=1e-6, name=name)
