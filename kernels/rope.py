@@ -281,7 +281,11 @@ def rope_(
     cos/sin: (P, D/2) cache (fp32) of ``cos/sin(position * inv_freq)`` (times any attention scaling);
     position_ids: (T,) int32/int64, e.g. restarting at 0 for every packed example. q and k may be strided views
     (e.g. slices of a fused qkv projection) but each head's D values must be contiguous. Works inside autograd:
-    the backward rotates the incoming gradients in place by -theta.
+    the backward rotates the incoming gradient buffers in place by -theta and passes them on (a gradient that
+    cannot be written in place, e.g. the stride-0 one of ``q.sum()``, is copied first). So a tensor handed to
+    ``torch.autograd.grad(..., grad_outputs=...)`` for q or k directly is overwritten; inside a model the
+    gradients are the engine's own buffers. q and k must not be leaves that require grad (PyTorch forbids
+    in-place ops on those); pass ``x.clone()`` there.
     """
     cos, sin, position_ids = _prepare_rope_args(q, k, cos, sin, position_ids)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
