@@ -239,6 +239,8 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
                 }
                 meta = {
                     "tokenizer": identity,
+                    # Where it was loaded from (for `prep show`); not part of the fingerprint, paths differ by machine.
+                    "tokenizer_source": str(tk.folder),
                     "options": options,
                     "source": {"inputs": list(cfg.datasets), "fingerprint": source_fp, "rows": n_rows},
                     "fingerprint": fingerprint,

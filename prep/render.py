@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import PrepError
 
-__all__ = ["FORMATS", "Rendered", "apply_maps", "detect_format", "parse_maps", "render_row"]
+__all__ = ["ALPACA_HEADERS", "FORMATS", "Rendered", "apply_maps", "detect_format", "parse_maps", "render_row"]
 
 # Detection order matters: a chat row may also carry a `text` column.
 _REQUIRED = {
@@ -38,6 +38,8 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# The constant opening of every Alpaca prompt: tokenized once and reused when that is exact (see tokenize.py).
+ALPACA_HEADERS = tuple(t[: t.index("{instruction}")] for t in (ALPACA_WITH_INPUT, ALPACA_NO_INPUT))
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",

@@ -172,6 +172,9 @@ def show_pack(path: str, i: int, tokenizer: str | None, color: bool = False) -> 
     ss = shards.open(path)
     if not 0 <= i < len(ss):
         raise PrepError(f"--pack {i} out of range: {path!r} holds packs 0..{len(ss) - 1}")
+    source = ss.manifest.get("tokenizer_source")
+    if tokenizer is None and source and Path(source).is_dir():
+        tokenizer = source
     tk = load_tokenizer(tokenizer)
     man_tok = ss.manifest.get("tokenizer", {})
     p = ss[i]
