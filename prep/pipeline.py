@@ -110,9 +110,10 @@ def _overlong(tok, mask, lengths, index, max_len: int, mode: str):
     if not keep_ex.all():
         keep_tok = np.repeat(keep_ex, lengths)
         tok, mask, lengths, index = tok[keep_tok], mask[keep_tok], lengths[keep_ex], index[keep_ex]
-    starts = np.zeros(len(lengths), np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    pos = np.arange(len(tok), dtype=np.int64) - np.repeat(starts, lengths)
+    if mode != "drop" and counts["overlong"]:  # position of every token inside its example
+        starts = np.zeros(len(lengths), np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        pos = np.arange(len(tok), dtype=np.int64) - np.repeat(starts, lengths)
     if mode == "truncate" and counts["overlong"]:
         keep_tok = pos < max_len
         tok, mask, lengths = tok[keep_tok], mask[keep_tok], np.minimum(lengths, max_len)
@@ -188,8 +189,12 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         for name, sel in (("train", ~is_eval), ("eval", is_eval)):
             if not sel.any():
                 continue
-            tsel = np.repeat(sel, lengths)
-            t, m, ln, ix, counts = _overlong(tok[tsel], mask[tsel], lengths[sel], index[sel], cfg.max_len, cfg.overlong)
+            if sel.all():  # no eval split: skip copying every token
+                t, m, ln, ix = tok, mask, lengths, index
+            else:
+                tsel = np.repeat(sel, lengths)
+                t, m, ln, ix = tok[tsel], mask[tsel], lengths[sel], index[sel]
+            t, m, ln, ix, counts = _overlong(t, m, ln, ix, cfg.max_len, cfg.overlong)
             if len(ln) == 0:
                 raise PrepError(
                     f"no {name} examples left after --overlong {cfg.overlong} (all {int(sel.sum())} rows empty or "
