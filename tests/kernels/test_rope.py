@@ -149,7 +149,7 @@ def _fused_qkv_loss(fn, x, w, cos, sin, pos, h, hkv, d, gq, gk):
     return (q * gq).sum() + (k * gk).sum() + (y[:, (h + hkv) * d :] ** 2).sum() + 0.5 * (y**2).sum()
 
 
-@pytest.mark.parametrize("layout", ["fused_qkv_views", "reshaped_views"])
+@pytest.mark.parametrize("layout", ["fused_qkv_views", "reshaped_views", "q_normed_k_view"])
 def test_rope_autograd_on_views_of_a_linear_output(layout):
     gen = torch.Generator().manual_seed(5)
     t, h, hkv, d, e = 11, 3, 2, 64, 16
@@ -168,6 +168,8 @@ def test_rope_autograd_on_views_of_a_linear_output(layout):
 
         def loss_of(fn):
             q = (x @ w.T).view(t, h, d)  # the HF layout: q_proj(x).view(T, H, D)
+            if layout == "q_normed_k_view":  # Qwen3-like q (a fresh non-view tensor), Llama-like k (a view)
+                q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
             k = (x @ wk.T).view(t, hkv, d)
             q, k = fn(q, k, cos, sin, pos)
             return (q * gq).sum() + (k * gk).sum()
