@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CHECKPOINTING_MODES", "run_layer"]
+__all__ = ["CHECKPOINTING_MODES", "check_mode", "offload_saved_tensors", "run_layer"]
 
 CHECKPOINTING_MODES = ("off", "on", "offload")
 
@@ -34,7 +34,13 @@ def _unpack_to_device(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor
     return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
+def offload_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
+    """A context in which tensors saved for backward live in pinned host memory until the backward needs them."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device)
+
+
 def check_mode(mode: str) -> str:
+    """``mode`` if it is a checkpointing mode, else a ValueError naming the choices."""
     if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"checkpointing={mode!r}: expected one of {CHECKPOINTING_MODES}.")
     return mode
@@ -47,6 +53,6 @@ def run_layer(fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, 
     if mode == "on":
         return checkpoint(fn, hidden, use_reentrant=False)
     if mode == "offload":
-        with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device):
+        with offload_saved_tensors():
             return checkpoint(fn, hidden, use_reentrant=False)
     raise ValueError(f"checkpointing={mode!r}: expected one of {CHECKPOINTING_MODES}.")

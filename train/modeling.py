@@ -20,8 +20,6 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from train.families import SUPPORTED_FAMILIES
-
 __all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
 
 TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -112,7 +110,10 @@ def load_model(
     """Load a causal LM from a local folder or hub id, or build a tiny random one (``model=None``).
 
     ``model=None`` needs ``vocab_size`` and builds :func:`tiny_config` (``family``, ``config_overrides``) with
-    weights drawn from ``seed``. ``quantize_4bit`` loads the base in NF4 (QLoRA; needs CUDA). The model comes back
+    weights drawn from ``seed`` (on ``device``, in ``dtype``). For a folder or hub id, ``vocab_size``, ``family`` and
+    ``seed`` are not used (checking the shards' tokenizer against the model is the caller's job) and
+    ``config_overrides`` go to ``from_pretrained`` (e.g. ``{"attn_implementation": "eager"}``).
+    ``quantize_4bit`` loads the base in NF4 (QLoRA; needs CUDA). The model comes back
     in eval mode on ``device``, with ``config.use_cache = False``; the caller switches to train mode.
     """
     device = torch.device(device)
@@ -178,8 +179,3 @@ def load_model(
         result.generation_config.use_cache = False
     result.eval()
     return result
-
-
-def supported_family_names() -> tuple[str, ...]:
-    """Families padless patches (re-exported for help texts)."""
-    return SUPPORTED_FAMILIES

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import ops
-from train.activation_checkpoint import check_mode, run_layer
+from train.activation_checkpoint import check_mode, offload_saved_tensors, run_layer
 from train.batch import IGNORE_INDEX, MicroBatch
 from train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
 
@@ -158,9 +158,7 @@ def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -
             "use_cache": False,
         }
         if checkpointing == "offload" and use_checkpoint:
-            from train.activation_checkpoint import _pack_to_host, _unpack_to_device
-
-            with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device):
+            with offload_saved_tensors():
                 logits = hf(**kwargs).logits[0]
         else:
             logits = hf(**kwargs).logits[0]

@@ -49,7 +49,8 @@ def check_parity(model, batch, params, checkpointing="off"):
     ref_total = 0.0
     ref_grads = {k: torch.zeros_like(v) for k, v in params.items()}
     for s in range(batch.num_examples):
-        packed_s, _ = packed_loss(model, example_only_labels(batch, s))
+        with torch.no_grad():
+            packed_s, _ = packed_loss(model, example_only_labels(batch, s))
         alone = hf_example_loss(model, batch, s)
         assert_close(packed_s.detach(), alone.detach(), f"example {s} loss")
         for k, g in grads_of(alone, params).items():
