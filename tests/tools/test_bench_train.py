@@ -9,6 +9,7 @@ In fp32 on the CPU the losses of systems that see the same examples must agree t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "bench_train.py"
@@ -29,22 +31,41 @@ SYSTEMS = (
 )
 
 
+def _shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder per test run that every pytest-xdist worker sees, so the expensive runs below happen once."""
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent / f"bench-train-{uid}" if uid else base / "bench-train"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench") / "shards"
-    cmd = [sys.executable, "-m", "prep", "pack", "demo:alpaca", "--max-len", "128", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    shared = _shared_dir(tmp_path_factory)
+    out = shared / "shards"
+    with FileLock(str(shared / "shards.lock")):
+        if not (out / "manifest.json").is_file():
+            cmd = [sys.executable, "-m", "prep", "pack", "demo:alpaca", "--max-len", "128", "--out", str(out)]
+            subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     return out
 
 
 @pytest.fixture(scope="module")
-def tiny_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
-    out = tmp_path_factory.mktemp("bench-out")
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--shards", str(shard_dir), "--out", str(out), "--steps", "1",
-           "--warmup", "1", "--padded-steps", "plan", "--systems", SYSTEMS, "--seed", "3"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    doc = json.loads((out / "bench_train_qwen3-8b_tiny.json").read_text()) if proc.returncode == 0 else {}
-    return proc, doc
+def tiny_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict]:
+    """(exit code, output, results JSON) of one --tiny run over SYSTEMS, shared by every test that reads it."""
+    shared = _shared_dir(tmp_path_factory)
+    out, done = shared / "tiny-run", shared / "tiny-run.json"
+    with FileLock(str(shared / "tiny-run.lock")):
+        if not done.is_file():
+            cmd = [sys.executable, str(SCRIPT), "--tiny", "--shards", str(shard_dir), "--out", str(out), "--steps",
+                   "1", "--warmup", "1", "--padded-steps", "plan", "--systems", SYSTEMS, "--seed", "3"]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            result = out / "bench_train_qwen3-8b_tiny.json"
+            doc = json.loads(result.read_text()) if proc.returncode == 0 else {}
+            done.write_text(json.dumps([proc.returncode, proc.stdout + proc.stderr, doc]))
+    rc, output, doc = json.loads(done.read_text())
+    return rc, output, doc
 
 
 def _rows(doc: dict) -> dict[str, dict]:
@@ -52,9 +73,9 @@ def _rows(doc: dict) -> dict[str, dict]:
 
 
 def test_tiny_run_prints_one_table_with_every_system(tiny_run) -> None:
-    proc, doc = tiny_run
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("bench_train: qwen3-8b (tiny)") :]
+    rc, output, doc = tiny_run
+    assert rc == 0, output[-5000:]
+    table = output[output.index("bench_train: qwen3-8b (tiny)") :]
     for name in SYSTEMS.split(","):
         assert name in table
     rows = _rows(doc)
@@ -74,8 +95,8 @@ def test_tiny_run_prints_one_table_with_every_system(tiny_run) -> None:
 
 def test_same_examples_give_the_same_loss(tiny_run) -> None:
     """Within a plan every system trains on the same examples per step: fp32 losses agree at every step."""
-    proc, doc = tiny_run
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    rc, output, doc = tiny_run
+    assert rc == 0, output[-5000:]
     rows = _rows(doc)
     groups = {"128 tok": ["padless-128", "hf-padded-b1"],
               "512 tok": ["padless-512", "hf-padded-b8", "hf-padded-b32", "hf-packed-sdpa-512"]}  # fmt: skip
@@ -90,49 +111,62 @@ def test_same_examples_give_the_same_loss(tiny_run) -> None:
     assert abs(rows["padless-128"]["losses"][0] - rows["padless-512"]["losses"][0]) > 1e-4
 
 
-def _one_by_one_loss(shard_dir: Path) -> tuple[float, int]:
-    """Sum and count of next-token losses over the first 512-token plan step, one example at a time."""
+def _one_by_one_loss(shard_dir: Path, seed: int, *, budget: int = 0, examples: int = 0) -> float:
+    """Mean next-token loss, one example at a time, of the first plan step (whole packs up to ``budget`` tokens,
+    the trainer's micro-batch rule) or of the first ``examples`` examples in the seeded pack order."""
     from bench_train_systems import model_config
     from transformers import AutoModelForCausalLM
 
     import shards
 
     ss = shards.open(shard_dir)
-    first, used = [], 0
-    for i in ss.order(3, 0).tolist():  # greedy whole packs up to 512 tokens: the trainer's micro-batch rule
-        n = ss[i].num_tokens
-        if first and used + n > 512:
+    spans, used = [], 0
+    for i in ss.order(seed, 0).tolist():
+        p = ss[i]
+        if budget and spans and used + p.num_tokens > budget:
             break
-        first.append(i)
-        used += n
+        used += p.num_tokens
+        spans += [(p, a, b) for a, b in zip(p.cu_seqlens[:-1].tolist(), p.cu_seqlens[1:].tolist())]
+        if examples and len(spans) >= examples:
+            spans = spans[:examples]
+            break
     cfg, _ = model_config("qwen3-8b", ss.manifest["tokenizer"]["vocab_size"], tiny=True)
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
     total, count = 0.0, 0
-    with torch.no_grad():
-        for i in first:
-            p = ss[i]
-            for a, b in zip(p.cu_seqlens[:-1].tolist(), p.cu_seqlens[1:].tolist()):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend on a busy 2-core machine
+    try:
+        with torch.no_grad():
+            for p, a, b in spans:
                 ids = torch.from_numpy(p.input_ids[a:b].astype(np.int64))[None]
                 logits = model(input_ids=ids).logits[0, :-1].float()
                 target = torch.from_numpy(p.labels[a + 1 : b])
                 keep = target != IGNORE_INDEX
                 total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
                 count += int(keep.sum())
-    return total, count
+    finally:
+        torch.set_num_threads(threads)
+    return total / count
 
 
 def test_step_one_loss_matches_an_independent_computation(tiny_run, shard_dir: Path) -> None:
     """padless-512's step-1 loss = the mean next-token loss, one example at a time, of the plan's first packs."""
-    proc, doc = tiny_run
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend on a busy 2-core machine
-    try:
-        total, count = _one_by_one_loss(shard_dir)
-    finally:
-        torch.set_num_threads(threads)
-    assert _rows(doc)["padless-512"]["losses"][0] == pytest.approx(total / count, abs=2e-4)
+    rc, output, doc = tiny_run
+    assert rc == 0, output[-5000:]
+    expected = _one_by_one_loss(shard_dir, 3, budget=512)
+    assert _rows(doc)["padless-512"]["losses"][0] == pytest.approx(expected, abs=2e-4)
+
+
+def test_padded_example_steps_hold_the_first_b_examples(shard_dir: Path, tmp_path: Path) -> None:
+    """The default --padded-steps examples: step 1 of hf-padded-b8 is the sequence's first 8 examples."""
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--shards", str(shard_dir), "--out", str(tmp_path),
+           "--systems", "hf-padded-b8", "--steps", "1", "--warmup", "0", "--seed", "4"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = _rows(json.loads((tmp_path / "bench_train_qwen3-8b_tiny.json").read_text()))["hf-padded-b8"]
+    assert row["status"] == "ok" and row["plan"] == "8 ex" and row["examples_per_step"] == [8]
+    assert row["losses"][0] == pytest.approx(_one_by_one_loss(shard_dir, 4, examples=8), abs=2e-4)
 
 
 def test_batch_builders_keep_every_token_and_mask_padding(shard_dir: Path) -> None:
