@@ -87,11 +87,13 @@ def _from_pretrained(
     source: str, *, dtype: torch.dtype, device: torch.device, quantize_4bit: bool, overrides: dict
 ) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, **overrides}
+    if device.type == "cuda":
+        # Straight onto the GPU (no CPU copy of the whole model); bitsandbytes needs it to quantize while loading.
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if quantize_4bit:
         kwargs["quantization_config"] = _bnb_config(dtype)
-        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if not quantize_4bit:
+    if device.type != "cuda":
         model = model.to(device)
     return model
 
