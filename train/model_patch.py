@@ -188,6 +188,15 @@ def _plan_supported(hf: nn.Module, family: FamilySpec) -> PatchHandle:
             "kernels have no attention dropout); set it to 0.0 to silence this.",
             stacklevel=3,
         )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):
+        warnings.warn(
+            f"rope_type={rope_type!r}: transformers picks this RoPE's frequencies from the longest sequence of each "
+            "forward; padless builds one cos/sin cache per model (frequencies for max(max_seqlen, "
+            "max_position_embeddings)), so examples shorter than the original context may be rotated differently.",
+            stacklevel=3,
+        )
     embed = decoder.embed_tokens
     embed = getattr(embed, "base_layer", embed)
     # transformers >= 5.x scales inside the embedding module (``embed_scale``); older versions in the forward.

@@ -109,3 +109,9 @@ def test_ops_triton_dispatch_matches_reference_under_interpreter(monkeypatch):
         results[backend] = (ops.rms_norm(x, w, 1e-6, 1.0), ops.swiglu(gate, up), q_rot, k_rot)
     for ref, tri in zip(results["reference"], results["triton"]):
         torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_length_dependent_rope_types_warn():
+    model = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.warns(UserWarning, match="rope_type='dynamic'"):
+        patch_model(model)
