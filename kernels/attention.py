@@ -26,7 +26,7 @@ __all__ = [
     "varlen_attention_with_configs",
 ]
 
-# max_seqlen buckets: short (Alpaca-like, <= 256 tokens), medium (<= 2048), long.
+# Length buckets for the tiling: short (Alpaca-like, mean <= 256 tokens), medium (<= 2048), long.
 SHORT, MEDIUM = 256, 2048
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -132,16 +132,21 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def default_configs(head_dim: int, dtype: torch.dtype, max_seqlen: int, group: int) -> tuple[FwdConfig, BwdConfig]:
-    """Hopper (H200) tiling per (D, dtype, max_seqlen bucket); ``tools/bench_attention.py --sweep`` re-tunes it.
+def default_configs(
+    head_dim: int, dtype: torch.dtype, max_seqlen: int, group: int, mean_seqlen: float | None = None
+) -> tuple[FwdConfig, BwdConfig]:
+    """Hopper (H200) tiling per (D, dtype, length bucket); ``tools/bench_attention.py --sweep`` re-tunes it.
 
+    The bucket follows the mean example length T / S when given (known without a device sync): an Alpaca pack
+    has max_seqlen ~1000 but a mean ~130, and it is the mean that decides how much of a big tile is masked.
     Rows of a tile are (query token, head) pairs of one GQA group (HPB heads), so short examples still give the
     tensor cores 64-128 rows while causal waste stays at 16-32-token granularity.
     """
     del dtype  # bf16 and fp16 share tiles; fp32 is a correctness path, not tuned.
+    length = min(max_seqlen, mean_seqlen) if mean_seqlen is not None else max_seqlen
     big = head_dim > 128
-    short = max_seqlen <= SHORT
-    medium = max_seqlen <= MEDIUM
+    short = length <= SHORT
+    medium = length <= MEDIUM
     rows = 64 if big else 128
     hpb = _pow2_divisor(group, 8 if short else 4)
     fwd_n = 32 if short else (32 if big else 64 if medium else 128)
@@ -215,7 +220,8 @@ def varlen_attention_with_configs(
     if q.shape[2] > 256:
         raise ValueError(f"head dim D={q.shape[2]} is not supported; expected D <= 256.")
     group = q.shape[1] // k.shape[1]
-    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group)
+    mean_len = q.shape[0] / max(cu_seqlens.numel() - 1, 1)  # shapes only: no device sync
+    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group, mean_len)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     return _VarlenAttention.apply(
         q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), window,

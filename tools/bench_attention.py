@@ -261,7 +261,7 @@ def sweep_case(args, bench, device, dtype, name: str, lens: list[int], D: int) -
 
     group = args.H // args.Hkv
     fwd_cands, bwd_cands = sweep_candidates(D, group, args.quick)
-    d_fwd, d_bwd = default_configs(D, dtype, max(lens), group)
+    d_fwd, d_bwd = default_configs(D, dtype, max(lens), group, sum(lens) / len(lens))
     flops = causal_flops(lens, args.H, D)
     _, (q, k, v), do = ours(lens, args.H, args.Hkv, D, device, dtype)
     cu, m = make_cu(lens, device), max(lens)
