@@ -60,6 +60,8 @@ def environment(cfg: Any, ss: Any, *, command: str) -> dict[str, Any]:
             "totals": ss.manifest.get("totals"),
             "fingerprint": ss.manifest.get("fingerprint"),
             "tokenizer": tok.get("name"),
+            "inputs": (ss.manifest.get("source") or {}).get("inputs"),
+            "prep_options": ss.manifest.get("options"),
         },
         "prep_command": PREP_COMMAND,
         "model": {"shape": cfg.model_shape + (" (tiny)" if cfg.tiny else ""), "notes": notes,
@@ -186,8 +188,11 @@ def render_markdown(rows: dict[str, dict[str, Any]], env: dict[str, Any]) -> str
         f"- GPU: {_gpu(rows, env)}; Python {env['python']}; " + ", ".join(f"{k} {x}" for k, x in v.items()),
         f"- command: `{env['command']}`",
         f"- shards: `{sh['path']}` (max_len {sh['max_len']}, {sh['packs']} packs, tokenizer {sh['tokenizer']}, "
-        f"fingerprint {str(sh['fingerprint'])[:16]}), built with `{env['prep_command']}`",
-        f"- model: {env['model']}",
+        f"fingerprint {str(sh['fingerprint'])[:16]}) from {sh.get('inputs')}; prep options {sh.get('prep_options')}",
+        f"- the benchmark's shards are built with `{env['prep_command']}`",
+        "- model: "
+        + ", ".join(f"{k} {x}" for k, x in env["model"].items() if k != "notes")
+        + "".join(f"; note: {n}" for n in env["model"]["notes"]),
         f"- MFU = (FLOPs/token x real tokens + attention FLOPs) / time / {env['peak_tflops']} TFLOP/s; "
         f"{env['flops_per_token'] / 1e9:.2f} GFLOP/token (decoder matmuls 6N with recompute, head 4N), "
         "padding never counted.",
