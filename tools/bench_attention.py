@@ -315,6 +315,66 @@ def run_sweep(args, bench, device, dtype) -> list[dict]:
     return results
 
 
+# ------------------------------------------------------------------------------------------------ offline compile
+def compile_check(dims: list[int], group: int) -> list[str]:
+    """Compile every kernel for sm_90 without a GPU (Triton's bundled ptxas): catches compile errors, spills and
+    shared-memory overflows of the default tilings on a CPU-only machine. Returns one line per kernel."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import attention_bwd as B
+    from kernels import attention_fwd as F
+    from kernels.attention import default_configs
+
+    target = GPUTarget("cuda", 90, 128)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    ptr_types = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "CU": "*i32", "SCHED": "*i32"}
+
+    def build(fn, consts, warps, stages):
+        sig = {}
+        for a in fn.arg_names:
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a in ptr_types:
+                sig[a] = ptr_types[a]
+            elif a.isupper():
+                sig[a] = "*bf16"
+            else:
+                sig[a] = "fp32" if a in ("pre", "post", "scale") else "i32"
+        k = triton.compile(ASTSource(fn, sig, consts), target=target,
+                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+        fields = " ".join(w for w in usage.split() if w.startswith(("REG:", "LOCAL:")))
+        return f"{fields} dynamic-shared:{k.metadata.shared}"
+
+    lines = []
+    for D, length in itertools.product(dims, (128, 1024, 8192)):
+        fc, bc = default_configs(D, torch.bfloat16, length, group, length)
+        common = dict(GROUP=group, H=4 * group, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=True,
+                      WINDOW=False, SOFTCAP=False, LONG_INDEXING=False, PREC="tf32")  # fmt: skip
+        for flags in ({}, {"WINDOW": True, "SOFTCAP": True, "LONG_INDEXING": True}):
+            c = dict(common, **flags)
+            try:
+                f = build(F._fwd_kernel, dict(c, BLOCK_M=fc.block_m, HPB=fc.hpb, BLOCK_N=fc.block_n),
+                          fc.num_warps, fc.num_stages)  # fmt: skip
+                kv = build(B._dkdv_kernel, dict(c, BLOCK_N=bc.kv_block_n, BLOCK_M=bc.kv_block_m, HPB=bc.kv_hpb,
+                                                ATOMIC_DQ=bc.dq_atomic), bc.kv_warps, bc.kv_stages)  # fmt: skip
+                dq = build(B._dq_kernel, dict(c, BLOCK_M=bc.q_block_m, HPB=bc.q_hpb, BLOCK_N=bc.q_block_n),
+                           bc.q_warps, bc.q_stages)  # fmt: skip
+                lines.append(f"D={D} len={length} {flags or 'plain'}: fwd[{f}] dkdv[{kv}] dq[{dq}]")
+            except Exception as e:  # report and go on: the point is to list every failing variant
+                lines.append(f"D={D} len={length} {flags or 'plain'}: FAILED {type(e).__name__}: {e}"[:400])
+            print(lines[-1], flush=True)
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ report
 def environment(args, dtype: torch.dtype) -> dict:
     import triton
@@ -362,6 +422,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run under TRITON_INTERPRET=1")
     p.add_argument("--sweep", action="store_true", help="time alternative tilings of our kernels instead")
+    p.add_argument(
+        "--compile-check",
+        action="store_true",
+        help="no GPU needed: compile the default tilings for sm_90 and print registers/spills/shared memory",
+    )
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for JSON + markdown (default: $OUT)")
     p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
     p.add_argument("--dims", default="128,64,256", help="head dims for the table")
@@ -378,6 +443,11 @@ def main() -> None:
     p.add_argument("--H", type=int, default=32)
     p.add_argument("--Hkv", type=int, default=8)
     args = p.parse_args()
+    if args.compile_check:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("--compile-check compiles real GPU code: unset TRITON_INTERPRET")
+        compile_check([int(x) for x in args.dims.split(",")], args.H // args.Hkv)
+        return
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.packs, args.dims, args.sweep_dims, args.H, args.Hkv = "96", "16", "16", 4, 2
