@@ -142,7 +142,9 @@ def wrap_model(module: PackedLossModule, env: DistEnv, device: torch.device, *, 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    ddp = DistributedDataParallel(module, device_ids=ids)
+    # No buffer broadcast: the only buffers (RoPE tables) are identical on every rank, and a broadcast per forward
+    # would make evaluation (where ranks may run different numbers of micro-batches) a collective.
+    ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
     ddp.run = lambda batch: ddp(  # type: ignore[attr-defined]
         batch.input_ids,
         batch.position_ids,

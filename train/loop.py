@@ -128,7 +128,10 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         callbacks.on_model(model)
     loss_fn = functools.partial(packed_loss, checkpointing=cfg.checkpointing)
     wrapped = dist_util.wrap_model(dist_util.PackedLossModule(model, loss_fn), env, device, fsdp=cfg.fsdp)
-    eval_loss_fn = lambda _model, batch: wrapped.run(batch)  # through the wrapper: FSDP must gather weights
+    # Evaluation runs no backward: DDP's wrapper is bypassed (ranks may run different numbers of eval batches);
+    # FSDP2 must go through its wrapper, whose hooks gather the sharded weights.
+    eval_module = wrapped.module if hasattr(wrapped, "no_sync") else wrapped
+    eval_loss_fn = lambda _model, batch: eval_module.run(batch)
 
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)

@@ -22,7 +22,7 @@ from train.loop import Callbacks, train
 from .conftest import base_config
 
 STEPS = 2
-SETTINGS = dict(max_steps=STEPS, tokens_per_micro_batch=128, lr=1e-2)
+SETTINGS = dict(max_steps=STEPS, tokens_per_micro_batch=128, lr=1e-2, eval_every=0)
 
 
 def _instrumented_run(cfg) -> dict:
@@ -32,7 +32,7 @@ def _instrumented_run(cfg) -> dict:
     def on_model(model):
         seen["model"] = model
         model.get_input_embeddings().register_forward_pre_hook(
-            lambda module, args: seen["inputs"].append(tuple(args[0].flatten().tolist()))
+            lambda module, args: seen["inputs"].append(tuple(args[0].flatten().tolist())) if module.training else None
         )
 
     def before_step(optimizer, args, kwargs):
@@ -47,6 +47,7 @@ def _instrumented_run(cfg) -> dict:
     return {
         "losses": result.losses,
         "steps": result.steps,
+        "eval_loss": result.eval_loss,
         "inputs": seen["inputs"],
         "grads": seen["grads"][0],
         "weights": trainable_state(seen["model"]),
@@ -86,6 +87,9 @@ def test_two_gloo_ranks_equal_one_rank_doing_both_halves(synthetic_shards: Path,
     # Same step losses (all-reduced) on both ranks and on the single rank.
     assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-6)
     assert ranks[1]["losses"] == ranks[0]["losses"]
+    # Evaluation splits the eval packs unevenly over the ranks (no hang) and sums over all of them.
+    assert ranks[0]["eval_loss"] == ranks[1]["eval_loss"]
+    assert ranks[0]["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
     # The DDP-averaged gradient equals the single-rank gradient of the same step; weights stay in sync.
     for name, g in single["grads"].items():
         torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-5, atol=1e-8, msg=name)
