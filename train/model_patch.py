@@ -2,10 +2,12 @@
 
 What "patching" means here: :func:`patch_model` inspects the instance (family row, activation, per-layer sliding
 window / soft-cap / scaling, the RoPE cos/sin cache built from the model's own rotary module) and attaches the
-result to that instance as ``model._padless_patch``. :func:`train.packed_forward.packed_loss` then runs the
-instance's own weights (LoRA-wrapped Linear modules included) through our varlen kernels. Nothing at module level
-is touched: another instance of the same class, or the same instance after :meth:`PatchHandle.unpatch`, behaves
-exactly like stock transformers.
+result to that instance as ``model._padless_patch``; each decoder layer of the instance gets an instance-level
+``forward`` that runs padless's packed step when the packed path calls it (and the stock forward otherwise), so
+hooks on the layers (FSDP2's per-layer all-gather) fire as usual. :func:`train.packed_forward.packed_loss` then
+runs the instance's own weights (LoRA-wrapped Linear modules included) through our varlen kernels. Nothing at
+module or class level is touched: another instance of the same class, or the same instance after
+:meth:`PatchHandle.unpatch`, behaves exactly like stock transformers.
 
 Why not reuse transformers' forward with packed position_ids: transformers only turns packed position_ids into a
 block-diagonal mask when it builds the mask itself (no mask given, no cache); with ``use_cache=True`` and no
@@ -17,6 +19,7 @@ cu_seqlens (correct, T x T memory), announced with a warning.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -67,9 +70,13 @@ class PatchHandle:
         return getattr(self.model, _ATTR, None) is self
 
     def unpatch(self) -> None:
-        """Detach the plan: the instance is stock transformers again."""
+        """Detach the plan and the layers' instance forwards: the instance is stock transformers again."""
         if self.active:
             delattr(self.model, _ATTR)
+        if not self.fallback:
+            for layer in self.model.get_decoder().layers:
+                if getattr(layer.__dict__.get("forward"), "__func__", None) is _layer_forward:
+                    del layer.__dict__["forward"]
         self._rope.clear()
 
     def rope_cache(self, max_seqlen: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +101,17 @@ class PatchHandle:
         cached = (cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
         self._rope[device] = cached
         return cached
+
+
+def _layer_forward(self: nn.Module, *args, padless_step=None, **kwargs):
+    """Instance forward of a patched decoder layer: padless's packed step when given one, else the stock forward.
+
+    The packed path calls ``nn.Module.__call__(layer, hidden, padless_step=step)``, so every hook on the layer
+    (FSDP2's all-gather / reshard, profilers) fires around padless's computation exactly as around HF's.
+    """
+    if padless_step is not None:
+        return padless_step(*args)
+    return type(self).forward(self, *args, **kwargs)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -229,6 +247,8 @@ def patch_model(model: nn.Module) -> PatchHandle:
     family = family_for_model_type(config.model_type)
     if family is not None:
         handle = _plan_supported(hf, family)
+        for layer in hf.get_decoder().layers:
+            layer.forward = types.MethodType(_layer_forward, layer)  # this instance only; unpatch() removes it
     else:
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl not in ("eager", "sdpa"):

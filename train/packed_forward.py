@@ -91,7 +91,12 @@ def _packed_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -> 
         def step(hidden: torch.Tensor, layer: nn.Module = layer, plan: LayerPlan = plan) -> torch.Tensor:
             return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch)
 
-        x = run_layer(step, x, checkpointing)
+        def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
+            # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
+            # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
+            return nn.Module.__call__(layer, hidden, padless_step=step)
+
+        x = run_layer(call, x, checkpointing)
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
     return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap)

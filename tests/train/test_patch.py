@@ -19,8 +19,11 @@ def test_patch_is_per_instance_idempotent_and_reversible():
     assert patch_model(model) is handle  # idempotent
     assert get_patch(model) is handle and get_patch(other) is None
     assert dict(vars(type(model))) == cls_dict_before  # no class / module-level change
+    assert all("forward" in vars(layer) for layer in model.model.layers)  # instance forwards only
+    assert not any("forward" in vars(layer) for layer in other.model.layers)
     handle.unpatch()
     assert get_patch(model) is None and not handle.active
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
     assert model.config.use_cache is False
 
 
@@ -31,6 +34,7 @@ def test_unpatched_model_is_stock_transformers():
     before = model(input_ids=ids).logits
     handle = patch_model(model)
     packed_loss(model, make_batch([5, 8], seed=2))
+    assert torch.equal(model(input_ids=ids).logits, before)  # while patched, the stock forward is untouched
     handle.unpatch()
     assert torch.equal(model(input_ids=ids).logits, before)
 
@@ -115,3 +119,17 @@ def test_length_dependent_rope_types_warn():
     model = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     with pytest.warns(UserWarning, match="rope_type='dynamic'"):
         patch_model(model)
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_layer_hooks_fire_around_the_packed_step(checkpointing):
+    """FSDP2 all-gathers a layer's weights in its forward pre-hook: the packed path must call layers as modules."""
+    model = tiny_model("llama")
+    model.train()
+    calls = []
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda module, args, kwargs, i=index: calls.append(i), with_kwargs=True)
+    total, _ = packed_loss(model, make_batch([5, 8], seed=3), checkpointing=checkpointing)
+    assert calls == [0, 1]
+    total.backward()
+    assert calls == ([0, 1] if checkpointing == "off" else [0, 1, 1, 0])  # the recompute calls the layers again
