@@ -14,6 +14,9 @@ import click
 
 __all__ = ["main"]
 
+# Kept here (not imported from report) so `prep --help` stays light; report.GPUS holds the rates.
+GPU_NAMES = ("B200", "H200", "H100", "A100", "L40S", "RTX4090", "A10G", "L4")
+
 
 def _fail(e: Exception, code: int = 2):
     click.echo(f"error: {e}", err=True)
@@ -86,7 +89,7 @@ def pack_cmd(datasets, max_len, out, tokenizer, fmt, maps, train_on, overlong, m
 @click.argument("shard_set")
 @click.option("--model-params", default=None, help="Model size, e.g. 7e9, 1.5B, 500M (or use --model-config).")
 @click.option("--model-config", default=None, help="A Hugging Face config.json to count parameters from.")
-@click.option("--gpu", default="H100", show_default=True, help="GPU for the cost estimate (see the table).")
+@click.option("--gpu", default="H100", show_default=True, help=f"GPU for the cost estimate: {', '.join(GPU_NAMES)}.")
 @click.option("--mfu", type=float, default=0.4, show_default=True, help="Model FLOPs utilisation assumed.")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--price-per-hour", type=float, default=None, help="GPU price per hour (default: the table's).")

@@ -111,3 +111,18 @@ def test_verify_cli_exit_codes(tmp_path):
     f.write_bytes(f.read_bytes()[:-10])
     r = CliRunner().invoke(main, ["verify", str(tmp_path / "o")])
     assert r.exit_code == 1 and "shard-00000.arrow" in r.output and "truncated" in r.output
+
+
+def test_cli_gpu_names_match_the_rate_table():
+    from prep.cli import GPU_NAMES
+
+    assert set(GPU_NAMES) == set(GPUS)
+
+
+def test_model_params_from_config_llama2_7b(tmp_path):
+    from prep.report import model_params_from_config
+
+    cfg = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000, "intermediate_size": 11008,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert round(model_params_from_config(str(tmp_path)) / 1e6) == 6738  # Llama-2-7B: 6,738M parameters
