@@ -201,7 +201,8 @@ def save_output(model: torch.nn.Module, output: str | os.PathLike, *, model_sour
     shutil.rmtree(tmp, ignore_errors=True)
     is_peft = hasattr(model, "peft_config")
     if is_peft:
-        base_ref = model_source if model_source is not None else str((output / "base_model").resolve())
+        saved_base = output / "base_model"
+        base_ref = model_source or (str(saved_base.resolve()) if saved_base.is_dir() else None)
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_ref
         model.save_pretrained(str(tmp))

@@ -57,8 +57,9 @@ def run_command(**params: Any) -> None:
             click.echo(
                 f"done: {s['steps']} steps, final loss {s['final_loss']:.4f}"
                 + (f", eval_loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
-                + f", {s['tokens_per_s']:,.0f} tokens/s ({s['trainable_tokens_per_s']:,.0f} trainable), "
-                f"peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
+                + f", {s['steady_tokens_per_s']:,.0f} tokens/s ({s['steady_trainable_tokens_per_s']:,.0f} trainable)"
+                + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")
+                + f", peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
             )
 
     _run_clean(go)

@@ -81,7 +81,14 @@ class TrainConfig:
         None, "Compute dtype: bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU).", choices=("bf16", "fp16", "fp32")
     )
     device: str | None = _opt(None, "Device (default: cuda:LOCAL_RANK when CUDA is available, else cpu).")
-    family: str = _opt("llama", "Architecture of the tiny model used when --model is not given.")
+    family: str = _opt(
+        "llama", "Architecture of the random model built without --model (llama, qwen2, qwen3, mistral, gemma)."
+    )
+    model_overrides: str | None = _opt(
+        None,
+        "Config fields (a JSON object, or a .json file) for the random model built without --model, e.g. a real "
+        "model's shape for a benchmark without downloading weights. Its random base is then not saved.",
+    )
     fsdp: bool = _opt(False, "Shard the model with FSDP2 (fully_shard) instead of DDP on several GPUs.", flag=True)
     log_every: int = _opt(1, "Refresh the progress bar (or print a line when not on a terminal) every N steps.")
     progress: bool = _opt(True, "Show a progress bar.", flag=True, negatable=True)

@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force)
-    if cfg.model is None and cfg.mode != "full" and env.is_main:
+    if cfg.model is None and cfg.model_overrides is None and cfg.mode != "full" and env.is_main:
         save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable
     from .adapters import apply_adapters
     from .model_patch import patch_model
@@ -171,7 +171,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         progress.write(f"step {step}: eval_loss {loss:.4f} over {count} trainable tokens")
 
     step, epoch, start = position.step, position.epoch, position.micro_batch
-    wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
+    wall0, tokens_seen, trainable_seen, flops_seen = time.perf_counter(), 0, 0, 0.0
+    step_times: list[float] = []
     try:
         while step < total_steps:
             plan = plan_for(epoch)
@@ -250,6 +251,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
                     result.losses.append(loss)
                     tokens_seen += step_tokens_all
                     trainable_seen += n_step
+                    flops_seen += flops.step_flops(step_tokens, step_sq) * env.world_size
+                    step_times.append(dt)
 
                     # evaluate: every --eval-every steps and after the last one
                     if eval_ss is not None and (
@@ -286,6 +289,13 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         "tokens_per_s": tokens_seen / wall if wall > 0 else None,
         "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
         "peak_mem_gib": peak_memory_gib(device),
+        "train_time_s": sum(step_times),
+        # Steady state: all step time (no start-up, evaluation or saving), as the per-step numbers measure it.
+        "steady_tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
+        "steady_trainable_tokens_per_s": trainable_seen / sum(step_times) if step_times else None,
+        "mfu": flops_seen / sum(step_times) / (peak * env.world_size) if peak and step_times else None,
+        "matmul_params": flops.matmul_params,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "output": str(output),
         "config": asdict(cfg),
     }

@@ -20,6 +20,7 @@ __all__ = [
     "build_model",
     "check_model_source",
     "check_tokenizer",
+    "model_overrides",
     "resolve_device",
     "resolve_dtype",
     "tokenizer_content_hash",
@@ -140,6 +141,27 @@ def check_tokenizer(
     )
 
 
+def model_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
+    """``--model-overrides`` parsed: inline JSON or a path to a JSON file (None when not given)."""
+    if cfg.model_overrides is None:
+        return None
+    if cfg.model is not None:
+        raise TrainError("--model-overrides shapes the random model built without --model; drop one of the two")
+    text = cfg.model_overrides
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise TrainError(f"--model-overrides {text!r} is neither a JSON object nor an existing .json file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TrainError(f"--model-overrides is not valid JSON ({error}): {text[:80]!r}") from error
+    if not isinstance(value, dict):
+        raise TrainError(f"--model-overrides must be a JSON object of config fields, got {type(value).__name__}")
+    return value
+
+
 def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
     """Load the base model (or the tiny one sized to the shards' vocab) on ``device`` in ``dtype``."""
     from .modeling import load_model
@@ -148,6 +170,7 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
     vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
     if cfg.model is None and vocab is None:
         raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model to train")
+    overrides = model_overrides(cfg)
     try:
         return load_model(
             cfg.model,
@@ -157,6 +180,7 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
             device=str(device),
             quantize_4bit=cfg.mode == "qlora",
             seed=cfg.seed,
+            config_overrides=overrides,
         )
     except (ValueError, OSError) as error:  # the model path's messages already say what to do
         raise TrainError(str(error)) from error
