@@ -23,6 +23,7 @@ CPU smoke run of every code path on a tiny model: ``python tools/bench_train.py 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -155,6 +156,7 @@ def _run_group(
     names: list[str], config_path: Path, results: Path, timeout: float, log: Path, on_row: Callable[[], None]
 ) -> None:
     """Run ``names`` in worker subprocesses until each has a row; a crash or hang costs one row, not the run."""
+    specs = {s["name"]: s for s in json.loads(config_path.read_text())["systems"]}
     remaining = list(names)
     while remaining:
         before = set(_read_rows(results))
@@ -164,7 +166,7 @@ def _run_group(
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         tail: list[str] = []
-        last, n_done, timed_out = time.monotonic(), len(before), False
+        last, n_done, timed_out = time.monotonic(), 0, False
         with open(log, "a") as logf:
             while True:
                 try:
@@ -181,17 +183,19 @@ def _run_group(
                 if done != n_done:
                     n_done, last = done, time.monotonic()
                     on_row()
-                if time.monotonic() - last > timeout:
+                if not timed_out and time.monotonic() - last > timeout:
                     timed_out = True
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):  # it may have just exited by itself
+                        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its children
         rc = proc.wait()
         have = set(_read_rows(results))
         remaining = [n for n in remaining if n not in have]
         if remaining and rc != RESTART_RC:  # the worker died (or hung) inside remaining[0]: record it, go on
             why = f"timeout after {timeout:.0f} s" if timed_out else f"worker crashed (exit {rc})"
-            last_line = tail[-1][:160] if tail else ""
+            last_line = f": {tail[-1][:160]}" if tail else ""
             with open(results, "a") as f:
-                f.write(json.dumps({"system": remaining[0], "status": f"{why}: {last_line}"}) + "\n")
+                row = {"system": remaining[0], "spec": specs[remaining[0]], "status": f"{why}{last_line}"}
+                f.write(json.dumps(row) + "\n")
             remaining = remaining[1:]
             on_row()
 
@@ -294,8 +298,9 @@ def run_bench(
     out_dir = Path(cfg.out)
     stem = f"bench_train_{cfg.model_shape}" + ("_tiny" if cfg.tiny else "")
     results = out_dir / f"{stem}.rows.jsonl"
-    if results.exists() and not append:
-        results.unlink()
+    names = {s.name for s in line_up}
+    kept = [r for r in _read_rows(results).values() if r["system"] not in names] if append else []
+    results.write_text("".join(json.dumps(r) + "\n" for r in kept))  # --append: earlier rows of other systems
     config_path = out_dir / f"{stem}.config.json"
     config_path.write_text(json.dumps({"config": asdict(cfg), "systems": [asdict(s) for s in line_up]}, indent=1))
     cuda = env["gpu"] != "none"
