@@ -99,7 +99,7 @@ def _ffd_sorted(sorted_len: np.ndarray, capacity: int, max_per_bin: int, n_leave
                 break
             tree[up] = m
             up //= 2
-    return bins
+    return bins, count
 
 
 def _leaf_bound(lengths: np.ndarray, capacity: int, max_per_bin: int) -> int:
@@ -121,7 +121,8 @@ def ffd_assign(lengths: np.ndarray, capacity: int, max_per_bin: int = 0) -> np.n
         raise ValueError(f"lengths must be in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
     order, sorted_len = _sort_desc(lengths, int(capacity))
     bins = np.empty(len(lengths), np.int64)
-    bins[order] = _ffd_sorted(sorted_len, int(capacity), int(max_per_bin), _leaf_bound(lengths, capacity, max_per_bin))
+    bound = _leaf_bound(lengths, capacity, max_per_bin)
+    bins[order] = _ffd_sorted(sorted_len, int(capacity), int(max_per_bin), bound)[0]
     return bins
 
 
@@ -146,22 +147,23 @@ def ffd_reference(lengths, capacity: int, max_per_bin: int = 0) -> list[int]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _group(sorted_bins: np.ndarray, order: np.ndarray, n_bins: int):
-    """Examples grouped by bin (placement order inside a bin) and the number of examples per bin."""
-    per = np.zeros(n_bins, np.int64)
-    for j in range(sorted_bins.shape[0]):
-        per[sorted_bins[j]] += 1
-    start = np.zeros(n_bins, np.int64)
+def _layout(sorted_bins: np.ndarray, order: np.ndarray, count: np.ndarray, perm: np.ndarray):
+    """Example ids pack after pack with packs in the order ``perm`` (placement order inside a pack), in one pass."""
+    n_bins = perm.shape[0]
+    new_per = np.empty(n_bins, np.int64)
+    start = np.empty(n_bins, np.int64)  # by bin: where its examples go in the output
     acc = 0
-    for b in range(n_bins):
+    for q in range(n_bins):
+        b = perm[q]
+        new_per[q] = count[b]
         start[b] = acc
-        acc += per[b]
-    flat = np.empty(sorted_bins.shape[0], np.int64)
+        acc += count[b]
+    out = np.empty(order.shape[0], np.int64)
     for j in range(order.shape[0]):
         b = sorted_bins[j]
-        flat[start[b]] = order[j]
+        out[start[b]] = order[j]
         start[b] += 1
-    return flat, per
+    return out, new_per
 
 
 @dataclass(frozen=True)
@@ -186,26 +188,7 @@ def plan_packs(lengths: np.ndarray, max_len: int, *, max_examples_per_pack: int 
         raise ValueError(f"lengths must be in [1, {max_len}], got [{lengths.min()}, {lengths.max()}]")
     order, sorted_len = _sort_desc(lengths, int(max_len))
     bound = _leaf_bound(lengths, max_len, max_examples_per_pack)
-    sorted_bins = _ffd_sorted(sorted_len, int(max_len), int(max_examples_per_pack), bound)
+    sorted_bins, count = _ffd_sorted(sorted_len, int(max_len), int(max_examples_per_pack), bound)
     n_bins = int(sorted_bins.max()) + 1
-    flat, per = _group(sorted_bins, order, n_bins)
     perm = np.random.default_rng(seed).permutation(n_bins)
-    return PackPlan(*_reorder(flat, per, perm))
-
-
-@numba.njit(cache=True, nogil=True)
-def _reorder(flat: np.ndarray, per: np.ndarray, perm: np.ndarray):
-    """Packs laid out in the order ``perm``: (example ids pack after pack, examples per pack)."""
-    start = np.zeros(per.shape[0] + 1, np.int64)
-    for b in range(per.shape[0]):
-        start[b + 1] = start[b] + per[b]
-    out = np.empty(flat.shape[0], np.int64)
-    new_per = np.empty(per.shape[0], np.int64)
-    k = 0
-    for q in range(perm.shape[0]):
-        b = perm[q]
-        new_per[q] = per[b]
-        for t in range(start[b], start[b + 1]):
-            out[k] = flat[t]
-            k += 1
-    return out, new_per
+    return PackPlan(*_layout(sorted_bins, order, count, perm))
