@@ -158,3 +158,20 @@ def test_run_then_merge_then_parity(synthetic_shards: Path, tmp_path: Path) -> N
     res = _invoke("parity", str(synthetic_shards), "--packs", "2")
     assert res.exit_code == 0, res.output
     assert re.search(r"^PASS: packed == one-by-one", res.output, re.M), res.output
+
+
+def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_shards: Path, tmp_path: Path) -> None:
+    """The real user path: `prep pack demo:alpaca` output, a model folder with the demo tokenizer (hash matches),
+    eval on the `eval/` set prep wrote, without naming it."""
+    import shards
+
+    demo_tok = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
+    vocab = shards.open(demo_shards).manifest["tokenizer"]["vocab_size"]
+    model = _save_tiny(tmp_path / "model", vocab, tokenizer_from=demo_tok)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # byte-identical copies: the same content hash
+        assert (model / name).read_bytes() == (demo_tok / name).read_bytes()
+    res = _invoke("run", str(demo_shards), "--model", str(model), "--output", str(tmp_path / "o"), "--max-steps", "2",
+                  "--tokens-per-micro-batch", "512", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert re.search(r"done: 2 steps, final loss [\d.]+, eval_loss [\d.]+", res.output), res.output
+    assert "tokenizer mismatch" not in res.output
