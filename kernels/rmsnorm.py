@@ -81,12 +81,23 @@ def _rms_norm_bwd_kernel(
     COMPUTE_DW: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PREFETCH: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
 ):
     """Program p handles row blocks p, p + N, p + 2N, ... (N programs); dx per row, dw summed per program.
 
     With g = dy * (offset + w) and n = x * rstd: dx = rstd * (g - n * mean(g * n)), dw = sum_rows(dy * n')
     where n' is n rounded to x's dtype for the Llama cast (the value the weight multiplied in the forward).
+
+    Two choices keep the loop memory-bound (H200 run 1 at T = 64K: 3.40 TB/s for E = 4096, only 2.03 for the
+    per-head E = 128 with 32 rows per block):
+    * PREFETCH: the next block's dy, x and rstd are loaded before the current block is computed, so
+      each program has two blocks of loads in flight instead of one: with 2 programs per SM that is 64 KB per
+      SM instead of 32 KB, against the ~4.3 TB/s x ~1 us loaded latency / 132 SMs ~ 33 KB per SM that a
+      saturated HBM needs (one block in flight left no slack while the block was being computed);
+    * dw accumulates in a (BLOCK_R, BLOCK_E) register tile and is reduced over rows once at the end, not per
+      block: with 32 rows spread over 8 warps, the per-block row sum was a shared-memory reduction with a
+      barrier in every iteration (E = 4096 has BLOCK_R = 1: no change there).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
@@ -94,33 +105,49 @@ def _rms_norm_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     if GEMMA_CAST:
         w = offset + w
-    dw_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    dw_acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
     block = pid
     if LONG_INDEXING:
         block = pid.to(tl.int64)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    mask = row_mask[:, None] & col_mask[None, :]
+    dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
     # Interleaved blocks (neighbouring programs read neighbouring rows). A while loop, not tl.range: Triton 3.6's
     # interpreter cannot take a runtime bound in range() with numpy 2 (int() of a 1-element array).
     while block < n_blocks:
+        dy = dy_next.to(tl.float32)
+        x = x_next.to(tl.float32)
+        rstd = rstd_next
+        cur_rows = rows
+        cur_mask = mask
+        block += n_programs
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < R
         mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        if PREFETCH:  # the next block's loads go out now (fully masked past the end: no memory access)
+            dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+            x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         normed = x * rstd[:, None]
         if COMPUTE_DX:
             g = dy * w[None, :]
             mean_gn = tl.sum(g * normed, axis=1) / E
             dx = rstd[:, None] * (g - normed * mean_gn[:, None])
-            tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + cur_rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cur_mask)
         if COMPUTE_DW:
             if GEMMA_CAST:
-                dw_acc += tl.sum(dy * normed, axis=0)
+                dw_acc += dy * normed
             else:
-                dw_acc += tl.sum(dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
-        block += n_programs
+                dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if not PREFETCH:  # the next block's loads go out only after this block's work
+            dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+            x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
     if COMPUTE_DW:
-        tl.store(dw_partial_ptr + tl.program_id(0) * E + cols, dw_acc, mask=col_mask)
+        tl.store(dw_partial_ptr + tl.program_id(0) * E + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
 # ------------------------------------------------------------------------------------------- host launchers
@@ -139,7 +166,16 @@ def _fwd_config(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_E, num_warps): about 4K elements per program.
 
     E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 -> 32 rows
-    per program so that small rows still make wide programs. Tunable: tools/bench_kernels.py sweeps BLOCK_R.
+    per program so that small rows still make wide programs. Tunable: tools/bench_kernels.py --sweep.
+
+    Why this is enough (arithmetic with H200 run 1): a saturated HBM needs ~4.3 TB/s x ~1 us loaded latency
+    / 132 SMs ~ 33 KB of loads in flight per SM. A program holds 16 fp32 x values per thread (+ 16 of w) at
+    ~60 registers x 256 threads = 15K of the 64K registers, so 4 programs fit per SM: 4 x 8 KB = 32 KB. That
+    matches run 1 at T = 64K: 4.05 TB/s (E 4096) and 3.99 (per-head) = 95-96% of copy. The 16K row (1.83 TB/s,
+    0.147 ms) is not a device limit: 0.147 ms = 0.066 ms of traffic at 4.05 TB/s + 0.081 ms fixed, the same
+    fixed ~0.08 ms the 4K row shows (0.093 - 0.017), and the marginal rate 16K -> 64K (805 MB in 0.118 ms =
+    6.8 TB/s) is above HBM's peak, which device time cannot be: the fixed part is the host launch path that
+    do_bench timed (the graph-timed bench column isolates it). More rows per program would only add registers.
     """
     block_e = triton.next_power_of_2(n_cols)
     block_r = max(1, min(64, 4096 // block_e))
@@ -147,9 +183,29 @@ def _fwd_config(n_cols: int) -> tuple[int, int, int]:
     return block_r, block_e, 16 if elements >= 16384 else 8 if elements >= 2048 else 4
 
 
+def _bwd_config(n_cols: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_R, BLOCK_E, num_warps, PREFETCH) of the backward: prefetch only where it costs no residency.
+
+    sm_90 register counts (Triton 3.6 offline compile, bf16, dx and dw): one E = 4096 row per block, 8 warps:
+    128 registers without prefetch (2 programs resident per SM, 32K registers each) but 198 with it (1
+    resident), so no prefetch: 2 programs x 16 KB of dy + x in flight per SM, twice the 1 x 16 KB of run 1's
+    version (153 registers, 1 resident; 3.40 TB/s at T = 64K). Per-head (32 rows x 128), 16 warps: 122
+    registers without prefetch, 127 with it, 1 program resident either way (512 threads x 128 = the whole
+    register file), so prefetch is free and keeps a second block's loads in flight during the compute; run 1's
+    version (8 warps, 196 registers, 1 resident, a shared-memory row sum per block) reached 2.03 TB/s.
+    """
+    block_r, block_e, warps = _fwd_config(n_cols)
+    if block_r > 1:
+        return block_r, block_e, min(16, 2 * warps), True
+    return block_r, block_e, warps, False
+
+
 def _bwd_programs(x: torch.Tensor, n_row_blocks: int) -> int:
     # A few programs per SM (132 on an H200) keep every SM busy while each program's dw partial row amortises
-    # over many rows; the (programs, E) fp32 buffer stays small (264 x 4096 x 4 B = 4.3 MB).
+    # over many rows; the (programs, E) fp32 buffer stays small (264 x 4096 x 4 B = 4.3 MB). 2 per SM: a
+    # backward program holds dy, x, normed, w and the dw tile in fp32 plus the prefetched block (~100-130
+    # registers x 256 threads), so about 2 fit per SM; more would queue as extra waves, fewer leave an SM with
+    # one block of loads in flight (see the kernel's docstring). --sweep times 2 and 4 per SM.
     per_sm = 2
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -225,13 +281,14 @@ def _launch_bwd(
     block_r: int | None = None,
     num_warps: int | None = None,
     programs: int | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
-    default_r, block_e, default_warps = _fwd_config(n_cols)
+    default_r, block_e, default_warps, default_prefetch = _bwd_config(n_cols)
     block_r = block_r or default_r
     n_programs = programs or _bwd_programs(x, triton.cdiv(n_rows, block_r))
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
@@ -254,6 +311,7 @@ def _launch_bwd(
         COMPUTE_DW=compute_dw,
         BLOCK_R=block_r,
         BLOCK_E=block_e,
+        PREFETCH=default_prefetch if prefetch is None else prefetch,
         LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
         num_warps=num_warps or default_warps,
     )

@@ -16,6 +16,8 @@ cost nothing. Convention: Hugging Face ``rotate_half``, i.e. for x = [x1, x2] (h
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,11 +124,38 @@ def _check_rotatable(x: torch.Tensor, name: str) -> None:
         )
 
 
-def _default_block_t(n_heads_total: int, d: int) -> int:
-    # About 16K elements per program (BLOCK_T = 4 at Qwen3-8B's 32 + 8 heads x D 128): enough work per program
-    # to hide latency with few programs, small enough to stay in registers; q and k heads are rotated one after
-    # the other, so at most BLOCK_T x H x D values are live. Tunable: tools/bench_kernels.py sweeps it.
-    return min(16, triton.next_power_of_2(max(1, 16384 // (n_heads_total * d))))
+# A program's share of an SM's work: each SM runs about cdiv(T, BLOCK_T) / SMs programs, and the SMs finish
+# up to one program apart, so the idle tail is up to 1 / (programs per SM) of the run. At least 8 programs per SM
+# keeps it <= 12.5%.
+_MIN_PROGRAMS_PER_SM = 8
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_block_t(t: int, n_heads_total: int, d: int, n_sms: int | None) -> int:
+    """Tokens per program: ~16K elements per program, halved while the grid has < 8 programs per SM.
+
+    About 16K elements (BLOCK_T = 4 at Qwen3-8B's 32 + 8 heads x D 128) gives each program enough work to hide
+    latency, small enough to stay in registers (q and k heads are rotated one after the other, so at most
+    BLOCK_T x H x D values are live). sm_90 register counts (Triton 3.6 offline compile, 8 warps): BLOCK_T 4 ->
+    127 registers, 2 programs resident per SM, 2 x 40 KB of q/k loads in flight; BLOCK_T 2 -> 64 registers, 4
+    resident, 4 x 20 KB: the same bytes in flight per SM, so halving BLOCK_T costs nothing in bandwidth. Small T
+    launches few programs: H200 run 1 (do_bench, launch path included) measured 3.89-4.10 TB/s at T = 16K/64K
+    (4096/16384 programs of 4 tokens) but 1.37 TB/s at 4K, 1024 programs = 7.8 per SM, so SMs idle for up to
+    13% of the run at the end. T = 4096 -> BLOCK_T = 2: 2048 programs, 15.5 per SM, tail <= 6.5%; T >= 16K keeps
+    4. Most of the 4K gap is the launch path (0.063 ms for 21 us of traffic), which the graph-timed bench
+    separates. ``n_sms=None`` (CPU interpreter): no shrinking, fewer, larger programs are fastest there.
+    Tunable: ``tools/bench_kernels.py --sweep`` times BLOCK_T 1-8 by graph replay.
+    """
+    block_t = min(16, triton.next_power_of_2(max(1, 16384 // (n_heads_total * d))))
+    if n_sms:
+        min_programs = _MIN_PROGRAMS_PER_SM * n_sms
+        while block_t > 1 and triton.cdiv(t, block_t) < min_programs:
+            block_t //= 2
+    return block_t
 
 
 def _launch_rope(
@@ -147,7 +176,10 @@ def _launch_rope(
     hkv = 0 if k is None else k.shape[1]
     k_ptr, stride_kt, stride_kh = (q, 0, 0) if k is None else (k, k.stride(0), k.stride(1))
     half = d // 2
-    block_t = block_t or _default_block_t(h + hkv, d)
+    n_sms = None
+    if q.is_cuda:
+        n_sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    block_t = block_t or _default_block_t(t, h + hkv, d, n_sms)
     grid = (triton.cdiv(t, block_t),)
     _rope_kernel[grid](
         q,

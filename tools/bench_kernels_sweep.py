@@ -79,10 +79,10 @@ def sweep(t: int, shape: dict, timer: Timer, device, quick: bool) -> list[dict]:
                    for x, _, _ in data]  # fmt: skip
             record(name, "fwd", {"block_r": block_r, "num_warps": warps}, fns, 2 * nbytes)
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-        for block_r, warps, per_sm in grid(rows_options[:2], (8, 16), (2, 4)):
-            cfg = {"block_r": block_r, "num_warps": warps, "programs_per_sm": per_sm}
+        for block_r, warps, per_sm, prefetch in grid(rows_options[:2], (8, 16), (2, 4), (False, True)):
+            cfg = {"block_r": block_r, "num_warps": warps, "programs_per_sm": per_sm, "prefetch": prefetch}
             fns = [functools.partial(N._launch_bwd, dy, x, w, rstd, 0.0, True, True, block_r, warps,
-                                     programs=sms * per_sm) for x, dy, rstd in data]  # fmt: skip
+                                     programs=sms * per_sm, prefetch=prefetch) for x, dy, rstd in data]  # fmt: skip
             record(name, "bwd", cfg, fns, 3 * nbytes)
         del data
     return results

@@ -164,3 +164,22 @@ def test_rms_norm_gpu_model_shapes(shape, offset, dtype):
     actual = run(rms_norm, dtype)
     for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=True):
         assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=name)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize(("shape", "block_r", "programs"), [((37, 96), 1, 3), ((23, 3, 32), 8, 2)])
+def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, prefetch):
+    """Both loop variants of the backward (next block's loads before / after the compute), with several blocks
+    per program (so the prefetch and the (BLOCK_R, E) weight-gradient tile cross iterations), against float64."""
+    from kernels.rmsnorm import _launch_bwd, _launch_fwd
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{block_r}-{prefetch}".encode()))
+    x = torch.randn(*shape, generator=gen).to(DEVICE)
+    w = (torch.randn(shape[-1], generator=gen) * 0.5 + 1.0).to(DEVICE)
+    dy = torch.randn(*shape, generator=gen).to(DEVICE)
+    _, rstd = _launch_fwd(x, w, 1e-6, 0.0)
+    dx, dw = _launch_bwd(dy, x, w, rstd, 0.0, True, True, block_r=block_r, programs=programs, prefetch=prefetch)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    want_dx, want_dw = torch.autograd.grad(rms_norm_reference(x64, w64, 1e-6), (x64, w64), dy.double())
+    assert_close_verbose(dx, want_dx, atol=1e-4, rtol=1e-4, name=f"dx prefetch={prefetch}")
+    assert_close_verbose(dw, want_dw, atol=1e-4, rtol=1e-4, name=f"dw prefetch={prefetch}")

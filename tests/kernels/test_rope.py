@@ -261,3 +261,36 @@ def test_rope_gpu_in_place_allocates_nothing():
     torch.cuda.synchronize()
     leaf_grads = dq.numel() * dq.element_size() + dk.numel() * dk.element_size()
     assert torch.cuda.max_memory_allocated() - before <= leaf_grads + 2**20, "rope_ backward allocated extra memory"
+
+
+def test_rope_tokens_per_program_follow_t():
+    """Tokens per program shrink until the grid has >= 8 programs per SM; the interpreter (no SM count) keeps
+    the ~16K-element default."""
+    from kernels.rope import _default_block_t
+
+    # Qwen3-8B (32 + 8 heads x 128) on 132 SMs: 4 tokens (1024 programs at 4K is < 8 x 132, so 2 there).
+    assert [_default_block_t(t, 40, 128, 132) for t in (4096, 16384, 65536)] == [2, 4, 4]
+    assert _default_block_t(100, 40, 128, 132) == 1
+    assert _default_block_t(4096, 40, 128, None) == 4
+    assert _default_block_t(13, 8, 64, None) == 16
+
+
+@pytest.mark.parametrize("block_t", [1, 2, 4])
+def test_rope_explicit_block_t_forward_and_backward(block_t):
+    """Every BLOCK_T the default can pick rotates like the reference, forward and backward (transpose)."""
+    from kernels.rope import _launch_rope
+
+    gen = torch.Generator().manual_seed(100 + block_t)
+    t, h, hkv, d = 11, 3, 2, 64
+    cos, sin = (c.to(DEVICE) for c in _cache(64, d))
+    pos = torch.randint(0, 64, (t,), generator=gen).to(DEVICE)
+    q = torch.randn(t, h, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(t, hkv, d, generator=gen, dtype=torch.float64)
+    want_q, want_k = rope_reference(q, k, cos.double().cpu(), sin.double().cpu(), pos.cpu())
+    q32, k32 = q.float().to(DEVICE), k.float().to(DEVICE)
+    _launch_rope(q32, k32, cos, sin, pos, backward=False, block_t=block_t)
+    assert_close_verbose(q32, want_q, atol=1e-5, name=f"q block_t={block_t}")
+    assert_close_verbose(k32, want_k, atol=1e-5, name=f"k block_t={block_t}")
+    _launch_rope(q32, k32, cos, sin, pos, backward=True, block_t=block_t)  # the inverse rotation
+    assert_close_verbose(q32, q, atol=1e-5, name=f"q round trip block_t={block_t}")
+    assert_close_verbose(k32, k, atol=1e-5, name=f"k round trip block_t={block_t}")
