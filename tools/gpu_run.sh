@@ -24,14 +24,15 @@ for spec in "$@"; do
   stage="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
   case "$stage" in
     env) run_stage env "$limit" bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"' ;;
-    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider ;;
-    tests-train) run_stage "$stage" "$limit" python3 -m pytest -q -m gpu tests/train -p no:cacheprovider ;;
-    tests-all) run_stage "$stage" "$limit" python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -p no:cacheprovider ;;
+    tests-train) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train -p no:cacheprovider ;;
+    tests-all) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests -p no:cacheprovider ;;
     bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --out "$OUT/kernels" ;;
     sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
     bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" ;;
     sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
-    bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 --out "$OUT/train" ;;
+    bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 \
+      --model-shape qwen3-8b --out "$OUT/train" --profile --time-budget $((limit - 40)) --system-timeout 240 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
