@@ -169,9 +169,10 @@ def _fwd_config(n_cols: int) -> tuple[int, int, int]:
     per program so that small rows still make wide programs. Tunable: tools/bench_kernels.py --sweep.
 
     Why this is enough (arithmetic with H200 run 1): a saturated HBM needs ~4.3 TB/s x ~1 us loaded latency
-    / 132 SMs ~ 33 KB of loads in flight per SM. A program holds 16 fp32 x values per thread (+ 16 of w) at
-    ~60 registers x 256 threads = 15K of the 64K registers, so 4 programs fit per SM: 4 x 8 KB = 32 KB. That
-    matches run 1 at T = 64K: 4.05 TB/s (E 4096) and 3.99 (per-head) = 95-96% of copy. The 16K row (1.83 TB/s,
+    / 132 SMs ~ 33 KB of loads in flight per SM. sm_90 register counts (Triton 3.6 offline compile): E 4096,
+    8 warps: 64 registers x 256 threads = 16K of the 64K per SM, so 4 programs fit: 4 x 8 KB = 32 KB; per-head
+    32 x 128, 8 warps: 80 registers, 3 programs, 24 KB. Run 1 at T = 64K: 4.05 TB/s (E 4096) and 3.99
+    (per-head) = 95-96% of copy. The 16K row (1.83 TB/s,
     0.147 ms) is not a device limit: 0.147 ms = 0.066 ms of traffic at 4.05 TB/s + 0.081 ms fixed, the same
     fixed ~0.08 ms the 4K row shows (0.093 - 0.017), and the marginal rate 16K -> 64K (805 MB in 0.118 ms =
     6.8 TB/s) is above HBM's peak, which device time cannot be: the fixed part is the host launch path that
