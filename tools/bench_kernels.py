@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ce-tokens", default="4096,16384", help="T values for the fused linear CE rows")
     p.add_argument("--only", default="rope,swiglu,geglu,rmsnorm,linear_ce", help="comma-separated kernels")
     p.add_argument("--sweep", action="store_true", help="run only the block-size sweep of our kernels")
-    p.add_argument("--budget-s", type=float, default=80.0, help="skip what is left after this many seconds")
+    p.add_argument("--budget-s", type=float, default=85.0, help="skip what is left after this many seconds")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run under the Triton interpreter")
     return p.parse_args(argv)
 
