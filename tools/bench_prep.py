@@ -177,7 +177,8 @@ def render(m: dict, startup: dict, packer: list[dict], pipes: list[dict], load_e
     L += ["", "Command: `python tools/bench_prep.py`", ""]
     if packer:
         L += ["## Packer alone (10M synthetic log-normal lengths, after numba warm-up, best of 3)", "",
-              "| max_len | FFD assign | examples/s | + group & shuffle | examples/s | packs / lower bound |",
+              "| max_len | FFD (bin per example) | examples/s | full packer: FFD + shuffled pack layout | examples/s "
+              "| packs / lower bound |",
               "|---|---|---|---|---|---|"]  # fmt: skip
         for r in packer:
             L.append(f"| {r['max_len']} | {r['ffd_s']:.2f} s | {r['ffd_ex_per_s'] / 1e6:.1f} M | {r['plan_s']:.2f} s "
@@ -208,8 +209,8 @@ def render(m: dict, startup: dict, packer: list[dict], pipes: list[dict], load_e
     L += ["", "## Targets", ""]
     checks = []
     if packer:
-        checks.append(("packer >= 5M examples/s", min(r["ffd_ex_per_s"] for r in packer) >= 5e6,
-                       ", ".join(f"{r['ffd_ex_per_s'] / 1e6:.1f}M @ {r['max_len']}" for r in packer)))  # fmt: skip
+        checks.append(("packer (full plan) >= 5M examples/s", min(r["plan_ex_per_s"] for r in packer) >= 5e6,
+                       ", ".join(f"{r['plan_ex_per_s'] / 1e6:.1f}M @ {r['max_len']}" for r in packer)))  # fmt: skip
     for r in pipes:
         if r["dataset"] == "alpaca":
             checks.append((f"Alpaca pipeline incl. start-up <= 12 s (max_len {r['max_len']})", r["wall_s"] <= 12,
