@@ -87,7 +87,7 @@ class TrainConfig:
     model_overrides: str | None = _opt(
         None,
         "Config fields (a JSON object, or a .json file) for the random model built without --model, e.g. a real "
-        "model's shape for a benchmark without downloading weights. Its random base is then not saved.",
+        "model's shape for a benchmark without downloading weights (a random base over 1B parameters is not saved).",
     )
     fsdp: bool = _opt(False, "Shard the model with FSDP2 (fully_shard) instead of DDP on several GPUs.", flag=True)
     log_every: int = _opt(1, "Refresh the progress bar (or print a line when not on a terminal) every N steps.")

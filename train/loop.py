@@ -62,6 +62,14 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
 
 
+# A random base bigger than this (a benchmark shape from --model-overrides) is not saved: gigabytes of noise.
+_SAVE_BASE_LIMIT = 1_000_000_000
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _default_output() -> Path:
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
@@ -109,7 +117,7 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force)
-    if cfg.model is None and cfg.model_overrides is None and cfg.mode != "full" and env.is_main:
+    if cfg.model is None and cfg.mode != "full" and env.is_main and _param_count(model) < _SAVE_BASE_LIMIT:
         save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable
     from .adapters import apply_adapters
     from .model_patch import patch_model

@@ -105,6 +105,9 @@ def base_config(shards: Path, output: Path, **overrides):
         progress=False,
         device="cpu",
         eval_every=-1,
+        # Smaller than the demo's tiny model: these tests check exactness, not learning speed.
+        model_overrides='{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, '
+        '"num_key_value_heads": 2, "head_dim": 16}',
     )
     settings.update(overrides)
     return TrainConfig(**settings)

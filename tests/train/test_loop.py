@@ -220,7 +220,7 @@ def test_out_of_memory_names_the_knobs(synthetic_shards: Path, tmp_path: Path) -
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
 def test_gpu_lora_bf16_run_reports_mfu_and_memory(synthetic_shards: Path, tmp_path: Path, checkpointing: str) -> None:
-    cfg = base_config(synthetic_shards, tmp_path / checkpointing, device=None, max_steps=4, checkpointing=checkpointing,
+    cfg = base_config(synthetic_shards, tmp_path / checkpointing, device=None, model_overrides=None, max_steps=4, checkpointing=checkpointing,
                       tokens_per_micro_batch=512, eval_every=2)  # fmt: skip
     result = train(cfg)
     assert all(math.isfinite(x) for x in result.losses) and len(result.losses) == 4
@@ -234,7 +234,7 @@ def test_gpu_lora_bf16_run_reports_mfu_and_memory(synthetic_shards: Path, tmp_pa
 
 @pytest.mark.gpu
 def test_gpu_qlora_with_adamw8bit(synthetic_shards: Path, tmp_path: Path) -> None:
-    result = train(base_config(synthetic_shards, tmp_path / "q", device=None, mode="qlora", optimizer="adamw8bit",
+    result = train(base_config(synthetic_shards, tmp_path / "q", device=None, model_overrides=None, mode="qlora", optimizer="adamw8bit",
                                max_steps=3))  # fmt: skip
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
     assert (tmp_path / "q" / "adapter_config.json").is_file()
@@ -242,7 +242,7 @@ def test_gpu_qlora_with_adamw8bit(synthetic_shards: Path, tmp_path: Path) -> Non
 
 @pytest.mark.gpu
 def test_gpu_full_fused_adamw_and_resume(synthetic_shards: Path, tmp_path: Path) -> None:
-    settings = dict(device=None, mode="full", max_steps=4, save_every=2, lr=1e-4)
+    settings = dict(device=None, model_overrides=None, mode="full", max_steps=4, save_every=2, lr=1e-4)
     straight = train(base_config(synthetic_shards, tmp_path / "a", **settings))
 
     def stop(record):
