@@ -209,8 +209,11 @@ def test_out_of_memory_names_the_knobs(synthetic_shards: Path, tmp_path: Path) -
 
         model.get_input_embeddings().register_forward_hook(hook)
 
-    with pytest.raises(TrainError, match=r"out of memory at step 1 .*--tokens-per-micro-batch \(now 128\).*"
-                       r"--checkpointing on.*--qlora"):  # fmt: skip
+    with pytest.raises(
+        TrainError,
+        match=r"out of memory at step 1 .*--tokens-per-micro-batch \(now 128\).*"
+        r"--checkpointing on.*--qlora",
+    ):
         train(base_config(synthetic_shards, tmp_path / "oom"), callbacks=Callbacks(on_model=raise_oom))
 
 
@@ -220,8 +223,16 @@ def test_out_of_memory_names_the_knobs(synthetic_shards: Path, tmp_path: Path) -
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
 def test_gpu_lora_bf16_run_reports_mfu_and_memory(synthetic_shards: Path, tmp_path: Path, checkpointing: str) -> None:
-    cfg = base_config(synthetic_shards, tmp_path / checkpointing, device=None, model_overrides=None, max_steps=4, checkpointing=checkpointing,
-                      tokens_per_micro_batch=512, eval_every=2)  # fmt: skip
+    cfg = base_config(
+        synthetic_shards,
+        tmp_path / checkpointing,
+        device=None,
+        model_overrides=None,
+        max_steps=4,
+        checkpointing=checkpointing,
+        tokens_per_micro_batch=512,
+        eval_every=2,
+    )
     result = train(cfg)
     assert all(math.isfinite(x) for x in result.losses) and len(result.losses) == 4
     lines = [json.loads(x) for x in (tmp_path / checkpointing / "metrics.jsonl").read_text().splitlines()]
@@ -234,8 +245,17 @@ def test_gpu_lora_bf16_run_reports_mfu_and_memory(synthetic_shards: Path, tmp_pa
 
 @pytest.mark.gpu
 def test_gpu_qlora_with_adamw8bit(synthetic_shards: Path, tmp_path: Path) -> None:
-    result = train(base_config(synthetic_shards, tmp_path / "q", device=None, model_overrides=None, mode="qlora", optimizer="adamw8bit",
-                               max_steps=3))  # fmt: skip
+    result = train(
+        base_config(
+            synthetic_shards,
+            tmp_path / "q",
+            device=None,
+            model_overrides=None,
+            mode="qlora",
+            optimizer="adamw8bit",
+            max_steps=3,
+        )
+    )
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
     assert (tmp_path / "q" / "adapter_config.json").is_file()
 
