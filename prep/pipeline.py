@@ -80,8 +80,8 @@ def _validate(cfg: PackConfig) -> None:
         raise PrepError(
             f"--out {str(out)!r} already exists and is not empty; choose another folder or pass --overwrite"
         )
-    if not out.parent.exists():
-        raise PrepError(f"the parent folder of --out {str(out)!r} does not exist; create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise PrepError(f"the parent of --out {str(out)!r} is a file; expected a folder path")
 
 
 class _Timer:
@@ -217,6 +217,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         json.dumps({"source": source_fp, "options": options, "tokenizer": identity}, sort_keys=True).encode()
     ).hexdigest()
     out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # only now, once everything before writing has succeeded
     stage = out.parent / f".{out.name}.prep-{uuid.uuid4().hex[:8]}"
     summary: dict[str, Any] = {}
     from shards import ShardWriter
