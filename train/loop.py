@@ -109,6 +109,12 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         )
     total_steps = cfg.max_steps or sum(plan_for(e).steps for e in range(cfg.epochs))
 
+    previous = [n for n in ("checkpoints", "metrics.jsonl") if (output / n).exists()]
+    if previous and not cfg.resume:
+        raise TrainError(
+            f"--output {str(output)!r} holds a previous run ({', '.join(previous)}); pass --resume to continue it, "
+            "or choose a new --output (nothing is overwritten)"
+        )
     resume_from = latest_checkpoint(output) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise TrainError(f"--resume: {str(output)!r} has no checkpoint (checkpoints/latest); start without --resume")

@@ -175,3 +175,10 @@ def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_sh
     assert res.exit_code == 0, res.output
     assert re.search(r"done: 2 steps, final loss [\d.]+, eval_loss [\d.]+", res.output), res.output
     assert "tokenizer mismatch" not in res.output
+
+
+def test_a_previous_run_is_never_overwritten(synthetic_shards: Path, tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    line = _error_line(_invoke("run", str(synthetic_shards), "--output", str(tmp_path), "--no-progress"))
+    assert "holds a previous run (metrics.jsonl); pass --resume" in line
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
