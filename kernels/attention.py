@@ -10,7 +10,10 @@ kernels live in ``kernels.attention_fwd`` / ``kernels.attention_bwd``.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -21,6 +24,8 @@ __all__ = [
     "BwdConfig",
     "FwdConfig",
     "default_configs",
+    "length_bucket",
+    "load_tuned",
     "varlen_attention",
     "varlen_attention_reference",
     "varlen_attention_with_configs",
@@ -132,36 +137,146 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
+def length_bucket(length: float) -> str:
+    """'short' (Alpaca-like, mean <= 256 tokens), 'medium' (<= 2048) or 'long': the key of the tiling table."""
+    return "short" if length <= SHORT else "medium" if length <= MEDIUM else "long"
+
+
+def _builtin_configs(head_dim: int, bucket: str, group: int) -> dict[str, tuple]:
+    """Hand-picked Hopper tilings per kind (used where kernels/attention_tuned.json has no entry).
+
+    Why these: the dK/dV kernel's dots have M = its key block, and Hopper's wgmma needs M >= 64 per warpgroup
+    (M = 32 falls back to mma.sync at about half the rate), so key blocks are 64 (one warpgroup) or 128 (two).
+    The atomic-dQ kernel keeps 5 matmuls per step instead of the deterministic pair's 7.
+    """
+    big = head_dim > 128
+    short, medium = bucket == "short", bucket == "medium"
+    rows = 64 if big else 128
+    hpb = _pow2_divisor(group, 8 if short else 4)
+    fwd_n = 32 if short else (32 if big else 64 if medium else 128)
+    fwd = (max(16, rows // hpb), hpb, fwd_n, 4 if short else 8, 2 if big else 3)
+    bwd_rows = 32 if big else 64
+    bhpb = _pow2_divisor(group, 4 if short else 2)
+    kv_n = 32 if big else 64
+    kv = (kv_n, max(16, bwd_rows // bhpb), bhpb, 4 if short else 8, 2)
+    dq = (max(16, bwd_rows // bhpb), bhpb, 32 if (short or big) else 64, 4 if short else 8, 2)
+    # Atomic path: 128-key blocks halve the dQ atomics per FLOP where examples are long enough to fill them.
+    at_n = 128 if bucket == "long" and not big else 64 if not big else 32
+    at = (at_n, max(16, bwd_rows // bhpb), bhpb, 8 if at_n == 128 or big else 4, 2)
+    return {"fwd": fwd, "bwd_kv": kv, "bwd_dq": dq, "bwd_atomic": at}
+
+
+# ---------------------------------------------------------------------------------------------- tuned table
+TUNED_PATH = Path(__file__).with_name("attention_tuned.json")
+TUNED_VERSION = 1
+# kind -> the config fields it sets (FwdConfig for "fwd"; the dK/dV or dQ half of BwdConfig otherwise).
+TUNED_FIELDS = {
+    "fwd": ("block_m", "hpb", "block_n", "num_warps", "num_stages"),
+    "bwd_kv": ("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"),
+    "bwd_dq": ("q_block_m", "q_hpb", "q_block_n", "q_warps", "q_stages"),
+    "bwd_atomic": ("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"),
+}
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _validate_entry(path: Path, i: int, e: object) -> tuple[tuple, tuple]:
+    where = f"{path}: entries[{i}]"
+    if not isinstance(e, dict) or set(e) - {"D", "dtype", "bucket", "kind", "config", "ms", "note"}:
+        raise ValueError(f"{where} = {e!r}: expected an object with keys D, dtype, bucket, kind, config. Re-run "
+                         "tools/bench_attention.py --sweep --write-tuned, or delete the file to use the built-in "
+                         "tilings.")  # fmt: skip
+    kind = e.get("kind")
+    if kind not in TUNED_FIELDS:
+        raise ValueError(f"{where}: kind={kind!r}, expected one of {list(TUNED_FIELDS)}.")
+    if not isinstance(e.get("D"), int) or e.get("dtype") not in DTYPE_NAMES.values():
+        raise ValueError(f"{where}: D={e.get('D')!r} dtype={e.get('dtype')!r}: expected an int and one of "
+                         f"{list(DTYPE_NAMES.values())}.")  # fmt: skip
+    if e.get("bucket") not in ("short", "medium", "long"):
+        raise ValueError(f"{where}: bucket={e.get('bucket')!r}, expected 'short', 'medium' or 'long'.")
+    cfg, fields = e.get("config"), TUNED_FIELDS[kind]
+    if not isinstance(cfg, dict) or set(cfg) != set(fields):
+        raise ValueError(f"{where}: config={cfg!r}: expected exactly the fields {list(fields)}.")
+    for f in fields:
+        x = cfg[f]
+        if f.endswith("stages"):
+            if not isinstance(x, int) or not 1 <= x <= 8:
+                raise ValueError(f"{where}: {f}={x!r}: expected an int in 1..8.")
+        elif not isinstance(x, int) or x < 1 or x & (x - 1) or (f.endswith("warps") and x > 16):
+            raise ValueError(f"{where}: {f}={x!r}: expected a power of two (warps <= 16).")
+        if f.endswith(("block_m", "block_n")) and not 16 <= x <= 256:
+            raise ValueError(f"{where}: {f}={x!r}: block sizes must be 16..256 (tl.dot needs >= 16).")
+    ms = e.get("ms")
+    if ms is not None and not (isinstance(ms, (int, float)) and ms > 0):
+        raise ValueError(f"{where}: ms={ms!r}: expected a positive number (the measured backward/forward time).")
+    return (e["D"], e["dtype"], e["bucket"], kind), (tuple(cfg[f] for f in fields), ms)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tuned(path: Path) -> dict[tuple, tuple]:
+    """{(D, dtype name, bucket, kind): (config tuple, ms or None)} from a tuned-tiling JSON; {} without the file."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it or re-run the sweep with --write-tuned.") from err
+    if not isinstance(data, dict) or data.get("version") != TUNED_VERSION or not isinstance(data.get("entries"), list):
+        got = f"keys {sorted(data)}, version {data.get('version')!r}" if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: expected {{'version': {TUNED_VERSION}, 'entries': [...]}}; got {got}. Re-run the "
+                         "sweep with --write-tuned, or delete the file to use the built-in tilings.")  # fmt: skip
+    return dict(_validate_entry(path, i, e) for i, e in enumerate(data["entries"]))
+
+
+def _fit_group(cfg: tuple, kind: str, group: int) -> tuple:
+    """Keep a tuned tile's rows (tokens x heads) when this model's GQA group is not a multiple of its heads."""
+    fields = TUNED_FIELDS[kind]
+    ih = next(i for i, f in enumerate(fields) if f.endswith("hpb"))
+    im = next(i for i, f in enumerate(fields) if f.endswith("block_m"))
+    hpb = _pow2_divisor(group, cfg[ih])
+    if hpb == cfg[ih]:
+        return cfg
+    out = list(cfg)
+    out[im], out[ih] = cfg[im] * cfg[ih] // hpb, hpb
+    return tuple(out)
+
+
 def default_configs(
-    head_dim: int, dtype: torch.dtype, max_seqlen: int, group: int, mean_seqlen: float | None = None
+    head_dim: int,
+    dtype: torch.dtype,
+    max_seqlen: int,
+    group: int,
+    mean_seqlen: float | None = None,
+    deterministic: bool = False,
 ) -> tuple[FwdConfig, BwdConfig]:
-    """Hopper (H200) tiling per (D, dtype, length bucket); ``tools/bench_attention.py --sweep`` re-tunes it.
+    """Hopper (H200) tiling per (D, dtype, length bucket): kernels/attention_tuned.json where it has an entry
+    (written by ``tools/bench_attention.py --sweep --write-tuned``), else the built-in table.
 
     The bucket follows the mean example length T / S when given (known without a device sync): an Alpaca pack
     has max_seqlen ~1000 but a mean ~130, and it is the mean that decides how much of a big tile is masked.
     Rows of a tile are (query token, head) pairs of one GQA group (HPB heads), so short examples still give the
-    tensor cores 64-128 rows while causal waste stays at 16-32-token granularity.
+    tensor cores 64-128 rows while causal waste stays at 16-32-token granularity. ``deterministic`` picks the
+    atomic-free backward (dK/dV and dQ kernels) instead of the atomic-dQ one.
     """
-    del dtype  # bf16 and fp16 share tiles; fp32 is a correctness path, not tuned.
     length = min(max_seqlen, mean_seqlen) if mean_seqlen is not None else max_seqlen
-    big = head_dim > 128
-    short = length <= SHORT
-    medium = length <= MEDIUM
-    rows = 64 if big else 128
-    hpb = _pow2_divisor(group, 8 if short else 4)
-    fwd_n = 32 if short else (32 if big else 64 if medium else 128)
-    fwd = FwdConfig(
-        block_m=max(16, rows // hpb), hpb=hpb, block_n=fwd_n, num_warps=4 if short else 8, num_stages=2 if big else 3
-    )
-    bwd_rows = 64 if not big else 32
-    bhpb = _pow2_divisor(group, 4 if short else 2)
-    kv_n = 32 if (short or big) else 64
-    bwd = BwdConfig(
-        kv_block_n=kv_n, kv_block_m=max(16, bwd_rows // bhpb), kv_hpb=bhpb, kv_warps=4 if short else 8,
-        kv_stages=2, q_block_m=max(16, bwd_rows // bhpb), q_hpb=bhpb, q_block_n=kv_n,
-        q_warps=4 if short else 8, q_stages=2,
-    )  # fmt: skip
-    return fwd, bwd
+    bucket = length_bucket(length)
+    cfgs = _builtin_configs(head_dim, bucket, group)
+    tuned = load_tuned(TUNED_PATH)
+    ms = {}
+    for kind in cfgs:
+        name = DTYPE_NAMES.get(dtype, "bf16")
+        hit = tuned.get((head_dim, name, bucket, kind))
+        if hit is None and name == "fp16":  # fp16 shares bf16's tiles (same MMA shapes and byte sizes)
+            hit = tuned.get((head_dim, "bf16", bucket, kind))
+        if hit is not None:
+            cfgs[kind], ms[kind] = _fit_group(hit[0], kind, group), hit[1]
+    atomic = not deterministic
+    # The sweep times whole backwards: if the deterministic pair measured faster than the atomic kernel for this
+    # bucket, take it (it is the better default both ways). Both times come from the same case and run.
+    det_ms = min((ms[k] for k in ("bwd_kv", "bwd_dq") if ms.get(k)), default=None)
+    if atomic and det_ms is not None and ms.get("bwd_atomic") and det_ms < ms["bwd_atomic"]:
+        atomic = False
+    kv = cfgs["bwd_atomic"] if atomic else cfgs["bwd_kv"]
+    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -203,11 +318,16 @@ def varlen_attention_with_configs(
     causal: bool = True,
     window: int | None = None,
     softcap: float | None = None,
+    deterministic: bool = False,
     *,
     fwd_cfg: FwdConfig | None = None,
     bwd_cfg: BwdConfig | None = None,
 ) -> torch.Tensor:
-    """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults."""
+    """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults.
+
+    An explicit ``bwd_cfg`` decides the backward path by its ``dq_atomic``; ``deterministic=True`` always turns
+    atomics off.
+    """
     _check_args(q, k, v, cu_seqlens, causal, window, softcap)
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
@@ -221,11 +341,14 @@ def varlen_attention_with_configs(
         raise ValueError(f"head dim D={q.shape[2]} is not supported; expected D <= 256.")
     group = q.shape[1] // k.shape[1]
     mean_len = q.shape[0] / max(cu_seqlens.numel() - 1, 1)  # shapes only: no device sync
-    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group, mean_len)
+    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group, mean_len, deterministic)
+    bwd_cfg = bwd_cfg or d_bwd
+    if deterministic and bwd_cfg.dq_atomic:
+        bwd_cfg = bwd_cfg._replace(dq_atomic=False)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     return _VarlenAttention.apply(
         q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), window,
-        None if softcap is None else float(softcap), fwd_cfg or d_fwd, bwd_cfg or d_bwd,
+        None if softcap is None else float(softcap), fwd_cfg or d_fwd, bwd_cfg,
     )  # fmt: skip
 
 
@@ -239,12 +362,19 @@ def varlen_attention(
     causal: bool = True,
     window: int | None = None,
     softcap: float | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Varlen attention over a packed stream (Triton forward and backward, no T x T tensor anywhere).
 
     q (T, H, D), k/v (T, Hkv, D) with H % Hkv == 0 (GQA without repeating k/v), ``cu_seqlens`` int32 (S+1,),
     ``max_seqlen`` >= the longest example (a Python int from the shard: no device sync). ``window=W``: token i
     sees keys i-W < j <= i (Hugging Face ``sliding_window``); ``softcap``: Gemma 2 logit capping. bf16/fp16 (and
-    fp32) with fp32 accumulation; D <= 256 (64, 80, 96, 128, 256 tuned). The backward is deterministic.
+    fp32) with fp32 accumulation; D <= 256 (64, 80, 96, 128, 256 tuned).
+
+    ``deterministic=False`` (default, fastest): dQ is summed with fp32 atomics inside the dK/dV kernel (5
+    matmuls per tile instead of 7), so dq may differ in the last bits from run to run (dk, dv never do).
+    ``deterministic=True``: a separate dQ kernel recomputes the scores; dq, dk, dv are bitwise reproducible.
     """
-    return varlen_attention_with_configs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
+    return varlen_attention_with_configs(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic
+    )

@@ -16,13 +16,14 @@ FLOP convention (FlashAttention's): forward = 4 * sum_i(l_i^2 / 2) * H * D (two 
 example); backward = 2.5x forward, so forward+backward = 3.5x forward. Only per-example causal FLOPs count:
 masked or padded work is never credited.
 
-``--sweep`` times alternative tilings of our kernels (forward, and the backward's dK/dV and dQ kernels
-separately) on a few cases and prints the best per case, to refresh ``kernels.attention.default_configs``.
-``--quick`` is a tiny CPU smoke run under the Triton interpreter (no baselines, wall-clock timer).
+``--sweep`` (``bench_attention_sweep``) times a few tilings per (head dim, length bucket, kernel kind) within
+``--budget-s`` and ``--write-tuned kernels/attention_tuned.json`` stores the winners, which
+``kernels.attention.default_configs`` then reads. ``--compile-check`` (``bench_attention_compile``) compiles
+for sm_90 offline. ``--quick`` is a tiny CPU smoke run under the Triton interpreter (no baselines).
 
-Usage on the GPU machine:
-    python tools/bench_attention.py --out results/attention           # full table (D 128, 64, 256)
-    python tools/bench_attention.py --sweep --out results/attention   # tiling sweep (D 128 by default)
+Usage on the GPU machine (see docs/bench/attention.md):
+    python tools/bench_attention.py --sweep --budget-s 110 --write-tuned kernels/attention_tuned.json --out R
+    python tools/bench_attention.py --dims 128 --packs 4096,16384 --out R
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_attention_* modules
 
 
 @dataclass
@@ -221,160 +223,6 @@ def run_table(args, bench, device, dtype) -> list[Row]:
     return rows
 
 
-def sweep_candidates(D: int, group: int, quick: bool):
-    """Tilings to try: ~30 forward, ~36 dK/dV, ~24 dQ, ~12 atomic-dQ per head dim (pruned to fit a 10-min run)."""
-    from kernels.attention import BwdConfig, FwdConfig
-
-    if quick:
-        return [FwdConfig(16, 1, 16, 4, 1), FwdConfig(16, 2, 32, 4, 1)], [
-            BwdConfig(16, 16, 1, 4, 1, 16, 1, 16, 4, 1),
-            BwdConfig(32, 16, 2, 4, 1, 16, 2, 32, 4, 1),
-        ]
-    top = max(h for h in (1, 2, 4, 8) if group % h == 0)
-    hpbs = sorted({1, top})
-    big = D > 128
-    fwd = []
-    for rows, hpb, bn, (warps, stages) in itertools.product(
-        (64,) if big else (64, 128), hpbs, (32, 64) if big else (32, 64, 128), ((4, 2), (4, 3), (8, 3))
-    ):
-        if rows // hpb >= 16 and not (rows == 64 and warps == 8):
-            fwd.append(FwdConfig(rows // hpb, hpb, bn, warps, stages))
-    kv = []
-    for bn, rows, hpb, (warps, stages) in itertools.product(
-        (32, 64) if big else (32, 64, 128), (32, 64), hpbs, ((4, 2), (8, 2), (8, 3))
-    ):
-        if rows // hpb >= 16 and not (big and bn * rows > 2048):
-            kv.append((bn, rows // hpb, hpb, warps, stages))
-    dq = []
-    for rows, hpb, bn, (warps, stages) in itertools.product(
-        (32, 64) if big else (32, 64, 128), hpbs, (32, 64), ((4, 2), (8, 2))
-    ):
-        if rows // hpb >= 16 and not (big and rows * bn > 2048):
-            dq.append((rows // hpb, hpb, bn, warps, stages))
-    atomic = [c for c in kv if c[2] == top and c[4] == 2]
-    return fwd, (kv, dq, atomic)
-
-
-def sweep_case(args, bench, device, dtype, name: str, lens: list[int], D: int) -> list[dict]:
-    """Time every candidate tiling on one case: forward alone; backward alone (dK/dV and dQ varied separately)."""
-    from kernels.attention import BwdConfig, default_configs, varlen_attention_with_configs
-
-    group = args.H // args.Hkv
-    fwd_cands, bwd_cands = sweep_candidates(D, group, args.quick)
-    d_fwd, d_bwd = default_configs(D, dtype, max(lens), group, sum(lens) / len(lens))
-    flops = causal_flops(lens, args.H, D)
-    _, (q, k, v), do = ours(lens, args.H, args.Hkv, D, device, dtype)
-    cu, m = make_cu(lens, device), max(lens)
-
-    def time_fwd(cfg):
-        with torch.no_grad():
-            return bench(lambda: varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=cfg, bwd_cfg=d_bwd))
-
-    def time_bwd(cfg):
-        out = varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=d_fwd, bwd_cfg=cfg)
-        return bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-
-    trials = [("fwd", d_fwd, time_fwd), ("bwd", d_bwd, time_bwd)]
-    trials += [("fwd", c, time_fwd) for c in fwd_cands if c != d_fwd]
-    if args.quick:
-        trials += [("bwd", c, time_bwd) for c in bwd_cands]
-    else:
-        kv, dq, atomic = bwd_cands
-        trials += [("bwd_kv", BwdConfig(*c, *d_bwd[5:]), time_bwd) for c in kv]
-        trials += [("bwd_dq", BwdConfig(*d_bwd[:5], *c), time_bwd) for c in dq]
-        # The opt-in atomic-dQ backward (no dQ kernel; not bitwise reproducible).
-        trials += [("bwd_atomic_dq", BwdConfig(*c, *d_bwd[5:10], dq_atomic=True), time_bwd) for c in atomic]
-    # Defaults are always timed (the baseline each "best" is compared with); others only for the kinds asked.
-    trials = [t for i, t in enumerate(trials) if args.quick or i < 2 or t[0] in args.sweep_kinds]
-    results = []
-    for kind, cfg, fn_time in trials:
-        try:
-            ms, err = fn_time(cfg), ""
-        except Exception as e:  # out of shared memory / registers for this tiling: record and skip
-            ms, err = None, f"{type(e).__name__}: {e}"[:120]
-        tf = (1.0 if kind == "fwd" else 2.5) * flops / ms / 1e9 if ms else None
-        results.append({"case": name, "D": D, "kind": kind, "config": cfg._asdict(), "ms": ms, "tflops": tf,
-                        "default": cfg in (d_fwd, d_bwd), "error": err})  # fmt: skip
-    for kind in ("fwd", "bwd_kv", "bwd_dq", "bwd_atomic_dq", "bwd"):
-        ok = [r for r in results if r["kind"] == kind and r["ms"]]
-        if ok:
-            best = min(ok, key=lambda r: r["ms"])
-            dflt = next((r for r in ok if r["default"]), None)
-            versus = f"; default {dflt['ms']:.3f} ms" if dflt else ""
-            print(f"[sweep] {name} D={D} {kind}: best {best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s){versus} "
-                  f"{best['config']}", flush=True)  # fmt: skip
-    return results
-
-
-def run_sweep(args, bench, device, dtype) -> list[dict]:
-    results = []
-    for D in args.sweep_dims:
-        for name, _pack, lens in cases(args.packs, args.quick):
-            if args.quick or name in args.sweep_cases:
-                results += sweep_case(args, bench, device, dtype, name, lens, D)
-    return results
-
-
-# ------------------------------------------------------------------------------------------------ offline compile
-def compile_check(dims: list[int], group: int) -> list[str]:
-    """Compile every kernel for sm_90 without a GPU (Triton's bundled ptxas): catches compile errors, spills and
-    shared-memory overflows of the default tilings on a CPU-only machine. Returns one line per kernel."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from kernels import attention_bwd as B
-    from kernels import attention_fwd as F
-    from kernels.attention import default_configs
-
-    target = GPUTarget("cuda", 90, 128)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    ptr_types = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "CU": "*i32", "SCHED": "*i32"}
-
-    def build(fn, consts, warps, stages):
-        sig = {}
-        for a in fn.arg_names:
-            if a in consts:
-                sig[a] = "constexpr"
-            elif a in ptr_types:
-                sig[a] = ptr_types[a]
-            elif a.isupper():
-                sig[a] = "*bf16"
-            else:
-                sig[a] = "fp32" if a in ("pre", "post", "scale") else "i32"
-        k = triton.compile(ASTSource(fn, sig, consts), target=target,
-                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
-        fields = " ".join(w for w in usage.split() if w.startswith(("REG:", "LOCAL:")))
-        return f"{fields} dynamic-shared:{k.metadata.shared}"
-
-    lines = []
-    for D, length in itertools.product(dims, (128, 1024, 8192)):
-        fc, bc = default_configs(D, torch.bfloat16, length, group, length)
-        common = dict(GROUP=group, H=4 * group, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=True,
-                      WINDOW=False, SOFTCAP=False, LONG_INDEXING=False, PREC="tf32")  # fmt: skip
-        for flags in ({}, {"WINDOW": True, "SOFTCAP": True, "LONG_INDEXING": True}):
-            c = dict(common, **flags)
-            try:
-                f = build(F._fwd_kernel, dict(c, BLOCK_M=fc.block_m, HPB=fc.hpb, BLOCK_N=fc.block_n),
-                          fc.num_warps, fc.num_stages)  # fmt: skip
-                kv = build(B._dkdv_kernel, dict(c, BLOCK_N=bc.kv_block_n, BLOCK_M=bc.kv_block_m, HPB=bc.kv_hpb,
-                                                ATOMIC_DQ=bc.dq_atomic), bc.kv_warps, bc.kv_stages)  # fmt: skip
-                dq = build(B._dq_kernel, dict(c, BLOCK_M=bc.q_block_m, HPB=bc.q_hpb, BLOCK_N=bc.q_block_n),
-                           bc.q_warps, bc.q_stages)  # fmt: skip
-                lines.append(f"D={D} len={length} {flags or 'plain'}: fwd[{f}] dkdv[{kv}] dq[{dq}]")
-            except Exception as e:  # report and go on: the point is to list every failing variant
-                lines.append(f"D={D} len={length} {flags or 'plain'}: FAILED {type(e).__name__}: {e}"[:400])
-            print(lines[-1], flush=True)
-    return lines
-
-
 # ------------------------------------------------------------------------------------------------ report
 def environment(args, dtype: torch.dtype) -> dict:
     import triton
@@ -418,35 +266,36 @@ def markdown(env: dict, rows: list[Row], peak: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run under TRITON_INTERPRET=1")
     p.add_argument("--sweep", action="store_true", help="time alternative tilings of our kernels instead")
-    p.add_argument(
-        "--compile-check",
-        action="store_true",
-        help="no GPU needed: compile the default tilings for sm_90 and print registers/spills/shared memory",
-    )
+    p.add_argument("--budget-s", type=float, default=110.0, help="--sweep: stop starting trials after this many s")
+    p.add_argument("--write-tuned", default=None, help="--sweep: merge the winners into this JSON tiling table")
+    p.add_argument("--compile-check", action="store_true",
+                   help="no GPU needed: compile for sm_90 and print registers/spills/shared memory")  # fmt: skip
+    p.add_argument("--candidates", action="store_true", help="--compile-check: every sweep candidate, not defaults")
+    p.add_argument("--kinds", default="fwd,bwd_atomic,bwd_kv,bwd_dq", help="--compile-check / --sweep kinds")
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for JSON + markdown (default: $OUT)")
     p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
     p.add_argument("--dims", default="128,64,256", help="head dims for the table")
-    p.add_argument("--sweep-dims", default="128", help="head dims for --sweep")
-    p.add_argument(
-        "--sweep-cases", default="alpaca/16K,eq1K/16K,eq4K/16K,eq16K/16K", help="cases for --sweep (names as in table)"
-    )
-    p.add_argument(
-        "--sweep-kinds",
-        default="fwd,bwd_kv,bwd_dq,bwd_atomic_dq",
-        help="what --sweep varies: fwd, bwd_kv, bwd_dq, bwd_atomic_dq (split across runs to stay under 10 min)",
-    )
+    p.add_argument("--sweep-dims", default="128,64", help="head dims for --sweep")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"implementations, from {list(IMPLS)}")
+    p.add_argument("--deterministic", action="store_true", help="table: padless with deterministic=True")
     p.add_argument("--H", type=int, default=32)
     p.add_argument("--Hkv", type=int, default=8)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    args.sweep_kinds = args.kinds.split(",")
     if args.compile_check:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("--compile-check compiles real GPU code: unset TRITON_INTERPRET")
-        compile_check([int(x) for x in args.dims.split(",")], args.H // args.Hkv)
+        from bench_attention_compile import compile_check
+
+        compile_check([int(x) for x in args.dims.split(",")], args.H // args.Hkv, args.sweep_kinds, args.candidates)
         return
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -455,23 +304,31 @@ def main() -> None:
     args.packs = [int(x) for x in args.packs.split(",")]
     args.dims = [int(x) for x in args.dims.split(",")]
     args.sweep_dims = [int(x) for x in args.sweep_dims.split(",")]
-    args.sweep_cases = args.sweep_cases.split(",")
-    args.sweep_kinds = args.sweep_kinds.split(",")
     args.impls = args.impls.split(",")
     device = "cpu" if args.quick else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run on the H200, or use --quick for the CPU smoke run")
     dtype = torch.float32 if args.quick else torch.bfloat16
-    bench = timer(args.quick, 40 if args.sweep else 100)  # sweep: hundreds of trials, shorter medians
+    bench = timer(args.quick, 40 if args.sweep else 100)  # sweep: many trials, shorter medians
     env = environment(args, dtype)
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        results = run_sweep(args, bench, device, dtype)
+        from bench_attention_sweep import BUCKET_CASES, run_sweep, write_tuned
+
+        lens_of = {name: lens for name, _, lens in cases([16384])}
+        if args.quick:  # the CPU smoke run: the two tiny cases stand for the buckets
+            tiny = dict((name, lens) for name, _, lens in cases([], quick=True))
+            lens_of = {BUCKET_CASES["short"]: tiny["alpaca-tiny"], BUCKET_CASES["long"]: tiny["eq32"]}
+        results = run_sweep(args, bench, device, dtype, lens_of, causal_flops)
         if out:
-            tag = "_".join(["D" + "-".join(map(str, args.sweep_dims)), *args.sweep_kinds])
-            (out / f"attention_sweep_{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+            (out / "attention_sweep.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+        if args.write_tuned:
+            for e in write_tuned(Path(args.write_tuned), results, str(dtype).removeprefix("torch.")
+                                 .replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32"),
+                                 env):  # fmt: skip
+                print(f"[tuned] {e}", flush=True)
         return
     peak = None if args.quick else matmul_peak(bench)
     rows = run_table(args, bench, device, dtype)

@@ -1,0 +1,92 @@
+"""Offline sm_90 compile of the varlen attention kernels (no GPU needed): registers, spills, shared memory.
+
+Triton compiles for a ``GPUTarget("cuda", 90, 128)`` with its bundled ptxas, and ``cuobjdump -res-usage`` reads the
+cubin: a tiling that spills (LOCAL > 0), overflows shared memory or fails to compile shows up on a CPU-only machine
+before it costs GPU time. Used by ``tools/bench_attention.py --compile-check``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["compile_check", "compile_one"]
+
+PTR_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "CU": "*i32", "SCHED": "*i32"}
+
+
+def compile_one(fn, consts: dict, warps: int, stages: int) -> str:
+    """Compile one @triton.jit kernel for sm_90; returns 'REG:.. LOCAL:.. dynamic-shared:..'."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in PTR_TYPES:
+            sig[a] = PTR_TYPES[a]
+        elif a.isupper():
+            sig[a] = "*bf16"
+        else:
+            sig[a] = "fp32" if a in ("pre", "post", "scale") else "i32"
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 128),
+                       options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = " ".join(w for w in usage.split() if w.startswith(("REG:", "LOCAL:")))
+    return f"{fields} dynamic-shared:{k.metadata.shared}"
+
+
+def _common(D: int, group: int, flags: dict) -> dict:
+    import triton
+
+    c = dict(GROUP=group, H=4 * group, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=True, WINDOW=False,
+             SOFTCAP=False, LONG_INDEXING=False, PREC="tf32")  # fmt: skip
+    return dict(c, **flags)
+
+
+def compile_kind(kind: str, cfg: tuple, D: int, group: int, flags: dict | None = None) -> str:
+    """Compile the kernel a tuned-table kind uses ('fwd', 'bwd_kv', 'bwd_dq', 'bwd_atomic') with tiling cfg."""
+    from kernels import attention_bwd as B
+    from kernels import attention_fwd as F
+
+    c = _common(D, group, flags or {})
+    if kind == "fwd":
+        bm, hpb, bn, w, s = cfg
+        return compile_one(F._fwd_kernel, dict(c, BLOCK_M=bm, HPB=hpb, BLOCK_N=bn), w, s)
+    if kind in ("bwd_kv", "bwd_atomic"):
+        bn, bm, hpb, w, s = cfg
+        consts = dict(c, BLOCK_N=bn, BLOCK_M=bm, HPB=hpb, ATOMIC_DQ=kind == "bwd_atomic")
+        return compile_one(B._dkdv_kernel, consts, w, s)
+    bm, hpb, bn, w, s = cfg
+    return compile_one(B._dq_kernel, dict(c, BLOCK_M=bm, HPB=hpb, BLOCK_N=bn), w, s)
+
+
+def compile_check(dims: list[int], group: int, kinds: list[str], candidates: bool = False) -> list[str]:
+    """One line per (D, bucket, kind, tiling): the defaults, or with ``candidates`` every sweep candidate."""
+    from bench_attention_sweep import sweep_candidates
+
+    from kernels.attention import _builtin_configs
+
+    lines = []
+    for D, bucket in itertools.product(dims, ("short", "medium", "long")):
+        for kind in kinds:
+            cfgs = [_builtin_configs(D, bucket, group)[kind]]
+            variants = ({}, {"WINDOW": True, "SOFTCAP": True})
+            if candidates:
+                cfgs, variants = sweep_candidates(kind, bucket, D, group), ({},)
+            for cfg, flags in itertools.product(cfgs, variants):
+                try:
+                    res = compile_kind(kind, cfg, D, group, flags)
+                except Exception as e:  # report and go on: the point is to list every failing variant
+                    res = f"FAILED {type(e).__name__}: {e}"[:300]
+                lines.append(f"D={D} {bucket} {kind} {cfg} {flags or ''}: {res}")
+                print(lines[-1], flush=True)
+    return lines
