@@ -155,14 +155,17 @@ def _builtin_configs(head_dim: int, bucket: str, group: int) -> dict[str, tuple]
     hpb = _pow2_divisor(group, 8 if short else 4)
     fwd_n = 32 if short else (32 if big else 64 if medium else 128)
     fwd = (max(16, rows // hpb), hpb, fwd_n, 4 if short else 8, 2 if big else 3)
-    bwd_rows = 32 if big else 64
     bhpb = _pow2_divisor(group, 4 if short else 2)
-    kv_n = 32 if big else 64
-    kv = (kv_n, max(16, bwd_rows // bhpb), bhpb, 4 if short else 8, 2)
-    dq = (max(16, bwd_rows // bhpb), bhpb, 32 if (short or big) else 64, 4 if short else 8, 2)
-    # Atomic path: 128-key blocks halve the dQ atomics per FLOP where examples are long enough to fill them.
-    at_n = 128 if bucket == "long" and not big else 64 if not big else 32
-    at = (at_n, max(16, bwd_rows // bhpb), bhpb, 8 if at_n == 128 or big else 4, 2)
+    if big:  # D 256: fp32 dK/dV accumulators of 64 keys would not fit the registers beside the tiles
+        kv = (32, max(16, 32 // bhpb), bhpb, 8, 2)
+        dq = (max(16, 32 // bhpb), bhpb, 32, 8, 2)
+        at = kv
+    elif short:  # 64 keys x (16 tokens x 4 heads): one warpgroup, causal waste at 16-token granularity
+        kv = at = (64, max(16, 64 // bhpb), bhpb, 4, 2)
+        dq = (max(16, 64 // bhpb), bhpb, 32, 4, 2)
+    else:  # 128 keys x 64 rows, 8 warps (FlexAttention's Hopper backward tiles); dQ: 128 rows x 64 keys
+        kv = at = (128, max(16, 64 // bhpb), bhpb, 8, 3)
+        dq = (max(16, 128 // bhpb), bhpb, 64, 8, 3)
     return {"fwd": fwd, "bwd_kv": kv, "bwd_dq": dq, "bwd_atomic": at}
 
 
@@ -298,7 +301,7 @@ class _VarlenAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens, sched_q = ctx.saved_tensors
         max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg = ctx.args
         T = q.shape[0]
-        if bwd_cfg.q_block_m != fwd_cfg.block_m:
+        if not bwd_cfg.dq_atomic and bwd_cfg.q_block_m != fwd_cfg.block_m:  # the atomic path has no dQ kernel
             sched_q = build_schedule(cu_seqlens, T, max_seqlen, bwd_cfg.q_block_m)
         sched_kv = build_schedule(cu_seqlens, T, max_seqlen, bwd_cfg.kv_block_n)
         dq, dk, dv = flash_bwd(

@@ -4,7 +4,8 @@ What it measures (bf16, causal): forward and forward+backward time (triton.testi
 TFLOP/s for packs of 4K/16K/64K tokens filled with Alpaca-like lengths (lognormal, median ~95, clipped to
 [8, 1024]) or equal lengths of 1K/4K/16K, for:
 
-* ``padless``: ``kernels.attention.varlen_attention`` on the packed stream (GQA without repeating k/v);
+* ``padless``: ``kernels.attention.varlen_attention`` on the packed stream (GQA without repeating k/v), default
+  backward (atomic dQ); ``padless_det``: the same with ``deterministic=True``;
 * ``varlen_attn``: ``torch.nn.attention.varlen.varlen_attn`` on the same packed stream (if this torch has it);
 * ``sdpa_flash_padded``: SDPA, flash backend, on the same examples padded to a batch (k/v repeated for GQA
   before timing; padding is wasted work, FLOPs still count only the useful part);
@@ -126,7 +127,7 @@ def fwd_and_fwdbwd(fn, inputs, do, bench) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ implementations
-def ours(lens, H, Hkv, D, device, dtype, fwd_cfg=None, bwd_cfg=None):
+def ours(lens, H, Hkv, D, device, dtype, fwd_cfg=None, bwd_cfg=None, deterministic=False):
     from kernels.attention import varlen_attention_with_configs
 
     T = sum(lens)
@@ -135,9 +136,14 @@ def ours(lens, H, Hkv, D, device, dtype, fwd_cfg=None, bwd_cfg=None):
     cu, m = make_cu(lens, device), max(lens)
 
     def fn(q, k, v):
-        return varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg)
+        return varlen_attention_with_configs(q, k, v, cu, m, None, True, None, None, deterministic, fwd_cfg=fwd_cfg,
+                                             bwd_cfg=bwd_cfg)  # fmt: skip
 
     return fn, (q, k, v), do
+
+
+def ours_deterministic(lens, H, Hkv, D, device, dtype):
+    return ours(lens, H, Hkv, D, device, dtype, deterministic=True)
 
 
 def torch_varlen(lens, H, Hkv, D, device, dtype):
@@ -194,7 +200,13 @@ def flex_document(lens, H, Hkv, D, device, dtype):
     return (lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=Hkv != H)), (q, k, v), do
 
 
-IMPLS = {"padless": ours, "varlen_attn": torch_varlen, "sdpa_flash_padded": sdpa_padded, "flex_document": flex_document}
+IMPLS = {
+    "padless": ours,
+    "padless_det": ours_deterministic,
+    "varlen_attn": torch_varlen,
+    "sdpa_flash_padded": sdpa_padded,
+    "flex_document": flex_document,
+}
 
 
 def matmul_peak(bench) -> float:
@@ -281,7 +293,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dims", default="128,64,256", help="head dims for the table")
     p.add_argument("--sweep-dims", default="128,64", help="head dims for --sweep")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"implementations, from {list(IMPLS)}")
-    p.add_argument("--deterministic", action="store_true", help="table: padless with deterministic=True")
     p.add_argument("--H", type=int, default=32)
     p.add_argument("--Hkv", type=int, default=8)
     return p.parse_args()

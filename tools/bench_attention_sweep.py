@@ -38,23 +38,20 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
     short, big = bucket == "short", D > 128
     h4, h2 = _pow2_divisor(group, 4), _pow2_divisor(group, 2)
     hs = h4 if short else h2
-    if kind == "bwd_atomic":
+    if kind in ("bwd_atomic", "bwd_kv"):
         if big:
             alts = [(64, _rows(32, hs), hs, 8, 2), (32, _rows(64, hs), hs, 4, 2)]
         elif short:
             alts = [(64, _rows(64, h4), h4, 4, 3), (64, _rows(128, h4), h4, 8, 2), (128, _rows(64, h4), h4, 8, 2),
-                    (64, _rows(64, h2), h2, 4, 2)]  # fmt: skip
-        else:
-            alts = [(128, 64, 1, 8, 2), (64, _rows(64, h2), h2, 4, 2), (128, _rows(64, h2), h2, 8, 2),
-                    (64, _rows(128, h2), h2, 8, 2), (128, _rows(64, h2), h2, 8, 3)]  # fmt: skip
-    elif kind == "bwd_kv":
-        alts = [(64, _rows(64, hs), hs, 4, 2), (128, _rows(64, hs), hs, 8, 2), (64, _rows(128, hs), hs, 8, 2)]
-        if big:
-            alts = [(64, _rows(32, hs), hs, 8, 2)]
+                    (32, _rows(64, h4), h4, 4, 2)]  # fmt: skip
+        else:  # the pre-run-2 default (64 keys x 64 rows, 8 warps) among them
+            alts = [(128, _rows(64, h2), h2, 8, 2), (64, _rows(64, h2), h2, 4, 2), (64, _rows(64, h2), h2, 8, 2),
+                    (128, 64, 1, 8, 3)]  # fmt: skip
     elif kind == "bwd_dq":
-        alts = [(_rows(128, hs), hs, 64, 8, 2), (_rows(64, hs), hs, 64, 4, 2), (_rows(128, hs), hs, 32, 8, 3)]
         if big:
             alts = [(_rows(64, hs), hs, 32, 4, 2)]
+        else:
+            alts = [(_rows(64, hs), hs, 64, 8, 2), (_rows(64, hs), hs, 64, 4, 2), (_rows(128, hs), hs, 32, 8, 3)]
     else:  # fwd: already ahead of every peer; only nearby tilings
         hf = _pow2_divisor(group, 8 if short else 4)
         alts = [(_rows(128, hf), hf, 64, 8, 3), (_rows(64, hf), hf, 64, 4, 3)] if not big else []
