@@ -4,8 +4,9 @@ For a patched family (``train.families``) every decoder layer runs
 norm -> q/k/v projections -> (T, H, D) views -> q/k norms (Qwen3) -> RoPE on the packed position_ids ->
 varlen attention over ``cu_seqlens`` -> o_proj -> residual -> norm -> fused SwiGLU/GeGLU MLP -> residual,
 then the final norm and the fused linear cross-entropy against ``lm_head.weight``. No attention mask, no KV cache,
-no padding; the projections are called as modules, so peft's LoRA layers (and bitsandbytes' 4-bit layers) just
-work. Each op resolves to a Triton kernel or its reference through ``train.ops``.
+no padding; the projections go through ``train.lora_linear.project``: a plain peft LoRA Linear takes a fused
+low-rank path in the activations' dtype, anything else (bitsandbytes' 4-bit layers included) is called as a
+module. Each op resolves to a Triton kernel or its reference through ``train.ops``.
 
 An unpatched architecture goes through transformers' own forward with packed position_ids and an explicit
 block-diagonal causal mask (``train.model_patch`` explains why and warns).
@@ -20,6 +21,7 @@ from torch import nn
 from train import ops
 from train.activation_checkpoint import check_mode, offload_saved_tensors, run_layer
 from train.batch import IGNORE_INDEX, MicroBatch
+from train.lora_linear import project
 from train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
 
 __all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
@@ -33,8 +35,8 @@ def _norm(module: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
 
 
 def _mlp(mlp: nn.Module, h: torch.Tensor, activation: str) -> torch.Tensor:
-    gate = mlp.gate_proj(h)
-    up = mlp.up_proj(h)
+    gate = project(mlp.gate_proj, h)
+    up = project(mlp.up_proj, h)
     if activation == "swiglu":
         act = ops.swiglu(gate, up)
     elif activation == "geglu_tanh":
@@ -43,7 +45,7 @@ def _mlp(mlp: nn.Module, h: torch.Tensor, activation: str) -> torch.Tensor:
         act = ops.geglu(gate, up, "none")
     else:
         act = mlp.act_fn(gate) * up
-    return mlp.down_proj(act)
+    return project(mlp.down_proj, act)
 
 
 def _decoder_layer(
@@ -60,15 +62,15 @@ def _decoder_layer(
     attn = layer.self_attn
     n_tokens = x.shape[0]
     h = _norm(layer.input_layernorm, x, offset)
-    q = attn.q_proj(h).view(n_tokens, -1, plan.head_dim)
-    k = attn.k_proj(h).view(n_tokens, -1, plan.head_dim)
-    v = attn.v_proj(h).view(n_tokens, -1, plan.head_dim)
+    q = project(attn.q_proj, h).view(n_tokens, -1, plan.head_dim)
+    k = project(attn.k_proj, h).view(n_tokens, -1, plan.head_dim)
+    v = project(attn.v_proj, h).view(n_tokens, -1, plan.head_dim)
     if family.qk_norm:
         q = _norm(attn.q_norm, q, offset)
         k = _norm(attn.k_norm, k, offset)
     q, k = ops.rope(q, k, cos, sin, batch.position_ids)
     o = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, plan.scale, True, plan.window, plan.softcap)
-    o = attn.o_proj(o.reshape(n_tokens, -1))
+    o = project(attn.o_proj, o.reshape(n_tokens, -1))
     if family.sandwich_norm:
         o = _norm(layer.post_attention_layernorm, o, offset)
     x = x + o

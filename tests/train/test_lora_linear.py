@@ -1,0 +1,78 @@
+"""The fused LoRA projection equals peft's own LoRA Linear, values and gradients, and steps aside where it must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from train.lora_linear import project
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(24, 40, bias=False)
+        self.o_proj = nn.Linear(40, 24, bias=True)
+
+
+def _lora_block(seed: int, **lora: object) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights=False, **lora)
+    return get_peft_model(_Block(), config)
+
+
+def _grads(model: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize("name", ["q_proj", "o_proj"])
+def test_fused_path_equals_peft_forward_and_gradients(name: str) -> None:
+    model = _lora_block(seed=3)
+    module = getattr(model.base_model.model, name)
+    x = torch.randn(2, 7, module.in_features, requires_grad=True)
+    upstream = torch.randn(2, 7, module.out_features)
+    expected = module(x)
+    actual = project(module, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    grads_expected = _grads(module, (expected * upstream).sum())
+    grads_actual = _grads(module, (actual * upstream).sum())
+    for got, want in zip(grads_actual, grads_expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    x_grad_expected = torch.autograd.grad((module(x) * upstream).sum(), x)[0]
+    x_grad_actual = torch.autograd.grad((project(module, x) * upstream).sum(), x)[0]
+    torch.testing.assert_close(x_grad_actual, x_grad_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_activations_with_fp32_adapters_stay_close_and_give_fp32_grads() -> None:
+    model = _lora_block(seed=5)
+    module = model.base_model.model.q_proj
+    module.base_layer.to(torch.bfloat16)
+    x = torch.randn(9, 24, dtype=torch.bfloat16)
+    expected = module(x)  # peft: adapters in fp32, result cast back to bf16
+    actual = project(module, x)
+    assert actual.dtype == torch.bfloat16
+    rel = (actual.float() - expected.float()).norm() / expected.float().norm()
+    assert rel < 1e-2, rel
+    actual.float().sum().backward()
+    assert module.lora_A["default"].weight.grad.dtype == torch.float32
+
+
+def test_disabled_merged_and_dora_adapters_fall_back_to_the_module() -> None:
+    model = _lora_block(seed=7)
+    module = model.base_model.model.q_proj
+    x = torch.randn(5, 24)
+    with model.disable_adapter():
+        torch.testing.assert_close(project(module, x), module.base_layer(x))
+    module.merge()
+    torch.testing.assert_close(project(module, x), module(x))
+    dora = _lora_block(seed=7, use_dora=True).base_model.model.q_proj
+    torch.testing.assert_close(project(dora, x), dora(x))
+
+
+def test_plain_linear_is_just_called() -> None:
+    linear = nn.Linear(6, 3)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(project(linear, x), linear(x))
