@@ -1,16 +1,17 @@
-"""Varlen attention backward in Triton (FlashAttention-2 style), deterministic: no atomics anywhere.
+"""Varlen attention backward in Triton (FlashAttention-2 style): an atomic-dQ fast path and a deterministic one.
 
 Shape legend as in ``kernels.attention_fwd``: q/do/dq (T, H, D), k/v/dk/dv (T, Hkv, D), lse and delta (T, H)
-fp32, G = H // Hkv. Three launches:
+fp32, G = H // Hkv. Launches:
 
 1. ``_delta_kernel``: delta = rowsum(dO * O) per (token, head).
 2. ``_dkdv_kernel``: one program per (example, key block) and kv head; it loops over the G query heads of the
    group (HPB at a time, packed into the rows as in the forward) and over the query blocks that see this key
-   block, so dK/dV are summed over the group inside the program: no atomics, bitwise reproducible.
-3. ``_dq_kernel``: one program per (example, query block) and HPB heads, looping over key blocks as the forward.
-
-Recomputing QK^T in both (2) and (3) costs one extra matmul pass over atomics-based dQ, but the result is
-deterministic by construction, which the trainer wants for reproducible runs.
+   block, so dK/dV are summed over the group inside the program: never atomics for dK/dV.
+   With ``dq_atomic`` (the default of ``varlen_attention``) the same step also adds dS K into an fp32 (T, H, D)
+   dQ buffer with atomics: 5 matmuls per tile and no dQ launch, but dq's summation order varies run to run.
+3. Deterministic path only: ``_dq_kernel``, one program per (example, query block) and HPB heads, looping over
+   key blocks as the forward. Recomputing QK^T and dO V^T costs 2 extra matmuls per tile (7 instead of 5), but
+   dq, dk, dv are bitwise reproducible (``varlen_attention(..., deterministic=True)``).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class BwdConfig(NamedTuple):
     q_block_n: int
     q_warps: int
     q_stages: int
-    # Opt-in: dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7, no dQ launch), NOT bitwise
-    # reproducible. Off by default; tools/bench_attention.py --sweep measures it.
+    # dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7, no dQ launch), NOT bitwise reproducible.
+    # default_configs turns it on unless deterministic=True; False here keeps explicit 10-field configs exact.
     dq_atomic: bool = False
 
 
@@ -135,7 +136,7 @@ def _dkdv_step(
         dsT = dsT * (1.0 - tT * tT)
     dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, PREC)
     if ATOMIC_DQ:
-        # Opt-in fast path: dQ += dS K straight into an fp32 (T, H, D) buffer; atomics make it non-deterministic.
+        # Fast path: dQ += dS K straight into an fp32 (T, H, D) buffer; atomics make it non-deterministic.
         dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PREC)
         dqa = dqa_base + rt[:, None] * (H * HEAD_DIM) + rh[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dqa, dq * scale, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
@@ -355,7 +356,11 @@ def flash_bwd(
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_idx,
         PREC=dot_precision(q.dtype), GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d,
     )  # fmt: skip
-    dq_acc = torch.zeros((T, H, D), dtype=torch.float32, device=q.device) if cfg.dq_atomic else dq
+    dq_acc = dq
+    if cfg.dq_atomic:  # fp32 accumulation buffer; fp32 inputs accumulate straight into dq
+        dq_acc = torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
+        if q.dtype == torch.float32:
+            dq = dq_acc
     _dkdv_kernel[(sched_kv.shape[0], Hkv)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -365,7 +370,8 @@ def flash_bwd(
         ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **common,
     )  # fmt: skip
     if cfg.dq_atomic:
-        dq.copy_(dq_acc)
+        if dq is not dq_acc:
+            dq.copy_(dq_acc)
         return dq, dk, dv
     _dq_kernel[(sched_q.shape[0], H // cfg.q_hpb)](
         q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
