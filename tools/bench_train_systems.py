@@ -87,6 +87,7 @@ class SystemSpec:
     group: str = "main"  # worker process: liger patches module globals, so it gets its own
     needs_cuda: bool = False
     optional: bool = False  # left out of --systems default (the ~8-minute line-up); '*' runs it
+    checkpointing: str = "on"  # padless only: "on" (recompute) or "offload" (checkpointed inputs in pinned host memory)
 
 
 def model_config(shape: str, vocab: int | None, *, tiny: bool) -> tuple[Any, list[str]]:
@@ -193,13 +194,15 @@ def _padless_adapters(model: Any) -> Any:
     return wrapped if wrapped is not None else model
 
 
-def _padless_loss_fn(model: Any, device: torch.device) -> Callable[[Any, int], tuple[torch.Tensor, int]]:
+def _padless_loss_fn(
+    model: Any, device: torch.device, checkpointing: str = "on"
+) -> Callable[[Any, int], tuple[torch.Tensor, int]]:
     """``patch_model`` + ``packed_loss`` (the contracts of docs/DESIGN.md), as the trainer's loop calls them."""
     from train.model_patch import patch_model
     from train.packed_forward import packed_loss
 
     patch_model(model)
-    kw = {"checkpointing": "on"} if "checkpointing" in inspect.signature(packed_loss).parameters else {}
+    kw = {"checkpointing": checkpointing} if "checkpointing" in inspect.signature(packed_loss).parameters else {}
 
     def run(host: Any, n_step: int) -> tuple[torch.Tensor, int]:
         loss_sum, _ = packed_loss(model, host.to(device, non_blocking=True), **kw)
@@ -307,7 +310,7 @@ def run_system(cfg: BenchConfig, spec: SystemSpec, ss: Any) -> dict[str, Any]:
             model = _padless_adapters(model)
             # Hugging Face's own loss on step 1's examples, unpacked, before padless patches the instance
             row["hf_unpacked_loss_step1"] = hf_unpacked_loss(model, steps[0], device)
-            run = _padless_loss_fn(model, device)
+            run = _padless_loss_fn(model, device, spec.checkpointing)
         else:
             model = _peft_lora(model, cfg.seed)
             run = _hf_loss_fn(model, device)

@@ -27,12 +27,21 @@ for spec in "$@"; do
     tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -p no:cacheprovider ;;
     tests-train) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train -p no:cacheprovider ;;
     tests-all) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests -p no:cacheprovider ;;
-    bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --out "$OUT/kernels" ;;
+    bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --budget-s $((limit - 10)) --out "$OUT/kernels" ;;
     sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
     bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" ;;
     sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
     bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 \
-      --model-shape qwen3-8b --out "$OUT/train" --profile --time-budget $((limit - 40)) --system-timeout 240 ;;
+      --model-shape qwen3-8b --out "$OUT/train" --profile --profile-systems padless-16k --time-budget $((limit - 40)) \
+      --system-timeout 240 ${BENCH_TRAIN_SYSTEMS:+--systems "$BENCH_TRAIN_SYSTEMS"} ;;
+    tune-attention) run_stage "$stage" "$limit" bash -c "python3 tools/bench_attention.py --sweep --sweep-dims 128 \
+      --budget-s 80 --write-tuned kernels/attention_tuned.json --out $OUT/attention && python3 tools/bench_attention.py \
+      --dims 128 --packs 4096,16384 --impls padless,padless_det,flex_document,varlen_attn --out $OUT/attention" ;;
+    tests-kernels-fast) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -k "not attention" \
+      -p no:cacheprovider ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+# The device tool brings back at most 8 files: everything but the log travels as one archive.
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=run.log . && find . -mindepth 1 -maxdepth 1 \
+  ! -name results.tgz ! -name run.log -exec rm -rf {} +)
