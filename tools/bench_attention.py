@@ -179,14 +179,16 @@ def flex_document(lens, H, Hkv, D, device, dtype):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "fn" not in _FLEX:
-        import torch._dynamo
+        # ``import torch._dynamo`` here would make ``torch`` a local name of this function (run 3: every flex row
+        # failed with UnboundLocalError); bind the submodule under its own name instead.
+        from torch import _dynamo as dynamo
 
         # One static compile per pack shape: lift dynamo's recompile cap (8) so flex never falls back to eager.
         # (Run 1: past the cap flex ran eager and materialised 32 GiB of scores at D 64, 16K.) The accumulated cap
         # counts every recompile of the process: ~2 per case x 13 cases x 3 head dims stays far below 4096.
         for name, cap in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096)):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, cap)
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, cap)
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     T = sum(lens)
     doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
