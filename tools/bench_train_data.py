@@ -91,19 +91,8 @@ class HostBatch:
 
 def fill_steps(order: np.ndarray, num_tokens: np.ndarray, budget: int) -> list[np.ndarray]:
     """padless's micro-batch plan: whole packs in ``order``, greedily, at most ``budget`` tokens per group."""
-    try:
-        from train.data import fill_micro_batches
-    except ImportError:  # the trainer's planner not importable: the same greedy fill
-        groups: list[np.ndarray] = []
-        start, used = 0, 0
-        for j, n in enumerate(num_tokens[order].tolist()):
-            if j > start and used + n > budget:
-                groups.append(order[start:j])
-                start, used = j, 0
-            used += n
-        if len(order) > start:
-            groups.append(order[start:])
-        return groups
+    from train.data import fill_micro_batches
+
     return fill_micro_batches(order, num_tokens, budget)
 
 
