@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["assert_close_verbose", "dtype_error_bound", "relative_error"]
+__all__ = [
+    "ATOL",
+    "DEVICE",
+    "DTYPES",
+    "INTERPRETED",
+    "assert_close_verbose",
+    "dtype_error_bound",
+    "interpreter_rtol",
+    "relative_error",
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Kernel tests that are not marked ``gpu`` run the real kernels on a GPU machine too (small shapes); on a CPU
+# machine through Triton's interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Same-dtype PyTorch error is the scale of a bound; this floor only covers values the reference gets exact.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even), which costs up to
+# one bf16 ulp (2**-7 relative) more than rounding; on the GPU the bound has no such term.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_rtol(dtype: torch.dtype) -> float:
+    """The relative allowance for the interpreter's truncating bf16 casts (0 on a GPU and for other dtypes)."""
+    return 2.0**-7 if INTERPRETED and dtype == torch.bfloat16 else 0.0
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

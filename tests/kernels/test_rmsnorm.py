@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 
 from kernels.rmsnorm import rms_norm, rms_norm_reference
-from tests.kernels.compare import assert_close_verbose, dtype_error_bound
+from tests.kernels.compare import ATOL, DEVICE, DTYPES, assert_close_verbose, dtype_error_bound, interpreter_rtol
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The unmarked tests run the real kernels on a GPU machine too (small shapes); on CPU through the interpreter.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-# Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): up to one extra
-# bf16 ulp (2**-7 relative); on the GPU the bound has no such term.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _rtol(dtype: torch.dtype) -> float:
-    return 2.0**-7 if INTERPRETED and dtype == torch.bfloat16 else 0.0
+_rtol = interpreter_rtol
 
 
 def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6):
