@@ -10,4 +10,6 @@ prep pack demo:alpaca --max-len 512 --eval-fraction 0.05 --out demo-out/shards -
 prep stats demo-out/shards --model-params 8e9 --gpu h200
 prep show demo-out/shards --pack 0 | head -n 40
 prep verify demo-out/shards
-train run demo-out/shards --output demo-out/run --max-steps 120 --eval-every 40 --lr 3e-3 "$@"
+# A randomly initialised tiny model learns little through LoRA alone, so the demo fine-tunes all of it (--full);
+# drop --full to see the LoRA path (the default for real models).
+train run demo-out/shards --output demo-out/run --full --max-steps 300 --eval-every 100 --lr 2e-3 --log-every 25 "$@"
