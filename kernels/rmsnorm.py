@@ -355,10 +355,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
     ``offset == 0`` (LlamaRMSNorm, Qwen3RMSNorm): normalize in fp32, cast to x's dtype, then multiply by the weight
     (the result dtype follows PyTorch promotion of x and weight). ``offset != 0`` (GemmaRMSNorm with 1.0): multiply
-    by ``(offset + weight)`` in fp32 and cast the product to x's dtype.
+    by ``(offset + weight)`` in fp32 and cast the product to x's dtype. float64 input computes in float64.
     """
-    x32 = x.to(torch.float32)
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    # fp32 as Hugging Face does; float64 inputs stay float64 so that tests get a true high-precision reference
+    # (an fp32 "float64 reference" hid the fp32 error scale: run 3's fp32 GPU test at E=8192 failed on it).
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute)
+    normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     if offset == 0.0:
         return weight * normed.to(x.dtype)
-    return (normed * (offset + weight.float())).to(x.dtype)
+    return (normed * (offset + weight.to(compute))).to(x.dtype)
