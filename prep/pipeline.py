@@ -95,10 +95,10 @@ class _Timer:
         self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, desc: str, enabled: bool, unit: str = "ex"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ex", disable=None if enabled else True, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
 def _overlong(tok, mask, lengths, index, max_len: int, mode: str):
@@ -253,8 +253,10 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
                     "prep": stats,
                 }
                 path = stage if name == "train" else stage / "eval"
+                bar = _bar(len(per), f"write {name}", cfg.progress, unit="pack")
                 with ShardWriter(path, max_len=cfg.max_len, metadata=meta, **kw) as w:
-                    w.add_packs(pt, pm, pl, per, ix)
+                    w.add_packs(pt, pm, pl, per, ix, progress=bar.update)
+                bar.close()
                 summary[name] = stats
             if out.exists():
                 shutil.rmtree(out)  # only reached with --overwrite (or an empty folder), validated above

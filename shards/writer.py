@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +126,13 @@ class ShardWriter:
         example_lengths: np.ndarray,
         examples_per_pack: np.ndarray,
         example_index: np.ndarray,
+        progress: Callable[[int], object] | None = None,
     ) -> None:
         """Add many packs from flat arrays, in pack order.
 
         ``tokens`` / ``loss_mask`` (N,) are all examples laid end to end; ``example_lengths`` / ``example_index``
-        (E,) per example; ``examples_per_pack`` (P,) how many consecutive examples form each pack.
+        (E,) per example; ``examples_per_pack`` (P,) how many consecutive examples form each pack. ``progress(n)``
+        is called after each record batch with the number of packs it wrote (a progress bar's ``update``).
         """
         if self._tmp is None or self._closed:
             raise RuntimeError("ShardWriter.add_packs called outside its `with` block")
@@ -151,6 +153,8 @@ class ShardWriter:
             room = self._packs_per_shard - self._cur.get("packs", 0) if self._sink is not None else step
             b = min(len(per_pack), a + min(step, room))
             self._write_batch(tokens, mask, lengths, ex_index, ex_off, pack_ex_off[a : b + 1], pack_tok_off[a : b + 1])
+            if progress is not None:
+                progress(b - a)
             a = b
 
     def _check(self, tokens, mask, lengths, per_pack, ex_index) -> None:

@@ -186,3 +186,13 @@ def test_shards_imports_no_torch_and_nothing_of_ours():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_add_packs_reports_progress_per_record_batch(tmp_path):
+    data = random_packs(np.random.default_rng(9), 400, 64)
+    updates: list[int] = []
+    with shards.ShardWriter(tmp_path / "s", max_len=64, tokens_per_batch=300, tokens_per_shard=2000) as w:
+        w.add_packs(*data, progress=updates.append)
+    ss = shards.open(tmp_path / "s")
+    assert len(updates) > 1 and all(n > 0 for n in updates)
+    assert sum(updates) == len(ss) == len(data[3])
