@@ -46,13 +46,20 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def run_layer(fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, mode: str) -> torch.Tensor:
-    """``fn(hidden)`` with the activation-memory policy ``mode`` (``off`` | ``on`` | ``offload``)."""
+def run_layer(
+    fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, mode: str, preserve_rng_state: bool = True
+) -> torch.Tensor:
+    """``fn(hidden)`` with the activation-memory policy ``mode`` (``off`` | ``on`` | ``offload``).
+
+    ``preserve_rng_state=False`` skips saving and restoring the RNG around the recompute: right when the layer
+    draws no random numbers (dropout 0), and needed inside a CUDA graph capture, where older torch releases
+    refuse to read the CUDA generator's state.
+    """
     if mode == "off" or not torch.is_grad_enabled():
         return fn(hidden)
     if mode == "on":
-        return checkpoint(fn, hidden, use_reentrant=False)
+        return checkpoint(fn, hidden, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     if mode == "offload":
         with offload_saved_tensors():
-            return checkpoint(fn, hidden, use_reentrant=False)
+            return checkpoint(fn, hidden, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     raise ValueError(f"checkpointing={mode!r}: expected one of {CHECKPOINTING_MODES}.")

@@ -70,6 +70,13 @@ class TrainConfig:
         "hidden states in pinned CPU memory).",
         choices=("off", "on", "offload"),
     )
+    cuda_graphs: str = _opt(
+        "auto",
+        "Replay each micro-batch's forward+backward as one CUDA graph (removes the per-kernel host cost that bounds "
+        "small steps): auto (on for a single CUDA process with --checkpointing off/on, LoRA dropout 0 and a patched "
+        "architecture; falls back to eager with a warning if capture fails), on (fail instead), off.",
+        choices=("auto", "on", "off"),
+    )
     eval_shards: str | None = _opt(
         None, "Held-out shard set for eval_loss. Default: SHARDS/eval when `prep pack --eval-fraction` wrote it."
     )

@@ -52,24 +52,30 @@ class PackSizes:
 
     num_tokens: np.ndarray  # (P,) int64
     num_trainable: np.ndarray  # (P,) int64
+    num_examples: np.ndarray  # (P,) int64
+
+    def max_examples(self, plans: Sequence[EpochPlan]) -> int:
+        """The most examples any micro-batch of ``plans`` holds (sizes a static CUDA-graph batch)."""
+        return max((int(self.num_examples[g].sum()) for p in plans for rank in p.ranks for g in rank), default=1)
 
 
 def pack_sizes(ss: ShardSetLike) -> PackSizes:
     """Token and trainable-token counts of every pack (one pass over the per-pack scalars)."""
     if hasattr(ss, "iter_batches"):  # shards.ShardSet: whole record batches of per-pack scalars at once
-        columns = [(d["num_tokens"], d["num_trainable"]) for _, d in ss.iter_batches()]
+        columns = [
+            (d["num_tokens"], d["num_trainable"], np.diff(d["cu_seqlens.off"]) - 1) for _, d in ss.iter_batches()
+        ]
         if columns:
-            return PackSizes(
-                np.concatenate([c[0] for c in columns]).astype(np.int64),
-                np.concatenate([c[1] for c in columns]).astype(np.int64),
-            )
+            return PackSizes(*(np.concatenate([c[j] for c in columns]).astype(np.int64) for j in range(3)))
     tokens = np.empty(len(ss), dtype=np.int64)
     trainable = np.empty(len(ss), dtype=np.int64)
+    examples = np.empty(len(ss), dtype=np.int64)
     for i in range(len(ss)):
         pack = ss[i]
         tokens[i] = int(pack.num_tokens)
         trainable[i] = int(pack.num_trainable)
-    return PackSizes(tokens, trainable)
+        examples[i] = len(pack.cu_seqlens) - 1
+    return PackSizes(tokens, trainable, examples)
 
 
 def fill_micro_batches(order: np.ndarray, num_tokens: np.ndarray, budget: int) -> list[np.ndarray]:

@@ -25,6 +25,7 @@ import shards
 from . import distributed as dist_util
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint, save_output
 from .config import TrainConfig, TrainError
+from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
@@ -184,6 +185,7 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         metrics.write({"step": step, "eval_loss": loss, "eval_trainable_tokens": count})
         progress.write(f"step {step}: eval_loss {loss:.4f} over {count} trainable tokens")
 
+    graph_step = _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress)
     step, epoch, start = position.step, position.epoch, position.micro_batch
     wall0, tokens_seen, trainable_seen, flops_seen = time.perf_counter(), 0, 0, 0.0
     step_times: list[float] = []
@@ -207,14 +209,25 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
                     for k in range(window.start, window.stop):
                         # fetch: the worker already concatenated (and pinned) it; the copy does not block the host
                         _, host_batch = next(batches)
-                        batch = host_batch.to(device, non_blocking=True)
                         step_tokens += host_batch.num_tokens
                         step_sq += sum_squared_lengths(host_batch.cu_seqlens)
-                        with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
-                            # forward: Σ token losses of this micro-batch (logits never materialised)
-                            loss_sum, _ = wrapped.run(batch)
-                            # backward: scaled so the step's gradient is that of the step's token mean
-                            (loss_sum * scale).backward()
+                        loss_sum = None
+                        if graph_step is not None:  # the same forward + backward, replayed as one CUDA graph
+                            try:
+                                loss_sum = graph_step(host_batch, scale)
+                            except GraphCaptureError as error:
+                                if cfg.cuda_graphs == "on":
+                                    raise TrainError(str(error)) from error
+                                graph_step = None
+                                result.warnings.append(f"CUDA graphs off: {error}")
+                                progress.write(f"warning: {result.warnings[-1]}")
+                        if loss_sum is None:
+                            batch = host_batch.to(device, non_blocking=True)
+                            with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
+                                # forward: Σ token losses of this micro-batch (logits never materialised)
+                                loss_sum, _ = wrapped.run(batch)
+                                # backward: scaled so the step's gradient is that of the step's token mean
+                                (loss_sum * scale).backward()
                         step_loss += loss_sum.detach().float()
 
                     # clip: the global gradient norm (also logged; inf = measure without clipping)
@@ -234,7 +247,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    # a captured graph accumulates into the existing .grad tensors: zero them, never drop them
+                    optimizer.zero_grad(set_to_none=graph_step is None)
                     step += 1
                     done_epoch = window.stop >= plan.micro_batches_per_rank
                     position = Position(
@@ -317,6 +331,33 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         (output / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
     dist_util.barrier()
     return result
+
+
+def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress):
+    """The CUDA-graph micro-step for this run, or None (eager): see ``--cuda-graphs`` and train.cuda_graph."""
+    from .model_patch import get_patch
+    from .packed_forward import packed_loss
+    from .static_batch import static_shape
+
+    blockers = [
+        (device.type != "cuda", f"device {device} is not CUDA"),
+        (env.distributed, "several processes (DDP/FSDP hooks are not captured)"),
+        (cfg.checkpointing == "offload", "--checkpointing offload allocates pinned host memory"),
+        (cfg.lora_dropout > 0 and cfg.mode != "full", "--lora-dropout > 0 draws random numbers"),
+        (get_patch(model) is None or get_patch(model).fallback, "the architecture takes the unpatched fallback path"),
+    ]
+    reasons = [why for blocked, why in blockers if blocked]
+    if cfg.cuda_graphs == "off" or (cfg.cuda_graphs == "auto" and reasons):
+        return None
+    if reasons:
+        raise TrainError(f"--cuda-graphs on is not possible here: {'; '.join(reasons)}. Use --cuda-graphs auto/off")
+    plans, steps = [], 0
+    while steps < total_steps:  # every epoch the run will touch: the static shape must hold all micro-batches
+        plans.append(plan_for(len(plans)))
+        steps += plans[-1].steps
+    shape = static_shape(max(budget, int(sizes.num_tokens.max())), sizes.max_examples(plans), ss.max_len)
+    loss_fn = functools.partial(packed_loss, model, checkpointing=cfg.checkpointing, preserve_rng_state=False)
+    return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device)
 
 
 def _nan_message(step: int, loss: float, norm: float, output: Path) -> str:

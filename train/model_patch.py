@@ -60,6 +60,7 @@ class PatchHandle:
     final_softcap: float | None = None
     layers: list[LayerPlan] = field(default_factory=list)
     _rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _scales: dict[tuple[torch.dtype, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def fallback(self) -> bool:
@@ -78,6 +79,15 @@ class PatchHandle:
                 if getattr(layer.__dict__.get("forward"), "__func__", None) is _layer_forward:
                     del layer.__dict__["forward"]
         self._rope.clear()
+        self._scales.clear()
+
+    def embed_scale_tensor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``embed_scale`` as a 0-dim tensor of ``dtype`` (rounded as Hugging Face rounds it), made once per
+        device: a host-to-device copy per step would be a sync point and cannot be captured in a CUDA graph."""
+        key = (dtype, device)
+        if key not in self._scales:
+            self._scales[key] = torch.tensor(self.embed_scale, dtype=dtype, device=device)
+        return self._scales[key]
 
     def rope_cache(self, max_seqlen: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (P, D/2) cos/sin with P >= max_seqlen, from the model's own rotary module (every rope_scaling).

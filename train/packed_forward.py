@@ -81,12 +81,14 @@ def _decoder_layer(
     return x + y
 
 
-def _packed_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_path(
+    handle: PatchHandle, batch: MicroBatch, checkpointing: str, preserve_rng_state: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
     x = decoder.embed_tokens(batch.input_ids)  # (T, E)
     if handle.embed_scale is not None:
-        x = x * torch.tensor(handle.embed_scale, dtype=x.dtype, device=x.device)
+        x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
     for layer, plan in zip(decoder.layers, handle.layers):
 
@@ -98,7 +100,7 @@ def _packed_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -> 
             # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
             return nn.Module.__call__(layer, hidden, padless_step=step)
 
-        x = run_layer(call, x, checkpointing)
+        x = run_layer(call, x, checkpointing, preserve_rng_state)
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
     return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap)
@@ -183,7 +185,7 @@ def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -
 
 
 def packed_loss(
-    model: nn.Module, batch: MicroBatch, *, checkpointing: str = "off"
+    model: nn.Module, batch: MicroBatch, *, checkpointing: str = "off", preserve_rng_state: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
 
@@ -191,6 +193,7 @@ def packed_loss(
     first use (:func:`train.model_patch.patch_model`; an unpatched family warns once and takes the fallback).
     ``checkpointing``: ``"off"`` | ``"on"`` (per-layer recompute) | ``"offload"`` (recompute, inputs in pinned CPU
     memory). Divide by the step's total trainable tokens, not per micro-batch, for a split-invariant gradient.
+    ``preserve_rng_state=False``: checkpointing does not save/restore the RNG (no dropout; CUDA graph capture).
     """
     check_mode(checkpointing)
     handle = get_patch(model) or patch_model(model)
@@ -202,7 +205,7 @@ def packed_loss(
         )
     if handle.fallback:
         return _fallback_path(handle, batch, checkpointing)
-    return _packed_path(handle, batch, checkpointing)
+    return _packed_path(handle, batch, checkpointing, preserve_rng_state)
 
 
 class PackedLossModule(nn.Module):

@@ -1,0 +1,103 @@
+"""Fixed-shape micro-batches: a packed stream padded to a static token count and example capacity.
+
+A CUDA graph replays exactly the kernels it captured, with their shapes and grid sizes, but a packed micro-batch
+has a varying number of tokens T (<= the token budget) and of examples S. :func:`pad_micro_batch` pads one on the
+host to a :class:`StaticShape`: the T real tokens, then filler examples (token 0, positions restarting at 0,
+labels -100, none longer than ``max_seqlen``, so the attention schedule and the RoPE cache keep their bounds),
+then zero-length examples (repeated ``cu_seqlens`` entries) up to the example capacity.
+
+Filler tokens are examples of their own: they see nothing real, nothing real sees them, and no label reaches them
+or comes from them (every example's first label is -100, so the next-token shift stops at each boundary). The
+padded micro-batch therefore has the same loss sum, counted tokens and gradients as the real one; the filler only
+costs its own (small) compute. ``tests/train/test_static_batch.py`` proves it through the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .batch import IGNORE_INDEX, MicroBatch
+
+__all__ = ["StaticShape", "pad_micro_batch", "static_shape"]
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """The one shape every padded micro-batch takes: ``tokens`` (T), ``examples`` (S, so cu_seqlens has S+1
+    entries) and ``max_seqlen`` (the longest example any of them may hold, filler included)."""
+
+    tokens: int
+    examples: int
+    max_seqlen: int
+
+    def filler_examples(self, n_tokens: int) -> int:
+        """Filler examples needed to pad ``n_tokens`` real tokens to ``tokens`` (each <= ``max_seqlen``)."""
+        return -(-(self.tokens - n_tokens) // self.max_seqlen)
+
+    def why_not(self, batch: MicroBatch) -> str | None:
+        """None if ``batch`` pads to this shape, else what does not fit (for the error message)."""
+        n_tokens = int(batch.input_ids.shape[0])
+        if n_tokens > self.tokens:
+            return f"{n_tokens} tokens > the static {self.tokens}"
+        if batch.max_seqlen > self.max_seqlen:
+            return f"an example of {batch.max_seqlen} tokens > the static max_seqlen {self.max_seqlen}"
+        needed = batch.num_examples + self.filler_examples(n_tokens)
+        if needed > self.examples:
+            return f"{batch.num_examples} examples + filler = {needed} > the static capacity {self.examples}"
+        return None
+
+
+def static_shape(max_tokens: int, max_examples: int, max_seqlen: int) -> StaticShape:
+    """The smallest shape that holds every micro-batch of at most ``max_tokens`` tokens, ``max_examples``
+    examples and examples of at most ``max_seqlen`` tokens (``max_seqlen`` = the shards' max_len)."""
+    if min(max_tokens, max_examples, max_seqlen) < 1:
+        raise ValueError(
+            f"static_shape(max_tokens={max_tokens}, max_examples={max_examples}, max_seqlen={max_seqlen}): "
+            "all must be >= 1"
+        )
+    shape = StaticShape(tokens=int(max_tokens), examples=0, max_seqlen=int(min(max_seqlen, max_tokens)))
+    # A micro-batch with fewer real tokens needs more filler; at least one real token is always there.
+    return StaticShape(shape.tokens, int(max_examples) + shape.filler_examples(1), shape.max_seqlen)
+
+
+def _fill(real: torch.Tensor, size: int, tail: Iterable[int] | torch.Tensor) -> torch.Tensor:
+    out = torch.empty(size, dtype=real.dtype)
+    out[: real.numel()] = real
+    out[real.numel() :] = torch.as_tensor(tail, dtype=real.dtype) if not isinstance(tail, torch.Tensor) else tail
+    return out
+
+
+def pad_micro_batch(batch: MicroBatch, shape: StaticShape) -> MicroBatch:
+    """``batch`` (host tensors) padded to ``shape`` with filler and zero-length examples (see the module doc).
+
+    ``num_tokens`` and ``num_trainable`` keep the real counts; raises ValueError when the batch does not fit.
+    """
+    problem = shape.why_not(batch)
+    if problem is not None:
+        raise ValueError(
+            f"micro-batch does not fit the static shape {shape}: {problem}. Build the shape from the whole run's "
+            "micro-batches (train.static_batch.static_shape) or turn CUDA graphs off (--cuda-graphs off)."
+        )
+    if batch.input_ids.device.type != "cpu":
+        raise ValueError(f"pad_micro_batch pads host tensors; got input_ids on {batch.input_ids.device}.")
+    n_tokens = int(batch.input_ids.shape[0])
+    pad = shape.tokens - n_tokens
+    n_fill = shape.filler_examples(n_tokens)
+    # Filler example j covers [n_tokens + j*L, min(n_tokens + (j+1)*L, tokens)) with L = max_seqlen.
+    fill_starts = torch.arange(n_fill, dtype=torch.int64) * shape.max_seqlen
+    fill_positions = torch.arange(pad, dtype=torch.int64) % shape.max_seqlen
+    bounds = torch.cat([(n_tokens + fill_starts[1:]), torch.tensor([shape.tokens])]) if n_fill else torch.tensor([])
+    n_zero = shape.examples - batch.num_examples - n_fill
+    cu_tail = torch.cat([bounds.to(torch.int64), torch.full((n_zero,), shape.tokens, dtype=torch.int64)])
+    return MicroBatch(
+        input_ids=_fill(batch.input_ids, shape.tokens, torch.zeros(pad, dtype=batch.input_ids.dtype)),
+        position_ids=_fill(batch.position_ids, shape.tokens, fill_positions.to(batch.position_ids.dtype)),
+        labels=_fill(batch.labels, shape.tokens, torch.full((pad,), IGNORE_INDEX, dtype=batch.labels.dtype)),
+        cu_seqlens=_fill(batch.cu_seqlens, shape.examples + 1, cu_tail.to(batch.cu_seqlens.dtype)),
+        max_seqlen=shape.max_seqlen,
+        num_tokens=batch.num_tokens,
+        num_trainable=batch.num_trainable,
+    )
