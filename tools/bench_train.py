@@ -70,7 +70,10 @@ def default_systems(max_len: int, *, warmup: int, steps: int, slow_steps: int) -
         out.append(SystemSpec(name=f"padless-{_tok(k(n))}", family="padless", layout="stream", attn="padless",
                               plan_tokens=k(n), **base))  # fmt: skip
     out.append(SystemSpec(name=f"padless-{_tok(k(16))}-offload", family="padless", layout="stream", attn="padless",
-                          plan_tokens=k(16), checkpointing="offload", **base))  # fmt: skip
+                          plan_tokens=k(16), checkpointing="offload", cuda_graphs=False, **base))  # fmt: skip
+    for n in (1, 4, 16):  # the same without CUDA graphs: what the graphs buy
+        out.append(SystemSpec(name=f"padless-{_tok(k(n))}-eager", family="padless", layout="stream", attn="padless",
+                              plan_tokens=k(n), cuda_graphs=False, optional=n != 1, **base))  # fmt: skip
 
     def padded(b: int, **kw: Any) -> SystemSpec:  # plan_tokens: used by --padded-steps plan only
         return SystemSpec(name=f"hf-padded-b{b}", layout="padded", plan_tokens=k(1 if b == 1 else 4), batch_size=b,

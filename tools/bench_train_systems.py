@@ -88,6 +88,7 @@ class SystemSpec:
     needs_cuda: bool = False
     optional: bool = False  # left out of --systems default (the ~8-minute line-up); '*' runs it
     checkpointing: str = "on"  # padless only: "on" (recompute) or "offload" (checkpointed inputs in pinned host memory)
+    cuda_graphs: bool = True  # padless only (CUDA): each micro-batch's forward+backward replayed as one CUDA graph
 
 
 def model_config(shape: str, vocab: int | None, *, tiny: bool) -> tuple[Any, list[str]]:
@@ -211,6 +212,31 @@ def _padless_loss_fn(
     return run
 
 
+def _padless_graph_fn(
+    model: Any, device: torch.device, checkpointing: str, batches: list[list[Any]], max_len: int, params: list
+) -> Callable[[Any, int], tuple[torch.Tensor, int]]:
+    """The trainer's CUDA-graph micro-step (``train.cuda_graph``): forward AND backward in one replay, padded to
+    one static shape that holds every micro-batch of the run."""
+    from train.cuda_graph import GraphedMicroStep
+    from train.model_patch import patch_model
+    from train.packed_forward import packed_loss
+    from train.static_batch import static_shape
+
+    patch_model(model)
+    mbs = [b for step in batches for b in step]
+    shape = static_shape(max(b.num_tokens for b in mbs), max(b.num_examples for b in mbs), max_len)
+    step = GraphedMicroStep(
+        lambda b: packed_loss(model, b, checkpointing=checkpointing, preserve_rng_state=False), params, shape, device
+    )
+
+    def run(host: Any, n_step: int) -> tuple[torch.Tensor, int]:
+        return step(host, 1.0 / n_step) / n_step, host.num_tokens
+
+    run.backward_done = True  # type: ignore[attr-defined]
+    run.static_shape = shape  # type: ignore[attr-defined]
+    return run
+
+
 def _micro_batches(spec: SystemSpec, steps: list[Step], cfg: BenchConfig, pin: bool) -> list[list[Any]]:
     if spec.layout == "padded":
         out = [padded_batches(s.examples, spec.batch_size) for s in steps]
@@ -234,6 +260,7 @@ def _pin(b: Any) -> Any:
 
 def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Path | None):
     losses, times, norms = [], [], []
+    graphed = getattr(run, "backward_done", False)
     for k, (mbs, step) in enumerate(zip(batches, steps)):
         n_step = step.num_trainable
         _sync(device)
@@ -241,11 +268,12 @@ def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Pa
         total = torch.zeros((), device=device)
         for mb in mbs:
             loss, _ = run(mb, n_step)
-            loss.backward()
+            if not graphed:
+                loss.backward()
             total += loss.detach().float()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graphed)  # a CUDA graph accumulates into the existing .grad tensors
         _sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(float(total))
@@ -263,10 +291,11 @@ def _profile_step(run, mbs, step, device, params, opt, profile_dir: Path) -> Non
     with profile(activities=activities, record_shapes=False) as prof:
         for mb in mbs:
             loss, _ = run(mb, step.num_trainable)
-            loss.backward()
+            if not getattr(run, "backward_done", False):
+                loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not getattr(run, "backward_done", False))
         _sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # torch >= 2.4 names
     profile_dir.mkdir(parents=True, exist_ok=True)
@@ -310,12 +339,16 @@ def run_system(cfg: BenchConfig, spec: SystemSpec, ss: Any) -> dict[str, Any]:
             model = _padless_adapters(model)
             # Hugging Face's own loss on step 1's examples, unpacked, before padless patches the instance
             row["hf_unpacked_loss_step1"] = hf_unpacked_loss(model, steps[0], device)
-            run = _padless_loss_fn(model, device, spec.checkpointing)
         else:
             model = _peft_lora(model, cfg.seed)
             run = _hf_loss_fn(model, device)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
+        if spec.family == "padless" and spec.cuda_graphs and device.type == "cuda":
+            run = _padless_graph_fn(model, device, spec.checkpointing, batches, ss.max_len, params)
+            row["static_shape"] = str(run.static_shape)
+        elif spec.family == "padless":
+            run = _padless_loss_fn(model, device, spec.checkpointing)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
         row["trainable_params"] = sum(p.numel() for p in params)
         if device.type == "cuda":
