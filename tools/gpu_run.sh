@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the lent H200 (device tool): install the carried wheels, then the named stages, each under its own time
 # limit, logging everything under $OUT. Usage: bash tools/gpu_run.sh STAGE[:SECONDS] ...
-# Stages: env, tests-kernels, tests-train, tests-all, bench-kernels, bench-attention, sweep-attention, bench-train
+# Stages: env, head-kernels, tests-kernels, tests-train, tests-graph, tests-all, bench-kernels, bench-attention,
+# sweep-attention, bench-train (BENCH_TRAIN_SYSTEMS, BENCH_TRAIN_PROFILE, BENCH_TRAIN_SHAPE env), tune-attention
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -26,13 +27,17 @@ for spec in "$@"; do
     env) run_stage env "$limit" bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"' ;;
     tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -p no:cacheprovider ;;
     tests-train) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train -p no:cacheprovider ;;
+    head-kernels) [ -f .device-data/kernels_head.tgz ] && tar xzf .device-data/kernels_head.tgz && echo "kernels/ from HEAD" ;;
+    tests-graph) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train/test_cuda_graph.py \
+      tests/train/test_static_batch.py -p no:cacheprovider ;;
     tests-all) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests -p no:cacheprovider ;;
     bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --budget-s $((limit - 10)) --out "$OUT/kernels" ;;
     sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
     bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" ;;
     sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
-    bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 \
-      --model-shape qwen3-8b --out "$OUT/train" --profile --profile-systems padless-16k --time-budget $((limit - 40)) \
+    bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards "${BENCH_TRAIN_SHARDS:-.device-data/alpaca-qwen3-1024}" \
+      --model-shape "${BENCH_TRAIN_SHAPE:-qwen3-8b}" --out "$OUT/train" --profile \
+      --profile-systems "${BENCH_TRAIN_PROFILE:-padless-16k}" --time-budget $((limit - 40)) \
       --system-timeout 240 ${BENCH_TRAIN_SYSTEMS:+--systems "$BENCH_TRAIN_SYSTEMS"} ;;
     tune-attention) run_stage "$stage" "$limit" bash -c "python3 tools/bench_attention.py --sweep --sweep-dims 128 \
       --budget-s 80 --write-tuned kernels/attention_tuned.json --out $OUT/attention && python3 tools/bench_attention.py \
@@ -43,5 +48,5 @@ for spec in "$@"; do
   esac
 done
 # The device tool brings back at most 8 files: everything but the log travels as one archive.
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=run.log . && find . -mindepth 1 -maxdepth 1 \
-  ! -name results.tgz ! -name run.log -exec rm -rf {} +)
+(cd "$OUT" && { tar czf results.tgz --exclude=results.tgz --exclude=run.log . || true; } && find . -mindepth 1 \
+  -maxdepth 1 ! -name results.tgz ! -name run.log -exec rm -rf {} +)
