@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .attention_bwd import BwdConfig, flash_bwd
-from .attention_fwd import FwdConfig, build_schedule, flash_fwd
+from .attention_fwd import FwdConfig, build_schedules, flash_fwd
+from .indexing import needs_long_indexing
 
 __all__ = [
     "BwdConfig",
@@ -258,12 +259,19 @@ def default_configs(
     has max_seqlen ~1000 but a mean ~130, and it is the mean that decides how much of a big tile is masked.
     Rows of a tile are (query token, head) pairs of one GQA group (HPB heads), so short examples still give the
     tensor cores 64-128 rows while causal waste stays at 16-32-token granularity. ``deterministic`` picks the
-    atomic-free backward (dK/dV and dQ kernels) instead of the atomic-dQ one.
+    atomic-free backward (dK/dV and dQ kernels) instead of the atomic-dQ one. Cached per (table path, D, dtype,
+    bucket, group, deterministic): a call costs one dictionary lookup.
     """
     length = min(max_seqlen, mean_seqlen) if mean_seqlen is not None else max_seqlen
-    bucket = length_bucket(length)
+    return _configs_for(TUNED_PATH, head_dim, dtype, length_bucket(length), group, deterministic)
+
+
+@functools.lru_cache(maxsize=256)
+def _configs_for(
+    path: Path, head_dim: int, dtype: torch.dtype, bucket: str, group: int, deterministic: bool
+) -> tuple[FwdConfig, BwdConfig]:
     cfgs = _builtin_configs(head_dim, bucket, group)
-    tuned = load_tuned(TUNED_PATH)
+    tuned = load_tuned(path)
     ms = {}
     for kind in cfgs:
         name = DTYPE_NAMES.get(dtype, "bf16")
@@ -286,27 +294,44 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tuple[int, ...], int, int]:
+    """Distinct block sizes to schedule (forward first) and the indices of the dK/dV and dQ schedules among them."""
+    blocks = [fwd_cfg.block_m]
+    if bwd_cfg is None:
+        return tuple(blocks), 0, 0
+    wanted = [bwd_cfg.kv_block_n] + ([] if bwd_cfg.dq_atomic else [bwd_cfg.q_block_m])
+    for b in wanted:
+        if b not in blocks:
+            blocks.append(b)
+    i_q = blocks.index(bwd_cfg.q_block_m) if not bwd_cfg.dq_atomic else 0
+    return tuple(blocks), blocks.index(bwd_cfg.kv_block_n), i_q
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
+        # bwd_cfg is None when no gradient is needed (no_grad or inputs without requires_grad): forward only.
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        sched_q = build_schedule(cu_seqlens, q.shape[0], max_seqlen, fwd_cfg.block_m)
-        out, lse = flash_fwd(q, k, v, cu_seqlens, sched_q, softmax_scale, causal, window, softcap, fwd_cfg)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sched_q)
-        ctx.args = (max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg)
+        # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
+        blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
+        scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
+        # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
+        long_idx = needs_long_indexing(q, k, v)
+        out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
+        if bwd_cfg is not None:
+            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, scheds[i_kv], scheds[i_q])
+            ctx.args = (softmax_scale, causal, window, softcap, bwd_cfg, long_idx)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens, sched_q = ctx.saved_tensors
-        max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg = ctx.args
-        T = q.shape[0]
-        if not bwd_cfg.dq_atomic and bwd_cfg.q_block_m != fwd_cfg.block_m:  # the atomic path has no dQ kernel
-            sched_q = build_schedule(cu_seqlens, T, max_seqlen, bwd_cfg.q_block_m)
-        sched_kv = build_schedule(cu_seqlens, T, max_seqlen, bwd_cfg.kv_block_n)
+        q, k, v, out, lse, cu_seqlens, sched_kv, sched_q = ctx.saved_tensors
+        softmax_scale, causal, window, softcap, bwd_cfg, long_idx = ctx.args
+        dout = _last_dim_contiguous(dout)
+        long_idx = long_idx or needs_long_indexing(dout)
         dq, dk, dv = flash_bwd(
-            _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
-            softmax_scale, causal, window, softcap, bwd_cfg,
+            dout, q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
+            softmax_scale, causal, window, softcap, bwd_cfg, long_indexing=long_idx,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
@@ -348,6 +373,8 @@ def varlen_attention_with_configs(
     bwd_cfg = bwd_cfg or d_bwd
     if deterministic and bwd_cfg.dq_atomic:
         bwd_cfg = bwd_cfg._replace(dq_atomic=False)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        bwd_cfg = None  # no backward will run: schedule the forward's blocks only, save nothing
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     return _VarlenAttention.apply(
         q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), window,

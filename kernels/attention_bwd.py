@@ -3,10 +3,14 @@
 Shape legend as in ``kernels.attention_fwd``: q/do/dq (T, H, D), k/v/dk/dv (T, Hkv, D), lse and delta (T, H)
 fp32, G = H // Hkv. Launches:
 
-1. ``_delta_kernel``: delta = rowsum(dO * O) per (token, head).
+The schedules (one per block size) come from the forward (``build_schedules``, one launch for all of them).
+
+1. ``_delta_kernel``: delta = rowsum(dO * O) per (token, head); on the atomic path it also zeroes the fp32 dQ
+   buffer's rows (it walks every (token, head) row anyway: one launch instead of a separate memset).
 2. ``_dkdv_kernel``: one program per (example, key block) and kv head; it loops over the G query heads of the
    group (HPB at a time, packed into the rows as in the forward) and over the query blocks that see this key
-   block, so dK/dV are summed over the group inside the program: never atomics for dK/dV.
+   block, so dK/dV are summed over the group inside the program: never atomics for dK/dV. Slots run in schedule
+   order (an example's first key blocks first): under the causal mask the first key blocks see the most queries.
    With ``dq_atomic`` (the default of ``varlen_attention``) the same step also adds dS K into an fp32 (T, H, D)
    dQ buffer with atomics: 5 matmuls per tile and no dQ launch, but dq's summation order varies run to run.
 3. Deterministic path only: ``_dq_kernel``, one program per (example, query block) and HPB heads, looping over
@@ -29,6 +33,7 @@ from .attention_fwd import (
     _load_kv,
     _load_tile,
     _scores,
+    _slot_block,
     dot_precision,
     score_constants,
 )
@@ -57,9 +62,9 @@ class BwdConfig(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
+def _delta_kernel(O, DO, DELTA, DQACC, T, stride_ot, stride_oh, stride_dot, stride_doh,
                   H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  LONG_INDEXING: tl.constexpr):  # fmt: skip
+                  LONG_INDEXING: tl.constexpr, ZERO_DQ: tl.constexpr):  # fmt: skip
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     if LONG_INDEXING:
         tok = tok.to(tl.int64)
@@ -69,6 +74,9 @@ def _delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh,
     o = tl.load(O + tok[:, None] * stride_ot + h * stride_oh + d[None, :], mask=m, other=0.0).to(tl.float32)
     do = tl.load(DO + tok[:, None] * stride_dot + h * stride_doh + d[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(DELTA + tok * H + h, tl.sum(o * do, 1), mask=tok < T)
+    if ZERO_DQ:  # the atomic path's fp32 (T, H, D) contiguous dQ accumulator starts at zero
+        zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        tl.store(DQACC + tok[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + d[None, :], zero, mask=m)
 
 
 @triton.jit
@@ -178,16 +186,17 @@ def _dkdv_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
     PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
-    tile = n_tiles - 1 - tl.program_id(0)
-    ex = tl.load(SCHED + 2 * tile)
+    # 1-D grid, kv heads fastest; slots in schedule order: an example's first key blocks (the heaviest under the
+    # causal mask: every later query block sees them) start first.
+    NH: tl.constexpr = H // GROUP
+    pid = tl.program_id(0)
+    ex, j0, start = _slot_block(SCHED, CU, pid // NH, BLOCK_N)
     if ex < 0:
         return
-    j0 = tl.load(SCHED + 2 * tile + 1)
-    start = tl.load(CU + ex)
     n = tl.load(CU + ex + 1) - start
     if LONG_INDEXING:
         start, j0, n = start.to(tl.int64), j0.to(tl.int64), n.to(tl.int64)
-    kvh = tl.program_id(1)
+    kvh = pid % NH
     cols = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_M * HPB)
@@ -280,16 +289,16 @@ def _dq_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
-    tile = n_tiles - 1 - tl.program_id(0)
-    ex = tl.load(SCHED + 2 * tile)
+    # As the forward: 1-D grid, head blocks fastest, last (heaviest) query blocks first.
+    NH: tl.constexpr = H // HPB
+    pid = tl.program_id(0)
+    ex, m0, start = _slot_block(SCHED, CU, n_tiles - 1 - pid // NH, BLOCK_M)
     if ex < 0:
         return
-    m0 = tl.load(SCHED + 2 * tile + 1)
-    start = tl.load(CU + ex)
     n = tl.load(CU + ex + 1) - start
     if LONG_INDEXING:
         start, m0, n = start.to(tl.int64), m0.to(tl.int64), n.to(tl.int64)
-    h0 = tl.program_id(1) * HPB
+    h0 = (pid % NH) * HPB
     kvh = h0 // GROUP
     rows = tl.arange(0, BLOCK_M * HPB)
     rt = m0 + rows // HPB
@@ -333,52 +342,59 @@ def flash_bwd(
     window: int | None,
     softcap: float | None,
     cfg: BwdConfig,
+    long_indexing: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels: returns (dq, dk, dv) in the input dtypes (fp32 accumulation inside)."""
+    """Launch the backward kernels: returns (dq, dk, dv) in the input dtypes (fp32 accumulation inside).
+
+    ``sched_kv`` / ``sched_q``: schedules for ``cfg.kv_block_n`` / ``cfg.q_block_m`` (``sched_q`` unused on the
+    atomic path). Launches: delta (+ dQ buffer zeroing), dK/dV; then dQ (deterministic) or the fp32 -> dtype copy
+    of the atomic buffer (none for fp32 inputs). ``long_indexing`` None: judged here.
+    """
     T, H, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
     assert group % cfg.kv_hpb == 0 and group % cfg.q_hpb == 0, (group, cfg)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    atomic_fp32 = cfg.dq_atomic and q.dtype == torch.float32
+    dq = None if atomic_fp32 else torch.empty_like(q)
+    # fp32 accumulation buffer of the atomic path, (T, H, D) contiguous; fp32 inputs accumulate straight into dq.
+    dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=q.device) if cfg.dq_atomic else dq
+    if atomic_fp32:
+        dq = dq_acc
     if T == 0:
         return dq, dk, dv
     block_d = triton.next_power_of_2(D)
-    # The opt-in fp32 dQ buffer has as many elements as q: judged by q.
-    long_idx = needs_long_indexing(q, k, v, do, out, dq)
+    if long_indexing is None:  # the fp32 dQ buffer has as many elements as q: judged by q
+        long_indexing = needs_long_indexing(q, k, v, do, out, dq)
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
     block_t = max(1, 4096 // block_d)
     _delta_kernel[(triton.cdiv(T, block_t), H)](
-        out, do, delta, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_idx,
+        out, do, delta, dq_acc, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=cfg.dq_atomic,
     )  # fmt: skip
     pre, post = score_constants(softmax_scale, softcap)
-    common = dict(
-        CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_idx,
-        PREC=dot_precision(q.dtype), GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d,
-    )  # fmt: skip
-    dq_acc = dq
-    if cfg.dq_atomic:  # fp32 accumulation buffer; fp32 inputs accumulate straight into dq
-        dq_acc = torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
-        if q.dtype == torch.float32:
-            dq = dq_acc
-    _dkdv_kernel[(sched_kv.shape[0], Hkv)](
+    prec = dot_precision(q.dtype)
+    wflag, sflag = window is not None, softcap is not None
+    _dkdv_kernel[(sched_kv.shape[0] * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
-        BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m, HPB=cfg.kv_hpb,
-        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **common,
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m,
+        HPB=cfg.kv_hpb, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
+        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )  # fmt: skip
     if cfg.dq_atomic:
         if dq is not dq_acc:
             dq.copy_(dq_acc)
         return dq, dk, dv
-    _dq_kernel[(sched_q.shape[0], H // cfg.q_hpb)](
+    _dq_kernel[(sched_q.shape[0] * (H // cfg.q_hpb),)](
         q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         sched_q.shape[0], window or 0, pre, post, softmax_scale,
-        BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb, BLOCK_N=cfg.q_block_n,
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages, **common,
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb, BLOCK_N=cfg.q_block_n,
+        CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )  # fmt: skip
     return dq, dk, dv

@@ -5,9 +5,13 @@ D head dim (BLOCK_D = next power of two, masked when D is 80 or 96). q (T, H, D)
 lse (T, H) fp32 in the log2 domain (log2 of the softmax denominator plus the row max of scores*log2(e)).
 
 Why a tile schedule: short examples are the common case (Alpaca median ~95 tokens, ~170 per 16K pack), so a
-program owns one (example, q block) pair listed in ``sched`` and never straddles two examples; the list is
-built on the device from ``cu_seqlens`` (no host sync). The grid is the static upper bound cdiv(T, BLOCK) + S;
-surplus programs read -1 and exit.
+program owns one (example, block) pair and never straddles two examples. ``sched`` maps each program's slot to
+its example: example s owns the slots ``cu[s] // BLOCK + s + j`` for its blocks j < cdiv(l_s, BLOCK). Those ranges
+never overlap (floor(b/B) - floor(a/B) + 1 >= cdiv(b - a, B)) and all fit in cdiv(T, BLOCK) + S slots, so a slot's
+example is one binary search over ``cu_seqlens`` away: every slot is filled in parallel (unused slots -1, written
+by the kernel itself), with no loop over the longest example and no host sync. A program reads its example from
+``sched`` and its block from the slot formula. ``build_schedules`` fills the schedules of every block size a call
+needs (forward, dK/dV, dQ) in one launch; the forward saves them for the backward.
 
 Why heads in the row dimension: one program packs HPB query heads of the same GQA group into its rows (row r is
 token r // HPB, head r % HPB), so a 16-token q block of 4 heads still feeds the tensor cores a 64-row tile while
@@ -25,13 +29,13 @@ import triton.language as tl
 
 from .indexing import needs_long_indexing
 
-__all__ = ["FwdConfig", "build_schedule", "dot_precision", "flash_fwd", "score_constants"]
+__all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "n_slots", "score_constants"]
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter (tests) needs two work-arounds, chosen at import like triton.jit itself chooses.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-# Up to this many examples the schedule is one small Triton program (cumsum in registers); beyond, torch ops.
-SCHEDULE_KERNEL_MAX_S = 16384
+# Slots per program of the schedule kernel (one binary search per lane).
+SCHEDULE_BLOCK = 256
 # Masked scores are set to this finite value (not -inf) so a row with no visible key never makes a NaN.
 # (Globals read inside @triton.jit code must be tl.constexpr.)
 _MASKED = tl.constexpr(-1.0e30)
@@ -49,18 +53,44 @@ class FwdConfig(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _schedule_kernel(CU, SCHED, S, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, MAX_NB: tl.constexpr):
-    """SCHED (n_tiles, 2) int32, pre-filled with -1: row t = (example, first token of its block)."""
-    s = tl.arange(0, BLOCK_S)
-    valid = s < S
-    start = tl.load(CU + s, mask=valid, other=0)
-    end = tl.load(CU + s + 1, mask=valid, other=0)
-    nb = (end - start + BLOCK - 1) // BLOCK
-    first = tl.cumsum(nb, 0) - nb
-    for j in range(0, MAX_NB):
-        m = valid & (j < nb)
-        tl.store(SCHED + 2 * (first + j), s, mask=m)
-        tl.store(SCHED + 2 * (first + j) + 1, s * 0 + j * BLOCK, mask=m)
+def _schedule_kernel(CU, SCHED, S, T, block0, block1, block2, off1, off2, LOG_S: tl.constexpr,
+                     BLOCK_T: tl.constexpr):  # fmt: skip
+    """Fill up to three schedules (program_id(1) picks the block size) laid out back to back in SCHED (int32).
+
+    Slot t of the schedule for block B holds the example s with cu[s] // B + s <= t < cu[s] // B + s + cdiv(l_s, B),
+    or -1. Zero-length examples own no slot (their range is empty), so repeated cu_seqlens entries are safe.
+    """
+    which = tl.program_id(1)
+    block = tl.where(which == 0, block0, tl.where(which == 1, block1, block2))
+    off = tl.where(which == 0, 0, tl.where(which == 1, off1, off2))
+    n_tiles = (T + block - 1) // block + S
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Lower bound: the first s in [0, S) whose slot base cu[s] // B + s exceeds t (bases strictly increase in s).
+    lo = tl.zeros([BLOCK_T], dtype=tl.int32)
+    hi = tl.zeros([BLOCK_T], dtype=tl.int32) + S
+    for _ in tl.static_range(LOG_S):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        base = tl.load(CU + mid, mask=active, other=0) // block + mid
+        right = active & (base <= t)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (base > t), mid, hi)
+    ex = lo - 1
+    ok = ex >= 0
+    exc = tl.maximum(ex, 0)
+    start = tl.load(CU + exc)
+    length = tl.load(CU + exc + 1) - start
+    j = t - (start // block + exc)
+    ok = ok & (j * block < length)
+    tl.store(SCHED + off + t, tl.where(ok, ex, -1), mask=t < n_tiles)
+
+
+@triton.jit
+def _slot_block(SCHED, CU, slot, BLOCK: tl.constexpr):
+    """(example, first token of its block inside the example) of a schedule slot; example -1: nothing to do."""
+    ex = tl.load(SCHED + slot)
+    start = tl.load(CU + tl.maximum(ex, 0))
+    return ex, (slot - start // BLOCK - ex) * BLOCK, start
 
 
 @triton.jit
@@ -204,18 +234,19 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
-    # Heaviest tiles (last blocks of examples) are listed last: run them first for load balance.
-    tile = n_tiles - 1 - tl.program_id(0)
-    ex = tl.load(SCHED + 2 * tile)
+    # One 1-D grid, head blocks fastest: programs launch in slot order with all heads of a slot together. The
+    # heaviest slots (last blocks of examples) are listed last: walk the slots backwards to run them first.
+    NH: tl.constexpr = H // HPB
+    pid = tl.program_id(0)
+    tile = n_tiles - 1 - pid // NH
+    ex, m0, start = _slot_block(SCHED, CU, tile, BLOCK_M)
     if ex < 0:
         return
-    m0 = tl.load(SCHED + 2 * tile + 1)
-    start = tl.load(CU + ex)
     n = tl.load(CU + ex + 1) - start
     if LONG_INDEXING:
         # int64 token offsets: a 500K-token pack has T*H*D past 2**31 elements.
         start, m0, n = start.to(tl.int64), m0.to(tl.int64), n.to(tl.int64)
-    h0 = tl.program_id(1) * HPB
+    h0 = (pid % NH) * HPB
     kvh = h0 // GROUP
 
     rows = tl.arange(0, BLOCK_M * HPB)
@@ -249,31 +280,34 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launchers
-def build_schedule(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int, block: int) -> torch.Tensor:
-    """(cdiv(T, block) + S, 2) int32 list of (example, first token of the block), -1 rows past the last tile."""
+def n_slots(n_tokens: int, n_seq: int, block: int) -> int:
+    """Schedule length for one block size: cdiv(T, block) + S slots hold every (example, block) pair."""
+    return (n_tokens + block - 1) // block + n_seq
+
+
+def build_schedules(cu_seqlens: torch.Tensor, n_tokens: int, blocks: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """One launch: for each block size (1 to 3), an int32 (n_slots,) schedule (example per slot or -1).
+
+    Device-side only (no host sync, CUDA-graph capturable): shapes come from ``n_tokens`` and ``cu_seqlens.numel()``.
+    """
+    assert 1 <= len(blocks) <= 3, blocks
     n_seq = cu_seqlens.numel() - 1
-    n_tiles = triton.cdiv(n_tokens, block) + n_seq
-    sched = torch.full((n_tiles, 2), -1, dtype=torch.int32, device=cu_seqlens.device)
-    if n_seq == 0 or n_tokens == 0:
-        return sched
-    if n_seq <= SCHEDULE_KERNEL_MAX_S:
-        block_s = max(16, triton.next_power_of_2(n_seq))
-        # MAX_NB rounded up to a power of two: few compiled variants; extra iterations store nothing.
-        max_nb = triton.next_power_of_2(triton.cdiv(max(max_seqlen, 1), block))
-        _schedule_kernel[(1,)](cu_seqlens, sched, n_seq, BLOCK=block, BLOCK_S=block_s, MAX_NB=max_nb)
-        return sched
-    # Very many examples (e.g. thousands of 1-token rows): vectorised torch ops, still no host sync.
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    nb = (lens + block - 1) // block
-    last = torch.cumsum(nb, 0)
-    t = torch.arange(n_tiles, device=cu_seqlens.device)
-    ex = torch.searchsorted(last, t, right=True)
-    ok = ex < n_seq
-    exc = ex.clamp(max=n_seq - 1)
-    blk = t - (last[exc] - nb[exc])
-    sched[:, 0] = torch.where(ok, exc, -1).to(torch.int32)
-    sched[:, 1] = torch.where(ok, blk * block, -1).to(torch.int32)
-    return sched
+    sizes = [n_slots(n_tokens, n_seq, b) for b in blocks]
+    # Each schedule starts 16-byte aligned, so Triton keeps its aligned-pointer specialisation for every view.
+    offs = [0]
+    for n in sizes[:-1]:
+        offs.append(offs[-1] + (n + 3) // 4 * 4)
+    buf = torch.empty(offs[-1] + sizes[-1], dtype=torch.int32, device=cu_seqlens.device)
+    scheds = tuple(buf[o : o + n] for o, n in zip(offs, sizes, strict=True))
+    if n_seq <= 0:
+        buf.fill_(-1)
+        return scheds
+    b = (*blocks, blocks[0], blocks[0])
+    o = (*offs, 0, 0)
+    grid = (triton.cdiv(max(sizes), SCHEDULE_BLOCK), len(blocks))
+    _schedule_kernel[grid](cu_seqlens, buf, n_seq, n_tokens, b[0], b[1], b[2], o[1], o[2],
+                           LOG_S=n_seq.bit_length(), BLOCK_T=SCHEDULE_BLOCK)  # fmt: skip
+    return scheds
 
 
 def score_constants(softmax_scale: float, softcap: float | None) -> tuple[float, float]:
@@ -299,8 +333,12 @@ def flash_fwd(
     window: int | None,
     softcap: float | None,
     cfg: FwdConfig,
+    long_indexing: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward: returns (out (T, H, D) q.dtype, lse (T, H) fp32 log2 domain)."""
+    """Launch the forward: returns (out (T, H, D) q.dtype, lse (T, H) fp32 log2 domain).
+
+    ``sched``: the schedule for ``cfg.block_m`` (``build_schedules``). ``long_indexing`` None: judged here.
+    """
     T, H, D = q.shape
     group = H // k.shape[1]
     assert group % cfg.hpb == 0, (group, cfg)
@@ -308,9 +346,11 @@ def flash_fwd(
     lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
+    if long_indexing is None:
+        long_indexing = needs_long_indexing(q, k, v, out)
     pre, post = score_constants(softmax_scale, softcap)
     n_tiles = sched.shape[0]
-    grid = (n_tiles, H // cfg.hpb)
+    grid = (n_tiles * (H // cfg.hpb),)
     _fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, sched,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -318,7 +358,7 @@ def flash_fwd(
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
         BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None,
-        LONG_INDEXING=needs_long_indexing(q, k, v, out), PREC=dot_precision(q.dtype),
+        LONG_INDEXING=long_indexing, PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse

@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["compile_check", "compile_one"]
 
-PTR_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "CU": "*i32", "SCHED": "*i32"}
+PTR_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "CU": "*i32", "SCHED": "*i32", "T": "i32", "S": "i32"}
 
 
 def compile_one(fn, consts: dict, warps: int, stages: int) -> str:
@@ -76,6 +76,9 @@ def compile_check(dims: list[int], group: int, kinds: list[str], candidates: boo
     from kernels.attention import _builtin_configs
 
     lines = []
+    for name, res in _compile_helpers(dims):
+        lines.append(f"{name}: {res}")
+        print(lines[-1], flush=True)
     for D, bucket in itertools.product(dims, ("short", "medium", "long")):
         for kind in kinds:
             cfgs = [_builtin_configs(D, bucket, group)[kind]]
@@ -90,3 +93,25 @@ def compile_check(dims: list[int], group: int, kinds: list[str], candidates: boo
                 lines.append(f"D={D} {bucket} {kind} {cfg} {flags or ''}: {res}")
                 print(lines[-1], flush=True)
     return lines
+
+
+def _compile_helpers(dims: list[int]) -> list[tuple[str, str]]:
+    """The schedule kernel (one launch, three block sizes) and the delta kernel with and without dQ zeroing."""
+    import triton
+
+    from kernels import attention_bwd as B
+    from kernels import attention_fwd as F
+
+    out = []
+    jobs = [("schedule LOG_S=10", F._schedule_kernel, dict(LOG_S=10, BLOCK_T=F.SCHEDULE_BLOCK), 4)]
+    for D, zero in itertools.product(dims, (False, True)):
+        bd = triton.next_power_of_2(D)
+        consts = dict(H=32, HEAD_DIM=D, BLOCK_D=bd, BLOCK_T=max(1, 4096 // bd), LONG_INDEXING=False, ZERO_DQ=zero)
+        jobs.append((f"delta D={D} ZERO_DQ={zero}", B._delta_kernel, consts, 4))
+    for name, fn, consts, warps in jobs:
+        try:
+            res = compile_one(fn, consts, warps, 1)
+        except Exception as e:  # report and go on, as compile_check does
+            res = f"FAILED {type(e).__name__}: {e}"[:300]
+        out.append((name, res))
+    return out

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels import attention as attention_mod
-from kernels import attention_bwd, attention_fwd
+from kernels import attention_bwd
 from kernels.attention import (
     BwdConfig,
     FwdConfig,
@@ -25,7 +25,7 @@ from kernels.attention import (
     varlen_attention_reference,
     varlen_attention_with_configs,
 )
-from kernels.attention_fwd import build_schedule
+from kernels.attention_fwd import build_schedules, n_slots
 from tests.kernels.compare import assert_close_verbose, dtype_error_bound
 
 # Smallest tiles tl.dot accepts (16): 16-token q/k blocks make a 40-token example span 3 blocks.
@@ -175,9 +175,9 @@ def test_deterministic_flag_picks_the_backward_path(tmp_path) -> None:
     calls = []
     real = attention_bwd.flash_bwd
 
-    def spy(*args):
+    def spy(*args, **kw):
         calls.append(args[-1].dq_atomic)
-        return real(*args)
+        return real(*args, **kw)
 
     lens = [20, 9]
     q, k, v, do, cu = make_inputs(lens, 2, 1, 16, seed=4)
@@ -281,17 +281,79 @@ def test_long_indexing_path(monkeypatch: pytest.MonkeyPatch) -> None:
         assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"long:{tag}")
 
 
-@pytest.mark.parametrize("block", [16, 32])
-def test_schedule_kernel_matches_torch_path(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    lens = [1, 0, 40, 16, 17, 3, 64]
+def _expected_schedule(lens: list[int], block: int) -> list[int]:
+    """Independent model of the slot layout: example s owns slots cu[s] // block + s + j, j < cdiv(l_s, block)."""
+    slots = [-1] * n_slots(sum(lens), len(lens), block)
+    start = 0
+    for s, n in enumerate(lens):
+        for j in range(-(-n // block)):
+            assert slots[start // block + s + j] == -1, "slot ranges overlap"
+            slots[start // block + s + j] = s
+        start += n
+    return slots
+
+
+@pytest.mark.parametrize(
+    "lens",
+    [
+        [1, 0, 40, 16, 17, 3, 64],
+        [0, 0, 5, 0, 33, 0, 0],  # zero-length examples first, between and last (repeated cu_seqlens entries)
+        [300, *([1] * 37), 2],  # max_seqlen far above the mean
+        [0],
+    ],
+    ids=["ragged", "zero_len", "max_gg_mean", "only_empty"],
+)
+def test_schedules_one_launch_match_slot_model(lens: list[int]) -> None:
+    """Three block sizes in one launch; each slot's example (or -1) against the Python model, every block once."""
     cu = make_cu(lens)
-    kernel = build_schedule(cu, sum(lens), max(lens), block)
-    monkeypatch.setattr(attention_fwd, "SCHEDULE_KERNEL_MAX_S", 0)
-    fallback = build_schedule(cu, sum(lens), max(lens), block)
-    expect = [(s, j) for s, n in enumerate(lens) for j in range(0, n, block)]
-    expect += [(-1, -1)] * (kernel.shape[0] - len(expect))
-    assert kernel.tolist() == [list(e) for e in expect]
-    assert torch.equal(kernel, fallback)
+    blocks = (16, 64, 32)
+    scheds = build_schedules(cu, sum(lens), blocks)
+    for block, sched in zip(blocks, scheds, strict=True):
+        assert sched.dtype == torch.int32 and sched.shape == (n_slots(sum(lens), len(lens), block),)
+        assert sched.tolist() == _expected_schedule(lens, block), f"block {block}"
+        # Each (example, block) pair appears exactly once: no tile lost, none twice.
+        owned = sorted(x for x in sched.tolist() if x >= 0)
+        assert owned == sorted(s for s, n in enumerate(lens) for _ in range(-(-n // block)))
+
+
+ZERO_LEN_LENS = [0, 10, 0, 0, 25, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "bcfg",
+    [SMALL_BWD, SMALL_BWD._replace(dq_atomic=True), PACKED_BWD._replace(q_block_m=32, q_hpb=1)],
+    ids=["deterministic", "atomic", "three_schedules"],
+)
+def test_zero_length_examples_match_reference(bcfg: BwdConfig) -> None:
+    """Repeated cu_seqlens entries (empty examples first, inside and at the end): forward and all gradients."""
+    q, k, v, do, cu = make_inputs(ZERO_LEN_LENS, 4, 2, 16, seed=17)
+    assert cu.tolist()[-3:] == [36, 36, 36] and cu.tolist()[:2] == [0, 0]
+    m = max(ZERO_LEN_LENS)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, m, fwd_cfg=PACKED_FWD, bwd_cfg=bcfg)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, m)
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"zero_len:{tag}")
+
+
+def test_max_seqlen_far_above_longest_example() -> None:
+    """The trainer may pass the shard's max_len (e.g. 16384) for a pack of short examples: results are unchanged."""
+    lens = [7, 0, 30, 1, 12]
+    q, k, v, do, cu = make_inputs(lens, 2, 1, 16, seed=23)
+    got = run_grads(varlen_attention, q, k, v, do, cu, 16384)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, 16384)
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"big_max:{tag}")
+
+
+def test_forward_without_grad_matches_and_saves_nothing() -> None:
+    """no_grad / inputs without requires_grad: forward only (no backward schedules), same output."""
+    lens = [9, 0, 21]
+    q, k, v, _, cu = make_inputs(lens, 4, 2, 16, seed=29)
+    with torch.no_grad():
+        got = varlen_attention_with_configs(q, k, v, cu, 21, fwd_cfg=PACKED_FWD, bwd_cfg=PACKED_BWD)
+    assert got.grad_fn is None
+    want = varlen_attention_reference(q, k, v, cu, 21)
+    assert_close_verbose(got, want, atol=2e-5 * max(1.0, want.abs().max().item()), name="no_grad:out")
 
 
 def test_reference_is_per_example_attention() -> None:
