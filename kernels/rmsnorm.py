@@ -7,11 +7,25 @@ values must be contiguous.
 Why fused: eager RMSNorm makes ~6 passes over (T, E) (fp32 cast, square, mean, scale, cast, weight product).
 The forward here reads x once and writes y once, plus one fp32 rstd per row kept for the backward; the backward
 reads dy and x once and writes dx once. The weight gradient is deterministic: every backward program sums its
-rows' ``dy * normed`` into its own fp32 row of a (programs, E) buffer, and one ``sum(0)`` reduces those rows
-(no atomics, so the same inputs give bit-identical weight gradients).
+rows' ``dy * normed`` into its own fp32 row of a (programs, E) buffer, and a second small kernel sums those rows
+in a fixed order and casts to the weight's dtype (no atomics, so the same inputs give bit-identical weight
+gradients). A frozen weight (LoRA) compiles the backward without any dw work and launches no reduction.
+
+Backward, run 4 (H200 run 3: 53% / 73% / 79% of copy at T = 4K / 16K / 64K for E 4096, 48-76% per-head):
+* the persistent grid is one wave of programs sized by a register cap (``maxnreg``) that the launcher always
+  sets, and every program prefetches its next tile: E 4096 keeps 2 programs per SM (128 registers, no spill)
+  with 16 KB loaded + 16 KB in flight each, instead of 2 x 16 KB that went idle during the compute; per-head
+  rows use 16 x 128 tiles, 3 programs per SM, instead of one 32 x 128 program whose barriers stalled the SM;
+* E is a constexpr (one compile per model width), so full rows carry no column masks (144 -> 128 registers);
+* the dw partial rows (264 x 4096 x 4 B = 4.3 MB at E 4096, written and read once) are reduced and cast by one
+  Triton launch instead of ``sum(0)`` + ``.to(dtype)`` (two launches, ~3-5 us at T = 4K: 10% of that row).
+Predicted (not yet measured): >= 90% of copy at 16K and 64K; at 4K (100 MB, 24 us at copy rate) the launch
+ramp, the one-wave tail (15-16 rows per program) and the ~3 us reduction launch leave ~80-85%.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -68,14 +82,14 @@ def _rms_norm_bwd_kernel(
     w_ptr,  # (E,)
     rstd_ptr,  # (R,) fp32
     dx_ptr,  # (R, E) contiguous
-    dw_partial_ptr,  # (N_PROGRAMS, E) fp32, one row per program
+    dw_partial_ptr,  # (n_programs, E) fp32, one row per program
     R,
-    E,
     n_blocks,  # cdiv(R, BLOCK_R)
     n_programs,  # the grid size
     stride_dy,
     stride_x,
     offset,
+    E: tl.constexpr,  # fixed per model (hidden size or head dim): E == BLOCK_E drops every column mask
     GEMMA_CAST: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
@@ -89,15 +103,12 @@ def _rms_norm_bwd_kernel(
     With g = dy * (offset + w) and n = x * rstd: dx = rstd * (g - n * mean(g * n)), dw = sum_rows(dy * n')
     where n' is n rounded to x's dtype for the Llama cast (the value the weight multiplied in the forward).
 
-    Two choices keep the loop memory-bound (H200 run 1 at T = 64K: 3.40 TB/s for E = 4096, only 2.03 for the
-    per-head E = 128 with 32 rows per block):
-    * PREFETCH: the next block's dy, x and rstd are loaded before the current block is computed, so
-      each program has two blocks of loads in flight instead of one: with 2 programs per SM that is 64 KB per
-      SM instead of 32 KB, against the ~4.3 TB/s x ~1 us loaded latency / 132 SMs ~ 33 KB per SM that a
-      saturated HBM needs (one block in flight left no slack while the block was being computed);
-    * dw accumulates in a (BLOCK_R, BLOCK_E) register tile and is reduced over rows once at the end, not per
-      block: with 32 rows spread over 8 warps, the per-block row sum was a shared-memory reduction with a
-      barrier in every iteration (E = 4096 has BLOCK_R = 1: no change there).
+    * A (BLOCK_R, BLOCK_E) tile per iteration: all its dy and x loads go out together.
+    * PREFETCH: the next tile's dy, x and rstd are loaded before the current tile is computed, so loads stay in
+      flight during the compute (only where the registers allow it without losing resident programs).
+    * dw accumulates in a (BLOCK_R, BLOCK_E) fp32 register tile, reduced over rows once at the end (no
+      shared-memory row reduction per iteration), and written as this program's partial row; a second small
+      kernel sums the partial rows in a fixed order (deterministic, no atomics).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
@@ -111,7 +122,10 @@ def _rms_norm_bwd_kernel(
         block = pid.to(tl.int64)
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    mask = row_mask[:, None] & col_mask[None, :]
+    if E == BLOCK_E:  # full rows: only the row mask (broadcast), so the compiler keeps no per-column predicates
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & col_mask[None, :]
     dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
     x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
@@ -126,7 +140,10 @@ def _rms_norm_bwd_kernel(
         block += n_programs
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < R
-        mask = row_mask[:, None] & col_mask[None, :]
+        if E == BLOCK_E:
+            mask = row_mask[:, None]
+        else:
+            mask = row_mask[:, None] & col_mask[None, :]
         if PREFETCH:  # the next block's loads go out now (fully masked past the end: no memory access)
             dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
             x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -134,7 +151,7 @@ def _rms_norm_bwd_kernel(
         normed = x * rstd[:, None]
         if COMPUTE_DX:
             g = dy * w[None, :]
-            mean_gn = tl.sum(g * normed, axis=1) / E
+            mean_gn = tl.sum(g * normed, axis=1) * (1.0 / E)
             dx = rstd[:, None] * (g - normed * mean_gn[:, None])
             tl.store(dx_ptr + cur_rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cur_mask)
         if COMPUTE_DW:
@@ -148,6 +165,29 @@ def _rms_norm_bwd_kernel(
             rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
     if COMPUTE_DW:
         tl.store(dw_partial_ptr + tl.program_id(0) * E + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _dw_reduce_kernel(
+    partial_ptr,  # (P, E) fp32 partial rows
+    dw_ptr,  # (E,) in the weight's dtype
+    P,
+    E,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dw[c] = sum over p of partial[p, c], in a fixed order (tiles of BLOCK_P rows, in sequence), cast once."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < E
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = 0
+    while start < P:  # a while loop for the interpreter (see the backward kernel)
+        prow = start + tl.arange(0, BLOCK_P)
+        tile_mask = (prow < P)[:, None] & col_mask[None, :]
+        tile = tl.load(partial_ptr + prow[:, None] * E + cols[None, :], mask=tile_mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+        start += BLOCK_P
+    tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
 
 
 # ------------------------------------------------------------------------------------------- host launchers
@@ -184,35 +224,66 @@ def _fwd_config(n_cols: int) -> tuple[int, int, int]:
     return block_r, block_e, 16 if elements >= 16384 else 8 if elements >= 2048 else 4
 
 
-def _bwd_config(n_cols: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_R, BLOCK_E, num_warps, PREFETCH) of the backward: prefetch only where it costs no residency.
+class BwdConfig(NamedTuple):
+    """Launch configuration of the backward (see :func:`_bwd_config`)."""
 
-    sm_90 register counts (Triton 3.6 offline compile, bf16, dx and dw): one E = 4096 row per block, 8 warps:
-    128 registers without prefetch (2 programs resident per SM, 32K registers each) but 198 with it (1
-    resident), so no prefetch: 2 programs x 16 KB of dy + x in flight per SM, twice the 1 x 16 KB of run 1's
-    version (153 registers, 1 resident; 3.40 TB/s at T = 64K). Per-head (32 rows x 128), 16 warps: 122
-    registers without prefetch, 127 with it, 1 program resident either way (512 threads x 128 = the whole
-    register file), so prefetch is free and keeps a second block's loads in flight during the compute; run 1's
-    version (8 warps, 196 registers, 1 resident, a shared-memory row sum per block) reached 2.03 TB/s.
+    block_r: int  # rows per tile
+    block_e: int  # next power of two >= E
+    num_warps: int
+    prefetch: bool  # load the next tile before computing the current one
+    programs: int  # persistent grid size (one wave)
+    maxnreg: int | None  # register cap that makes ``programs_per_sm`` programs fit on an SM
+    reduce_block_p: int  # partial rows per step of the dw reduction kernel
+    reduce_block_c: int  # columns per program of the dw reduction kernel
+
+
+# Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
+_REGS_PER_SM = 65536
+
+
+def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdConfig:
+    """The backward's launch configuration, a pure function of (rows, E, dtype, SM count).
+
+    Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB). They come
+    from (a) the tile each resident program has loaded and (b) PREFETCH, which keeps the next tile's loads out
+    while the current tile computes. sm_90 register counts (Triton 3.6 offline compile, bf16 and fp32 alike,
+    dx and dw, ``E`` a constexpr so full rows carry no column masks):
+    * wide rows (E >= 1024): one row per tile, 16 elements per thread (E 4096 -> 8 warps), prefetch on.
+      Uncapped that is 144 registers (1 program per SM); capped at 128 it compiles with no spill, so 2 programs
+      x (16 KB loaded + 16 KB prefetched) per SM. Run 3's version: 2 programs x 16 KB without prefetch, loads
+      idle while computing (79% of copy at T = 64K). E 8192: 16 warps, 128 registers, 1 program (no spill);
+      E 2048: 4 warps, 4 programs.
+    * narrow rows (per-head E 128, 64, 256): 2048 elements per tile (E 128 -> 16 rows), 4 warps, prefetch on:
+      168 registers for E 128 (163 for 256), so 3 programs x (8 KB + 8 KB) per SM; run 3's 32 rows x 16 warps
+      held 1 program x (16 KB + 16 KB) and its per-block barriers stalled the whole SM (76% at 64K).
+    The register cap is always set (65536 / (programs per SM x threads)), so the occupancy the persistent grid
+    is sized for is the one the hardware gets: one wave, every program the same number of tiles (a grid larger
+    than what fits would run a second, partial wave and double the time of the slowest SM).
     """
-    block_r, block_e, warps = _fwd_config(n_cols)
-    if block_r > 1:
-        return block_r, block_e, min(16, 2 * warps), True
-    return block_r, block_e, warps, False
-
-
-def _bwd_programs(x: torch.Tensor, n_row_blocks: int) -> int:
-    # A few programs per SM (132 on an H200) keep every SM busy while each program's dw partial row amortises
-    # over many rows; the (programs, E) fp32 buffer stays small (264 x 4096 x 4 B = 4.3 MB). 2 per SM: a
-    # backward program holds dy, x, normed, w and the dw tile in fp32 plus the prefetched block (~100-130
-    # registers x 256 threads), so about 2 fit per SM; more would queue as extra waves, fewer leave an SM with
-    # one block of loads in flight (see the kernel's docstring). --sweep times 2 and 4 per SM.
-    per_sm = 2
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    block_e = triton.next_power_of_2(n_cols)
+    if block_e >= 1024:
+        block_r = 1
+        num_warps = max(4, min(16, block_e // 512))  # 16 elements per thread up to E 8192
+        per_sm = max(1, 16 // num_warps)
     else:
-        sms = 2  # Triton's CPU interpreter: few programs, each looping over many rows, is fastest
-    return max(1, min(n_row_blocks, sms * per_sm))
+        block_r = max(1, 2048 // block_e)
+        num_warps = 4
+        per_sm = 3 if block_e >= 128 else 2  # E 64: 32 rows x 64, 225 registers
+    maxnreg = min(255, _REGS_PER_SM // (per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
+    n_blocks = triton.cdiv(max(n_rows, 1), block_r)
+    programs = max(1, min(n_blocks, per_sm * sms))
+    # dw reduction: columns split so that ~128 programs share it, rows in tiles of up to 128 (one tile when
+    # programs <= 128): BLOCK_P x BLOCK_C <= 4096 fp32 values, 32 per thread at 4 warps.
+    reduce_c = max(16, min(128, triton.next_power_of_2(triton.cdiv(n_cols, 128))))
+    reduce_p = max(1, min(triton.next_power_of_2(programs), 4096 // reduce_c))
+    del dtype  # same configuration for bf16/fp16/fp32 (fp32 compiles to the same register counts, no spill)
+    return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c)
+
+
+def _sm_count(x: torch.Tensor) -> int:
+    if x.is_cuda:
+        return torch.cuda.get_device_properties(x.device).multi_processor_count
+    return 2  # Triton's CPU interpreter: few programs, each looping over many rows, is fastest
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -284,15 +355,20 @@ def _launch_bwd(
     programs: int | None = None,
     prefetch: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dx and dw (each only if asked). The overrides are for tests and tools/bench_kernels_sweep.py; an overridden
+    tile shape or grid drops the register cap (the compiler then picks its own count)."""
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
-    default_r, block_e, default_warps, default_prefetch = _bwd_config(n_cols)
-    block_r = block_r or default_r
-    n_programs = programs or _bwd_programs(x, triton.cdiv(n_rows, block_r))
+    cfg = _bwd_config(n_rows, n_cols, x.dtype, _sm_count(x))
+    maxnreg = cfg.maxnreg if block_r is None and num_warps is None and programs is None else None
+    block_r = block_r or cfg.block_r
+    n_blocks = triton.cdiv(n_rows, block_r)
+    n_programs = min(programs or cfg.programs, n_blocks)
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2,
         x2,
@@ -301,23 +377,31 @@ def _launch_bwd(
         dx if compute_dx else x2,  # unused pointer when COMPUTE_DX is False
         dw_partial,
         n_rows,
-        n_cols,
-        triton.cdiv(n_rows, block_r),
+        n_blocks,
         n_programs,
         dy2.stride(0),
         x2.stride(0),
         offset,
+        E=n_cols,
         GEMMA_CAST=offset != 0.0,
         COMPUTE_DX=compute_dx,
         COMPUTE_DW=compute_dw,
         BLOCK_R=block_r,
-        BLOCK_E=block_e,
-        PREFETCH=default_prefetch if prefetch is None else prefetch,
+        BLOCK_E=cfg.block_e,
+        PREFETCH=cfg.prefetch if prefetch is None else prefetch,
         LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
-        num_warps=num_warps or default_warps,
+        num_warps=num_warps or cfg.num_warps,
+        **extra,
     )
-    # Deterministic reduction of the per-program partial sums (fixed order, no atomics).
-    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    if not compute_dw:
+        return dx, None
+    # Deterministic reduction of the per-program partial rows (fixed order, no atomics), cast to the weight's
+    # dtype in the same launch (run 3 used dw_partial.sum(0).to(dtype): two launches and a generic reduction).
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
+    block_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
+    _dw_reduce_kernel[(triton.cdiv(n_cols, cfg.reduce_block_c),)](
+        dw_partial, dw, n_programs, n_cols, BLOCK_P=block_p, BLOCK_C=cfg.reduce_block_c, num_warps=4
+    )
     return dx, dw
 
 

@@ -172,3 +172,63 @@ def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, pre
     want_dx, want_dw = torch.autograd.grad(rms_norm_reference(x64, w64, 1e-6), (x64, w64), dy.double())
     assert_close_verbose(dx, want_dx, atol=1e-4, rtol=1e-4, name=f"dx prefetch={prefetch}")
     assert_close_verbose(dw, want_dw, atol=1e-4, rtol=1e-4, name=f"dw prefetch={prefetch}")
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "dtype", "sms"),
+    [(4096, 4096, torch.bfloat16, 132), (65536 * 32, 128, torch.bfloat16, 132), (7, 4096, torch.float32, 132),
+     (100, 64, torch.float16, 78), (3, 8192, torch.bfloat16, 132), (50, 1031, torch.float32, 2)],
+)  # fmt: skip
+def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
+    """The persistent grid never exceeds what the register cap lets fit on the SMs (one wave), never has idle
+    programs, and the tiles cover E; the dw reduction tile stays within 4096 fp32 values."""
+    from kernels.rmsnorm import _REGS_PER_SM, _bwd_config
+
+    cfg = _bwd_config(rows, cols, dtype, sms)
+    assert cfg == _bwd_config(rows, cols, dtype, sms)  # pure
+    threads = cfg.num_warps * 32
+    assert cfg.block_e >= cols and cfg.block_e & (cfg.block_e - 1) == 0
+    assert cfg.maxnreg is not None and cfg.maxnreg % 8 == 0 and cfg.maxnreg <= 255
+    fits_per_sm = min(_REGS_PER_SM // (cfg.maxnreg * threads), 2048 // threads)
+    assert 1 <= cfg.programs <= fits_per_sm * sms
+    assert cfg.programs <= -(-rows // cfg.block_r)
+    assert cfg.reduce_block_p * cfg.reduce_block_c <= 4096
+
+
+def test_rms_norm_config_for_qwen3_shapes():
+    from kernels.rmsnorm import _bwd_config
+
+    hidden = _bwd_config(4096, 4096, torch.bfloat16, 132)
+    head = _bwd_config(4096 * 32, 128, torch.bfloat16, 132)
+    fields = ("block_r", "num_warps", "prefetch", "programs", "maxnreg")
+    # E 4096: one row x 8 warps, 2 per SM (128 registers compile without spills); per-head: 16 x 128, 3 per SM.
+    assert [getattr(hidden, f) for f in fields] == [1, 8, True, 264, 128]
+    assert [getattr(head, f) for f in fields] == [16, 4, True, 396, 168]
+
+
+@pytest.mark.parametrize(("programs", "cols", "block_p", "block_c"), [(300, 97, 64, 16), (5, 40, 8, 32), (1, 7, 1, 16)])
+def test_dw_reduce_kernel_sums_partial_rows(programs, cols, block_p, block_c):
+    from kernels.rmsnorm import _dw_reduce_kernel
+
+    gen = torch.Generator().manual_seed(programs * 1000 + cols)
+    partial = torch.randn(programs, cols, generator=gen).to(DEVICE)
+    out = torch.empty(cols, dtype=torch.bfloat16, device=DEVICE)
+    _dw_reduce_kernel[(-(-cols // block_c),)](partial, out, programs, cols, BLOCK_P=block_p, BLOCK_C=block_c)
+    want = partial.double().sum(0)
+    assert_close_verbose(out, want, atol=1e-4 * programs, rtol=2.0**-8 + _rtol(torch.bfloat16), name="dw sum")
+
+
+def test_rms_norm_frozen_weight_launches_no_dw_reduction(monkeypatch):
+    import kernels.rmsnorm as module
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the dw reduction was launched for a frozen weight")
+
+    monkeypatch.setattr(module, "_dw_reduce_kernel", NoLaunch())
+    x = torch.randn(37, 96, device=DEVICE, requires_grad=True)
+    w = torch.randn(96, device=DEVICE)  # frozen (LoRA)
+    (dx,) = torch.autograd.grad(rms_norm(x, w, 1e-6), (x,), torch.randn(37, 96, device=DEVICE))
+    assert dx.shape == x.shape and torch.isfinite(dx).all()
+    dx_none, dw_none = module._launch_bwd(dx, x.detach(), w, torch.ones(37, device=DEVICE), 0.0, False, False)
+    assert dx_none is None and dw_none is None
