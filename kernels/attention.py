@@ -328,7 +328,9 @@ class _VarlenAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens, sched_kv, sched_q = ctx.saved_tensors
         softmax_scale, causal, window, softcap, bwd_cfg, long_idx = ctx.args
         dout = _last_dim_contiguous(dout)
-        long_idx = long_idx or needs_long_indexing(dout)
+        # A contiguous dout has q's element count, judged in the forward; only a strided one needs a look.
+        if not long_idx and not dout.is_contiguous():
+            long_idx = needs_long_indexing(dout)
         dq, dk, dv = flash_bwd(
             dout, q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
             softmax_scale, causal, window, softcap, bwd_cfg, long_indexing=long_idx,

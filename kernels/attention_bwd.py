@@ -35,6 +35,7 @@ from .attention_fwd import (
     _scores,
     _slot_block,
     dot_precision,
+    pow2_at_least,
     score_constants,
 )
 from .indexing import needs_long_indexing
@@ -363,22 +364,22 @@ def flash_bwd(
         dq = dq_acc
     if T == 0:
         return dq, dk, dv
-    block_d = triton.next_power_of_2(D)
+    block_d = pow2_at_least(D)
     if long_indexing is None:  # the fp32 dQ buffer has as many elements as q: judged by q
         long_indexing = needs_long_indexing(q, k, v, do, out, dq)
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
     block_t = max(1, 4096 // block_d)
-    _delta_kernel[(triton.cdiv(T, block_t), H)](
-        out, do, delta, dq_acc, T, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+    _delta_kernel[(-(-T // block_t), H)](
+        out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2],
         H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=cfg.dq_atomic,
     )  # fmt: skip
     pre, post = score_constants(softmax_scale, softcap)
     prec = dot_precision(q.dtype)
+    qs, ks, vs, dos = q.stride()[:2], k.stride()[:2], v.stride()[:2], do.stride()[:2]
     wflag, sflag = window is not None, softcap is not None
     _dkdv_kernel[(sched_kv.shape[0] * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        *qs, *ks, *vs, *dos, *dk.stride()[:2], *dv.stride()[:2],
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m,
         HPB=cfg.kv_hpb, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
@@ -390,8 +391,7 @@ def flash_bwd(
         return dq, dk, dv
     _dq_kernel[(sched_q.shape[0] * (H // cfg.q_hpb),)](
         q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1),
+        *qs, *ks, *vs, *dos, *dq.stride()[:2],
         sched_q.shape[0], window or 0, pre, post, softmax_scale,
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb, BLOCK_N=cfg.q_block_n,
         CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .indexing import needs_long_indexing
 
-__all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "n_slots", "score_constants"]
+__all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "n_slots", "pow2_at_least", "score_constants"]
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter (tests) needs two work-arounds, chosen at import like triton.jit itself chooses.
@@ -280,6 +280,11 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launchers
+def pow2_at_least(n: int) -> int:
+    """triton.next_power_of_2 without its constexpr-function wrapper (host code runs this on every call)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def n_slots(n_tokens: int, n_seq: int, block: int) -> int:
     """Schedule length for one block size: cdiv(T, block) + S slots hold every (example, block) pair."""
     return (n_tokens + block - 1) // block + n_seq
@@ -304,9 +309,11 @@ def build_schedules(cu_seqlens: torch.Tensor, n_tokens: int, blocks: tuple[int, 
         return scheds
     b = (*blocks, blocks[0], blocks[0])
     o = (*offs, 0, 0)
-    grid = (triton.cdiv(max(sizes), SCHEDULE_BLOCK), len(blocks))
+    grid = (-(-max(sizes) // SCHEDULE_BLOCK), len(blocks))
+    # LOG_S: binary-search steps, rounded up to a multiple of 4 so that packs with different example counts share a
+    # few compiled variants (surplus steps do nothing).
     _schedule_kernel[grid](cu_seqlens, buf, n_seq, n_tokens, b[0], b[1], b[2], o[1], o[2],
-                           LOG_S=n_seq.bit_length(), BLOCK_T=SCHEDULE_BLOCK)  # fmt: skip
+                           LOG_S=-(-n_seq.bit_length() // 4) * 4, BLOCK_T=SCHEDULE_BLOCK)  # fmt: skip
     return scheds
 
 
@@ -353,9 +360,9 @@ def flash_fwd(
     grid = (n_tiles * (H // cfg.hpb),)
     _fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, sched,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         n_tiles, window or 0, pre, post,
-        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=pow2_at_least(D),
         BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None,
         LONG_INDEXING=long_indexing, PREC=dot_precision(q.dtype),

@@ -25,6 +25,9 @@ for sm_90 offline. ``--quick`` is a tiny CPU smoke run under the Triton interpre
 Usage on the GPU machine (see docs/bench/attention.md):
     python tools/bench_attention.py --sweep --budget-s 110 --write-tuned kernels/attention_tuned.json --out R
     python tools/bench_attention.py --dims 128 --packs 4096,16384 --out R
+    # host overhead per call (eager minus CUDA-graph replay) and a per-kernel profile of the small packs:
+    python tools/bench_attention.py --dims 128 --packs 4096 --impls padless,padless@graph,padless_det,flex_document \
+        --profile alpaca/4K,eq1K/4K --out R
 """
 
 from __future__ import annotations
@@ -111,8 +114,29 @@ def timer(quick: bool, rep_ms: int = 100) -> Callable[[Callable[[], object]], fl
     return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
-def fwd_and_fwdbwd(fn, inputs, do, bench) -> tuple[float, float]:
-    """Times fn(*inputs) and fn + autograd.grad w.r.t. the inputs that require grad (no accumulation)."""
+def cuda_graphed(step: Callable[[], object]) -> Callable[[], object]:
+    """Capture one call of ``step`` in a CUDA graph (after a side-stream warm-up) and return its replay.
+
+    Replays cost no Python, no autograd engine and no Triton launch path: the time is the GPU's alone, so eager
+    minus graphed is the host overhead of a call. Capture also proves the call has no host-device sync.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def fwd_and_fwdbwd(fn, inputs, do, bench, graph: bool = False) -> tuple[float, float]:
+    """Times fn(*inputs) and fn + autograd.grad w.r.t. the inputs that require grad (no accumulation).
+
+    ``graph``: time CUDA-graph replays of the same calls instead (GPU time only).
+    """
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def fwd():
@@ -123,7 +147,28 @@ def fwd_and_fwdbwd(fn, inputs, do, bench) -> tuple[float, float]:
         out = fn(*inputs)
         torch.autograd.grad(out, leaves, do)
 
+    if graph:
+        return bench(cuda_graphed(fwd)), bench(cuda_graphed(fwdbwd))
     return bench(fwd), bench(fwdbwd)
+
+
+def profile_case(fn, inputs, do, path: Path | None, steps: int = 20) -> str:
+    """torch.profiler table (GPU kernels and host ops) of ``steps`` eager fwd+bwd calls; written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    for _ in range(5):
+        torch.autograd.grad(fn(*inputs), leaves, do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.autograd.grad(fn(*inputs), leaves, do)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    if path:
+        path.write_text(f"{steps} eager fwd+bwd calls\n{table}")
+    return table
 
 
 # ------------------------------------------------------------------------------------------------ implementations
@@ -227,8 +272,9 @@ def run_table(args, bench, device, dtype) -> list[Row]:
             flops = causal_flops(lens, args.H, D)
             for impl in args.impls:
                 try:
-                    fn, inputs, do = IMPLS[impl](lens, args.H, args.Hkv, D, device, dtype)
-                    f, fb = fwd_and_fwdbwd(fn, inputs, do, bench)
+                    # "<impl>@graph": the same calls replayed from a CUDA graph (GPU time without host overhead).
+                    fn, inputs, do = IMPLS[impl.removesuffix("@graph")](lens, args.H, args.Hkv, D, device, dtype)
+                    f, fb = fwd_and_fwdbwd(fn, inputs, do, bench, graph=impl.endswith("@graph"))
                     rows.append(Row(name, pack, D, impl, f, fb, flops / f / 1e9, 3.5 * flops / fb / 1e9))
                 except Exception as e:  # a baseline missing in this torch, or out of memory: record, go on
                     rows.append(Row(name, pack, D, impl, None, None, None, None, f"{type(e).__name__}: {e}"[:160]))
@@ -296,7 +342,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
     p.add_argument("--dims", default="128,64,256", help="head dims for the table")
     p.add_argument("--sweep-dims", default="128,64", help="head dims for --sweep")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"implementations, from {list(IMPLS)}")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"implementations, from {list(IMPLS)}; a name + '@graph' (e.g. padless@graph) times CUDA-graph "
+                   "replays: GPU time alone, so eager minus graphed is the host overhead per call")  # fmt: skip
+    p.add_argument("--profile", default=None,
+                   help="case names (e.g. alpaca/4K,eq1K/4K): write a torch.profiler table of padless fwd+bwd per "
+                   "case and D to --out, then the normal table")  # fmt: skip
     p.add_argument("--H", type=int, default=32)
     p.add_argument("--Hkv", type=int, default=8)
     return p.parse_args()
@@ -347,6 +398,14 @@ def main() -> None:
             if out:  # the device machine sends back only --out: a copy to commit as kernels/attention_tuned.json
                 (out / "attention_tuned.json").write_text(Path(args.write_tuned).read_text())
         return
+    if args.profile and not args.quick:
+        wanted = args.profile.split(",")
+        for D in args.dims:
+            for name, _, lens in cases(args.packs):
+                if name in wanted:
+                    fn, inputs, do = ours(lens, args.H, args.Hkv, D, device, dtype)
+                    path = out / f"attention_profile_D{D}_{name.replace('/', '_')}.txt" if out else None
+                    print(f"== profile {name} D={D}\n" + profile_case(fn, inputs, do, path), flush=True)
     peak = None if args.quick else matmul_peak(bench)
     rows = run_table(args, bench, device, dtype)
     md = markdown(env, rows, peak)
