@@ -117,7 +117,8 @@ class GraphedMicroStep:
             except RuntimeError as error:
                 raise GraphCaptureError(
                     f"capturing the micro-batch as a CUDA graph failed ({str(error).splitlines()[0][:200]}); "
-                    "something in the loss path syncs with the host or is not capturable. Use --cuda-graphs off."
+                    "something in the loss path syncs with the host or is not capturable, or an autograd graph of an "
+                    "earlier eager step is still referenced (a kept loss tensor). Use --cuda-graphs off."
                 ) from error
             moved = sum(p.grad.data_ptr() != ptr for p, ptr in zip(self.params, pointers))
             if moved:

@@ -76,7 +76,8 @@ def test_gpu_graphed_step_accumulates_like_eager() -> None:
     for b in batches:
         loss, _ = loss_fn(b.to(device))
         (loss * 0.5).backward()
-        eager_losses.append(float(loss))
+        eager_losses.append(float(loss.detach()))
+    del loss  # a live autograd graph would keep AccumulateGrad nodes bound to the default stream (uncapturable)
     eager_grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
