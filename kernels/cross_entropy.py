@@ -16,23 +16,32 @@ The gradients are computed during the forward (nothing else needs the logits) an
 incoming gradient of ``loss_sum`` (a 0-dim tensor: no host sync). The next-token shift is applied inside:
 token t is scored against labels[t + 1]; the last token scores nothing.
 
-Memory and chunk size (``chunk_bytes`` = the one (C, V) logits buffer; default ``None`` = automatic):
-    weight frozen (LoRA): 320 MiB -> C = 1024 rows at V = 151936 bf16; at T = 16K, E = 4096 the extra memory is
-        that buffer + grad_hidden (128 MiB) ~ 0.42 GiB (budget 0.5 GiB).
-    weight trains: the buffer may grow to the size of the weight's gradient (V x E, which must exist anyway):
-        C = E = 4096 rows at Qwen3-8B, so grad_weight is accumulated in few, full-depth (K = 4096) matmuls
-        instead of one read-modify-write of V x E (2.5 GB in bf16) per small chunk.
+Memory and chunk size (``chunk_bytes`` = the one (C, V) logits buffer; default ``None`` = automatic, 320 MiB):
+C = 1024 rows at V = 151936 bf16. Extra memory = that buffer + grad_hidden (T x E) + O(T) vectors: 0.34 GiB at
+T = 4K, 0.44 GiB at 16K (budget 0.5 GiB), plus grad_weight (V x E, in the weight's dtype) when the weight trains.
+grad_weight is accumulated in place in that one buffer (``torch.mm(out=)`` for the first chunk, ``addmm_`` after):
+no fp32 (V, E) accumulator and no second copy. Its rounding: one per chunk in bf16 (as Liger does); an fp32
+weight accumulates in fp32.
 
-Predicted H200 times, fwd+bwd at T x 4096 x 151936 bf16. Each matmul is 2*T*E*V FLOP = 5.1 TFLOP at T = 4K,
-20.4 TFLOP at 16K; cuBLAS at ~700 TFLOP/s on these shapes; the Triton pass moves 3 x C x V x 2 bytes (two
-reads, one write) at ~4 TB/s = 0.9 ms per 4K tokens:
-    weight frozen  (2 matmuls): 4K ~ 14.6 + 0.9 ~ 16 ms;   16K ~ 58 + 3.6 ~ 62 ms
-    weight trains  (3 matmuls): 4K ~ 22 + 1.0 ~ 23 ms;     16K ~ 87 + 4   ~ 91 ms
-If the lead's eager 21.1 ms at 4K includes grad_weight, cuBLAS runs nearer 800 TFLOP/s and the trainable case
-is ~19 + 1 ~ 20 ms. Against eager (21.1 / 88 ms, lead's H200 numbers) we save the (T, V) fp32 passes and
-allocations; against Liger (23.9 / 70 ms) we run larger matmuls (Liger's chunks are 128 rows at 4K, 512 at 16K:
-small-M matmuls, and 32 grad_weight read-modify-writes), fill a bf16 buffer by ``out=`` (no copies), write
-dlogits in place, and skip ignored rows' reads.
+Run 4 changes (H200 run 3: trainable 1.19 GiB beyond grad_weight at 4K; frozen 16K 66.9 ms vs Liger 63.3):
+* Trainable weight: the buffer no longer grows to grad_weight's size (1.16 GiB = one 4096-row chunk); it stays
+  at 320 MiB, so extra memory beyond grad_weight drops from 1.19 to ~0.34 GiB (4K) and from 1.29 to ~0.44 GiB
+  (16K). Cost: 3 (4K) / 12 (16K) more ``addmm_`` read-modify-writes of grad_weight, each reading 1.16 GiB that
+  cuBLAS streams under a K = 1024 GEMM (1.3 TFLOP, ~1.8 ms, so the 0.3 ms read mostly hides): predicted
+  +0.5-1.5 ms at 4K (24.7 -> ~26, eager 28.6, Liger 54.6) and +2-4 ms at 16K (93 -> ~96, Liger 109).
+* Row kernel, pass 1 (max / sum of exp): run 3 made two block-wide reductions per 2048 columns, each a shared-
+  memory round trip and a barrier (6 ``bar.sync`` per loop iteration in the sm_90 PTX) that held the next block's
+  loads back. Now each thread keeps running (max, sum) per 16-column segment; the loop has no barrier (0
+  ``bar.sync``; 2 register shuffles per reduction) and the lanes are combined once per row. 1/16 more exps.
+* Row kernel shape: 4096 columns x 8 warps (32 registers): the 1024 rows of a chunk are resident together with
+  8 KB of loads per row per block, ~62 KB in flight per SM (was 2048 x 4 warps, ~31 KB).
+* Pass 2 walks the row's blocks last to first: the blocks pass 1 read last are re-read first (some L2 hits).
+The row kernel moves 3 x C x V x 2 bytes (two reads, one write): 15 GB at T = 16K = 3.5 ms at 4.2 TB/s, 0.9 ms
+at 4K. Its run 3 rate is unknown (only end-to-end times were measured); if it ran at ~60-70% of copy, the
+barrier-free, twice-as-deep pass 1 saves ~1-2 ms at 16K and ~0.3-0.5 ms at 4K (loss only: ~0.5 ms at 16K).
+The two GEMMs (2 x 20.4 TFLOP at 16K, ~29 ms each at ~700 TFLOP/s) are the rest and unchanged: M = 1024 rows
+per chunk keeps the memory budget; a larger C would help the grad_hidden GEMM (1024 x 4096 output, long K) but
+costs 297 KiB of buffer per row.
 
 Offsets: the Triton kernel widens its row index to int64 before multiplying by the row stride, so C x V past
 2**31 elements is safe; column offsets within a row stay int32 (V < 2**31).
@@ -52,9 +61,9 @@ __all__ = [
     "fused_linear_cross_entropy_reference",
 ]
 
-# The logits buffer when the weight is frozen. 320 MiB gives C = 1024 rows at V = 151936 in bf16: the
-# grad_hidden matmul (C x E output = 1024 x 4096) then fills 2 waves of 128x128 tiles on 132 SMs, and at T = 16K
-# the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB.
+# The logits buffer, frozen or trainable weight (the name is older than that rule). 320 MiB gives C = 1024 rows
+# at V = 151936 in bf16: the grad_hidden matmul (C x E output = 1024 x 4096) then fills 2 waves of 128x128 tiles
+# on 132 SMs, and at T = 16K the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB.
 FROZEN_WEIGHT_CHUNK_BYTES = 320 * 2**20
 # Chunk rows are rounded down to a multiple of this (matmul tile size) when the budget allows it.
 _ROW_QUANTUM = 128
@@ -85,12 +94,24 @@ def _ce_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SEGMENT: tl.constexpr,  # pass 1 keeps one running (max, sum) per SEGMENT contiguous columns of a block
 ):
-    # One program per token row. Int64 row index: C * V passes 2**31 for big chunks.
+    """One program per token row: pass 1 (max, sum of exp) over the row, pass 2 the gradient in place.
+
+    Pass 1 views each block of BLOCK_V columns as (BLOCK_V / SEGMENT, SEGMENT) and keeps a running max and sum
+    per segment lane: the per-block reductions stay inside a thread or between neighbouring lanes of a warp
+    (register shuffles), so the loop has no shared-memory reduction and no barrier (run 3 made two block-wide
+    reductions per 2048 columns, each a shared-memory round trip with a barrier that held the next loads back).
+    The lanes are combined once per row. Cost: one extra exp per segment per block (1 / SEGMENT more exps).
+    Pass 2 walks the blocks last to first, so its first re-reads are the blocks pass 1 read last (the likeliest
+    still in L2).
+    """
+    # Int64 row index: C * V passes 2**31 for big chunks.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
+    N_BLOCKS: tl.constexpr = (V + BLOCK_V - 1) // BLOCK_V
     if target == ignore_index:
         # Ignored token: loss 0, gradient row 0 (one write pass, no reads).
         tl.store(row_loss_ptr + row, 0.0)
@@ -99,18 +120,25 @@ def _ce_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 tl.store(row_ptr + start + cols, zero, mask=start + cols < V)
     else:
-        # Pass 1: running max and sum of exp over the row, in fp32.
-        m = float("-inf")
-        s = 0.0
+        # Pass 1: running max and sum of exp per segment lane, in fp32. Masked columns (past V) hold a finite
+        # stand-in for -inf: exp of it is 0 against any real max, and a lane that has seen only masked columns
+        # (V < BLOCK_V) never makes inf - inf = NaN; its count is wiped by exp(-huge) when lanes are combined.
+        NEG: tl.constexpr = -3.0e38
+        LANES: tl.constexpr = BLOCK_V // SEGMENT
+        offs = tl.arange(0, LANES)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+        m = tl.full([LANES], NEG, dtype=tl.float32)
+        s = tl.zeros([LANES], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            mask = start + offs < V
+            z = tl.load(row_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z = tl.where(mask, softcap * _tanh(z / softcap), float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                z = softcap * _tanh(z / softcap)
+            z = tl.where(mask, z, NEG)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
-        lse = m + tl.log(s)
+        m_row = tl.max(m, axis=0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
         # The target's logit, read before pass 2 overwrites the row. Out-of-range targets give a NaN loss (no
         # host sync to raise on; NaN makes the bad label visible) and read column 0 instead of stray memory.
         in_range = (target >= 0) & (target < V)
@@ -119,8 +147,9 @@ def _ce_rows_kernel(
             z_t = softcap * _tanh(z_t / softcap)
         tl.store(row_loss_ptr + row, tl.where(in_range, lse - z_t, float("nan")))
         if WRITE_GRAD:
-            # Pass 2: d loss / d logit = softmax - onehot, times d softcap / d logit = 1 - tanh^2.
-            for start in range(0, V, BLOCK_V):
+            # Pass 2, last block first: d loss / d logit = softmax - onehot, times d softcap / d logit = 1 - tanh^2.
+            for i in range(0, N_BLOCKS):
+                start = (N_BLOCKS - 1 - i) * BLOCK_V
                 mask = start + cols < V
                 x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
@@ -138,6 +167,20 @@ def _ce_rows_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _ce_row_config(vocab: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_V, SEGMENT, num_warps) of the row kernel, a pure function of the vocab size and logits dtype.
+
+    4096 columns x 8 warps: 16 values per thread (two 16-byte bf16 loads), 32 registers on sm_90 (Triton 3.6
+    offline compile; 38 with softcap), so the 1024 rows of a 320 MiB chunk are all resident at once (~7.75 per
+    SM, 8 fit by threads) with 8 KB of loads per row per block: ~62 KB in flight per SM, against the ~32 KB a
+    saturated HBM needs (run 3's 2048 x 4 warps had ~31 KB, and barriers in pass 1 held them back).
+    SEGMENT 16: pass 1 reduces each block over 16 contiguous columns (within a thread and its lane neighbour).
+    """
+    del dtype  # the same shape serves bf16/fp16 (16 B per 8 values) and fp32 (48 registers at 4 warps)
+    block = min(4096, triton.next_power_of_2(vocab))
+    return block, min(16, block), 8 if block >= 4096 else 4
+
+
 def _launch_ce_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -150,11 +193,7 @@ def _launch_ce_rows(
     rows, vocab = logits.shape
     if rows == 0:
         return
-    # 2048 columns x 4 warps: 16 values per thread (two 16-byte bf16 loads). ptxas for sm_90a: 52 registers, so ~9
-    # CTAs (rows) per SM and ~36 KB of loads in flight per SM, against 1 CTA / 16 KB for 8192 x 16 warps
-    # (94-99 registers); a memory-bound row loop wants the bytes in flight. (Register counts, not yet timed.)
-    block = min(2048, triton.next_power_of_2(vocab))
-    num_warps = 4
+    block, segment, num_warps = _ce_row_config(vocab, logits.dtype)
     _ce_rows_kernel[(rows,)](
         logits,
         targets,
@@ -166,14 +205,19 @@ def _launch_ce_rows(
         HAS_SOFTCAP=softcap is not None,
         WRITE_GRAD=write_grad,
         BLOCK_V=block,
+        SEGMENT=segment,
         num_warps=num_warps,
     )
 
 
 def auto_chunk_bytes(weight: torch.Tensor, weight_trains: bool) -> int:
-    """The default logits-buffer size: 320 MiB, or up to the weight gradient's own size when the weight trains."""
-    if weight_trains:
-        return max(FROZEN_WEIGHT_CHUNK_BYTES, weight.numel() * weight.element_size())
+    """The default logits-buffer size: 320 MiB, whether or not the weight trains.
+
+    Run 3 let the buffer grow to grad_weight's size when the weight trains (one 1.16 GiB chunk at T = 4K): 1.19
+    GiB extra, over the 0.5 GiB budget. With 320 MiB the extra is the buffer + grad_hidden (0.34 GiB at 4K, 0.44
+    at 16K); grad_weight is then accumulated by one ``addmm_`` per 1024-row chunk, in place in the weight's dtype.
+    """
+    del weight, weight_trains  # kept in the signature: callers pass both, and the rule may depend on them again
     return FROZEN_WEIGHT_CHUNK_BYTES
 
 
@@ -336,8 +380,8 @@ def fused_linear_cross_entropy(
     trainable); labels (T,) integer, unshifted Hugging Face labels: token t is scored against labels[t + 1], the
     last token scores nothing, ``ignore_index`` labels are not counted. ``softcap``: Gemma 2's
     final_logit_softcapping (logits -> softcap * tanh(logits / softcap)). ``chunk_bytes``: size of the one
-    (C, V) logits buffer; ``None`` picks ``auto_chunk_bytes``: 320 MiB with a frozen weight, up to the weight
-    gradient's size when it trains (fewer, deeper grad_weight matmuls). Smaller saves memory, larger is faster.
+    (C, V) logits buffer; ``None`` picks ``auto_chunk_bytes``: 320 MiB (frozen or trainable weight). Smaller
+    saves memory, larger is faster (fewer, deeper matmuls and fewer grad_weight read-modify-writes).
 
     Returns (loss_sum fp32 0-dim, n_counted int64 0-dim); differentiable in loss_sum w.r.t. hidden and weight.
     Never materialises the (T, V) logits and never syncs with the host. An out-of-range label (not
