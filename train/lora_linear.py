@@ -12,6 +12,14 @@ epilogue does the add and the scale). Gradients still reach the fp32 adapter par
 the optimizer keeps fp32 master weights. Results equal peft's up to rounding in the activations' dtype (exact
 in fp32, where the casts are no-ops). Anything that is not a plain, unmerged, vanilla LoRA Linear (DoRA and
 other variants, merged or disabled adapters, mixed-batch adapter names) falls back to calling the module.
+
+The common case, a frozen ``nn.Linear`` base with one adapter and no dropout, is one autograd Function
+(:class:`_FrozenLoraLinear`). Why: with autograd composing ``linear`` + ``addmm``, every projection paid a full
+copy of its (T, out) base output in the forward (an out-of-place ``addmm`` copies its input before the GEMM adds
+into it: 13 of the 14 ``memcpy`` kernels per layer in an H200 profile, 41 ms of a 1.39 s 16K-token step) and an
+extra elementwise add of two (T, in) gradients in the backward (7 ``add_`` kernels per layer, ~27 ms). The
+Function accumulates in place into tensors it owns: forward ``out = x W^T (+ b); out += s (x A^T) B^T``,
+backward ``dx = dy W; dx += s (dy B) A``, ``dA = s (dy B)^T x``, ``dB = s dy^T (x A^T)``.
 """
 
 from __future__ import annotations
@@ -37,10 +45,64 @@ def _plain_lora(module: nn.Module) -> bool:
     return bool(active) and not any(name in module.lora_variant for name in active)
 
 
+class _FrozenLoraLinear(torch.autograd.Function):
+    """``x W^T + b + s (x A^T) B^T`` for a frozen base (W, b) with gradients for x, A and B only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        xa = x2 @ a.t()  # (T, r)
+        out.addmm_(xa, b.t(), alpha=scaling)  # in place: out is ours, nothing else holds it
+        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.scaling = scaling
+        ctx.shape = x.shape
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x2, xa, weight, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        dyb = dy @ b  # (T, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = dy @ weight
+            grad_x.addmm_(dyb, a, alpha=s)
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (dyb.t() @ x2).mul_(s).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[4]:
+            grad_b = (dy.t() @ xa).mul_(s).to(ctx.dtypes[1])
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _frozen_single_adapter(module: nn.Module) -> str | None:
+    """The adapter name when ``module`` can take :class:`_FrozenLoraLinear`, else None."""
+    base = module.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    names = [name for name in module.active_adapters if name in module.lora_A]
+    if len(names) != 1 or not isinstance(module.lora_dropout[names[0]], nn.Identity):
+        return None
+    return names[0]
+
+
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a projection; a plain peft LoRA Linear takes the fused low-rank path (module docstring)."""
     if not _plain_lora(module):
         return module(x)
+    name = _frozen_single_adapter(module)
+    if name is not None:
+        base = module.base_layer
+        return _FrozenLoraLinear.apply(
+            x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+            float(module.scaling[name]),
+        )  # fmt: skip
     result = module.base_layer(x)
     out_features = result.shape[-1]
     result_2d = result.reshape(-1, out_features)

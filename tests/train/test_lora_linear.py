@@ -36,6 +36,7 @@ def test_fused_path_equals_peft_forward_and_gradients(name: str) -> None:
     upstream = torch.randn(2, 7, module.out_features)
     expected = module(x)
     actual = project(module, x)
+    assert type(actual.grad_fn).__name__ == "_FrozenLoraLinearBackward"  # the one-Function path was taken
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
     grads_expected = _grads(module, (expected * upstream).sum())
     grads_actual = _grads(module, (actual * upstream).sum())
@@ -76,3 +77,36 @@ def test_plain_linear_is_just_called() -> None:
     linear = nn.Linear(6, 3)
     x = torch.randn(4, 6)
     torch.testing.assert_close(project(linear, x), linear(x))
+
+
+@pytest.mark.parametrize("case", ["dropout", "trainable_base"])
+def test_paths_outside_the_frozen_function_still_match_peft(case: str) -> None:
+    model = _lora_block(seed=11, lora_dropout=0.5) if case == "dropout" else _lora_block(seed=11)
+    module = model.base_model.model.o_proj
+    if case == "trainable_base":
+        module.base_layer.weight.requires_grad_(True)
+    module.eval()  # dropout off in both calls, but the module keeps its Dropout (not Identity)
+    x = torch.randn(6, module.in_features)
+    upstream = torch.randn(6, module.out_features)
+    expected, actual = module(x), project(module, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(module, (actual * upstream).sum()), _grads(module, (expected * upstream).sum())):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_function_matches_peft_in_bf16_within_rounding() -> None:
+    model = _lora_block(seed=13)
+    module = model.base_model.model.o_proj  # with a (frozen) bias
+    module.base_layer.to(torch.bfloat16)
+    x = torch.randn(33, module.in_features, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(33, module.out_features, dtype=torch.bfloat16)
+    ref = module(x)
+    out = project(module, x)
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 1e-2, rel
+    params = [x] + [p for p in module.parameters() if p.requires_grad]
+    want = torch.autograd.grad((ref.float() * upstream.float()).sum(), params)
+    got = torch.autograd.grad((out.float() * upstream.float()).sum(), params)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert ((g.float() - w.float()).norm() / w.float().norm()) < 2e-2
