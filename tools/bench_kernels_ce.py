@@ -11,6 +11,11 @@ forward+backward: run 1's Liger "fwd 54 ms, bwd 1.2 ms" and negative bwd came fr
 gives fwd+bwd, plus ``loss only`` (no_grad: just the loss) for ours and eager; Liger computes gradients even
 under no_grad, so its loss-only time is not reported.
 
+Breakdown (GPU only, in the ``note`` of the frozen padless row, so the table keeps its columns): one chunk's
+three steps timed alone (event-timed median of 10 after a warm-up): the logits GEMM (TFLOP/s), the Triton row
+kernel with the gradient (TB/s of its 3 x C x V x 2 bytes: two reads, one write) and without (loss only, one
+read), the grad_hidden GEMM; times the chunk count. It says how much of fwd+bwd is GEMM and how much row kernel.
+
 Memory: ``peak - inputs`` = peak allocated during one fwd+bwd minus what was allocated before it (hidden,
 weight, labels), so it includes the returned grad_hidden (T x E) and, when trainable, grad_weight (V x E,
 1.16 GiB at Qwen3-8B); ``minus wgrad`` subtracts the weight gradient, which any method must hold.
@@ -25,6 +30,42 @@ from bench_kernels_timing import GiB, Timer, peak_minus_inputs_gib, try_import
 __all__ = ["ce_markdown", "cross_entropy_rows"]
 
 _LIGER_NO_LOSS_ONLY = "Liger computes gradients in its forward (even under no_grad): only fwd+bwd is meaningful"
+
+
+def _chunk_breakdown(ce, h, w, labels, timer: Timer) -> str:
+    """One chunk's logits GEMM, row kernel (with / without the gradient) and grad_hidden GEMM, timed alone."""
+    import torch
+
+    t, e = h.shape
+    v = w.shape[0]
+    rows = ce._chunk_rows(t, v, h.element_size(), ce.auto_chunk_bytes(w, False))
+    n_chunks = -(-t // rows)
+    hc = h.detach()[:rows]
+    logits = torch.empty(rows, v, dtype=h.dtype, device=h.device)
+    grad_h = torch.empty(rows, e, dtype=h.dtype, device=h.device)
+    targets = labels[1 : rows + 1].clone() if rows < t else torch.cat([labels[1:], labels.new_full((1,), -100)])
+    row_loss = torch.empty(rows, dtype=torch.float32, device=h.device)
+
+    def timed(fn) -> float:
+        return timer.slow(fn, reps=10)
+
+    mm_ms = timed(lambda: torch.mm(hc, w.T, out=logits))
+    # The row kernel overwrites the logits with dlogits; refill before each gradient call (refill timed apart).
+    fill_ms = timed(lambda: torch.mm(hc, w.T, out=logits))
+    rows_ms = timed(lambda: (torch.mm(hc, w.T, out=logits), ce._launch_ce_rows(logits, targets, row_loss, -100,
+                                                                               None, True))) - fill_ms  # fmt: skip
+    torch.mm(hc, w.T, out=logits)
+    loss_ms = timed(lambda: ce._launch_ce_rows(logits, targets, row_loss, -100, None, False))
+    gh_ms = timed(lambda: torch.mm(logits, w, out=grad_h))
+    flop = 2 * rows * e * v
+    nbytes = rows * v * h.element_size()
+    total = n_chunks * (mm_ms + rows_ms + gh_ms)
+    return (
+        f"x{n_chunks} chunks = {total:.2f} ms; per {rows}-row chunk: "
+        f"logits GEMM {mm_ms:.3f} ms ({flop / mm_ms / 1e9:.0f} TFLOP/s), "
+        f"rows+grad {rows_ms:.3f} ms ({3 * nbytes / rows_ms / 1e9:.2f} TB/s), rows loss-only {loss_ms:.3f} ms "
+        f"({nbytes / loss_ms / 1e9:.2f} TB/s), grad_hidden GEMM {gh_ms:.3f} ms ({flop / gh_ms / 1e9:.0f} TFLOP/s)"
+    )
 
 
 def cross_entropy_rows(t: int, shape: dict, timer: Timer, device) -> list[dict]:
@@ -92,6 +133,9 @@ def cross_entropy_rows(t: int, shape: dict, timer: Timer, device) -> list[dict]:
                 row["peak_minus_inputs_gib"] = peak
                 if peak is not None and mode == "trainable":
                     row["minus_wgrad_gib"] = peak - wgrad_gib
+                if timer.cuda and impl == "padless" and mode == "frozen":
+                    step = "breakdown"
+                    row["note"] = _chunk_breakdown(ce, h, w, labels, timer)
             except Exception as error:  # one failing implementation must not stop the table
                 row["note"] = f"{step}: {type(error).__name__}: {error}"[:200]
             rows.append(row)
