@@ -181,7 +181,7 @@ def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, pre
 )  # fmt: skip
 def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
     """The persistent grid never exceeds what the register cap lets fit on the SMs (one wave), never has idle
-    programs, and the tiles cover E; the dw reduction tile stays within 4096 fp32 values."""
+    programs, and the tiles cover E; the dw reduction tile stays within 8192 fp32 values."""
     from kernels.rmsnorm import _REGS_PER_SM, _bwd_config
 
     cfg = _bwd_config(rows, cols, dtype, sms)
@@ -192,7 +192,7 @@ def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
     fits_per_sm = min(_REGS_PER_SM // (cfg.maxnreg * threads), 2048 // threads)
     assert 1 <= cfg.programs <= fits_per_sm * sms
     assert cfg.programs <= -(-rows // cfg.block_r)
-    assert cfg.reduce_block_p * cfg.reduce_block_c <= 4096
+    assert cfg.reduce_block_p * cfg.reduce_block_c <= 8192
 
 
 def test_rms_norm_config_for_qwen3_shapes():
