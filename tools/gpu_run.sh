@@ -42,6 +42,12 @@ for spec in "$@"; do
     tune-attention) run_stage "$stage" "$limit" bash -c "python3 tools/bench_attention.py --sweep --sweep-dims 128 \
       --budget-s 80 --write-tuned kernels/attention_tuned.json --out $OUT/attention && python3 tools/bench_attention.py \
       --dims 128 --packs 4096,16384 --impls padless,padless_det,flex_document,varlen_attn --out $OUT/attention" ;;
+    train-cli) run_stage "$stage" "$limit" bash -c 'shape="{\"hidden_size\": 4096, \"num_hidden_layers\": 36, \"num_attention_heads\": 32, \"num_key_value_heads\": 8, \"head_dim\": 128, \"intermediate_size\": 12288, \"vocab_size\": 151936, \"rope_theta\": 1000000.0, \"max_position_embeddings\": 40960, \"tie_word_embeddings\": false}"
+      for budget in 1024 16384; do python3 -m train run .device-data/alpaca-qwen3-1024 --family qwen3 \
+        --model-overrides "$shape" --tokens-per-micro-batch $budget --checkpointing on --max-steps 12 \
+        --output "$OUT/train-cli-$budget" --no-progress || exit 1; python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
+        print([(x[\"step\"], round(x[\"loss\"],4), round(x[\"step_time_s\"],3), round(x[\"peak_mem_gib\"],1)) for x in r if \"loss\" in x])" \
+        "$OUT/train-cli-$budget/metrics.jsonl"; done' ;;
     tests-kernels-fast) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -k "not attention" \
       -p no:cacheprovider ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -130,7 +130,13 @@ def load_model(
             raise ValueError("load_model(None) builds a tiny random model and needs vocab_size (the shards' vocab).")
         if family not in TINY_FAMILIES:
             raise ValueError(f"family={family!r}: a tiny random model can be one of {TINY_FAMILIES}.")
-        config = tiny_config(family, vocab_size, **overrides)
+        wanted = overrides.pop("vocab_size", vocab_size)
+        if not isinstance(wanted, int) or wanted < vocab_size:
+            raise ValueError(
+                f"--model-overrides vocab_size={wanted!r} is smaller than the shards' tokenizer vocabulary "
+                f"({vocab_size}): some token ids would have no embedding; use >= {vocab_size} or leave it out."
+            )
+        config = tiny_config(family, wanted, **overrides)
         # Initialise directly on the target device in the target dtype: a big random model (an 8B-shaped
         # benchmark) would take minutes to initialise on the CPU. The seed then depends on the device.
         build_dtype = torch.bfloat16 if quantize_4bit else dtype

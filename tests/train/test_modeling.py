@@ -141,3 +141,11 @@ def test_gpu_qlora_loads_and_trains_one_step():
     opt.step()
     assert torch.isfinite(total)
     assert any(not torch.equal(before[k], v) for k, v in params.items())
+
+
+def test_vocab_override_may_grow_the_vocabulary_but_not_shrink_it() -> None:
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    grown = load_model(None, vocab_size=50, config_overrides={**small, "vocab_size": 64})
+    assert grown.config.vocab_size == 64 and grown.get_input_embeddings().weight.shape[0] == 64
+    with pytest.raises(ValueError, match=r"vocab_size=40 is smaller than the shards' tokenizer vocabulary \(50\)"):
+        load_model(None, vocab_size=50, config_overrides={**small, "vocab_size": 40})
