@@ -232,13 +232,18 @@ class BwdConfig(NamedTuple):
     num_warps: int
     prefetch: bool  # load the next tile before computing the current one
     programs: int  # persistent grid size (one wave)
-    maxnreg: int | None  # register cap that makes ``programs_per_sm`` programs fit on an SM
+    maxnreg: int  # register cap that makes ``programs_per_sm`` programs fit on an SM
     reduce_block_p: int  # partial rows per step of the dw reduction kernel
     reduce_block_c: int  # columns per program of the dw reduction kernel
 
 
 # Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
 _REGS_PER_SM = 65536
+
+
+def _register_cap(programs_per_sm: int, num_warps: int) -> int:
+    """Registers per thread that let ``programs_per_sm`` programs of ``num_warps`` warps share an SM."""
+    return min(255, _REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
 
 
 def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdConfig:
@@ -269,7 +274,7 @@ def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdCo
         block_r = max(1, 2048 // block_e)
         num_warps = 4
         per_sm = 3 if block_e >= 128 else 2  # E 64: 32 rows x 64, 225 registers
-    maxnreg = min(255, _REGS_PER_SM // (per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
+    maxnreg = _register_cap(per_sm, num_warps)
     n_blocks = triton.cdiv(max(n_rows, 1), block_r)
     programs = max(1, min(n_blocks, per_sm * sms))
     # dw reduction: 16 columns (64 B of each partial row) per program and all partial rows in one tile of up to
@@ -356,20 +361,23 @@ def _launch_bwd(
     programs: int | None = None,
     prefetch: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dx and dw (each only if asked). The overrides are for tests and tools/bench_kernels_sweep.py; an overridden
-    tile shape or grid drops the register cap (the compiler then picks its own count)."""
+    """dx and dw (each only if asked). The overrides are for tests and tools/bench_kernels_sweep.py; with any of
+    them the register cap follows the overridden grid (programs per SM = cdiv(programs, SMs)), so a swept
+    "programs per SM" is what the hardware runs (spilling if the tile needs more registers than that leaves)."""
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
-    cfg = _bwd_config(n_rows, n_cols, x.dtype, _sm_count(x))
-    maxnreg = cfg.maxnreg if block_r is None and num_warps is None and programs is None else None
+    sms = _sm_count(x)
+    cfg = _bwd_config(n_rows, n_cols, x.dtype, sms)
+    overridden = block_r is not None or num_warps is not None or programs is not None
     block_r = block_r or cfg.block_r
+    num_warps = num_warps or cfg.num_warps
     n_blocks = triton.cdiv(n_rows, block_r)
     n_programs = min(programs or cfg.programs, n_blocks)
+    maxnreg = _register_cap(triton.cdiv(n_programs, sms), num_warps) if overridden else cfg.maxnreg
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
-    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2,
         x2,
@@ -391,8 +399,8 @@ def _launch_bwd(
         BLOCK_E=cfg.block_e,
         PREFETCH=cfg.prefetch if prefetch is None else prefetch,
         LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
-        num_warps=num_warps or cfg.num_warps,
-        **extra,
+        num_warps=num_warps,
+        maxnreg=maxnreg,
     )
     if not compute_dw:
         return dx, None

@@ -188,7 +188,7 @@ def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
     assert cfg == _bwd_config(rows, cols, dtype, sms)  # pure
     threads = cfg.num_warps * 32
     assert cfg.block_e >= cols and cfg.block_e & (cfg.block_e - 1) == 0
-    assert cfg.maxnreg is not None and cfg.maxnreg % 8 == 0 and cfg.maxnreg <= 255
+    assert cfg.maxnreg % 8 == 0 and cfg.maxnreg <= 255
     fits_per_sm = min(_REGS_PER_SM // (cfg.maxnreg * threads), 2048 // threads)
     assert 1 <= cfg.programs <= fits_per_sm * sms
     assert cfg.programs <= -(-rows // cfg.block_r)
