@@ -287,7 +287,9 @@ def _configs_for(
     if atomic and det_ms is not None and ms.get("bwd_atomic") and det_ms < ms["bwd_atomic"]:
         atomic = False
     kv = cfgs["bwd_atomic"] if atomic else cfgs["bwd_kv"]
-    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic)
+    # Short examples are launch-bound: recompute delta inside the backward kernels (one launch fewer).
+    fuse = bucket == "short"
+    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic, fuse_delta=fuse)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,9 @@ class BwdConfig(NamedTuple):
     # dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7, no dQ launch), NOT bitwise reproducible.
     # default_configs turns it on unless deterministic=True; False here keeps explicit 10-field configs exact.
     dq_atomic: bool = False
+    # Recompute delta = rowsum(dO * O) inside the dK/dV and dQ kernels instead of a separate launch: one launch
+    # fewer, one more (rows x D) load per query block. default_configs turns it on for short examples only.
+    fuse_delta: bool = False
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -112,9 +115,9 @@ def _dkdv_step(
     stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, FUSE_DELTA: tl.constexpr,
 ):  # fmt: skip
-    """One query block's contribution to this key block's dK and dV."""
+    """One query block's contribution to this key block's dK and dV (FUSE_DELTA: delta_base points at O)."""
     pad_d = BLOCK_D != HEAD_DIM
     rt = i0 + rows // HPB
     row_ok = rt < n
@@ -124,9 +127,15 @@ def _dkdv_step(
                     row_ok[:, None], offs_d[None, :] < HEAD_DIM, MASK, pad_d)  # fmt: skip
     if MASK:
         lse = tl.load(lse_base + rt * H + rh, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rt * H + rh, mask=row_ok, other=0.0)
     else:
         lse = tl.load(lse_base + rt * H + rh)
+    if FUSE_DELTA:  # delta = rowsum(dO * O) of these rows, here instead of in a launch of its own (same strides)
+        o = _load_tile(delta_base + rt[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :],
+                       row_ok[:, None], offs_d[None, :] < HEAD_DIM, MASK, pad_d)  # fmt: skip
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    elif MASK:
+        delta = tl.load(delta_base + rt * H + rh, mask=row_ok, other=0.0)
+    else:
         delta = tl.load(delta_base + rt * H + rh)
     qkT = _dot(k, qT, None, PREC)  # (BLOCK_N, rows)
     sT, tT = _scores(qkT, pre, post, SOFTCAP)
@@ -158,7 +167,7 @@ def _dkdv_inner(
     stride_doh, lo, hi, n, window, pre, post, scale, rows, offs_d, h0,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, FUSE_DELTA: tl.constexpr,
 ):  # fmt: skip
     rh = h0 + rows % HPB
     if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
@@ -166,13 +175,15 @@ def _dkdv_inner(
         while i0 < hi:
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                                 stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
-                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ)  # fmt: skip
+                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ,
+                                FUSE_DELTA)  # fmt: skip
             i0 += BLOCK_M
     else:
         for i0 in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                                 stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
-                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ)  # fmt: skip
+                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ,
+                                FUSE_DELTA)  # fmt: skip
     return dk, dv
 
 
@@ -185,8 +196,10 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, FUSE_DELTA: tl.constexpr,
 ):  # fmt: skip
+    # DELTA: delta (T, H) fp32, or with FUSE_DELTA the forward output O (same strides as DO): delta is then
+    # recomputed per query block from O and dO, which saves the delta launch (short examples: launch-bound).
     # 1-D grid, kv heads fastest; slots in schedule order: an example's first key blocks (the heaviest under the
     # causal mask: every later query block sees them) start first.
     NH: tl.constexpr = H // GROUP
@@ -208,7 +221,10 @@ def _dkdv_kernel(
     q_base = Q + start * stride_qt
     do_base = DO + start * stride_dot
     lse_base = LSE + start * H
-    delta_base = DELTA + start * H
+    if FUSE_DELTA:
+        delta_base = DELTA + start * stride_dot
+    else:
+        delta_base = DELTA + start * H
     dqa_base = DQACC + start * (H * HEAD_DIM)  # (T, H, D) fp32 contiguous; only touched with ATOMIC_DQ
     lo, f_lo, f_hi, hi = _q_ranges(j0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # The G query heads of this kv head, HPB at a time: dK/dV sum over them without atomics.
@@ -217,15 +233,15 @@ def _dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, lo, f_lo, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ)  # fmt: skip
+                             ATOMIC_DQ, FUSE_DELTA)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ)  # fmt: skip
+                             ATOMIC_DQ, FUSE_DELTA)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, f_hi, hi, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ)  # fmt: skip
+                             ATOMIC_DQ, FUSE_DELTA)  # fmt: skip
     out_ok = (cols[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
     tok = start + cols
     tl.store(DK + tok[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -288,8 +304,9 @@ def _dq_kernel(
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FUSE_DELTA: tl.constexpr,
 ):  # fmt: skip
+    # DELTA as in _dkdv_kernel (FUSE_DELTA: it is O, and delta is recomputed from O and dO).
     # As the forward: 1-D grid, head blocks fastest, last (heaviest) query blocks first.
     NH: tl.constexpr = H // HPB
     pid = tl.program_id(0)
@@ -312,7 +329,12 @@ def _dq_kernel(
     q = tl.load(Q + tok[:, None] * stride_qt + rh[:, None] * stride_qh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + tok[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     lse = tl.load(LSE + tok * H + rh, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + tok * H + rh, mask=row_ok, other=0.0)
+    if FUSE_DELTA:
+        o = tl.load(DELTA + tok[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :], mask=mask,
+                    other=0.0)  # fmt: skip
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        delta = tl.load(DELTA + tok * H + rh, mask=row_ok, other=0.0)
     k_base = K + start * stride_kt + kvh * stride_kh
     v_base = V + start * stride_vt + kvh * stride_vh
     dq = tl.zeros([BLOCK_M * HPB, BLOCK_D], dtype=tl.float32)
@@ -348,8 +370,9 @@ def flash_bwd(
     """Launch the backward kernels: returns (dq, dk, dv) in the input dtypes (fp32 accumulation inside).
 
     ``sched_kv`` / ``sched_q``: schedules for ``cfg.kv_block_n`` / ``cfg.q_block_m`` (``sched_q`` unused on the
-    atomic path). Launches: delta (+ dQ buffer zeroing), dK/dV; then dQ (deterministic) or the fp32 -> dtype copy
-    of the atomic buffer (none for fp32 inputs). ``long_indexing`` None: judged here.
+    atomic path). Launches: delta (+ dQ buffer zeroing; with ``fuse_delta`` no delta launch, a memset of the atomic
+    buffer instead), dK/dV; then dQ (deterministic) or the fp32 -> dtype copy of the atomic buffer (none for fp32).
+    ``long_indexing`` None: judged here.
     """
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -358,8 +381,14 @@ def flash_bwd(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     atomic_fp32 = cfg.dq_atomic and q.dtype == torch.float32
     dq = None if atomic_fp32 else torch.empty_like(q)
+    # Fused delta needs O addressed with dO's strides (both (T, H, D) contiguous in practice).
+    fuse = cfg.fuse_delta and out.stride() == do.stride()
     # fp32 accumulation buffer of the atomic path, (T, H, D) contiguous; fp32 inputs accumulate straight into dq.
-    dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=q.device) if cfg.dq_atomic else dq
+    # Unfused, the delta kernel zeroes it; fused, a memset does (no delta launch to ride on).
+    if cfg.dq_atomic:
+        dq_acc = (torch.zeros if fuse else torch.empty)((T, H, D), dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = dq
     if atomic_fp32:
         dq = dq_acc
     if T == 0:
@@ -367,12 +396,15 @@ def flash_bwd(
     block_d = pow2_at_least(D)
     if long_indexing is None:  # the fp32 dQ buffer has as many elements as q: judged by q
         long_indexing = needs_long_indexing(q, k, v, do, out, dq)
-    delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
-    block_t = max(1, 4096 // block_d)
-    _delta_kernel[(-(-T // block_t), H)](
-        out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2],
-        H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=cfg.dq_atomic,
-    )  # fmt: skip
+    if fuse:
+        delta = out  # the kernels recompute delta from O and dO
+    else:
+        delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
+        block_t = max(1, 4096 // block_d)
+        _delta_kernel[(-(-T // block_t), H)](
+            out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2],
+            H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=cfg.dq_atomic,
+        )  # fmt: skip
     pre, post = score_constants(softmax_scale, softcap)
     prec = dot_precision(q.dtype)
     qs, ks, vs, dos = q.stride()[:2], k.stride()[:2], v.stride()[:2], do.stride()[:2]
@@ -383,7 +415,7 @@ def flash_bwd(
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m,
         HPB=cfg.kv_hpb, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
-        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        ATOMIC_DQ=cfg.dq_atomic, FUSE_DELTA=fuse, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )  # fmt: skip
     if cfg.dq_atomic:
         if dq is not dq_acc:
@@ -394,7 +426,7 @@ def flash_bwd(
         *qs, *ks, *vs, *dos, *dq.stride()[:2],
         sched_q.shape[0], window or 0, pre, post, softmax_scale,
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb, BLOCK_N=cfg.q_block_n,
-        CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
+        CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec, FUSE_DELTA=fuse,
         num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )  # fmt: skip
     return dq, dk, dv

@@ -27,6 +27,8 @@ def compile_one(fn, consts: dict, warps: int, stages: int) -> str:
     for a in fn.arg_names:
         if a in consts:
             sig[a] = "constexpr"
+        elif a == "DELTA" and consts.get("FUSE_DELTA"):
+            sig[a] = "*bf16"  # fused: the kernel gets O and recomputes delta
         elif a in PTR_TYPES:
             sig[a] = PTR_TYPES[a]
         elif a.isupper():
@@ -58,15 +60,16 @@ def compile_kind(kind: str, cfg: tuple, D: int, group: int, flags: dict | None =
     from kernels import attention_fwd as F
 
     c = _common(D, group, flags or {})
+    fuse = c.pop("FUSE_DELTA", False)  # backward kernels only
     if kind == "fwd":
         bm, hpb, bn, w, s = cfg
         return compile_one(F._fwd_kernel, dict(c, BLOCK_M=bm, HPB=hpb, BLOCK_N=bn), w, s)
     if kind in ("bwd_kv", "bwd_atomic"):
         bn, bm, hpb, w, s = cfg
-        consts = dict(c, BLOCK_N=bn, BLOCK_M=bm, HPB=hpb, ATOMIC_DQ=kind == "bwd_atomic")
+        consts = dict(c, BLOCK_N=bn, BLOCK_M=bm, HPB=hpb, ATOMIC_DQ=kind == "bwd_atomic", FUSE_DELTA=fuse)
         return compile_one(B._dkdv_kernel, consts, w, s)
     bm, hpb, bn, w, s = cfg
-    return compile_one(B._dq_kernel, dict(c, BLOCK_M=bm, HPB=hpb, BLOCK_N=bn), w, s)
+    return compile_one(B._dq_kernel, dict(c, BLOCK_M=bm, HPB=hpb, BLOCK_N=bn, FUSE_DELTA=fuse), w, s)
 
 
 def compile_check(dims: list[int], group: int, kinds: list[str], candidates: bool = False) -> list[str]:
@@ -82,7 +85,8 @@ def compile_check(dims: list[int], group: int, kinds: list[str], candidates: boo
     for D, bucket in itertools.product(dims, ("short", "medium", "long")):
         for kind in kinds:
             cfgs = [_builtin_configs(D, bucket, group)[kind]]
-            variants = ({}, {"WINDOW": True, "SOFTCAP": True})
+            # Short examples run with delta fused into the backward kernels (default_configs' fuse_delta).
+            variants = ({"FUSE_DELTA": bucket == "short"}, {"WINDOW": True, "SOFTCAP": True})
             if candidates:
                 cfgs, variants = sweep_candidates(kind, bucket, D, group), ({},)
             for cfg, flags in itertools.product(cfgs, variants):

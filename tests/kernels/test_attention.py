@@ -316,13 +316,39 @@ def test_schedules_one_launch_match_slot_model(lens: list[int]) -> None:
         assert owned == sorted(s for s, n in enumerate(lens) for _ in range(-(-n // block)))
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize(
+    ("lens", "D", "kw"),
+    [([5, 40, 1, 17], 16, {}), ([33, 1, 20], 80, {"window": 9, "softcap": 3.0})],
+    ids=["plain", "d80_window_softcap"],
+)
+def test_fused_delta_matches_reference(lens: list[int], D: int, kw: dict, atomic: bool) -> None:
+    """fuse_delta (default for short examples): delta recomputed inside the dK/dV and dQ kernels, no delta launch."""
+    q, k, v, do, cu = make_inputs(lens, 4, 2, D, seed=31 + D)
+    bcfg = PACKED_BWD._replace(dq_atomic=atomic, fuse_delta=True)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=bcfg, **kw)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"fused:{tag}")
+
+
+def test_default_configs_fuse_delta_for_short_examples_only() -> None:
+    assert default_configs(128, torch.bfloat16, 1024, 4, 95.0)[1].fuse_delta
+    assert not default_configs(128, torch.bfloat16, 4096, 4, 4096.0)[1].fuse_delta
+
+
 ZERO_LEN_LENS = [0, 10, 0, 0, 25, 1, 0, 0]
 
 
 @pytest.mark.parametrize(
     "bcfg",
-    [SMALL_BWD, SMALL_BWD._replace(dq_atomic=True), PACKED_BWD._replace(q_block_m=32, q_hpb=1)],
-    ids=["deterministic", "atomic", "three_schedules"],
+    [
+        SMALL_BWD,
+        SMALL_BWD._replace(dq_atomic=True),
+        PACKED_BWD._replace(q_block_m=32, q_hpb=1),
+        SMALL_BWD._replace(dq_atomic=True, fuse_delta=True),
+    ],
+    ids=["deterministic", "atomic", "three_schedules", "atomic_fused_delta"],
 )
 def test_zero_length_examples_match_reference(bcfg: BwdConfig) -> None:
     """Repeated cu_seqlens entries (empty examples first, inside and at the end): forward and all gradients."""
