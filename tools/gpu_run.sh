@@ -48,6 +48,13 @@ for spec in "$@"; do
         --output "$OUT/train-cli-$budget" --no-progress || exit 1; python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
         print([(x[\"step\"], round(x[\"loss\"],4), round(x[\"step_time_s\"],3), round(x[\"peak_mem_gib\"],1)) for x in r if \"loss\" in x])" \
         "$OUT/train-cli-$budget/metrics.jsonl"; done' ;;
+    multi-gpu) run_stage "$stage" "$limit" bash -c 'tiny="{\"hidden_size\": 256, \"num_hidden_layers\": 4, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"head_dim\": 64, \"intermediate_size\": 512}"
+      common=".device-data/alpaca-qwen3-1024 --family qwen3 --model-overrides $(printf %q "$tiny") --max-steps ${MG_STEPS:-6} --tokens-per-micro-batch 2048 --no-progress --lr 1e-3"
+      eval python3 -m train run $common --grad-accum 2 --output "$OUT/mg-single" || exit 1
+      eval torchrun --standalone --nproc-per-node 2 -m train run $common --output "$OUT/mg-ddp" || exit 1
+      eval torchrun --standalone --nproc-per-node 2 -m train run $common --fsdp --output "$OUT/mg-fsdp" || exit 1
+      for r in single ddp fsdp; do python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
+        print(sys.argv[2], [round(x[\"loss\"],5) for x in r if \"loss\" in x])" "$OUT/mg-$r/metrics.jsonl" $r; done' ;;
     tests-kernels-fast) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -k "not attention" \
       -p no:cacheprovider ;;
     *) echo "unknown stage $stage"; exit 2 ;;
