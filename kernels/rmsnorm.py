@@ -15,8 +15,9 @@ Backward, run 4 (H200 run 3: 53% / 73% / 79% of copy at T = 4K / 16K / 64K for E
 * the persistent grid is one wave of programs sized by a register cap (``maxnreg``) that the launcher always
   sets, and every program prefetches its next tile: E 4096 keeps 2 programs per SM (128 registers, no spill)
   with 16 KB loaded + 16 KB in flight each, instead of 2 x 16 KB that went idle during the compute; per-head
-  rows use 16 x 128 tiles, 3 programs per SM, instead of one 32 x 128 program whose barriers stalled the SM;
-* E is a constexpr (one compile per model width), so full rows carry no column masks (144 -> 128 registers);
+  rows use 16 x 128 tiles, 4 programs per SM, instead of one 32 x 128 program whose barriers stalled the SM;
+* E is a constexpr (one compile per model width), so full rows carry no column masks and the prefetching
+  loop fits in 128 registers;
 * the dw partial rows (264 x 4096 x 4 B = 4.3 MB at E 4096, written and read once) are reduced and cast by one
   Triton launch instead of ``sum(0)`` + ``.to(dtype)`` (two launches, ~3-5 us at T = 4K: 10% of that row).
 Predicted (not yet measured): >= 90% of copy at 16K and 64K; at 4K (100 MB, 24 us at copy rate) the launch
@@ -251,16 +252,17 @@ def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdCo
 
     Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB). They come
     from (a) the tile each resident program has loaded and (b) PREFETCH, which keeps the next tile's loads out
-    while the current tile computes. sm_90 register counts (Triton 3.6 offline compile, bf16 and fp32 alike,
-    dx and dw, ``E`` a constexpr so full rows carry no column masks):
-    * wide rows (E >= 1024): one row per tile, 16 elements per thread (E 4096 -> 8 warps), prefetch on.
-      Uncapped that is 144 registers (1 program per SM); capped at 128 it compiles with no spill, so 2 programs
-      x (16 KB loaded + 16 KB prefetched) per SM. Run 3's version: 2 programs x 16 KB without prefetch, loads
-      idle while computing (79% of copy at T = 64K). E 8192: 16 warps, 128 registers, 1 program (no spill);
-      E 2048: 4 warps, 4 programs.
-    * narrow rows (per-head E 128, 64, 256): 2048 elements per tile (E 128 -> 16 rows), 4 warps, prefetch on:
-      168 registers for E 128 (163 for 256), so 3 programs x (8 KB + 8 KB) per SM; run 3's 32 rows x 16 warps
-      held 1 program x (16 KB + 16 KB) and its per-block barriers stalled the whole SM (76% at 64K).
+    while the current tile computes. Register counts below: Triton 3.6 offline compile for sm_90 with the
+    16-byte alignment the launcher specializes (pointers, strides), dx and dw, ``E`` a constexpr:
+    * wide rows (E >= 1024): one row per tile, 16 elements per thread (E 4096 -> 8 warps), prefetch on:
+      124 registers bf16, 128 fp32 (cap 128, no spill), so 2 programs x (16 KB loaded + 16 KB prefetched) per
+      SM. Run 3's kernel (E a runtime value) could not prefetch there: 198 registers with prefetch (1 program per
+      SM) by its own count, so it ran 2 programs x 16 KB without prefetch, loads idle while computing (79% of
+      copy at T = 64K). E 8192: 16 warps, 1 program; E 2048: 4 warps, 4 programs (same 128 cap, no spill).
+    * narrow rows (per-head E 128; 64, 256): 2048 elements per tile (E 128 -> 16 rows), 4 warps, prefetch on:
+      122-128 registers (bf16/fp16/fp32, cap 128, no spill), so 4 programs x (8 KB + 8 KB) per SM; E 64 needs
+      133-151, so 3 programs (cap 168). Run 3's 32 rows x 16 warps held 1 program x (16 KB + 16 KB) per SM and
+      its per-block barriers stalled the whole SM (76% at 64K).
     The register cap is always set (65536 / (programs per SM x threads)), so the occupancy the persistent grid
     is sized for is the one the hardware gets: one wave, every program the same number of tiles (a grid larger
     than what fits would run a second, partial wave and double the time of the slowest SM).
@@ -273,7 +275,7 @@ def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdCo
     else:
         block_r = max(1, 2048 // block_e)
         num_warps = 4
-        per_sm = 3 if block_e >= 128 else 2  # E 64: 32 rows x 64, 225 registers
+        per_sm = 4 if block_e >= 128 else 3  # E 64: 32 rows x 64 need up to 151 registers
     maxnreg = _register_cap(per_sm, num_warps)
     n_blocks = triton.cdiv(max(n_rows, 1), block_r)
     programs = max(1, min(n_blocks, per_sm * sms))
