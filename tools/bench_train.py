@@ -111,13 +111,17 @@ def _select(systems: list[SystemSpec], patterns: str) -> list[SystemSpec]:
 
 # -- worker (one subprocess runs a list of systems, one JSON line each) ----------------------------------------
 def worker_main(config_path: str, names: str, results_path: str) -> int:
+    spec_all = json.loads(Path(config_path).read_text())
+    cfg = BenchConfig(**spec_all["config"])
+    specs = {s["name"]: SystemSpec(**s) for s in spec_all["systems"]}
+    if any(specs[n].family == "unsloth" for n in names.split(",")):
+        from bench_train_unsloth import use_site  # its own datasets < 5 first (also first on its PYTHONPATH)
+
+        use_site()
     from bench_train_systems import run_system
 
     import shards
 
-    spec_all = json.loads(Path(config_path).read_text())
-    cfg = BenchConfig(**spec_all["config"])
-    specs = {s["name"]: SystemSpec(**s) for s in spec_all["systems"]}
     ss = shards.open(cfg.shards)
     import torch
 
@@ -126,7 +130,12 @@ def worker_main(config_path: str, names: str, results_path: str) -> int:
     for name in names.split(","):
         print(f"=== {name}", flush=True)
         try:
-            row = run_system(cfg, specs[name], ss)
+            if specs[name].family == "unsloth":
+                from bench_train_unsloth import run_unsloth
+
+                row = run_unsloth(cfg, specs[name], ss)
+            else:
+                row = run_system(cfg, specs[name], ss)
         except Exception as error:  # one system's failure is its row, not the end of the run
             traceback.print_exc()
             row = {"system": name, "spec": asdict(specs[name]), "status": f"error: {type(error).__name__}: "
@@ -139,6 +148,12 @@ def worker_main(config_path: str, names: str, results_path: str) -> int:
         if "CUDA error" in row["status"] or "device-side assert" in row["status"]:
             return RESTART_RC
     return 0
+
+
+def _unsloth_worker_env() -> dict[str, str]:
+    from bench_train_unsloth import worker_env
+
+    return worker_env()
 
 
 def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -158,7 +173,13 @@ def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
 
 
 def _run_group(
-    names: list[str], config_path: Path, results: Path, timeout: float, log: Path, on_row: Callable[[], None]
+    names: list[str],
+    config_path: Path,
+    results: Path,
+    timeout: float,
+    log: Path,
+    on_row: Callable[[], None],
+    env: dict[str, str] | None = None,
 ) -> None:
     """Run ``names`` in worker subprocesses until each has a row; a crash or hang costs one row, not the run."""
     specs = {s["name"]: s for s in json.loads(config_path.read_text())["systems"]}
@@ -167,7 +188,7 @@ def _run_group(
         before = set(_read_rows(results))
         cmd = [sys.executable, "-u", __file__, WORKER_FLAG, str(config_path), ",".join(remaining), str(results)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, env=env)  # fmt: skip
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         tail: list[str] = []
@@ -205,20 +226,12 @@ def _run_group(
             on_row()
 
 
-def _unsloth_row(spec: SystemSpec) -> dict[str, Any]:
-    """Unsloth only if it imports offline (it patches transformers at import, so only in a throwaway process)."""
-    probe = "import unsloth, importlib.metadata as m; print(m.version('unsloth'))"
-    try:
-        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return {"system": spec.name, "spec": asdict(spec), "status": "import unsloth hung > 120 s (offline?)"}
-    if r.returncode == 0:
-        status = f"imports (unsloth {r.stdout.strip()}); not benchmarked: needs a saved model folder"
-    elif "No module named 'unsloth'" in r.stderr:
-        status = "not installed offline"
-    else:
-        status = "import failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
-    return {"system": spec.name, "spec": asdict(spec), "status": status}
+def _unsloth_row(spec: SystemSpec, cuda: bool) -> dict[str, Any] | None:
+    """Unsloth's row when it cannot run here (no GPU; not installed in ``/tmp/site-unsloth`` nor importable), else
+    None: it then trains in its own worker (it patches transformers at import), see tools/bench_train_unsloth.py."""
+    from bench_train_unsloth import precheck
+
+    return precheck(spec, cuda)
 
 
 @click.command(context_settings={"show_default": True})
@@ -327,8 +340,11 @@ def run_bench(
     for group, specs in groups.items():
         runnable = []
         for s in specs:
-            if s.family == "unsloth":
-                row = _unsloth_row(s)
+            if s.family == "unsloth" and (unsloth_row := _unsloth_row(s, cuda)) is not None:
+                row = unsloth_row
+            elif s.family == "unsloth":
+                runnable.append(s.name)
+                continue
             elif s.needs_cuda and not cuda:
                 row = {"system": s.name, "spec": asdict(s), "status": "skipped (cpu)"}
             elif s.family == "liger" and importlib.util.find_spec("liger_kernel") is None:
@@ -340,7 +356,8 @@ def run_bench(
                 f.write(json.dumps(row) + "\n")
         if runnable:
             print(f"[bench_train] worker group {group!r}: {', '.join(runnable)}", flush=True)
-            _run_group(runnable, config_path, results, system_timeout, out_dir / f"{stem}.log", save)
+            worker_env = _unsloth_worker_env() if group == "unsloth" else None
+            _run_group(runnable, config_path, results, system_timeout, out_dir / f"{stem}.log", save, worker_env)
         save()
     return rows_now()
 

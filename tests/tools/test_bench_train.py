@@ -8,6 +8,7 @@ In fp32 on the CPU the losses of systems that see the same examples must agree t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -207,3 +208,40 @@ def test_a_hung_worker_costs_one_row_not_the_run(shard_dir: Path, tmp_path: Path
     rows = _rows(json.loads((tmp_path / "bench_train_qwen3-8b_tiny.json").read_text()))
     assert set(rows) == {"hf-padded-b1", "hf-padded-b8"}
     assert all(r["status"].startswith("timeout after 2 s") for r in rows.values())
+
+
+def test_unsloth_runs_the_hf_padded_b32_steps_or_says_why_not(tmp_path: Path, monkeypatch) -> None:
+    import bench_train
+    import bench_train_unsloth as bu
+
+    every = {s.name: s for s in bench_train.default_systems(1024, warmup=3, steps=10, slow_steps=3)}
+    spec, hf = every["unsloth"], every["hf-padded-b32"]
+    assert (spec.family, spec.group, spec.needs_cuda) == ("unsloth", "unsloth", True)  # its own worker process
+    same = ("layout", "batch_size", "plan_tokens", "warmup", "steps")  # the same steps: the loss check applies
+    assert [getattr(spec, k) for k in same] == [getattr(hf, k) for k in same]
+    assert bu.precheck(spec, cuda=False)["status"] == "skipped (cpu)"
+    monkeypatch.setattr(bu, "SITE", tmp_path / "site-unsloth")
+    if importlib.util.find_spec("unsloth") is None:  # never installed in the venv; the H200 gets /tmp/site-unsloth
+        status = bu.precheck(spec, cuda=True)["status"]
+        assert status.startswith("not installed offline") and str(tmp_path / "site-unsloth") in status
+    (tmp_path / "site-unsloth" / "unsloth").mkdir(parents=True)
+    (tmp_path / "site-unsloth" / "unsloth" / "__init__.py").write_text("")
+    assert bu.precheck(spec, cuda=True) is None  # installed: it gets a worker
+
+
+def test_unsloth_worker_sees_its_own_datasets_first_and_stays_offline(tmp_path: Path, monkeypatch) -> None:
+    import bench_train_unsloth as bu
+
+    site = tmp_path / "site-unsloth"
+    (site / "datasets").mkdir(parents=True)
+    (site / "datasets" / "__init__.py").write_text("__version__ = '4.8.5+site'\n")  # shadows the venv's datasets 5
+    monkeypatch.setattr(bu, "SITE", site)
+    env = bu.worker_env({**os.environ, "PYTHONPATH": str(tmp_path / "other"), "HF_HUB_OFFLINE": "0"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(site), str(tmp_path / "other")]
+    assert env["UNSLOTH_DISABLE_STATISTICS"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    assert env["HF_HUB_OFFLINE"] == "0"  # an explicit setting wins
+    probe = "import datasets; print(datasets.__version__)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4.8.5+site"
+    monkeypatch.setattr(sys, "path", ["/elsewhere", str(site)])
+    assert bu.use_site() and sys.path == [str(site), "/elsewhere"]
