@@ -52,14 +52,21 @@ class _FrozenLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        # The result is allocated in its final shape and written through a 2-D view: a custom Function must not
+        # return a view (callers such as in-place RoPE modify the projection's output in place).
+        result = x.new_empty(*x.shape[:-1], weight.shape[0])
+        out = result.view(-1, weight.shape[0])
+        if bias is not None:
+            torch.addmm(bias, x2, weight.t(), out=out)
+        else:
+            torch.mm(x2, weight.t(), out=out)
         xa = x2 @ a.t()  # (T, r)
-        out.addmm_(xa, b.t(), alpha=scaling)  # in place: out is ours, nothing else holds it
+        out.addmm_(xa, b.t(), alpha=scaling)  # in place: the result is ours, nothing else holds it
         ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scaling = scaling
         ctx.shape = x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]

@@ -110,3 +110,20 @@ def test_frozen_function_matches_peft_in_bf16_within_rounding() -> None:
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
         assert ((g.float() - w.float()).norm() / w.float().norm()) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(9,), (2, 5)])
+def test_output_may_be_modified_in_place_like_rope_does(shape: tuple[int, ...]) -> None:
+    model = _lora_block(seed=17)
+    module = model.base_model.model.q_proj
+    x = torch.randn(*shape, module.in_features, requires_grad=True)
+    upstream = torch.randn(*shape, module.out_features)
+
+    def run(fn):
+        out = fn(x)
+        heads = out.view(*shape, 4, module.out_features // 4)  # (T, H, D) as the packed path views q
+        heads.mul_(2.0)  # an in-place op on that view, as the in-place RoPE kernel does
+        return torch.autograd.grad((out * upstream).sum(), [x, *(p for p in module.parameters() if p.requires_grad)])
+
+    for got, want in zip(run(lambda t: project(module, t)), run(module)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -54,10 +54,12 @@ def test_too_big_batches_are_refused_by_name():
         pad_micro_batch(batch, StaticShape(32, 3, 10))
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
-def test_padding_changes_no_loss_or_gradient(kernels, monkeypatch):
+@pytest.mark.parametrize(
+    ("family", "kernels"), [("qwen3", "reference"), ("qwen3", "triton"), ("llama", "triton")]
+)  # llama: q/k straight from the LoRA projection into the in-place RoPE kernel (no q/k norm in between)
+def test_padding_changes_no_loss_or_gradient(family, kernels, monkeypatch):
     monkeypatch.setenv("PADLESS_KERNELS", kernels)
-    model = apply_adapters(tiny_model("qwen3", seed=4), mode="lora", r=4, alpha=8, dropout=0.0)
+    model = apply_adapters(tiny_model(family, seed=4), mode="lora", r=4, alpha=8, dropout=0.0)
     randomize_lora(model, seed=5)
     batch = make_batch([7, 12, 3, 9], seed=6)
     padded = pad_micro_batch(batch, static_shape(max_tokens=56, max_examples=6, max_seqlen=16))
