@@ -139,11 +139,26 @@ def _save_tokenizer(ss: Any, folder: Path) -> str:
     return "stand-in (3 tokens; the shards' tokenizer was not found)"
 
 
+TMP_PREFIX = "bench-unsloth-"
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove model folders of earlier unsloth workers that were killed (a timeout's SIGKILL skips ``finally``):
+    each holds a 16 GB checkpoint on the machine's small disk."""
+    for old in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _say(phase: str, t0: float) -> None:
+    print(f"    [unsloth] {phase} (+{time.perf_counter() - t0:.1f} s)", flush=True)
+
+
 def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
     """Build, save, load through Unsloth, train and time one unsloth system; failures are the row's status."""
     row: dict[str, Any] = {"system": spec.name, "spec": asdict(spec), "status": "ok"}
     phase = "import torch"
     tmp: Path | None = None
+    start = time.perf_counter()
     try:
         import torch
 
@@ -155,13 +170,16 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
             return {**row, "status": "skipped (--time-budget spent)"}
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
-        tmp = Path(tempfile.mkdtemp(prefix="bench-unsloth-", dir=os.environ.get("UNSLOTH_BENCH_TMP")))
+        root = Path(os.environ.get("UNSLOTH_BENCH_TMP") or tempfile.gettempdir())
+        _clean_stale(root)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(tmp / "compiled"))
         row["site"] = str(SITE) if str(SITE) in sys.path else "(not on sys.path)"
         row["versions"] = {n: _version(n) for n in ("unsloth", "unsloth_zoo", "datasets", "trl", "transformers")}
         row["versions"]["datasets_path"] = str(getattr(importlib.util.find_spec("datasets"), "origin", None))
 
         phase = "import unsloth"  # before transformers (Unsloth patches it at import)
+        _say(phase, start)
         refused: list[str] = []
         with _no_shell(refused):
             import unsloth  # noqa: F401
@@ -182,6 +200,7 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
         )
 
         phase = "data"
+        _say(phase, start)
         mcfg, notes = model_config(cfg.model_shape, shards_vocab_size(ss), tiny=cfg.tiny)
         count = spec.warmup + spec.steps
         if cfg.padded_steps == "examples":
@@ -193,6 +212,7 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
         batches = _micro_batches(spec, steps, cfg, pin=True)
 
         phase = "build + save_pretrained"  # the hf systems' exact weights, through a folder (Unsloth's only door)
+        _say(phase, start)
         _free(device)
         t0 = time.perf_counter()
         folder = tmp / "model"
@@ -204,6 +224,7 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
         row["build_s"] = time.perf_counter() - t0
 
         phase = "FastLanguageModel.from_pretrained"
+        _say(phase, start)
         t0 = time.perf_counter()
         model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(folder), max_seq_length=ss.max_len, dtype=torch.bfloat16, load_in_4bit=False,
@@ -212,6 +233,7 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
         row["load_s"] = time.perf_counter() - t0
 
         phase = "FastLanguageModel.get_peft_model"
+        _say(phase, start)
         checkpointing: Any = CHECKPOINTING if CHECKPOINTING == "unsloth" else True
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
@@ -221,6 +243,7 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
         notes.append(f"Unsloth gradient checkpointing {checkpointing!r}; LoRA init random_state {cfg.seed + 1}")
 
         phase = "train"
+        _say(phase, start)
         if hasattr(FastLanguageModel, "for_training"):  # Unsloth's own switch (flags its fast paths for training)
             FastLanguageModel.for_training(model)
         model.train()
