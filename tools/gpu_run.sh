@@ -25,15 +25,18 @@ for spec in "$@"; do
   stage="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
   case "$stage" in
     env) run_stage env "$limit" bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"' ;;
-    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/kernels -p no:cacheprovider ;;
+    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu ${TESTS_KERNELS:-tests/kernels} \
+      -p no:cacheprovider ;;
     tests-train) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train -p no:cacheprovider ;;
     head-kernels) [ -f .device-data/kernels_head.tgz ] && tar xzf .device-data/kernels_head.tgz && echo "kernels/ from HEAD" ;;
     tests-graph) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train/test_cuda_graph.py \
       tests/train/test_static_batch.py -p no:cacheprovider ;;
     tests-all) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests -p no:cacheprovider ;;
-    bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --budget-s $((limit - 10)) --out "$OUT/kernels" ;;
+    bench-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --budget-s $((limit - 10)) --out "$OUT/kernels" \
+      ${BENCH_KERNELS_ARGS:-} ;;
     sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
-    bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" ;;
+    bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" \
+      ${BENCH_ATTENTION_ARGS:-} ;;
     sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
     bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards "${BENCH_TRAIN_SHARDS:-.device-data/alpaca-qwen3-1024}" \
       --model-shape "${BENCH_TRAIN_SHAPE:-qwen3-8b}" --out "$OUT/train" --profile \
