@@ -25,9 +25,9 @@ for spec in "$@"; do
   stage="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
   case "$stage" in
     env) run_stage env "$limit" bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"' ;;
-    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu ${TESTS_KERNELS:-tests/kernels} \
+    tests-kernels) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu -n "${PYTEST_N:-8}" ${TESTS_KERNELS:-tests/kernels} \
       -p no:cacheprovider ;;
-    tests-train) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train -p no:cacheprovider ;;
+    tests-train) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu -n "${PYTEST_N:-8}" tests/train -p no:cacheprovider ;;
     head-kernels) [ -f .device-data/kernels_head.tgz ] && tar xzf .device-data/kernels_head.tgz && echo "kernels/ from HEAD" ;;
     tests-graph) run_stage "$stage" "$limit" python3 -m pytest -v --tb=short -m gpu tests/train/test_cuda_graph.py \
       tests/train/test_static_batch.py -p no:cacheprovider ;;
