@@ -287,9 +287,11 @@ def _configs_for(
     if atomic and det_ms is not None and ms.get("bwd_atomic") and det_ms < ms["bwd_atomic"]:
         atomic = False
     kv = cfgs["bwd_atomic"] if atomic else cfgs["bwd_kv"]
-    # Short examples are launch-bound: recompute delta inside the backward kernels (one launch fewer).
-    fuse = bucket == "short"
-    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic, fuse_delta=fuse)
+    # fuse_delta (delta recomputed inside the backward kernels, one launch fewer) stays off: on the H200 it saved
+    # no time where launches are cheap and cost GPU time where they are not (Alpaca-like 16K pack, fwd+bwd:
+    # 0.95 ms fused vs 0.80 ms unfused, docs/bench/raw/h200-s2-run3); the trainer replays CUDA graphs, where a
+    # launch costs nothing on the host. Callers may still ask for it through an explicit BwdConfig.
+    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic, fuse_delta=False)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -191,12 +191,12 @@ def ours_deterministic(lens, H, Hkv, D, device, dtype):
     return ours(lens, H, Hkv, D, device, dtype, deterministic=True)
 
 
-def ours_unfused_delta(lens, H, Hkv, D, device, dtype):
-    """The default tiling with the separate delta launch (A/B for fuse_delta, which short examples default to)."""
+def ours_fused_delta(lens, H, Hkv, D, device, dtype):
+    """The default tiling with delta recomputed inside the backward kernels (the opt-in fuse_delta A/B)."""
     from kernels.attention import default_configs
 
     _, bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens))
-    return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(fuse_delta=False))
+    return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(fuse_delta=True))
 
 
 def torch_varlen(lens, H, Hkv, D, device, dtype):
@@ -260,7 +260,7 @@ def flex_document(lens, H, Hkv, D, device, dtype):
 IMPLS = {
     "padless": ours,
     "padless_det": ours_deterministic,
-    "padless_nofuse": ours_unfused_delta,
+    "padless_fuse": ours_fused_delta,
     "varlen_attn": torch_varlen,
     "sdpa_flash_padded": sdpa_padded,
     "flex_document": flex_document,

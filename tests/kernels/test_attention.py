@@ -332,8 +332,9 @@ def test_fused_delta_matches_reference(lens: list[int], D: int, kw: dict, atomic
         assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"fused:{tag}")
 
 
-def test_default_configs_fuse_delta_for_short_examples_only() -> None:
-    assert default_configs(128, torch.bfloat16, 1024, 4, 95.0)[1].fuse_delta
+def test_default_configs_leave_fuse_delta_off() -> None:
+    # measured slower on the H200 for short examples (see kernels.attention._configs_for); opt-in only
+    assert not default_configs(128, torch.bfloat16, 1024, 4, 95.0)[1].fuse_delta
     assert not default_configs(128, torch.bfloat16, 4096, 4, 4096.0)[1].fuse_delta
 
 
