@@ -356,6 +356,7 @@ def varlen_attention_with_configs(
     *,
     fwd_cfg: FwdConfig | None = None,
     bwd_cfg: BwdConfig | None = None,
+    mean_seqlen: float | None = None,
 ) -> torch.Tensor:
     """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults.
 
@@ -374,7 +375,11 @@ def varlen_attention_with_configs(
     if q.shape[2] > 256:
         raise ValueError(f"head dim D={q.shape[2]} is not supported; expected D <= 256.")
     group = q.shape[1] // k.shape[1]
-    mean_len = q.shape[0] / max(cu_seqlens.numel() - 1, 1)  # shapes only: no device sync
+    if mean_seqlen is not None and not mean_seqlen > 0:
+        raise ValueError(f"mean_seqlen={mean_seqlen!r} must be None or > 0 (real tokens / real examples).")
+    # The tile bucket follows the mean example length: the caller's when given (a stream padded with filler and
+    # zero-length examples for a CUDA graph has a smaller T / S than its data), else T / S from shapes (no sync).
+    mean_len = mean_seqlen if mean_seqlen is not None else q.shape[0] / max(cu_seqlens.numel() - 1, 1)
     d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group, mean_len, deterministic)
     bwd_cfg = bwd_cfg or d_bwd
     if deterministic and bwd_cfg.dq_atomic:
@@ -399,6 +404,8 @@ def varlen_attention(
     window: int | None = None,
     softcap: float | None = None,
     deterministic: bool = False,
+    *,
+    mean_seqlen: float | None = None,
 ) -> torch.Tensor:
     """Varlen attention over a packed stream (Triton forward and backward, no T x T tensor anywhere).
 
@@ -410,7 +417,10 @@ def varlen_attention(
     ``deterministic=False`` (default, fastest): dQ is summed with fp32 atomics inside the dK/dV kernel (5
     matmuls per tile instead of 7), so dq may differ in the last bits from run to run (dk, dv never do).
     ``deterministic=True``: a separate dQ kernel recomputes the scores; dq, dk, dv are bitwise reproducible.
+    ``mean_seqlen``: the real mean example length, which picks the tiling when the stream holds filler or
+    zero-length examples (None: T / S).
     """
     return varlen_attention_with_configs(
-        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic
-    )
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic,
+        mean_seqlen=mean_seqlen,
+    )  # fmt: skip

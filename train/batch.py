@@ -47,6 +47,7 @@ class MicroBatch:
     max_seqlen: int
     num_tokens: int
     num_trainable: int
+    mean_seqlen: float | None = None  # real tokens / real examples of a padded stream (tiling hint); None: T / S
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> MicroBatch:
         """Copy every tensor to ``device`` (asynchronously when the source is pinned)."""
@@ -58,6 +59,7 @@ class MicroBatch:
             max_seqlen=self.max_seqlen,
             num_tokens=self.num_tokens,
             num_trainable=self.num_trainable,
+            mean_seqlen=self.mean_seqlen,
         )
 
     def pin_memory(self) -> MicroBatch:
@@ -70,6 +72,7 @@ class MicroBatch:
             max_seqlen=self.max_seqlen,
             num_tokens=self.num_tokens,
             num_trainable=self.num_trainable,
+            mean_seqlen=self.mean_seqlen,
         )
 
     @property

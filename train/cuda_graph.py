@@ -74,6 +74,7 @@ class GraphedMicroStep:
             max_seqlen=shape.max_seqlen,
             num_tokens=n,
             num_trainable=0,
+            mean_seqlen=shape.mean_seqlen,  # fixed at capture: the tiling is part of the graph
         )
 
     @property

@@ -355,7 +355,8 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
     while steps < total_steps:  # every epoch the run will touch: the static shape must hold all micro-batches
         plans.append(plan_for(len(plans)))
         steps += plans[-1].steps
-    shape = static_shape(max(budget, int(sizes.num_tokens.max())), sizes.max_examples(plans), ss.max_len)
+    mean = float(sizes.num_tokens.sum()) / max(int(sizes.num_examples.sum()), 1)  # attention's tiling hint
+    shape = static_shape(max(budget, int(sizes.num_tokens.max())), sizes.max_examples(plans), ss.max_len, mean)
     loss_fn = functools.partial(packed_loss, model, checkpointing=cfg.checkpointing, preserve_rng_state=False)
     return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device)
 

@@ -97,11 +97,16 @@ def varlen_attention(
     causal: bool = True,
     window: int | None = None,
     softcap: float | None = None,
+    mean_seqlen: float | None = None,
 ) -> torch.Tensor:
-    """Block-diagonal causal attention over the packed stream (no mask tensor)."""
+    """Block-diagonal causal attention over the packed stream (no mask tensor); ``mean_seqlen`` (the real mean
+    example length of a padded stream) only picks the Triton kernel's tiling."""
     mod = _kernel("attention")
-    fn = mod.varlen_attention if backend_for(q.device) == "triton" else mod.varlen_attention_reference
-    return fn(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
+    if backend_for(q.device) == "triton":
+        return mod.varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, mean_seqlen=mean_seqlen
+        )
+    return mod.varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
 
 
 def fused_linear_cross_entropy(

@@ -69,7 +69,9 @@ def _decoder_layer(
         q = _norm(attn.q_norm, q, offset)
         k = _norm(attn.k_norm, k, offset)
     q, k = ops.rope(q, k, cos, sin, batch.position_ids)
-    o = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, plan.scale, True, plan.window, plan.softcap)
+    o = ops.varlen_attention(
+        q, k, v, batch.cu_seqlens, batch.max_seqlen, plan.scale, True, plan.window, plan.softcap, batch.mean_seqlen
+    )
     o = project(attn.o_proj, o.reshape(n_tokens, -1))
     if family.sandwich_norm:
         o = _norm(layer.post_attention_layernorm, o, offset)

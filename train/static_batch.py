@@ -27,11 +27,14 @@ __all__ = ["StaticShape", "pad_micro_batch", "static_shape"]
 @dataclass(frozen=True)
 class StaticShape:
     """The one shape every padded micro-batch takes: ``tokens`` (T), ``examples`` (S, so cu_seqlens has S+1
-    entries) and ``max_seqlen`` (the longest example any of them may hold, filler included)."""
+    entries) and ``max_seqlen`` (the longest example any of them may hold, filler included). ``mean_seqlen``:
+    the data's real mean example length, handed to attention to pick its tiling (the padded T / S is smaller);
+    None: each batch's own real mean."""
 
     tokens: int
     examples: int
     max_seqlen: int
+    mean_seqlen: float | None = None
 
     def filler_examples(self, n_tokens: int) -> int:
         """Filler examples needed to pad ``n_tokens`` real tokens to ``tokens`` (each <= ``max_seqlen``)."""
@@ -50,17 +53,21 @@ class StaticShape:
         return None
 
 
-def static_shape(max_tokens: int, max_examples: int, max_seqlen: int) -> StaticShape:
+def static_shape(max_tokens: int, max_examples: int, max_seqlen: int, mean_seqlen: float | None = None) -> StaticShape:
     """The smallest shape that holds every micro-batch of at most ``max_tokens`` tokens, ``max_examples``
-    examples and examples of at most ``max_seqlen`` tokens (``max_seqlen`` = the shards' max_len)."""
+    examples and examples of at most ``max_seqlen`` tokens (``max_seqlen`` = the shards' max_len);
+    ``mean_seqlen`` = the data's mean example length (tokens / examples), the attention tiling hint."""
     if min(max_tokens, max_examples, max_seqlen) < 1:
         raise ValueError(
             f"static_shape(max_tokens={max_tokens}, max_examples={max_examples}, max_seqlen={max_seqlen}): "
             "all must be >= 1"
         )
+    if mean_seqlen is not None and not mean_seqlen > 0:
+        raise ValueError(f"static_shape(mean_seqlen={mean_seqlen!r}): must be None or > 0")
     shape = StaticShape(tokens=int(max_tokens), examples=0, max_seqlen=int(min(max_seqlen, max_tokens)))
     # A micro-batch with fewer real tokens needs more filler; at least one real token is always there.
-    return StaticShape(shape.tokens, int(max_examples) + shape.filler_examples(1), shape.max_seqlen)
+    examples = int(max_examples) + shape.filler_examples(1)
+    return StaticShape(shape.tokens, examples, shape.max_seqlen, None if mean_seqlen is None else float(mean_seqlen))
 
 
 def _fill(real: torch.Tensor, size: int, tail: Iterable[int] | torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,8 @@ def _fill(real: torch.Tensor, size: int, tail: Iterable[int] | torch.Tensor) -> 
 def pad_micro_batch(batch: MicroBatch, shape: StaticShape) -> MicroBatch:
     """``batch`` (host tensors) padded to ``shape`` with filler and zero-length examples (see the module doc).
 
-    ``num_tokens`` and ``num_trainable`` keep the real counts; raises ValueError when the batch does not fit.
+    ``num_tokens`` and ``num_trainable`` keep the real counts, ``mean_seqlen`` is the shape's (else the batch's real
+    mean example length); raises ValueError when the batch does not fit.
     """
     problem = shape.why_not(batch)
     if problem is not None:
@@ -100,4 +108,5 @@ def pad_micro_batch(batch: MicroBatch, shape: StaticShape) -> MicroBatch:
         max_seqlen=shape.max_seqlen,
         num_tokens=batch.num_tokens,
         num_trainable=batch.num_trainable,
+        mean_seqlen=shape.mean_seqlen or batch.num_tokens / max(batch.num_examples, 1),
     )

@@ -21,6 +21,7 @@ from kernels.attention import (
     FwdConfig,
     _reference_impl,
     default_configs,
+    length_bucket,
     varlen_attention,
     varlen_attention_reference,
     varlen_attention_with_configs,
@@ -565,3 +566,19 @@ def test_gpu_cuda_graph_replay_with_new_data(deterministic: bool) -> None:
             assert torch.equal(a, e), f"graph replay {tag} differs from eager"
         else:
             assert_close_verbose(a, e, atol=1e-2 * max(1.0, e.abs().max().item()), name=f"graph:{tag}")
+
+
+def test_mean_seqlen_hint_keeps_the_tiling_of_the_unpadded_stream() -> None:
+    # Two 300-token examples: "medium" tiles. Padded with zero-length examples (as a CUDA-graph batch is) the
+    # stream's T / S is 100 tokens ("short" tiles); the hint restores the data's own tiling, so the padded call
+    # runs exactly the unpadded call's tiles and gives bitwise the same output and gradients.
+    lens = [300, 300]
+    assert length_bucket(sum(lens) / 6) == "short" and length_bucket(300) == "medium"
+    q, k, v, do, cu = make_inputs(lens, 2, 1, 64, seed=41)
+    padded_cu = torch.cat([cu, cu[-1:].repeat(4)])
+    plain = run_grads(varlen_attention, q, k, v, do, cu, 300, deterministic=True)
+    hinted = run_grads(varlen_attention, q, k, v, do, padded_cu, 300, deterministic=True, mean_seqlen=300.0)
+    for a, b in zip(plain, hinted):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"mean_seqlen=0\.0 must be None or > 0"):
+        varlen_attention(q, k, v, cu, 300, mean_seqlen=0.0)

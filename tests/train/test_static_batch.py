@@ -76,3 +76,11 @@ def test_padding_changes_no_loss_or_gradient(family, kernels, monkeypatch):
     assert grads.keys() == grads_p.keys() and grads
     for name, g in grads.items():
         torch.testing.assert_close(grads_p[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padded_batches_carry_the_attention_tiling_hint():
+    batch = make_batch([30, 10, 20], seed=2)  # 60 real tokens, 3 examples: mean 20
+    assert pad_micro_batch(batch, static_shape(64, 4, 32)).mean_seqlen == pytest.approx(20.0)
+    assert pad_micro_batch(batch, static_shape(64, 4, 32, mean_seqlen=123.5)).mean_seqlen == 123.5
+    with pytest.raises(ValueError, match="mean_seqlen=0"):
+        static_shape(64, 4, 32, mean_seqlen=0)
