@@ -28,6 +28,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "Position",
     "copy_tokenizer_files",
+    "gather_output_state",
     "latest_checkpoint",
     "load_checkpoint",
     "save_base_model",
@@ -61,6 +62,18 @@ class Position:
 def _full(t: torch.Tensor) -> torch.Tensor:
     # FSDP2 parameters are DTensors: gather the full value before saving.
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP2 has turned the parameters into DTensor shards."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state with full (unsharded) tensors keyed by parameter name: a collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -116,12 +129,19 @@ def save_checkpoint(
     if barrier:
         barrier()
     state = trainable_state(model)  # collective under FSDP: every rank takes part
+    sharded = _is_sharded(model)
+    # FSDP2's optimizer state is sharded like the parameters: gather it by parameter name (also a collective).
+    optim_state = _full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         save_file(state, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        meta = {**dataclasses.asdict(position), "config": dataclasses.asdict(cfg)}
+        meta = {
+            **dataclasses.asdict(position),
+            "optimizer_format": _OPTIM_FSDP if sharded else _OPTIM_PLAIN,
+            "config": dataclasses.asdict(cfg),
+        }
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if barrier:
         barrier()
@@ -141,6 +161,9 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
     return path if path.is_dir() else None
+
+
+_OPTIM_PLAIN, _OPTIM_FSDP = "torch", "full-by-name"
 
 
 def load_checkpoint(
@@ -164,15 +187,34 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} does not fit this model (parameters differ, e.g. {diff}); resume with the "
             "same --model, mode, --lora-r and --target-modules as the run that wrote it"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    sharded = _is_sharded(model)
+    fmt = meta.get("optimizer_format", _OPTIM_PLAIN)
+    if (fmt == _OPTIM_FSDP) != sharded:
+        raise TrainError(
+            f"checkpoint {str(path)!r} was written {'with' if fmt == _OPTIM_FSDP else 'without'} --fsdp; resume "
+            f"it the same way (this run is {'with' if sharded else 'without'} --fsdp)"
+        )
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, saved, options=full)  # every rank keeps its own shard of the full tensors
+        set_optimizer_state_dict(model, optimizer, optim_state, options=full)
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     rng = path / f"rng-rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     return Position(step=int(meta["step"]), epoch=int(meta["epoch"]), micro_batch=int(meta["micro_batch"]))
 
 
@@ -188,13 +230,36 @@ def copy_tokenizer_files(source: str | os.PathLike | None, dest: str | os.PathLi
     return copied
 
 
-def save_output(model: torch.nn.Module, output: str | os.PathLike, *, model_source: str | None) -> Path:
+def gather_output_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """What :func:`save_output` writes, as full CPU tensors, when FSDP2 has sharded the parameters; else None.
+
+    Under FSDP2 the parameters are DTensor shards that ``save_pretrained`` cannot serialise; gathering them is a
+    collective, so EVERY rank must call this (rank 0 then saves). A peft model gathers only its trainable
+    (adapter) parameters; a full fine-tune gathers every parameter and buffer.
+    """
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    is_peft = hasattr(model, "peft_config")
+    items = list(model.named_parameters()) + ([] if is_peft else list(model.named_buffers()))
+    return {
+        name: _full(t.detach()).to("cpu", copy=True).contiguous() for name, t in items if t.requires_grad or not is_peft
+    }
+
+
+def save_output(
+    model: torch.nn.Module,
+    output: str | os.PathLike,
+    *,
+    model_source: str | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the trained result into ``output``: a peft adapter (LoRA/QLoRA) or a Hugging Face model (full).
 
     With no ``--model`` (the tiny random model) the trainer saved the frozen base under ``output/base_model``
     (:func:`save_base_model`) and the adapter's config points at it, so ``PeftModel.from_pretrained`` works from
-    the folder alone.
+    the folder alone. ``state_dict``: the gathered tensors of an FSDP2 run (:func:`gather_output_state`).
     """
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tmp = output / ".tmp-output"
@@ -205,9 +270,9 @@ def save_output(model: torch.nn.Module, output: str | os.PathLike, *, model_sour
         base_ref = model_source or (str(saved_base.resolve()) if saved_base.is_dir() else None)
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_ref
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **extra)
     else:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         copy_tokenizer_files(model_source, tmp)
     for item in tmp.iterdir():  # move file by file: the output folder also holds checkpoints/ and metrics.jsonl
         os.replace(item, output / item.name)

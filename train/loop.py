@@ -23,7 +23,15 @@ import torch
 import shards
 
 from . import distributed as dist_util
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_base_model, save_checkpoint, save_output
+from .checkpoint import (
+    Position,
+    gather_output_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_base_model,
+    save_checkpoint,
+    save_output,
+)
 from .config import TrainConfig, TrainError
 from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
@@ -305,8 +313,9 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0
     result.steps = step
+    final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
-        save_output(model, output, model_source=cfg.model)
+        save_output(model, output, model_source=cfg.model, state_dict=final_state)
     result.summary = {
         "steps": step,
         "final_loss": result.losses[-1] if result.losses else None,
