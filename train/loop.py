@@ -195,8 +195,9 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
 
     graph_step = _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress)
     step, epoch, start = position.step, position.epoch, position.micro_batch
-    wall0, tokens_seen, trainable_seen, flops_seen = time.perf_counter(), 0, 0, 0.0
+    wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
     step_times: list[float] = []
+    per_step: list[tuple[int, int, float]] = []  # (tokens, trainable tokens, FLOPs) of each step, all ranks
     try:
         while step < total_steps:
             plan = plan_for(epoch)
@@ -287,8 +288,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
                     result.losses.append(loss)
                     tokens_seen += step_tokens_all
                     trainable_seen += n_step
-                    flops_seen += flops.step_flops(step_tokens, step_sq) * env.world_size
                     step_times.append(dt)
+                    per_step.append((step_tokens_all, n_step, flops.step_flops(step_tokens, step_sq) * env.world_size))
 
                     # evaluate: every --eval-every steps and after the last one
                     if eval_ss is not None and (
@@ -316,6 +317,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
         save_output(model, output, model_source=cfg.model, state_dict=final_state)
+    first = 1 if len(step_times) > 1 else 0
+    steady, steady_times = per_step[first:], step_times[first:]
     result.summary = {
         "steps": step,
         "final_loss": result.losses[-1] if result.losses else None,
@@ -327,10 +330,14 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
         "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
         "peak_mem_gib": peak_memory_gib(device),
         "train_time_s": sum(step_times),
-        # Steady state: all step time (no start-up, evaluation or saving), as the per-step numbers measure it.
-        "steady_tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
-        "steady_trainable_tokens_per_s": trainable_seen / sum(step_times) if step_times else None,
-        "mfu": flops_seen / sum(step_times) / (peak * env.world_size) if peak and step_times else None,
+        # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
+        # without the first, which pays the kernel compiles and the CUDA-graph capture.
+        "steady_steps": len(steady_times),
+        "steady_tokens_per_s": sum(x[0] for x in steady) / sum(steady_times) if steady_times else None,
+        "steady_trainable_tokens_per_s": sum(x[1] for x in steady) / sum(steady_times) if steady_times else None,
+        "mfu": sum(x[2] for x in steady) / sum(steady_times) / (peak * env.world_size)
+        if peak and steady_times
+        else None,
         "matmul_params": flops.matmul_params,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "output": str(output),

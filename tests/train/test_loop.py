@@ -282,3 +282,16 @@ def test_gpu_parity_command_passes_with_triton_kernels(synthetic_shards: Path) -
 
     report = parity(str(synthetic_shards), packs=4, dtype="fp32", device="cuda", tolerance=2e-3)
     assert report.passed, report.render()
+
+
+def test_steady_throughput_leaves_out_the_first_step(synthetic_shards: Path, tmp_path: Path) -> None:
+    result = train(base_config(synthetic_shards, tmp_path / "run", max_steps=3))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    s = result.summary
+    assert s["steady_steps"] == 2
+    later = steps[1:]  # the first step pays the compiles (and, on a GPU, the CUDA-graph capture)
+    seconds = sum(r["step_time_s"] for r in later)
+    assert s["steady_tokens_per_s"] == pytest.approx(sum(r["tokens"] for r in later) / seconds)
+    assert s["steady_trainable_tokens_per_s"] == pytest.approx(sum(r["trainable_tokens"] for r in later) / seconds)
+    assert s["train_time_s"] == pytest.approx(sum(r["step_time_s"] for r in steps))
