@@ -41,7 +41,7 @@ for spec in "$@"; do
     bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards "${BENCH_TRAIN_SHARDS:-.device-data/alpaca-qwen3-1024}" \
       --model-shape "${BENCH_TRAIN_SHAPE:-qwen3-8b}" --out "$OUT/train" --profile \
       --profile-systems "${BENCH_TRAIN_PROFILE:-padless-16k}" --time-budget $((limit - 40)) \
-      --system-timeout "${BENCH_TRAIN_SYSTEM_TIMEOUT:-240}" ${BENCH_TRAIN_SYSTEMS:+--systems "$BENCH_TRAIN_SYSTEMS"} ;;
+      --system-timeout "${BENCH_TRAIN_SYSTEM_TIMEOUT:-240}" ${BENCH_TRAIN_SYSTEMS:+--systems "$BENCH_TRAIN_SYSTEMS"} ${BENCH_TRAIN_ARGS:-} ;;
     tune-attention) run_stage "$stage" "$limit" bash -c "python3 tools/bench_attention.py --sweep --sweep-dims 128 \
       --budget-s 80 --write-tuned kernels/attention_tuned.json --out $OUT/attention && python3 tools/bench_attention.py \
       --dims 128 --packs 4096,16384 --impls padless,padless_det,flex_document,varlen_attn --out $OUT/attention" ;;
