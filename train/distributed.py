@@ -11,6 +11,7 @@ so the gradient all-reduce hooks are armed for the micro-batch that should sync.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "PackedLossModule",
     "all_reduce_sum",
     "barrier",
+    "batch_fields",
     "detect",
     "init_process_group",
     "no_sync",
@@ -90,29 +92,17 @@ class PackedLossModule(torch.nn.Module):
         self.model = model
         self._loss_fn = loss_fn
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        labels: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        num_tokens: int,
-        num_trainable: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = MicroBatch(input_ids, position_ids, labels, cu_seqlens, max_seqlen, num_tokens, num_trainable)
-        return self._loss_fn(self.model, batch)
+    def forward(self, *fields: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fields``: the MicroBatch fields in declaration order (:func:`batch_fields`)."""
+        return self._loss_fn(self.model, MicroBatch(*fields))
 
     def run(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(
-            batch.input_ids,
-            batch.position_ids,
-            batch.labels,
-            batch.cu_seqlens,
-            batch.max_seqlen,
-            batch.num_tokens,
-            batch.num_trainable,
-        )
+        return self(*batch_fields(batch))
+
+
+def batch_fields(batch: MicroBatch) -> tuple:
+    """Every MicroBatch field in declaration order (one list for the plain call and DDP's, none forgotten)."""
+    return tuple(getattr(batch, f.name) for f in dataclasses.fields(MicroBatch))
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -145,15 +135,7 @@ def wrap_model(module: PackedLossModule, env: DistEnv, device: torch.device, *, 
     # No buffer broadcast: the only buffers (RoPE tables) are identical on every rank, and a broadcast per forward
     # would make evaluation (where ranks may run different numbers of micro-batches) a collective.
     ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
-    ddp.run = lambda batch: ddp(  # type: ignore[attr-defined]
-        batch.input_ids,
-        batch.position_ids,
-        batch.labels,
-        batch.cu_seqlens,
-        batch.max_seqlen,
-        batch.num_tokens,
-        batch.num_trainable,
-    )
+    ddp.run = lambda batch: ddp(*batch_fields(batch))  # type: ignore[attr-defined]
     return ddp
 
 

@@ -164,3 +164,15 @@ def test_fsdp2_checkpoint_resumes_exactly(synthetic_shards: Path, tmp_path: Path
 
     with pytest.raises(TrainError, match=r"was written with --fsdp; resume it the same way"):
         train(base_config(synthetic_shards, stopped, resume=True, **dict(SETTINGS, max_steps=4)))
+
+
+def test_batch_fields_carry_every_micro_batch_field() -> None:
+    from tests.train.tiny_models import make_batch
+    from train.batch import MicroBatch
+    from train.distributed import batch_fields
+
+    batch = MicroBatch(*batch_fields(make_batch([3, 4], seed=1)))
+    hinted = MicroBatch(**{**batch.__dict__, "mean_seqlen": 3.5})
+    again = MicroBatch(*batch_fields(hinted))  # what PackedLossModule.forward rebuilds (also under DDP)
+    assert again.mean_seqlen == 3.5 and torch.equal(again.cu_seqlens, hinted.cu_seqlens)
+    assert again.max_seqlen == hinted.max_seqlen and again.num_trainable == hinted.num_trainable
