@@ -14,7 +14,6 @@ costs its own (small) compute. ``tests/train/test_static_batch.py`` proves it th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +69,11 @@ def static_shape(max_tokens: int, max_examples: int, max_seqlen: int, mean_seqle
     return StaticShape(shape.tokens, examples, shape.max_seqlen, None if mean_seqlen is None else float(mean_seqlen))
 
 
-def _fill(real: torch.Tensor, size: int, tail: Iterable[int] | torch.Tensor) -> torch.Tensor:
+def _fill(real: torch.Tensor, size: int, tail: torch.Tensor) -> torch.Tensor:
+    """``real`` followed by ``tail`` in one new tensor of ``size`` elements and ``real``'s dtype."""
     out = torch.empty(size, dtype=real.dtype)
     out[: real.numel()] = real
-    out[real.numel() :] = torch.as_tensor(tail, dtype=real.dtype) if not isinstance(tail, torch.Tensor) else tail
+    out[real.numel() :] = tail
     return out
 
 
