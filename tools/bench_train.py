@@ -10,7 +10,10 @@ Padded peers take b examples per step from the same example sequence (``--padded
 
 Systems run in worker subprocesses, one after another (one GPU): an OOM is recorded and the worker goes on; a crash
 or hang (``--system-timeout``) loses only that system's row, and a fresh worker continues with the rest. Liger
-patches transformers' module globals, so its systems get their own worker.
+patches transformers' module globals, so its systems get their own worker. On a machine with several GPUs, ``;`` in
+``--systems`` splits the line-up into lanes that run at the same time, lane i on GPU i (each system still has a
+whole GPU to itself); the table keeps the order of ``--systems``. Systems that share compiled kernels (the two
+FlexAttention rows) belong in one lane: the second then reuses the first one's Inductor cache.
 
 The shards (the real Alpaca 52K, Qwen3 tokenizer, max_len 1024):
     python -m prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
@@ -109,6 +112,22 @@ def _select(systems: list[SystemSpec], patterns: str) -> list[SystemSpec]:
     return chosen
 
 
+def select_lanes(systems: list[SystemSpec], patterns: str) -> list[list[SystemSpec]]:
+    """``--systems`` split at ``;`` into lanes (one GPU each), each lane selected like a plain ``--systems``; a
+    system may appear in one lane only."""
+    lanes = [_select(systems, part) for part in patterns.split(";") if part.strip()]
+    if not lanes:
+        raise click.BadParameter(f"{patterns!r} names no system", param_hint="--systems")
+    seen: dict[str, int] = {}
+    for i, lane in enumerate(lanes):
+        for s in lane:
+            if s.name in seen:
+                raise click.BadParameter(f"{s.name!r} is in lane {seen[s.name]} and lane {i}; give each system "
+                                         "one lane", param_hint="--systems")  # fmt: skip
+            seen[s.name] = i
+    return lanes
+
+
 # -- worker (one subprocess runs a list of systems, one JSON line each) ----------------------------------------
 def worker_main(config_path: str, names: str, results_path: str) -> int:
     spec_all = json.loads(Path(config_path).read_text())
@@ -180,6 +199,7 @@ def _run_group(
     log: Path,
     on_row: Callable[[], None],
     env: dict[str, str] | None = None,
+    prefix: str = "  | ",
 ) -> None:
     """Run ``names`` in worker subprocesses until each has a row; a crash or hang costs one row, not the run."""
     specs = {s["name"]: s for s in json.loads(config_path.read_text())["systems"]}
@@ -202,7 +222,7 @@ def _run_group(
                 if line is None:
                     break
                 if line:
-                    sys.stdout.write("  | " + line)
+                    sys.stdout.write(prefix + line)
                     logf.write(line)
                     tail = ([*tail, line.rstrip()])[-8:]
                 done = len(set(_read_rows(results)) - before)
@@ -247,7 +267,8 @@ def _unsloth_row(spec: SystemSpec, cuda: bool) -> dict[str, Any] | None:
     "--systems",
     default="default",
     help="Comma-separated names or globs ('padless-*,hf-packed-flex-*'); "
-    "'default' = all but hf-packed-flex-4k and liger-packed-sdpa-4k (~8 min on an H200), '*' = all.",
+    "'default' = all but hf-packed-flex-4k and liger-packed-sdpa-4k (~8 min on an H200), '*' = all. "
+    "';' splits it into lanes that run at the same time, lane i on GPU i ('padless-*;hf-*').",
 )
 @click.option("--steps", default=10, help="Timed steps per system (after --warmup).")
 @click.option("--warmup", default=3, help="Untimed warm-up steps per system (compilation, autotuning).")
@@ -303,63 +324,108 @@ def main(**o: Any) -> None:
         deadline=time.time() + o["time_budget"] if o["time_budget"] > 0 else 0.0,
     )
     every = default_systems(ss.max_len, warmup=o["warmup"], steps=o["steps"], slow_steps=o["slow_steps"])
-    line_up = _select(every, o["systems"])
+    lanes = select_lanes(every, o["systems"])
     env = environment(cfg, ss, command=shlex.join([Path(sys.executable).name, *sys.argv]))
-    rows = run_bench(cfg, line_up, env, append=o["append"], system_timeout=o["system_timeout"])
+    rows = run_bench(cfg, lanes, env, append=o["append"], system_timeout=o["system_timeout"])
     print(render_table(rows, env))
 
 
 def run_bench(
-    cfg: BenchConfig, line_up: list[SystemSpec], env: dict[str, Any], *, append: bool, system_timeout: float
+    cfg: BenchConfig,
+    lanes: list[list[SystemSpec]],
+    env: dict[str, Any],
+    *,
+    append: bool,
+    system_timeout: float,
 ) -> dict[str, dict[str, Any]]:
-    """Run ``line_up`` worker group by worker group; rows (and --out files) are updated after every system."""
+    """Run each lane's systems worker group by worker group, the lanes at the same time (lane i on GPU i when
+    there are several); rows (and --out files) are updated after every system."""
     out_dir = Path(cfg.out)
     stem = f"bench_train_{cfg.model_shape}" + ("_tiny" if cfg.tiny else "")
     results = out_dir / f"{stem}.rows.jsonl"
+    line_up = [s for lane in lanes for s in lane]
     names = {s.name for s in line_up}
     kept = [r for r in _read_rows(results).values() if r["system"] not in names] if append else []
-    results.write_text("".join(json.dumps(r) + "\n" for r in kept))  # --append: earlier rows of other systems
+    lane_results = [out_dir / f"{stem}.rows.lane{i}.jsonl" for i in range(len(lanes))]
+    for path in lane_results:
+        path.write_text("")
     config_path = out_dir / f"{stem}.config.json"
     config_path.write_text(json.dumps({"config": asdict(cfg), "systems": [asdict(s) for s in line_up]}, indent=1))
     cuda = env["gpu"] != "none"
-    groups: dict[str, list[SystemSpec]] = {}
-    for s in line_up:
-        groups.setdefault(s.group, []).append(s)
+    if len(lanes) > 1:
+        env["lanes"] = [[s.name for s in lane] for lane in lanes]
+        if cuda and (have := _gpu_count()) < len(lanes):
+            raise click.UsageError(f"--systems has {len(lanes)} lanes but this machine has {have} GPU(s); "
+                                   "drop the ';' or run on a machine with one GPU per lane")  # fmt: skip
     t0 = time.monotonic()
     order = {s.name: i for i, s in enumerate(line_up)}
+    lock = threading.Lock()
 
     def rows_now() -> dict[str, dict[str, Any]]:
         # the line-up's order; rows of earlier runs kept by --append go last
-        rows = _read_rows(results)
+        rows = {r["system"]: r for r in kept}
+        for path in lane_results:
+            rows.update(_read_rows(path))
         return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     def save() -> None:  # after every row: a run killed by the machine's limit keeps what it measured
-        env["wall_s"] = time.monotonic() - t0
-        _write(out_dir, stem, env, cfg, rows_now())
+        with lock:
+            env["wall_s"] = time.monotonic() - t0
+            rows = rows_now()
+            results.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+            _write(out_dir, stem, env, cfg, rows)
 
-    for group, specs in groups.items():
-        runnable = []
-        for s in specs:
-            if s.family == "unsloth" and (unsloth_row := _unsloth_row(s, cuda)) is not None:
-                row = unsloth_row
-            elif s.family == "unsloth":
-                runnable.append(s.name)
-                continue
-            elif s.needs_cuda and not cuda:
-                row = {"system": s.name, "spec": asdict(s), "status": "skipped (cpu)"}
-            elif s.family == "liger" and importlib.util.find_spec("liger_kernel") is None:
-                row = {"system": s.name, "spec": asdict(s), "status": "n/a (liger-kernel not installed)"}
-            else:
-                runnable.append(s.name)
-                continue
-            with open(results, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if runnable:
-            print(f"[bench_train] worker group {group!r}: {', '.join(runnable)}", flush=True)
-            worker_env = _unsloth_worker_env() if group == "unsloth" else None
-            _run_group(runnable, config_path, results, system_timeout, out_dir / f"{stem}.log", save, worker_env)
-        save()
-    return rows_now()
+    def run_lane(i: int) -> None:
+        gpu_env = {"CUDA_VISIBLE_DEVICES": str(i)} if len(lanes) > 1 and cuda else {}
+        prefix = f"  {i}| " if len(lanes) > 1 else "  | "
+        groups: dict[str, list[SystemSpec]] = {}
+        for s in lanes[i]:
+            groups.setdefault(s.group, []).append(s)
+        for group, specs in groups.items():
+            runnable = []
+            for s in specs:
+                if (row := _static_row(s, cuda)) is None:
+                    runnable.append(s.name)
+                else:
+                    with open(lane_results[i], "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if runnable:
+                print(f"[bench_train] lane {i} worker group {group!r}: {', '.join(runnable)}", flush=True)
+                base = _unsloth_worker_env() if group == "unsloth" else dict(os.environ)
+                _run_group(runnable, config_path, lane_results[i], system_timeout, out_dir / f"{stem}.log", save,
+                           {**base, **gpu_env}, prefix)  # fmt: skip
+            save()
+
+    threads = [threading.Thread(target=run_lane, args=(i,), name=f"lane{i}") for i in range(len(lanes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    save()
+    final = rows_now()
+    for path in lane_results:  # their rows are in the results file now
+        path.unlink()
+    return final
+
+
+def _static_row(s: SystemSpec, cuda: bool) -> dict[str, Any] | None:
+    """The row of a system that cannot run here (no GPU, peer not installed), else None (it runs)."""
+    if s.family == "unsloth":
+        return _unsloth_row(s, cuda)
+    if s.needs_cuda and not cuda:
+        return {"system": s.name, "spec": asdict(s), "status": "skipped (cpu)"}
+    if s.family == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return {"system": s.name, "spec": asdict(s), "status": "n/a (liger-kernel not installed)"}
+    return None
+
+
+def _gpu_count() -> int:
+    """GPUs this machine has, without initialising CUDA in this (parent) process."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1
+    return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
 
 
 def _write(out_dir: Path, stem: str, env: dict[str, Any], cfg: BenchConfig, rows: dict[str, dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -245,3 +246,36 @@ def test_unsloth_worker_sees_its_own_datasets_first_and_stays_offline(tmp_path: 
     assert out.stdout.strip() == "4.8.5+site"
     monkeypatch.setattr(sys, "path", ["/elsewhere", str(site)])
     assert bu.use_site() and sys.path == [str(site), "/elsewhere"]
+
+
+def test_lanes_run_at_the_same_time_and_give_the_same_rows(shard_dir: Path, tiny_run, tmp_path: Path) -> None:
+    """';' splits the line-up into lanes (one GPU each on a GPU machine): the rows equal a one-lane run's, the
+    table keeps --systems' order, and no per-lane file is left behind."""
+    rc, output, doc = tiny_run
+    assert rc == 0, output[-5000:]
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--shards", str(shard_dir), "--out", str(tmp_path), "--steps", "1",
+           "--warmup", "1", "--padded-steps", "plan", "--seed", "3",
+           "--systems", "hf-padded-b8,hf-packed-flex-512;hf-padded-b1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lane_doc = json.loads((tmp_path / "bench_train_qwen3-8b_tiny.json").read_text())
+    assert [r["system"] for r in lane_doc["rows"]] == ["hf-padded-b8", "hf-packed-flex-512", "hf-padded-b1"]
+    assert lane_doc["environment"]["lanes"] == [["hf-padded-b8", "hf-packed-flex-512"], ["hf-padded-b1"]]
+    one_lane = _rows(doc)
+    for name in ("hf-padded-b8", "hf-padded-b1"):
+        np.testing.assert_allclose(_rows(lane_doc)[name]["losses"], one_lane[name]["losses"], rtol=0, atol=1e-6)
+    assert _rows(lane_doc)["hf-packed-flex-512"]["status"] == "skipped (cpu)"
+    assert not list(tmp_path.glob("*.lane*.jsonl"))
+    assert "  0| " in proc.stdout and "  1| " in proc.stdout
+
+
+def test_a_system_may_sit_in_one_lane_only() -> None:
+    import bench_train
+
+    every = bench_train.default_systems(1024, warmup=3, steps=10, slow_steps=3)
+    with pytest.raises(click.BadParameter, match="'padless-1k' is in lane 0 and lane 1"):
+        bench_train.select_lanes(every, "padless-1k,hf-padded-b1;padless-*")
+    assert [[s.name for s in lane] for lane in bench_train.select_lanes(every, "padless-1k;hf-padded-b1")] == [
+        ["padless-1k"],
+        ["hf-padded-b1"],
+    ]
