@@ -7,9 +7,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Install the carried wheels once per machine (two gpu_run.sh started side by side, one per GPU, share /tmp/site):
+# the first takes a lock and installs, the other waits for it and finds the stamp.
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+  want="$(ls .whl | sort | md5sum | cut -c1-32)"
+  (
+    flock 9
+    if [ "$(cat /tmp/site/.padless-wheels 2>/dev/null)" != "$want" ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && echo "$want" > /tmp/site/.padless-wheels
+    fi
+  ) 9>/tmp/padless-wheels.lock
+  [ "$(cat /tmp/site/.padless-wheels 2>/dev/null)" = "$want" ] || { echo "wheel install failed"; exit 1; }
 fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 log="$OUT/run.log"
