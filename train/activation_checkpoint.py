@@ -6,16 +6,22 @@ inputs go to pinned CPU memory. Non-reentrant checkpointing saves its inputs wit
 installs its own hooks, so an outer ``torch.autograd.graph.saved_tensors_hooks`` sees exactly those inputs: the pack
 hook copies them to pinned host memory (asynchronously, on the current stream), the unpack hook copies them back
 for the recompute. Peak GPU memory then holds no per-layer activation at all between forward and backward.
+
+On CUDA, :class:`HostOffload` keeps the copies off the compute stream: each device-to-host copy runs on a side
+stream once its layer input is ready (the compute stream goes on with the next layer), and in the backward the
+host-to-device copy of the layer below is started while the current layer recomputes, so the compute stream only
+waits for a copy that has had a whole layer's time to finish. One :class:`HostOffload` serves one forward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CHECKPOINTING_MODES", "check_mode", "offload_saved_tensors", "run_layer"]
+__all__ = ["CHECKPOINTING_MODES", "HostOffload", "check_mode", "offload_saved_tensors", "run_layer"]
 
 CHECKPOINTING_MODES = ("off", "on", "offload")
 
@@ -39,6 +45,84 @@ def offload_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
     return torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device)
 
 
+@dataclass
+class _Saved:
+    """One saved tensor in host memory; ``loaded``/``loaded_event``: its device copy, once one is under way."""
+
+    device: torch.device
+    host: torch.Tensor
+    stored: torch.cuda.Event | None  # the device-to-host copy is done
+    loaded: torch.Tensor | None = None
+    loaded_event: torch.cuda.Event | None = None
+
+
+class HostOffload:
+    """Saved-tensor hooks for one forward pass that move saved tensors to pinned host memory and back, with the
+    copies on a side CUDA stream and the backward's copy of the next layer down started one layer ahead.
+
+    Use ``with offload.hooks(): ...`` around every checkpointed layer of one forward (``run_layer(...,
+    offload=offload)`` does). Saved tensors are numbered in forward order; unpacking number i (the backward walks
+    the layers top down) also starts bringing back number i - 1. CPU tensors are kept as copies (the same code
+    path, for tests on machines without a GPU).
+    """
+
+    def __init__(self) -> None:
+        self._saved: list[_Saved] = []
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The context in which tensors saved for backward go through this offloader."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    def _pack(self, tensor: torch.Tensor) -> int:
+        if tensor.device.type != "cuda":
+            self._saved.append(_Saved(tensor.device, tensor.detach().clone(), None))
+            return len(self._saved) - 1
+        side = self._stream(tensor.device)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))  # the layer input is written
+        with torch.cuda.stream(side):
+            host.copy_(tensor, non_blocking=True)
+            stored = torch.cuda.Event()
+            stored.record(side)
+        tensor.record_stream(side)  # the allocator keeps its memory until the copy is done
+        self._saved.append(_Saved(tensor.device, host, stored))
+        return len(self._saved) - 1
+
+    def _load(self, index: int) -> None:
+        """Start the host-to-device copy of saved tensor ``index`` (a no-op if one is under way or it is on CPU)."""
+        saved = self._saved[index]
+        if saved.loaded is not None or saved.device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(saved.device)
+        loaded = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)  # on the compute stream
+        side = self._stream(saved.device)
+        side.wait_stream(current)  # the block's earlier users on the compute stream are done with it
+        with torch.cuda.stream(side):
+            side.wait_event(saved.stored)
+            loaded.copy_(saved.host, non_blocking=True)
+            saved.loaded_event = torch.cuda.Event()
+            saved.loaded_event.record(side)
+        saved.loaded = loaded
+
+    def _unpack(self, index: int) -> torch.Tensor:
+        saved = self._saved[index]
+        if saved.device.type != "cuda":
+            return saved.host
+        self._load(index)
+        tensor, event = saved.loaded, saved.loaded_event
+        saved.loaded, saved.loaded_event = None, None  # a second backward through this graph copies again
+        if index > 0:
+            self._load(index - 1)  # the layer below: its copy overlaps this layer's recompute and backward
+        torch.cuda.current_stream(saved.device).wait_event(event)
+        return tensor
+
+
 def check_mode(mode: str) -> str:
     """``mode`` if it is a checkpointing mode, else a ValueError naming the choices."""
     if mode not in CHECKPOINTING_MODES:
@@ -47,19 +131,25 @@ def check_mode(mode: str) -> str:
 
 
 def run_layer(
-    fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, mode: str, preserve_rng_state: bool = True
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    mode: str,
+    preserve_rng_state: bool = True,
+    offload: HostOffload | None = None,
 ) -> torch.Tensor:
     """``fn(hidden)`` with the activation-memory policy ``mode`` (``off`` | ``on`` | ``offload``).
 
     ``preserve_rng_state=False`` skips saving and restoring the RNG around the recompute: right when the layer
     draws no random numbers (dropout 0), and needed inside a CUDA graph capture, where older torch releases
-    refuse to read the CUDA generator's state.
+    refuse to read the CUDA generator's state. ``offload``: the forward pass's :class:`HostOffload` (one per
+    forward, shared by its layers, so that the backward can bring the next layer's input back early); without
+    one, ``offload`` mode copies on the compute stream.
     """
     if mode == "off" or not torch.is_grad_enabled():
         return fn(hidden)
     if mode == "on":
         return checkpoint(fn, hidden, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     if mode == "offload":
-        with offload_saved_tensors():
+        with offload.hooks() if offload is not None else offload_saved_tensors():
             return checkpoint(fn, hidden, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     raise ValueError(f"checkpointing={mode!r}: expected one of {CHECKPOINTING_MODES}.")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import ops
-from train.activation_checkpoint import check_mode, offload_saved_tensors, run_layer
+from train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
 from train.batch import IGNORE_INDEX, MicroBatch
 from train.lora_linear import project
 from train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
@@ -92,6 +92,7 @@ def _packed_path(
     if handle.embed_scale is not None:
         x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
+    offload = HostOffload() if checkpointing == "offload" else None  # one per forward: the backward prefetches
     for layer, plan in zip(decoder.layers, handle.layers):
 
         def step(hidden: torch.Tensor, layer: nn.Module = layer, plan: LayerPlan = plan) -> torch.Tensor:
@@ -102,7 +103,7 @@ def _packed_path(
             # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
             return nn.Module.__call__(layer, hidden, padless_step=step)
 
-        x = run_layer(call, x, checkpointing, preserve_rng_state)
+        x = run_layer(call, x, checkpointing, preserve_rng_state, offload)
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
     return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap)
