@@ -1,0 +1,183 @@
+"""Launch configurations and A/B variants of the RMSNorm kernels (``kernels/rmsnorm.py``).
+
+Kept apart from the kernels so that one place decides every tuning choice (block sizes, warps, the persistent
+grid, the register cap, and how the weight gradient is reduced) and a sweep can force any of them by name:
+``set_default_variant("two_launch")`` flips what :func:`kernels.rmsnorm.rms_norm` uses; ``rms_norm(...,
+variant=...)`` picks one for a single call. Nothing here reads the environment.
+
+Variants (H200 run 4, bf16, CUDA-graph device time, % of copy: T = 4K fwd 84% / bwd 74%, 16K 95% / 89%):
+* ``two_launch``: run 4's behaviour. Persistent backward, then a second small kernel sums the per-program fp32
+  partial dw rows in a fixed order.
+* ``one_launch``: the same backward loop; after its rows each program stores its partial row, takes a ticket
+  (an acq_rel atomic on an int32 counter) and the last ``reducers`` programs to arrive each sum a 32-column
+  slab of the partial rows in program order (deterministic) and write dw; the last of them zeroes the counter,
+  so a CUDA graph can replay it. Why several reducers: at E 4096 the partials are 256 x 16 KB = 4 MB, which
+  one SM reads from L2 at ~50-100 GB/s (40-80 us); 128 reducers read 32 KB each (one tile, ~1 us). Saves the
+  second launch (~2-3 us of the 32 us backward at T = 4K). The grid is also "balanced": the fewest programs
+  with the same tiles per program (T = 4K: 256 programs x 16 rows instead of 264 x 15-16), 3% fewer partials.
+* ``one_launch_last``: the brief's literal design, only the last program sums all partials (expected slow at
+  E 4096, kept to measure it).
+* ``*_fwd_w4`` / ``*_fwd_r2``: forward with 4 warps per 4096-row (more programs per SM, 32 elements a thread)
+  or 2 rows per program with 16 warps (half the programs, same elements a thread): the small-T forward A/B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import triton
+
+__all__ = [
+    "VARIANTS",
+    "BwdConfig",
+    "Variant",
+    "bwd_config",
+    "default_variant",
+    "fwd_config",
+    "get_variant",
+    "register_cap",
+    "set_default_variant",
+]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One selectable set of RMSNorm tuning choices (see the module docstring)."""
+
+    name: str
+    one_launch: bool  # dw partial rows summed inside the backward kernel (ticket + last arrivers)
+    reducers: int = 0  # one_launch: most programs that split the final dw sum (1 = the last program alone)
+    balanced: bool = False  # backward grid: fewest programs with the same row blocks per program
+    fwd_block_r: int | None = None  # forward rows per program (None: fwd_config's choice)
+    fwd_warps: int | None = None  # forward warps (None: fwd_config's choice)
+
+
+_BASE = {
+    "two_launch": Variant("two_launch", one_launch=False),
+    "one_launch": Variant("one_launch", one_launch=True, reducers=128, balanced=True),
+    "one_launch_last": Variant("one_launch_last", one_launch=True, reducers=1, balanced=True),
+}
+VARIANTS: dict[str, Variant] = {
+    **_BASE,
+    "one_launch_fwd_w4": replace(_BASE["one_launch"], name="one_launch_fwd_w4", fwd_warps=4),
+    "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_block_r=2, fwd_warps=16),
+}
+
+# One launch by default: it removes a launch and a dependency gap from every backward with a trainable weight;
+# the reduction it adds runs on the last arrivers, which in a one-wave grid finish within ~1 us of each other.
+_default = "one_launch"
+
+
+def get_variant(name: str | None = None) -> Variant:
+    """The variant called ``name`` (None: the current default)."""
+    key = _default if name is None else name
+    if key not in VARIANTS:
+        raise ValueError(f"unknown RMSNorm variant {key!r}: expected one of {sorted(VARIANTS)}.")
+    return VARIANTS[key]
+
+
+def default_variant() -> str:
+    return _default
+
+
+def set_default_variant(name: str) -> str:
+    """Make ``name`` the variant :func:`kernels.rmsnorm.rms_norm` uses; returns the previous default."""
+    global _default
+    get_variant(name)  # validates
+    previous, _default = _default, name
+    return previous
+
+
+# --------------------------------------------------------------------------------------------------- forward
+def fwd_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, num_warps): about 4K elements per program.
+
+    E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 -> 32 rows
+    per program so that small rows still make wide programs. Register counts (Triton 3.6, sm_90): E 4096 at
+    8 warps takes 64 registers x 256 threads, so 4 programs (32 KB of loads) fit per SM; per-head 32 x 128 at
+    8 warps 80 registers, 3 programs (24 KB). H200 run 1 at T = 64K: 95-96% of copy for both.
+    """
+    block_e = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block_e))
+    elements = block_r * block_e
+    return block_r, block_e, 16 if elements >= 16384 else 8 if elements >= 2048 else 4
+
+
+# -------------------------------------------------------------------------------------------------- backward
+class BwdConfig(NamedTuple):
+    """Launch configuration of the backward (see :func:`bwd_config`)."""
+
+    block_r: int  # rows per tile
+    block_e: int  # next power of two >= E
+    num_warps: int
+    prefetch: bool  # load the next tile before computing the current one
+    programs: int  # persistent grid size (one wave)
+    maxnreg: int  # register cap that makes ``programs_per_sm`` programs fit on an SM
+    reduce_block_p: int  # partial rows per step of the dw reduction (kernel or in-kernel epilogue)
+    reduce_block_c: int  # columns per program (two_launch) or per reducer slab (one_launch)
+
+
+# Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
+REGS_PER_SM = 65536
+# one_launch: columns per reducer slab. 32 fp32 = one 128-byte line of each partial row.
+ONE_LAUNCH_SLAB = 32
+# Partial rows per reduction tile: 256 x 32 fp32 = 32 values a thread at 8 warps, one round of loads for a grid
+# of up to 256 programs (E 4096 at T >= 4K with the balanced grid).
+ONE_LAUNCH_BLOCK_P = 256
+
+
+def register_cap(programs_per_sm: int, num_warps: int) -> int:
+    """Registers per thread that let ``programs_per_sm`` programs of ``num_warps`` warps share an SM."""
+    return min(255, REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
+
+
+def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False) -> BwdConfig:
+    """The backward's launch configuration, a pure function of (rows, E, SM count, variant knobs).
+
+    Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB): the tile
+    each resident program has loaded plus PREFETCH (the next tile's loads stay out while the current one
+    computes). Register counts (Triton 3.6 offline compile for sm_90, E a constexpr, dx and dw):
+    * wide rows (E >= 1024): one row per tile, 16 elements per thread (E 4096 -> 8 warps), prefetch on: 124-128
+      registers (cap 128, no spill), 2 programs x (16 KB loaded + 16 KB prefetched) per SM. E 8192: 16 warps,
+      1 program; E 2048: 4 warps, 4 programs.
+    * narrow rows (per-head E 128; 64, 256): 2048 elements per tile (E 128 -> 16 rows), 4 warps, prefetch on:
+      122-128 registers, 4 programs per SM; E 64 needs up to 151, so 3 programs (cap 168).
+    The register cap is always set, so the occupancy the persistent grid is sized for is what the hardware gets:
+    one wave (a second, partial wave would double the slowest SM's time). ``balanced`` then drops programs that
+    would not lower the most row blocks any program handles (T = 4K, E 4096: 264 -> 256 programs, 16 rows each).
+    """
+    block_e = triton.next_power_of_2(n_cols)
+    if block_e >= 1024:
+        block_r = 1
+        num_warps = max(4, min(16, block_e // 512))  # 16 elements per thread up to E 8192
+        per_sm = max(1, 16 // num_warps)
+    else:
+        block_r = max(1, 2048 // block_e)
+        num_warps = 4
+        per_sm = 4 if block_e >= 128 else 3  # E 64: 32 rows x 64 need up to 151 registers
+    maxnreg = register_cap(per_sm, num_warps)
+    n_blocks = triton.cdiv(max(n_rows, 1), block_r)
+    programs = max(1, min(n_blocks, per_sm * sms))
+    if balanced:
+        programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))
+    if one_launch:
+        reduce_c = ONE_LAUNCH_SLAB
+        reduce_p = max(1, min(triton.next_power_of_2(programs), ONE_LAUNCH_BLOCK_P))
+    else:
+        # Separate kernel: 16 columns (64 B of each partial row) per program and all partial rows in one tile of
+        # up to 512 x 16 fp32: one round of loads per program (~1-2 us); E 4096 -> 256 programs.
+        reduce_c = 16
+        reduce_p = max(1, min(triton.next_power_of_2(programs), 512))
+    return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c)
+
+
+def one_launch_reducers(programs: int, n_cols: int, wanted: int, interpreted: bool) -> int:
+    """Programs that split the in-kernel dw sum: at most one per slab, per program, and ``wanted``.
+
+    Under Triton's CPU interpreter programs run one after another, so only the last one may wait for the rest:
+    every reducer but the last spins until all programs have arrived, which a sequential run never reaches.
+    """
+    if interpreted:
+        return 1
+    return max(1, min(wanted, programs, triton.cdiv(n_cols, ONE_LAUNCH_SLAB)))
