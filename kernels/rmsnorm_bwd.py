@@ -6,7 +6,7 @@ are then summed in program order, never with float atomics, so the same inputs g
 * two launches (``ONE_LAUNCH`` False): :func:`_dw_reduce_kernel` sums them after the backward kernel;
 * one launch: each program takes a ticket on an int32 counter after storing its row; the last ``n_reducers``
   programs to arrive wait until all P have (a spin on the counter: they are the last of a one-wave grid, so
-  the ones they wait for are already running or have free slots), each sums 32-column slabs of the workspace
+  the ones they wait for are already running or have free slots), each sums column slabs of the workspace
   and writes dw; the last reducer to finish zeroes the counter for the next launch (CUDA-graph replay).
 Ordering: ``tl.debug_barrier`` (CTA barrier) before the ticket puts every thread's partial-row store before
 thread 0's acq_rel atomic (the pattern of PyTorch Inductor's grid barrier); reducers read the workspace with

@@ -9,14 +9,15 @@ Variants (H200 run 4, bf16, CUDA-graph device time, % of copy: T = 4K fwd 84% / 
 * ``two_launch``: run 4's behaviour. Persistent backward, then a second small kernel sums the per-program fp32
   partial dw rows in a fixed order.
 * ``one_launch``: the same backward loop; after its rows each program stores its partial row, takes a ticket
-  (an acq_rel atomic on an int32 counter) and the last ``reducers`` programs to arrive each sum a 32-column
-  slab of the partial rows in program order (deterministic) and write dw; the last of them zeroes the counter,
-  so a CUDA graph can replay it. Why several reducers: at E 4096 the partials are 256 x 16 KB = 4 MB, which
-  one SM reads from L2 at ~50-100 GB/s (40-80 us); 128 reducers read 32 KB each (one tile, ~1 us). Saves the
-  second launch (~2-3 us of the 32 us backward at T = 4K). The grid is also "balanced": the fewest programs
-  with the same tiles per program (T = 4K: 256 programs x 16 rows instead of 264 x 15-16), 3% fewer partials.
-* ``one_launch_last``: the brief's literal design, only the last program sums all partials (expected slow at
-  E 4096, kept to measure it).
+  (an acq_rel atomic on an int32 counter) and the last ``reducers`` programs to arrive each sum a slab of
+  columns of the partial rows in program order (deterministic) and write dw; the last of them zeroes the
+  counter, so a CUDA graph can replay it. Why several reducers: at E 4096 the partials are 256 x 16 KB = 4 MB,
+  which one SM reads from L2 at ~50-100 GB/s (40-80 us); 128 reducers read 32 KB each (one tile, ~1 us);
+  per-head E 128: 512 x 512 B over 16 reducers of 8 columns. Saves the second launch (~2-3 us of the 32 us
+  backward at T = 4K). The grid is also "balanced": the fewest programs with the same tiles per program
+  (T = 4K: 256 programs x 16 rows instead of 264 x 15-16), 3% fewer partial rows.
+* ``one_launch_r16`` / ``one_launch_last``: 16 reducers / only the last program sums all partials (the plain
+  last-arriver design; expected slow at E 4096, kept to measure the reducer count's effect).
 * ``*_fwd_w4`` / ``*_fwd_r2``: forward with 4 warps per 4096-row (more programs per SM, 32 elements a thread)
   or 2 rows per program with 16 warps (half the programs, same elements a thread): the small-T forward A/B.
 """
@@ -55,7 +56,8 @@ class Variant:
 
 _BASE = {
     "two_launch": Variant("two_launch", one_launch=False),
-    "one_launch": Variant("one_launch", one_launch=True, reducers=128, balanced=True),
+    "one_launch": Variant("one_launch", one_launch=True, reducers=256, balanced=True),
+    "one_launch_r16": Variant("one_launch_r16", one_launch=True, reducers=16, balanced=True),
     "one_launch_last": Variant("one_launch_last", one_launch=True, reducers=1, balanced=True),
 }
 VARIANTS: dict[str, Variant] = {
@@ -120,11 +122,15 @@ class BwdConfig(NamedTuple):
 
 # Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
 REGS_PER_SM = 65536
-# one_launch: columns per reducer slab. 32 fp32 = one 128-byte line of each partial row.
-ONE_LAUNCH_SLAB = 32
-# Partial rows per reduction tile: 256 x 32 fp32 = 32 values a thread at 8 warps, one round of loads for a grid
-# of up to 256 programs (E 4096 at T >= 4K with the balanced grid).
-ONE_LAUNCH_BLOCK_P = 256
+# one_launch reduction tiles: a reducer sums a slab of columns over the partial rows, at most 32 fp32 values a
+# thread per tile (no spill under the 128-register cap), so up to 32 x threads / slab rows take one round of loads.
+_ONE_LAUNCH_VALUES_PER_THREAD = 32
+
+
+def one_launch_slab(n_cols: int) -> int:
+    """Columns per reducer slab: 32 fp32 (one 128-byte line of each partial row) for wide rows, fewer for narrow
+    ones so that small E still splits over several reducers (per-head E 128 -> 8 columns, 16 reducers)."""
+    return max(8, min(32, triton.next_power_of_2(n_cols) // 16))
 
 
 def register_cap(programs_per_sm: int, num_warps: int) -> int:
@@ -162,8 +168,9 @@ def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_l
     if balanced:
         programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))
     if one_launch:
-        reduce_c = ONE_LAUNCH_SLAB
-        reduce_p = max(1, min(triton.next_power_of_2(programs), ONE_LAUNCH_BLOCK_P))
+        reduce_c = one_launch_slab(n_cols)
+        tile_rows = _ONE_LAUNCH_VALUES_PER_THREAD * 32 * num_warps // reduce_c
+        reduce_p = max(1, min(triton.next_power_of_2(programs), tile_rows))
     else:
         # Separate kernel: 16 columns (64 B of each partial row) per program and all partial rows in one tile of
         # up to 512 x 16 fp32: one round of loads per program (~1-2 us); E 4096 -> 256 programs.
@@ -180,4 +187,4 @@ def one_launch_reducers(programs: int, n_cols: int, wanted: int, interpreted: bo
     """
     if interpreted:
         return 1
-    return max(1, min(wanted, programs, triton.cdiv(n_cols, ONE_LAUNCH_SLAB)))
+    return max(1, min(wanted, programs, triton.cdiv(n_cols, one_launch_slab(n_cols))))
