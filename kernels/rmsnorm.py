@@ -160,8 +160,8 @@ def _launch_fwd(
     if n_rows == 0:
         return y, rstd
     choice = get_variant(variant)
-    default_r, block_e, default_warps = fwd_config(n_cols)
-    block_r = block_r or choice.fwd_block_r or default_r
+    default_r, block_e, default_warps = fwd_config(n_cols, choice.fwd_elements, choice.fwd_per_thread)
+    block_r = block_r or default_r
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x2,
         weight,
@@ -176,7 +176,7 @@ def _launch_fwd(
         BLOCK_R=block_r,
         BLOCK_E=block_e,
         LONG_INDEXING=needs_long_indexing(x2, y),
-        num_warps=num_warps or choice.fwd_warps or default_warps,
+        num_warps=num_warps or default_warps,
     )
     return y, rstd
 
@@ -217,7 +217,7 @@ def _launch_bwd(
     dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device) if compute_dw else None
     counter = _ticket_counter(x.device) if one_launch else rstd  # unused pointer unless ONE_LAUNCH
     reduce_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
-    reducers = one_launch_reducers(n_programs, n_cols, choice.reducers, interpreted=not x.is_cuda)
+    reducers = one_launch_reducers(n_programs, n_cols, choice.reducers, sms, interpreted=not x.is_cuda)
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2,
         x2,

@@ -18,8 +18,9 @@ Variants (H200 run 4, bf16, CUDA-graph device time, % of copy: T = 4K fwd 84% / 
   (T = 4K: 256 programs x 16 rows instead of 264 x 15-16), 3% fewer partial rows.
 * ``one_launch_r16`` / ``one_launch_last``: 16 reducers / only the last program sums all partials (the plain
   last-arriver design; expected slow at E 4096, kept to measure the reducer count's effect).
-* ``*_fwd_w4`` / ``*_fwd_r2``: forward with 4 warps per 4096-row (more programs per SM, 32 elements a thread)
-  or 2 rows per program with 16 warps (half the programs, same elements a thread): the small-T forward A/B.
+* ``*_fwd_w4`` / ``*_fwd_r2``: forward with half the warps per program (32 elements a thread: E 4096 -> 4 warps,
+  more programs resident per SM) or twice the rows per program at 16 elements a thread (E 4096 -> 2 rows x 16
+  warps, half the programs; per-head 64 x 128): the small-T forward A/B (run 4: 84% of copy at T = 4K).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Variant:
     one_launch: bool  # dw partial rows summed inside the backward kernel (ticket + last arrivers)
     reducers: int = 0  # one_launch: most programs that split the final dw sum (1 = the last program alone)
     balanced: bool = False  # backward grid: fewest programs with the same row blocks per program
-    fwd_block_r: int | None = None  # forward rows per program (None: fwd_config's choice)
-    fwd_warps: int | None = None  # forward warps (None: fwd_config's choice)
+    fwd_elements: int = 4096  # forward: about this many elements per program (whole rows, at least one)
+    fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
 
 
 _BASE = {
@@ -62,8 +63,8 @@ _BASE = {
 }
 VARIANTS: dict[str, Variant] = {
     **_BASE,
-    "one_launch_fwd_w4": replace(_BASE["one_launch"], name="one_launch_fwd_w4", fwd_warps=4),
-    "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_block_r=2, fwd_warps=16),
+    "one_launch_fwd_w4": replace(_BASE["one_launch"], name="one_launch_fwd_w4", fwd_per_thread=32),
+    "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
 }
 
 # One launch by default: it removes a launch and a dependency gap from every backward with a trainable weight;
@@ -92,18 +93,21 @@ def set_default_variant(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- forward
-def fwd_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_E, num_warps): about 4K elements per program.
+def fwd_config(n_cols: int, elements: int = 4096, per_thread: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, num_warps): about ``elements`` per program, ``per_thread`` elements a thread (None:
+    4 warps below 2048 elements a program, 8 below 16384, else 16).
 
-    E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 -> 32 rows
-    per program so that small rows still make wide programs. Register counts (Triton 3.6, sm_90): E 4096 at
-    8 warps takes 64 registers x 256 threads, so 4 programs (32 KB of loads) fit per SM; per-head 32 x 128 at
+    Default: E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 ->
+    32 rows per program so that small rows still make wide programs. Register counts (Triton 3.6, sm_90): E 4096
+    at 8 warps takes 64 registers x 256 threads, so 4 programs (32 KB of loads) fit per SM; per-head 32 x 128 at
     8 warps 80 registers, 3 programs (24 KB). H200 run 1 at T = 64K: 95-96% of copy for both.
     """
     block_e = triton.next_power_of_2(n_cols)
-    block_r = max(1, min(64, 4096 // block_e))
-    elements = block_r * block_e
-    return block_r, block_e, 16 if elements >= 16384 else 8 if elements >= 2048 else 4
+    block_r = max(1, min(64, elements // block_e))
+    program = block_r * block_e
+    if per_thread is None:
+        return block_r, block_e, 16 if program >= 16384 else 8 if program >= 2048 else 4
+    return block_r, block_e, max(1, min(16, triton.next_power_of_2(max(1, program // (per_thread * 32)))))
 
 
 # -------------------------------------------------------------------------------------------------- backward
@@ -179,12 +183,14 @@ def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_l
     return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c)
 
 
-def one_launch_reducers(programs: int, n_cols: int, wanted: int, interpreted: bool) -> int:
-    """Programs that split the in-kernel dw sum: at most one per slab, per program, and ``wanted``.
+def one_launch_reducers(programs: int, n_cols: int, wanted: int, sms: int, interpreted: bool) -> int:
+    """Programs that split the in-kernel dw sum: at most ``wanted``, one per slab, one per program, one per SM.
 
-    Under Triton's CPU interpreter programs run one after another, so only the last one may wait for the rest:
-    every reducer but the last spins until all programs have arrived, which a sequential run never reaches.
+    Every reducer but the last arrival spins until all programs have arrived. When it spins, all but fewer than
+    ``reducers`` programs have exited, so the stragglers find free slots as long as the spinning reducers cannot
+    fill the GPU: at most one per SM guarantees that whatever the grid (a swept ``programs`` may exceed a wave).
+    Under Triton's CPU interpreter programs run one after another, so only the last one may wait: 1 reducer.
     """
     if interpreted:
         return 1
-    return max(1, min(wanted, programs, triton.cdiv(n_cols, one_launch_slab(n_cols))))
+    return max(1, min(wanted, programs, sms, triton.cdiv(n_cols, one_launch_slab(n_cols))))

@@ -9,7 +9,7 @@ import torch
 import kernels.rmsnorm as module
 from kernels.rmsnorm import rms_norm, rms_norm_reference
 from kernels.rmsnorm_config import VARIANTS, bwd_config, default_variant, one_launch_reducers, set_default_variant
-from tests.kernels.compare import ATOL, DEVICE, assert_close_verbose, dtype_error_bound
+from tests.kernels.compare import ATOL, DEVICE, INTERPRETED, assert_close_verbose, dtype_error_bound
 
 
 class _NoLaunch:
@@ -74,10 +74,10 @@ def test_balanced_grid_keeps_the_most_blocks_per_program(rows, cols, sms):
     assert balanced.programs <= plain.programs
     assert -(-blocks // balanced.programs) == -(-blocks // plain.programs)
     assert balanced.reduce_block_c * balanced.reduce_block_p <= 32 * 32 * balanced.num_warps  # <= 32 values/thread
-    reducers = one_launch_reducers(balanced.programs, cols, 256, interpreted=False)
+    reducers = one_launch_reducers(balanced.programs, cols, 256, sms, interpreted=False)
     slabs = -(-cols // balanced.reduce_block_c)
-    assert 1 <= reducers <= min(balanced.programs, slabs)
-    assert one_launch_reducers(balanced.programs, cols, 256, interpreted=True) == 1  # sequential programs
+    assert 1 <= reducers <= min(balanced.programs, slabs, sms)
+    assert one_launch_reducers(balanced.programs, cols, 256, sms, interpreted=True) == 1  # sequential programs
 
 
 def test_balanced_grid_for_qwen3_shapes():
@@ -86,8 +86,9 @@ def test_balanced_grid_for_qwen3_shapes():
     # T = 4K: 256 programs x 16 rows (not 264 x 15-16); per-head 512 x 16 tiles of 16 rows (not 528).
     assert (hidden.programs, hidden.reduce_block_c, hidden.reduce_block_p) == (256, 32, 256)
     assert (head.programs, head.reduce_block_c, head.reduce_block_p) == (512, 8, 512)
-    assert one_launch_reducers(hidden.programs, 4096, VARIANTS["one_launch"].reducers, False) == 128
-    assert one_launch_reducers(head.programs, 128, VARIANTS["one_launch"].reducers, False) == 16
+    assert one_launch_reducers(hidden.programs, 4096, VARIANTS["one_launch"].reducers, 132, False) == 128
+    assert one_launch_reducers(head.programs, 128, VARIANTS["one_launch"].reducers, 132, False) == 16
+    assert one_launch_reducers(4000, 8192, 256, 78, False) == 78  # a swept grid past one wave: one per SM
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
@@ -147,3 +148,21 @@ def test_one_launch_backward_cuda_graph_replay(shape, fresh_counter):
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][0], results[1][0])
     assert_close_verbose(results[1][1].float(), eager_dw.float(), atol=2e-2, rtol=2e-2, name="graph dw vs eager")
     assert all(c.tolist() == [0, 0] for c in module._COUNTERS.values())
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the --quick smoke run uses Triton's CPU interpreter")
+def test_bench_rmsnorm_variants_quick_smoke(tmp_path):
+    """tools/bench_rmsnorm_variants.py's plumbing (variants, shared measurements, table, JSON) on a tiny CPU run."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_rmsnorm_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_rmsnorm_variants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--variants", "two_launch,one_launch_fwd_w4", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "rmsnorm_variants.json").read_text())
+    got = {(r["variant"], r["kind"]) for r in payload["rows"] if r["fwd_us"] and r["bwd_us"] and not r["error"]}
+    assert got == {(v, k) for v in ("two_launch", "one_launch_fwd_w4") for k in ("hidden", "per_head")}
+    assert "| two_launch | hidden | 13 |" in (tmp_path / "rmsnorm_variants.md").read_text()
