@@ -133,13 +133,18 @@ _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _ticket_counter(device: torch.device) -> torch.Tensor:
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """The counter for the current stream. A CUDA-graph capture runs on its own stream after a warm-up on another
+    (train.cuda_graph, torch.cuda.graph): it takes the device's warm-up counter (made eagerly, so zero), the graph
+    then replays on one stream at a time. Only a capture with no counter yet on the device makes one inside the
+    graph: a zeroing memset node replayed before each use, kept out of the cache (it is never zeroed eagerly)."""
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = torch.zeros(2, dtype=torch.int32, device=device)
-        if not capturing:  # made during a capture it lives in the graph's pool (zeroed by its replayed memset)
-            _COUNTERS[key] = counter
+    if counter is not None:
+        return counter
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        same_device = [c for (d, _), c in _COUNTERS.items() if d == device]
+        return same_device[0] if same_device else torch.zeros(2, dtype=torch.int32, device=device)
+    counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
     return counter
 
 

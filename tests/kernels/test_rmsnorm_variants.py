@@ -117,11 +117,12 @@ def test_rms_norm_every_variant_gpu(variant, shape, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fresh_counter", [False, True])
+@pytest.mark.parametrize("capture", ["warm_stream", "other_stream", "fresh_counter"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (4096, 32, 128)])
-def test_one_launch_backward_cuda_graph_replay(shape, fresh_counter):
-    """Replaying a captured one-launch backward twice gives the same dw (the kernel re-zeroes its ticket counter)
-    and the eager two-launch dw; ``fresh_counter``: the counter is first made inside the capture."""
+def test_one_launch_backward_cuda_graph_replay(shape, capture):
+    """Replaying a captured one-launch backward twice gives the same dx and dw (the kernel re-zeroes its ticket
+    counter) and the eager two-launch dw. Captured on the warm-up stream, on torch.cuda.graph's own stream (as
+    train.cuda_graph does: the device's warm-up counter is reused), or with no counter yet (made inside the graph)."""
     gen = torch.Generator(device="cuda").manual_seed(43)
     x = torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16)
     w = (torch.randn(shape[-1], device="cuda", generator=gen) * 0.3 + 1.0).to(torch.bfloat16)
@@ -130,14 +131,15 @@ def test_one_launch_backward_cuda_graph_replay(shape, fresh_counter):
     _, eager_dw = module._launch_bwd(dy, x, w, rstd, 0.0, True, True, variant="two_launch")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         module._launch_bwd(dy, x, w, rstd, 0.0, True, True, variant="one_launch")  # compile + warm-up
-        if fresh_counter:
+        if capture == "fresh_counter":
             module._COUNTERS.clear()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            dx, dw = module._launch_bwd(dy, x, w, rstd, 0.0, True, True, variant="one_launch")
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph, stream=side if capture == "warm_stream" else None):
+        dx, dw = module._launch_bwd(dy, x, w, rstd, 0.0, True, True, variant="one_launch")
     results = []
     for _ in range(2):
         dx.zero_()
@@ -148,6 +150,8 @@ def test_one_launch_backward_cuda_graph_replay(shape, fresh_counter):
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][0], results[1][0])
     assert_close_verbose(results[1][1].float(), eager_dw.float(), atol=2e-2, rtol=2e-2, name="graph dw vs eager")
     assert all(c.tolist() == [0, 0] for c in module._COUNTERS.values())
+    eager_again = module._launch_bwd(dy, x, w, rstd, 0.0, True, True, variant="one_launch")[1]  # after the replays
+    assert torch.equal(eager_again, results[1][1])
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the --quick smoke run uses Triton's CPU interpreter")
