@@ -6,7 +6,8 @@ are then summed in program order, never with float atomics, so the same inputs g
 * two launches (``ONE_LAUNCH`` False): :func:`_dw_reduce_kernel` sums them after the backward kernel;
 * one launch: each program takes a ticket on an int32 counter after storing its row; the last ``n_reducers``
   programs to arrive wait until all P have (a spin on the counter: they are the last of a one-wave grid, so
-  the ones they wait for are already running or have free slots), each sums column slabs of the workspace
+  the ones they wait for are already running or have free slots; the spin is bounded, and a timeout turns dw
+  into NaN rather than hanging the GPU), each sums column slabs of the workspace
   and writes dw; the last reducer to finish zeroes the counter for the next launch (CUDA-graph replay).
 Ordering: ``tl.debug_barrier`` (CTA barrier) before the ticket puts every thread's partial-row store before
 thread 0's acq_rel atomic (the pattern of PyTorch Inductor's grid barrier); reducers read the workspace with
@@ -20,13 +21,17 @@ import triton.language as tl
 
 __all__ = ["_dw_reduce_kernel", "_rms_norm_bwd_kernel"]
 
+MAX_SPINS = tl.constexpr(2**21)  # one_launch: most polls of the ticket counter by a waiting reducer
+
 
 @triton.jit
-def _sum_partial_slab(partial_ptr, dw_ptr, slab, P, E, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dw[slab columns] = sum over p of partial[p, slab columns], tiles of BLOCK_P rows in order, cast once."""
+def _sum_partial_slab(partial_ptr, dw_ptr, slab, P, E, poison, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw[slab columns] = sum over p of partial[p, slab columns], tiles of BLOCK_P rows in order, cast once.
+
+    ``poison`` (0.0, or NaN when the wait for the other programs timed out) is added so a failure is visible."""
     cols = slab * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < E
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32) + poison
     start = 0
     while start < P:  # a while loop for the interpreter (see the backward kernel)
         prow = start + tl.arange(0, BLOCK_P)
@@ -138,13 +143,21 @@ def _rms_norm_bwd_kernel(
             ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
             first_reducer = n_programs - n_reducers
             if ticket >= first_reducer:
+                poison = 0.0
                 if n_reducers > 1:  # not the last arrival: wait for the rest (never taken by the interpreter)
-                    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_programs:
-                        pass
+                    # Bounded (~1 s at ~0.5 us a round): were the stragglers ever unable to run, dw becomes NaN
+                    # (visible in the loss and the tests) instead of the GPU hanging.
+                    spins = 0
+                    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_programs) & (
+                        spins < MAX_SPINS
+                    ):
+                        spins += 1
+                    if spins >= MAX_SPINS:
+                        poison = float("nan")
                 tl.debug_barrier()  # the acquire (thread 0) precedes every thread's reads of the workspace
                 slab = ticket - first_reducer
                 while slab * REDUCE_C < E:
-                    _sum_partial_slab(dw_partial_ptr, dw_ptr, slab, n_programs, E, REDUCE_P, REDUCE_C)
+                    _sum_partial_slab(dw_partial_ptr, dw_ptr, slab, n_programs, E, poison, REDUCE_P, REDUCE_C)
                     slab += n_reducers
                 tl.debug_barrier()  # this reducer's reads are done before its finish ticket may reset the counter
                 finished = tl.atomic_add(counter_ptr + 1, 1, sem="acq_rel", scope="gpu")
