@@ -80,6 +80,62 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
+@triton.jit
+def _rms_norm_fwd_persistent_kernel(
+    x_ptr,  # (R, E) rows of stride_x
+    w_ptr,  # (E,)
+    y_ptr,  # (R, E) contiguous
+    rstd_ptr,  # (R,) fp32
+    R,
+    n_blocks,  # cdiv(R, BLOCK_R)
+    n_programs,  # the grid size
+    stride_x,
+    eps,
+    offset,
+    E: tl.constexpr,
+    GEMMA_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    LONG_INDEXING: tl.constexpr,
+):
+    """Persistent forward (variant knob ``fwd_programs_per_sm``): program p normalizes row blocks p, p + N, ...,
+    loading the next block before computing the current one, so an SM's loads stay in flight without the block
+    scheduler launching a new program per row (at T = 4K: 16 blocks a program instead of 4096 programs)."""
+    pid = tl.program_id(0)
+    block = pid
+    if LONG_INDEXING:
+        block = pid.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_mask = cols < E
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    if E == BLOCK_E:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & col_mask[None, :]
+    x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    while block < n_blocks:  # a while loop for the interpreter (see the backward kernel)
+        x = x_next.to(tl.float32)
+        cur_rows, cur_row_mask, cur_mask = rows, row_mask, mask
+        block += n_programs
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        if E == BLOCK_E:
+            mask = row_mask[:, None]
+        else:
+            mask = row_mask[:, None] & col_mask[None, :]
+        x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
+        normed = x * rstd[:, None]
+        if GEMMA_CAST:
+            y = normed * (offset + w[None, :])
+        else:
+            y = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+        tl.store(y_ptr + cur_rows[:, None] * E + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=cur_mask)
+        tl.store(rstd_ptr + cur_rows, rstd, mask=cur_row_mask)
+
+
 # ------------------------------------------------------------------------------------------- host launchers
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A whole row lives in registers; past 64K elements it would spill (no model we train is near that).
@@ -167,6 +223,29 @@ def _launch_fwd(
     choice = get_variant(variant)
     default_r, block_e, default_warps = fwd_config(n_cols, choice.fwd_elements, choice.fwd_per_thread)
     block_r = block_r or default_r
+    if choice.fwd_programs_per_sm:
+        n_blocks = triton.cdiv(n_rows, block_r)
+        programs = min(n_blocks, choice.fwd_programs_per_sm * _sm_count(x))
+        programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))  # balanced: same blocks, fewest programs
+        _rms_norm_fwd_persistent_kernel[(programs,)](
+            x2,
+            weight,
+            y,
+            rstd,
+            n_rows,
+            n_blocks,
+            programs,
+            x2.stride(0),
+            eps,
+            offset,
+            E=n_cols,
+            GEMMA_CAST=offset != 0.0,
+            BLOCK_R=block_r,
+            BLOCK_E=block_e,
+            LONG_INDEXING=needs_long_indexing(x2, y),
+            num_warps=num_warps or default_warps,
+        )
+        return y, rstd
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x2,
         weight,

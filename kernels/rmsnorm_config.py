@@ -21,6 +21,8 @@ Variants (H200 run 4, bf16, CUDA-graph device time, % of copy: T = 4K fwd 84% / 
 * ``*_fwd_w4`` / ``*_fwd_r2``: forward with half the warps per program (32 elements a thread: E 4096 -> 4 warps,
   more programs resident per SM) or twice the rows per program at 16 elements a thread (E 4096 -> 2 rows x 16
   warps, half the programs; per-head 64 x 128): the small-T forward A/B (run 4: 84% of copy at T = 4K).
+* ``one_launch_fwd_persistent``: forward as a persistent grid of 4 programs per SM (8 warps, ~40-50 registers:
+  they fit) that prefetch their next row block: no per-row program dispatch, 4 x 2 x 8 KB in flight per SM.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Variant:
     balanced: bool = False  # backward grid: fewest programs with the same row blocks per program
     fwd_elements: int = 4096  # forward: about this many elements per program (whole rows, at least one)
     fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
+    fwd_programs_per_sm: int = 0  # forward: persistent grid of this many programs per SM (0: one per row block)
 
 
 _BASE = {
@@ -64,6 +67,7 @@ _BASE = {
 VARIANTS: dict[str, Variant] = {
     **_BASE,
     "one_launch_fwd_w4": replace(_BASE["one_launch"], name="one_launch_fwd_w4", fwd_per_thread=32),
+    "one_launch_fwd_persistent": replace(_BASE["one_launch"], name="one_launch_fwd_persistent", fwd_programs_per_sm=4),
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
 }
 

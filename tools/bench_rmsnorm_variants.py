@@ -37,7 +37,7 @@ MIN_SETS = 4
 def _fwd_key(variant, n_cols: int) -> tuple:
     from kernels.rmsnorm_config import fwd_config
 
-    return fwd_config(n_cols, variant.fwd_elements, variant.fwd_per_thread)
+    return (*fwd_config(n_cols, variant.fwd_elements, variant.fwd_per_thread), variant.fwd_programs_per_sm)
 
 
 def _bwd_key(variant) -> tuple:

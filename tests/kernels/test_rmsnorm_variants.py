@@ -9,7 +9,14 @@ import torch
 import kernels.rmsnorm as module
 from kernels.rmsnorm import rms_norm, rms_norm_reference
 from kernels.rmsnorm_config import VARIANTS, bwd_config, default_variant, one_launch_reducers, set_default_variant
-from tests.kernels.compare import ATOL, DEVICE, INTERPRETED, assert_close_verbose, dtype_error_bound
+from tests.kernels.compare import (
+    ATOL,
+    DEVICE,
+    INTERPRETED,
+    assert_close_verbose,
+    dtype_error_bound,
+    interpreter_rtol,
+)
 
 
 class _NoLaunch:
@@ -62,6 +69,23 @@ def test_one_launch_leaves_the_counter_zero_and_repeats_bit_identically():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     want = _float64_grads(x, w, dy)
     assert_close_verbose(second[2], want[2], atol=1e-4, rtol=1e-4, name="dw one_launch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "block_r", "offset"), [((37, 96), 1, 0.0), ((37, 3, 32), 4, 1.0), ((2, 131), 1, 0.0)]
+)
+def test_persistent_forward_several_blocks_per_program(shape, block_r, offset, dtype):
+    """The persistent forward with several (ragged) row blocks per program, so its prefetch crosses iterations."""
+    gen = torch.Generator().manual_seed(sum(shape) * 10 + block_r)
+    x = (torch.randn(*shape, generator=gen) * 2).to(dtype).to(DEVICE)
+    w = (torch.randn(shape[-1], generator=gen) * 0.5 + 1.0).to(dtype).to(DEVICE)
+    y, rstd = module._launch_fwd(x, w, 1e-6, offset, block_r=block_r, variant="one_launch_fwd_persistent")
+    want = rms_norm_reference(x.double(), w.double(), 1e-6, offset)
+    want_rstd = torch.rsqrt(x.double().pow(2).mean(-1) + 1e-6).reshape(-1)
+    bound = dtype_error_bound(rms_norm_reference(x, w, 1e-6, offset), want, ATOL[dtype])
+    assert_close_verbose(y, want, atol=bound, rtol=interpreter_rtol(dtype), name=f"y persistent {dtype}")
+    assert_close_verbose(rstd, want_rstd, atol=1e-5, rtol=1e-5, name="rstd persistent")
 
 
 @pytest.mark.parametrize(("rows", "cols", "sms"), [(4096, 4096, 132), (4096 * 32, 128, 132), (1000, 4096, 132),
