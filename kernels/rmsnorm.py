@@ -80,7 +80,7 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "n_blocks", "n_programs"])  # see _rms_norm_bwd_kernel
 def _rms_norm_fwd_persistent_kernel(
     x_ptr,  # (R, E) rows of stride_x
     w_ptr,  # (E,)

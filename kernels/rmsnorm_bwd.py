@@ -43,7 +43,9 @@ def _sum_partial_slab(partial_ptr, dw_ptr, slab, P, E, poison, BLOCK_P: tl.const
     tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
 
 
-@triton.jit
+# Sizes that change with T are not specialized (Triton would compile again for each "== 1" / "divisible by 16"
+# pattern of them); strides and pointers are, for 16-byte vector loads.
+@triton.jit(do_not_specialize=["R", "n_blocks", "n_programs", "n_reducers"])
 def _rms_norm_bwd_kernel(
     dy_ptr,  # (R, E) rows of stride_dy
     x_ptr,  # (R, E) rows of stride_x
