@@ -6,35 +6,39 @@ values must be contiguous.
 
 Why fused: eager RMSNorm makes ~6 passes over (T, E) (fp32 cast, square, mean, scale, cast, weight product).
 The forward here reads x once and writes y once, plus one fp32 rstd per row kept for the backward; the backward
-reads dy and x once and writes dx once. The weight gradient is deterministic: every backward program sums its
-rows' ``dy * normed`` into its own fp32 row of a (programs, E) buffer, and a second small kernel sums those rows
-in a fixed order and casts to the weight's dtype (no atomics, so the same inputs give bit-identical weight
-gradients). A frozen weight (LoRA) compiles the backward without any dw work and launches no reduction.
+reads dy and x once and writes dx once (``kernels/rmsnorm_bwd.py``). The weight gradient is deterministic
+(per-program fp32 partial rows summed in a fixed order, no float atomics), reduced either by a second small
+kernel or inside the backward's one launch; a frozen weight (LoRA) compiles the backward without any dw work.
 
-Backward, run 4 (H200 run 3: 53% / 73% / 79% of copy at T = 4K / 16K / 64K for E 4096, 48-76% per-head):
-* the persistent grid is one wave of programs sized by a register cap (``maxnreg``) that the launcher always
-  sets, and every program prefetches its next tile: E 4096 keeps 2 programs per SM (128 registers, no spill)
-  with 16 KB loaded + 16 KB in flight each, instead of 2 x 16 KB that went idle during the compute; per-head
-  rows use 16 x 128 tiles, 4 programs per SM, instead of one 32 x 128 program whose barriers stalled the SM;
-* E is a constexpr (one compile per model width), so full rows carry no column masks and the prefetching
-  loop fits in 128 registers;
-* the dw partial rows (264 x 4096 x 4 B = 4.3 MB at E 4096, written and read once) are reduced and cast by one
-  Triton launch instead of ``sum(0)`` + ``.to(dtype)`` (two launches, ~3-5 us at T = 4K: 10% of that row).
-Predicted (not yet measured): >= 90% of copy at 16K and 64K; at 4K (100 MB, 24 us at copy rate) the launch
-ramp, the one-wave tail (15-16 rows per program) and the ~3 us reduction launch leave ~80-85%.
+Tuning lives in ``kernels/rmsnorm_config.py``: block sizes, the persistent one-wave grid with its register cap,
+and the named variants an A/B run switches between (``set_default_variant`` or ``rms_norm(..., variant=)``).
+H200 run 4 (CUDA-graph device time, % of copy, E 4096 bf16): T = 4K fwd 84% / bwd 74% (two launches),
+16K 95% / 89%, 64K 96% / 96%; per-head (T x 32, 128): 4K 88% / 73%, 16K 93% / 91%. At 4K the whole backward
+is ~24 us of traffic, so the second launch, the launch ramp and the tail decide: hence ``one_launch``.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .indexing import needs_long_indexing
+from .rmsnorm_bwd import _dw_reduce_kernel, _rms_norm_bwd_kernel
+from .rmsnorm_config import (
+    REGS_PER_SM,
+    BwdConfig,
+    Variant,
+    bwd_config,
+    default_variant,
+    fwd_config,
+    get_variant,
+    one_launch_reducers,
+    register_cap,
+    set_default_variant,
+)
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = ["default_variant", "rms_norm", "rms_norm_reference", "set_default_variant"]
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -76,68 +80,44 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-@triton.jit
-def _rms_norm_bwd_kernel(
-    dy_ptr,  # (R, E) rows of stride_dy
+@triton.jit(do_not_specialize=["R", "n_blocks", "n_programs"])  # see _rms_norm_bwd_kernel
+def _rms_norm_fwd_persistent_kernel(
     x_ptr,  # (R, E) rows of stride_x
     w_ptr,  # (E,)
+    y_ptr,  # (R, E) contiguous
     rstd_ptr,  # (R,) fp32
-    dx_ptr,  # (R, E) contiguous
-    dw_partial_ptr,  # (n_programs, E) fp32, one row per program
     R,
     n_blocks,  # cdiv(R, BLOCK_R)
     n_programs,  # the grid size
-    stride_dy,
     stride_x,
+    eps,
     offset,
-    E: tl.constexpr,  # fixed per model (hidden size or head dim): E == BLOCK_E drops every column mask
+    E: tl.constexpr,
     GEMMA_CAST: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    PREFETCH: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
 ):
-    """Program p handles row blocks p, p + N, p + 2N, ... (N programs); dx per row, dw summed per program.
-
-    With g = dy * (offset + w) and n = x * rstd: dx = rstd * (g - n * mean(g * n)), dw = sum_rows(dy * n')
-    where n' is n rounded to x's dtype for the Llama cast (the value the weight multiplied in the forward).
-
-    * A (BLOCK_R, BLOCK_E) tile per iteration: all its dy and x loads go out together.
-    * PREFETCH: the next tile's dy, x and rstd are loaded before the current tile is computed, so loads stay in
-      flight during the compute (only where the registers allow it without losing resident programs).
-    * dw accumulates in a (BLOCK_R, BLOCK_E) fp32 register tile, reduced over rows once at the end (no
-      shared-memory row reduction per iteration), and written as this program's partial row; a second small
-      kernel sums the partial rows in a fixed order (deterministic, no atomics).
-    """
+    """Persistent forward (variant knob ``fwd_programs_per_sm``): program p normalizes row blocks p, p + N, ...,
+    loading the next block before computing the current one, so an SM's loads stay in flight without the block
+    scheduler launching a new program per row (at T = 4K: 16 blocks a program instead of 4096 programs)."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_E)
-    col_mask = cols < E
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if GEMMA_CAST:
-        w = offset + w
-    dw_acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
     block = pid
     if LONG_INDEXING:
         block = pid.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_mask = cols < E
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    if E == BLOCK_E:  # full rows: only the row mask (broadcast), so the compiler keeps no per-column predicates
+    if E == BLOCK_E:
         mask = row_mask[:, None]
     else:
         mask = row_mask[:, None] & col_mask[None, :]
-    dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
     x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-    # Interleaved blocks (neighbouring programs read neighbouring rows). A while loop, not tl.range: Triton 3.6's
-    # interpreter cannot take a runtime bound in range() with numpy 2 (int() of a 1-element array).
-    while block < n_blocks:
-        dy = dy_next.to(tl.float32)
+    while block < n_blocks:  # a while loop for the interpreter (see the backward kernel)
         x = x_next.to(tl.float32)
-        rstd = rstd_next
-        cur_rows = rows
-        cur_mask = mask
+        cur_rows, cur_row_mask, cur_mask = rows, row_mask, mask
         block += n_programs
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < R
@@ -145,50 +125,15 @@ def _rms_norm_bwd_kernel(
             mask = row_mask[:, None]
         else:
             mask = row_mask[:, None] & col_mask[None, :]
-        if PREFETCH:  # the next block's loads go out now (fully masked past the end: no memory access)
-            dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
-            x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-            rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
         normed = x * rstd[:, None]
-        if COMPUTE_DX:
-            g = dy * w[None, :]
-            mean_gn = tl.sum(g * normed, axis=1) * (1.0 / E)
-            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
-            tl.store(dx_ptr + cur_rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cur_mask)
-        if COMPUTE_DW:
-            if GEMMA_CAST:
-                dw_acc += dy * normed
-            else:
-                dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-        if not PREFETCH:  # the next block's loads go out only after this block's work
-            dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
-            x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-            rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-    if COMPUTE_DW:
-        tl.store(dw_partial_ptr + tl.program_id(0) * E + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-
-
-@triton.jit
-def _dw_reduce_kernel(
-    partial_ptr,  # (P, E) fp32 partial rows
-    dw_ptr,  # (E,) in the weight's dtype
-    P,
-    E,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """dw[c] = sum over p of partial[p, c], in a fixed order (tiles of BLOCK_P rows, in sequence), cast once."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < E
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    start = 0
-    while start < P:  # a while loop for the interpreter (see the backward kernel)
-        prow = start + tl.arange(0, BLOCK_P)
-        tile_mask = (prow < P)[:, None] & col_mask[None, :]
-        tile = tl.load(partial_ptr + prow[:, None] * E + cols[None, :], mask=tile_mask, other=0.0)
-        acc += tl.sum(tile, axis=0)
-        start += BLOCK_P
-    tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
+        if GEMMA_CAST:
+            y = normed * (offset + w[None, :])
+        else:
+            y = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+        tl.store(y_ptr + cur_rows[:, None] * E + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=cur_mask)
+        tl.store(rstd_ptr + cur_rows, rstd, mask=cur_row_mask)
 
 
 # ------------------------------------------------------------------------------------------- host launchers
@@ -201,91 +146,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """(..., E) -> (R, E) with contiguous rows (a view when the strides allow it, else a copy)."""
     rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
-
-
-def _fwd_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_E, num_warps): about 4K elements per program.
-
-    E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 -> 32 rows
-    per program so that small rows still make wide programs. Tunable: tools/bench_kernels.py --sweep.
-
-    Why this is enough (arithmetic with H200 run 1): a saturated HBM needs ~4.3 TB/s x ~1 us loaded latency
-    / 132 SMs ~ 33 KB of loads in flight per SM. sm_90 register counts (Triton 3.6 offline compile): E 4096,
-    8 warps: 64 registers x 256 threads = 16K of the 64K per SM, so 4 programs fit: 4 x 8 KB = 32 KB; per-head
-    32 x 128, 8 warps: 80 registers, 3 programs, 24 KB. Run 1 at T = 64K: 4.05 TB/s (E 4096) and 3.99
-    (per-head) = 95-96% of copy. The 16K row (1.83 TB/s,
-    0.147 ms) is not a device limit: 0.147 ms = 0.066 ms of traffic at 4.05 TB/s + 0.081 ms fixed, the same
-    fixed ~0.08 ms the 4K row shows (0.093 - 0.017), and the marginal rate 16K -> 64K (805 MB in 0.118 ms =
-    6.8 TB/s) is above HBM's peak, which device time cannot be: the fixed part is the host launch path that
-    do_bench timed (the graph-timed bench column isolates it). More rows per program would only add registers.
-    """
-    block_e = triton.next_power_of_2(n_cols)
-    block_r = max(1, min(64, 4096 // block_e))
-    elements = block_r * block_e
-    return block_r, block_e, 16 if elements >= 16384 else 8 if elements >= 2048 else 4
-
-
-class BwdConfig(NamedTuple):
-    """Launch configuration of the backward (see :func:`_bwd_config`)."""
-
-    block_r: int  # rows per tile
-    block_e: int  # next power of two >= E
-    num_warps: int
-    prefetch: bool  # load the next tile before computing the current one
-    programs: int  # persistent grid size (one wave)
-    maxnreg: int  # register cap that makes ``programs_per_sm`` programs fit on an SM
-    reduce_block_p: int  # partial rows per step of the dw reduction kernel
-    reduce_block_c: int  # columns per program of the dw reduction kernel
-
-
-# Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
-_REGS_PER_SM = 65536
-
-
-def _register_cap(programs_per_sm: int, num_warps: int) -> int:
-    """Registers per thread that let ``programs_per_sm`` programs of ``num_warps`` warps share an SM."""
-    return min(255, _REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
-
-
-def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdConfig:
-    """The backward's launch configuration, a pure function of (rows, E, dtype, SM count).
-
-    Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB). They come
-    from (a) the tile each resident program has loaded and (b) PREFETCH, which keeps the next tile's loads out
-    while the current tile computes. Register counts below: Triton 3.6 offline compile for sm_90 with the
-    16-byte alignment the launcher specializes (pointers, strides), dx and dw, ``E`` a constexpr:
-    * wide rows (E >= 1024): one row per tile, 16 elements per thread (E 4096 -> 8 warps), prefetch on:
-      124 registers bf16, 128 fp32 (cap 128, no spill), so 2 programs x (16 KB loaded + 16 KB prefetched) per
-      SM. Run 3's kernel (E a runtime value) could not prefetch there: 198 registers with prefetch (1 program per
-      SM) by its own count, so it ran 2 programs x 16 KB without prefetch, loads idle while computing (79% of
-      copy at T = 64K). E 8192: 16 warps, 1 program; E 2048: 4 warps, 4 programs (same 128 cap, no spill).
-    * narrow rows (per-head E 128; 64, 256): 2048 elements per tile (E 128 -> 16 rows), 4 warps, prefetch on:
-      122-128 registers (bf16/fp16/fp32, cap 128, no spill), so 4 programs x (8 KB + 8 KB) per SM; E 64 needs
-      133-151, so 3 programs (cap 168). Run 3's 32 rows x 16 warps held 1 program x (16 KB + 16 KB) per SM and
-      its per-block barriers stalled the whole SM (76% at 64K).
-    The register cap is always set (65536 / (programs per SM x threads)), so the occupancy the persistent grid
-    is sized for is the one the hardware gets: one wave, every program the same number of tiles (a grid larger
-    than what fits would run a second, partial wave and double the time of the slowest SM).
-    """
-    block_e = triton.next_power_of_2(n_cols)
-    if block_e >= 1024:
-        block_r = 1
-        num_warps = max(4, min(16, block_e // 512))  # 16 elements per thread up to E 8192
-        per_sm = max(1, 16 // num_warps)
-    else:
-        block_r = max(1, 2048 // block_e)
-        num_warps = 4
-        per_sm = 4 if block_e >= 128 else 3  # E 64: 32 rows x 64 need up to 151 registers
-    maxnreg = _register_cap(per_sm, num_warps)
-    n_blocks = triton.cdiv(max(n_rows, 1), block_r)
-    programs = max(1, min(n_blocks, per_sm * sms))
-    # dw reduction: 16 columns (64 B of each partial row) per program and all partial rows in one tile of up to
-    # 512 x 16 fp32 (32 values per thread at 8 warps): one round of loads per program (~1-2 us), instead of a
-    # loop of dependent rounds; E 4096 -> 256 programs, per-head E 128 -> 8.
-    reduce_c = 16
-    reduce_p = max(1, min(triton.next_power_of_2(programs), 512))
-    del dtype  # same configuration for bf16/fp16/fp32 (fp32 compiles to the same register counts, no spill)
-    return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c)
 
 
 def _sm_count(x: torch.Tensor) -> int:
@@ -315,6 +175,35 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dt
     return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
 
 
+def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdConfig:
+    """Run 4's backward configuration (the ``two_launch`` variant); kept for tests and tools."""
+    del dtype  # same configuration for bf16/fp16/fp32 (fp32 compiles to the same register counts, no spill)
+    return bwd_config(n_rows, n_cols, sms)
+
+
+_register_cap = register_cap
+_REGS_PER_SM = REGS_PER_SM
+# One (2,) int32 ticket counter per (device, stream), zero between launches (the kernel's last reducer resets it),
+# so back-to-back and CUDA-graph-replayed backwards reuse it; per stream so that two streams never share one.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    """The counter for the current stream. A CUDA-graph capture runs on its own stream after a warm-up on another
+    (train.cuda_graph, torch.cuda.graph): it takes the device's warm-up counter (made eagerly, so zero), the graph
+    then replays on one stream at a time. Only a capture with no counter yet on the device makes one inside the
+    graph: a zeroing memset node replayed before each use, kept out of the cache (it is never zeroed eagerly)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counter = _COUNTERS.get(key)
+    if counter is not None:
+        return counter
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        same_device = [c for (d, _), c in _COUNTERS.items() if d == device]
+        return same_device[0] if same_device else torch.zeros(2, dtype=torch.int32, device=device)
+    counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
+
+
 def _launch_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -322,15 +211,41 @@ def _launch_fwd(
     offset: float,
     block_r: int | None = None,
     num_warps: int | None = None,
+    variant: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the fp32 rstd per row. ``block_r``/``num_warps`` override the variant's (tests, sweeps)."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x.shape, dtype=_out_dtype(x, weight, offset), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, rstd
-    default_r, block_e, default_warps = _fwd_config(n_cols)
+    choice = get_variant(variant)
+    default_r, block_e, default_warps = fwd_config(n_cols, choice.fwd_elements, choice.fwd_per_thread)
     block_r = block_r or default_r
+    if choice.fwd_programs_per_sm:
+        n_blocks = triton.cdiv(n_rows, block_r)
+        programs = min(n_blocks, choice.fwd_programs_per_sm * _sm_count(x))
+        programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))  # balanced: same blocks, fewest programs
+        _rms_norm_fwd_persistent_kernel[(programs,)](
+            x2,
+            weight,
+            y,
+            rstd,
+            n_rows,
+            n_blocks,
+            programs,
+            x2.stride(0),
+            eps,
+            offset,
+            E=n_cols,
+            GEMMA_CAST=offset != 0.0,
+            BLOCK_R=block_r,
+            BLOCK_E=block_e,
+            LONG_INDEXING=needs_long_indexing(x2, y),
+            num_warps=num_warps or default_warps,
+        )
+        return y, rstd
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x2,
         weight,
@@ -362,24 +277,31 @@ def _launch_bwd(
     num_warps: int | None = None,
     programs: int | None = None,
     prefetch: bool | None = None,
+    variant: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dx and dw (each only if asked). The overrides are for tests and tools/bench_kernels_sweep.py; with any of
     them the register cap follows the overridden grid (programs per SM = cdiv(programs, SMs)), so a swept
     "programs per SM" is what the hardware runs (spilling if the tile needs more registers than that leaves)."""
+    choice: Variant = get_variant(variant)
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
     sms = _sm_count(x)
-    cfg = _bwd_config(n_rows, n_cols, x.dtype, sms)
+    one_launch = choice.one_launch and compute_dw
+    cfg = bwd_config(n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch)
     overridden = block_r is not None or num_warps is not None or programs is not None
     block_r = block_r or cfg.block_r
     num_warps = num_warps or cfg.num_warps
     n_blocks = triton.cdiv(n_rows, block_r)
     n_programs = min(programs or cfg.programs, n_blocks)
-    maxnreg = _register_cap(triton.cdiv(n_programs, sms), num_warps) if overridden else cfg.maxnreg
+    maxnreg = register_cap(triton.cdiv(n_programs, sms), num_warps) if overridden else cfg.maxnreg
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device) if compute_dw else None
+    counter = _ticket_counter(x.device) if one_launch else rstd  # unused pointer unless ONE_LAUNCH
+    reduce_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
+    reducers = one_launch_reducers(n_programs, n_cols, choice.reducers, sms, interpreted=not x.is_cuda)
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2,
         x2,
@@ -387,9 +309,12 @@ def _launch_bwd(
         rstd,
         dx if compute_dx else x2,  # unused pointer when COMPUTE_DX is False
         dw_partial,
+        dw if one_launch else dw_partial,  # unused pointer unless ONE_LAUNCH
+        counter,
         n_rows,
         n_blocks,
         n_programs,
+        reducers,
         dy2.stride(0),
         x2.stride(0),
         offset,
@@ -397,21 +322,22 @@ def _launch_bwd(
         GEMMA_CAST=offset != 0.0,
         COMPUTE_DX=compute_dx,
         COMPUTE_DW=compute_dw,
+        ONE_LAUNCH=one_launch,
         BLOCK_R=block_r,
         BLOCK_E=cfg.block_e,
         PREFETCH=cfg.prefetch if prefetch is None else prefetch,
+        REDUCE_P=reduce_p,
+        REDUCE_C=cfg.reduce_block_c,
         LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
         num_warps=num_warps,
         maxnreg=maxnreg,
     )
-    if not compute_dw:
-        return dx, None
-    # Deterministic reduction of the per-program partial rows (fixed order, no atomics), cast to the weight's
-    # dtype in the same launch (run 3 used dw_partial.sum(0).to(dtype): two launches and a generic reduction).
-    dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
-    block_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
+    if not compute_dw or one_launch:
+        return dx, dw
+    # two_launch: the deterministic reduction of the per-program partial rows (fixed order, no atomics), cast to
+    # the weight's dtype in the same launch.
     _dw_reduce_kernel[(triton.cdiv(n_cols, cfg.reduce_block_c),)](
-        dw_partial, dw, n_programs, n_cols, BLOCK_P=block_p, BLOCK_C=cfg.reduce_block_c, num_warps=8
+        dw_partial, dw, n_programs, n_cols, BLOCK_P=reduce_p, BLOCK_C=cfg.reduce_block_c, num_warps=8
     )
     return dx, dw
 
@@ -419,29 +345,37 @@ def _launch_bwd(
 # ------------------------------------------------------------------------------------------ autograd.Function
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):  # type: ignore[override]
-        y, rstd = _launch_fwd(x, weight, eps, offset)
+    def forward(ctx, x, weight, eps, offset, variant):  # type: ignore[override]
+        y, rstd = _launch_fwd(x, weight, eps, offset, variant=variant)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
+        ctx.variant = variant
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         # LoRA: frozen norm weights need no dw, so its partial sums are skipped entirely.
-        dx, dw = _launch_bwd(dy, x, weight, rstd, ctx.offset, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None, None
+        dx, dw = _launch_bwd(
+            dy, x, weight, rstd, ctx.offset, ctx.needs_input_grad[0], ctx.needs_input_grad[1], variant=ctx.variant
+        )
+        return dx, dw, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *, variant: str | None = None
+) -> torch.Tensor:
     """RMSNorm of x (..., E) over its last dim with weight (E,), fused forward and backward (Triton).
 
     ``offset=0`` follows LlamaRMSNorm/Qwen3RMSNorm's casts, ``offset=1.0`` GemmaRMSNorm's ``(1 + w)`` in fp32
-    (see :func:`rms_norm_reference`). Per-head q/k norms: x (T, H, D), weight (D,).
+    (see :func:`rms_norm_reference`). Per-head q/k norms: x (T, H, D), weight (D,). ``variant`` names a tuning
+    variant of ``kernels.rmsnorm_config.VARIANTS`` (None: the default, see :func:`set_default_variant`); every
+    variant computes the same values up to the order of the fp32 dw sum.
     """
     _check_args(x, weight)
-    return _RMSNorm.apply(x, weight, float(eps), float(offset))
+    name = default_variant() if variant is None else get_variant(variant).name  # resolved once: fwd and bwd agree
+    return _RMSNorm.apply(x, weight, float(eps), float(offset), name)
 
 
 # ------------------------------------------------------------------------------------------------ reference

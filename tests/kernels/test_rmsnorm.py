@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import pytest
 import torch
 
 from kernels.rmsnorm import rms_norm, rms_norm_reference
+from kernels.rmsnorm_config import VARIANTS
 from tests.kernels.compare import ATOL, DEVICE, DTYPES, assert_close_verbose, dtype_error_bound, interpreter_rtol
 
 _rtol = interpreter_rtol
 
 
-def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6):
+def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6, variant=None):
     weight_dtype = weight_dtype or dtype
     x0 = (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dtype).to(DEVICE)
     w0 = (torch.randn(shape[-1], generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(weight_dtype).to(DEVICE)
@@ -29,20 +31,34 @@ def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1
 
     expected = run(rms_norm_reference, torch.float64, torch.float64)
     same_dtype = run(rms_norm_reference, dtype, weight_dtype)
-    actual = run(rms_norm, dtype, weight_dtype)
+    actual = run(functools.partial(rms_norm, variant=variant), dtype, weight_dtype)
     for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=False):
         assert a.dtype == r.dtype, f"{name}: dtype {a.dtype}, reference {r.dtype}"
         bound = dtype_error_bound(r, e, ATOL[dtype])
-        assert_close_verbose(a, e, atol=bound, rtol=_rtol(a.dtype), name=f"{name} {dtype} offset={offset}")
+        label = f"{name} {dtype} offset={offset} variant={variant}"
+        assert_close_verbose(a, e, atol=bound, rtol=_rtol(a.dtype), name=label)
     return actual
 
 
+# The two backward paths (dw reduced by a second kernel / inside the one launch); every other variant is covered by
+# test_rms_norm_every_variant_matches_reference.
+@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("shape", [(13, 97), (11, 5, 64), (3, 1031)])
-def test_rms_norm_matches_reference(shape, offset, dtype):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{offset}-{dtype}".encode()))
-    _check(shape, dtype, offset, gen)
+def test_rms_norm_matches_reference(shape, offset, dtype, variant):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{offset}-{dtype}-{variant}".encode()))
+    _check(shape, dtype, offset, gen, variant=variant)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(
+    ("shape", "dtype", "offset"), [((29, 131), torch.bfloat16, 0.0), ((7, 3, 64), torch.float16, 1.0)]
+)
+def test_rms_norm_every_variant_matches_reference(variant, shape, dtype, offset):
+    """Prime / ragged row counts (29 rows of 131; 21 per-head rows), both casts, through the public function."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{variant}-{shape}".encode()))
+    _check(shape, dtype, offset, gen, variant=variant)
 
 
 def test_rms_norm_fp32_weight_with_bf16_activations_promotes_like_hf():
@@ -63,20 +79,22 @@ def test_rms_norm_frozen_weight_lora():
     assert w.grad is None and x.grad is not None
 
 
-def test_rms_norm_weight_grad_is_deterministic():
+@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
+def test_rms_norm_weight_grad_is_deterministic(variant):
     gen = torch.Generator().manual_seed(23)
     x = torch.randn(67, 96, generator=gen).to(DEVICE).requires_grad_(True)
     w = torch.randn(96, generator=gen).to(DEVICE).requires_grad_(True)
     dy = torch.randn(67, 96, generator=gen).to(DEVICE)
-    grads = [torch.autograd.grad(rms_norm(x, w, 1e-5), (x, w), dy) for _ in range(2)]
+    grads = [torch.autograd.grad(rms_norm(x, w, 1e-5, variant=variant), (x, w), dy) for _ in range(2)]
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_rms_norm_long_indexing_forced(monkeypatch):
+@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
+def test_rms_norm_long_indexing_forced(monkeypatch, variant):
     monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", "1")
     gen = torch.Generator().manual_seed(24)
-    _check((13, 97), torch.bfloat16, 0.0, gen)
-    _check((7, 3, 32), torch.float32, 1.0, gen)
+    _check((13, 97), torch.bfloat16, 0.0, gen, variant=variant)
+    _check((7, 3, 32), torch.float32, 1.0, gen, variant=variant)
 
 
 def test_rms_norm_strided_rows():
@@ -150,14 +168,16 @@ def test_rms_norm_gpu_model_shapes(shape, offset, dtype):
         return y.detach(), *torch.autograd.grad(y, (xa, wa), dy.to(dt))
 
     expected, same_dtype = run(rms_norm_reference, torch.float64), run(rms_norm_reference, dtype)
-    actual = run(rms_norm, dtype)
-    for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=True):
-        assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=name)
+    for variant in ("two_launch", "one_launch"):
+        actual = run(functools.partial(rms_norm, variant=variant), dtype)
+        for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=True):
+            assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=f"{name} {variant}")
 
 
+@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize(("shape", "block_r", "programs"), [((37, 96), 1, 3), ((23, 3, 32), 8, 2)])
-def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, prefetch):
+def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, prefetch, variant):
     """Both loop variants of the backward (next block's loads before / after the compute), with several blocks
     per program (so the prefetch and the (BLOCK_R, E) weight-gradient tile cross iterations), against float64."""
     from kernels.rmsnorm import _launch_bwd, _launch_fwd
@@ -167,7 +187,9 @@ def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, pre
     w = (torch.randn(shape[-1], generator=gen) * 0.5 + 1.0).to(DEVICE)
     dy = torch.randn(*shape, generator=gen).to(DEVICE)
     _, rstd = _launch_fwd(x, w, 1e-6, 0.0)
-    dx, dw = _launch_bwd(dy, x, w, rstd, 0.0, True, True, block_r=block_r, programs=programs, prefetch=prefetch)
+    dx, dw = _launch_bwd(
+        dy, x, w, rstd, 0.0, True, True, block_r=block_r, programs=programs, prefetch=prefetch, variant=variant
+    )
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
     want_dx, want_dw = torch.autograd.grad(rms_norm_reference(x64, w64, 1e-6), (x64, w64), dy.double())
     assert_close_verbose(dx, want_dx, atol=1e-4, rtol=1e-4, name=f"dx prefetch={prefetch}")
@@ -228,7 +250,8 @@ def test_rms_norm_frozen_weight_launches_no_dw_reduction(monkeypatch):
     monkeypatch.setattr(module, "_dw_reduce_kernel", NoLaunch())
     x = torch.randn(37, 96, device=DEVICE, requires_grad=True)
     w = torch.randn(96, device=DEVICE)  # frozen (LoRA)
-    (dx,) = torch.autograd.grad(rms_norm(x, w, 1e-6), (x,), torch.randn(37, 96, device=DEVICE))
+    grad = torch.randn(37, 96, device=DEVICE)
+    (dx,) = torch.autograd.grad(rms_norm(x, w, 1e-6, variant="two_launch"), (x,), grad)
     assert dx.shape == x.shape and torch.isfinite(dx).all()
     dx_none, dw_none = module._launch_bwd(dx, x.detach(), w, torch.ones(37, device=DEVICE), 0.0, False, False)
     assert dx_none is None and dw_none is None
