@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .attention_bwd import BwdConfig, flash_bwd
+from .attention_cache import cached_schedules
 from .attention_fwd import FwdConfig, build_schedules, flash_fwd
 from .indexing import needs_long_indexing
 
@@ -316,9 +317,10 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
         # bwd_cfg is None when no gradient is needed (no_grad or inputs without requires_grad): forward only.
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
+        # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them, and so do
+        # the other layers of the micro-batch (same cu_seqlens tensor, same tiling: kernels.attention_cache).
         blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
-        scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
+        scheds = cached_schedules(cu_seqlens, q.shape[0], blocks, build_schedules)
         # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
         long_idx = needs_long_indexing(q, k, v)
         out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
