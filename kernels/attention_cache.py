@@ -84,7 +84,7 @@ def cached_schedules(
 
     The returned tensors are shared between calls: callers must only read them (the kernels do).
     """
-    if not _state["enabled"]:
+    if not _state["enabled"] or cu_seqlens.is_inference():  # inference tensors keep no version counter
         return build(cu_seqlens, n_tokens, blocks)
     stream = None
     if cu_seqlens.is_cuda:

@@ -128,8 +128,8 @@ def _arg_key(args: Sequence[Any]) -> tuple | None:
     for a in args:
         t = type(a)
         if t is int:
-            if a == 1:
-                key.append(1)
+            if a == 1:  # a constexpr for Triton; 8 is apart from every width + divisibility code below
+                key.append(8)
             else:
                 width = 0 if _I32[0] <= a < _I32[1] else 2 if _I64[0] <= a < _I64[1] else 4
                 key.append(width + (a % 16 == 0))

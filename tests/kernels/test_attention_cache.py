@@ -123,6 +123,15 @@ def test_switch_off_builds_every_time() -> None:
     assert not attention_cache.schedule_cache_enabled()
 
 
+def test_inference_tensors_are_not_cached() -> None:
+    with torch.inference_mode():
+        q, k, v, _, cu = make_inputs([6, 20], 2, 1, 16, seed=9)
+        a = varlen_attention(q, k, v, cu, 20)
+        b = varlen_attention(q, k, v, cu, 20)
+    assert torch.equal(a, b)
+    assert schedule_cache_info() == {"hits": 0, "misses": 0, "entries": 0}
+
+
 @pytest.mark.gpu
 def test_gpu_cache_hits_outside_capture_never_inside() -> None:
     """Eager calls share the schedule; a graph captured after them builds its own (no lookup, no store while
