@@ -50,6 +50,8 @@ _state: dict[str, Any] = {"enabled": True, "ready": None, "why_off": None, "dire
 _kernels: dict[tuple, tuple[Any, tuple]] = {}  # key -> (CompiledKernel, constexpr values)
 _refused: dict[int, tuple[Any, str]] = {}  # id(kernel) -> (kernel, why it stays on the normal path)
 _rt: dict[str, Any] = {}  # triton runtime pieces resolved once: device/stream getters, knobs, CompiledKernel
+_key_fns: dict[tuple, Any] = {}  # argument types -> generated key function (see _key_fn)
+_accepted: set[int] = set()  # id() of kernels known to be JITFunctions (skips an isinstance per launch)
 
 
 def set_direct_launch(enabled: bool) -> None:
@@ -58,6 +60,7 @@ def set_direct_launch(enabled: bool) -> None:
     _state["enabled"] = bool(enabled)
     _kernels.clear()
     _refused.clear()
+    _accepted.clear()
 
 
 def direct_launch_enabled() -> bool:
@@ -122,24 +125,49 @@ def _hooks_idle() -> bool:
     return not rt.debug
 
 
-def _arg_key(args: Sequence[Any]) -> tuple | None:
-    """What Triton specialises on, per runtime argument; None for an argument type we do not model."""
-    key = []
-    for a in args:
-        t = type(a)
-        if t is int:
-            if a == 1:  # a constexpr for Triton; 8 is apart from every width + divisibility code below
-                key.append(8)
-            else:
-                width = 0 if _I32[0] <= a < _I32[1] else 2 if _I64[0] <= a < _I64[1] else 4
-                key.append(width + (a % 16 == 0))
+def _key_source(types: tuple[type, ...]) -> str | None:
+    """Source of a function that maps runtime arguments of these types to what Triton specialises on; None for an
+    argument type we do not model (numpy or torch scalars, None, strings...: the normal launch decides)."""
+    parts = []
+    for i, t in enumerate(types):
+        a = f"a[{i}]"
+        if t is int:  # 1 is a constexpr for Triton; 8 is apart from every width (0/2/4) + divisible (0/1) code
+            parts.append(f"8 if {a} == 1 else ({a} % 16 == 0) + (0 if {_I32[0]} <= {a} < {_I32[1]} else 2 if "
+                         f"{_I64[0]} <= {a} < {_I64[1]} else 4)")  # fmt: skip
         elif t is float or t is bool:
-            key.append(t)
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
+            parts.append("0")  # Triton specialises these by type alone, and the types are part of the key
+        elif issubclass(t, torch.Tensor):
+            parts.append(f"{a}.dtype, {a}.data_ptr() % 16 == 0")
         else:
             return None
-    return tuple(key)
+    return "def key(a):\n    return (" + ", ".join(f"({p})" for p in parts) + ",)\n"
+
+
+def _key_fn(types: tuple[type, ...]) -> Any:
+    """The key function for this tuple of argument types, generated once (a Python loop with a type switch per
+    argument costs ~3x more host time than straight-line code: the per-launch saving would shrink)."""
+    fn = _key_fns.get(types)
+    if fn is None:
+        src = _key_source(types)
+        if src is None:
+            fn = _unmodelled
+        else:
+            namespace: dict[str, Any] = {}
+            exec(compile(src, "<attention_launch key>", "exec"), namespace)  # our own generated source, no input
+            fn = namespace["key"]
+        _key_fns[types] = fn
+    return fn
+
+
+def _unmodelled(_args: tuple) -> None:
+    return None
+
+
+def _arg_key(args: Sequence[Any]) -> tuple | None:
+    """What Triton specialises on, per runtime argument (types included); None for a type we do not model."""
+    types = tuple(map(type, args))
+    key = _key_fn(types)(tuple(args))
+    return None if key is None else (types, key)
 
 
 def launch(
@@ -151,11 +179,13 @@ def launch(
     parameter order (the direct path passes their values positionally after ``args``).
     """
     fid = id(fn)  # kernels are module-level objects that live as long as the process; id() hashes fastest
-    if not _state["enabled"] or fid in _refused or not _ready():
+    if not _state["enabled"] or fid in _refused or not (_state["ready"] or _ready()):
         return _normal(fn, grid, args, constexprs, num_warps, num_stages)
-    if not isinstance(fn, _rt["JITFunction"]):
-        _refused[fid] = (fn, f"{type(fn).__name__} is not a JITFunction")
-        return _normal(fn, grid, args, constexprs, num_warps, num_stages)
+    if fid not in _accepted:
+        if not isinstance(fn, _rt["JITFunction"]):
+            _refused[fid] = (fn, f"{type(fn).__name__} is not a JITFunction")
+            return _normal(fn, grid, args, constexprs, num_warps, num_stages)
+        _accepted.add(fid)
     arg_key = _arg_key(args)
     if arg_key is None or fn.pre_run_hooks or not _hooks_idle():
         return _normal(fn, grid, args, constexprs, num_warps, num_stages)
@@ -163,7 +193,10 @@ def launch(
     device = _rt["device"]()
     # Constexpr types too: True == 1 and hash alike, but Triton keys them apart.
     key = (fid, device, consts, tuple(map(type, consts)), num_warps, num_stages, arg_key)
-    hit = _kernels.get(key)
+    try:
+        hit = _kernels.get(key)
+    except TypeError:  # an unhashable constexpr value: Triton's own path handles it
+        return _normal(fn, grid, args, constexprs, num_warps, num_stages)
     if hit is None:
         kernel = _normal(fn, grid, args, constexprs, num_warps, num_stages)
         why = _refuse_reason(fn, len(args), constexprs)

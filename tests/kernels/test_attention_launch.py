@@ -48,6 +48,15 @@ def test_arg_key_is_at_least_as_fine_as_triton_specialisation() -> None:
     for (ka, sa, a), (kb, sb, b) in itertools.combinations(zip(keys, specs, values, strict=True), 2):
         if ka == kb:
             assert sa == sb, f"same key {ka} but Triton specialises {a!r} as {sa} and {b!r} as {sb}"
+    # Several arguments at once (the generated key function of a type tuple): position by position the same rule.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        pick = [values[int(i)] for i in torch.randint(len(values), (2, 4), generator=g).flatten()]
+        a, b = tuple(pick[:4]), tuple(pick[4:])
+        if attention_launch._arg_key(a) == attention_launch._arg_key(b):
+            assert [_triton_spec(x) for x in a] == [_triton_spec(x) for x in b], (a, b)
+    same = (tensors[0], 16, 7, 0.5, True)
+    assert attention_launch._arg_key(same) == attention_launch._arg_key((tensors[0], 32, 9, 0.25, False))
     # Types Triton may treat otherwise (numpy/torch scalars, strings): no key, so the normal launch.
     assert attention_launch._arg_key([torch.tensor(3).numpy()[()]]) is None
     assert attention_launch._arg_key(["x"]) is None
