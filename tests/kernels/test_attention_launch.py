@@ -129,7 +129,7 @@ GPU_CASES = {
     "bf16_d256_gqa2_window1": ([40, 200], 4, 2, 256, torch.bfloat16, {"window": 1}),
     "bf16_d96_window17": ([300, 17, 2], 4, 1, 96, torch.bfloat16, {"window": 17}),
     "bf16_d128_window16": ([300, 17, 2], 4, 1, 128, torch.bfloat16, {"window": 16}),
-    "fp32_d64": ([50, 13], 2, 1, 64, torch.float32, {}),
+    "fp16_d128_gqa8_long": ([2000, 13, 1], 8, 1, 128, torch.float16, {}),
 }
 
 
