@@ -18,15 +18,20 @@ from pathlib import Path
 import torch
 
 from .attention_bwd import BwdConfig, flash_bwd
+from .attention_cache import cached_schedules, clear_schedule_cache, set_schedule_cache
 from .attention_fwd import FwdConfig, build_schedules, flash_fwd
+from .attention_launch import set_direct_launch
 from .indexing import needs_long_indexing
 
 __all__ = [
     "BwdConfig",
     "FwdConfig",
+    "clear_schedule_cache",
     "default_configs",
     "length_bucket",
     "load_tuned",
+    "set_direct_launch",
+    "set_schedule_cache",
     "varlen_attention",
     "varlen_attention_reference",
     "varlen_attention_with_configs",
@@ -316,9 +321,10 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
         # bwd_cfg is None when no gradient is needed (no_grad or inputs without requires_grad): forward only.
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
+        # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them, and so do
+        # the other layers of the micro-batch (same cu_seqlens tensor, same tiling: kernels.attention_cache).
         blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
-        scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
+        scheds = cached_schedules(cu_seqlens, q.shape[0], blocks, build_schedules)
         # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
         long_idx = needs_long_indexing(q, k, v)
         out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
@@ -419,6 +425,12 @@ def varlen_attention(
     ``deterministic=True``: a separate dQ kernel recomputes the scores; dq, dk, dv are bitwise reproducible.
     ``mean_seqlen``: the real mean example length, which picks the tiling when the stream holds filler or
     zero-length examples (None: T / S).
+
+    Host cost: the tile schedule built from ``cu_seqlens`` is reused by later calls on the same tensor (every layer
+    of a micro-batch; ``kernels.attention_cache``: an in-place edit invalidates it, writes that bypass PyTorch's
+    version counter need ``clear_schedule_cache()``; never while capturing a CUDA graph), and on CUDA the kernels
+    launch through their compiled form after the first call (``kernels.attention_launch``).
+    ``set_schedule_cache(False)`` / ``set_direct_launch(False)`` turn either off.
     """
     return varlen_attention_with_configs(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic,

@@ -38,6 +38,7 @@ from .attention_fwd import (
     pow2_at_least,
     score_constants,
 )
+from .attention_launch import launch
 from .indexing import needs_long_indexing
 
 __all__ = ["BwdConfig", "flash_bwd"]
@@ -401,32 +402,34 @@ def flash_bwd(
     else:
         delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
         block_t = max(1, 4096 // block_d)
-        _delta_kernel[(-(-T // block_t), H)](
-            out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2],
-            H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=cfg.dq_atomic,
-        )  # fmt: skip
+        launch(_delta_kernel, (-(-T // block_t), H), (out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2]), {
+            "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_T": block_t, "LONG_INDEXING": long_indexing,
+            "ZERO_DQ": cfg.dq_atomic,
+        }, 4, 3)  # fmt: skip
     pre, post = score_constants(softmax_scale, softcap)
     prec = dot_precision(q.dtype)
     qs, ks, vs, dos = q.stride()[:2], k.stride()[:2], v.stride()[:2], do.stride()[:2]
     wflag, sflag = window is not None, softcap is not None
-    _dkdv_kernel[(sched_kv.shape[0] * Hkv,)](
+    launch(_dkdv_kernel, (sched_kv.shape[0] * Hkv,), (
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
         *qs, *ks, *vs, *dos, *dk.stride()[:2], *dv.stride()[:2],
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
-        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m,
-        HPB=cfg.kv_hpb, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
-        ATOMIC_DQ=cfg.dq_atomic, FUSE_DELTA=fuse, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
-    )  # fmt: skip
+    ), {
+        "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_N": cfg.kv_block_n,
+        "BLOCK_M": cfg.kv_block_m, "HPB": cfg.kv_hpb, "CAUSAL": causal, "WINDOW": wflag, "SOFTCAP": sflag,
+        "LONG_INDEXING": long_indexing, "PREC": prec, "ATOMIC_DQ": cfg.dq_atomic, "FUSE_DELTA": fuse,
+    }, cfg.kv_warps, cfg.kv_stages)  # fmt: skip
     if cfg.dq_atomic:
         if dq is not dq_acc:
             dq.copy_(dq_acc)
         return dq, dk, dv
-    _dq_kernel[(sched_q.shape[0] * (H // cfg.q_hpb),)](
+    launch(_dq_kernel, (sched_q.shape[0] * (H // cfg.q_hpb),), (
         q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
         *qs, *ks, *vs, *dos, *dq.stride()[:2],
         sched_q.shape[0], window or 0, pre, post, softmax_scale,
-        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb, BLOCK_N=cfg.q_block_n,
-        CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec, FUSE_DELTA=fuse,
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
-    )  # fmt: skip
+    ), {
+        "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": cfg.q_block_m, "HPB": cfg.q_hpb,
+        "BLOCK_N": cfg.q_block_n, "CAUSAL": causal, "WINDOW": wflag, "SOFTCAP": sflag,
+        "LONG_INDEXING": long_indexing, "PREC": prec, "FUSE_DELTA": fuse,
+    }, cfg.q_warps, cfg.q_stages)  # fmt: skip
     return dq, dk, dv

@@ -13,6 +13,10 @@ TFLOP/s for packs of 4K/16K/64K tokens filled with Alpaca-like lengths (lognorma
   once per pack, outside the timing);
 * ``matmul_peak``: a bf16 8192^3 matmul, the practical ceiling.
 
+``X@graph`` rows (by default for padless, varlen_attn, sdpa_flash_padded and flex_document) time CUDA-graph
+replays of the same calls: GPU time alone, like for like across implementations (flex's BlockMask and its
+compilation stay outside the graph). A pass that cannot be captured keeps its row, with the reason as its note.
+
 FLOP convention (FlashAttention's): forward = 4 * sum_i(l_i^2 / 2) * H * D (two matmuls, causal half of each
 example); backward = 2.5x forward, so forward+backward = 3.5x forward. Only per-example causal FLOPs count:
 masked or padded work is never credited.
@@ -132,10 +136,24 @@ def cuda_graphed(step: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def fwd_and_fwdbwd(fn, inputs, do, bench, graph: bool = False) -> tuple[float, float]:
+class NotCapturable(RuntimeError):
+    """A call that could not be captured in a CUDA graph (a host sync, an uncapturable op, ...)."""
+
+
+def graphed_or_why(step: Callable[[], object]) -> Callable[[], object]:
+    """``cuda_graphed(step)``, with a capture failure turned into ``NotCapturable`` naming the first error line."""
+    try:
+        return cuda_graphed(step)
+    except Exception as e:
+        torch.cuda.synchronize()  # let a failed capture's side-stream work finish before the next case
+        raise NotCapturable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:140]) from e
+
+
+def fwd_and_fwdbwd(fn, inputs, do, bench, graph: bool = False) -> tuple[float | None, float | None, str]:
     """Times fn(*inputs) and fn + autograd.grad w.r.t. the inputs that require grad (no accumulation).
 
-    ``graph``: time CUDA-graph replays of the same calls instead (GPU time only).
+    ``graph``: time CUDA-graph replays of the same calls instead (GPU time only). A pass that cannot be captured
+    gets None and a note that says why (the other pass is still timed).
     """
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
@@ -147,9 +165,16 @@ def fwd_and_fwdbwd(fn, inputs, do, bench, graph: bool = False) -> tuple[float, f
         out = fn(*inputs)
         torch.autograd.grad(out, leaves, do)
 
-    if graph:
-        return bench(cuda_graphed(fwd)), bench(cuda_graphed(fwdbwd))
-    return bench(fwd), bench(fwdbwd)
+    if not graph:
+        return bench(fwd), bench(fwdbwd), ""
+    times, notes = [], []
+    for tag, step in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+        try:
+            times.append(bench(graphed_or_why(step)))
+        except NotCapturable as e:
+            times.append(None)
+            notes.append(f"{tag} not capturable in a CUDA graph: {e}")
+    return times[0], times[1], "; ".join(notes)
 
 
 def profile_case(fn, inputs, do, path: Path | None, steps: int = 20) -> str:
@@ -265,6 +290,10 @@ IMPLS = {
     "sdpa_flash_padded": sdpa_padded,
     "flex_document": flex_document,
 }
+# Rows replayed from CUDA graphs by default: ours and every peer, so the GPU-time comparison is like for like. A
+# peer whose call cannot be captured still gets its row, with the capture error as the note.
+GRAPHED = ("padless", "varlen_attn", "sdpa_flash_padded", "flex_document")
+DEFAULT_IMPLS = [*IMPLS, *(f"{name}@graph" for name in GRAPHED)]
 
 
 def matmul_peak(bench) -> float:
@@ -283,8 +312,9 @@ def run_table(args, bench, device, dtype) -> list[Row]:
                 try:
                     # "<impl>@graph": the same calls replayed from a CUDA graph (GPU time without host overhead).
                     fn, inputs, do = IMPLS[impl.removesuffix("@graph")](lens, args.H, args.Hkv, D, device, dtype)
-                    f, fb = fwd_and_fwdbwd(fn, inputs, do, bench, graph=impl.endswith("@graph"))
-                    rows.append(Row(name, pack, D, impl, f, fb, flops / f / 1e9, 3.5 * flops / fb / 1e9))
+                    f, fb, note = fwd_and_fwdbwd(fn, inputs, do, bench, graph=impl.endswith("@graph"))
+                    rows.append(Row(name, pack, D, impl, f, fb, f and flops / f / 1e9, fb and 3.5 * flops / fb / 1e9,
+                                    note))  # fmt: skip
                 except Exception as e:  # a baseline missing in this torch, or out of memory: record, go on
                     rows.append(Row(name, pack, D, impl, None, None, None, None, f"{type(e).__name__}: {e}"[:160]))
                 finally:
@@ -326,14 +356,22 @@ def markdown(env: dict, rows: list[Row], peak: float | None) -> str:
         cells = []
         for impl in impls:
             r = next((r for r in rows if (r.D, r.case, r.impl) == (D, case, impl)), None)
-            if r is None or r.fwd_ms is None:
+            if r is None or (r.fwd_ms is None and r.fwdbwd_ms is None):
                 cells.append("n/a")
             else:
-                cells.append(f"{r.fwd_tflops:.0f} / {r.fwdbwd_tflops:.0f} ({r.fwd_ms:.2f} / {r.fwdbwd_ms:.2f})")
+                tf = [("n/a" if x is None else f"{x:.0f}") for x in (r.fwd_tflops, r.fwdbwd_tflops)]
+                ms = [("n/a" if x is None else f"{x:.2f}") for x in (r.fwd_ms, r.fwdbwd_ms)]
+                cells.append(f"{tf[0]} / {tf[1]} ({ms[0]} / {ms[1]})")
         lines.append(f"| {D} | {case} | " + " | ".join(cells) + " |")
     notes = [f"- {r.impl} {r.case} D={r.D}: {r.note}" for r in rows if r.note]
     if notes:
         lines += ["", "Not measured:", *notes]
+    if any(r.impl.endswith("@graph") for r in rows):
+        lines += [
+            "",
+            "`X@graph`: CUDA-graph replays of the same calls (GPU time alone: no Python, autograd or "
+            "launch path); FlexAttention's BlockMask and compilation happen before capture, outside the graph.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +389,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
     p.add_argument("--dims", default="128,64,256", help="head dims for the table")
     p.add_argument("--sweep-dims", default="128,64", help="head dims for --sweep")
-    p.add_argument("--impls", default=",".join(IMPLS),
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                    help=f"implementations, from {list(IMPLS)}; a name + '@graph' (e.g. padless@graph) times CUDA-graph "
                    "replays: GPU time alone, so eager minus graphed is the host overhead per call")  # fmt: skip
     p.add_argument("--profile", default=None,
