@@ -15,13 +15,24 @@ waits for a copy that has had a whole layer's time to finish. One :class:`HostOf
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CHECKPOINTING_MODES", "HostOffload", "check_mode", "offload_saved_tensors", "run_layer"]
+__all__ = [
+    "CHECKPOINTING_MODES",
+    "PINNED_POOL",
+    "HostOffload",
+    "PinnedPool",
+    "check_mode",
+    "offload_saved_tensors",
+    "run_layer",
+    "side_stream",
+]
 
 CHECKPOINTING_MODES = ("off", "on", "offload")
 
@@ -45,6 +56,58 @@ def offload_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
     return torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device)
 
 
+class PinnedPool:
+    """Pinned host byte buffers reused from one forward pass to the next.
+
+    Pinning memory (``cudaHostAlloc``) costs about as much as the copies it serves, and a packed stream's length
+    changes a little from step to step, so a fresh pinned tensor per layer per step (or torch's size-keyed host
+    cache) keeps allocating. Buffers are rounded up to ``granule`` bytes and handed out best fit (at most 25%
+    larger than asked); they come back when the forward pass that took them is gone. All copies into and out of
+    them run on one side stream per device (:func:`side_stream`), so a buffer's next write is ordered after its
+    last read.
+    """
+
+    def __init__(self, granule: int = 8 * 2**20, pinned: bool = True) -> None:
+        self.granule = granule
+        self.pinned = pinned  # False: plain host memory (tests on machines without CUDA)
+        self.allocated = 0  # buffers ever allocated (for tests and logs)
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A pinned uint8 buffer of at least ``nbytes`` bytes."""
+        with self._lock:
+            fits = [b for b in self._free if nbytes <= b.numel() <= max(nbytes * 5 // 4, self.granule)]
+            if fits:
+                best = min(fits, key=torch.Tensor.numel)
+                self._free.remove(best)
+                return best
+            self.allocated += 1
+        size = -(-max(nbytes, 1) // self.granule) * self.granule
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.extend(buffers)
+            buffers.clear()
+
+    def clear(self) -> None:
+        """Drop every free buffer (their pinned memory goes back to torch's host allocator)."""
+        with self._lock:
+            self._free.clear()
+
+
+PINNED_POOL = PinnedPool()
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one copy stream of ``device`` that every :class:`HostOffload` uses."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
 @dataclass
 class _Saved:
     """One saved tensor in host memory; ``loaded``/``loaded_event``: its device copy, once one is under way."""
@@ -62,29 +125,32 @@ class HostOffload:
 
     Use ``with offload.hooks(): ...`` around every checkpointed layer of one forward (``run_layer(...,
     offload=offload)`` does). Saved tensors are numbered in forward order; unpacking number i (the backward walks
-    the layers top down) also starts bringing back number i - 1. CPU tensors are kept as copies (the same code
+    the layers top down) also starts bringing back number i - 1. Host memory comes from ``pool`` and returns to it
+    when this object is gone (after the backward freed the graph). CPU tensors are kept as copies (the same code
     path, for tests on machines without a GPU).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool: PinnedPool = PINNED_POOL) -> None:
         self._saved: list[_Saved] = []
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pool = pool
+        self._buffers: list[torch.Tensor] = []
+        weakref.finalize(self, pool.give_back, self._buffers)
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         """The context in which tensors saved for backward go through this offloader."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device=device)
-        return self._streams[device]
-
     def _pack(self, tensor: torch.Tensor) -> int:
-        if tensor.device.type != "cuda":
-            self._saved.append(_Saved(tensor.device, tensor.detach().clone(), None))
+        if tensor.device.type != "cuda" or not tensor.is_contiguous():
+            # CPU: nothing to offload, the copy keeps one code path; a strided CUDA tensor (never a layer input)
+            # takes torch's own pinned allocation.
+            host = tensor.detach().clone() if tensor.device.type != "cuda" else tensor.detach().cpu().pin_memory()
+            self._saved.append(_Saved(tensor.device, host, None))
             return len(self._saved) - 1
-        side = self._stream(tensor.device)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+        side = side_stream(tensor.device)
+        buffer = self._pool.take(tensor.numel() * tensor.element_size())
+        self._buffers.append(buffer)
+        host = buffer[: tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
         side.wait_stream(torch.cuda.current_stream(tensor.device))  # the layer input is written
         with torch.cuda.stream(side):
             host.copy_(tensor, non_blocking=True)
@@ -101,10 +167,11 @@ class HostOffload:
             return
         current = torch.cuda.current_stream(saved.device)
         loaded = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)  # on the compute stream
-        side = self._stream(saved.device)
+        side = side_stream(saved.device)
         side.wait_stream(current)  # the block's earlier users on the compute stream are done with it
         with torch.cuda.stream(side):
-            side.wait_event(saved.stored)
+            if saved.stored is not None:
+                side.wait_event(saved.stored)
             loaded.copy_(saved.host, non_blocking=True)
             saved.loaded_event = torch.cuda.Event()
             saved.loaded_event.record(side)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.activation_checkpoint import HostOffload, run_layer
+from train.activation_checkpoint import HostOffload, PinnedPool, run_layer
 
 
 def _layers(n: int, width: int, device: str, seed: int = 0) -> list[torch.nn.Module]:
@@ -52,6 +52,26 @@ def test_host_offload_keeps_one_host_copy_per_layer_and_unpacks_top_down() -> No
     assert seen == [3, 2, 1, 0]
 
 
+def test_pinned_pool_reuses_best_fit_buffers_and_rounds_up() -> None:
+    pool = PinnedPool(granule=1024, pinned=False)
+    a, b = pool.take(1000), pool.take(3000)
+    assert (a.numel(), b.numel(), pool.allocated) == (1024, 3072, 2)
+    pool.give_back([a, b])
+    assert pool.take(900) is a  # best fit, not the first free buffer
+    assert pool.take(2500) is b and pool.allocated == 2
+    pool.give_back([a, b])
+    big = pool.take(1500)  # a is too small; b (3072) is more than 25% larger than asked: a new buffer
+    assert big is not a and big is not b and big.numel() == 2048 and pool.allocated == 3
+
+
+def test_host_offload_returns_its_buffers_when_it_is_gone() -> None:
+    pool = PinnedPool(granule=1024, pinned=False)
+    offload = HostOffload(pool)
+    offload._buffers.extend([pool.take(10), pool.take(10)])
+    del offload
+    assert len(pool._free) == 2
+
+
 @pytest.mark.gpu
 def test_gpu_offload_matches_recompute_bitwise_and_holds_no_layer_input() -> None:
     """Side-stream copies and the one-ahead prefetch: gradients equal ``on`` bitwise (fp32 and bf16 inputs), twice
@@ -61,7 +81,8 @@ def test_gpu_offload_matches_recompute_bitwise_and_holds_no_layer_input() -> Non
         layers = [m.to(dtype) for m in _layers(n, width, "cuda", seed=1)]
         x = torch.randn(tokens, width, device="cuda", dtype=dtype, requires_grad=True)
         ref_loss, ref = _grads(layers, x, "on")
-        offload = HostOffload()
+        pool = PinnedPool()
+        offload = HostOffload(pool)
         h = x
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -77,4 +98,9 @@ def test_gpu_offload_matches_recompute_bitwise_and_holds_no_layer_input() -> Non
                 assert torch.equal(a, b)
         layer_input = tokens * width * x.element_size()
         assert held < 2 * layer_input + 4 * 2**20, (held, layer_input)  # "on" would hold n layer inputs
-        assert all(s.host.is_pinned() for s in offload._saved)
+        assert pool.allocated == n
+        del offload, got, loss, h
+        _, again = _grads(layers, x, "offload", HostOffload(pool))  # the next step reuses the pinned buffers
+        assert pool.allocated == n
+        for a, b in zip(again, ref):
+            assert torch.equal(a, b)
