@@ -2,7 +2,8 @@
 # Run on the lent H200 (device tool): install the carried wheels, then the named stages, each under its own time
 # limit, logging everything under $OUT. Usage: bash tools/gpu_run.sh STAGE[:SECONDS] ...
 # Stages: env, head-kernels, tests-kernels, tests-train, tests-graph, tests-all, bench-kernels, bench-attention,
-# sweep-attention, bench-train (BENCH_TRAIN_SYSTEMS, BENCH_TRAIN_PROFILE, BENCH_TRAIN_SHAPE env), tune-attention
+# sweep-attention, bench-train (BENCH_TRAIN_SYSTEMS, BENCH_TRAIN_PROFILE, BENCH_TRAIN_SHAPE env), tune-attention,
+# bench-rmsnorm-variants, bench-ce-variants, bench-attention-launch, train-cli, multi-gpu (2 GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -46,6 +47,9 @@ for spec in "$@"; do
     sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
     bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" \
       ${BENCH_ATTENTION_ARGS:-} ;;
+    bench-rmsnorm-variants) run_stage "$stage" "$limit" python3 tools/bench_rmsnorm_variants.py --out "$OUT/rmsnorm" ;;
+    bench-ce-variants) run_stage "$stage" "$limit" python3 tools/bench_ce_variants.py --out "$OUT/ce" ;;
+    bench-attention-launch) run_stage "$stage" "$limit" python3 tools/bench_attention_launch.py --out "$OUT/attention-launch" ;;
     sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
     bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards "${BENCH_TRAIN_SHARDS:-.device-data/alpaca-qwen3-1024}" \
       --model-shape "${BENCH_TRAIN_SHAPE:-qwen3-8b}" --out "$OUT/train" --profile \
