@@ -144,7 +144,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 @contextlib.contextmanager
 def _sm_carveout(sms: int | None) -> Iterator[None]:
-    """cuBLAS leaves ``sms`` SMs free inside the block (torch's experimental carve-out), restored after."""
+    """cuBLAS leaves ``sms`` SMs free inside the block (torch's experimental carve-out), restored after.
+
+    torch applies the carve-out on its cuBLASLt path (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``), so the block also
+    prefers cuBLASLt for plain matmuls; both are process-wide settings, restored on exit (not thread-safe).
+    """
     if sms is None:
         yield
         return
@@ -155,12 +159,14 @@ def _sm_carveout(sms: int | None) -> Iterator[None]:
             f"fused_linear_cross_entropy: schedule 'overlap_sm{sms}' needs torch._C._set_sm_carveout_experimental "
             f"(torch {torch.__version__} lacks it); use schedule='overlap' or 'serial'."
         )
-    previous = getter()
+    previous, previous_blas = getter(), torch.backends.cuda.preferred_blas_library()
     setter(sms)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
     try:
         yield
     finally:
         setter(previous)
+        torch.backends.cuda.preferred_blas_library(previous_blas)
 
 
 class _Chunks:

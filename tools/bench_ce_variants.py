@@ -8,8 +8,9 @@ rows C (GEMM shape, fewer weight re-reads). This script times them side by side 
 
 Rows (each at T in --tokens, frozen and trainable weight):
 * ``<schedule>_c<C>``: ``fused_linear_cross_entropy(..., schedule=<schedule>, chunk_bytes=<C rows x buffers>)``;
-  ``serial_c1024`` is today's default. A variant is skipped (with a note) when its predicted extra memory passes
-  the 0.5 GiB budget, or when its chunk rows at that T equal another variant's.
+  ``serial_c1024`` is today's default; ``*_lt_*``: the same with torch's preferred BLAS set to cuBLASLt. A
+  variant is skipped (with a note) when its predicted extra memory passes the 0.5 GiB budget, or when its chunk
+  rows at that T equal another variant's.
 * ``floor_gemms_c1024``: serial_c1024's cuBLAS GEMMs alone (no row pass): the floor of every cuBLAS schedule at
   C = 1024; ``floor_rows_c1024``: its row passes alone (the most any overlap can hide).
 * ``liger``: ``LigerFusedLinearCrossEntropyLoss(reduction="sum")`` if liger-kernel imports (else a note);
@@ -47,15 +48,19 @@ __all__ = ["main"]
 
 GiB = 2**30
 BUDGET_GIB = 0.5
-# (name, schedule, rows per buffer); the overlap schedules hold two buffers.
+# (name, schedule, rows per buffer, preferred BLAS or None); the overlap schedules hold two buffers. The
+# overlap_smN schedules switch torch to cuBLASLt (where torch applies the SM carve-out), so the *_lt rows run the
+# same GEMM library without the carve-out: they separate the library's effect from the carve-out's.
 VARIANTS = [
-    ("serial_c1024", "serial", 1024),
-    ("serial_c1280", "serial", 1280),
-    ("serial_c1536", "serial", 1536),
-    ("overlap_c512", "overlap", 512),
-    ("overlap_c640", "overlap", 640),
-    ("overlap_sm16_c512", "overlap_sm16", 512),
-    ("overlap_sm32_c512", "overlap_sm32", 512),
+    ("serial_c1024", "serial", 1024, None),
+    ("serial_lt_c1024", "serial", 1024, "cublaslt"),
+    ("serial_c1280", "serial", 1280, None),
+    ("serial_c1536", "serial", 1536, None),
+    ("overlap_c512", "overlap", 512, None),
+    ("overlap_lt_c512", "overlap", 512, "cublaslt"),
+    ("overlap_c640", "overlap", 640, None),
+    ("overlap_sm16_c512", "overlap_sm16", 512, None),
+    ("overlap_sm32_c512", "overlap_sm32", 512, None),
 ]
 
 
@@ -140,14 +145,14 @@ def _implementations(ce, liger_loss, h, w, labels, tokens: int, hidden_size: int
     wrt = (h, w) if trainable else (h,)
     impls: list[tuple[str, Callable | None, dict]] = []
     seen: dict[tuple, str] = {}
-    for name, schedule, rows in VARIANTS:
+    for name, schedule, rows, blas in VARIANTS:
         nbuf = _buffers(schedule)
         chunk_bytes = nbuf * rows * vocab * h.element_size()
         actual = ce._chunk_rows(tokens, vocab, h.element_size(), chunk_bytes // nbuf)
         meta = {"schedule": schedule, "rows": actual, "n_chunks": -(-tokens // actual), "buffers": nbuf}
         meta["gemm_tflop"], meta["hbm_gb"] = _estimate(tokens, hidden_size, vocab, actual, trainable)
         predicted = (nbuf * actual * vocab + tokens * hidden_size) * h.element_size() / GiB
-        key = (schedule, actual)
+        key = (schedule, actual, blas)
         if predicted > BUDGET_GIB:
             impls.append((name, None, meta | {"note": f"skipped: predicted extra {predicted:.2f} GiB > budget"}))
         elif key in seen:
@@ -155,9 +160,16 @@ def _implementations(ce, liger_loss, h, w, labels, tokens: int, hidden_size: int
         else:
             seen[key] = name
 
-            def fn(schedule=schedule, chunk_bytes=chunk_bytes):
-                loss, _ = ce.fused_linear_cross_entropy(h, w, labels, schedule=schedule, chunk_bytes=chunk_bytes)
-                return torch.autograd.grad(loss, wrt)
+            def fn(schedule=schedule, chunk_bytes=chunk_bytes, blas=blas):
+                previous = torch.backends.cuda.preferred_blas_library() if blas else None
+                if blas:
+                    torch.backends.cuda.preferred_blas_library(blas)
+                try:
+                    loss, _ = ce.fused_linear_cross_entropy(h, w, labels, schedule=schedule, chunk_bytes=chunk_bytes)
+                    return torch.autograd.grad(loss, wrt)
+                finally:
+                    if blas:
+                        torch.backends.cuda.preferred_blas_library(previous)
 
             impls.append((name, fn, meta | {"note": ""}))
     floor = min(VARIANTS[0][2], tokens)  # the default's chunk rows
@@ -260,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         liger_note = f"{type(error).__name__}: {error}"[:160]
     if args.tiny:
         global VARIANTS
-        VARIANTS = [(name, schedule, rows // 8) for name, schedule, rows in VARIANTS]
+        VARIANTS = [(name, schedule, rows // 8, None) for name, schedule, rows, _ in VARIANTS]  # CPU: no cuBLASLt
     sampler = _Sampler(cuda)
     rows_out: list[dict] = []
     t_start = time.perf_counter()
