@@ -22,7 +22,8 @@ at the H200's ~774 TFLOP/s), each streaming the 1.16 GiB weight once, plus the r
 are fixed by the math; what a schedule can change is (a) whether the row pass runs alone on the GPU or beside a
 GEMM and (b) the GEMM shapes (C).
 
-Schedules (``schedule=`` keyword; ``set_default_schedule`` changes the default, no env var):
+Schedules (``schedule=`` keyword; ``set_default_schedule`` changes the default, no env var; the loops live in
+``kernels.cross_entropy_schedules``):
 * ``"serial"`` (default): one (C, V) buffer, everything on the current stream in order. Row pass on the
   critical path: 16 x 0.23 ms = 3.7 ms at T = 16K.
 * ``"overlap"``: two (C/2, V) buffers (the same bytes) and the row pass on a second, high-priority CUDA stream,
@@ -43,15 +44,12 @@ weight accumulates in fp32.
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 import triton
 
 from kernels.cross_entropy_rows import ce_row_config, launch_ce_rows
+from kernels.cross_entropy_schedules import SCHEDULES, Chunks, parse_schedule, run_overlap, run_serial
 
 __all__ = [
     "FROZEN_WEIGHT_CHUNK_BYTES",
@@ -74,27 +72,13 @@ FROZEN_WEIGHT_CHUNK_BYTES = 320 * 2**20
 # Chunk rows are rounded down to a multiple of this (matmul tile size) when the budget allows it.
 _ROW_QUANTUM = 128
 
-# "serial", "overlap", or "overlap_sm<N>" (N SMs left free by cuBLAS for the row pass); see the module docstring.
-SCHEDULES = ("serial", "overlap", "overlap_sm16")
-_SCHEDULE_RE = re.compile(r"^(serial|overlap)(?:_sm(\d+))?$")
 _default_schedule = "serial"
-
-
-def _parse_schedule(schedule: str) -> tuple[bool, int | None]:
-    """(overlap, SM carve-out or None) of a schedule name; raises on anything else."""
-    match = _SCHEDULE_RE.match(schedule) if isinstance(schedule, str) else None
-    if match is None or (match.group(1) == "serial" and match.group(2) is not None):
-        raise ValueError(
-            f"fused_linear_cross_entropy: schedule={schedule!r}; expected 'serial', 'overlap' or 'overlap_sm<N>' "
-            "(e.g. 'overlap_sm16': cuBLAS leaves 16 SMs to the row pass)."
-        )
-    return match.group(1) == "overlap", None if match.group(2) is None else int(match.group(2))
 
 
 def set_default_schedule(schedule: str) -> None:
     """Make ``schedule`` the default of ``fused_linear_cross_entropy`` (for an A/B or a chosen default)."""
     global _default_schedule
-    _parse_schedule(schedule)
+    parse_schedule(schedule)
     _default_schedule = schedule
 
 
@@ -129,129 +113,6 @@ def _chunk_rows(tokens: int, vocab: int, element_size: int, chunk_bytes: int) ->
     return rows
 
 
-# One high-priority side stream per device for the row pass of the "overlap" schedules (created on first use).
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        # High priority: the row pass of chunk i is on the critical path (chunk i's grad GEMM waits for it), so
-        # its blocks should take SMs as soon as the concurrent logits GEMM frees any.
-        _side_streams[index] = torch.cuda.Stream(device=index, priority=-1)
-    return _side_streams[index]
-
-
-@contextlib.contextmanager
-def _sm_carveout(sms: int | None) -> Iterator[None]:
-    """cuBLAS leaves ``sms`` SMs free inside the block (torch's experimental carve-out), restored after.
-
-    torch applies the carve-out on its cuBLASLt path (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``), so the block also
-    prefers cuBLASLt for plain matmuls; both are process-wide settings, restored on exit (not thread-safe).
-    """
-    if sms is None:
-        yield
-        return
-    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
-    getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
-    if setter is None or getter is None:
-        raise RuntimeError(
-            f"fused_linear_cross_entropy: schedule 'overlap_sm{sms}' needs torch._C._set_sm_carveout_experimental "
-            f"(torch {torch.__version__} lacks it); use schedule='overlap' or 'serial'."
-        )
-    previous, previous_blas = getter(), torch.backends.cuda.preferred_blas_library()
-    setter(sms)
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    try:
-        yield
-    finally:
-        setter(previous)
-        torch.backends.cuda.preferred_blas_library(previous_blas)
-
-
-class _Chunks:
-    """The chunk loop's shared state and its three steps (logits GEMM, row pass, gradient GEMMs) per chunk."""
-
-    def __init__(self, hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap):
-        self.hidden, self.weight, self.targets, self.row_loss = hidden, weight, targets, row_loss
-        self.grad_hidden, self.grad_weight = grad_hidden, grad_weight
-        self.ignore_index, self.softcap = ignore_index, softcap
-        self.write_grad = grad_hidden is not None or grad_weight is not None
-        tokens = hidden.shape[0]
-        self.bounds = [(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
-        self.weight_t = weight.t()  # a view: cuBLAS reads W (V, E) row-major as the transposed operand, no copy
-
-    def logits(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
-        start, stop = self.bounds[index]
-        logits = buffer[: stop - start]
-        torch.mm(self.hidden[start:stop], self.weight_t, out=logits)
-        return logits
-
-    def rows(self, index: int, logits: torch.Tensor) -> None:
-        start, stop = self.bounds[index]
-        launch_ce_rows(
-            logits, self.targets[start:stop], self.row_loss[start:stop], self.ignore_index, self.softcap,
-            self.write_grad,
-        )  # fmt: skip
-
-    def grads(self, index: int, dlogits: torch.Tensor) -> None:
-        start, stop = self.bounds[index]
-        if self.grad_hidden is not None:
-            torch.mm(dlogits, self.weight, out=self.grad_hidden[start:stop])
-        if self.grad_weight is not None:
-            if index == 0:
-                torch.mm(dlogits.t(), self.hidden[start:stop], out=self.grad_weight)  # no zero-fill pass over V x E
-            else:
-                self.grad_weight.addmm_(dlogits.t(), self.hidden[start:stop])
-
-
-def _run_serial(chunks: _Chunks, rows: int, vocab: int) -> None:
-    """One (C, V) buffer; logits GEMM, row pass, gradient GEMMs of each chunk in order on the current stream."""
-    if not chunks.bounds:
-        return
-    buffer = torch.empty(rows, vocab, dtype=chunks.hidden.dtype, device=chunks.hidden.device)
-    for index in range(len(chunks.bounds)):
-        logits = chunks.logits(index, buffer)
-        chunks.rows(index, logits)  # ``logits`` now holds dlogits
-        chunks.grads(index, logits)
-
-
-def _run_overlap(chunks: _Chunks, rows: int, vocab: int, sm_carveout: int | None) -> None:
-    """Two (C, V) buffers; chunk i's row pass on a side stream beside chunk i+1's logits GEMM.
-
-    Current stream: L0 L1 [wait R0] G0 L2 [wait R1] G1 L3 ... (L = logits GEMM, G = gradient GEMMs); side stream:
-    R_i after an event recorded behind L_i. Buffer i % 2 is rewritten by L_{i+2}, which the current stream issues
-    after G_i (which waited for R_i): no chunk's buffer is overwritten while read. Every side-stream op is waited
-    for by the current stream before the next one and before return, so the caching allocator (which frees the
-    buffers, targets and row_loss in the current stream's order) needs no ``record_stream``.
-    """
-    n_chunks = len(chunks.bounds)
-    if n_chunks == 0:
-        return
-    device = chunks.hidden.device
-    buffers = [
-        torch.empty(rows, vocab, dtype=chunks.hidden.dtype, device=device) for _ in range(min(2, n_chunks))
-    ]  # fmt: skip
-    on_cuda = device.type == "cuda"
-    main = torch.cuda.current_stream(device) if on_cuda else None
-    side = _side_stream(device) if on_cuda else None
-    with _sm_carveout(sm_carveout if on_cuda else None):
-        logits = chunks.logits(0, buffers[0])
-        for index in range(n_chunks):
-            if on_cuda:
-                side.wait_event(main.record_event())
-                with torch.cuda.stream(side):
-                    chunks.rows(index, logits)
-                done = side.record_event()
-            else:
-                chunks.rows(index, logits)  # CPU / interpreter: one stream, the same buffer bookkeeping
-            following = chunks.logits(index + 1, buffers[(index + 1) % 2]) if index + 1 < n_chunks else None
-            if on_cuda:
-                main.wait_event(done)
-            chunks.grads(index, logits)
-            logits = following
-
-
 def _forward_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -264,7 +125,7 @@ def _forward_and_grads(
     schedule: str = "serial",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunk loop: (loss_sum, n_counted, grad_hidden or None, grad_weight or None), gradients unscaled."""
-    overlap, sm_carveout = _parse_schedule(schedule)
+    overlap, sm_carveout = parse_schedule(schedule)
     tokens, vocab = hidden.shape[0], weight.shape[0]
     # Shifted targets on the device (no sync): token t is scored against labels[t + 1]; the last scores nothing.
     targets = labels.new_full((tokens,), ignore_index)
@@ -276,11 +137,11 @@ def _forward_and_grads(
 
     # "overlap" splits the same bytes over two buffers.
     rows = _chunk_rows(tokens, vocab, hidden.element_size(), chunk_bytes // 2 if overlap else chunk_bytes)
-    chunks = _Chunks(hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap)
+    chunks = Chunks(hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap)
     if overlap:
-        _run_overlap(chunks, rows, vocab, sm_carveout)
+        run_overlap(chunks, rows, vocab, sm_carveout)
     else:
-        _run_serial(chunks, rows, vocab)
+        run_serial(chunks, rows, vocab)
     if grad_weight is not None and tokens == 0:
         grad_weight.zero_()
     return row_loss.sum(), n_counted, grad_hidden, grad_weight
@@ -404,7 +265,7 @@ def fused_linear_cross_entropy(
     """
     _check_inputs(hidden, weight, labels, chunk_bytes)
     schedule = _default_schedule if schedule is None else schedule
-    _parse_schedule(schedule)
+    parse_schedule(schedule)
     grad_on = torch.is_grad_enabled()
     need_grad_hidden = grad_on and hidden.requires_grad
     need_grad_weight = grad_on and weight.requires_grad
