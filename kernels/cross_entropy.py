@@ -30,9 +30,11 @@ Schedules (``schedule=`` keyword; ``set_default_schedule`` changes the default, 
   so chunk i's row pass runs while chunk i+1's logits GEMM runs (stream order L0 L1 G0 L2 G1 ..., events
   between). At most saves the row pass (3.7 ms at 16K, 6%); costs 2x the launches and GEMMs of C/2 rows.
   Whether the two kernels really share the GPU depends on cuBLAS leaving SMs free, hence
-* ``"overlap_smN"``: ``"overlap"`` with cuBLAS told to leave N SMs free (torch's experimental SM carve-out,
-  set and restored around our GEMMs) for the row pass. On a CPU (Triton interpreter) all schedules run in one
-  stream; the two-buffer bookkeeping is still exercised.
+* ``"overlap_smN"``: ``"overlap"`` with cuBLAS told to leave N SMs free for the row pass (torch's experimental
+  SM carve-out, with cuBLASLt preferred, set and restored around each logits GEMM that runs beside a row pass;
+  the gradient GEMMs keep every SM). Worth it only if the row pass on N SMs moves its bytes at well above its
+  all-SM rate per SM (~30 GB/s per SM at 4 TB/s): the logits GEMMs lose ~N/132 of their speed meanwhile.
+On a CPU (Triton interpreter) all schedules run in one stream; the two-buffer bookkeeping is still exercised.
 
 Memory and chunk size (``chunk_bytes`` = all logits buffers together; default ``None`` = automatic, 320 MiB):
 C = 1024 rows at V = 151936 bf16. Extra memory = the buffers + grad_hidden (T x E) + O(T) vectors: 0.32 GiB at
