@@ -125,6 +125,7 @@ def _forward_and_grads(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     schedule: str = "serial",
+    skip_ignored: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunk loop: (loss_sum, n_counted, grad_hidden or None, grad_weight or None), gradients unscaled."""
     overlap, sm_carveout = parse_schedule(schedule)
@@ -133,18 +134,28 @@ def _forward_and_grads(
     targets = labels.new_full((tokens,), ignore_index)
     targets[:-1] = labels[1:]
     n_counted = (targets != ignore_index).sum()
-    row_loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_grad_hidden else None
+    keep = None
+    if skip_ignored:
+        # One host sync (the kept count sizes the loop): ignored tokens (prompts, example starts) get no GEMM.
+        keep = (targets != ignore_index).nonzero().squeeze(1)
+        targets = targets.index_select(0, keep)
+    row_loss = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    if not need_grad_hidden:
+        grad_hidden = None
+    elif keep is None:
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    else:
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)  # skipped rows stay 0
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else None
 
     # "overlap" splits the same bytes over two buffers.
-    rows = _chunk_rows(tokens, vocab, hidden.element_size(), chunk_bytes // 2 if overlap else chunk_bytes)
-    chunks = Chunks(hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap)
+    rows = _chunk_rows(targets.shape[0], vocab, hidden.element_size(), chunk_bytes // 2 if overlap else chunk_bytes)
+    chunks = Chunks(hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap, keep)
     if overlap:
         run_overlap(chunks, rows, vocab, sm_carveout)
     else:
         run_serial(chunks, rows, vocab)
-    if grad_weight is not None and tokens == 0:
+    if grad_weight is not None and not chunks.bounds:
         grad_weight.zero_()
     return row_loss.sum(), n_counted, grad_hidden, grad_weight
 
@@ -167,12 +178,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_grad_hidden: bool,
         need_grad_weight: bool,
         schedule: str,
+        skip_ignored: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Autocast would refuse the ``out=`` matmuls and change the logits' dtype; the inputs' dtype rules here.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss_sum, n_counted, grad_hidden, grad_weight = _forward_and_grads(
                 hidden, weight, labels, ignore_index, softcap, chunk_bytes, need_grad_hidden, need_grad_weight,
-                schedule,
+                schedule, skip_ignored,
             )  # fmt: skip
         # Intermediates, not inputs/outputs: kept on ctx so backward can scale them in place and drop them.
         ctx.grads = (grad_hidden, grad_weight)
@@ -191,13 +203,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if grad_loss is None:
-            return (None,) * 9
+            return (None,) * 10
         # Scale by the incoming gradient of loss_sum, a 0-dim device tensor: in place, no host sync.
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
             grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,6 +258,7 @@ def fused_linear_cross_entropy(
     *,
     chunk_bytes: int | None = None,
     schedule: str | None = None,
+    skip_ignored: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy losses of ``hidden @ weight.T`` and the count of counted tokens.
 
@@ -256,14 +269,17 @@ def fused_linear_cross_entropy(
     (C, V) logits buffer (both buffers together for the overlap schedules); ``None`` picks ``auto_chunk_bytes``:
     320 MiB (frozen or trainable weight). Smaller saves memory, larger means fewer, deeper matmuls and fewer
     grad_weight read-modify-writes. ``schedule``: ``"serial"``, ``"overlap"`` or ``"overlap_sm<N>"`` (module
-    docstring); ``None`` = ``default_schedule()``. Every schedule computes the same values.
+    docstring); ``None`` = ``default_schedule()``. Every schedule computes the same values. ``skip_ignored``:
+    process only the counted tokens (gathered chunk by chunk), so ignored ones (prompt tokens in SFT, often
+    30-60%) cost no GEMM and no row pass; costs one host sync per call (not CUDA-graph capturable), hence off
+    by default.
 
     Returns (loss_sum fp32 0-dim, n_counted int64 0-dim); differentiable in loss_sum w.r.t. hidden and weight.
-    Never materialises the (T, V) logits and never syncs with the host. An out-of-range label (not
-    ``ignore_index``, outside [0, V)) makes loss_sum NaN. Gradients are computed in the forward when grad mode
-    is on and hidden or weight requires grad; a frozen weight skips its matmul. They stay alive with the graph
-    (T x E, plus V x E when the weight trains) until backward or until loss_sum is freed. Backward may run once
-    per call (it scales the stored gradients in place).
+    Never materialises the (T, V) logits and never syncs with the host (except with ``skip_ignored``). An
+    out-of-range label (not ``ignore_index``, outside [0, V)) makes loss_sum NaN. Gradients are computed in the
+    forward when grad mode is on and hidden or weight requires grad; a frozen weight skips its matmul. They stay
+    alive with the graph (T x E, plus V x E when the weight trains) until backward or until loss_sum is freed.
+    Backward may run once per call (it scales the stored gradients in place).
     """
     _check_inputs(hidden, weight, labels, chunk_bytes)
     schedule = _default_schedule if schedule is None else schedule
@@ -281,6 +297,7 @@ def fused_linear_cross_entropy(
         need_grad_hidden,
         need_grad_weight,
         schedule,
+        bool(skip_ignored),
     )
 
 

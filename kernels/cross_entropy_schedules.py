@@ -81,21 +81,38 @@ def _sm_carveout(sms: int | None) -> Iterator[None]:
 
 
 class Chunks:
-    """The chunk loop's shared state and its three steps (logits GEMM, row pass, gradient GEMMs) per chunk."""
+    """The chunk loop's shared state and its three steps (logits GEMM, row pass, gradient GEMMs) per chunk.
 
-    def __init__(self, hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap):
+    ``keep`` (optional, int64 token indices): only those tokens are processed (``targets`` and ``row_loss`` are
+    then already compacted to them); each chunk gathers its hidden rows (C x E) and scatters its grad_hidden rows
+    back, so the skipped tokens cost no GEMM and no row pass. ``grad_hidden`` must then start zeroed.
+    """
+
+    def __init__(
+        self, hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap, keep=None
+    ):
         self.hidden, self.weight, self.targets, self.row_loss = hidden, weight, targets, row_loss
         self.grad_hidden, self.grad_weight = grad_hidden, grad_weight
         self.ignore_index, self.softcap = ignore_index, softcap
         self.write_grad = grad_hidden is not None or grad_weight is not None
-        tokens = hidden.shape[0]
+        self.keep = keep
+        tokens = targets.shape[0]
         self.bounds = [(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
         self.weight_t = weight.t()  # a view: cuBLAS reads W (V, E) row-major as the transposed operand, no copy
+        self._gathered: dict[int, torch.Tensor] = {}  # chunk -> its gathered hidden rows, until its grads ran
+
+    def _hidden(self, index: int) -> torch.Tensor:
+        start, stop = self.bounds[index]
+        if self.keep is None:
+            return self.hidden[start:stop]
+        if index not in self._gathered:
+            self._gathered[index] = self.hidden.index_select(0, self.keep[start:stop])
+        return self._gathered[index]
 
     def logits(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
         start, stop = self.bounds[index]
         logits = buffer[: stop - start]
-        torch.mm(self.hidden[start:stop], self.weight_t, out=logits)
+        torch.mm(self._hidden(index), self.weight_t, out=logits)
         return logits
 
     def rows(self, index: int, logits: torch.Tensor) -> None:
@@ -107,13 +124,18 @@ class Chunks:
 
     def grads(self, index: int, dlogits: torch.Tensor) -> None:
         start, stop = self.bounds[index]
+        hidden_c = self._hidden(index)
         if self.grad_hidden is not None:
-            torch.mm(dlogits, self.weight, out=self.grad_hidden[start:stop])
+            if self.keep is None:
+                torch.mm(dlogits, self.weight, out=self.grad_hidden[start:stop])
+            else:
+                self.grad_hidden.index_copy_(0, self.keep[start:stop], torch.mm(dlogits, self.weight))
         if self.grad_weight is not None:
             if index == 0:
-                torch.mm(dlogits.t(), self.hidden[start:stop], out=self.grad_weight)  # no zero-fill pass over V x E
+                torch.mm(dlogits.t(), hidden_c, out=self.grad_weight)  # no zero-fill pass over V x E
             else:
-                self.grad_weight.addmm_(dlogits.t(), self.hidden[start:stop])
+                self.grad_weight.addmm_(dlogits.t(), hidden_c)
+        self._gathered.pop(index, None)
 
 
 def run_serial(chunks: Chunks, rows: int, vocab: int) -> None:

@@ -74,11 +74,14 @@ def _loss_and_grads(fn, hidden, weight, labels, train_weight: bool, **kwargs):
 
 
 def _check_against_reference(
-    hidden, weight, labels, *, train_weight=True, softcap=None, chunk_bytes=None, weight_slack=1.0, schedule=None
-):
+    hidden, weight, labels, *, train_weight=True, softcap=None, chunk_bytes=None, weight_slack=1.0, schedule=None,
+    skip_ignored=False,
+):  # fmt: skip
     kwargs = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
     if schedule is not None:
         kwargs["schedule"] = schedule
+    if skip_ignored:
+        kwargs["skip_ignored"] = True
     (loss, count), grads = _loss_and_grads(
         fused_linear_cross_entropy, hidden, weight, labels, train_weight, softcap=softcap, **kwargs
     )
@@ -144,6 +147,34 @@ def test_overlap_schedules_frozen_weight(schedule, softcap):
     _check_against_reference(
         hidden, weight, labels, train_weight=False, softcap=softcap, chunk_bytes=chunk_bytes, schedule=schedule
     )
+
+
+@pytest.mark.parametrize("schedule", ["serial", "overlap"])
+@pytest.mark.parametrize("train_weight", [False, True], ids=["frozen_w", "train_w"])
+def test_skip_ignored_tokens(schedule, train_weight):
+    # Packed labels with prompts (about half the tokens ignored): only counted tokens are gathered, chunk by chunk
+    # (chunks of 5 rows: several, the last partial); skipped rows must get exactly zero gradient.
+    tokens, vocab = 37, 113
+    hidden, weight, labels = _inputs(tokens, 15, vocab, torch.bfloat16, seed=17 + train_weight)
+    targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])
+    assert 0 < int((targets == IGNORE).sum()) < tokens - 5
+    chunk_bytes = (2 if schedule == "overlap" else 1) * 5 * vocab * hidden.element_size()
+    _check_against_reference(
+        hidden, weight, labels, train_weight=train_weight, softcap=3.0, chunk_bytes=chunk_bytes, schedule=schedule,
+        skip_ignored=True, weight_slack=4.0,
+    )  # fmt: skip
+    h = hidden.clone().requires_grad_(True)
+    loss, count = fused_linear_cross_entropy(h, weight, labels, skip_ignored=True, schedule=schedule)
+    (grad,) = torch.autograd.grad(loss, h)
+    assert int(count) == int((targets != IGNORE).sum())
+    assert grad[targets == IGNORE].abs().max().item() == 0.0
+    assert grad[targets != IGNORE].abs().amax(dim=1).min().item() > 0.0
+    # All ignored: nothing to gather, zero loss and gradients.
+    w = weight.clone().requires_grad_(True)
+    loss, count = fused_linear_cross_entropy(h, w, torch.full_like(labels, IGNORE), skip_ignored=True)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
+    assert loss.item() == 0.0 and int(count) == 0
+    assert grad_h.abs().max().item() == 0.0 and grad_w.abs().max().item() == 0.0
 
 
 def test_schedule_names_and_default():
