@@ -11,6 +11,9 @@ Rows (each at T in --tokens, frozen and trainable weight):
   ``serial_c1024`` is today's default; ``*_lt_*``: the same with torch's preferred BLAS set to cuBLASLt. A
   variant is skipped (with a note) when its predicted extra memory passes the 0.5 GiB budget, or when its chunk
   rows at that T equal another variant's.
+* ``serial_skip_c1024``: ``skip_ignored=True`` (only counted tokens get GEMMs; one host sync). With the default
+  labels (1/64 ignored) it shows the gather/scatter/sync overhead; ``--ignored-frac 0.4`` gives SFT-like labels
+  (each of 64 examples ignores its first 40%: the prompt), where every schedule but this one pays for them.
 * ``floor_gemms_c1024``: serial_c1024's cuBLAS GEMMs alone (no row pass): the floor of every cuBLAS schedule at
   C = 1024; ``floor_rows_c1024``: its row passes alone (the most any overlap can hide).
 * ``liger``: ``LigerFusedLinearCrossEntropyLoss(reduction="sum")`` if liger-kernel imports (else a note);
@@ -48,20 +51,21 @@ __all__ = ["main"]
 
 GiB = 2**30
 BUDGET_GIB = 0.5
-# (name, schedule, rows per buffer, preferred BLAS or None); the overlap schedules hold two buffers. The
+# (name, schedule, rows per buffer, preferred BLAS or None, skip_ignored); the overlap schedules hold two buffers. The
 # overlap_smN schedules switch torch to cuBLASLt (where torch applies the SM carve-out) for the carved logits
 # GEMMs, so the *_lt rows (every GEMM through cuBLASLt, no carve-out) separate the library's effect from the
 # carve-out's.
 VARIANTS = [
-    ("serial_c1024", "serial", 1024, None),
-    ("serial_lt_c1024", "serial", 1024, "cublaslt"),
-    ("serial_c1280", "serial", 1280, None),
-    ("serial_c1536", "serial", 1536, None),
-    ("overlap_c512", "overlap", 512, None),
-    ("overlap_lt_c512", "overlap", 512, "cublaslt"),
-    ("overlap_c640", "overlap", 640, None),
-    ("overlap_sm16_c512", "overlap_sm16", 512, None),
-    ("overlap_sm8_c512", "overlap_sm8", 512, None),
+    ("serial_c1024", "serial", 1024, None, False),
+    ("serial_lt_c1024", "serial", 1024, "cublaslt", False),
+    ("serial_c1280", "serial", 1280, None, False),
+    ("serial_c1536", "serial", 1536, None, False),
+    ("overlap_c512", "overlap", 512, None, False),
+    ("overlap_lt_c512", "overlap", 512, "cublaslt", False),
+    ("overlap_c640", "overlap", 640, None, False),
+    ("overlap_sm16_c512", "overlap_sm16", 512, None, False),
+    ("overlap_sm8_c512", "overlap_sm8", 512, None, False),
+    ("serial_skip_c1024", "serial", 1024, None, True),
 ]
 
 
@@ -146,14 +150,14 @@ def _implementations(ce, liger_loss, h, w, labels, tokens: int, hidden_size: int
     wrt = (h, w) if trainable else (h,)
     impls: list[tuple[str, Callable | None, dict]] = []
     seen: dict[tuple, str] = {}
-    for name, schedule, rows, blas in VARIANTS:
+    for name, schedule, rows, blas, skip in VARIANTS:
         nbuf = _buffers(schedule)
         chunk_bytes = nbuf * rows * vocab * h.element_size()
         actual = ce._chunk_rows(tokens, vocab, h.element_size(), chunk_bytes // nbuf)
         meta = {"schedule": schedule, "rows": actual, "n_chunks": -(-tokens // actual), "buffers": nbuf}
         meta["gemm_tflop"], meta["hbm_gb"] = _estimate(tokens, hidden_size, vocab, actual, trainable)
         predicted = (nbuf * actual * vocab + tokens * hidden_size) * h.element_size() / GiB
-        key = (schedule, actual, blas)
+        key = (schedule, actual, blas, skip)
         if predicted > BUDGET_GIB:
             impls.append((name, None, meta | {"note": f"skipped: predicted extra {predicted:.2f} GiB > budget"}))
         elif key in seen:
@@ -161,18 +165,21 @@ def _implementations(ce, liger_loss, h, w, labels, tokens: int, hidden_size: int
         else:
             seen[key] = name
 
-            def fn(schedule=schedule, chunk_bytes=chunk_bytes, blas=blas):
+            def fn(schedule=schedule, chunk_bytes=chunk_bytes, blas=blas, skip=skip):
                 previous = torch.backends.cuda.preferred_blas_library() if blas else None
                 if blas:
                     torch.backends.cuda.preferred_blas_library(blas)
                 try:
-                    loss, _ = ce.fused_linear_cross_entropy(h, w, labels, schedule=schedule, chunk_bytes=chunk_bytes)
+                    loss, _ = ce.fused_linear_cross_entropy(
+                        h, w, labels, schedule=schedule, chunk_bytes=chunk_bytes, skip_ignored=skip
+                    )
                     return torch.autograd.grad(loss, wrt)
                 finally:
                     if blas:
                         torch.backends.cuda.preferred_blas_library(previous)
 
-            impls.append((name, fn, meta | {"note": ""}))
+            note = "C x chunks, TFLOP and GB count every token, skipped ones too" if skip else ""
+            impls.append((name, fn, meta | {"note": note}))
     floor = min(VARIANTS[0][2], tokens)  # the default's chunk rows
     gemms, row_passes = _floors(ce, h, w, labels, floor, trainable)
     floor_meta = {"schedule": "serial", "rows": floor, "n_chunks": -(-tokens // floor)}
@@ -273,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         liger_note = f"{type(error).__name__}: {error}"[:160]
     if args.tiny:
         global VARIANTS
-        VARIANTS = [(name, schedule, rows // 8, None) for name, schedule, rows, _ in VARIANTS]  # CPU: no cuBLASLt
+        VARIANTS = [(name, sched, rows // 8, None, skip) for name, sched, rows, _, skip in VARIANTS]  # CPU: no Lt
     sampler = _Sampler(cuda)
     rows_out: list[dict] = []
     t_start = time.perf_counter()
@@ -284,6 +291,11 @@ def run(args: argparse.Namespace) -> dict:
         w_train = (torch.randn(vocab, hidden_size, generator=gen, device=device) * 0.02).to(dt).requires_grad_(True)
         labels = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
         labels[:: max(1, tokens // 64)] = -100  # a few masked tokens (example starts)
+        if args.ignored_frac > 0:
+            # SFT-like: 64 examples, each with its first ``ignored_frac`` of tokens (the prompt) ignored.
+            length = max(1, tokens // 64)
+            position = torch.arange(tokens, device=device) % length
+            labels[position < int(args.ignored_frac * length)] = -100
         wgrad_gib = w_train.numel() * w_train.element_size() / GiB
         for mode, w in (("frozen", w_train.detach()), ("trainable", w_train)):
             impls = _implementations(ce, liger_loss, h, w, labels, tokens, hidden_size, vocab, eager_max_t)
@@ -315,6 +327,7 @@ def run(args: argparse.Namespace) -> dict:
         "shape": {"E": hidden_size, "V": vocab, "dtype": "bfloat16"},
         "warmup": args.warmup,
         "reps": args.reps,
+        "ignored_frac": args.ignored_frac,
         "wall_s": time.perf_counter() - t_start,
         "rows": rows_out,
     }
@@ -356,7 +369,8 @@ def markdown(result: dict) -> str:
         "",
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, liger {env['liger']}; "
         f"E {result['shape']['E']}, V {result['shape']['V']}, bf16; fwd+bwd per call, {result['warmup']} warm-up, "
-        f"{result['reps']} interleaved rounds; clocks: {env['clock_sampling']}; wall {result['wall_s']:.0f} s.",
+        f"{result['reps']} interleaved rounds; ignored prompt fraction {result['ignored_frac']}; "
+        f"clocks: {env['clock_sampling']}; wall {result['wall_s']:.0f} s.",
         "",
         "| T | weight | impl | C x chunks | mean ms | min ms | std | vs serial_c1024 | vs liger | extra GiB "
         "| minus wgrad | SM MHz | W | GEMM TFLOP | HBM GB | note |",
@@ -385,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", default="4096,16384", help="comma-separated T values")
     parser.add_argument("--reps", type=int, default=10, help="timed rounds (each calls every implementation once)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation first")
+    parser.add_argument(
+        "--ignored-frac", type=float, default=0.0, help="ignore this prompt fraction of each of 64 examples"
+    )
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke test of the script")
     args = parser.parse_args(argv)
     if args.tiny:

@@ -424,3 +424,10 @@ def test_gpu_qwen3_lm_head_error_and_memory(tokens, schedule):
         # Trainable weight in one 4096-row chunk (run 3's default): one rounding of grad_weight, no slack.
         chunk = 4096 * weight.shape[0] * weight.element_size()
         _check_against_reference(hidden, weight, labels, train_weight=True, chunk_bytes=chunk)
+        # Only the counted tokens (about half: the packed labels' prompts), gathered per chunk.
+        _check_against_reference(hidden, weight, labels, train_weight=False, skip_ignored=True)
+        _check_against_reference(hidden, weight, labels, train_weight=True, skip_ignored=True, weight_slack=4.0)
+        extra, _ = _extra_memory(
+            lambda h, w, lab: fused_linear_cross_entropy(h, w, lab, skip_ignored=True), hidden, weight, labels, False
+        )
+        assert extra <= 0.5 * 2**30, f"skip_ignored: extra memory {extra / 2**30:.3f} GiB; expected <= 0.5"
