@@ -431,3 +431,34 @@ def test_gpu_qwen3_lm_head_error_and_memory(tokens, schedule):
             lambda h, w, lab: fused_linear_cross_entropy(h, w, lab, skip_ignored=True), hidden, weight, labels, False
         )
         assert extra <= 0.5 * 2**30, f"skip_ignored: extra memory {extra / 2**30:.3f} GiB; expected <= 0.5"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpu_schedules_capture_in_a_cuda_graph(schedule):
+    """The trainer replays forward+backward as one CUDA graph: every schedule (the side stream's fork and join,
+    the SM carve-out's settings) must capture, and a replay must give the eager values."""
+    tokens, size, vocab = 2048, 1024, 32000
+    hidden, weight, labels = _inputs(tokens, size, vocab, torch.bfloat16, seed=8, device="cuda")
+    h = hidden.clone().requires_grad_(True)
+    chunk = 2 * 256 * vocab * 2  # 4 (serial) or 8 (overlap) chunks
+
+    def step():
+        loss, _ = fused_linear_cross_entropy(h, weight, labels, schedule=schedule, chunk_bytes=chunk)
+        (grad,) = torch.autograd.grad(loss * 0.5, h)
+        return loss, grad
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream (Triton compiles, cuBLAS picks kernels)
+        want_loss, want_grad = step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, grad = step()
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_close_verbose(loss, want_loss, atol=1e-5 * abs(want_loss.item()), name=f"{schedule} graph loss")
+    assert_close_verbose(grad, want_grad, atol=2**-8 * want_grad.abs().max().item(), name=f"{schedule} graph grad")
