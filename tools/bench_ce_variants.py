@@ -390,6 +390,22 @@ def markdown(result: dict) -> str:
             f"{f(r.get('sm_mhz'), 0)} | {f(r.get('power_w'), 0)} | {f(r.get('gemm_tflop'), 1)} | "
             f"{f(r.get('hbm_gb'), 1)} | {r.get('note', '')} |"
         )
+    lines += ["", "Fastest padless variant per row group (floors excluded; std in ms):", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["T"], r["weight"]), []).append(r)
+    for (tokens, mode), rows in groups.items():
+        ours = [r for r in rows if r.get("mean_ms") and "schedule" in r and not r["impl"].startswith("floor")]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["mean_ms"])
+        ref = base.get((tokens, mode, "serial_c1024"))
+        lig = base.get((tokens, mode, "liger"))
+        lines.append(
+            f"- T={tokens} {mode}: {best['impl']} {best['mean_ms']:.2f} ms (std {best['std_ms']:.2f}); "
+            f"serial_c1024 {f(ref)}, liger {f(lig)}"
+            + (f" -> {100 * (1 - best['mean_ms'] / lig):.1f}% faster than Liger" if lig else "")
+        )
     return "\n".join(lines) + "\n"
 
 
