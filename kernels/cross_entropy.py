@@ -36,12 +36,13 @@ Schedules (``schedule=`` keyword; ``set_default_schedule`` changes the default, 
   all-SM rate per SM (~30 GB/s per SM at 4 TB/s): the logits GEMMs lose ~N/132 of their speed meanwhile.
 On a CPU (Triton interpreter) all schedules run in one stream; the two-buffer bookkeeping is still exercised.
 
-Memory and chunk size (``chunk_bytes`` = all logits buffers together; default ``None`` = automatic, 320 MiB):
-C = 1024 rows at V = 151936 bf16. Extra memory = the buffers + grad_hidden (T x E) + O(T) vectors: 0.32 GiB at
-T = 4K, 0.41 GiB at 16K (measured; budget 0.5 GiB), plus grad_weight (V x E, in the weight's dtype) when the weight
-trains. grad_weight is accumulated in place in that one buffer (``torch.mm(out=)`` for the first chunk,
-``addmm_`` after): no fp32 (V, E) accumulator. Its rounding: one per chunk in bf16 (as Liger does); an fp32
-weight accumulates in fp32.
+Memory and chunk size (``chunk_bytes`` = all logits buffers together; default ``None`` = automatic, 372 MiB): C =
+1280 rows at V = 151936 bf16 (4K tokens: 4 x 1024, 16K: 12 x 1280 + 1024). Extra memory = the buffers + grad_hidden
+(T x E) + O(T) vectors: 0.32 GiB at T = 4K, 0.49 GiB at 16K (H200, session 3; budget 0.5 GiB), plus grad_weight (V x
+E, in the weight's dtype) when the weight trains. 1280 rather than 1024 rows: 63.9 vs 65.2 ms at 16K with a frozen
+weight, 98.4 vs 100.8 ms trainable (Liger 66.5 / 109.7; ``tools/bench_ce_variants.py``). grad_weight is accumulated
+in place in that one buffer (``torch.mm(out=)`` for the first chunk, ``addmm_`` after): no fp32 (V, E) accumulator.
+Its rounding: one per chunk in bf16 (as Liger does); an fp32 weight accumulates in fp32.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ __all__ = [
 _launch_ce_rows = launch_ce_rows
 _ce_row_config = ce_row_config
 
-# The logits buffer(s), frozen or trainable weight (the name is older than that rule). 320 MiB gives C = 1024 rows
-# at V = 151936 in bf16: the grad_hidden matmul (C x E output = 1024 x 4096) then fills 2 waves of 128x128 tiles
-# on 132 SMs, and at T = 16K the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB.
-FROZEN_WEIGHT_CHUNK_BYTES = 320 * 2**20
+# The logits buffer(s), frozen or trainable weight (the name is older than that rule). 372 MiB gives C = 1280 rows
+# at V = 151936 in bf16 (fewer, deeper chunks: measured faster than 1024 at 16K tokens on the H200), and at T = 16K
+# the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB (0.49 measured).
+FROZEN_WEIGHT_CHUNK_BYTES = 372 * 2**20
 # Chunk rows are rounded down to a multiple of this (matmul tile size) when the budget allows it.
 _ROW_QUANTUM = 128
 
@@ -90,11 +91,11 @@ def default_schedule() -> str:
 
 
 def auto_chunk_bytes(weight: torch.Tensor, weight_trains: bool) -> int:
-    """The default logits-buffer size: 320 MiB, whether or not the weight trains.
+    """The default logits-buffer size: 372 MiB (1280 rows at V = 151936 bf16), whether or not the weight trains.
 
     Run 3 let the buffer grow to grad_weight's size when the weight trains (one 1.16 GiB chunk at T = 4K): 1.19
-    GiB extra, over the 0.5 GiB budget. With 320 MiB the extra is the buffer + grad_hidden (0.34 GiB at 4K, 0.44
-    at 16K); grad_weight is then accumulated by one ``addmm_`` per 1024-row chunk, in place in the weight's dtype.
+    GiB extra, over the 0.5 GiB budget. With 372 MiB the extra is the buffer + grad_hidden (0.32 GiB at 4K, 0.49
+    at 16K); grad_weight is then accumulated by one ``addmm_`` per chunk, in place in the weight's dtype.
     """
     del weight, weight_trains  # kept in the signature: callers pass both, and the rule may depend on them again
     return FROZEN_WEIGHT_CHUNK_BYTES
@@ -267,7 +268,7 @@ def fused_linear_cross_entropy(
     last token scores nothing, ``ignore_index`` labels are not counted. ``softcap``: Gemma 2's
     final_logit_softcapping (logits -> softcap * tanh(logits / softcap)). ``chunk_bytes``: size of the one
     (C, V) logits buffer (both buffers together for the overlap schedules); ``None`` picks ``auto_chunk_bytes``:
-    320 MiB (frozen or trainable weight). Smaller saves memory, larger means fewer, deeper matmuls and fewer
+    372 MiB (frozen or trainable weight). Smaller saves memory, larger means fewer, deeper matmuls and fewer
     grad_weight read-modify-writes. ``schedule``: ``"serial"``, ``"overlap"`` or ``"overlap_sm<N>"`` (module
     docstring); ``None`` = ``default_schedule()``. Every schedule computes the same values. ``skip_ignored``:
     process only the counted tokens (gathered chunk by chunk), so ignored ones (prompt tokens in SFT, often

@@ -120,9 +120,10 @@ def ce_row_config(vocab: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_V, SEGMENT, num_warps) of the row kernel, a pure function of the vocab size and logits dtype.
 
     4096 columns x 8 warps: 16 values per thread (two 16-byte bf16 loads), 32 registers on sm_90 (Triton 3.6
-    offline compile; 38 with softcap), so the 1024 rows of a 320 MiB chunk are all resident at once (~7.75 per
-    SM, 8 fit by threads) with 8 KB of loads per row per block: ~62 KB in flight per SM, against the ~32 KB a
-    saturated HBM needs (run 3's 2048 x 4 warps had ~31 KB, and barriers in pass 1 held them back).
+    offline compile; 38 with softcap), so 1024 rows of a chunk are all resident at once (~7.75 per SM, 8 fit by
+    threads; the default 1280-row chunk adds a partial second wave, cheaper than its deeper GEMMs save) with 8
+    KB of loads per row per block: ~62 KB in flight per SM, against the ~32 KB a saturated HBM needs (run 3's
+    2048 x 4 warps had ~31 KB, and barriers in pass 1 held them back).
     SEGMENT 16: pass 1 reduces each block over 16 contiguous columns (within a thread and its lane neighbour).
     """
     del dtype  # the same shape serves bf16/fp16 (16 B per 8 values) and fp32 (48 registers at 4 warps)

@@ -5,7 +5,8 @@ grid, the register cap, and how the weight gradient is reduced) and a sweep can 
 ``set_default_variant("two_launch")`` flips what :func:`kernels.rmsnorm.rms_norm` uses; ``rms_norm(...,
 variant=...)`` picks one for a single call. Nothing here reads the environment.
 
-Variants (H200 run 4, bf16, CUDA-graph device time, % of copy: T = 4K fwd 84% / bwd 74%, 16K 95% / 89%):
+Variants (H200, bf16, CUDA-graph device time, % of copy with the default ``two_launch``: session 3 T = 4K fwd 85%
+/ bwd 77%, 16K 95% / 92%, 64K 98% / 97%; the other variants were no faster, see ``_default``):
 * ``two_launch``: run 4's behaviour. Persistent backward, then a second small kernel sums the per-program fp32
   partial dw rows in a fixed order.
 * ``one_launch``: the same backward loop; after its rows each program stores its partial row, takes a ticket
@@ -71,9 +72,10 @@ VARIANTS: dict[str, Variant] = {
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
 }
 
-# One launch by default: it removes a launch and a dependency gap from every backward with a trainable weight;
-# the reduction it adds runs on the last arrivers, which in a one-wave grid finish within ~1 us of each other.
-_default = "one_launch"
+# Two launches by default: the H200 A/B (session 3, tools/bench_rmsnorm_variants.py) timed the one-launch backward
+# slightly slower at every T (hidden 4096: 31.4 vs 30.7 us at 4K, 104.6 vs 103.0 us at 16K): the reducers' wait
+# for the last programs costs what the saved launch gains. No forward variant beat the default forward either.
+_default = "two_launch"
 
 
 def get_variant(name: str | None = None) -> Variant:

@@ -8,14 +8,14 @@ rows C (GEMM shape, fewer weight re-reads). This script times them side by side 
 
 Rows (each at T in --tokens, frozen and trainable weight):
 * ``<schedule>_c<C>``: ``fused_linear_cross_entropy(..., schedule=<schedule>, chunk_bytes=<C rows x buffers>)``;
-  ``serial_c1024`` is today's default; ``*_lt_*``: the same with torch's preferred BLAS set to cuBLASLt. A
-  variant is skipped (with a note) when its predicted extra memory passes the 0.5 GiB budget, or when its chunk
-  rows at that T equal another variant's.
+  ``serial_c1280`` is the default since session 3's A/B (``serial_c1024`` before, the table's reference);
+  ``*_lt_*``: the same with torch's preferred BLAS set to cuBLASLt. A variant is skipped (with a note) when its
+  predicted extra memory passes the 0.5 GiB budget, or when its chunk rows at that T equal another variant's.
 * ``serial_skip_c1024``: ``skip_ignored=True`` (only counted tokens get GEMMs; one host sync). With the default
   labels (1/64 ignored) it shows the gather/scatter/sync overhead; ``--ignored-frac 0.4`` gives SFT-like labels
   (each of 64 examples ignores its first 40%: the prompt), where every schedule but this one pays for them.
-* ``floor_gemms_c1024``: serial_c1024's cuBLAS GEMMs alone (no row pass): the floor of every cuBLAS schedule at
-  C = 1024; ``floor_rows_c1024``: its row passes alone (the most any overlap can hide).
+* ``floor_gemms_c<C>``: the default's cuBLAS GEMMs alone (no row pass): the floor of every cuBLAS schedule at
+  that C; ``floor_rows_c<C>``: its row passes alone (the most any overlap can hide).
 * ``liger``: ``LigerFusedLinearCrossEntropyLoss(reduction="sum")`` if liger-kernel imports (else a note);
   ``eager``: ``F.cross_entropy`` on full fp32 logits, only at T <= 4096 (27.8 GiB extra at 16K).
 
@@ -56,9 +56,9 @@ BUDGET_GIB = 0.5
 # GEMMs, so the *_lt rows (every GEMM through cuBLASLt, no carve-out) separate the library's effect from the
 # carve-out's.
 VARIANTS = [
+    ("serial_c1280", "serial", 1280, None, False),  # the default since session 3's A/B
     ("serial_c1024", "serial", 1024, None, False),
     ("serial_lt_c1024", "serial", 1024, "cublaslt", False),
-    ("serial_c1280", "serial", 1280, None, False),
     ("serial_c1536", "serial", 1536, None, False),
     ("overlap_c512", "overlap", 512, None, False),
     ("overlap_lt_c512", "overlap", 512, "cublaslt", False),

@@ -348,17 +348,17 @@ def test_bad_arguments_are_named():
 
 
 def test_chunk_rows_follow_the_byte_budget():
-    # Qwen3's lm_head in bf16, frozen: 1024 rows (297 MiB); 4K tokens in 4 equal chunks, 16K in 16.
+    # Qwen3's lm_head in bf16, frozen: up to 1280 rows (371 MiB); 4K tokens in 4 equal chunks, 16K in 13.
     frozen = FROZEN_WEIGHT_CHUNK_BYTES
-    assert _chunk_rows(16384, 151936, 2, frozen) == 1024
+    assert _chunk_rows(16384, 151936, 2, frozen) == 1280
     assert _chunk_rows(4096, 151936, 2, frozen) == 1024
     assert _chunk_rows(300, 151936, 2, frozen) == 300
-    # Trainable: the same 320 MiB (run 3 grew it to grad_weight's 1.16 GiB: 1.19 GiB extra, over the budget).
+    # Trainable: the same 372 MiB (run 3 grew it to grad_weight's 1.16 GiB: 1.19 GiB extra, over the budget).
     weight = torch.empty(151936, 4096, dtype=torch.bfloat16, device="meta")
     assert auto_chunk_bytes(weight, weight_trains=False) == frozen
     assert auto_chunk_bytes(weight, weight_trains=True) == frozen
     assert _chunk_rows(4096, 151936, 2, auto_chunk_bytes(weight, weight_trains=True)) == 1024
-    assert _chunk_rows(16384, 151936, 2, auto_chunk_bytes(weight, weight_trains=True)) == 1024
+    assert _chunk_rows(16384, 151936, 2, auto_chunk_bytes(weight, weight_trains=True)) == 1280
     for tokens, vocab, size, budget in [(5000, 262144, 2, frozen), (4097, 151936, 2, 2**30), (777, 1000, 4, 10**6)]:
         rows = _chunk_rows(tokens, vocab, size, budget)
         assert 1 <= rows <= tokens and rows * vocab * size <= budget
@@ -415,7 +415,7 @@ def test_gpu_qwen3_lm_head_error_and_memory(tokens, schedule):
         assert_close_verbose(grad_o, grad_s, atol=2**-8 * scale, name=f"{schedule} grad_hidden vs serial")
     if tokens == 4096:
         # Errors against fp64 within twice eager bf16's, loss and both gradients. Default chunks (4 x 1024 rows;
-        # 8 x 512 for the overlap schedules): grad_weight accumulated in bf16 once per chunk, hence its slack.
+        # 7 x <= 640 for the overlap schedules): grad_weight accumulated in bf16 once per chunk, hence its slack.
         slack = 4.0 if schedule == "serial" else 6.0
         _check_against_reference(hidden, weight, labels, train_weight=True, weight_slack=slack, schedule=schedule)
         # Frozen weight: grad_hidden only.
