@@ -54,6 +54,19 @@ def run_grads(fn, q, k, v, do, cu, max_seqlen, **kw):
     return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
+def run_grads_by_kv_head(fn, q, k, v, do, cu, max_seqlen, **kw):
+    """``run_grads`` one KV head (and its query heads) at a time: heads never mix in attention, so the results are
+    the same, and a reference that materialises (heads, l, l) scores needs 1/Hkv of the memory (an 8K example's
+    fp32 scores and their autograd copies are ~40 GB for all 32 heads at once)."""
+    group = q.shape[1] // k.shape[1]
+    parts = [
+        run_grads(fn, q[:, j * group : (j + 1) * group], k[:, j : j + 1], v[:, j : j + 1],
+                  do[:, j * group : (j + 1) * group], cu, max_seqlen, **kw)
+        for j in range(k.shape[1])
+    ]  # fmt: skip
+    return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(4))
+
+
 def ragged_lens(total: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     lens, left = [], total
@@ -422,6 +435,20 @@ def test_bad_arguments_raise(change: dict, match: str) -> None:
         varlen_attention(q, k, v, args.pop("cu"), 4, **args)
 
 
+def test_reference_by_kv_head_equals_all_heads_at_once() -> None:
+    """The memory-saving way the GPU tests run the reference gives the all-heads result (GQA 4, ragged)."""
+    torch.manual_seed(3)
+    lens = [5, 1, 12, 7]
+    T, H, Hkv, D = sum(lens), 8, 2, 16
+    q, k, v, do = (torch.randn(T, h, D, dtype=torch.float64) for h in (H, Hkv, Hkv, H))
+    cu = make_cu(lens)
+    for kw in ({}, {"window": 3}, {"softcap": 5.0}):
+        whole = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+        split = run_grads_by_kv_head(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+        for tag, a, b in zip(("out", "dq", "dk", "dv"), split, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{kw} {tag}")
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 def _alpaca_lens(total: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
@@ -437,7 +464,8 @@ def _alpaca_lens(total: int, seed: int) -> list[int]:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "lens",
-    # One 8K example, not 16K: the fp32 reference materialises (H, l, l) scores (8.6 GB at 8K, 34 GB at 16K).
+    # One 8K example, not 16K: the fp32 reference materialises (heads, l, l) scores (8.6 GB at 8K for 32 heads,
+    # 34 GB at 16K); run_grads_by_kv_head takes 4 heads at a time.
     [_alpaca_lens(4096, 0), [1024] * 4, [4096, 1, 2047, 1024, 1, 1023], _alpaca_lens(16384, 1), [8192]],
     ids=["alpaca4k", "eq1k", "ragged8k", "alpaca16k", "one8k"],
 )
@@ -449,13 +477,13 @@ def test_gpu_realistic_bf16(lens: list[int], kw: dict) -> None:
     q, k, v, do = (torch.randn(T, h, D, device=dev, dtype=torch.bfloat16) for h in (H, Hkv, Hkv, H))
     cu = make_cu(lens).to(dev)
     got = run_grads(varlen_attention, q, k, v, do, cu, max(lens), **kw)
-    same = run_grads(
+    same = run_grads_by_kv_head(
         lambda q, k, v, cu, m, **kw: _reference_impl(
             q, k, v, cu, None, True, kw.get("window"), kw.get("softcap"), torch.bfloat16
         ),
         q, k, v, do, cu, max(lens), **kw,
     )  # fmt: skip
-    exact = run_grads(varlen_attention_reference, *(x.float() for x in (q, k, v, do)), cu, max(lens), **kw)
+    exact = run_grads_by_kv_head(varlen_attention_reference, *(x.float() for x in (q, k, v, do)), cu, max(lens), **kw)
     for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
         bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
         assert_close_verbose(a, e, atol=bound, name=f"gpu:{tag}")
