@@ -259,12 +259,19 @@ def _pin(b: Any) -> Any:
     return b.pin_memory()
 
 
+def _alloc_retries(device) -> int:
+    """The CUDA caching allocator's count of failed allocations that freed its cache and retried (each one syncs
+    the device and returns memory to the driver: a slow step with this count going up is allocator-bound)."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Path | None):
-    losses, times, norms = [], [], []
+    losses, times, norms, retries = [], [], [], []
     graphed = getattr(run, "backward_done", False)
     for k, (mbs, step) in enumerate(zip(batches, steps)):
         n_step = step.num_trainable
         _sync(device)
+        before = _alloc_retries(device)
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
         for mb in mbs:
@@ -279,10 +286,12 @@ def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Pa
         times.append(time.perf_counter() - t0)
         losses.append(float(total))
         norms.append(float(norm))
-        print(f"    step {k + 1:3d}  loss {losses[-1]:.4f}  {times[-1]:.3f} s", flush=True)
+        retries.append(_alloc_retries(device) - before)
+        note = f"  ({retries[-1]} allocator retries)" if retries[-1] else ""
+        print(f"    step {k + 1:3d}  loss {losses[-1]:.4f}  {times[-1]:.3f} s{note}", flush=True)
     if profile_dir is not None:
         _profile_step(run, batches[-1], steps[-1], device, params, opt, profile_dir)
-    return losses, times, norms
+    return losses, times, norms, retries
 
 
 def _profile_step(run, mbs, step, device, params, opt, profile_dir: Path) -> None:
@@ -356,8 +365,9 @@ def run_system(cfg: BenchConfig, spec: SystemSpec, ss: Any) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)  # the peak below includes the weights, not the init
         profiled = spec.family == "padless" and any(fnmatch(spec.name, p) for p in cfg.profile.split(",") if p)
         prof_dir = Path(cfg.out) / f"profile-{spec.name}" if profiled else None
-        losses, times, norms = _timed_loop(model, run, batches, steps, device, params, opt, prof_dir)
+        losses, times, norms, retries = _timed_loop(model, run, batches, steps, device, params, opt, prof_dir)
         row.update(_summarise(spec, steps, batches, losses, times, norms, mcfg, cfg, device))
+        row["alloc_retries"] = retries
         row["notes"] = notes
     except torch.OutOfMemoryError as error:  # keep the table: record it and go on (the caller frees memory)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

@@ -252,7 +252,7 @@ def run_unsloth(cfg: Any, spec: Any, ss: Any) -> dict[str, Any]:
         row["trainable_params"] = sum(p.numel() for p in params)
         torch.cuda.reset_peak_memory_stats(device)  # the peak below includes the weights, not the init
         run = _hf_loss_fn(model, device)
-        losses, times, norms = _timed_loop(model, run, batches, steps, device, params, opt, None)
+        losses, times, norms, _ = _timed_loop(model, run, batches, steps, device, params, opt, None)
         row.update(_summarise(spec, steps, batches, losses, times, norms, mcfg, cfg, device))
         row["notes"] = notes
     except (Exception, SystemExit) as error:  # one system's failure is its row

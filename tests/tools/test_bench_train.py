@@ -88,6 +88,7 @@ def test_tiny_run_prints_one_table_with_every_system(tiny_run) -> None:
         assert len(r["losses"]) == 2 and all(np.isfinite(r["losses"]))
         assert r["tokens_per_s"] > 0 and r["trainable_tokens_per_s"] > 0
         assert 0 < r["trainable_tokens_per_s"] < r["tokens_per_s"]
+        assert r["alloc_retries"] == [0, 0]  # per step; CUDA only (always 0 on CPU)
     assert rows["hf-packed-flex-512"]["status"] == "skipped (cpu)"
     assert rows["liger-packed-sdpa-512"]["status"] == "skipped (cpu)"
     assert rows["unsloth"]["status"]  # "not installed offline" here; whatever happened, said in the row
