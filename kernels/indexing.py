@@ -48,6 +48,8 @@ def needs_long_indexing(*tensors: Any) -> bool:
     for tensor in tensors:
         if tensor is None:
             continue
-        if max(tensor.numel() - 1, _max_offset(tensor)) > INT32_MAX:
+        # A contiguous tensor's largest offset is numel - 1 (the common case, judged without a Python loop).
+        offset = tensor.numel() - 1 if tensor.is_contiguous() else max(tensor.numel() - 1, _max_offset(tensor))
+        if offset > INT32_MAX:
             return True
     return False
