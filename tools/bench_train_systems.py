@@ -16,6 +16,7 @@ path differs:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import inspect
@@ -265,13 +266,46 @@ def _alloc_retries(device) -> int:
     return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
 
 
-def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Path | None):
+class _GcClock:
+    """Seconds the cyclic garbage collector ran, through ``gc.callbacks`` (a pause in an eager step shows here)."""
+
+    def __init__(self) -> None:
+        self.total, self._t0 = 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._t0
+
+    def __enter__(self) -> _GcClock:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+def _frozen_gc():
+    from train.host_gc import frozen_gc
+
+    return frozen_gc()
+
+
+def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Path | None, gc_stats=None):
+    """Train every step; (losses, step seconds, grad norms, allocator retries per step). ``gc_stats``: a list that
+    receives the garbage collector's seconds in each step."""
+    with _GcClock() as clock:
+        return _timed_steps(model, run, batches, steps, device, params, opt, profile_dir, clock, gc_stats)
+
+
+def _timed_steps(model, run, batches, steps, device, params, opt, profile_dir, clock, gc_stats):
     losses, times, norms, retries = [], [], [], []
     graphed = getattr(run, "backward_done", False)
     for k, (mbs, step) in enumerate(zip(batches, steps)):
         n_step = step.num_trainable
         _sync(device)
-        before = _alloc_retries(device)
+        before, gc_before = _alloc_retries(device), clock.total
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
         for mb in mbs:
@@ -287,7 +321,11 @@ def _timed_loop(model, run, batches, steps, device, params, opt, profile_dir: Pa
         losses.append(float(total))
         norms.append(float(norm))
         retries.append(_alloc_retries(device) - before)
+        gc_s = clock.total - gc_before
+        if gc_stats is not None:
+            gc_stats.append(gc_s)
         note = f"  ({retries[-1]} allocator retries)" if retries[-1] else ""
+        note += f"  (gc {gc_s:.3f} s)" if gc_s >= 0.01 else ""
         print(f"    step {k + 1:3d}  loss {losses[-1]:.4f}  {times[-1]:.3f} s{note}", flush=True)
     if profile_dir is not None:
         _profile_step(run, batches[-1], steps[-1], device, params, opt, profile_dir)
@@ -365,9 +403,16 @@ def run_system(cfg: BenchConfig, spec: SystemSpec, ss: Any) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)  # the peak below includes the weights, not the init
         profiled = spec.family == "padless" and any(fnmatch(spec.name, p) for p in cfg.profile.split(",") if p)
         prof_dir = Path(cfg.out) / f"profile-{spec.name}" if profiled else None
-        losses, times, norms, retries = _timed_loop(model, run, batches, steps, device, params, opt, prof_dir)
+        gc_stats: list[float] = []
+        # padless's trainer freezes the objects alive at its loop's start (train.host_gc); its rows do the same.
+        frozen = _frozen_gc() if spec.family == "padless" else contextlib.nullcontext()
+        with frozen:
+            losses, times, norms, retries = _timed_loop(
+                model, run, batches, steps, device, params, opt, prof_dir, gc_stats
+            )
         row.update(_summarise(spec, steps, batches, losses, times, norms, mcfg, cfg, device))
         row["alloc_retries"] = retries
+        row["gc_s"] = gc_stats
         row["notes"] = notes
     except torch.OutOfMemoryError as error:  # keep the table: record it and go on (the caller frees memory)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

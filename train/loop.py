@@ -36,6 +36,7 @@ from .config import TrainConfig, TrainError
 from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
+from .host_gc import frozen_gc
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .optim import build_optimizer, build_scheduler
 from .prepare import build_model, check_tokenizer, resolve_device, resolve_dtype
@@ -198,118 +199,120 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
     step_times: list[float] = []
     per_step: list[tuple[int, int, float]] = []  # (tokens, trainable tokens, FLOPs) of each step, all ranks
-    try:
-        while step < total_steps:
-            plan = plan_for(epoch)
-            if plan.dropped and start == 0 and env.is_main:
-                progress.write(f"note: {plan.describe_dropped()}")
-            mine = plan.ranks[env.rank]
-            with Prefetcher(ss, mine, start=start, pin=device.type == "cuda") as feed:
-                batches = iter(feed)
-                for s in range(start // cfg.grad_accum, plan.steps):
-                    if step >= total_steps:
-                        break
-                    t0 = time.perf_counter()
-                    window = plan.step_slice(s)
-                    n_step = step_sum(plan, s, sizes.num_trainable)  # all ranks, from the host plan
-                    scale = env.world_size / max(n_step, 1)  # DDP averages over ranks; undo that, divide by N
-                    step_loss = torch.zeros((), dtype=torch.float32, device=device)
-                    step_tokens = step_sq = 0
-                    for k in range(window.start, window.stop):
-                        # fetch: the worker already concatenated (and pinned) it; the copy does not block the host
-                        _, host_batch = next(batches)
-                        step_tokens += host_batch.num_tokens
-                        step_sq += sum_squared_lengths(host_batch.cu_seqlens)
-                        loss_sum = None
-                        if graph_step is not None:  # the same forward + backward, replayed as one CUDA graph
-                            try:
-                                loss_sum = graph_step(host_batch, scale)
-                            except GraphCaptureError as error:
-                                if cfg.cuda_graphs == "on":
-                                    raise TrainError(str(error)) from error
-                                graph_step = None
-                                result.warnings.append(f"CUDA graphs off: {error}")
-                                progress.write(f"warning: {result.warnings[-1]}")
-                        if loss_sum is None:
-                            batch = host_batch.to(device, non_blocking=True)
-                            with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
-                                # forward: Σ token losses of this micro-batch (logits never materialised)
-                                loss_sum, _ = wrapped.run(batch)
-                                # backward: scaled so the step's gradient is that of the step's token mean
-                                (loss_sum * scale).backward()
-                        step_loss += loss_sum.detach().float()
+    with frozen_gc():  # no full GC pass over the model's objects in the middle of a step
+        try:
+            while step < total_steps:
+                plan = plan_for(epoch)
+                if plan.dropped and start == 0 and env.is_main:
+                    progress.write(f"note: {plan.describe_dropped()}")
+                mine = plan.ranks[env.rank]
+                with Prefetcher(ss, mine, start=start, pin=device.type == "cuda") as feed:
+                    batches = iter(feed)
+                    for s in range(start // cfg.grad_accum, plan.steps):
+                        if step >= total_steps:
+                            break
+                        t0 = time.perf_counter()
+                        window = plan.step_slice(s)
+                        n_step = step_sum(plan, s, sizes.num_trainable)  # all ranks, from the host plan
+                        scale = env.world_size / max(n_step, 1)  # DDP averages over ranks; undo that, divide by N
+                        step_loss = torch.zeros((), dtype=torch.float32, device=device)
+                        step_tokens = step_sq = 0
+                        for k in range(window.start, window.stop):
+                            # fetch: the worker already concatenated (and pinned) it; the copy does not block the host
+                            _, host_batch = next(batches)
+                            step_tokens += host_batch.num_tokens
+                            step_sq += sum_squared_lengths(host_batch.cu_seqlens)
+                            loss_sum = None
+                            if graph_step is not None:  # the same forward + backward, replayed as one CUDA graph
+                                try:
+                                    loss_sum = graph_step(host_batch, scale)
+                                except GraphCaptureError as error:
+                                    if cfg.cuda_graphs == "on":
+                                        raise TrainError(str(error)) from error
+                                    graph_step = None
+                                    result.warnings.append(f"CUDA graphs off: {error}")
+                                    progress.write(f"warning: {result.warnings[-1]}")
+                            if loss_sum is None:
+                                batch = host_batch.to(device, non_blocking=True)
+                                with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
+                                    # forward: Σ token losses of this micro-batch (logits never materialised)
+                                    loss_sum, _ = wrapped.run(batch)
+                                    # backward: scaled so the step's gradient is that of the step's token mean
+                                    (loss_sum * scale).backward()
+                            step_loss += loss_sum.detach().float()
 
-                    # clip: the global gradient norm (also logged; inf = measure without clipping)
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-                    if hasattr(grad_norm, "full_tensor"):
-                        grad_norm = grad_norm.full_tensor()
-                    if env.distributed:
-                        dist_util.all_reduce_sum(step_loss)
-                    # host-device sync (one per step): the loss and norm decide whether the weights may change
-                    loss_total, norm = torch.stack([step_loss, grad_norm.float().to(device)]).tolist()
-                    loss = loss_total / n_step if n_step else 0.0
-                    if not (math.isfinite(loss) and math.isfinite(norm)):
-                        raise NonFiniteLossError(_nan_message(step + 1, loss, norm, output))
+                        # clip: the global gradient norm (also logged; inf = measure without clipping)
+                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+                        if hasattr(grad_norm, "full_tensor"):
+                            grad_norm = grad_norm.full_tensor()
+                        if env.distributed:
+                            dist_util.all_reduce_sum(step_loss)
+                        # host-device sync (one per step): the loss and norm decide whether the weights may change
+                        loss_total, norm = torch.stack([step_loss, grad_norm.float().to(device)]).tolist()
+                        loss = loss_total / n_step if n_step else 0.0
+                        if not (math.isfinite(loss) and math.isfinite(norm)):
+                            raise NonFiniteLossError(_nan_message(step + 1, loss, norm, output))
 
-                    # step: update the weights, advance the schedule, drop the gradients
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    # a captured graph accumulates into the existing .grad tensors: zero them, never drop them
-                    optimizer.zero_grad(set_to_none=graph_step is None)
-                    step += 1
-                    done_epoch = window.stop >= plan.micro_batches_per_rank
-                    position = Position(
-                        step=step,
-                        epoch=epoch + 1 if done_epoch else epoch,
-                        micro_batch=0 if done_epoch else window.stop,
-                    )
+                        # step: update the weights, advance the schedule, drop the gradients
+                        lr = scheduler.get_last_lr()[0]
+                        optimizer.step()
+                        scheduler.step()
+                        # a captured graph accumulates into the existing .grad tensors: zero them, never drop them
+                        optimizer.zero_grad(set_to_none=graph_step is None)
+                        step += 1
+                        done_epoch = window.stop >= plan.micro_batches_per_rank
+                        position = Position(
+                            step=step,
+                            epoch=epoch + 1 if done_epoch else epoch,
+                            micro_batch=0 if done_epoch else window.stop,
+                        )
 
-                    # log: one metrics.jsonl line per step, the bar every --log-every steps
-                    dt = time.perf_counter() - t0
-                    step_tokens_all = step_sum(plan, s, sizes.num_tokens)  # all ranks
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": norm,
-                        "tokens": step_tokens_all,
-                        "trainable_tokens": n_step,
-                        "tokens_per_s": step_tokens_all / dt,
-                        "trainable_tokens_per_s": n_step / dt,
-                        "mfu": flops.step_flops(step_tokens, step_sq) / dt / peak if peak else None,
-                        "peak_mem_gib": peak_memory_gib(device),
-                        "step_time_s": dt,
-                    }
-                    metrics.write(record)
-                    progress.update(record)
-                    result.losses.append(loss)
-                    tokens_seen += step_tokens_all
-                    trainable_seen += n_step
-                    step_times.append(dt)
-                    per_step.append((step_tokens_all, n_step, flops.step_flops(step_tokens, step_sq) * env.world_size))
+                        # log: one metrics.jsonl line per step, the bar every --log-every steps
+                        dt = time.perf_counter() - t0
+                        step_tokens_all = step_sum(plan, s, sizes.num_tokens)  # all ranks
+                        record = {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": norm,
+                            "tokens": step_tokens_all,
+                            "trainable_tokens": n_step,
+                            "tokens_per_s": step_tokens_all / dt,
+                            "trainable_tokens_per_s": n_step / dt,
+                            "mfu": flops.step_flops(step_tokens, step_sq) / dt / peak if peak else None,
+                            "peak_mem_gib": peak_memory_gib(device),
+                            "step_time_s": dt,
+                        }
+                        metrics.write(record)
+                        progress.update(record)
+                        result.losses.append(loss)
+                        tokens_seen += step_tokens_all
+                        trainable_seen += n_step
+                        step_times.append(dt)
+                        step_flops = flops.step_flops(step_tokens, step_sq) * env.world_size
+                        per_step.append((step_tokens_all, n_step, step_flops))
 
-                    # evaluate: every --eval-every steps and after the last one
-                    if eval_ss is not None and (
-                        step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-                    ):
-                        run_eval(step)
+                        # evaluate: every --eval-every steps and after the last one
+                        if eval_ss is not None and (
+                            step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+                        ):
+                            run_eval(step)
 
-                    # checkpoint: every --save-every steps (atomic; 'latest' moves only once it is whole)
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        checkpoint(position)
-                    if callbacks.on_step:
-                        callbacks.on_step(record)
-            epoch, start = epoch + 1, 0
-    except _OOM as error:
-        raise TrainError(
-            f"CUDA out of memory at step {step + 1} ({str(error).splitlines()[0]}). Lower --tokens-per-micro-batch "
-            f"(now {budget}), turn on --checkpointing on (or offload), or use --qlora to store the base in 4 bits"
-        ) from error
-    finally:
-        progress.close()
+                        # checkpoint: every --save-every steps (atomic; 'latest' moves only once it is whole)
+                        if cfg.save_every and step % cfg.save_every == 0:
+                            checkpoint(position)
+                        if callbacks.on_step:
+                            callbacks.on_step(record)
+                epoch, start = epoch + 1, 0
+        except _OOM as error:
+            raise TrainError(
+                f"CUDA out of memory at step {step + 1} ({str(error).splitlines()[0]}). Lower --tokens-per-micro-batch "
+                f"(now {budget}), turn on --checkpointing on (or offload), or use --qlora to store the base in 4 bits"
+            ) from error
+        finally:
+            progress.close()
 
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0

@@ -89,6 +89,7 @@ def test_tiny_run_prints_one_table_with_every_system(tiny_run) -> None:
         assert r["tokens_per_s"] > 0 and r["trainable_tokens_per_s"] > 0
         assert 0 < r["trainable_tokens_per_s"] < r["tokens_per_s"]
         assert r["alloc_retries"] == [0, 0]  # per step; CUDA only (always 0 on CPU)
+        assert len(r["gc_s"]) == 2 and all(0 <= g < r["step_times"][i] for i, g in enumerate(r["gc_s"]))
     assert rows["hf-packed-flex-512"]["status"] == "skipped (cpu)"
     assert rows["liger-packed-sdpa-512"]["status"] == "skipped (cpu)"
     assert rows["unsloth"]["status"]  # "not installed offline" here; whatever happened, said in the row
@@ -280,3 +281,18 @@ def test_a_system_may_sit_in_one_lane_only() -> None:
         ["padless-1k"],
         ["hf-padded-b1"],
     ]
+
+
+def test_gc_clock_counts_the_collectors_time() -> None:
+    import gc
+
+    from bench_train_systems import _GcClock
+
+    with _GcClock() as clock:
+        junk = [[i] for i in range(200_000)]  # many tracked objects: a full collection walks them all
+        gc.collect()
+        del junk
+    assert clock.total > 0 and clock not in gc.callbacks
+    seen = clock.total
+    gc.collect()
+    assert clock.total == seen  # removed from gc.callbacks on exit
