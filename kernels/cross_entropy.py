@@ -127,6 +127,7 @@ def _forward_and_grads(
     need_grad_weight: bool,
     schedule: str = "serial",
     skip_ignored: bool = False,
+    counted_bound: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunk loop: (loss_sum, n_counted, grad_hidden or None, grad_weight or None), gradients unscaled."""
     overlap, sm_carveout = parse_schedule(schedule)
@@ -136,7 +137,13 @@ def _forward_and_grads(
     targets[:-1] = labels[1:]
     n_counted = (targets != ignore_index).sum()
     keep = None
-    if skip_ignored:
+    if counted_bound is not None:
+        # No sync: a stable sort puts the counted tokens first (in order), then ignored ones; the first
+        # ``counted_bound`` rows (>= the count, known on the host) are processed, the ignored among them score 0.
+        bound = min(max(int(counted_bound), 0), tokens)
+        keep = torch.argsort((targets == ignore_index).to(torch.uint8), stable=True)[:bound]
+        targets = targets.index_select(0, keep)
+    elif skip_ignored:
         # One host sync (the kept count sizes the loop): ignored tokens (prompts, example starts) get no GEMM.
         keep = (targets != ignore_index).nonzero().squeeze(1)
         targets = targets.index_select(0, keep)
@@ -158,7 +165,10 @@ def _forward_and_grads(
         run_serial(chunks, rows, vocab)
     if grad_weight is not None and not chunks.bounds:
         grad_weight.zero_()
-    return row_loss.sum(), n_counted, grad_hidden, grad_weight
+    loss_sum = row_loss.sum()
+    if counted_bound is not None:  # a bound below the true count would drop tokens: make it loud, not wrong
+        loss_sum = torch.where(n_counted > bound, torch.full_like(loss_sum, float("nan")), loss_sum)
+    return loss_sum, n_counted, grad_hidden, grad_weight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,12 +190,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_grad_weight: bool,
         schedule: str,
         skip_ignored: bool,
+        counted_bound: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Autocast would refuse the ``out=`` matmuls and change the logits' dtype; the inputs' dtype rules here.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss_sum, n_counted, grad_hidden, grad_weight = _forward_and_grads(
                 hidden, weight, labels, ignore_index, softcap, chunk_bytes, need_grad_hidden, need_grad_weight,
-                schedule, skip_ignored,
+                schedule, skip_ignored, counted_bound,
             )  # fmt: skip
         # Intermediates, not inputs/outputs: kept on ctx so backward can scale them in place and drop them.
         ctx.grads = (grad_hidden, grad_weight)
@@ -204,13 +215,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if grad_loss is None:
-            return (None,) * 10
+            return (None,) * 11
         # Scale by the incoming gradient of loss_sum, a 0-dim device tensor: in place, no host sync.
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
             grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +271,7 @@ def fused_linear_cross_entropy(
     chunk_bytes: int | None = None,
     schedule: str | None = None,
     skip_ignored: bool = False,
+    counted_bound: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy losses of ``hidden @ weight.T`` and the count of counted tokens.
 
@@ -273,16 +285,25 @@ def fused_linear_cross_entropy(
     docstring); ``None`` = ``default_schedule()``. Every schedule computes the same values. ``skip_ignored``:
     process only the counted tokens (gathered chunk by chunk), so ignored ones (prompt tokens in SFT, often
     30-60%) cost no GEMM and no row pass; costs one host sync per call (not CUDA-graph capturable), hence off
-    by default.
+    by default. ``counted_bound``: the same skipping without the sync, for callers that know on the host an
+    upper bound of the counted tokens (the trainer: the micro-batch's trainable-token count from the shards):
+    the first ``counted_bound`` tokens of a stable counted-first order get the GEMMs; a bound below the true
+    count makes loss_sum NaN rather than silently dropping tokens.
 
     Returns (loss_sum fp32 0-dim, n_counted int64 0-dim); differentiable in loss_sum w.r.t. hidden and weight.
-    Never materialises the (T, V) logits and never syncs with the host (except with ``skip_ignored``). An
+    Never materialises the (T, V) logits and never syncs with the host (except with ``skip_ignored`` and no
+    ``counted_bound``). An
     out-of-range label (not ``ignore_index``, outside [0, V)) makes loss_sum NaN. Gradients are computed in the
     forward when grad mode is on and hidden or weight requires grad; a frozen weight skips its matmul. They stay
     alive with the graph (T x E, plus V x E when the weight trains) until backward or until loss_sum is freed.
     Backward may run once per call (it scales the stored gradients in place).
     """
     _check_inputs(hidden, weight, labels, chunk_bytes)
+    if counted_bound is not None and (isinstance(counted_bound, bool) or not int(counted_bound) >= 0):
+        raise ValueError(
+            f"fused_linear_cross_entropy: counted_bound={counted_bound!r}; expected None or an int >= the number of "
+            "counted tokens (e.g. the micro-batch's trainable-token count)."
+        )
     schedule = _default_schedule if schedule is None else schedule
     parse_schedule(schedule)
     grad_on = torch.is_grad_enabled()
@@ -299,6 +320,7 @@ def fused_linear_cross_entropy(
         need_grad_weight,
         schedule,
         bool(skip_ignored),
+        None if counted_bound is None else int(counted_bound),
     )
 
 

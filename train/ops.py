@@ -115,12 +115,15 @@ def fused_linear_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     softcap: float | None = None,
+    counted_bound: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token losses fp32, number of counted tokens); labels unshifted, the shift is inside."""
+    """(sum of next-token losses fp32, number of counted tokens); labels unshifted, the shift is inside.
+
+    ``counted_bound`` (Triton kernel only; the reference computes every token): at least the number of counted
+    tokens, known on the host: only counted tokens get the lm_head GEMMs, with no host sync.
+    """
     mod = _kernel("cross_entropy")
-    fn = (
-        mod.fused_linear_cross_entropy
-        if backend_for(hidden.device) == "triton"
-        else mod.fused_linear_cross_entropy_reference
-    )
-    return fn(hidden, weight, labels, ignore_index, softcap)
+    if backend_for(hidden.device) == "triton":
+        fn = mod.fused_linear_cross_entropy
+        return fn(hidden, weight, labels, ignore_index, softcap, counted_bound=counted_bound)
+    return mod.fused_linear_cross_entropy_reference(hidden, weight, labels, ignore_index, softcap)

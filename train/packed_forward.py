@@ -106,7 +106,11 @@ def _packed_path(
         x = run_layer(call, x, checkpointing, preserve_rng_state, offload)
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
-    return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap)
+    # Prompt tokens (ignored labels) need no lm_head: the batch's trainable count, known on the host, bounds the
+    # counted tokens (no sync). Not inside a CUDA-graph capture: the graph replays other batches with other counts.
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    bound = None if capturing else batch.num_trainable
+    return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap, bound)
 
 
 def block_causal_mask(

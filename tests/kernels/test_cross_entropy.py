@@ -75,13 +75,15 @@ def _loss_and_grads(fn, hidden, weight, labels, train_weight: bool, **kwargs):
 
 def _check_against_reference(
     hidden, weight, labels, *, train_weight=True, softcap=None, chunk_bytes=None, weight_slack=1.0, schedule=None,
-    skip_ignored=False,
+    skip_ignored=False, counted_bound=None,
 ):  # fmt: skip
     kwargs = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
     if schedule is not None:
         kwargs["schedule"] = schedule
     if skip_ignored:
         kwargs["skip_ignored"] = True
+    if counted_bound is not None:
+        kwargs["counted_bound"] = counted_bound
     (loss, count), grads = _loss_and_grads(
         fused_linear_cross_entropy, hidden, weight, labels, train_weight, softcap=softcap, **kwargs
     )
@@ -175,6 +177,39 @@ def test_skip_ignored_tokens(schedule, train_weight):
     grad_h, grad_w = torch.autograd.grad(loss, (h, w))
     assert loss.item() == 0.0 and int(count) == 0
     assert grad_h.abs().max().item() == 0.0 and grad_w.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["serial", "overlap"])
+@pytest.mark.parametrize("slack", [0, 4], ids=["exact", "bound_above"])
+def test_counted_bound_skips_without_a_sync(schedule, slack):
+    # The trainer knows each micro-batch's trainable-token count on the host: with it as the bound (or any larger
+    # bound) the counted tokens are selected on the device, no sync, and everything equals the reference.
+    tokens, vocab = 37, 113
+    hidden, weight, labels = _inputs(tokens, 15, vocab, torch.bfloat16, seed=23)
+    labels[3:12], labels[20:26] = IGNORE, IGNORE  # two prompts: ignored tokens between counted ones
+    targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])
+    counted = int((targets != IGNORE).sum())
+    assert 5 < counted < tokens - 10
+    chunk_bytes = (2 if schedule == "overlap" else 1) * 5 * vocab * hidden.element_size()
+    _check_against_reference(
+        hidden, weight, labels, train_weight=True, softcap=3.0, chunk_bytes=chunk_bytes, schedule=schedule,
+        counted_bound=counted + slack, weight_slack=4.0,
+    )  # fmt: skip
+    h = hidden.clone().requires_grad_(True)
+    loss, count = fused_linear_cross_entropy(h, weight, labels, counted_bound=counted + slack, schedule=schedule)
+    (grad,) = torch.autograd.grad(loss, h)
+    assert int(count) == counted
+    assert grad[targets == IGNORE].abs().max().item() == 0.0
+    assert grad[targets != IGNORE].abs().amax(dim=1).min().item() > 0.0
+
+
+def test_counted_bound_below_the_count_is_loud():
+    hidden, weight, labels = _inputs(29, 8, 50, torch.float32, seed=5)
+    counted = int((labels[1:] != IGNORE).sum())
+    loss, count = fused_linear_cross_entropy(hidden, weight, labels, counted_bound=counted - 1)
+    assert int(count) == counted and torch.isnan(loss)  # never a silently smaller loss
+    with pytest.raises(ValueError, match="counted_bound=-1"):
+        fused_linear_cross_entropy(hidden, weight, labels, counted_bound=-1)
 
 
 def test_schedule_names_and_default():
