@@ -226,7 +226,8 @@ def _padless_graph_fn(
     patch_model(model)
     mbs = [b for step in batches for b in step]
     mean = sum(b.num_tokens for b in mbs) / sum(b.num_examples for b in mbs)  # attention's tiling hint
-    shape = static_shape(max(b.num_tokens for b in mbs), max(b.num_examples for b in mbs), max_len, mean)
+    max_trainable = max(b.num_trainable for b in mbs)  # the captured loss runs on that many rows
+    shape = static_shape(max(b.num_tokens for b in mbs), max(b.num_examples for b in mbs), max_len, mean, max_trainable)
     step = GraphedMicroStep(
         lambda b: packed_loss(model, b, checkpointing=checkpointing, preserve_rng_state=False), params, shape, device
     )

@@ -7,6 +7,7 @@ A micro-batch is built from whole packs of a shard set. Their token arrays are c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,31 +49,28 @@ class MicroBatch:
     num_tokens: int
     num_trainable: int
     mean_seqlen: float | None = None  # real tokens / real examples of a padded stream (tiling hint); None: T / S
+    # Host-known upper bound of the counted tokens that stays the same for every batch of a CUDA graph (the static
+    # shape's max_trainable): the lm_head runs on that many rows, counted tokens first. None: num_trainable eagerly.
+    counted_bound: int | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> MicroBatch:
         """Copy every tensor to ``device`` (asynchronously when the source is pinned)."""
-        return MicroBatch(
+        return dataclasses.replace(
+            self,
             input_ids=self.input_ids.to(device, non_blocking=non_blocking),
             position_ids=self.position_ids.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
-            max_seqlen=self.max_seqlen,
-            num_tokens=self.num_tokens,
-            num_trainable=self.num_trainable,
-            mean_seqlen=self.mean_seqlen,
         )
 
     def pin_memory(self) -> MicroBatch:
         """Page-lock the host tensors so that :meth:`to` does not block the host."""
-        return MicroBatch(
+        return dataclasses.replace(
+            self,
             input_ids=self.input_ids.pin_memory(),
             position_ids=self.position_ids.pin_memory(),
             labels=self.labels.pin_memory(),
             cu_seqlens=self.cu_seqlens.pin_memory(),
-            max_seqlen=self.max_seqlen,
-            num_tokens=self.num_tokens,
-            num_trainable=self.num_trainable,
-            mean_seqlen=self.mean_seqlen,
         )
 
     @property

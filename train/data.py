@@ -58,6 +58,10 @@ class PackSizes:
         """The most examples any micro-batch of ``plans`` holds (sizes a static CUDA-graph batch)."""
         return max((int(self.num_examples[g].sum()) for p in plans for rank in p.ranks for g in rank), default=1)
 
+    def max_trainable(self, plans: Sequence[EpochPlan]) -> int:
+        """The most trainable tokens any micro-batch of ``plans`` holds (bounds a CUDA graph's loss rows)."""
+        return max((int(self.num_trainable[g].sum()) for p in plans for rank in p.ranks for g in rank), default=0)
+
 
 def pack_sizes(ss: ShardSetLike) -> PackSizes:
     """Token and trainable-token counts of every pack (one pass over the per-pack scalars)."""

@@ -375,7 +375,8 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         plans.append(plan_for(len(plans)))
         steps += plans[-1].steps
     mean = float(sizes.num_tokens.sum()) / max(int(sizes.num_examples.sum()), 1)  # attention's tiling hint
-    shape = static_shape(max(budget, int(sizes.num_tokens.max())), sizes.max_examples(plans), ss.max_len, mean)
+    max_tokens = max(budget, int(sizes.num_tokens.max()))
+    shape = static_shape(max_tokens, sizes.max_examples(plans), ss.max_len, mean, sizes.max_trainable(plans))
     loss_fn = functools.partial(packed_loss, model, checkpointing=cfg.checkpointing, preserve_rng_state=False)
     return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device)
 

@@ -106,10 +106,12 @@ def _packed_path(
         x = run_layer(call, x, checkpointing, preserve_rng_state, offload)
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
-    # Prompt tokens (ignored labels) need no lm_head: the batch's trainable count, known on the host, bounds the
-    # counted tokens (no sync). Not inside a CUDA-graph capture: the graph replays other batches with other counts.
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    bound = None if capturing else batch.num_trainable
+    # Prompt tokens (ignored labels) need no lm_head: a host-known bound of the counted tokens (no sync) lets the
+    # loss skip them. A static (CUDA-graph) batch carries its shape's bound, the same for every replayed batch;
+    # eagerly the batch's own trainable count; a capture of a batch without one computes every token.
+    bound = batch.counted_bound
+    if bound is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        bound = batch.num_trainable
     return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap, bound)
 
 

@@ -28,12 +28,15 @@ class StaticShape:
     """The one shape every padded micro-batch takes: ``tokens`` (T), ``examples`` (S, so cu_seqlens has S+1
     entries) and ``max_seqlen`` (the longest example any of them may hold, filler included). ``mean_seqlen``:
     the data's real mean example length, handed to attention to pick its tiling (the padded T / S is smaller);
-    None: each batch's own real mean."""
+    None: each batch's own real mean. ``max_trainable``: the most trainable tokens any of the micro-batches has;
+    the captured lm_head + loss then runs on that many rows (counted tokens first) instead of all ``tokens``;
+    None: on every token."""
 
     tokens: int
     examples: int
     max_seqlen: int
     mean_seqlen: float | None = None
+    max_trainable: int | None = None
 
     def filler_examples(self, n_tokens: int) -> int:
         """Filler examples needed to pad ``n_tokens`` real tokens to ``tokens`` (each <= ``max_seqlen``)."""
@@ -49,13 +52,22 @@ class StaticShape:
         needed = batch.num_examples + self.filler_examples(n_tokens)
         if needed > self.examples:
             return f"{batch.num_examples} examples + filler = {needed} > the static capacity {self.examples}"
+        if self.max_trainable is not None and batch.num_trainable > self.max_trainable:
+            return f"{batch.num_trainable} trainable tokens > the static max_trainable {self.max_trainable}"
         return None
 
 
-def static_shape(max_tokens: int, max_examples: int, max_seqlen: int, mean_seqlen: float | None = None) -> StaticShape:
+def static_shape(
+    max_tokens: int,
+    max_examples: int,
+    max_seqlen: int,
+    mean_seqlen: float | None = None,
+    max_trainable: int | None = None,
+) -> StaticShape:
     """The smallest shape that holds every micro-batch of at most ``max_tokens`` tokens, ``max_examples``
     examples and examples of at most ``max_seqlen`` tokens (``max_seqlen`` = the shards' max_len);
-    ``mean_seqlen`` = the data's mean example length (tokens / examples), the attention tiling hint."""
+    ``mean_seqlen`` = the data's mean example length (tokens / examples), the attention tiling hint;
+    ``max_trainable`` = the most trainable tokens of any micro-batch (None: the loss runs on every token)."""
     if min(max_tokens, max_examples, max_seqlen) < 1:
         raise ValueError(
             f"static_shape(max_tokens={max_tokens}, max_examples={max_examples}, max_seqlen={max_seqlen}): "
@@ -63,10 +75,14 @@ def static_shape(max_tokens: int, max_examples: int, max_seqlen: int, mean_seqle
         )
     if mean_seqlen is not None and not mean_seqlen > 0:
         raise ValueError(f"static_shape(mean_seqlen={mean_seqlen!r}): must be None or > 0")
+    if max_trainable is not None and not 0 <= max_trainable <= max_tokens:
+        raise ValueError(f"static_shape(max_trainable={max_trainable!r}): must be None or in [0, {max_tokens}]")
     shape = StaticShape(tokens=int(max_tokens), examples=0, max_seqlen=int(min(max_seqlen, max_tokens)))
     # A micro-batch with fewer real tokens needs more filler; at least one real token is always there.
     examples = int(max_examples) + shape.filler_examples(1)
-    return StaticShape(shape.tokens, examples, shape.max_seqlen, None if mean_seqlen is None else float(mean_seqlen))
+    mean = None if mean_seqlen is None else float(mean_seqlen)
+    bound = None if max_trainable is None else int(max_trainable)
+    return StaticShape(shape.tokens, examples, shape.max_seqlen, mean, bound)
 
 
 def _fill(real: torch.Tensor, size: int, tail: torch.Tensor) -> torch.Tensor:
@@ -81,7 +97,8 @@ def pad_micro_batch(batch: MicroBatch, shape: StaticShape) -> MicroBatch:
     """``batch`` (host tensors) padded to ``shape`` with filler and zero-length examples (see the module doc).
 
     ``num_tokens`` and ``num_trainable`` keep the real counts, ``mean_seqlen`` is the shape's (else the batch's real
-    mean example length); raises ValueError when the batch does not fit.
+    mean example length), ``counted_bound`` the shape's ``max_trainable``; raises ValueError when the batch does
+    not fit.
     """
     problem = shape.why_not(batch)
     if problem is not None:
@@ -109,4 +126,5 @@ def pad_micro_batch(batch: MicroBatch, shape: StaticShape) -> MicroBatch:
         num_tokens=batch.num_tokens,
         num_trainable=batch.num_trainable,
         mean_seqlen=shape.mean_seqlen or batch.num_tokens / max(batch.num_examples, 1),
+        counted_bound=shape.max_trainable,
     )

@@ -203,6 +203,16 @@ def test_counted_bound_skips_without_a_sync(schedule, slack):
     assert grad[targets != IGNORE].abs().amax(dim=1).min().item() > 0.0
 
 
+def test_counted_first_order_is_a_stable_partition():
+    from kernels.cross_entropy import _counted_first
+
+    g = torch.Generator().manual_seed(0)
+    for n, p in [(1, 0.5), (57, 0.4), (300, 0.9), (64, 0.0), (64, 1.0)]:
+        counted = torch.rand(n, generator=g) < p
+        expected = torch.cat([counted.nonzero().squeeze(1), (~counted).nonzero().squeeze(1)])
+        assert torch.equal(_counted_first(counted), expected)
+
+
 def test_counted_bound_below_the_count_is_loud():
     hidden, weight, labels = _inputs(29, 8, 50, torch.float32, seed=5)
     counted = int((labels[1:] != IGNORE).sum())

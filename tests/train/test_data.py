@@ -82,6 +82,7 @@ def test_pack_sizes_and_prefetcher_match_direct_reads(synthetic_shards) -> None:
     plan = plan_epoch(ss.order(0, 0), sizes.num_tokens, epoch=0, budget=300)
     groups = plan.ranks[0]
     assert sizes.max_examples([plan]) == max(concat_packs([ss[int(i)] for i in g]).num_examples for g in groups)
+    assert sizes.max_trainable([plan]) == max(concat_packs([ss[int(i)] for i in g]).num_trainable for g in groups)
     with Prefetcher(ss, groups, start=2, pin=False, depth=2) as feed:
         got = list(feed)
     assert [k for k, _ in got] == list(range(2, len(groups)))

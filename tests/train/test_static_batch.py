@@ -52,6 +52,10 @@ def test_too_big_batches_are_refused_by_name():
         pad_micro_batch(batch, StaticShape(32, 8, 8))
     with pytest.raises(ValueError, match="static capacity 3"):
         pad_micro_batch(batch, StaticShape(32, 3, 10))
+    with pytest.raises(ValueError, match=f"{batch.num_trainable} trainable tokens > the static max_trainable 5"):
+        pad_micro_batch(batch, StaticShape(32, 8, 16, max_trainable=5))
+    with pytest.raises(ValueError, match="max_trainable=33"):
+        static_shape(32, 8, 16, max_trainable=33)
 
 
 @pytest.mark.parametrize(
@@ -61,8 +65,11 @@ def test_padding_changes_no_loss_or_gradient(family, kernels, monkeypatch):
     monkeypatch.setenv("PADLESS_KERNELS", kernels)
     model = apply_adapters(tiny_model(family, seed=4), mode="lora", r=4, alpha=8, dropout=0.0)
     randomize_lora(model, seed=5)
-    batch = make_batch([7, 12, 3, 9], seed=6)
-    padded = pad_micro_batch(batch, static_shape(max_tokens=56, max_examples=6, max_seqlen=16))
+    batch = make_batch([7, 12, 3, 9], seed=6, prompt=3)
+    # max_trainable above the batch's own count: the loss runs on that many rows (counted first), as in a graph
+    shape = static_shape(max_tokens=56, max_examples=6, max_seqlen=16, max_trainable=batch.num_trainable + 3)
+    padded = pad_micro_batch(batch, shape)
+    assert padded.counted_bound == batch.num_trainable + 3 and batch.counted_bound is None
     params = trainable(model)
 
     def run(b):
