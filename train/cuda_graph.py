@@ -73,8 +73,10 @@ class GraphedMicroStep:
             cu_seqlens=torch.zeros(s + 1, dtype=torch.int32, device=self.device),
             max_seqlen=shape.max_seqlen,
             num_tokens=n,
-            num_trainable=0,
+            num_trainable=0,  # a placeholder: the loaded batches' counts differ
             mean_seqlen=shape.mean_seqlen,  # fixed at capture: the tiling is part of the graph
+            # The lm_head's rows, fixed at capture too: the shape's max_trainable, else every token.
+            counted_bound=shape.tokens if shape.max_trainable is None else shape.max_trainable,
         )
 
     @property
