@@ -148,6 +148,8 @@ def _forward_and_grads(
     targets[:-1] = labels[1:]
     n_counted = (targets != ignore_index).sum()
     keep = None
+    if counted_bound is not None and counted_bound >= tokens:
+        counted_bound = None  # every token: the plain path (nothing to skip, nothing to check)
     if counted_bound is not None:
         # No sync: the counted tokens first (in order), then the ignored ones; the first ``counted_bound`` rows
         # (>= the count, known on the host) are processed, the ignored among them score 0.

@@ -180,7 +180,7 @@ def test_skip_ignored_tokens(schedule, train_weight):
 
 
 @pytest.mark.parametrize("schedule", ["serial", "overlap"])
-@pytest.mark.parametrize("slack", [0, 4], ids=["exact", "bound_above"])
+@pytest.mark.parametrize("slack", [0, 4, 100], ids=["exact", "bound_above", "bound_past_T"])
 def test_counted_bound_skips_without_a_sync(schedule, slack):
     # The trainer knows each micro-batch's trainable-token count on the host: with it as the bound (or any larger
     # bound) the counted tokens are selected on the device, no sync, and everything equals the reference.
