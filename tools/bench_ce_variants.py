@@ -46,10 +46,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # padless's packages from a plain checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_kernels_* modules
+
+from bench_kernels_timing import GiB, peak_minus_inputs_gib
 
 __all__ = ["main"]
 
-GiB = 2**30
 BUDGET_GIB = 0.5
 # (name, schedule, rows per buffer, preferred BLAS or None, skip_ignored); the overlap schedules hold two buffers. The
 # overlap_smN schedules switch torch to cuBLASLt (where torch applies the SM carve-out) for the carved logits
@@ -208,22 +210,6 @@ def _implementations(ce, liger_loss, h, w, labels, tokens: int, hidden_size: int
     return impls
 
 
-def _peak_minus_inputs_gib(fn: Callable, cuda: bool) -> float | None:
-    if not cuda:
-        return None
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return (peak - base) / GiB
-
-
 def _time_rounds(impls, warmup: int, reps: int, cuda: bool, sampler: _Sampler) -> dict[str, dict]:
     """Warm-up each, then ``reps`` rounds calling every implementation once in a rotated order."""
     import torch
@@ -314,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
                         "sm_mhz": _mean(stats[name]["mhz"]),
                         "power_w": _mean(stats[name]["w"]),
                     }
-                    peak = _peak_minus_inputs_gib(fn, cuda)
+                    peak = peak_minus_inputs_gib(fn, cuda)
                     row["extra_gib"] = peak
                     row["minus_wgrad_gib"] = None if peak is None or mode == "frozen" else peak - wgrad_gib
                 rows_out.append(row)
