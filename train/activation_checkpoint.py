@@ -4,13 +4,14 @@
 kept, the layer is recomputed in the backward (dropout RNG replayed). ``offload``: the same, and the kept layer
 inputs go to pinned CPU memory. Non-reentrant checkpointing saves its inputs with ``save_for_backward`` before it
 installs its own hooks, so an outer ``torch.autograd.graph.saved_tensors_hooks`` sees exactly those inputs: the pack
-hook copies them to pinned host memory (asynchronously, on the current stream), the unpack hook copies them back
-for the recompute. Peak GPU memory then holds no per-layer activation at all between forward and backward.
+hook copies them to pinned host memory, the unpack hook copies them back for the recompute. Peak GPU memory then
+holds no per-layer activation at all between forward and backward.
 
-On CUDA, :class:`HostOffload` keeps the copies off the compute stream: each device-to-host copy runs on a side
-stream once its layer input is ready (the compute stream goes on with the next layer), and in the backward the
-host-to-device copy of the layer below is started while the current layer recomputes, so the compute stream only
-waits for a copy that has had a whole layer's time to finish. One :class:`HostOffload` serves one forward pass.
+On CUDA, :class:`HostOffload` (the packed path and the Hugging Face fallback alike) keeps the copies off the compute
+stream: each device-to-host copy runs on a side stream once its layer input is ready (the compute stream goes on
+with the next layer), and in the backward the host-to-device copy of the layer below is started while the current
+layer recomputes, so the compute stream only waits for a copy that has had a whole layer's time to finish. One
+:class:`HostOffload` serves one forward pass.
 """
 
 from __future__ import annotations
@@ -35,25 +36,6 @@ __all__ = [
 ]
 
 CHECKPOINTING_MODES = ("off", "on", "offload")
-
-
-def _pack_to_host(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-    if tensor.device.type == "cpu":
-        # Nothing to offload; a copy still exercises the same path on CPU test machines.
-        return tensor.device, tensor.detach().clone()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return tensor.device, host
-
-
-def _unpack_to_device(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-    device, host = packed
-    return host if device.type == "cpu" else host.to(device, non_blocking=True)
-
-
-def offload_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
-    """A context in which tensors saved for backward live in pinned host memory until the backward needs them."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device)
 
 
 class PinnedPool:
@@ -188,6 +170,12 @@ class HostOffload:
             self._load(index - 1)  # the layer below: its copy overlaps this layer's recompute and backward
         torch.cuda.current_stream(saved.device).wait_event(event)
         return tensor
+
+
+def offload_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
+    """A context in which tensors saved for backward live in pinned host memory until the backward needs them
+    (a fresh :class:`HostOffload` for one forward pass; the saved tensors' hooks keep it alive until then)."""
+    return HostOffload().hooks()
 
 
 def check_mode(mode: str) -> str:
