@@ -148,17 +148,15 @@ def _forward_and_grads(
     targets[:-1] = labels[1:]
     n_counted = (targets != ignore_index).sum()
     keep = None
+    if skip_ignored and counted_bound is None:
+        counted_bound = int(n_counted)  # one host sync: the exact count
     if counted_bound is not None and counted_bound >= tokens:
         counted_bound = None  # every token: the plain path (nothing to skip, nothing to check)
     if counted_bound is not None:
         # No sync: the counted tokens first (in order), then the ignored ones; the first ``counted_bound`` rows
-        # (>= the count, known on the host) are processed, the ignored among them score 0.
-        bound = min(max(int(counted_bound), 0), tokens)
+        # (>= the count) are processed, the ignored among them score 0.
+        bound = max(int(counted_bound), 0)
         keep = _counted_first(targets != ignore_index)[:bound]
-        targets = targets.index_select(0, keep)
-    elif skip_ignored:
-        # One host sync (the kept count sizes the loop): ignored tokens (prompts, example starts) get no GEMM.
-        keep = (targets != ignore_index).nonzero().squeeze(1)
         targets = targets.index_select(0, keep)
     row_loss = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     if not need_grad_hidden:
