@@ -3,7 +3,7 @@
 # limit, logging everything under $OUT. Usage: bash tools/gpu_run.sh STAGE[:SECONDS] ...
 # Stages: env, head-kernels, tests-kernels, tests-train, tests-graph, tests-all, bench-kernels, bench-attention,
 # sweep-attention, bench-train (BENCH_TRAIN_SYSTEMS, BENCH_TRAIN_PROFILE, BENCH_TRAIN_SHAPE env), tune-attention,
-# bench-rmsnorm-variants, bench-ce-variants, bench-attention-launch, train-cli, multi-gpu (2 GPUs)
+# bench-rmsnorm-variants, bench-ce-variants, bench-attention-launch, profile-attention-host, train-cli, multi-gpu (2 GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -49,6 +49,8 @@ for spec in "$@"; do
       ${BENCH_ATTENTION_ARGS:-} ;;
     bench-rmsnorm-variants) run_stage "$stage" "$limit" python3 tools/bench_rmsnorm_variants.py --out "$OUT/rmsnorm" ;;
     bench-ce-variants) run_stage "$stage" "$limit" python3 tools/bench_ce_variants.py --out "$OUT/ce" ;;
+    profile-attention-host) run_stage "$stage" "$limit" python3 tools/profile_attention_host.py --out "$OUT/attention-host" \
+      ${PROFILE_ATTENTION_ARGS:-} ;;
     bench-attention-launch) run_stage "$stage" "$limit" python3 tools/bench_attention_launch.py --out "$OUT/attention-launch" ;;
     sweep-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --sweep --out "$OUT/attention-sweep" ;;
     bench-train) run_stage "$stage" "$limit" python3 tools/bench_train.py --shards "${BENCH_TRAIN_SHARDS:-.device-data/alpaca-qwen3-1024}" \
