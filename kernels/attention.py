@@ -296,7 +296,11 @@ def _configs_for(
     # no time where launches are cheap and cost GPU time where they are not (Alpaca-like 16K pack, fwd+bwd:
     # 0.95 ms fused vs 0.80 ms unfused, docs/bench/raw/h200-s2-run3); the trainer replays CUDA graphs, where a
     # launch costs nothing on the host. Callers may still ask for it through an explicit BwdConfig.
-    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic, fuse_delta=False)
+    # dq_first (deterministic path): the dQ kernel computes delta for the dK/dV kernel, so no delta launch and no
+    # separate pass over O and dO.
+    return FwdConfig(*cfgs["fwd"]), BwdConfig(
+        *kv, *cfgs["bwd_dq"], dq_atomic=atomic, fuse_delta=False, dq_first=not atomic
+    )
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

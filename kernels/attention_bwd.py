@@ -16,6 +16,11 @@ The schedules (one per block size) come from the forward (``build_schedules``, o
 3. Deterministic path only: ``_dq_kernel``, one program per (example, query block) and HPB heads, looping over
    key blocks as the forward. Recomputing QK^T and dO V^T costs 2 extra matmuls per tile (7 instead of 5), but
    dq, dk, dv are bitwise reproducible (``varlen_attention(..., deterministic=True)``).
+
+``dq_first`` (deterministic path): the dQ kernel runs first and computes delta itself: each of its programs owns
+its query rows, so it loads their O tile once (next to the dO tile it loads anyway), reduces delta, uses it and
+stores it for the dK/dV kernel that follows. No delta launch and no separate pass over dO: the dQ kernel is
+compute-bound, so the extra O load hides behind its matmuls.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class BwdConfig(NamedTuple):
     # Recompute delta = rowsum(dO * O) inside the dK/dV and dQ kernels instead of a separate launch: one launch
     # fewer, one more (rows x D) load per query block. default_configs turns it on for short examples only.
     fuse_delta: bool = False
+    # Deterministic path: dQ kernel first, computing and storing delta for the dK/dV kernel (no delta launch).
+    dq_first: bool = False
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -299,15 +306,16 @@ def _dq_inner(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED, DELTA_OUT,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     n_tiles, window, pre, post, scale,
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, FUSE_DELTA: tl.constexpr,
+    PREC: tl.constexpr, FUSE_DELTA: tl.constexpr, STORE_DELTA: tl.constexpr,
 ):  # fmt: skip
-    # DELTA as in _dkdv_kernel (FUSE_DELTA: it is O, and delta is recomputed from O and dO).
+    # DELTA as in _dkdv_kernel (FUSE_DELTA: it is O, and delta is recomputed from O and dO); STORE_DELTA (with
+    # FUSE_DELTA, dq_first) also writes that delta to DELTA_OUT (T, H) fp32 for the dK/dV kernel launched next.
     # As the forward: 1-D grid, head blocks fastest, last (heaviest) query blocks first.
     NH: tl.constexpr = H // HPB
     pid = tl.program_id(0)
@@ -334,6 +342,8 @@ def _dq_kernel(
         o = tl.load(DELTA + tok[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :], mask=mask,
                     other=0.0)  # fmt: skip
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if STORE_DELTA:
+            tl.store(DELTA_OUT + tok * H + rh, delta, mask=row_ok)
     else:
         delta = tl.load(DELTA + tok * H + rh, mask=row_ok, other=0.0)
     k_base = K + start * stride_kt + kvh * stride_kh
@@ -373,6 +383,7 @@ def flash_bwd(
     ``sched_kv`` / ``sched_q``: schedules for ``cfg.kv_block_n`` / ``cfg.q_block_m`` (``sched_q`` unused on the
     atomic path). Launches: delta (+ dQ buffer zeroing; with ``fuse_delta`` no delta launch, a memset of the atomic
     buffer instead), dK/dV; then dQ (deterministic) or the fp32 -> dtype copy of the atomic buffer (none for fp32).
+    With ``dq_first`` (deterministic path): dQ (which computes and stores delta), then dK/dV.
     ``long_indexing`` None: judged here.
     """
     T, H, D = q.shape
@@ -397,10 +408,13 @@ def flash_bwd(
     block_d = pow2_at_least(D)
     if long_indexing is None:  # the fp32 dQ buffer has as many elements as q: judged by q
         long_indexing = needs_long_indexing(q, k, v, do, out, dq)
+    # dq_first: the dQ kernel derives delta from O and dO itself and stores it for the dK/dV kernel after it.
+    dq_first = cfg.dq_first and not cfg.dq_atomic and not fuse and out.stride() == do.stride()
     if fuse:
         delta = out  # the kernels recompute delta from O and dO
     else:
         delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    if not fuse and not dq_first:
         block_t = max(1, 4096 // block_d)
         launch(_delta_kernel, (-(-T // block_t), H), (out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2]), {
             "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_T": block_t, "LONG_INDEXING": long_indexing,
@@ -410,6 +424,20 @@ def flash_bwd(
     prec = dot_precision(q.dtype)
     qs, ks, vs, dos = q.stride()[:2], k.stride()[:2], v.stride()[:2], do.stride()[:2]
     wflag, sflag = window is not None, softcap is not None
+
+    def launch_dq() -> None:
+        launch(_dq_kernel, (sched_q.shape[0] * (H // cfg.q_hpb),), (
+            q, k, v, do, lse, out if dq_first else delta, dq, cu_seqlens, sched_q, delta,
+            *qs, *ks, *vs, *dos, *dq.stride()[:2],
+            sched_q.shape[0], window or 0, pre, post, softmax_scale,
+        ), {
+            "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": cfg.q_block_m, "HPB": cfg.q_hpb,
+            "BLOCK_N": cfg.q_block_n, "CAUSAL": causal, "WINDOW": wflag, "SOFTCAP": sflag,
+            "LONG_INDEXING": long_indexing, "PREC": prec, "FUSE_DELTA": fuse or dq_first, "STORE_DELTA": dq_first,
+        }, cfg.q_warps, cfg.q_stages)  # fmt: skip
+
+    if dq_first:
+        launch_dq()
     launch(_dkdv_kernel, (sched_kv.shape[0] * Hkv,), (
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
         *qs, *ks, *vs, *dos, *dk.stride()[:2], *dv.stride()[:2],
@@ -423,6 +451,9 @@ def flash_bwd(
         if dq is not dq_acc:
             dq.copy_(dq_acc)
         return dq, dk, dv
+    if not dq_first:
+        launch_dq()
+    return dq, dk, dv
     launch(_dq_kernel, (sched_q.shape[0] * (H // cfg.q_hpb),), (
         q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
         *qs, *ks, *vs, *dos, *dq.stride()[:2],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .indexing import needs_long_indexing
 from .rmsnorm_bwd import _dw_reduce_kernel, _rms_norm_bwd_kernel
@@ -57,8 +58,12 @@ def _rms_norm_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """One program normalizes BLOCK_R whole rows (BLOCK_E >= E)."""
+    """One program normalizes BLOCK_R whole rows (BLOCK_E >= E). PDL: see ``two_launch_pdl`` in rmsnorm_config."""
+    if PDL:  # launched early: wait for the previous kernel before any access, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     if LONG_INDEXING:
         pid = pid.to(tl.int64)
@@ -97,10 +102,14 @@ def _rms_norm_fwd_persistent_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Persistent forward (variant knob ``fwd_programs_per_sm``): program p normalizes row blocks p, p + N, ...,
     loading the next block before computing the current one, so an SM's loads stay in flight without the block
     scheduler launching a new program per row (at T = 4K: 16 blocks a program instead of 4096 programs)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     block = pid
     if LONG_INDEXING:
@@ -152,6 +161,14 @@ def _sm_count(x: torch.Tensor) -> int:
     if x.is_cuda:
         return torch.cuda.get_device_properties(x.device).multi_processor_count
     return 2  # Triton's CPU interpreter: few programs, each looping over many rows, is fastest
+
+
+def _pdl_kwargs(choice: Variant, x: torch.Tensor) -> dict:
+    """Launch options of a ``pdl`` variant: the PDL constexpr and Triton's ``launch_pdl`` attribute, on sm_90+ CUDA
+    devices only (Triton's interpreter and older GPUs run the variant as the plain kernel)."""
+    if not (choice.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -244,6 +261,7 @@ def _launch_fwd(
             BLOCK_E=block_e,
             LONG_INDEXING=needs_long_indexing(x2, y),
             num_warps=num_warps or default_warps,
+            **_pdl_kwargs(choice, x),
         )
         return y, rstd
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
@@ -261,6 +279,7 @@ def _launch_fwd(
         BLOCK_E=block_e,
         LONG_INDEXING=needs_long_indexing(x2, y),
         num_warps=num_warps or default_warps,
+        **_pdl_kwargs(choice, x),
     )
     return y, rstd
 
@@ -331,13 +350,21 @@ def _launch_bwd(
         LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
         num_warps=num_warps,
         maxnreg=maxnreg,
+        **_pdl_kwargs(choice, x),
     )
     if not compute_dw or one_launch:
         return dx, dw
     # two_launch: the deterministic reduction of the per-program partial rows (fixed order, no atomics), cast to
     # the weight's dtype in the same launch.
     _dw_reduce_kernel[(triton.cdiv(n_cols, cfg.reduce_block_c),)](
-        dw_partial, dw, n_programs, n_cols, BLOCK_P=reduce_p, BLOCK_C=cfg.reduce_block_c, num_warps=8
+        dw_partial,
+        dw,
+        n_programs,
+        n_cols,
+        BLOCK_P=reduce_p,
+        BLOCK_C=cfg.reduce_block_c,
+        num_warps=8,
+        **_pdl_kwargs(choice, x),
     )
     return dx, dw
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = ["_dw_reduce_kernel", "_rms_norm_bwd_kernel"]
 
@@ -73,6 +74,7 @@ def _rms_norm_bwd_kernel(
     REDUCE_P: tl.constexpr,
     REDUCE_C: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program p handles row blocks p, p + N, p + 2N, ... (N programs); dx per row, dw summed per program.
 
@@ -85,6 +87,9 @@ def _rms_norm_bwd_kernel(
     * dw accumulates in a (BLOCK_R, BLOCK_E) fp32 register tile, reduced over rows once at the end, and written
       as this program's partial row (then summed as the module docstring says).
     """
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel before any access
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     col_mask = cols < E
@@ -176,8 +181,12 @@ def _dw_reduce_kernel(
     E,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """dw[c] = sum over p of partial[p, c], in a fixed order (tiles of BLOCK_P rows, in sequence), cast once."""
+    if PDL:  # see _rms_norm_bwd_kernel
+        gdc_wait()
+        gdc_launch_dependents()
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < E
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)

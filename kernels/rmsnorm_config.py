@@ -22,6 +22,13 @@ Variants (H200, bf16, CUDA-graph device time, % of copy with the default ``two_l
 * ``*_fwd_w4`` / ``*_fwd_r2``: forward with half the warps per program (32 elements a thread: E 4096 -> 4 warps,
   more programs resident per SM) or twice the rows per program at 16 elements a thread (E 4096 -> 2 rows x 16
   warps, half the programs; per-head 64 x 128): the small-T forward A/B (run 4: 84% of copy at T = 4K).
+* ``two_launch_pdl``: ``two_launch`` with programmatic dependent launch on every kernel (sm_90+, CUDA only):
+  each kernel is launched with the PDL attribute, waits (``griddepcontrol.wait``) for the kernel before it to
+  finish and flush before touching memory, and at once allows the next one to launch. So the launch and CTA
+  dispatch of a kernel overlap the tail of the one before it (the ~3 us of ramp and tail that keep T = 4K under
+  90% of copy), while every load and store still happens after the previous kernel is complete: same values.
+  It gains only where the kernel before also lets dependents launch early (our kernels, or a chain of norms);
+  after a cuBLAS GEMM the launch waits for the GEMM's end as usual.
 * ``one_launch_fwd_persistent``: forward as a persistent grid of 4 programs per SM (8 warps, ~40-50 registers:
   they fit) that prefetch their next row block: no per-row program dispatch, 4 x 2 x 8 KB in flight per SM.
 """
@@ -57,6 +64,7 @@ class Variant:
     fwd_elements: int = 4096  # forward: about this many elements per program (whole rows, at least one)
     fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
     fwd_programs_per_sm: int = 0  # forward: persistent grid of this many programs per SM (0: one per row block)
+    pdl: bool = False  # programmatic dependent launch (Hopper+): launch while the previous kernel drains
 
 
 _BASE = {
@@ -70,6 +78,7 @@ VARIANTS: dict[str, Variant] = {
     "one_launch_fwd_w4": replace(_BASE["one_launch"], name="one_launch_fwd_w4", fwd_per_thread=32),
     "one_launch_fwd_persistent": replace(_BASE["one_launch"], name="one_launch_fwd_persistent", fwd_programs_per_sm=4),
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
+    "two_launch_pdl": replace(_BASE["two_launch"], name="two_launch_pdl", pdl=True),
 }
 
 # Two launches by default: the H200 A/B (session 3, tools/bench_rmsnorm_variants.py) timed the one-launch backward

@@ -224,6 +224,14 @@ def ours_fused_delta(lens, H, Hkv, D, device, dtype):
     return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(fuse_delta=True))
 
 
+def ours_delta_launch(lens, H, Hkv, D, device, dtype):
+    """The default tiling with delta from its own launch before dK/dV (the pre-``dq_first`` order, for A/B)."""
+    from kernels.attention import default_configs
+
+    _, bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens))
+    return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(dq_first=False))
+
+
 def torch_varlen(lens, H, Hkv, D, device, dtype):
     from tests.kernels.test_attention import torch_varlen_causal
 
@@ -286,13 +294,14 @@ IMPLS = {
     "padless": ours,
     "padless_det": ours_deterministic,
     "padless_fuse": ours_fused_delta,
+    "padless_delta_launch": ours_delta_launch,
     "varlen_attn": torch_varlen,
     "sdpa_flash_padded": sdpa_padded,
     "flex_document": flex_document,
 }
 # Rows replayed from CUDA graphs by default: ours and every peer, so the GPU-time comparison is like for like. A
 # peer whose call cannot be captured still gets its row, with the capture error as the note.
-GRAPHED = ("padless", "varlen_attn", "sdpa_flash_padded", "flex_document")
+GRAPHED = ("padless", "padless_delta_launch", "varlen_attn", "sdpa_flash_padded", "flex_document")
 DEFAULT_IMPLS = [*IMPLS, *(f"{name}@graph" for name in GRAPHED)]
 
 

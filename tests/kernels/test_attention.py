@@ -346,6 +346,29 @@ def test_fused_delta_matches_reference(lens: list[int], D: int, kw: dict, atomic
         assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"fused:{tag}")
 
 
+@pytest.mark.parametrize(
+    ("lens", "D", "kw"),
+    [([5, 40, 1, 17], 16, {}), ([33, 1, 20], 80, {"window": 9, "softcap": 3.0}), ([0, 64, 0, 3], 32, {})],
+    ids=["plain", "d80_window_softcap", "zero_len_and_full_blocks"],
+)
+def test_dq_first_matches_reference(lens: list[int], D: int, kw: dict) -> None:
+    """dq_first: the dQ kernel computes delta and stores it for the dK/dV kernel launched after it (no delta launch).
+    A delta row the dQ kernel failed to store would leave dK/dV reading torch.empty garbage."""
+    q, k, v, do, cu = make_inputs(lens, 4, 2, D, seed=41 + D)
+    bcfg = PACKED_BWD._replace(dq_first=True)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=bcfg, **kw)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"dq_first:{tag}")
+
+
+def test_default_configs_use_dq_first_on_the_deterministic_path_only() -> None:
+    for mean in (95.0, 1024.0, 4096.0):
+        for det in (False, True):
+            bwd = default_configs(128, torch.bfloat16, 4096, 4, mean, deterministic=det)[1]
+            assert bwd.dq_first == (not bwd.dq_atomic), (mean, det, bwd)
+
+
 def test_default_configs_leave_fuse_delta_off() -> None:
     # measured slower on the H200 for short examples (see kernels.attention._configs_for); opt-in only
     assert not default_configs(128, torch.bfloat16, 1024, 4, 95.0)[1].fuse_delta
@@ -362,8 +385,9 @@ ZERO_LEN_LENS = [0, 10, 0, 0, 25, 1, 0, 0]
         SMALL_BWD._replace(dq_atomic=True),
         PACKED_BWD._replace(q_block_m=32, q_hpb=1),
         SMALL_BWD._replace(dq_atomic=True, fuse_delta=True),
+        SMALL_BWD._replace(dq_first=True),
     ],
-    ids=["deterministic", "atomic", "three_schedules", "atomic_fused_delta"],
+    ids=["deterministic", "atomic", "three_schedules", "atomic_fused_delta", "dq_first"],
 )
 def test_zero_length_examples_match_reference(bcfg: BwdConfig) -> None:
     """Repeated cu_seqlens entries (empty examples first, inside and at the end): forward and all gradients."""

@@ -194,3 +194,40 @@ def test_bench_rmsnorm_variants_quick_smoke(tmp_path):
     got = {(r["variant"], r["kind"]) for r in payload["rows"] if r["fwd_us"] and r["bwd_us"] and not r["error"]}
     assert got == {(v, k) for v in ("two_launch", "one_launch_fwd_w4") for k in ("hidden", "per_head")}
     assert "| two_launch | hidden | 13 |" in (tmp_path / "rmsnorm_variants.md").read_text()
+
+
+@pytest.mark.gpu
+def test_pdl_chain_in_cuda_graph_matches_plain_launches():
+    """A chain of norms (each reads the one before's output, forward and backward) launched with programmatic
+    dependent launch and captured in a CUDA graph gives exactly the plain launches' values: each kernel waits for
+    the previous one before reading, so an early launch never reads a half-written input."""
+    gen = torch.Generator(device="cuda").manual_seed(47)
+    x = torch.randn(4096, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+    ws = [(torch.randn(4096, device="cuda", generator=gen) * 0.3 + 1.0).to(torch.bfloat16) for _ in range(4)]
+    dy = torch.randn(4096, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def chain(variant):
+        xa = x.detach().requires_grad_(True)
+        was = [w.detach().requires_grad_(True) for w in ws]
+        y = xa
+        for w in was:
+            y = rms_norm(y, w, 1e-6, variant=variant)
+        return (y.detach(), *torch.autograd.grad(y, (xa, *was), dy))
+
+    want = chain("two_launch")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain("two_launch_pdl")  # compile + warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain("two_launch_pdl")
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, e), f"output {i} of the PDL chain differs from the plain launches"
+    eager = chain("two_launch_pdl")
+    for i, (a, e) in enumerate(zip(eager, want, strict=True)):
+        assert torch.equal(a, e), f"eager PDL output {i} differs from the plain launches"
