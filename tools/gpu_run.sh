@@ -47,7 +47,8 @@ for spec in "$@"; do
     sweep-kernels) run_stage "$stage" "$limit" python3 tools/bench_kernels.py --sweep --out "$OUT/kernels" ;;
     bench-attention) run_stage "$stage" "$limit" python3 tools/bench_attention.py --out "$OUT/attention" \
       ${BENCH_ATTENTION_ARGS:-} ;;
-    bench-rmsnorm-variants) run_stage "$stage" "$limit" python3 tools/bench_rmsnorm_variants.py --out "$OUT/rmsnorm" ;;
+    bench-rmsnorm-variants) run_stage "$stage" "$limit" python3 tools/bench_rmsnorm_variants.py --out "$OUT/rmsnorm" \
+      ${BENCH_RMSNORM_ARGS:-} ;;
     bench-ce-variants) run_stage "$stage" "$limit" python3 tools/bench_ce_variants.py --out "$OUT/ce" ;;
     profile-attention-host) run_stage "$stage" "$limit" python3 tools/profile_attention_host.py --out "$OUT/attention-host" \
       ${PROFILE_ATTENTION_ARGS:-} ;;

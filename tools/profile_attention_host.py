@@ -11,7 +11,8 @@ the enqueue (never a wait for the device):
 - ``bwd direct``: ``_VarlenAttention.backward``'s body (``flash_bwd``) on the calling thread;
 - ``bwd direct, other thread``: the same from a fresh Python thread (as the engine's device thread runs it);
 - ``identity Function grad``: an empty autograd.Function's backward, the engine's own floor;
-- ``3 empty launches``: three launches of a trivial Triton kernel (the launch path alone).
+- ``3 empty launches``: three launches of a trivial Triton kernel (the launch path alone);
+- the autograd rows again with ``torch.autograd.set_multithreading_enabled(False)`` (no device thread).
 
 Then a cProfile of the direct backward (top functions by total time). Usage:
 ``python3 tools/profile_attention_host.py --out DIR [--case alpaca/4K]``.
@@ -142,7 +143,13 @@ def main() -> None:
         ("identity Function grad", host_us(identity_grad)),
         ("3 empty launches", host_us(three_launches)),
         ("fwd+bwd (autograd)", host_us(lambda: torch.autograd.grad(fwd_graph(), (q, k, v), do))),
+        ("fwd+bwd, retain_graph", host_us(lambda: torch.autograd.grad(fwd_graph(), (q, k, v), do, retain_graph=True))),
     ]
+    with torch.autograd.set_multithreading_enabled(False):  # the backward runs on the calling thread
+        rows += [
+            ("bwd via autograd.grad, engine on caller thread", host_us(bwd_autograd)),
+            ("fwd+bwd, engine on caller thread", host_us(lambda: torch.autograd.grad(fwd_graph(), (q, k, v), do))),
+        ]
     prof = cProfile.Profile()
     torch.cuda._sleep(400_000_000)
     prof.enable()
