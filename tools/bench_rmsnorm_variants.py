@@ -37,11 +37,30 @@ MIN_SETS = 4
 def _fwd_key(variant, n_cols: int) -> tuple:
     from kernels.rmsnorm_config import fwd_config
 
-    return (*fwd_config(n_cols, variant.fwd_elements, variant.fwd_per_thread), variant.fwd_programs_per_sm)
+    return (*fwd_config(n_cols, variant.fwd_elements, variant.fwd_per_thread), variant.fwd_programs_per_sm,
+            variant.pdl)  # fmt: skip
 
 
 def _bwd_key(variant) -> tuple:
-    return (variant.one_launch, variant.reducers if variant.one_launch else 0, variant.balanced)
+    return (variant.one_launch, variant.reducers if variant.one_launch else 0, variant.balanced, variant.pdl)
+
+
+def same_size_copy_us(nbytes: int, timer: Timer, device, quick: bool) -> float | None:
+    """Device time of a bf16 ``copy_`` that moves ``nbytes`` (half read, half written), graph-timed over rotated
+    sets like the kernels: the best a kernel moving that many bytes in one launch can expect (its launch, ramp
+    and tail included), next to the 1 GiB copy rate that hides them."""
+    import torch
+
+    n = max(1, nbytes // 4)
+    sets = max(MIN_SETS, rotation_sets(4 * n, device))
+    pairs = [(torch.empty(n, device=device, dtype=torch.bfloat16), torch.empty(n, device=device, dtype=torch.bfloat16))
+             for _ in range(sets)]  # fmt: skip
+    for src, _ in pairs:
+        src.normal_()
+    try:
+        return timer.graph([lambda s=s, d=d: d.copy_(s) for s, d in pairs]) * 1e3
+    except Exception:  # an informational column: a failed capture leaves it n/a
+        return None
 
 
 def measure(t: int, kind: str, variants: list, timer: Timer, device, quick: bool) -> list[dict]:
@@ -66,6 +85,9 @@ def measure(t: int, kind: str, variants: list, timer: Timer, device, quick: bool
         data.append((x, torch.randn_like(x), N._launch_fwd(x, w, 1e-6, 0.0, variant="two_launch")[1]))
     fwd_ms: dict[tuple, float | str] = {}
     bwd_ms: dict[tuple, float | str] = {}
+    frozen_ms: dict[tuple, float | str] = {}
+    copy_fwd_us = same_size_copy_us(fwd_bytes, timer, device, quick)
+    copy_bwd_us = same_size_copy_us(bwd_bytes, timer, device, quick)
     out = []
     for v in variants:
         fk, bk = _fwd_key(v, n_cols), _bwd_key(v)
@@ -73,14 +95,20 @@ def measure(t: int, kind: str, variants: list, timer: Timer, device, quick: bool
             (fwd_ms, fk, [lambda x=x, v=v: N._launch_fwd(x, w, 1e-6, 0.0, variant=v.name) for x, _, _ in data]),
             (bwd_ms, bk, [lambda x=x, dy=dy, r=r, v=v: N._launch_bwd(dy, x, w, r, 0.0, True, True, variant=v.name)
                           for x, dy, r in data]),
+            # A frozen weight (LoRA): dx only, no dw partials and no reduction.
+            (frozen_ms, bk, [lambda x=x, dy=dy, r=r, v=v: N._launch_bwd(dy, x, w, r, 0.0, True, False,
+                                                                        variant=v.name) for x, dy, r in data]),
         ):  # fmt: skip
             if key not in cache:
                 try:
                     cache[key] = timer.graph(fns)
                 except Exception as error:  # one variant failing (compile, capture) must not stop the A/B
                     cache[key] = f"{type(error).__name__}: {error}"[:160]
-        f, b = fwd_ms[fk], bwd_ms[bk]
+        f, b, fz = fwd_ms[fk], bwd_ms[bk], frozen_ms[bk]
         out.append({
+            "bwd_frozen_us": fz * 1e3 if isinstance(fz, float) else None,
+            "bwd_frozen_tbps": tbps(bwd_bytes - n_cols * 2, fz) if isinstance(fz, float) else None,
+            "copy_fwd_us": copy_fwd_us, "copy_bwd_us": copy_bwd_us,
             "variant": v.name, "kind": kind, "T": t, "rows": rows, "E": n_cols, "sets": sets,
             "fwd_us": f * 1e3 if isinstance(f, float) else None, "bwd_us": b * 1e3 if isinstance(b, float) else None,
             "fwd_tbps": tbps(fwd_bytes, f) if isinstance(f, float) else None,
@@ -102,8 +130,9 @@ def markdown(rows: list[dict], copy_tbps: float, env: dict) -> str:
     lines = ["# RMSNorm variants (CUDA-graph device time per call, bf16)", "",
              f"- {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['time']}",
              f"- device-to-device copy: **{num(copy_tbps, 2)} TB/s** (read + write)", "",
-             "| variant | norm | T | fwd us | fwd % copy | bwd us | bwd % copy | fwd+bwd us | |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| variant | norm | T | fwd us | fwd % copy | bwd us | bwd % copy | fwd+bwd us | | bwd frozen w us "
+             "| % copy | same-size copy us fwd / bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     best: dict[tuple, float] = {}
     for r in rows:
         if r["fwd_us"] is not None and r["bwd_us"] is not None:
@@ -113,8 +142,12 @@ def markdown(rows: list[dict], copy_tbps: float, env: dict) -> str:
         total = None if r["fwd_us"] is None or r["bwd_us"] is None else r["fwd_us"] + r["bwd_us"]
         mark = "*" if total is not None and total == best.get((r["kind"], r["T"])) else r["error"]
         lines.append(f"| {r['variant']} | {r['kind']} | {r['T']} | {num(r['fwd_us'], 1)} | {pct(r['fwd_tbps'])} | "
-                     f"{num(r['bwd_us'], 1)} | {pct(r['bwd_tbps'])} | {num(total, 1)} | {mark} |")  # fmt: skip
-    lines += ["", "* = fastest forward + backward per norm and T. per_head: x (T x 32, 128), weight (128,)."]
+                     f"{num(r['bwd_us'], 1)} | {pct(r['bwd_tbps'])} | {num(total, 1)} | {mark} | "
+                     f"{num(r.get('bwd_frozen_us'), 1)} | {pct(r.get('bwd_frozen_tbps'))} | "
+                     f"{num(r.get('copy_fwd_us'), 1)} / {num(r.get('copy_bwd_us'), 1)} |")  # fmt: skip
+    lines += ["", "* = fastest forward + backward per norm and T. per_head: x (T x 32, 128), weight (128,).",
+              "bwd frozen w: dx only (a LoRA run's norms). same-size copy: a graph-timed bf16 copy_ moving the "
+              "kernel's bytes (read + write), rotated like the kernels: launch, ramp and tail included."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
