@@ -39,8 +39,9 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
     h4, h2 = _pow2_divisor(group, 4), _pow2_divisor(group, 2)
     hs = h4 if short else h2
     if kind in ("bwd_atomic", "bwd_kv"):
-        if big:
-            alts = [(64, _rows(32, hs), hs, 8, 2), (32, _rows(64, hs), hs, 4, 2)]
+        if big:  # 64-key blocks: wgmma (M >= 64) for the dK/dV dots; dK + dV fp32 need 8 warps' registers
+            alts = [(64, _rows(32, hs), hs, 8, 2), (64, _rows(32, hs), hs, 8, 1), (64, _rows(64, hs), hs, 8, 1),
+                    (64, _rows(16, hs), hs, 8, 2), (32, _rows(64, hs), hs, 4, 2)]  # fmt: skip
         elif short:
             alts = [(64, _rows(64, h4), h4, 4, 3), (64, _rows(128, h4), h4, 8, 2), (128, _rows(64, h4), h4, 8, 2),
                     (32, _rows(64, h4), h4, 4, 2)]  # fmt: skip
@@ -49,13 +50,18 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
                     (128, 64, 1, 8, 3)]  # fmt: skip
     elif kind == "bwd_dq":
         if big:
-            alts = [(_rows(64, hs), hs, 32, 4, 2)]
+            alts = [(_rows(64, hs), hs, 32, 4, 2), (_rows(64, hs), hs, 64, 8, 2), (_rows(64, hs), hs, 64, 4, 2),
+                    (_rows(128, hs), hs, 32, 8, 2), (_rows(64, hs), hs, 32, 8, 2)]  # fmt: skip
         else:
             alts = [(_rows(64, hs), hs, 64, 8, 2), (_rows(64, hs), hs, 64, 4, 2), (_rows(128, hs), hs, 32, 8, 3)]
     else:  # fwd: already ahead of every peer; only nearby tilings
         hf = _pow2_divisor(group, 8 if short else 4)
-        alts = [(_rows(128, hf), hf, 64, 8, 3), (_rows(64, hf), hf, 64, 4, 3)] if not big else []
-        if short:
+        if big:  # D 256: 64-row tiles are one warpgroup's wgmma M; the fp32 accumulator is 64 x 256
+            alts = [(_rows(64, hf), hf, 64, 4, 2), (_rows(128, hf), hf, 64, 8, 2), (_rows(64, hf), hf, 32, 4, 2),
+                    (_rows(128, hf), hf, 32, 8, 2), (_rows(64, hf), hf, 64, 8, 2)]  # fmt: skip
+        else:
+            alts = [(_rows(128, hf), hf, 64, 8, 3), (_rows(64, hf), hf, 64, 4, 3)]
+        if short and not big:
             alts.append((_rows(128, hf), hf, 64, 4, 3))
     return list(dict.fromkeys([default, *alts]))
 
