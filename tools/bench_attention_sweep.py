@@ -70,8 +70,10 @@ def _bwd_from(kind: str, cfg: tuple, d_bwd):
     from kernels.attention import BwdConfig
 
     if kind == "bwd_dq":
-        return BwdConfig(*d_bwd[:5], *cfg, dq_atomic=False, fuse_delta=d_bwd.fuse_delta)
-    return BwdConfig(*cfg, *d_bwd[5:10], dq_atomic=kind == "bwd_atomic", fuse_delta=d_bwd.fuse_delta)
+        return BwdConfig(*d_bwd[:5], *cfg, dq_atomic=False, fuse_delta=d_bwd.fuse_delta, dq_first=d_bwd.dq_first)
+    atomic = kind == "bwd_atomic"
+    return BwdConfig(*cfg, *d_bwd[5:10], dq_atomic=atomic, fuse_delta=d_bwd.fuse_delta,
+                     dq_first=d_bwd.dq_first and not atomic)  # fmt: skip
 
 
 def run_sweep(args, bench, device, dtype, lens_of: dict, causal_flops) -> list[dict]:
