@@ -76,6 +76,15 @@ def _bwd_from(kind: str, cfg: tuple, d_bwd):
                      dq_first=d_bwd.dq_first and not atomic)  # fmt: skip
 
 
+def _with_best_kv(d_bwd, results: list[dict], D: int, bucket: str):
+    """``d_bwd`` with its dK/dV half replaced by the fastest bwd_kv trial of ``results`` for (D, bucket), if any."""
+    best = winners(results).get((D, bucket, "bwd_kv"))
+    if best is None:
+        return d_bwd
+    return d_bwd._replace(**dict(zip(("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"), best["config"],
+                                     strict=True)))  # fmt: skip
+
+
 def run_sweep(args, bench, device, dtype, lens_of: dict, causal_flops) -> list[dict]:
     """Time candidates in priority order until ``args.budget_s`` is spent; one result dict per trial."""
     from kernels.attention import FwdConfig, default_configs, varlen_attention_with_configs
@@ -109,6 +118,11 @@ def run_sweep(args, bench, device, dtype, lens_of: dict, causal_flops) -> list[d
                 with torch.no_grad():
                     ms = bench(lambda: varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=FwdConfig(*cfg)))  # noqa: B023
             else:
+                if kind == "bwd_dq":
+                    # The dQ kernel runs beside the dK/dV kernel: time it with the best dK/dV tiling this sweep
+                    # found, so a bwd_dq entry's ms is the whole deterministic backward at both winners (the atomic
+                    # vs deterministic choice in kernels.attention compares these times).
+                    d_bwd = _with_best_kv(d_bwd, results, D, bucket)
                 bcfg = _bwd_from(kind, cfg, d_bwd)
                 out = varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=d_fwd, bwd_cfg=bcfg)
                 ms = bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))  # noqa: B023
