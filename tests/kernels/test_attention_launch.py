@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kernels import attention_launch
-from kernels.attention import varlen_attention
+from kernels.attention import default_configs, varlen_attention
 from kernels.attention_cache import set_schedule_cache
 from kernels.attention_launch import direct_launch_info, set_direct_launch
 from tests.kernels.test_attention import make_cu, make_inputs, run_grads
@@ -141,8 +141,10 @@ def test_gpu_direct_launch_bitwise_equals_normal(name: str, schedule_cache: bool
     set_schedule_cache(schedule_cache)
     q, k, v, do, cu = _gpu_inputs(lens, H, Hkv, D, dtype, seed=len(name))
     normal, direct, n_direct = _both_paths(q, k, v, do, cu, max(lens), deterministic=True, **kw)
-    # schedule (unless cached), forward, delta, dK/dV, dQ: every launch of the second call went direct
-    assert n_direct == (4 if schedule_cache else 5), direct_launch_info()
+    # schedule (unless cached), forward, delta (unless dQ computes it: dq_first), dK/dV, dQ: every launch of the
+    # second call went direct
+    bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens), deterministic=True)[1]
+    assert n_direct == 3 + (not bwd.dq_first) + (not schedule_cache), direct_launch_info()
     assert not direct_launch_info()["refused"], direct_launch_info()
     for tag, a, b in zip(("out", "dq", "dk", "dv"), normal, direct, strict=True):
         assert torch.equal(a, b), f"{name}: direct {tag} differs from the normal launch"
