@@ -434,9 +434,11 @@ def varlen_attention(
     sees keys i-W < j <= i (Hugging Face ``sliding_window``); ``softcap``: Gemma 2 logit capping. bf16/fp16 (and
     fp32) with fp32 accumulation; D <= 256 (64, 80, 96, 128, 256 tuned).
 
-    ``deterministic=False`` (default, fastest): dQ is summed with fp32 atomics inside the dK/dV kernel (5
-    matmuls per tile instead of 7), so dq may differ in the last bits from run to run (dk, dv never do).
-    ``deterministic=True``: a separate dQ kernel recomputes the scores; dq, dk, dv are bitwise reproducible.
+    ``deterministic=False`` (default): the faster backward the tuned table measured for this D and length bucket:
+    dQ summed with fp32 atomics inside the dK/dV kernel (5 matmuls per tile instead of 7; dq may differ in the
+    last bits from run to run, dk and dv never do), or the deterministic pair (the H200 choice for every bucket
+    of D 128 and 256). ``deterministic=True``: always the pair, a dQ kernel that recomputes the scores (and
+    delta) then the dK/dV kernel; dq, dk, dv are bitwise reproducible.
     ``mean_seqlen``: the real mean example length, which picks the tiling when the stream holds filler or
     zero-length examples (None: T / S).
 

@@ -11,8 +11,9 @@ The schedules (one per block size) come from the forward (``build_schedules``, o
    group (HPB at a time, packed into the rows as in the forward) and over the query blocks that see this key
    block, so dK/dV are summed over the group inside the program: never atomics for dK/dV. Slots run in schedule
    order (an example's first key blocks first): under the causal mask the first key blocks see the most queries.
-   With ``dq_atomic`` (the default of ``varlen_attention``) the same step also adds dS K into an fp32 (T, H, D)
-   dQ buffer with atomics: 5 matmuls per tile and no dQ launch, but dq's summation order varies run to run.
+   With ``dq_atomic`` (chosen where the tuned table measured it faster than the pair below) the same step also
+   adds dS K into an fp32 (T, H, D) dQ buffer with atomics: 5 matmuls per tile and no dQ launch, but dq's
+   summation order varies run to run.
 3. Deterministic path only: ``_dq_kernel``, one program per (example, query block) and HPB heads, looping over
    key blocks as the forward. Recomputing QK^T and dO V^T costs 2 extra matmuls per tile (7 instead of 5), but
    dq, dk, dv are bitwise reproducible (``varlen_attention(..., deterministic=True)``).
