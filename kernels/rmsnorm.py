@@ -20,6 +20,8 @@ backward is ~24 us of traffic, so launch ramp, tail and the dw reduction decide;
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -164,10 +166,16 @@ def _sm_count(x: torch.Tensor) -> int:
     return 2  # Triton's CPU interpreter: few programs, each looping over many rows, is fastest
 
 
+@functools.lru_cache(maxsize=16)
+def _has_pdl(device_index: int) -> bool:
+    """Programmatic dependent launch needs sm_90 (Hopper) or newer; asked once per device, not per launch."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _pdl_kwargs(choice: Variant, x: torch.Tensor) -> dict:
     """Launch options of a ``pdl`` variant: the PDL constexpr and Triton's ``launch_pdl`` attribute, on sm_90+ CUDA
     devices only (Triton's interpreter and older GPUs run the variant as the plain kernel)."""
-    if not (choice.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if not (choice.pdl and x.is_cuda and _has_pdl(x.device.index if x.device.index is not None else 0)):
         return {}
     return {"PDL": True, "launch_pdl": True}
 
