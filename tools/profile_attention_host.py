@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--case", default="alpaca/4K")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_attention_host.py measures the CUDA launch path: it needs a CUDA GPU.")
     dev, dt, H, Hkv, D = torch.device("cuda"), torch.bfloat16, 32, 8, 128
     by_name = {name: lens for name, _, lens in cases([4096, 16384])}
     lens = by_name[args.case]
