@@ -404,7 +404,8 @@ def varlen_attention_with_configs(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # No backward will run: schedule the forward's blocks only, save nothing, and skip autograd.Function.apply
-        # (a fifth of an eager forward's host time: an Alpaca-like 4K pack's forward is ~60 us of GPU work).
+        # (about a fifth of the call's Python in a CPU profile with the launches stubbed out; an Alpaca-like 4K
+        # pack's forward is only ~60 us of GPU work, so the host path matters for eager callers).
         softcap = None if softcap is None else float(softcap)
         return _forward(q, k, v, cu_seqlens, float(scale), bool(causal), window, softcap, fwd_cfg or d_fwd, None)[1]
     return _VarlenAttention.apply(

@@ -455,13 +455,3 @@ def flash_bwd(
     if not dq_first:
         launch_dq()
     return dq, dk, dv
-    launch(_dq_kernel, (sched_q.shape[0] * (H // cfg.q_hpb),), (
-        q, k, v, do, lse, delta, dq, cu_seqlens, sched_q,
-        *qs, *ks, *vs, *dos, *dq.stride()[:2],
-        sched_q.shape[0], window or 0, pre, post, softmax_scale,
-    ), {
-        "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": cfg.q_block_m, "HPB": cfg.q_hpb,
-        "BLOCK_N": cfg.q_block_n, "CAUSAL": causal, "WINDOW": wflag, "SOFTCAP": sflag,
-        "LONG_INDEXING": long_indexing, "PREC": prec, "FUSE_DELTA": fuse,
-    }, cfg.q_warps, cfg.q_stages)  # fmt: skip
-    return dq, dk, dv

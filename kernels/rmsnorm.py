@@ -168,8 +168,9 @@ def _sm_count(x: torch.Tensor) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _has_pdl(device_index: int) -> bool:
-    """Programmatic dependent launch needs sm_90 (Hopper) or newer; asked once per device, not per launch."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """Programmatic dependent launch needs an NVIDIA sm_90 (Hopper) or newer (not ROCm, whose capability numbers
+    mean something else); asked once per device, not per launch."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _pdl_kwargs(choice: Variant, x: torch.Tensor) -> dict:

@@ -85,8 +85,8 @@ VARIANTS: dict[str, Variant] = {
 # slightly slower at every T (hidden 4096: 31.4 vs 30.7 us at 4K, 104.6 vs 103.0 us at 16K): the reducers' wait
 # for the last programs costs what the saved launch gains. No forward variant beat the default forward either.
 # With programmatic dependent launch (session 4, H200 A/B in one process): T = 4K hidden fwd 18.5 -> 17.5 us
-# (86% -> 90% of copy), per-head 18.0 -> 17.4 us fwd and 31.7 -> 30.1 us bwd, 16K fwd 66.5 -> 65.5 us, nothing
-# slower; a chain of PDL norms captured in a CUDA graph is bitwise equal to plain launches (GPU test).
+# (86% -> 90% of copy), per-head 18.0 -> 17.4 us fwd and 31.7 -> 30.1 us bwd, 16K fwd 66.5 -> 65.5 us; nothing
+# slower by more than 0.3 us; a chain of PDL norms captured in a CUDA graph is bitwise equal to plain launches.
 _default = "two_launch_pdl"
 
 

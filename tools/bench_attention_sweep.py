@@ -30,8 +30,10 @@ def _rows(rows: int, hpb: int) -> int:
 
 
 def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
-    """The built-in default first, then 3-5 alternatives that compile without spills at sm_90 (checked offline
-    with ``--compile-check --candidates``). Key blocks of the dK/dV kernel stay >= 64 (wgmma needs M >= 64)."""
+    """The built-in default first, then alternatives that compile without spills at sm_90 (checked offline with
+    ``--compile-check --candidates``, which compiles the bwd_kv form: the atomic kernel needs more shared memory,
+    so a few bwd_atomic trials fail with OutOfResources on the GPU and are recorded as errors). Key blocks of the
+    dK/dV kernel stay >= 64 where registers allow (wgmma needs M >= 64)."""
     from kernels.attention import _builtin_configs, _pow2_divisor
 
     default = _builtin_configs(D, bucket, group)[kind]

@@ -8,7 +8,14 @@ import torch
 
 import kernels.rmsnorm as module
 from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rmsnorm_config import VARIANTS, bwd_config, default_variant, one_launch_reducers, set_default_variant
+from kernels.rmsnorm_config import (
+    VARIANTS,
+    bwd_config,
+    default_variant,
+    get_variant,
+    one_launch_reducers,
+    set_default_variant,
+)
 from tests.kernels.compare import (
     ATOL,
     DEVICE,
@@ -203,6 +210,9 @@ def test_pdl_chain_in_cuda_graph_matches_plain_launches():
     the previous one before reading, so an early launch never reads a half-written input."""
     gen = torch.Generator(device="cuda").manual_seed(47)
     x = torch.randn(4096, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    assert module._pdl_kwargs(get_variant("two_launch_pdl"), x) == {"PDL": True, "launch_pdl": True}
     ws = [(torch.randn(4096, device="cuda", generator=gen) * 0.3 + 1.0).to(torch.bfloat16) for _ in range(4)]
     dy = torch.randn(4096, 4096, device="cuda", generator=gen).to(torch.bfloat16)
 
