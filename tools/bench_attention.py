@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -316,24 +317,48 @@ def matmul_peak(bench) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def _measure(args, bench, device, dtype, name, pack, lens, D, impl) -> Row:
+    flops = causal_flops(lens, args.H, D)
+    try:
+        # "<impl>@graph": the same calls replayed from a CUDA graph (GPU time without host overhead).
+        fn, inputs, do = IMPLS[impl.removesuffix("@graph")](lens, args.H, args.Hkv, D, device, dtype)
+        f, fb, note = fwd_and_fwdbwd(fn, inputs, do, bench, graph=impl.endswith("@graph"))
+        return Row(name, pack, D, impl, f, fb, f and flops / f / 1e9, fb and 3.5 * flops / fb / 1e9, note)
+    except Exception as e:  # a baseline missing in this torch, or out of memory: record, go on
+        return Row(name, pack, D, impl, None, None, None, None, f"{type(e).__name__}: {e}"[:160])
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def median_row(rounds: list[Row]) -> Row:
+    """One row from the same (case, impl) timed in several interleaved rounds: median times, the spread as a note."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    ok = [r for r in rounds if r.fwd_ms is not None and r.fwdbwd_ms is not None]
+    if not ok:
+        return first
+    f, fb = statistics.median(r.fwd_ms for r in ok), statistics.median(r.fwdbwd_ms for r in ok)
+    scale_f, scale_fb = ok[0].fwd_tflops * ok[0].fwd_ms, ok[0].fwdbwd_tflops * ok[0].fwdbwd_ms
+    spread = (f"median of {len(ok)} interleaved rounds; fwd+bwd ms {min(r.fwdbwd_ms for r in ok):.3f}-"
+              f"{max(r.fwdbwd_ms for r in ok):.3f}")  # fmt: skip
+    note = "; ".join(x for x in (first.note, spread) if x)
+    return Row(first.case, first.pack, first.D, first.impl, f, fb, scale_f / f, scale_fb / fb, note)
+
+
 def run_table(args, bench, device, dtype) -> list[Row]:
+    """Every (D, case, impl); with ``--rounds R`` each case times its impls R times in turn (A, B, A, B, ...), so
+    an A/B of two implementations sees the same clocks and host load, and reports the median."""
     rows = []
     for D in args.dims:
         for name, pack, lens in cases(args.packs, args.quick):
-            flops = causal_flops(lens, args.H, D)
-            for impl in args.impls:
-                try:
-                    # "<impl>@graph": the same calls replayed from a CUDA graph (GPU time without host overhead).
-                    fn, inputs, do = IMPLS[impl.removesuffix("@graph")](lens, args.H, args.Hkv, D, device, dtype)
-                    f, fb, note = fwd_and_fwdbwd(fn, inputs, do, bench, graph=impl.endswith("@graph"))
-                    rows.append(Row(name, pack, D, impl, f, fb, f and flops / f / 1e9, fb and 3.5 * flops / fb / 1e9,
-                                    note))  # fmt: skip
-                except Exception as e:  # a baseline missing in this torch, or out of memory: record, go on
-                    rows.append(Row(name, pack, D, impl, None, None, None, None, f"{type(e).__name__}: {e}"[:160]))
-                finally:
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                print(rows[-1], flush=True)
+            timed: dict[str, list[Row]] = {impl: [] for impl in args.impls}
+            for _ in range(args.rounds):
+                for impl in args.impls:
+                    timed[impl].append(_measure(args, bench, device, dtype, name, pack, lens, D, impl))
+                    print(timed[impl][-1], flush=True)
+            rows += [median_row(timed[impl]) for impl in args.impls]
     return rows
 
 
@@ -378,7 +403,7 @@ def markdown(env: dict, rows: list[Row], peak: float | None) -> str:
         lines.append(f"| {D} | {case} | " + " | ".join(cells) + " |")
     notes = [f"- {r.impl} {r.case} D={r.D}: {r.note}" for r in rows if r.note]
     if notes:
-        lines += ["", "Not measured:", *notes]
+        lines += ["", "Notes (errors, capture failures, interleaved-round spreads):", *notes]
     if any(r.impl.endswith("@graph") for r in rows):
         lines += [
             "",
@@ -408,6 +433,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", default=None,
                    help="case names (e.g. alpaca/4K,eq1K/4K): write a torch.profiler table of padless fwd+bwd per "
                    "case and D to --out, then the normal table")  # fmt: skip
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time each case's impls this many times in turn (interleaved A/B) and report medians",
+    )
     p.add_argument("--H", type=int, default=32)
     p.add_argument("--Hkv", type=int, default=8)
     return p.parse_args()
