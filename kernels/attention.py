@@ -401,16 +401,15 @@ def varlen_attention_with_configs(
     bwd_cfg = bwd_cfg or d_bwd
     if deterministic and bwd_cfg.dq_atomic:
         bwd_cfg = bwd_cfg._replace(dq_atomic=False)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2]))
+    causal, softcap, fwd_cfg = bool(causal), None if softcap is None else float(softcap), fwd_cfg or d_fwd
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # No backward will run: schedule the forward's blocks only, save nothing, and skip autograd.Function.apply
         # (about a fifth of the call's Python in a CPU profile with the launches stubbed out; an Alpaca-like 4K
         # pack's forward is only ~60 us of GPU work, so the host path matters for eager callers).
-        softcap = None if softcap is None else float(softcap)
-        return _forward(q, k, v, cu_seqlens, float(scale), bool(causal), window, softcap, fwd_cfg or d_fwd, None)[1]
+        return _forward(q, k, v, cu_seqlens, scale, causal, window, softcap, fwd_cfg, None)[1]
     return _VarlenAttention.apply(
-        q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), window,
-        None if softcap is None else float(softcap), fwd_cfg or d_fwd, bwd_cfg,
+        q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg
     )  # fmt: skip
 
 

@@ -250,46 +250,25 @@ def _launch_fwd(
     choice = get_variant(variant)
     default_r, block_e, default_warps = fwd_config(n_cols, choice.fwd_elements, choice.fwd_per_thread)
     block_r = block_r or default_r
-    if choice.fwd_programs_per_sm:
-        n_blocks = triton.cdiv(n_rows, block_r)
-        programs = min(n_blocks, choice.fwd_programs_per_sm * _sm_count(x))
-        programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))  # balanced: same blocks, fewest programs
-        _rms_norm_fwd_persistent_kernel[(programs,)](
-            x2,
-            weight,
-            y,
-            rstd,
-            n_rows,
-            n_blocks,
-            programs,
-            x2.stride(0),
-            eps,
-            offset,
-            E=n_cols,
-            GEMMA_CAST=offset != 0.0,
-            BLOCK_R=block_r,
-            BLOCK_E=block_e,
-            LONG_INDEXING=needs_long_indexing(x2, y),
-            num_warps=num_warps or default_warps,
-            **_pdl_kwargs(choice, x),
-        )
-        return y, rstd
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        x2,
-        weight,
-        y,
-        rstd,
-        n_rows,
-        n_cols,
-        x2.stride(0),
-        eps,
-        offset,
+    # Launch options shared by both forward kernels.
+    options = dict(
         GEMMA_CAST=offset != 0.0,
         BLOCK_R=block_r,
         BLOCK_E=block_e,
         LONG_INDEXING=needs_long_indexing(x2, y),
         num_warps=num_warps or default_warps,
         **_pdl_kwargs(choice, x),
+    )
+    if choice.fwd_programs_per_sm:
+        n_blocks = triton.cdiv(n_rows, block_r)
+        programs = min(n_blocks, choice.fwd_programs_per_sm * _sm_count(x))
+        programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))  # balanced: same blocks, fewest programs
+        _rms_norm_fwd_persistent_kernel[(programs,)](
+            x2, weight, y, rstd, n_rows, n_blocks, programs, x2.stride(0), eps, offset, E=n_cols, **options
+        )
+        return y, rstd
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), eps, offset, **options
     )
     return y, rstd
 
@@ -331,6 +310,7 @@ def _launch_bwd(
     counter = _ticket_counter(x.device) if one_launch else rstd  # unused pointer unless ONE_LAUNCH
     reduce_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
     reducers = one_launch_reducers(n_programs, n_cols, choice.reducers, sms, interpreted=not x.is_cuda)
+    pdl = _pdl_kwargs(choice, x)  # both backward launches
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2,
         x2,
@@ -360,7 +340,7 @@ def _launch_bwd(
         LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
         num_warps=num_warps,
         maxnreg=maxnreg,
-        **_pdl_kwargs(choice, x),
+        **pdl,
     )
     if not compute_dw or one_launch:
         return dx, dw
@@ -374,7 +354,7 @@ def _launch_bwd(
         BLOCK_P=reduce_p,
         BLOCK_C=cfg.reduce_block_c,
         num_warps=8,
-        **_pdl_kwargs(choice, x),
+        **pdl,
     )
     return dx, dw
 
