@@ -24,6 +24,7 @@ from .attention_launch import set_direct_launch
 from .indexing import needs_long_indexing
 
 __all__ = [
+    "BUCKETS",
     "BwdConfig",
     "FwdConfig",
     "clear_schedule_cache",
@@ -37,8 +38,12 @@ __all__ = [
     "varlen_attention_with_configs",
 ]
 
-# Length buckets for the tiling: short (Alpaca-like, mean <= 256 tokens), medium (<= 2048), long.
-SHORT, MEDIUM = 256, 2048
+# Length buckets for the tiling: short (Alpaca-like, mean <= 256 tokens), medium (<= 2048), long (<= 8192) and
+# xlong (longer: one 16K example per pack, where the dK/dV loop over query blocks is 4x longer than at 4K).
+SHORT, MEDIUM, LONG = 256, 2048, 8192
+BUCKETS = ("short", "medium", "long", "xlong")
+# A bucket with no tuned entry of a kind takes the tuned entry of the bucket named here (else the built-in tiles).
+BUCKET_FALLBACK = {"xlong": "long"}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -144,8 +149,11 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def length_bucket(length: float) -> str:
-    """'short' (Alpaca-like, mean <= 256 tokens), 'medium' (<= 2048) or 'long': the key of the tiling table."""
-    return "short" if length <= SHORT else "medium" if length <= MEDIUM else "long"
+    """'short' (Alpaca-like, mean <= 256 tokens), 'medium' (<= 2048), 'long' (<= 8192) or 'xlong': the key of
+    the tiling table."""
+    if length <= SHORT:
+        return "short"
+    return "medium" if length <= MEDIUM else "long" if length <= LONG else "xlong"
 
 
 def _builtin_configs(head_dim: int, bucket: str, group: int) -> dict[str, tuple]:
@@ -200,8 +208,8 @@ def _validate_entry(path: Path, i: int, e: object) -> tuple[tuple, tuple]:
     if not isinstance(e.get("D"), int) or e.get("dtype") not in DTYPE_NAMES.values():
         raise ValueError(f"{where}: D={e.get('D')!r} dtype={e.get('dtype')!r}: expected an int and one of "
                          f"{list(DTYPE_NAMES.values())}.")  # fmt: skip
-    if e.get("bucket") not in ("short", "medium", "long"):
-        raise ValueError(f"{where}: bucket={e.get('bucket')!r}, expected 'short', 'medium' or 'long'.")
+    if e.get("bucket") not in BUCKETS:
+        raise ValueError(f"{where}: bucket={e.get('bucket')!r}, expected one of {list(BUCKETS)}.")
     cfg, fields = e.get("config"), TUNED_FIELDS[kind]
     if not isinstance(cfg, dict) or set(cfg) != set(fields):
         raise ValueError(f"{where}: config={cfg!r}: expected exactly the fields {list(fields)}.")
@@ -277,20 +285,27 @@ def _configs_for(
 ) -> tuple[FwdConfig, BwdConfig]:
     cfgs = _builtin_configs(head_dim, bucket, group)
     tuned = load_tuned(path)
-    ms = {}
-    for kind in cfgs:
-        name = DTYPE_NAMES.get(dtype, "bf16")
-        hit = tuned.get((head_dim, name, bucket, kind))
-        if hit is None and name == "fp16":  # fp16 shares bf16's tiles (same MMA shapes and byte sizes)
-            hit = tuned.get((head_dim, "bf16", bucket, kind))
+    name = DTYPE_NAMES.get(dtype, "bf16")
+    buckets = [b for b in (bucket, BUCKET_FALLBACK.get(bucket)) if b]
+
+    def entry(b: str, kind: str):  # fp16 shares bf16's tiles (same MMA shapes and byte sizes)
+        hit = tuned.get((head_dim, name, b, kind))
+        return tuned.get((head_dim, "bf16", b, kind)) if hit is None and name == "fp16" else hit
+
+    for kind in cfgs:  # the bucket's own tuned tiles, else its fallback's (xlong -> long), else built-in
+        hit = next((h for h in (entry(b, kind) for b in buckets) if h is not None), None)
         if hit is not None:
-            cfgs[kind], ms[kind] = _fit_group(hit[0], kind, group), hit[1]
+            cfgs[kind] = _fit_group(hit[0], kind, group)
     atomic = not deterministic
-    # The sweep times whole backwards: if the deterministic pair measured faster than the atomic kernel for this
-    # bucket, take it (it is the better default both ways). Both times come from the same case and run.
-    det_ms = min((ms[k] for k in ("bwd_kv", "bwd_dq") if ms.get(k)), default=None)
-    if atomic and det_ms is not None and ms.get("bwd_atomic") and det_ms < ms["bwd_atomic"]:
-        atomic = False
+    # The sweep times whole backwards: if the deterministic pair measured faster than the atomic kernel, take it
+    # (it is the better default both ways). Times are compared within one bucket (one case, one sweep run): the
+    # first of the bucket and its fallback that has both.
+    for b in buckets:
+        det = [h[1] for h in (entry(b, "bwd_kv"), entry(b, "bwd_dq")) if h is not None and h[1]]
+        at = entry(b, "bwd_atomic")
+        if det and at is not None and at[1]:
+            atomic = atomic and not min(det) < at[1]
+            break
     kv = cfgs["bwd_atomic"] if atomic else cfgs["bwd_kv"]
     # fuse_delta (delta recomputed inside the backward kernels, one launch fewer) stays off: on the H200 it saved
     # no time where launches are cheap and cost GPU time where they are not (Alpaca-like 16K pack, fwd+bwd:

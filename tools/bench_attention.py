@@ -427,6 +427,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
     p.add_argument("--dims", default="128,64,256", help="head dims for the table")
     p.add_argument("--sweep-dims", default="128,64", help="head dims for --sweep")
+    p.add_argument("--sweep-buckets", default="short,medium,long",
+                   help="length buckets for --sweep, from short,medium,long,xlong (xlong: one 16K example per pack; "
+                   "without xlong entries it uses long's tiles)")  # fmt: skip
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                    help=f"implementations, from {list(IMPLS)}; a name + '@graph' (e.g. padless@graph) times CUDA-graph "
                    "replays: GPU time alone, so eager minus graphed is the host overhead per call")  # fmt: skip
@@ -447,6 +450,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     args.sweep_kinds = args.kinds.split(",")
+    args.sweep_buckets = args.sweep_buckets.split(",")
+    from kernels.attention import BUCKETS
+
+    if unknown := set(args.sweep_buckets) - set(BUCKETS):
+        raise SystemExit(f"--sweep-buckets: unknown {sorted(unknown)}; expected some of {list(BUCKETS)}")
     if args.compile_check:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("--compile-check compiles real GPU code: unset TRITON_INTERPRET")

@@ -1,6 +1,7 @@
 """Tiling sweep for the varlen attention kernels, bounded by a time budget, and the tuned-table writer.
 
-One case per length bucket (Alpaca-like = short, 1K = medium, 4K = long examples in a 16K pack); per
+One case per length bucket (Alpaca-like = short, 1K = medium, 4K = long, one 16K example = xlong, in a 16K
+pack; ``--sweep-buckets`` picks some); per
 (head dim, bucket, kind) a handful of plausible tilings (the built-in default first, so the winner is never
 worse than it). Kinds: ``bwd_atomic`` (the default backward: dK/dV kernel with atomic dQ), ``fwd``, ``bwd_kv``
 and ``bwd_dq`` (the deterministic backward's two kernels). Trials run most important first (atomic backward
@@ -21,7 +22,7 @@ import torch
 __all__ = ["BUCKET_CASES", "run_sweep", "sweep_candidates", "write_tuned"]
 
 # The case that stands for each length bucket (names as in bench_attention.cases).
-BUCKET_CASES = {"short": "alpaca/16K", "medium": "eq1K/16K", "long": "eq4K/16K"}
+BUCKET_CASES = {"short": "alpaca/16K", "medium": "eq1K/16K", "long": "eq4K/16K", "xlong": "eq16K/16K"}
 KIND_ORDER = ("bwd_atomic", "bwd_kv", "bwd_dq", "fwd")
 
 
@@ -55,7 +56,8 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
         if big:
             alts = [(_rows(64, hs), hs, 32, 4, 2), (_rows(64, hs), hs, 64, 8, 2), (_rows(64, hs), hs, 64, 4, 2),
                     (_rows(128, hs), hs, 32, 8, 2), (_rows(64, hs), hs, 32, 8, 2),
-                    (_rows(128, h4), h4, 32, 8, 2), (_rows(128, h4), h4, 64, 8, 1)]  # fmt: skip
+                    (_rows(128, h4), h4, 32, 8, 2), (_rows(128, h4), h4, 64, 8, 1),
+                    (_rows(128, hs), hs, 32, 8, 3), (_rows(128, h4), h4, 32, 8, 3)]  # fmt: skip
         else:
             alts = [(_rows(64, hs), hs, 64, 8, 2), (_rows(64, hs), hs, 64, 4, 2), (_rows(128, hs), hs, 32, 8, 3)]
     else:  # fwd: already ahead of every peer; only nearby tilings
@@ -99,7 +101,7 @@ def run_sweep(args, bench, device, dtype, lens_of: dict, causal_flops) -> list[d
     for D in args.sweep_dims:
         for kind in [k for k in KIND_ORDER if k in args.sweep_kinds]:
             for bucket, case in BUCKET_CASES.items():
-                if case in lens_of:
+                if case in lens_of and bucket in args.sweep_buckets:
                     plan += [(kind, D, bucket, case, c) for c in sweep_candidates(kind, bucket, D, group)]
     inputs, results = {}, []
     for n_done, (kind, D, bucket, case, cfg) in enumerate(plan):

@@ -86,6 +86,54 @@ def in_thread(fn):
     return call
 
 
+def timeline_rows(fwd, leaves, do, reps: int = 200) -> list[tuple[str, float]]:
+    """Where one eager forward + ``autograd.grad`` spends its host time, from timestamps taken on both threads:
+    forward, hand-off to the engine's device thread (grad called -> our backward entered), our backward, hand-back
+    (backward returned -> grad returned), and the same loop with Python's GC off. Medians over ``reps`` calls
+    enqueued behind a GPU sleep (the GPU never makes the host wait)."""
+    import gc
+
+    from kernels import attention as attention_mod
+
+    fn_cls = attention_mod._VarlenAttention
+    inner = fn_cls.backward
+    stamps: list[float] = []
+
+    def timed_backward(ctx, dout):
+        stamps.append(time.perf_counter())
+        grads = inner(ctx, dout)
+        stamps.append(time.perf_counter())
+        return grads
+
+    fn_cls.backward = staticmethod(timed_backward)
+    try:
+        torch.autograd.grad(fwd(), leaves, do)
+        parts: dict[str, list[float]] = {k: [] for k in ("fwd", "hand-off", "our bwd", "hand-back", "total")}
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)
+        for _ in range(reps):
+            stamps.clear()
+            t0 = time.perf_counter()
+            out = fwd()
+            t1 = time.perf_counter()
+            torch.autograd.grad(out, leaves, do)
+            t4 = time.perf_counter()
+            t2, t3 = stamps
+            for key, val in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+                val_us = val * 1e6
+                parts[key].append(val_us)
+        torch.cuda.synchronize()
+    finally:
+        fn_cls.backward = inner
+    rows = [(f"timeline: {k}", statistics.median(v)) for k, v in parts.items()]
+    gc.disable()
+    try:
+        rows.append(("fwd+bwd (autograd), gc off", host_us(lambda: torch.autograd.grad(fwd(), leaves, do))))
+    finally:
+        gc.enable()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", default="alpaca/4K")
@@ -152,6 +200,7 @@ def main() -> None:
             ("bwd via autograd.grad, engine on caller thread", host_us(bwd_autograd)),
             ("fwd+bwd, engine on caller thread", host_us(lambda: torch.autograd.grad(fwd_graph(), (q, k, v), do))),
         ]
+    rows += timeline_rows(fwd_graph, (q, k, v), do)
     prof = cProfile.Profile()
     torch.cuda._sleep(400_000_000)
     prof.enable()

@@ -258,6 +258,37 @@ def test_tuned_table_is_read_and_fitted_to_the_group(tmp_path, monkeypatch: pyte
     assert tuple(bd[:5]) == attention_mod._builtin_configs(128, "long", 4)["bwd_kv"] and not bd.dq_atomic
 
 
+def test_xlong_bucket_takes_long_tiles_until_it_has_its_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One 16K example per pack is "xlong". With only "long" entries it runs long's tiles and long's atomic-vs-
+    # deterministic verdict (the pair measured faster there); its own entries win once a sweep writes them.
+    assert [length_bucket(n) for n in (256, 2048, 8192, 8193)] == ["short", "medium", "long", "xlong"]
+    path = tmp_path / "tuned.json"
+    kv = {"kv_block_n": 64, "kv_block_m": 32, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 1}
+    at = {"kv_block_n": 64, "kv_block_m": 16, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 2}
+    dq = {"q_block_m": 64, "q_hpb": 2, "q_block_n": 32, "q_warps": 8, "q_stages": 2}
+
+    def entry(bucket, kind, config, ms):
+        return {"D": 256, "dtype": "bf16", "bucket": bucket, "kind": kind, "config": config, "ms": ms}
+
+    long_entries = [entry("long", "bwd_atomic", at, 17.8), entry("long", "bwd_kv", kv, 25.0),
+                    entry("long", "bwd_dq", dq, 13.2)]  # fmt: skip
+    _write_tuned(path, long_entries)
+    monkeypatch.setattr(attention_mod, "TUNED_PATH", path)
+    b_long = default_configs(256, torch.bfloat16, 4096, 4, 4096.0)[1]
+    b_xlong = default_configs(256, torch.bfloat16, 16384, 4, 16384.0)[1]
+    assert b_xlong == b_long and not b_xlong.dq_atomic and b_xlong.dq_first
+    assert tuple(b_xlong[:10]) == (64, 32, 2, 8, 1, 64, 2, 32, 8, 2)
+    # An xlong sweep that timed only the deterministic pair: its tiles, long's verdict (atomic slower there).
+    kv_x = dict(kv, kv_stages=2)
+    dq_x = dict(dq, q_hpb=4, q_block_m=32)
+    _write_tuned(path, [*long_entries, entry("xlong", "bwd_kv", kv_x, 99.0), entry("xlong", "bwd_dq", dq_x, 48.0)])
+    attention_mod.load_tuned.cache_clear()
+    attention_mod._configs_for.cache_clear()
+    b = default_configs(256, torch.bfloat16, 16384, 4, 16384.0)[1]
+    assert tuple(b[:10]) == (64, 32, 2, 8, 2, 32, 4, 32, 8, 2) and not b.dq_atomic
+    assert default_configs(256, torch.bfloat16, 4096, 4, 4096.0)[1] == b_long  # long keeps its own
+
+
 @pytest.mark.parametrize(
     ("entries", "match"),
     [
