@@ -45,7 +45,10 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
         if big:  # 64-key blocks: wgmma (M >= 64) for the dK/dV dots; dK + dV fp32 need 8 warps' registers
             alts = [(64, _rows(32, hs), hs, 8, 2), (64, _rows(32, hs), hs, 8, 1), (64, _rows(64, hs), hs, 8, 1),
                     (64, _rows(16, hs), hs, 8, 2), (32, _rows(64, hs), hs, 4, 2),
-                    (64, _rows(32, h4), h4, 8, 2), (64, _rows(64, h4), h4, 8, 1)]  # fmt: skip
+                    (64, _rows(32, h4), h4, 8, 2), (64, _rows(64, h4), h4, 8, 1),
+                    # 64 rows with two stages, 128 rows with one (197 KB shared memory each, compile-checked)
+                    (64, _rows(64, hs), hs, 8, 2), (64, _rows(128, hs), hs, 8, 1),
+                    (64, _rows(128, h4), h4, 8, 1)]  # fmt: skip
         elif short:
             alts = [(64, _rows(64, h4), h4, 4, 3), (64, _rows(128, h4), h4, 8, 2), (128, _rows(64, h4), h4, 8, 2),
                     (32, _rows(64, h4), h4, 4, 2)]  # fmt: skip
