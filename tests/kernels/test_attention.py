@@ -580,6 +580,29 @@ def test_gpu_head_dims(D: int, dtype: torch.dtype) -> None:
         assert_close_verbose(a, e, atol=bound, name=f"gpu D={D}:{tag}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 256])
+@pytest.mark.parametrize("lens", [[4096, 4000, 96], [8704]], ids=["long", "xlong"])
+def test_gpu_long_buckets(D: int, lens: list[int]) -> None:
+    # The tuned tiles of the long (mean <= 8K) and xlong buckets (D 256: 64 keys x 64 rows in 2 stages, 3-stage
+    # dQ), which the shorter GPU tests never pick; GQA 4, bf16, the reference one kv head at a time.
+    from kernels.attention import length_bucket
+
+    assert length_bucket(sum(lens) / len(lens)) == ("xlong" if len(lens) == 1 else "long")
+    H, Hkv = 8, 2
+    q, k, v, do, cu = make_inputs(lens, H, Hkv, D, dtype=torch.bfloat16, seed=D + len(lens))
+    q, k, v, do, cu = (x.cuda() for x in (q, k, v, do, cu))
+    got = run_grads(varlen_attention, q, k, v, do, cu, max(lens))
+    same = run_grads_by_kv_head(
+        lambda q, k, v, cu, m: _reference_impl(q, k, v, cu, None, True, None, None, torch.bfloat16),
+        q, k, v, do, cu, max(lens),
+    )  # fmt: skip
+    exact = run_grads_by_kv_head(varlen_attention_reference, *(x.float() for x in (q, k, v, do)), cu, max(lens))
+    for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
+        bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
+        assert_close_verbose(a, e, atol=bound, name=f"gpu D={D} {lens}:{tag}")
+
+
 def torch_varlen_causal(q, k, v, cu, max_seqlen):
     """Causal ``torch.nn.attention.varlen.varlen_attn`` across torch versions (2.10: is_causal; later: window_size).
 
