@@ -42,25 +42,34 @@ def _fwd_key(variant, n_cols: int) -> tuple:
 
 
 def _bwd_key(variant) -> tuple:
-    return (variant.one_launch, variant.reducers if variant.one_launch else 0, variant.balanced, variant.pdl)
+    return (
+        variant.one_launch,
+        variant.reducers if variant.one_launch else 0,
+        variant.balanced,
+        variant.pdl,
+        variant.bwd_programs_per_sm,
+    )
 
 
-def same_size_copy_us(nbytes: int, timer: Timer, device, quick: bool) -> float | None:
-    """Device time of a bf16 ``copy_`` that moves ``nbytes`` (half read, half written), graph-timed over rotated
-    sets like the kernels: the best a kernel moving that many bytes in one launch can expect (its launch, ramp
-    and tail included), next to the 1 GiB copy rate that hides them."""
+def same_traffic_us(data: list, timer: Timer) -> tuple[float | None, float | None]:
+    """Device time of PyTorch elementwise ops with each kernel's traffic, on the kernels' own rotated tensors:
+    ``y.copy_(x)`` for the forward (read x, write y) and ``torch.add(x, dy, out=dx)`` for the backward (read x
+    and dy, write dx), graph-timed like the kernels. A stream of that many bytes, launch, ramp and tail included:
+    the ceiling a norm kernel moving them in one launch can expect at this T (the 1 GiB copy rate hides the ramp
+    and tail that a 4K-token call pays). Session 4's ``copy_`` into separate same-size buffers disagreed with
+    itself across shapes; this one touches exactly the kernels' tensors."""
     import torch
 
-    n = max(1, nbytes // 4)
-    sets = max(MIN_SETS, rotation_sets(4 * n, device))
-    pairs = [(torch.empty(n, device=device, dtype=torch.bfloat16), torch.empty(n, device=device, dtype=torch.bfloat16))
-             for _ in range(sets)]  # fmt: skip
-    for src, _ in pairs:
-        src.normal_()
+    outs = [torch.empty_like(x) for x, _, _ in data]
     try:
-        return timer.graph([lambda s=s, d=d: d.copy_(s) for s, d in pairs]) * 1e3
+        fwd = timer.graph([lambda x=x, o=o: o.copy_(x) for (x, _, _), o in zip(data, outs, strict=True)]) * 1e3
+        bwd = timer.graph([lambda x=x, dy=dy, o=o: torch.add(x, dy, out=o) for (x, dy, _), o in
+                           zip(data, outs, strict=True)]) * 1e3  # fmt: skip
     except Exception:  # an informational column: a failed capture leaves it n/a
-        return None
+        return None, None
+    finally:
+        del outs
+    return fwd, bwd
 
 
 def measure(t: int, kind: str, variants: list, timer: Timer, device, quick: bool) -> list[dict]:
@@ -86,8 +95,7 @@ def measure(t: int, kind: str, variants: list, timer: Timer, device, quick: bool
     fwd_ms: dict[tuple, float | str] = {}
     bwd_ms: dict[tuple, float | str] = {}
     frozen_ms: dict[tuple, float | str] = {}
-    copy_fwd_us = same_size_copy_us(fwd_bytes, timer, device, quick)
-    copy_bwd_us = same_size_copy_us(bwd_bytes, timer, device, quick)
+    copy_fwd_us, copy_bwd_us = same_traffic_us(data, timer)
     out = []
     for v in variants:
         fk, bk = _fwd_key(v, n_cols), _bwd_key(v)
@@ -131,7 +139,7 @@ def markdown(rows: list[dict], copy_tbps: float, env: dict) -> str:
              f"- {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['time']}",
              f"- device-to-device copy: **{num(copy_tbps, 2)} TB/s** (read + write)", "",
              "| variant | norm | T | fwd us | fwd % copy | bwd us | bwd % copy | fwd+bwd us | | bwd frozen w us "
-             "| % copy | same-size copy us fwd / bwd |",
+             "| % copy | same-traffic elementwise us fwd / bwd |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     best: dict[tuple, float] = {}
     for r in rows:
@@ -146,8 +154,9 @@ def markdown(rows: list[dict], copy_tbps: float, env: dict) -> str:
                      f"{num(r.get('bwd_frozen_us'), 1)} | {pct(r.get('bwd_frozen_tbps'))} | "
                      f"{num(r.get('copy_fwd_us'), 1)} / {num(r.get('copy_bwd_us'), 1)} |")  # fmt: skip
     lines += ["", "* = fastest forward + backward per norm and T. per_head: x (T x 32, 128), weight (128,).",
-              "bwd frozen w: dx only (a LoRA run's norms). same-size copy: a graph-timed bf16 copy_ moving the "
-              "kernel's bytes (read + write), rotated like the kernels: launch, ramp and tail included."]  # fmt: skip
+              "bwd frozen w: dx only (a LoRA run's norms). same-traffic elementwise: y.copy_(x) (fwd) and "
+              "torch.add(x, dy, out=dx) (bwd) on the kernels' own rotated tensors, graph-timed: the stream ceiling "
+              "at this T, launch, ramp and tail included."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
