@@ -29,9 +29,6 @@ Variants (H200, bf16, CUDA-graph device time, % of copy with the default ``two_l
   90% of copy), while every load and store still happens after the previous kernel is complete: same values.
   It gains only where the kernel before also lets dependents launch early (our kernels, or a chain of norms);
   after a cuBLAS GEMM the launch waits for the GEMM's end as usual.
-* ``two_launch_pdl_sm1``: ``two_launch_pdl`` with a backward of one program per SM for wide rows (E 4096: 16
-  warps at 8 elements a thread, so the bytes in flight per SM stay 32 KB) on a balanced grid: at T = 4K, 128
-  programs x 32 rows, so 2 MB of fp32 dw partial rows to write and reduce instead of 4 MB.
 * ``one_launch_fwd_persistent``: forward as a persistent grid of 4 programs per SM (8 warps, ~40-50 registers:
   they fit) that prefetch their next row block: no per-row program dispatch, 4 x 2 x 8 KB in flight per SM.
 """
@@ -68,8 +65,6 @@ class Variant:
     fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
     fwd_programs_per_sm: int = 0  # forward: persistent grid of this many programs per SM (0: one per row block)
     pdl: bool = False  # programmatic dependent launch (Hopper+): launch while the previous kernel drains
-    bwd_programs_per_sm: int = 0  # backward, wide rows: this many programs per SM, warps scaled to keep the bytes
-    # in flight (0: the rule in bwd_config). 1 at E 4096: 16 warps, half the programs, half the dw partial rows.
 
 
 _BASE = {
@@ -84,9 +79,6 @@ VARIANTS: dict[str, Variant] = {
     "one_launch_fwd_persistent": replace(_BASE["one_launch"], name="one_launch_fwd_persistent", fwd_programs_per_sm=4),
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
     "two_launch_pdl": replace(_BASE["two_launch"], name="two_launch_pdl", pdl=True),
-    "two_launch_pdl_sm1": replace(
-        _BASE["two_launch"], name="two_launch_pdl_sm1", pdl=True, balanced=True, bwd_programs_per_sm=1
-    ),
 }
 
 # Two launches by default: the H200 A/B (session 3, tools/bench_rmsnorm_variants.py) timed the one-launch backward
@@ -168,9 +160,7 @@ def register_cap(programs_per_sm: int, num_warps: int) -> int:
     return min(255, REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
 
 
-def bwd_config(
-    n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False, programs_per_sm: int = 0
-) -> BwdConfig:
+def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False) -> BwdConfig:
     """The backward's launch configuration, a pure function of (rows, E, SM count, variant knobs).
 
     Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB): the tile
@@ -184,17 +174,14 @@ def bwd_config(
     The register cap is always set, so the occupancy the persistent grid is sized for is what the hardware gets:
     one wave (a second, partial wave would double the slowest SM's time). ``balanced`` then drops programs that
     would not lower the most row blocks any program handles (T = 4K, E 4096: 264 -> 256 programs, 16 rows each).
-    ``programs_per_sm`` (wide rows only; 0 = the rule above): that many programs per SM, each with the warps the
-    rule's programs had together (at most 16), so the bytes in flight per SM stay the same.
+    One 16-warp program per SM instead (same threads, half the dw partial rows) was slower on the H200 (session
+    5, run 5: T = 4K hidden backward 35.6 vs 30.7 us, frozen weight 31.4 vs 26.0): not an option here.
     """
     block_e = triton.next_power_of_2(n_cols)
     if block_e >= 1024:
         block_r = 1
         num_warps = max(4, min(16, block_e // 512))  # 16 elements per thread up to E 8192
         per_sm = max(1, 16 // num_warps)
-        if programs_per_sm:
-            num_warps = max(4, min(16, num_warps * per_sm // programs_per_sm))
-            per_sm = programs_per_sm
     else:
         block_r = max(1, 2048 // block_e)
         num_warps = 4

@@ -57,8 +57,8 @@ def test_rms_norm_matches_reference(shape, offset, dtype, variant):
     [((29, 131), torch.bfloat16, 0.0), ((7, 3, 64), torch.float16, 1.0), ((5, 1031), torch.float32, 0.0)],
 )
 def test_rms_norm_every_variant_matches_reference(variant, shape, dtype, offset):
-    """Prime / ragged row counts (29 rows of 131; 21 per-head rows), both casts, and a wide ragged row (1031
-    columns: the wide-row backward, where ``bwd_programs_per_sm`` applies), through the public function."""
+    """Prime / ragged row counts (29 rows of 131; 21 per-head rows), both casts, and wide ragged rows (1031
+    columns: the wide-row backward configuration), through the public function."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{variant}-{shape}".encode()))
     _check(shape, dtype, offset, gen, variant=variant)
 

@@ -122,19 +122,6 @@ def test_balanced_grid_for_qwen3_shapes():
     assert one_launch_reducers(4000, 8192, 256, 78, False) == 78  # a swept grid past one wave: one per SM
 
 
-def test_one_program_per_sm_backward_keeps_bytes_in_flight_and_halves_partial_rows():
-    """two_launch_pdl_sm1 at Qwen3-8B's hidden norm (T 4K, E 4096, 132 SMs): one 16-warp program per SM instead of
-    two 8-warp ones (same threads, so the same loads in flight per SM), 128 programs of 32 rows: half the dw
-    partial rows. Narrow rows (per-head E 128) keep the rule's grid."""
-    v = get_variant("two_launch_pdl_sm1")
-    rule = bwd_config(4096, 4096, 132, balanced=True)
-    sm1 = bwd_config(4096, 4096, 132, balanced=v.balanced, programs_per_sm=v.bwd_programs_per_sm)
-    assert (rule.num_warps, rule.programs) == (8, 256) and (sm1.num_warps, sm1.programs) == (16, 128)
-    assert sm1.maxnreg * sm1.num_warps * 32 <= 65536  # one 16-warp program fits the SM's registers
-    head = bwd_config(4096 * 32, 128, 132, balanced=True)
-    assert bwd_config(4096 * 32, 128, 132, balanced=True, programs_per_sm=1) == head
-
-
 # ------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
