@@ -61,8 +61,6 @@ def same_traffic_us(data: list, timer: Timer) -> tuple[float | None, float | Non
                            zip(data, outs, strict=True)]) * 1e3  # fmt: skip
     except Exception:  # an informational column: a failed capture leaves it n/a
         return None, None
-    finally:
-        del outs
     return fwd, bwd
 
 

@@ -120,8 +120,7 @@ def timeline_rows(fwd, leaves, do, reps: int = 200) -> list[tuple[str, float]]:
             t4 = time.perf_counter()
             t2, t3 = stamps
             for key, val in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
-                val_us = val * 1e6
-                parts[key].append(val_us)
+                parts[key].append(val * 1e6)
         torch.cuda.synchronize()
     finally:
         fn_cls.backward = inner
