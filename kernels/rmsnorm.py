@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .indexing import needs_long_indexing
-from .rmsnorm_bwd import _dw_reduce_kernel, _rms_norm_bwd_kernel, _rms_norm_bwd_pipelined_kernel
+from .rmsnorm_bwd import _dw_reduce_kernel, _rms_norm_bwd_kernel
 from .rmsnorm_config import (
     REGS_PER_SM,
     BwdConfig,
@@ -298,18 +298,7 @@ def _launch_bwd(
         return dx, torch.zeros_like(weight) if compute_dw else None
     sms = _sm_count(x)
     one_launch = choice.one_launch and compute_dw
-    cfg = bwd_config(
-        n_rows,
-        n_cols,
-        sms,
-        balanced=choice.balanced,
-        one_launch=one_launch,
-        stages=0 if one_launch else choice.bwd_stages,
-        warps=choice.bwd_warps,
-        per_sm=choice.bwd_per_sm,
-        per_thread=choice.bwd_per_thread,
-        element_size=max(x.element_size(), dy.element_size()),
-    )
+    cfg = bwd_config(n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch)
     overridden = block_r is not None or num_warps is not None or programs is not None
     block_r = block_r or cfg.block_r
     num_warps = num_warps or cfg.num_warps
@@ -322,65 +311,37 @@ def _launch_bwd(
     reduce_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
     reducers = one_launch_reducers(n_programs, n_cols, choice.reducers, sms, interpreted=not x.is_cuda)
     pdl = _pdl_kwargs(choice, x)  # both backward launches
-    if cfg.stages:
-        _rms_norm_bwd_pipelined_kernel[(n_programs,)](
-            dy2,
-            x2,
-            weight,
-            rstd,
-            dx if compute_dx else x2,
-            dw_partial,
-            n_rows,
-            n_blocks,
-            n_programs,
-            dy2.stride(0),
-            x2.stride(0),
-            offset,
-            E=n_cols,
-            GEMMA_CAST=offset != 0.0,
-            COMPUTE_DX=compute_dx,
-            COMPUTE_DW=compute_dw,
-            BLOCK_R=block_r,
-            BLOCK_E=cfg.block_e,
-            STAGES=cfg.stages,
-            PIPELINED=x.is_cuda,
-            LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
-            num_warps=num_warps,
-            maxnreg=maxnreg,
-            **pdl,
-        )
-    else:
-        _rms_norm_bwd_kernel[(n_programs,)](
-            dy2,
-            x2,
-            weight,
-            rstd,
-            dx if compute_dx else x2,  # unused pointer when COMPUTE_DX is False
-            dw_partial,
-            dw if one_launch else dw_partial,  # unused pointer unless ONE_LAUNCH
-            counter,
-            n_rows,
-            n_blocks,
-            n_programs,
-            reducers,
-            dy2.stride(0),
-            x2.stride(0),
-            offset,
-            E=n_cols,
-            GEMMA_CAST=offset != 0.0,
-            COMPUTE_DX=compute_dx,
-            COMPUTE_DW=compute_dw,
-            ONE_LAUNCH=one_launch,
-            BLOCK_R=block_r,
-            BLOCK_E=cfg.block_e,
-            PREFETCH=cfg.prefetch if prefetch is None else prefetch,
-            REDUCE_P=reduce_p,
-            REDUCE_C=cfg.reduce_block_c,
-            LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
-            num_warps=num_warps,
-            maxnreg=maxnreg,
-            **pdl,
-        )
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy2,
+        x2,
+        weight,
+        rstd,
+        dx if compute_dx else x2,  # unused pointer when COMPUTE_DX is False
+        dw_partial,
+        dw if one_launch else dw_partial,  # unused pointer unless ONE_LAUNCH
+        counter,
+        n_rows,
+        n_blocks,
+        n_programs,
+        reducers,
+        dy2.stride(0),
+        x2.stride(0),
+        offset,
+        E=n_cols,
+        GEMMA_CAST=offset != 0.0,
+        COMPUTE_DX=compute_dx,
+        COMPUTE_DW=compute_dw,
+        ONE_LAUNCH=one_launch,
+        BLOCK_R=block_r,
+        BLOCK_E=cfg.block_e,
+        PREFETCH=cfg.prefetch if prefetch is None else prefetch,
+        REDUCE_P=reduce_p,
+        REDUCE_C=cfg.reduce_block_c,
+        LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
+        num_warps=num_warps,
+        maxnreg=maxnreg,
+        **pdl,
+    )
     if not compute_dw or one_launch:
         return dx, dw
     # two_launch: the deterministic reduction of the per-program partial rows (fixed order, no atomics), cast to

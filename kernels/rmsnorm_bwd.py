@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["_dw_reduce_kernel", "_rms_norm_bwd_kernel", "_rms_norm_bwd_pipelined_kernel"]
+__all__ = ["_dw_reduce_kernel", "_rms_norm_bwd_kernel"]
 
 MAX_SPINS = tl.constexpr(2**21)  # one_launch: most polls of the ticket counter by a waiting reducer
 
@@ -42,23 +42,6 @@ def _sum_partial_slab(partial_ptr, dw_ptr, slab, P, E, poison, BLOCK_P: tl.const
         acc += tl.sum(tile, axis=0)
         start += BLOCK_P
     tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
-
-
-@triton.jit
-def _dx_tile(dy, normed, rstd, w, E: tl.constexpr):
-    """dx of a (rows, E) fp32 tile: rstd * (g - normed * mean(g * normed)), g = dy * w (w already offset)."""
-    g = dy * w[None, :]
-    mean_gn = tl.sum(g * normed, axis=1) * (1.0 / E)
-    return rstd[:, None] * (g - normed * mean_gn[:, None])
-
-
-@triton.jit
-def _dw_term(dy, normed, x_dtype: tl.constexpr, GEMMA_CAST: tl.constexpr):
-    """A tile's contribution to dw: dy times the normed value the weight multiplied in the forward (rounded to
-    x's dtype first for the Llama cast, fp32 for Gemma's)."""
-    if GEMMA_CAST:
-        return dy * normed
-    return dy * normed.to(x_dtype).to(tl.float32)
 
 
 # Sizes that change with T are not specialized (Triton would compile again for each "== 1" / "divisible by 16"
@@ -147,10 +130,15 @@ def _rms_norm_bwd_kernel(
             rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         normed = x * rstd[:, None]
         if COMPUTE_DX:
-            dx = _dx_tile(dy, normed, rstd, w, E)
+            g = dy * w[None, :]
+            mean_gn = tl.sum(g * normed, axis=1) * (1.0 / E)
+            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
             tl.store(dx_ptr + cur_rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cur_mask)
         if COMPUTE_DW:
-            dw_acc += _dw_term(dy, normed, x_ptr.dtype.element_ty, GEMMA_CAST)
+            if GEMMA_CAST:
+                dw_acc += dy * normed
+            else:
+                dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
         if not PREFETCH:  # the next block's loads go out only after this block's work
             dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
             x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -183,93 +171,6 @@ def _rms_norm_bwd_kernel(
                 if finished == n_reducers - 1:  # every reducer has left the spin: zero both for the next launch
                     tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
                     tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _bwd_row_block(dy_ptr, x_ptr, rstd_ptr, dx_ptr, w, dw_acc, block, R, stride_dy, stride_x, cols, col_mask,
-                   E: tl.constexpr, GEMMA_CAST: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
-    """One (BLOCK_R, BLOCK_E) row block of the pipelined backward: load, dx stored, dw_acc returned updated."""
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    if E == BLOCK_E:
-        mask = row_mask[:, None]
-    else:
-        mask = row_mask[:, None] & col_mask[None, :]
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-    normed = x * rstd[:, None]
-    if COMPUTE_DX:
-        dx = _dx_tile(dy, normed, rstd, w, E)
-        tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if COMPUTE_DW:
-        dw_acc += _dw_term(dy, normed, x_ptr.dtype.element_ty, GEMMA_CAST)
-    return dw_acc
-
-
-@triton.jit(do_not_specialize=["R", "n_blocks", "n_programs"])  # see _rms_norm_bwd_kernel
-def _rms_norm_bwd_pipelined_kernel(
-    dy_ptr,  # (R, E) rows of stride_dy
-    x_ptr,  # (R, E) rows of stride_x
-    w_ptr,  # (E,)
-    rstd_ptr,  # (R,) fp32
-    dx_ptr,  # (R, E) contiguous
-    dw_partial_ptr,  # (n_programs, E) fp32, one row per program
-    R,
-    n_blocks,  # cdiv(R, BLOCK_R)
-    n_programs,  # the grid size
-    stride_dy,
-    stride_x,
-    offset,
-    E: tl.constexpr,
-    GEMMA_CAST: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    STAGES: tl.constexpr,
-    PIPELINED: tl.constexpr,
-    LONG_INDEXING: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """The backward with its loads software-pipelined into shared memory (variant knob ``bwd_stages``).
-
-    Same work split and math as :func:`_rms_norm_bwd_kernel` (program p: row blocks p, p + N, ...; dw partial row
-    per program), but the row loop is a ``tl.range(..., num_stages=STAGES)``: Triton's pipeliner issues each
-    block's dy and x loads as cp.async copies STAGES - 1 iterations ahead. The bytes in flight then sit in shared
-    memory instead of registers, so one SM can keep ~(STAGES - 1) x 16 KB a program outstanding (E 4096 bf16)
-    without the register cap that limits the register prefetch to one block ahead. PIPELINED False (Triton's CPU
-    interpreter, which cannot take a runtime ``range`` bound) runs the same blocks in a while loop.
-    """
-    if PDL:  # see _rms_norm_bwd_kernel
-        gdc_wait()
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_E)
-    col_mask = cols < E
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if GEMMA_CAST:
-        w = offset + w
-    dw_acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-    first = pid
-    if LONG_INDEXING:
-        first = pid.to(tl.int64)
-    n_iter = tl.cdiv(n_blocks - pid, n_programs)
-    if PIPELINED:
-        for i in tl.range(0, n_iter, num_stages=STAGES):
-            dw_acc = _bwd_row_block(dy_ptr, x_ptr, rstd_ptr, dx_ptr, w, dw_acc, first + i * n_programs, R,
-                                    stride_dy, stride_x, cols, col_mask, E, GEMMA_CAST, COMPUTE_DX, COMPUTE_DW,
-                                    BLOCK_R, BLOCK_E)  # fmt: skip
-    else:
-        i = 0
-        while i < n_iter:
-            dw_acc = _bwd_row_block(dy_ptr, x_ptr, rstd_ptr, dx_ptr, w, dw_acc, first + i * n_programs, R,
-                                    stride_dy, stride_x, cols, col_mask, E, GEMMA_CAST, COMPUTE_DX, COMPUTE_DW,
-                                    BLOCK_R, BLOCK_E)  # fmt: skip
-            i += 1
-    if COMPUTE_DW:
-        tl.store(dw_partial_ptr + pid * E + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
 @triton.jit

@@ -65,10 +65,6 @@ class Variant:
     fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
     fwd_programs_per_sm: int = 0  # forward: persistent grid of this many programs per SM (0: one per row block)
     pdl: bool = False  # programmatic dependent launch (Hopper+): launch while the previous kernel drains
-    bwd_stages: int = 0  # backward: 0 = register prefetch one block ahead; >= 2 = cp.async pipeline of this depth
-    bwd_warps: int = 0  # pipelined backward: warps per program (0: the register-prefetch kernel's choice)
-    bwd_per_sm: int = 0  # pipelined backward: programs per SM (0: the register-prefetch kernel's choice)
-    bwd_per_thread: int = 16  # pipelined backward: elements a thread per tile (sets the rows per tile)
 
 
 _BASE = {
@@ -77,24 +73,12 @@ _BASE = {
     "one_launch_r16": Variant("one_launch_r16", one_launch=True, reducers=16, balanced=True),
     "one_launch_last": Variant("one_launch_last", one_launch=True, reducers=1, balanced=True),
 }
-# The pipelined backward's A/B grid (stages, warps, elements a thread): 2 programs x 8 warps or 1 x 16 per SM.
-_PIPELINED_SHAPES = ((3, 8, 16), (4, 8, 16), (4, 16, 16), (6, 16, 16), (6, 16, 8), (8, 16, 8))
-
-
-def _pipelined(stages: int, warps: int, per_thread: int) -> Variant:
-    """``two_launch_pdl`` with the cp.async-pipelined backward (``pipe_s<stages>_w<warps>_e<per_thread>``)."""
-    name = f"pipe_s{stages}_w{warps}_e{per_thread}"
-    return Variant(name, one_launch=False, balanced=True, pdl=True, bwd_stages=stages, bwd_warps=warps,
-                   bwd_per_sm=16 // warps, bwd_per_thread=per_thread)  # fmt: skip
-
-
 VARIANTS: dict[str, Variant] = {
     **_BASE,
     "one_launch_fwd_w4": replace(_BASE["one_launch"], name="one_launch_fwd_w4", fwd_per_thread=32),
     "one_launch_fwd_persistent": replace(_BASE["one_launch"], name="one_launch_fwd_persistent", fwd_programs_per_sm=4),
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
     "two_launch_pdl": replace(_BASE["two_launch"], name="two_launch_pdl", pdl=True),
-    **{v.name: v for v in (_pipelined(s, w, e) for s, w, e in _PIPELINED_SHAPES)},
 }
 
 # Two launches by default: the H200 A/B (session 3, tools/bench_rmsnorm_variants.py) timed the one-launch backward
@@ -156,14 +140,10 @@ class BwdConfig(NamedTuple):
     maxnreg: int  # register cap that makes ``programs_per_sm`` programs fit on an SM
     reduce_block_p: int  # partial rows per step of the dw reduction (kernel or in-kernel epilogue)
     reduce_block_c: int  # columns per program (two_launch) or per reducer slab (one_launch)
-    stages: int = 0  # 0: the register-prefetch kernel; >= 2: the cp.async-pipelined kernel with this many stages
 
 
 # Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
 REGS_PER_SM = 65536
-# Shared memory the pipelined backward's stages may take per SM (sm_90 has 227 KB a block; sm_80 163 KB): the
-# stage count is lowered until the programs on one SM fit (fp32 inputs or several programs per SM).
-_PIPELINE_SHARED_BYTES = 160 * 1024
 # one_launch reduction tiles: a reducer sums a slab of columns over the partial rows, at most 32 fp32 values a
 # thread per tile (no spill under the 128-register cap), so up to 32 x threads / slab rows take one round of loads.
 _ONE_LAUNCH_VALUES_PER_THREAD = 32
@@ -180,18 +160,7 @@ def register_cap(programs_per_sm: int, num_warps: int) -> int:
     return min(255, REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
 
 
-def bwd_config(
-    n_rows: int,
-    n_cols: int,
-    sms: int,
-    balanced: bool = False,
-    one_launch: bool = False,
-    stages: int = 0,
-    warps: int = 0,
-    per_sm: int = 0,
-    per_thread: int = 16,
-    element_size: int = 2,
-) -> BwdConfig:
+def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False) -> BwdConfig:
     """The backward's launch configuration, a pure function of (rows, E, SM count, variant knobs).
 
     Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB): the tile
@@ -209,19 +178,11 @@ def bwd_config(
     5, run 5: T = 4K hidden backward 35.6 vs 30.7 us, frozen weight 31.4 vs 26.0): not an option here.
     """
     block_e = triton.next_power_of_2(n_cols)
-    if stages >= 2 and warps and per_sm:
-        # Pipelined: per_thread elements a thread per tile; (stages - 1) tiles of dy and x wait in shared memory.
-        num_warps = warps
-        block_r = max(1, per_thread * 32 * warps // block_e)
-        tile_bytes = 2 * block_r * block_e * element_size
-        stages = max(2, min(stages, 1 + _PIPELINE_SHARED_BYTES // (per_sm * tile_bytes)))
-    elif block_e >= 1024:
-        stages = 0
+    if block_e >= 1024:
         block_r = 1
         num_warps = max(4, min(16, block_e // 512))  # 16 elements per thread up to E 8192
         per_sm = max(1, 16 // num_warps)
     else:
-        stages = 0
         block_r = max(1, 2048 // block_e)
         num_warps = 4
         per_sm = 4 if block_e >= 128 else 3  # E 64: 32 rows x 64 need up to 151 registers
@@ -239,7 +200,7 @@ def bwd_config(
         # up to 512 x 16 fp32: one round of loads per program (~1-2 us); E 4096 -> 256 programs.
         reduce_c = 16
         reduce_p = max(1, min(triton.next_power_of_2(programs), 512))
-    return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c, stages)
+    return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c)
 
 
 def one_launch_reducers(programs: int, n_cols: int, wanted: int, sms: int, interpreted: bool) -> int:
