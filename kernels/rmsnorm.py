@@ -30,7 +30,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .indexing import needs_long_indexing
 from .rmsnorm_bwd import _dw_reduce_kernel, _rms_norm_bwd_kernel
 from .rmsnorm_config import (
-    REDUCE_WARPS,
     REGS_PER_SM,
     BwdConfig,
     Variant,
@@ -299,9 +298,7 @@ def _launch_bwd(
         return dx, torch.zeros_like(weight) if compute_dw else None
     sms = _sm_count(x)
     one_launch = choice.one_launch and compute_dw
-    cfg = bwd_config(
-        n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch, resident_cap=choice.resident_cap
-    )
+    cfg = bwd_config(n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch)
     overridden = block_r is not None or num_warps is not None or programs is not None
     block_r = block_r or cfg.block_r
     num_warps = num_warps or cfg.num_warps
@@ -356,8 +353,7 @@ def _launch_bwd(
         n_cols,
         BLOCK_P=reduce_p,
         BLOCK_C=cfg.reduce_block_c,
-        num_warps=REDUCE_WARPS,
-        **({"maxnreg": cfg.reduce_maxnreg} if cfg.reduce_maxnreg else {}),
+        num_warps=8,
         **pdl,
     )
     return dx, dw

@@ -65,7 +65,6 @@ class Variant:
     fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
     fwd_programs_per_sm: int = 0  # forward: persistent grid of this many programs per SM (0: one per row block)
     pdl: bool = False  # programmatic dependent launch (Hopper+): launch while the previous kernel drains
-    resident_cap: int = 0  # two_launch: backward register cap that leaves one reducer program room on every SM
 
 
 _BASE = {
@@ -80,9 +79,6 @@ VARIANTS: dict[str, Variant] = {
     "one_launch_fwd_persistent": replace(_BASE["one_launch"], name="one_launch_fwd_persistent", fwd_programs_per_sm=4),
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
     "two_launch_pdl": replace(_BASE["two_launch"], name="two_launch_pdl", pdl=True),
-    "two_launch_pdl_balanced": replace(_BASE["two_launch"], name="two_launch_pdl_balanced", pdl=True, balanced=True),
-    "resident_r96": replace(_BASE["two_launch"], name="resident_r96", pdl=True, balanced=True, resident_cap=96),
-    "resident_r112": replace(_BASE["two_launch"], name="resident_r112", pdl=True, balanced=True, resident_cap=112),
 }
 
 # Two launches by default: the H200 A/B (session 3, tools/bench_rmsnorm_variants.py) timed the one-launch backward
@@ -144,7 +140,6 @@ class BwdConfig(NamedTuple):
     maxnreg: int  # register cap that makes ``programs_per_sm`` programs fit on an SM
     reduce_block_p: int  # partial rows per step of the dw reduction (kernel or in-kernel epilogue)
     reduce_block_c: int  # columns per program (two_launch) or per reducer slab (one_launch)
-    reduce_maxnreg: int = 0  # two_launch reduction kernel's register cap (0: none; set when it must stay resident)
 
 
 # Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the register caps below divide.
@@ -165,9 +160,7 @@ def register_cap(programs_per_sm: int, num_warps: int) -> int:
     return min(255, REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
 
 
-def bwd_config(
-    n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False, resident_cap: int = 0
-) -> BwdConfig:
+def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False) -> BwdConfig:
     """The backward's launch configuration, a pure function of (rows, E, SM count, variant knobs).
 
     Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB): the tile
@@ -202,37 +195,12 @@ def bwd_config(
         reduce_c = one_launch_slab(n_cols)
         tile_rows = _ONE_LAUNCH_VALUES_PER_THREAD * 32 * num_warps // reduce_c
         reduce_p = max(1, min(triton.next_power_of_2(programs), tile_rows))
-    elif resident_cap:
-        return _resident_reducer(BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, 0, 0), per_sm,
-                                 resident_cap, n_cols, sms)  # fmt: skip
     else:
         # Separate kernel: 16 columns (64 B of each partial row) per program and all partial rows in one tile of
         # up to 512 x 16 fp32: one round of loads per program (~1-2 us); E 4096 -> 256 programs.
         reduce_c = 16
         reduce_p = max(1, min(triton.next_power_of_2(programs), 512))
     return BwdConfig(block_r, block_e, num_warps, True, programs, maxnreg, reduce_p, reduce_c)
-
-
-REDUCE_WARPS = 8  # the two_launch reduction kernel's warps
-
-
-def _resident_reducer(cfg: BwdConfig, per_sm: int, cap: int, n_cols: int, sms: int) -> BwdConfig:
-    """Variant knob ``resident_cap``: the backward's programs take at most ``cap`` registers a thread, so the
-    registers they leave on each SM hold one program of the reduction kernel. Launched with PDL, that program is
-    then resident before the backward ends (waiting in ``griddepcontrol.wait``) instead of being dispatched when
-    it drains: its launch and dispatch leave the critical path. At most one reduction program per SM (32 columns
-    each: E 4096 -> 128 programs), each summing its columns over the partial rows in tiles that fit the
-    registers left (Triton 3.6, sm_90: the backward compiles to 96 registers at E 4096 without spilling)."""
-    left = REGS_PER_SM - per_sm * cfg.num_warps * 32 * cap
-    reduce_cap = min(255, left // (REDUCE_WARPS * 32)) // 8 * 8
-    if reduce_cap < 32:
-        raise ValueError(f"resident_cap={cap} leaves {left} registers per SM: not enough for a reduction program.")
-    reduce_c = max(16, min(32, triton.next_power_of_2(triton.cdiv(n_cols, sms))))
-    # fp32 values a thread may hold per tile: about half the cap (the rest: addresses, the accumulator, masks).
-    values = reduce_cap // 2
-    reduce_p = max(1, min(triton.next_power_of_2(cfg.programs), values * REDUCE_WARPS * 32 // reduce_c))
-    reduce_p = 1 << (reduce_p.bit_length() - 1)  # a power of two
-    return cfg._replace(maxnreg=cap, reduce_block_p=reduce_p, reduce_block_c=reduce_c, reduce_maxnreg=reduce_cap)
 
 
 def one_launch_reducers(programs: int, n_cols: int, wanted: int, sms: int, interpreted: bool) -> int:

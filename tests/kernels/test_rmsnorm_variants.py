@@ -122,32 +122,6 @@ def test_balanced_grid_for_qwen3_shapes():
     assert one_launch_reducers(4000, 8192, 256, 78, False) == 78  # a swept grid past one wave: one per SM
 
 
-@pytest.mark.parametrize("cap", [96, 112])
-@pytest.mark.parametrize(("rows", "cols", "sms"), [(4096, 4096, 132), (4096 * 32, 128, 132), (65536, 4096, 132),
-                                                   (77, 1031, 78), (3, 8192, 132), (500, 64, 132)])  # fmt: skip
-def test_resident_reducer_fits_beside_the_backward(rows, cols, sms, cap):
-    """``resident_cap``: the backward programs an SM holds plus one reduction program stay within its registers,
-    there is at most one reduction program per SM, and its tile keeps <= half its register cap in values."""
-    from kernels.rmsnorm_config import REDUCE_WARPS, REGS_PER_SM
-
-    plain = bwd_config(rows, cols, sms, balanced=True)
-    cfg = bwd_config(rows, cols, sms, balanced=True, resident_cap=cap)
-    assert cfg._replace(maxnreg=0, reduce_block_p=0, reduce_block_c=0, reduce_maxnreg=0) == plain._replace(
-        maxnreg=0, reduce_block_p=0, reduce_block_c=0, reduce_maxnreg=0
-    )  # same tiles and grid: only the register split and the reduction change
-    per_sm = min(-(-cfg.programs // sms), REGS_PER_SM // (plain.maxnreg * cfg.num_warps * 32))
-    used = per_sm * cfg.num_warps * 32 * cfg.maxnreg + REDUCE_WARPS * 32 * cfg.reduce_maxnreg
-    assert cfg.maxnreg == cap and used <= REGS_PER_SM
-    assert -(-cols // cfg.reduce_block_c) <= sms or cfg.reduce_block_c == 32
-    assert cfg.reduce_block_p * cfg.reduce_block_c <= cfg.reduce_maxnreg // 2 * REDUCE_WARPS * 32
-    assert cfg.reduce_block_p & (cfg.reduce_block_p - 1) == 0
-
-
-def test_resident_cap_too_large_names_the_problem():
-    with pytest.raises(ValueError, match=r"resident_cap=127 leaves .* registers per SM: not enough"):
-        bwd_config(4096, 4096, 132, resident_cap=127)
-
-
 # ------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
