@@ -298,8 +298,7 @@ def _launch_bwd(
         return dx, torch.zeros_like(weight) if compute_dw else None
     sms = _sm_count(x)
     one_launch = choice.one_launch and compute_dw
-    frozen_cap = choice.frozen_cap if not compute_dw else 0
-    cfg = bwd_config(n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch, frozen_cap=frozen_cap)
+    cfg = bwd_config(n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch)
     overridden = block_r is not None or num_warps is not None or programs is not None
     block_r = block_r or cfg.block_r
     num_warps = num_warps or cfg.num_warps

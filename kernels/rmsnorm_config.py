@@ -65,7 +65,6 @@ class Variant:
     fwd_per_thread: int | None = None  # forward: elements per thread, which sets the warps (None: run 4's rule)
     fwd_programs_per_sm: int = 0  # forward: persistent grid of this many programs per SM (0: one per row block)
     pdl: bool = False  # programmatic dependent launch (Hopper+): launch while the previous kernel drains
-    frozen_cap: int = 0  # dx-only backward (frozen weight): register cap, and as many programs per SM as it allows
 
 
 _BASE = {
@@ -80,8 +79,6 @@ VARIANTS: dict[str, Variant] = {
     "one_launch_fwd_persistent": replace(_BASE["one_launch"], name="one_launch_fwd_persistent", fwd_programs_per_sm=4),
     "one_launch_fwd_r2": replace(_BASE["one_launch"], name="one_launch_fwd_r2", fwd_elements=8192, fwd_per_thread=16),
     "two_launch_pdl": replace(_BASE["two_launch"], name="two_launch_pdl", pdl=True),
-    "frozen_c80": replace(_BASE["two_launch"], name="frozen_c80", pdl=True, frozen_cap=80),
-    "frozen_c64": replace(_BASE["two_launch"], name="frozen_c64", pdl=True, frozen_cap=64),
 }
 
 # Two launches by default: the H200 A/B (session 3, tools/bench_rmsnorm_variants.py) timed the one-launch backward
@@ -163,9 +160,7 @@ def register_cap(programs_per_sm: int, num_warps: int) -> int:
     return min(255, REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
 
 
-def bwd_config(
-    n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False, frozen_cap: int = 0
-) -> BwdConfig:
+def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_launch: bool = False) -> BwdConfig:
     """The backward's launch configuration, a pure function of (rows, E, SM count, variant knobs).
 
     Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB): the tile
@@ -195,9 +190,6 @@ def bwd_config(
         num_warps = 4
         per_sm = 4 if block_e >= 128 else 3  # E 64: 32 rows x 64 need up to 151 registers
     maxnreg = register_cap(per_sm, num_warps)
-    if frozen_cap:  # the dx-only kernel (frozen weight) needs no dw tile: more programs fit under a lower cap
-        per_sm = max(per_sm, min(REGS_PER_SM // (frozen_cap * num_warps * 32), 2048 // (num_warps * 32)))
-        maxnreg = register_cap(per_sm, num_warps)
     n_blocks = triton.cdiv(max(n_rows, 1), block_r)
     programs = max(1, min(n_blocks, per_sm * sms))
     if balanced:

@@ -42,8 +42,7 @@ def _fwd_key(variant, n_cols: int) -> tuple:
 
 
 def _bwd_key(variant) -> tuple:
-    return (variant.one_launch, variant.reducers if variant.one_launch else 0, variant.balanced, variant.pdl,
-            variant.frozen_cap)  # fmt: skip
+    return (variant.one_launch, variant.reducers if variant.one_launch else 0, variant.balanced, variant.pdl)
 
 
 def same_traffic_us(data: list, timer: Timer) -> tuple[float | None, float | None]:
