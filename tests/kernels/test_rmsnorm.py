@@ -63,6 +63,14 @@ def test_rms_norm_every_variant_matches_reference(variant, shape, dtype, offset)
     _check(shape, dtype, offset, gen, variant=variant)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rms_norm_every_variant_frozen_weight(variant):
+    """The dx-only backward (LoRA's frozen norm weights) of every variant, several row blocks per program."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"frozen-{variant}".encode()))
+    _check((37, 3, 32), torch.bfloat16, 0.0, gen, weight_grad=False, variant=variant)
+    _check((19, 1031), torch.float32, 1.0, gen, weight_grad=False, variant=variant)
+
+
 def test_rms_norm_fp32_weight_with_bf16_activations_promotes_like_hf():
     gen = torch.Generator().manual_seed(21)
     y, *_ = _check((9, 48), torch.bfloat16, 0.0, gen, weight_dtype=torch.float32)

@@ -145,6 +145,9 @@ def test_rms_norm_every_variant_gpu(variant, shape, offset):
         assert_close_verbose(a, e, atol=bound, name=f"{name} {variant} {shape}")
     again = torch.autograd.grad(rms_norm(xa, wa, 1e-6, offset, variant=variant), (xa, wa), dy)
     assert torch.equal(again[1], actual[2]), "dw differs between two identical calls"
+    # A frozen weight (LoRA) compiles the backward without dw: dx is per row, so it must be bit-identical.
+    (dx_frozen,) = torch.autograd.grad(rms_norm(xa, w, 1e-6, offset, variant=variant), (xa,), dy)
+    assert torch.equal(dx_frozen, actual[1]), "the frozen-weight dx differs from the dx computed with dw"
 
 
 @pytest.mark.gpu
