@@ -176,9 +176,11 @@ def bwd_config(n_rows: int, n_cols: int, sms: int, balanced: bool = False, one_l
     would not lower the most row blocks any program handles (T = 4K, E 4096: 264 -> 256 programs, 16 rows each).
     One 16-warp program per SM instead (same threads, half the dw partial rows) was slower on the H200 (session
     5, run 5: T = 4K hidden backward 35.6 vs 30.7 us, frozen weight 31.4 vs 26.0): not an option here. Neither
-    were (session 6, docs/bench/raw/h200-s6-run{1,2}) a cp.async pipeline of 2-8 row blocks in shared memory
+    were (session 6, docs/bench/raw/h200-s6-run{1,2,3}) a cp.async pipeline of 2-8 row blocks in shared memory
     (the dx stream 0.7-2.7 us slower at T = 4K, 83-95% of copy at 16K/64K) or a 96/112-register cap that leaves
     the PDL-launched dw reduction resident beside the backward (no gain at 4K; cap 96 costs 5-13 us at 16K).
+    The dx-only kernel (frozen weight) under a cap of 80 with 3 / 6 programs per SM (run 3) is 0.4-0.7 us faster
+    at T = 4K but 4-11 us slower for the hidden norm at 16K/64K, so it keeps the same grid as the dw kernel.
     """
     block_e = triton.next_power_of_2(n_cols)
     if block_e >= 1024:
