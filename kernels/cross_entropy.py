@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.cross_entropy_rows import ce_row_config, launch_ce_rows
-from kernels.cross_entropy_schedules import SCHEDULES, Chunks, parse_schedule, run_overlap, run_serial
+from padless.kernels.cross_entropy_rows import ce_row_config, launch_ce_rows
+from padless.kernels.cross_entropy_schedules import SCHEDULES, Chunks, parse_schedule, run_overlap, run_serial
 
 __all__ = [
     "FROZEN_WEIGHT_CHUNK_BYTES",

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels.cross_entropy_rows import launch_ce_rows
+from padless.kernels.cross_entropy_rows import launch_ce_rows
 
 __all__ = ["SCHEDULES", "Chunks", "parse_schedule", "run_overlap", "run_serial"]
 

@@ -1,5 +1,6 @@
-"""``python -m prep`` runs the ``prep`` command line (for environments where the package is not installed)."""
+"""``python -m padless.prep ...``: the same command line as the ``prep`` console script."""
 
-from prep.cli import main
+from padless.prep.cli import main
 
-main(prog_name="prep")
+if __name__ == "__main__":
+    main(prog_name="prep")

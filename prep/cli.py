@@ -66,7 +66,7 @@ def main() -> None:
 def pack_cmd(datasets, max_len, out, tokenizer, fmt, maps, train_on, overlong, max_examples_per_pack, seed,
              eval_fraction, eval_examples, num_proc, overwrite, no_progress, as_json) -> None:  # fmt: skip
     """Tokenize DATASETS (files, folders, demo:alpaca, demo:chat, hub ids) and pack them into shards."""
-    from shards import ShardFormatError
+    from padless.shards.errors import ShardFormatError
 
     from .errors import PrepError
     from .pipeline import PackConfig, run_pack
@@ -96,7 +96,7 @@ def pack_cmd(datasets, max_len, out, tokenizer, fmt, maps, train_on, overlong, m
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats_cmd(shard_set, model_params, model_config, gpu, mfu, epochs, price_per_hour, as_json) -> None:
     """Counts, fill, length percentiles, padded-batching cost and a GPU cost estimate for SHARD_SET."""
-    from shards import ShardFormatError
+    from padless.shards.errors import ShardFormatError
 
     from .errors import PrepError
     from .report import CostConfig, format_stats, shard_stats
@@ -117,7 +117,7 @@ def stats_cmd(shard_set, model_params, model_config, gpu, mfu, epochs, price_per
 @click.option("--color/--no-color", default=None, help="Colour trained tokens (default: when a terminal).")
 def show_cmd(shard_set, pack_i, tokenizer, color) -> None:
     """Decode one pack: example boundaries, trained tokens vs masked ones."""
-    from shards import ShardFormatError
+    from padless.shards.errors import ShardFormatError
 
     from .errors import PrepError
     from .report import show_pack
@@ -132,8 +132,8 @@ def show_cmd(shard_set, pack_i, tokenizer, color) -> None:
 @click.argument("shard_set")
 def verify_cmd(shard_set) -> None:
     """Check checksums, schema and every pack invariant; exit 1 naming the shard and pack on a violation."""
-    from shards import ShardFormatError
-    from shards.verify import verify_shard_set
+    from padless.shards.errors import ShardFormatError
+    from padless.shards.verify import verify_shard_set
 
     try:
         report = verify_shard_set(shard_set)

@@ -220,7 +220,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)  # only now, once everything before writing has succeeded
     stage = out.parent / f".{out.name}.prep-{uuid.uuid4().hex[:8]}"
     summary: dict[str, Any] = {}
-    from shards import ShardWriter
+    from padless.shards.writer import ShardWriter
 
     kw = {}
     if cfg.zstd_level is not None:

@@ -111,10 +111,10 @@ def _cost(tokens: int, padded: int, c: CostConfig) -> dict[str, Any] | None:
 
 def shard_stats(path: str, cost: CostConfig) -> dict[str, Any]:
     """Everything ``prep stats`` shows, as a dict (``--json`` prints it)."""
-    import shards
-    from shards.stats import example_lengths, set_stats
+    from padless.shards.reader import open_shards
+    from padless.shards.stats import example_lengths, set_stats
 
-    ss = shards.open(path)
+    ss = open_shards(path)
     st = set_stats(ss)
     st["prep"] = ss.manifest.get("prep", {})
     st["tokenizer"] = ss.manifest.get("tokenizer", {})
@@ -165,11 +165,11 @@ def format_stats(st: dict[str, Any]) -> str:
 
 def show_pack(path: str, i: int, tokenizer: str | None, color: bool = False) -> str:
     """One pack decoded: a header per example, trained text [[in double brackets]] (or green)."""
-    import shards
+    from padless.shards.reader import open_shards
 
     from .tokenizer import load_tokenizer
 
-    ss = shards.open(path)
+    ss = open_shards(path)
     if not 0 <= i < len(ss):
         raise PrepError(f"--pack {i} out of range: {path!r} holds packs 0..{len(ss) - 1}")
     source = ss.manifest.get("tokenizer_source")

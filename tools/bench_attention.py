@@ -199,7 +199,7 @@ def profile_case(fn, inputs, do, path: Path | None, steps: int = 20) -> str:
 
 # ------------------------------------------------------------------------------------------------ implementations
 def ours(lens, H, Hkv, D, device, dtype, fwd_cfg=None, bwd_cfg=None, deterministic=False):
-    from kernels.attention import varlen_attention_with_configs
+    from padless.kernels.attention import varlen_attention_with_configs
 
     T = sum(lens)
     q, k, v, do = (torch.randn(T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
@@ -219,7 +219,7 @@ def ours_deterministic(lens, H, Hkv, D, device, dtype):
 
 def ours_fused_delta(lens, H, Hkv, D, device, dtype):
     """The default tiling with delta recomputed inside the backward kernels (the opt-in fuse_delta A/B)."""
-    from kernels.attention import default_configs
+    from padless.kernels.attention import default_configs
 
     _, bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens))
     return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(fuse_delta=True))
@@ -227,7 +227,7 @@ def ours_fused_delta(lens, H, Hkv, D, device, dtype):
 
 def ours_delta_launch(lens, H, Hkv, D, device, dtype):
     """The default tiling with delta from its own launch before dK/dV (the pre-``dq_first`` order, for A/B)."""
-    from kernels.attention import default_configs
+    from padless.kernels.attention import default_configs
 
     _, bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens))
     return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(dq_first=False))
@@ -451,7 +451,7 @@ def main() -> None:
     args = parse_args()
     args.sweep_kinds = args.kinds.split(",")
     args.sweep_buckets = args.sweep_buckets.split(",")
-    from kernels.attention import BUCKETS
+    from padless.kernels.attention import BUCKETS
 
     if unknown := set(args.sweep_buckets) - set(BUCKETS):
         raise SystemExit(f"--sweep-buckets: unknown {sorted(unknown)}; expected some of {list(BUCKETS)}")

@@ -60,8 +60,8 @@ def _common(D: int, group: int, flags: dict) -> dict:
 
 def compile_kind(kind: str, cfg: tuple, D: int, group: int, flags: dict | None = None) -> str:
     """Compile the kernel a tuned-table kind uses ('fwd', 'bwd_kv', 'bwd_dq', 'bwd_atomic') with tiling cfg."""
-    from kernels import attention_bwd as B
-    from kernels import attention_fwd as F
+    from padless.kernels import attention_bwd as B
+    from padless.kernels import attention_fwd as F
 
     c = _common(D, group, flags or {})
     fuse = c.pop("FUSE_DELTA", False)  # backward kernels only
@@ -80,7 +80,7 @@ def compile_check(dims: list[int], group: int, kinds: list[str], candidates: boo
     """One line per (D, bucket, kind, tiling): the defaults, or with ``candidates`` every sweep candidate."""
     from bench_attention_sweep import sweep_candidates
 
-    from kernels.attention import _builtin_configs
+    from padless.kernels.attention import _builtin_configs
 
     lines = []
     for name, res in _compile_helpers(dims):
@@ -107,8 +107,8 @@ def _compile_helpers(dims: list[int]) -> list[tuple[str, str]]:
     """The schedule kernel (one launch, three block sizes) and the delta kernel with and without dQ zeroing."""
     import triton
 
-    from kernels import attention_bwd as B
-    from kernels import attention_fwd as F
+    from padless.kernels import attention_bwd as B
+    from padless.kernels import attention_fwd as F
 
     out = []
     jobs = [("schedule LOG_S=10", F._schedule_kernel, dict(LOG_S=10, BLOCK_T=F.SCHEDULE_BLOCK), 4)]

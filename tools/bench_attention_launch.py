@@ -38,10 +38,10 @@ MODES = [("normal", False, False), ("normal+cache", False, True), ("direct", Tru
 
 def record_launches(lens: list[int], H: int, Hkv: int, D: int, device, dtype, deterministic: bool) -> list[tuple]:
     """(kernel, grid, args, constexprs, num_warps, num_stages) of every launch of one fwd+bwd call."""
-    from kernels import attention_bwd, attention_fwd
-    from kernels.attention import varlen_attention
-    from kernels.attention_cache import set_schedule_cache
-    from kernels.attention_launch import launch
+    from padless.kernels import attention_bwd, attention_fwd
+    from padless.kernels.attention import varlen_attention
+    from padless.kernels.attention_cache import set_schedule_cache
+    from padless.kernels.attention_launch import launch
 
     seen = []
 
@@ -92,7 +92,7 @@ def host_us(fn, n: int, device, rounds: int = 5) -> float:
 
 
 def per_kernel(args, device, dtype) -> list[dict]:
-    from kernels.attention_launch import direct_launch_info, launch, set_direct_launch
+    from padless.kernels.attention_launch import direct_launch_info, launch, set_direct_launch
 
     rows = []
     for det in (False, True):
@@ -132,9 +132,9 @@ def per_call(args, device, dtype) -> list[dict]:
 def per_call_one(args, device, dtype, D: int, lens: list[int]) -> list[dict]:
     from bench_attention import causal_flops, cuda_graphed, timer
 
-    from kernels.attention import varlen_attention
-    from kernels.attention_cache import clear_schedule_cache, set_schedule_cache
-    from kernels.attention_launch import set_direct_launch
+    from padless.kernels.attention import varlen_attention
+    from padless.kernels.attention_cache import clear_schedule_cache, set_schedule_cache
+    from padless.kernels.attention_launch import set_direct_launch
 
     bench = timer(args.quick)
     flops = causal_flops(lens, args.H, D)

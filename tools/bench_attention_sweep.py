@@ -35,7 +35,7 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
     ``--compile-check --candidates``, which compiles the bwd_kv form: the atomic kernel needs more shared memory,
     so a few bwd_atomic trials fail with OutOfResources on the GPU and are recorded as errors). Key blocks of the
     dK/dV kernel stay >= 64 where registers allow (wgmma needs M >= 64)."""
-    from kernels.attention import _builtin_configs, _pow2_divisor
+    from padless.kernels.attention import _builtin_configs, _pow2_divisor
 
     default = _builtin_configs(D, bucket, group)[kind]
     short, big = bucket == "short", D > 128
@@ -76,7 +76,7 @@ def sweep_candidates(kind: str, bucket: str, D: int, group: int) -> list[tuple]:
 
 
 def _bwd_from(kind: str, cfg: tuple, d_bwd):
-    from kernels.attention import BwdConfig
+    from padless.kernels.attention import BwdConfig
 
     if kind == "bwd_dq":
         return BwdConfig(*d_bwd[:5], *cfg, dq_atomic=False, fuse_delta=d_bwd.fuse_delta, dq_first=d_bwd.dq_first)
@@ -96,7 +96,7 @@ def _with_best_kv(d_bwd, results: list[dict], D: int, bucket: str):
 
 def run_sweep(args, bench, device, dtype, lens_of: dict, causal_flops) -> list[dict]:
     """Time candidates in priority order until ``args.budget_s`` is spent; one result dict per trial."""
-    from kernels.attention import FwdConfig, default_configs, varlen_attention_with_configs
+    from padless.kernels.attention import FwdConfig, default_configs, varlen_attention_with_configs
 
     t0 = time.perf_counter()
     group = args.H // args.Hkv
@@ -159,7 +159,7 @@ def winners(results: list[dict]) -> dict[tuple, dict]:
 
 def write_tuned(path: Path, results: list[dict], dtype_name: str, env: dict) -> list[dict]:
     """Merge the winners into the tuned JSON (entries not re-measured are kept); validated by re-loading it."""
-    from kernels.attention import TUNED_FIELDS, TUNED_VERSION, load_tuned
+    from padless.kernels.attention import TUNED_FIELDS, TUNED_VERSION, load_tuned
 
     old = json.loads(path.read_text())["entries"] if path.exists() else []
     new = []

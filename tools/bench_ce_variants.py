@@ -250,7 +250,7 @@ def _mean(values: list[float]) -> float | None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from kernels import cross_entropy as ce
+    from padless.kernels import cross_entropy as ce
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")

@@ -61,7 +61,7 @@ def _measure(kernel: str, t: int, impl: Impl, sets: int, fwd_bytes: int, bwd_byt
 def rope_rows(t: int, shape: dict, timer: Timer, device) -> list[Row]:
     import torch
 
-    from kernels import rope as R
+    from padless.kernels import rope as R
 
     h, hkv, d = shape["H"], shape["Hkv"], shape["D"]
     dt = torch.bfloat16
@@ -173,7 +173,7 @@ def glu_rows(t: int, shape: dict, timer: Timer, device, approximate: str | None)
     """approximate None: SwiGLU; "tanh": GeGLU (Gemma's gelu_pytorch_tanh)."""
     import torch
 
-    from kernels import swiglu as S
+    from padless.kernels import swiglu as S
 
     name = "swiglu" if approximate is None else f"geglu_{approximate}"
     i = shape["I"]
@@ -208,7 +208,7 @@ def glu_rows(t: int, shape: dict, timer: Timer, device, approximate: str | None)
 def rmsnorm_rows(t: int, shape: dict, timer: Timer, device, per_head: bool) -> list[Row]:
     import torch
 
-    from kernels import rmsnorm as N
+    from padless.kernels import rmsnorm as N
 
     dt = torch.bfloat16
     xshape = (t, shape["H"], shape["D"]) if per_head else (t, shape["E"])

@@ -20,9 +20,9 @@ def sweep(t: int, shape: dict, timer: Timer, device, quick: bool) -> list[dict]:
     """Time our launchers over block sizes / warps / programs; the fastest per (kernel, direction, T) wins."""
     import torch
 
-    from kernels import rmsnorm as N
-    from kernels import rope as R
-    from kernels import swiglu as S
+    from padless.kernels import rmsnorm as N
+    from padless.kernels import rope as R
+    from padless.kernels import swiglu as S
 
     dt = torch.bfloat16
     results: list[dict] = []

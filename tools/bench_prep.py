@@ -88,7 +88,7 @@ def bench_startup(repeats: int = 3) -> dict:
 
 def bench_packer(n: int = 10_000_000, repeats: int = 3) -> list[dict]:
     sys.path.insert(0, str(REPO))
-    from prep.pack import ffd_assign, plan_packs
+    from padless.prep.pack import ffd_assign, plan_packs
 
     rng = np.random.default_rng(0)
     rows = []
@@ -151,9 +151,9 @@ def bench_bare_tokenizer() -> dict:
     """The bare ``tokenizers`` library on the same Alpaca texts (rendered prompts and responses, no header reuse):
     the floor the tokenize stage is measured against (on a shared machine, both scale with the CPU share)."""
     sys.path.insert(0, str(REPO))
-    from prep.load import load_sources
-    from prep.render import render_row
-    from prep.tokenizer import load_tokenizer
+    from padless.prep.load import load_sources
+    from padless.prep.render import render_row
+    from padless.prep.tokenizer import load_tokenizer
 
     rows = load_sources(DATASETS["alpaca"][0])[0].rows
     texts = [t for r in rows for t, _ in render_row(r, "alpaca", "completion").segments]

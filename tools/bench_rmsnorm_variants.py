@@ -35,7 +35,7 @@ MIN_SETS = 4
 
 
 def _fwd_key(variant, n_cols: int) -> tuple:
-    from kernels.rmsnorm_config import fwd_config
+    from padless.kernels.rmsnorm_config import fwd_config
 
     return (*fwd_config(n_cols, variant.fwd_elements, variant.fwd_per_thread), variant.fwd_programs_per_sm,
             variant.pdl)  # fmt: skip
@@ -68,7 +68,7 @@ def measure(t: int, kind: str, variants: list, timer: Timer, device, quick: bool
     """Rows (one per variant) for one T and one norm kind ('hidden' or 'per_head')."""
     import torch
 
-    from kernels import rmsnorm as N
+    from padless.kernels import rmsnorm as N
 
     dt = torch.bfloat16
     hidden, heads, head_dim = (96, 3, 32) if quick else (HIDDEN, HEADS, HEAD_DIM)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     import triton
     from bench_kernels import copy_bandwidth
 
-    from kernels.rmsnorm_config import VARIANTS, get_variant
+    from padless.kernels.rmsnorm_config import VARIANTS, get_variant
 
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:

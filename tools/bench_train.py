@@ -139,9 +139,9 @@ def worker_main(config_path: str, names: str, results_path: str) -> int:
         use_site()
     from bench_train_systems import run_system
 
-    import shards
+    from padless.shards.reader import open_shards
 
-    ss = shards.open(cfg.shards)
+    ss = open_shards(cfg.shards)
     import torch
 
     if not torch.cuda.is_available():
@@ -302,12 +302,12 @@ def _unsloth_row(spec: SystemSpec, cuda: bool) -> dict[str, Any] | None:
 )
 def main(**o: Any) -> None:
     """Train every system on the same examples; print one table (also written to --out as JSON and markdown)."""
-    import shards
+    from padless.shards.reader import open_shards
 
     if o["steps"] < 1 or o["warmup"] < 0 or o["slow_steps"] < 1:
         raise click.BadParameter(f"steps={o['steps']}, warmup={o['warmup']}, slow_steps={o['slow_steps']}: "
                                  "need >= 1, >= 0, >= 1")  # fmt: skip
-    ss = shards.open(o["shards_path"])
+    ss = open_shards(o["shards_path"])
     out_dir = Path(o["out"])
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = BenchConfig(

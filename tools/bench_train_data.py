@@ -91,7 +91,7 @@ class HostBatch:
 
 def fill_steps(order: np.ndarray, num_tokens: np.ndarray, budget: int) -> list[np.ndarray]:
     """padless's micro-batch plan: whole packs in ``order``, greedily, at most ``budget`` tokens per group."""
-    from train.data import fill_micro_batches
+    from padless.train.data import fill_micro_batches
 
     return fill_micro_batches(order, num_tokens, budget)
 

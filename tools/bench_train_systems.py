@@ -190,7 +190,7 @@ def hf_unpacked_loss(model: Any, step: Step, device: torch.device) -> float:
 
 def _padless_adapters(model: Any) -> Any:
     """padless's LoRA (``train.adapters.apply_adapters``, the trainer's own call)."""
-    from train.adapters import apply_adapters
+    from padless.train.adapters import apply_adapters
 
     wrapped = apply_adapters(model, mode="lora", r=16, alpha=16, dropout=0.0, target_modules=LORA_TARGETS)
     return wrapped if wrapped is not None else model
@@ -200,8 +200,8 @@ def _padless_loss_fn(
     model: Any, device: torch.device, checkpointing: str = "on"
 ) -> Callable[[Any, int], tuple[torch.Tensor, int]]:
     """``patch_model`` + ``packed_loss`` (the contracts of docs/DESIGN.md), as the trainer's loop calls them."""
-    from train.model_patch import patch_model
-    from train.packed_forward import packed_loss
+    from padless.train.model_patch import patch_model
+    from padless.train.packed_forward import packed_loss
 
     patch_model(model)
     kw = {"checkpointing": checkpointing} if "checkpointing" in inspect.signature(packed_loss).parameters else {}
@@ -218,10 +218,10 @@ def _padless_graph_fn(
 ) -> Callable[[Any, int], tuple[torch.Tensor, int]]:
     """The trainer's CUDA-graph micro-step (``train.cuda_graph``): forward AND backward in one replay, padded to
     one static shape that holds every micro-batch of the run."""
-    from train.cuda_graph import GraphedMicroStep
-    from train.model_patch import patch_model
-    from train.packed_forward import packed_loss
-    from train.static_batch import static_shape
+    from padless.train.cuda_graph import GraphedMicroStep
+    from padless.train.model_patch import patch_model
+    from padless.train.packed_forward import packed_loss
+    from padless.train.static_batch import static_shape
 
     patch_model(model)
     mbs = [b for step in batches for b in step]
@@ -247,7 +247,7 @@ def _micro_batches(spec: SystemSpec, steps: list[Step], cfg: BenchConfig, pin: b
         pad = spec.plan_tokens if spec.attn == "flex_attention" and cfg.flex_pad_rows else None
         out = [packed_rows(s, pad_to=pad) for s in steps]
     else:
-        from train.batch import concat_packs
+        from padless.train.batch import concat_packs
 
         out = [[concat_packs(s.packs)] for s in steps]
     if pin:
@@ -288,7 +288,7 @@ class _GcClock:
 
 
 def _frozen_gc():
-    from train.host_gc import frozen_gc
+    from padless.train.host_gc import frozen_gc
 
     return frozen_gc()
 

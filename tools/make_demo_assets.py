@@ -171,7 +171,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from prep.render import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from padless.prep.render import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 
     texts = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 50
     texts += [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in alpaca]

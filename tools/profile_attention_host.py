@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_attention import cases, make_cu
 
-from kernels.attention import varlen_attention
-from kernels.attention_bwd import flash_bwd
+from padless.kernels.attention import varlen_attention
+from padless.kernels.attention_bwd import flash_bwd
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def timeline_rows(fwd, leaves, do, reps: int = 200) -> list[tuple[str, float]]:
     enqueued behind a GPU sleep (the GPU never makes the host wait)."""
     import gc
 
-    from kernels import attention as attention_mod
+    from padless.kernels import attention as attention_mod
 
     fn_cls = attention_mod._VarlenAttention
     inner = fn_cls.backward

@@ -1,6 +1,6 @@
-"""``python -m train ...``: the same command line as the ``train`` console script."""
+"""``python -m padless.train ...``: the same command line as the ``train`` console script."""
 
-from train.cli import main
+from padless.train.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="train")

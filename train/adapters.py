@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import nn
 
-from train.families import family_for_model_type
+from padless.train.families import family_for_model_type
 
 __all__ = ["DEFAULT_TARGETS", "MODES", "apply_adapters", "trainable_parameter_count"]
 

@@ -21,11 +21,9 @@ __all__ = ["main"]
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from shards import ShardFormatError
+    from padless.shards.errors import ShardFormatError
 
-    from .kernels_guard import KernelsShadowedError
-
-    return (TrainError, ShardFormatError, KernelsShadowedError)
+    return (TrainError, ShardFormatError)
 
 
 def _run_clean(fn: Callable[[], Any]) -> Any:

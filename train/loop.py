@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-import shards
+from padless.shards.reader import open_shards
 
 from . import distributed as dist_util
 from .checkpoint import (
@@ -97,9 +97,9 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     result = TrainResult(output=output, steps=0)
 
     # Data: the shard sets and the per-pack sizes every plan is made from (host-side, read once).
-    ss = shards.open(cfg.shards)
+    ss = open_shards(cfg.shards)
     eval_path = cfg.eval_shards or default_eval_shards(cfg.shards)
-    eval_ss = shards.open(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
+    eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     budget = cfg.tokens_per_micro_batch or ss.max_len
     sizes = pack_sizes(ss)
     plan_for = functools.lru_cache(maxsize=2)(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.families import SUPPORTED_FAMILIES, FamilySpec, family_for_model_type
+from padless.train.families import SUPPORTED_FAMILIES, FamilySpec, family_for_model_type
 
 __all__ = ["FallbackWarning", "LayerPlan", "PatchHandle", "patch_model", "unwrap_model"]
 

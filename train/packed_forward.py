@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import ops
-from train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
-from train.batch import IGNORE_INDEX, MicroBatch
-from train.lora_linear import project
-from train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
+from padless.train import ops
+from padless.train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
+from padless.train.batch import IGNORE_INDEX, MicroBatch
+from padless.train.lora_linear import project
+from padless.train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
 
 __all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
 

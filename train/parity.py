@@ -87,7 +87,7 @@ def parity(
     tolerance: float | None = None,
 ) -> ParityReport:
     """Compare packed and one-by-one loss and gradients on the first ``packs`` packs of ``shards_path``."""
-    import shards
+    from padless.shards.reader import open_shards
 
     from .model_patch import get_patch, patch_model
     from .modeling import load_model
@@ -96,7 +96,7 @@ def parity(
 
     if packs < 1:
         raise TrainError(f"--packs must be >= 1, got {packs}")
-    ss = shards.open(shards_path)
+    ss = open_shards(shards_path)
     chosen = [ss[i] for i in range(min(packs, len(ss)))]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_source(model)

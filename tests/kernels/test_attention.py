@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from kernels import attention as attention_mod
-from kernels import attention_bwd
-from kernels.attention import (
+from padless.kernels import attention as attention_mod
+from padless.kernels import attention_bwd
+from padless.kernels.attention import (
     BwdConfig,
     FwdConfig,
     _reference_impl,
@@ -26,7 +26,7 @@ from kernels.attention import (
     varlen_attention_reference,
     varlen_attention_with_configs,
 )
-from kernels.attention_fwd import build_schedules, n_slots
+from padless.kernels.attention_fwd import build_schedules, n_slots
 from tests.kernels.compare import assert_close_verbose, dtype_error_bound
 
 # Smallest tiles tl.dot accepts (16): 16-token q/k blocks make a 40-token example span 3 blocks.
@@ -586,7 +586,7 @@ def test_gpu_head_dims(D: int, dtype: torch.dtype) -> None:
 def test_gpu_long_buckets(D: int, lens: list[int]) -> None:
     # The tuned tiles of the long (mean <= 8K) and xlong buckets (D 256: 64 keys x 64 rows in 2 stages, 3-stage
     # dQ), which the shorter GPU tests never pick; GQA 4, bf16, the reference one kv head at a time.
-    from kernels.attention import length_bucket
+    from padless.kernels.attention import length_bucket
 
     assert length_bucket(sum(lens) / len(lens)) == ("xlong" if len(lens) == 1 else "long")
     H, Hkv = 8, 2

@@ -12,16 +12,16 @@ import weakref
 import pytest
 import torch
 
-from kernels import attention_cache
-from kernels.attention import varlen_attention, varlen_attention_reference
-from kernels.attention_cache import (
+from padless.kernels import attention_cache
+from padless.kernels.attention import varlen_attention, varlen_attention_reference
+from padless.kernels.attention_cache import (
     MAX_ENTRIES,
     cached_schedules,
     clear_schedule_cache,
     schedule_cache_info,
     set_schedule_cache,
 )
-from kernels.attention_fwd import build_schedules
+from padless.kernels.attention_fwd import build_schedules
 from tests.kernels.test_attention import make_cu, make_inputs, run_grads
 
 

@@ -15,10 +15,10 @@ import itertools
 import pytest
 import torch
 
-from kernels import attention_launch
-from kernels.attention import default_configs, varlen_attention
-from kernels.attention_cache import set_schedule_cache
-from kernels.attention_launch import direct_launch_info, set_direct_launch
+from padless.kernels import attention_launch
+from padless.kernels.attention import default_configs, varlen_attention
+from padless.kernels.attention_cache import set_schedule_cache
+from padless.kernels.attention_launch import direct_launch_info, set_direct_launch
 from tests.kernels.test_attention import make_cu, make_inputs, run_grads
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cross_entropy import (
+from padless.kernels.cross_entropy import (
     FROZEN_WEIGHT_CHUNK_BYTES,
     SCHEDULES,
     _chunk_rows,
@@ -204,7 +204,7 @@ def test_counted_bound_skips_without_a_sync(schedule, slack):
 
 
 def test_counted_first_order_is_a_stable_partition():
-    from kernels.cross_entropy import _counted_first
+    from padless.kernels.cross_entropy import _counted_first
 
     g = torch.Generator().manual_seed(0)
     for n, p in [(1, 0.5), (57, 0.4), (300, 0.9), (64, 0.0), (64, 1.0)]:
@@ -253,7 +253,7 @@ def test_row_kernel_blocks_and_segment_lanes(vocab, block, segment, softcap):
     """The row kernel alone on hand-made rows, with small blocks so that every case crosses blocks: the row's max
     in the first block, in the masked last block, all-equal logits, a wide range (exp underflows), a lane that
     sees only masked columns (V < BLOCK_V), an ignored row; loss and dlogits against float64."""
-    from kernels.cross_entropy_rows import _ce_rows_kernel
+    from padless.kernels.cross_entropy_rows import _ce_rows_kernel
 
     gen = torch.Generator().manual_seed(vocab * 100 + block + (softcap is not None))
     rows = [torch.randn(vocab, generator=gen) * 3 for _ in range(6)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.indexing import INT32_MAX, needs_long_indexing
+from padless.kernels.indexing import INT32_MAX, needs_long_indexing
 
 
 @pytest.fixture(autouse=True)

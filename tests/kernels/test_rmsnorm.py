@@ -8,8 +8,8 @@ import zlib
 import pytest
 import torch
 
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rmsnorm_config import VARIANTS
+from padless.kernels.rmsnorm import rms_norm, rms_norm_reference
+from padless.kernels.rmsnorm_config import VARIANTS
 from tests.kernels.compare import ATOL, DEVICE, DTYPES, assert_close_verbose, dtype_error_bound, interpreter_rtol
 
 _rtol = interpreter_rtol
@@ -190,7 +190,7 @@ def test_rms_norm_gpu_model_shapes(shape, offset, dtype):
 def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, prefetch, variant):
     """Both loop variants of the backward (next block's loads before / after the compute), with several blocks
     per program (so the prefetch and the (BLOCK_R, E) weight-gradient tile cross iterations), against float64."""
-    from kernels.rmsnorm import _launch_bwd, _launch_fwd
+    from padless.kernels.rmsnorm import _launch_bwd, _launch_fwd
 
     gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{block_r}-{prefetch}".encode()))
     x = torch.randn(*shape, generator=gen).to(DEVICE)
@@ -214,7 +214,7 @@ def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, pre
 def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
     """The persistent grid never exceeds what the register cap lets fit on the SMs (one wave), never has idle
     programs, and the tiles cover E; the dw reduction tile stays within 8192 fp32 values."""
-    from kernels.rmsnorm import _REGS_PER_SM, _bwd_config
+    from padless.kernels.rmsnorm import _REGS_PER_SM, _bwd_config
 
     cfg = _bwd_config(rows, cols, dtype, sms)
     assert cfg == _bwd_config(rows, cols, dtype, sms)  # pure
@@ -228,7 +228,7 @@ def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
 
 
 def test_rms_norm_config_for_qwen3_shapes():
-    from kernels.rmsnorm import _bwd_config
+    from padless.kernels.rmsnorm import _bwd_config
 
     hidden = _bwd_config(4096, 4096, torch.bfloat16, 132)
     head = _bwd_config(4096 * 32, 128, torch.bfloat16, 132)
@@ -240,7 +240,7 @@ def test_rms_norm_config_for_qwen3_shapes():
 
 @pytest.mark.parametrize(("programs", "cols", "block_p", "block_c"), [(300, 97, 64, 16), (5, 40, 8, 32), (1, 7, 1, 16)])
 def test_dw_reduce_kernel_sums_partial_rows(programs, cols, block_p, block_c):
-    from kernels.rmsnorm import _dw_reduce_kernel
+    from padless.kernels.rmsnorm import _dw_reduce_kernel
 
     gen = torch.Generator().manual_seed(programs * 1000 + cols)
     partial = torch.randn(programs, cols, generator=gen).to(DEVICE)
@@ -251,7 +251,7 @@ def test_dw_reduce_kernel_sums_partial_rows(programs, cols, block_p, block_c):
 
 
 def test_rms_norm_frozen_weight_launches_no_dw_reduction(monkeypatch):
-    import kernels.rmsnorm as module
+    import padless.kernels.rmsnorm as module
 
     class NoLaunch:
         def __getitem__(self, grid):

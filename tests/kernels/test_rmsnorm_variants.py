@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.rmsnorm as module
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rmsnorm_config import (
+import padless.kernels.rmsnorm as module
+from padless.kernels.rmsnorm import rms_norm, rms_norm_reference
+from padless.kernels.rmsnorm_config import (
     VARIANTS,
     bwd_config,
     default_variant,

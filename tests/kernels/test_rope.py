@@ -7,8 +7,8 @@ import zlib
 import pytest
 import torch
 
-from kernels.indexing import needs_long_indexing
-from kernels.rope import rope_, rope_reference
+from padless.kernels.indexing import needs_long_indexing
+from padless.kernels.rope import rope_, rope_reference
 from tests.kernels.compare import ATOL, DEVICE, DTYPES, assert_close_verbose, dtype_error_bound, interpreter_rtol
 
 _rtol = interpreter_rtol
@@ -254,7 +254,7 @@ def test_rope_gpu_in_place_allocates_nothing():
 def test_rope_tokens_per_program_follow_t():
     """Tokens per program shrink until the grid has >= 8 programs per SM; the interpreter (no SM count) keeps
     the ~16K-element default."""
-    from kernels.rope import _default_block_t
+    from padless.kernels.rope import _default_block_t
 
     # Qwen3-8B (32 + 8 heads x 128) on 132 SMs: 4 tokens (1024 programs at 4K is < 8 x 132, so 2 there).
     assert [_default_block_t(t, 40, 128, 132) for t in (4096, 16384, 65536)] == [2, 4, 4]
@@ -266,7 +266,7 @@ def test_rope_tokens_per_program_follow_t():
 @pytest.mark.parametrize("block_t", [1, 2, 4])
 def test_rope_explicit_block_t_forward_and_backward(block_t):
     """Every BLOCK_T the default can pick rotates like the reference, forward and backward (transpose)."""
-    from kernels.rope import _launch_rope
+    from padless.kernels.rope import _launch_rope
 
     gen = torch.Generator().manual_seed(100 + block_t)
     t, h, hkv, d = 11, 3, 2, 64

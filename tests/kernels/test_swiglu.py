@@ -7,8 +7,8 @@ import zlib
 import pytest
 import torch
 
-from kernels.indexing import INT32_MAX, needs_long_indexing
-from kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
+from padless.kernels.indexing import INT32_MAX, needs_long_indexing
+from padless.kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 from tests.kernels.compare import ATOL, DEVICE, DTYPES, assert_close_verbose, dtype_error_bound, interpreter_rtol
 
 _rtol = interpreter_rtol

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prep.tokenizer import DEFAULT_TOKENIZER
+from padless.prep.tokenizer import DEFAULT_TOKENIZER
 
 WORDS = [
     "alpha",

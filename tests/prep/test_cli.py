@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 from click.testing import CliRunner
 
-from prep.cli import main
-from prep.report import GPUS
+from padless.prep.cli import main
+from padless.prep.report import GPUS
 
 from .conftest import alpaca_rows, chat_rows, write_jsonl
 
@@ -88,9 +88,9 @@ def test_show_marks_trained_tokens_and_boundaries(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["show", str(tmp_path / "o"), "--pack", "0", "--no-color"])
     assert r.exit_code == 0, r.output
-    import shards
+    from padless.shards.reader import open_shards
 
-    p = shards.open(tmp_path / "o")[0]
+    p = open_shards(tmp_path / "o")[0]
     assert r.output.count("--- example ") == p.num_examples
     k = int(p.example_index[0])
     for m in rows[k]["messages"]:
@@ -114,13 +114,13 @@ def test_verify_cli_exit_codes(tmp_path):
 
 
 def test_cli_gpu_names_match_the_rate_table():
-    from prep.cli import GPU_NAMES
+    from padless.prep.cli import GPU_NAMES
 
     assert set(GPU_NAMES) == set(GPUS)
 
 
 def test_model_params_from_config_llama2_7b(tmp_path):
-    from prep.report import model_params_from_config
+    from padless.prep.report import model_params_from_config
 
     cfg = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000, "intermediate_size": 11008,
            "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False}  # fmt: skip

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prep.errors import PrepError
-from prep.load import load_sources
-from prep.pipeline import PackConfig, run_pack
+from padless.prep.errors import PrepError
+from padless.prep.load import load_sources
+from padless.prep.pipeline import PackConfig, run_pack
 
 from .conftest import alpaca_rows, chat_rows, write_jsonl
 

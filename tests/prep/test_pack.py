@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prep.pack import ffd_assign, ffd_reference, plan_packs
+from padless.prep.pack import ffd_assign, ffd_reference, plan_packs
 
 
 @st.composite

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-import shards
-from prep.pipeline import PackConfig, run_pack
-from prep.render import detect_format
-from prep.tokenize import encode_example
-from prep.tokenizer import load_tokenizer
-from shards.verify import verify_shard_set
+from padless.prep.pipeline import PackConfig, run_pack
+from padless.prep.render import detect_format
+from padless.prep.tokenize import encode_example
+from padless.prep.tokenizer import load_tokenizer
+from padless.shards.reader import open_shards
+from padless.shards.verify import verify_shard_set
 
 from .conftest import alpaca_rows, chat_rows, text_rows, write_jsonl
 
@@ -25,7 +25,7 @@ def pack(tmp_path, rows_or_path, name="out", **kw):
 
 def examples_in_shards(path):
     """source row -> list of (tokens, mask) pieces, in the order they were written."""
-    ss = shards.open(path)
+    ss = open_shards(path)
     out: dict[int, list] = {}
     for i in range(len(ss)):
         p = ss[i]
@@ -157,7 +157,7 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
 
 def test_max_examples_per_pack(tmp_path):
     s, out = pack(tmp_path, text_rows(100, 12, hi=5), max_examples_per_pack=3)
-    ss = shards.open(out)
+    ss = open_shards(out)
     assert max(ss[i].num_examples for i in range(len(ss))) == 3 and s["train"]["packs"] == 34
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from prep.tokenize import encode_example, tokenize_rows
-from prep.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from padless.prep.tokenize import encode_example, tokenize_rows
+from padless.prep.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers"
 FIRST = ["Give", "3 ways", "(a) pick", "é", "数字", '"quoted"', "#tag", "-dash", "'s", "Ünïcode", "\u0301x", "💡 idea"]

@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import shards
-from shards.manifest import file_sha256
-from shards.verify import verify_shard_set
+from padless.shards.errors import ShardFormatError
+from padless.shards.manifest import file_sha256
+from padless.shards.reader import open_shards
+from padless.shards.verify import verify_shard_set
+from padless.shards.writer import ShardWriter
 
 
 def random_packs(rng: np.random.Generator, n_examples: int, max_len: int):
@@ -36,7 +38,7 @@ def random_packs(rng: np.random.Generator, n_examples: int, max_len: int):
 
 
 def write(path: Path, data, max_len=64, **kw) -> Path:
-    with shards.ShardWriter(path, max_len=max_len, metadata={"note": "test"}, **kw) as w:
+    with ShardWriter(path, max_len=max_len, metadata={"note": "test"}, **kw) as w:
         w.add_packs(*data)
     return path
 
@@ -45,7 +47,7 @@ def test_round_trip_and_pack_contract(tmp_path):
     rng = np.random.default_rng(1)
     data = random_packs(rng, 500, 64)
     tokens, mask, lengths, per, index = data
-    ss = shards.open(write(tmp_path / "s", data, tokens_per_batch=300, tokens_per_shard=2000))
+    ss = open_shards(write(tmp_path / "s", data, tokens_per_batch=300, tokens_per_shard=2000))
     assert len(ss.manifest["shards"]) > 1 and len(ss) == len(per) and ss.max_len == 64
     assert ss.manifest["note"] == "test"
     ex_start = np.concatenate([[0], np.cumsum(lengths)])
@@ -75,7 +77,7 @@ def test_round_trip_and_pack_contract(tmp_path):
 
 
 def test_order_is_seeded_permutation(tmp_path):
-    ss = shards.open(write(tmp_path / "s", random_packs(np.random.default_rng(2), 300, 64)))
+    ss = open_shards(write(tmp_path / "s", random_packs(np.random.default_rng(2), 300, 64)))
     o = ss.order(seed=3, epoch=0)
     assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(len(ss)))
     np.testing.assert_array_equal(o, ss.order(3, 0))
@@ -84,13 +86,13 @@ def test_order_is_seeded_permutation(tmp_path):
 
 def test_writer_validates_before_touching_disk(tmp_path):
     with pytest.raises(ValueError, match="max_len=0"):
-        shards.ShardWriter(tmp_path / "s", max_len=0)
+        ShardWriter(tmp_path / "s", max_len=0)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="already exists and is not empty"):
-        shards.ShardWriter(tmp_path / "full", max_len=16)
+        ShardWriter(tmp_path / "full", max_len=16)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        shards.ShardWriter(tmp_path / "no" / "s", max_len=16)
+        ShardWriter(tmp_path / "no" / "s", max_len=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
@@ -98,39 +100,39 @@ def test_writer_leaves_nothing_on_error(tmp_path):
     tokens, mask, lengths, per, index = random_packs(np.random.default_rng(3), 50, 64)
     bad_mask = mask.copy()
     bad_mask[0] = True
-    w = shards.ShardWriter(tmp_path / "s", max_len=64)
+    w = ShardWriter(tmp_path / "s", max_len=64)
     with pytest.raises(ValueError, match="first token of example 0"), w:
         w.add_packs(tokens, bad_mask, lengths, per, index)
-    with pytest.raises(ValueError, match="over max_len=8"), shards.ShardWriter(tmp_path / "s", max_len=8) as w:
+    with pytest.raises(ValueError, match="over max_len=8"), ShardWriter(tmp_path / "s", max_len=8) as w:
         w.add_packs(tokens, mask, lengths, per, index)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_reader_refuses_other_formats_and_versions(tmp_path):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(4), 50, 64))
-    with pytest.raises(shards.ShardFormatError, match="not a padless shard set"):
-        shards.open(tmp_path)
+    with pytest.raises(ShardFormatError, match="not a padless shard set"):
+        open_shards(tmp_path)
     man = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**man, "format_version": 99}))
-    with pytest.raises(shards.ShardFormatError, match=r"unsupported shard format version 99 .*expected version 1"):
-        shards.open(path)
+    with pytest.raises(ShardFormatError, match=r"unsupported shard format version 99 .*expected version 1"):
+        open_shards(path)
     (path / "manifest.json").write_text(json.dumps({**man, "format": "mds"}))
-    with pytest.raises(shards.ShardFormatError, match="has format 'mds', expected 'padless-shards'"):
-        shards.open(path)
+    with pytest.raises(ShardFormatError, match="has format 'mds', expected 'padless-shards'"):
+        open_shards(path)
     schema = [list(x) for x in man["schema"]]
     schema[0][1] = "list<item: int64>"
     (path / "manifest.json").write_text(json.dumps({**man, "schema": schema}))
-    with pytest.raises(shards.ShardFormatError, match=r"declares the schema .* expected"):
-        shards.open(path)
+    with pytest.raises(ShardFormatError, match=r"declares the schema .* expected"):
+        open_shards(path)
 
 
 def test_truncated_shard_caught_by_reader_and_verify(tmp_path):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(5), 200, 64))
     f = path / "shard-00000.arrow"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(shards.ShardFormatError, match=r"shard-00000.arrow' is \d+ bytes, expected \d+ \(truncated"):
-        shards.open(path)
-    with pytest.raises(shards.ShardFormatError, match="truncated"):
+    with pytest.raises(ShardFormatError, match=r"shard-00000.arrow' is \d+ bytes, expected \d+ \(truncated"):
+        open_shards(path)
+    with pytest.raises(ShardFormatError, match="truncated"):
         verify_shard_set(path)
 
 
@@ -140,10 +142,10 @@ def test_corrupted_shard_caught_by_reader_and_verify(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     f.write_bytes(bytes(raw))
-    ss = shards.open(path)  # same size: only the checksum can tell
-    with pytest.raises(shards.ShardFormatError, match=r"shard-00000\.arrow' is corrupted: sha256"):
+    ss = open_shards(path)  # same size: only the checksum can tell
+    with pytest.raises(ShardFormatError, match=r"shard-00000\.arrow' is corrupted: sha256"):
         ss[0]
-    with pytest.raises(shards.ShardFormatError, match=r"shard-00000\.arrow: sha256 .* expected .*corrupted"):
+    with pytest.raises(ShardFormatError, match=r"shard-00000\.arrow: sha256 .* expected .*corrupted"):
         verify_shard_set(path)
 
 
@@ -175,7 +177,7 @@ def _rewrite_column(path: Path, name: str, fn) -> None:
 def test_verify_names_shard_and_pack(tmp_path, column, fn, message):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(7), 100, 64))
     _rewrite_column(path, column, fn)
-    with pytest.raises(shards.ShardFormatError, match=rf"shard shard-00000.arrow pack 0 \(global pack 0\): {message}"):
+    with pytest.raises(ShardFormatError, match=rf"shard shard-00000.arrow pack 0 \(global pack 0\): {message}"):
         verify_shard_set(path)
 
 
@@ -191,8 +193,8 @@ def test_shards_imports_no_torch_and_nothing_of_ours():
 def test_add_packs_reports_progress_per_record_batch(tmp_path):
     data = random_packs(np.random.default_rng(9), 400, 64)
     updates: list[int] = []
-    with shards.ShardWriter(tmp_path / "s", max_len=64, tokens_per_batch=300, tokens_per_shard=2000) as w:
+    with ShardWriter(tmp_path / "s", max_len=64, tokens_per_batch=300, tokens_per_shard=2000) as w:
         w.add_packs(*data, progress=updates.append)
-    ss = shards.open(tmp_path / "s")
+    ss = open_shards(tmp_path / "s")
     assert len(updates) > 1 and all(n > 0 for n in updates)
     assert sum(updates) == len(ss) == len(data[3])

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from bench_attention_sweep import _with_best_kv, sweep_candidates, winners
 
-from kernels.attention import BwdConfig, _builtin_configs, default_configs
+from padless.kernels.attention import BwdConfig, _builtin_configs, default_configs
 
 
 @pytest.mark.parametrize("D", [64, 128, 256])

@@ -121,9 +121,9 @@ def _one_by_one_loss(shard_dir: Path, seed: int, *, budget: int = 0, examples: i
     from bench_train_systems import model_config
     from transformers import AutoModelForCausalLM
 
-    import shards
+    from padless.shards.reader import open_shards
 
-    ss = shards.open(shard_dir)
+    ss = open_shards(shard_dir)
     spans, used = [], 0
     for i in ss.order(seed, 0).tolist():
         p = ss[i]
@@ -174,9 +174,9 @@ def test_padded_example_steps_hold_the_first_b_examples(shard_dir: Path, tmp_pat
 
 
 def test_batch_builders_keep_every_token_and_mask_padding(shard_dir: Path) -> None:
-    import shards
+    from padless.shards.reader import open_shards
 
-    ss = shards.open(shard_dir)
+    ss = open_shards(shard_dir)
     steps = make_steps(ss, seed=5, budget=384, count=3)
     seen = np.concatenate([s.pack_indices for s in steps])
     np.testing.assert_array_equal(seen, ss.order(5, 0)[: len(seen)])  # consecutive packs in the seeded order

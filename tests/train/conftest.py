@@ -25,7 +25,7 @@ def write_synthetic_shards(
     path: Path, *, examples: int, seed: int, max_len: int = SYNTH_MAX_LEN, vocab: int = SYNTH_VOCAB
 ) -> Path:
     """A small, deterministic shard set (see the module doc); returns ``path``."""
-    from shards import ShardWriter
+    from padless.shards.writer import ShardWriter
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(12, 70, size=examples)
@@ -94,7 +94,7 @@ def _reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def base_config(shards: Path, output: Path, **overrides):
     """A fast CPU TrainConfig for the tests (tiny llama from the shards' vocab, no progress bar)."""
-    from train.config import TrainConfig
+    from padless.train.config import TrainConfig
 
     settings = dict(
         shards=str(shards),

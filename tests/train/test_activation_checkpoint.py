@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.activation_checkpoint import HostOffload, PinnedPool, run_layer
+from padless.train.activation_checkpoint import HostOffload, PinnedPool, run_layer
 
 
 def _layers(n: int, width: int, device: str, seed: int = 0) -> list[torch.nn.Module]:

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
-from train.config import TrainConfig, TrainError
-from train.metrics import flop_model, sum_squared_lengths
-from train.optim import build_optimizer, build_scheduler, lr_factor
+from padless.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from padless.train.config import TrainConfig, TrainError
+from padless.train.metrics import flop_model, sum_squared_lengths
+from padless.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def _tiny(lora_seed: int = 0) -> torch.nn.Module:
-    from train.adapters import apply_adapters
-    from train.modeling import load_model
+    from padless.train.adapters import apply_adapters
+    from padless.train.modeling import load_model
 
     # The frozen base comes from --model (here: seed 0) on resume too; only the trainable part is checkpointed.
     model = load_model(None, vocab_size=64, seed=0, config_overrides={"hidden_size": 32, "intermediate_size": 64})
@@ -77,8 +77,8 @@ def test_latest_moves_only_when_a_checkpoint_is_whole(tmp_path: Path) -> None:
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
-    from train.adapters import apply_adapters
-    from train.modeling import load_model
+    from padless.train.adapters import apply_adapters
+    from padless.train.modeling import load_model
 
     cfg = TrainConfig(shards="x")
     model = _tiny()
@@ -107,7 +107,7 @@ def test_warmup_then_cosine() -> None:
 
 
 def test_flop_model_counts_matmul_parameters_and_passes() -> None:
-    from train.modeling import load_model
+    from padless.train.modeling import load_model
 
     model = load_model(None, vocab_size=64, config_overrides={"hidden_size": 32, "intermediate_size": 64})
     total = sum(p.numel() for p in model.parameters())  # tied head: the embedding is counted once here

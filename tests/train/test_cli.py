@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from train.cli import main
-from train.config import TrainConfig, TrainError
+from padless.train.cli import main
+from padless.train.config import TrainConfig, TrainError
 
 from .conftest import SYNTH_VOCAB
 
@@ -85,7 +85,7 @@ def test_model_folder_without_weights(synthetic_shards: Path, tmp_path: Path) ->
 
 
 def _save_tiny(folder: Path, vocab: int, tokenizer_from: Path | None = None) -> Path:
-    from train.modeling import load_model
+    from padless.train.modeling import load_model
 
     load_model(None, vocab_size=vocab, config_overrides={"hidden_size": 32, "intermediate_size": 64}).save_pretrained(
         folder
@@ -116,8 +116,8 @@ def test_tokenizer_mismatch_errors_and_force_overrides(synthetic_shards: Path, t
 
 def test_tokenizer_hash_mirrors_prep() -> None:
     """train may not import prep at run time; this test holds the two hash implementations together."""
-    from prep.tokenizer import load_tokenizer
-    from train.prepare import tokenizer_content_hash
+    from padless.prep.tokenizer import load_tokenizer
+    from padless.train.prepare import tokenizer_content_hash
 
     folder = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
     assert tokenizer_content_hash(folder) == load_tokenizer(folder).file_hash
@@ -163,10 +163,10 @@ def test_run_then_merge_then_parity(synthetic_shards: Path, tmp_path: Path) -> N
 def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_shards: Path, tmp_path: Path) -> None:
     """The real user path: `prep pack demo:alpaca` output, a model folder with the demo tokenizer (hash matches),
     eval on the `eval/` set prep wrote, without naming it."""
-    import shards
+    from padless.shards.reader import open_shards
 
     demo_tok = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
-    vocab = shards.open(demo_shards).manifest["tokenizer"]["vocab_size"]
+    vocab = open_shards(demo_shards).manifest["tokenizer"]["vocab_size"]
     model = _save_tiny(tmp_path / "model", vocab, tokenizer_from=demo_tok)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # byte-identical copies: the same content hash
         assert (model / name).read_bytes() == (demo_tok / name).read_bytes()

@@ -13,6 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from padless.train.adapters import apply_adapters
+from padless.train.batch import IGNORE_INDEX
+from padless.train.model_patch import FallbackWarning, patch_model
+from padless.train.packed_forward import block_causal_mask, packed_loss
 from tests.train.tiny_models import (
     example_only_labels,
     grads_of,
@@ -22,10 +26,6 @@ from tests.train.tiny_models import (
     tiny_model,
     trainable,
 )
-from train.adapters import apply_adapters
-from train.batch import IGNORE_INDEX
-from train.model_patch import FallbackWarning, patch_model
-from train.packed_forward import block_causal_mask, packed_loss
 
 LENGTHS = [6, 11, 8]
 VICTIM = 1  # the example whose tokens are rewritten

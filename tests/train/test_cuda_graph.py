@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import TrainError
-from train.cuda_graph import GraphCaptureError, GraphedMicroStep
-from train.loop import train
-from train.static_batch import StaticShape
+from padless.train.config import TrainError
+from padless.train.cuda_graph import GraphCaptureError, GraphedMicroStep
+from padless.train.loop import train
+from padless.train.static_batch import StaticShape
 
 from .conftest import base_config
 from .test_loop import _run
@@ -57,10 +57,10 @@ def test_gpu_graphed_run_matches_eager(synthetic_shards: Path, tmp_path: Path, c
 
 @pytest.mark.gpu
 def test_gpu_graphed_step_accumulates_like_eager() -> None:
+    from padless.train.adapters import apply_adapters
+    from padless.train.packed_forward import packed_loss
+    from padless.train.static_batch import static_shape
     from tests.train.tiny_models import make_batch, randomize_lora, tiny_model
-    from train.adapters import apply_adapters
-    from train.packed_forward import packed_loss
-    from train.static_batch import static_shape
 
     device = torch.device("cuda")
     model = apply_adapters(tiny_model("qwen3", seed=2, head_dim=64), mode="lora", r=4, alpha=8, dropout=0.0)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import shards
-from train.batch import concat_packs
-from train.data import Prefetcher, fill_micro_batches, pack_sizes, plan_epoch, step_sum
+from padless.shards.reader import open_shards
+from padless.train.batch import concat_packs
+from padless.train.data import Prefetcher, fill_micro_batches, pack_sizes, plan_epoch, step_sum
 
 
 def _random_sizes(seed: int, n: int, max_len: int = 128) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_world_of_two_matches_one_rank_accumulating_two() -> None:
 
 
 def test_pack_sizes_and_prefetcher_match_direct_reads(synthetic_shards) -> None:
-    ss = shards.open(synthetic_shards)
+    ss = open_shards(synthetic_shards)
     sizes = pack_sizes(ss)
     assert sizes.num_tokens.tolist() == [ss[i].num_tokens for i in range(len(ss))]
     assert sizes.num_trainable.tolist() == [ss[i].num_trainable for i in range(len(ss))]
@@ -98,12 +98,12 @@ def test_pack_sizes_and_prefetcher_match_direct_reads(synthetic_shards) -> None:
 
 
 def test_prefetcher_reraises_worker_errors(synthetic_shards) -> None:
-    ss = shards.open(synthetic_shards)
+    ss = open_shards(synthetic_shards)
     with Prefetcher(ss, [np.array([0]), np.array([10**6])], pin=False) as feed, pytest.raises(IndexError):
         list(feed)
 
 
 def test_epoch_orders_differ_and_repeat(synthetic_shards) -> None:
-    ss = shards.open(synthetic_shards)
+    ss = open_shards(synthetic_shards)
     assert not np.array_equal(ss.order(0, 0), ss.order(0, 1))
     assert np.array_equal(ss.order(0, 1), ss.order(0, 1))

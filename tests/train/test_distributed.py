@@ -17,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from train.checkpoint import trainable_state
-from train.loop import Callbacks, train
+from padless.train.checkpoint import trainable_state
+from padless.train.loop import Callbacks, train
 
 from .conftest import base_config
 
@@ -160,16 +160,16 @@ def test_fsdp2_checkpoint_resumes_exactly(synthetic_shards: Path, tmp_path: Path
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     # A checkpoint of an FSDP2 run holds the optimizer state by parameter name: a plain run refuses it by name.
-    from train.config import TrainError
+    from padless.train.config import TrainError
 
     with pytest.raises(TrainError, match=r"was written with --fsdp; resume it the same way"):
         train(base_config(synthetic_shards, stopped, resume=True, **dict(SETTINGS, max_steps=4)))
 
 
 def test_batch_fields_carry_every_micro_batch_field() -> None:
+    from padless.train.batch import MicroBatch
+    from padless.train.distributed import batch_fields
     from tests.train.tiny_models import make_batch
-    from train.batch import MicroBatch
-    from train.distributed import batch_fields
 
     batch = MicroBatch(*batch_fields(make_batch([3, 4], seed=1)))
     hinted = MicroBatch(**{**batch.__dict__, "mean_seqlen": 3.5})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from train.families import FAMILIES, SUPPORTED_FAMILIES, family_for_model_type
-from train.modeling import TINY_FAMILIES, tiny_config
+from padless.train.families import FAMILIES, SUPPORTED_FAMILIES, family_for_model_type
+from padless.train.modeling import TINY_FAMILIES, tiny_config
 
 
 def test_required_families_are_supported():

@@ -29,8 +29,8 @@ def golden_run(workdir: Path) -> dict:
     import torch
     import transformers
 
+    from padless.train.loop import train
     from tests.train.conftest import base_config, write_synthetic_shards
-    from train.loop import train
 
     data = write_synthetic_shards(workdir / "shards", examples=120, seed=1)
     result = train(base_config(data, workdir / "out", **SETTINGS))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from train.host_gc import frozen_gc
+from padless.train.host_gc import frozen_gc
 
 
 class _Node:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import shards
-from train.batch import IGNORE_INDEX
-from train.checkpoint import latest_checkpoint, trainable_state
-from train.loop import Callbacks, NonFiniteLossError, train
+from padless.shards.reader import open_shards
+from padless.train.batch import IGNORE_INDEX
+from padless.train.checkpoint import latest_checkpoint, trainable_state
+from padless.train.loop import Callbacks, NonFiniteLossError, train
 
 from .conftest import base_config
 
@@ -58,7 +58,7 @@ def _run(cfg, **callbacks):
 
 
 def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path, tmp_path: Path) -> None:
-    ss = shards.open(synthetic_shards)
+    ss = open_shards(synthetic_shards)
     first4 = ss.order(0, 0)[:4]
     budget = sum(ss[int(i)].num_tokens for i in first4)  # exactly the first 4 packs of the seeded order
     one, rec_one = _run(
@@ -151,7 +151,7 @@ def test_eval_loss_and_saved_adapter_match_the_unpatched_model(synthetic_shards:
             assert torch.equal(p.detach(), trained[name]), name
     assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n), "training moved the adapter"
     # ... and the eval loss equals the stock model with it, every eval example alone.
-    expected = _one_by_one_eval_loss(reloaded, shards.open(synthetic_shards / "eval"))
+    expected = _one_by_one_eval_loss(reloaded, open_shards(synthetic_shards / "eval"))
     assert result.eval_loss == pytest.approx(expected, rel=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_loss"] == pytest.approx(expected, rel=1e-5)
@@ -201,7 +201,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_shards: Pat
 
 
 def test_out_of_memory_names_the_knobs(synthetic_shards: Path, tmp_path: Path) -> None:
-    from train.config import TrainError
+    from padless.train.config import TrainError
 
     def raise_oom(model: torch.nn.Module) -> None:
         def hook(module, inputs, output):
@@ -278,7 +278,7 @@ def test_gpu_full_fused_adamw_and_resume(synthetic_shards: Path, tmp_path: Path)
 
 @pytest.mark.gpu
 def test_gpu_parity_command_passes_with_triton_kernels(synthetic_shards: Path) -> None:
-    from train.parity import parity
+    from padless.train.parity import parity
 
     report = parity(str(synthetic_shards), packs=4, dtype="fp32", device="cuda", tolerance=2e-3)
     assert report.passed, report.render()

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from train.lora_linear import project
+from padless.train.lora_linear import project
 
 
 class _Block(nn.Module):

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
+from padless.train.adapters import DEFAULT_TARGETS, apply_adapters
+from padless.train.modeling import TINY_FAMILIES, load_model, tiny_config
+from padless.train.packed_forward import packed_loss
 from tests.train.tiny_models import SMALL, make_batch, trainable
-from train.adapters import DEFAULT_TARGETS, apply_adapters
-from train.modeling import TINY_FAMILIES, load_model, tiny_config
-from train.packed_forward import packed_loss
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -10,6 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from padless.train.adapters import apply_adapters
+from padless.train.model_patch import patch_model
+from padless.train.packed_forward import PackedLossModule, packed_loss
 from tests.train.tiny_models import (
     example_only_labels,
     grads_of,
@@ -19,9 +22,6 @@ from tests.train.tiny_models import (
     tiny_model,
     trainable,
 )
-from train.adapters import apply_adapters
-from train.model_patch import patch_model
-from train.packed_forward import PackedLossModule, packed_loss
 
 LENGTHS = [7, 12, 5]  # ragged; longer than the sliding windows below
 

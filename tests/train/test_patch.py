@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from padless.train import ops
+from padless.train.model_patch import PatchHandle, get_patch, patch_model
+from padless.train.packed_forward import packed_loss
 from tests.train.tiny_models import make_batch, tiny_model
-from train import ops
-from train.model_patch import PatchHandle, get_patch, patch_model
-from train.packed_forward import packed_loss
 
 
 def test_patch_is_per_instance_idempotent_and_reversible():

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from padless.train.adapters import apply_adapters
+from padless.train.batch import IGNORE_INDEX
+from padless.train.packed_forward import packed_loss
+from padless.train.static_batch import StaticShape, pad_micro_batch, static_shape
 from tests.train.tiny_models import grads_of, make_batch, randomize_lora, tiny_model, trainable
-from train.adapters import apply_adapters
-from train.batch import IGNORE_INDEX
-from train.packed_forward import packed_loss
-from train.static_batch import StaticShape, pad_micro_batch, static_shape
 
 
 def test_shape_reserves_room_for_filler():

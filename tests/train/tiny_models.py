@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.batch import IGNORE_INDEX, MicroBatch
-from train.modeling import load_model
+from padless.train.batch import IGNORE_INDEX, MicroBatch
+from padless.train.modeling import load_model
 
 __all__ = [
     "VOCAB",

@@ -1,1 +1,0 @@
-"""Offline data preparation: load, render, tokenize and pack a dataset into padless shards."""

@@ -1,1 +1,0 @@
-"""The thin padless trainer: memory-mapped shards in, one varlen token stream per micro-batch, fused kernels."""
