@@ -3,9 +3,9 @@
 Shape legend: T packed tokens, S examples, H query heads, Hkv key/value heads (H % Hkv == 0), D head dim.
 ``cu_seqlens`` (S+1,) int32 holds example boundaries; example s owns tokens ``cu_seqlens[s]:cu_seqlens[s+1]``.
 
-The mask is block-diagonal causal and never materialised: cost is sum(l_s^2), not T^2.
-This file keeps the plain-PyTorch reference, the autograd.Function and the public function; the Triton
-kernels live in ``kernels.attention_fwd`` / ``kernels.attention_bwd``.
+The mask is block-diagonal causal and never materialised: cost is sum(l_s^2), not T^2. The Triton kernels and
+their launchers live in ``attention_fwd`` / ``attention_bwd``; this file holds the tiling choice (built-in tiles
+and the tuned table), the autograd.Function, the public functions and the plain-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -14,25 +14,25 @@ import functools
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .attention_bwd import BwdConfig, flash_bwd
-from .attention_cache import cached_schedules, clear_schedule_cache, set_schedule_cache
 from .attention_fwd import FwdConfig, build_schedules, flash_fwd
-from .attention_launch import set_direct_launch
 from .indexing import needs_long_indexing
 
 __all__ = [
     "BUCKETS",
+    "TUNED_FIELDS",
+    "TUNED_PATH",
     "BwdConfig",
     "FwdConfig",
-    "clear_schedule_cache",
+    "TunedCase",
     "default_configs",
     "length_bucket",
     "load_tuned",
-    "set_direct_launch",
-    "set_schedule_cache",
+    "parse_tuned",
     "varlen_attention",
     "varlen_attention_reference",
     "varlen_attention_with_configs",
@@ -77,6 +77,371 @@ def _check_args(
         raise ValueError(f"softcap={softcap!r} must be None or > 0 (Gemma 2 attn_logit_softcapping).")
 
 
+# ------------------------------------------------------------------------------------------- launch configuration
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while n % (2 * p) == 0 and 2 * p <= cap:
+        p *= 2
+    return p
+
+
+def length_bucket(length: float) -> str:
+    """'short' (Alpaca-like, mean <= 256 tokens), 'medium' (<= 2048), 'long' (<= 8192) or 'xlong': the key of
+    the tiling table."""
+    if length <= SHORT:
+        return "short"
+    return "medium" if length <= MEDIUM else "long" if length <= LONG else "xlong"
+
+
+def _builtin_configs(head_dim: int, bucket: str, group: int) -> dict[str, tuple]:
+    """Hand-picked Hopper tilings per kind (used where kernels/attention_tuned.json has no entry).
+
+    Why these: the dK/dV kernel's dots have M = its key block, and Hopper's wgmma needs M >= 64 per warpgroup
+    (M = 32 falls back to mma.sync at about half the rate), so key blocks are 64 (one warpgroup) or 128 (two).
+    The atomic-dQ kernel keeps 5 matmuls per step instead of the deterministic pair's 7.
+    """
+    big = head_dim > 128
+    short, medium = bucket == "short", bucket == "medium"
+    rows = 64 if big else 128
+    hpb = _pow2_divisor(group, 8 if short else 4)
+    fwd_n = 32 if short else (32 if big else 64 if medium else 128)
+    fwd = (max(16, rows // hpb), hpb, fwd_n, 4 if short else 8, 2 if big else 3)
+    bhpb = _pow2_divisor(group, 4 if short else 2)
+    if big:  # D 256: fp32 dK/dV accumulators of 64 keys would not fit the registers beside the tiles
+        kv = (32, max(16, 32 // bhpb), bhpb, 8, 2)
+        dq = (max(16, 32 // bhpb), bhpb, 32, 8, 2)
+        at = kv
+    elif short:  # 64 keys x (16 tokens x 4 heads): one warpgroup, causal waste at 16-token granularity
+        kv = at = (64, max(16, 64 // bhpb), bhpb, 4, 2)
+        dq = (max(16, 64 // bhpb), bhpb, 32, 4, 2)
+    else:  # 128 keys x 64 rows, 8 warps (FlexAttention's Hopper backward tiles); dQ: 128 rows x 64 keys
+        kv = at = (128, max(16, 64 // bhpb), bhpb, 8, 3)
+        dq = (max(16, 128 // bhpb), bhpb, 64, 8, 3)
+    return {"fwd": fwd, "bwd_kv": kv, "bwd_dq": dq, "bwd_atomic": at}
+
+
+TUNED_PATH = Path(__file__).with_name("attention_tuned.json")
+TUNED_VERSION = 2
+# kind -> the config fields it sets (FwdConfig for "fwd"; the dK/dV or dQ half of BwdConfig otherwise).
+TUNED_FIELDS = {
+    "fwd": ("block_m", "hpb", "block_n", "num_warps", "num_stages"),
+    "bwd_kv": ("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"),
+    "bwd_dq": ("q_block_m", "q_hpb", "q_block_n", "q_warps", "q_stages"),
+    "bwd_atomic": ("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"),
+}
+BACKWARDS = ("atomic", "deterministic")
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class TunedCase(NamedTuple):
+    """The tuned tiles of one (D, dtype, bucket) on one GPU, and the backward its sweep measured faster."""
+
+    tiles: dict[str, tuple[int, ...]]  # kind -> config tuple in TUNED_FIELDS order (any subset of the kinds)
+    backward: str | None  # "atomic" | "deterministic" | None (not measured: fall back)
+
+
+def _fail(source: str, where: str, message: str) -> ValueError:
+    return ValueError(
+        f"{source}: {where}: {message}. Re-run `python tools/bench_attention.py --sweep --write-tuned`, or delete "
+        "the file to use the built-in tilings."
+    )
+
+
+def _parse_tiles(source: str, where: str, tiles: object) -> dict[str, tuple[int, ...]]:
+    if not isinstance(tiles, dict) or set(tiles) - set(TUNED_FIELDS):
+        raise _fail(source, where, f"tiles={tiles!r}: expected an object with keys among {list(TUNED_FIELDS)}")
+    out = {}
+    for kind, cfg in tiles.items():
+        fields = TUNED_FIELDS[kind]
+        if not isinstance(cfg, dict) or set(cfg) != set(fields):
+            raise _fail(source, where, f"tiles.{kind}={cfg!r}: expected exactly the fields {list(fields)}")
+        for f in fields:
+            x = cfg[f]
+            if not isinstance(x, int) or isinstance(x, bool):
+                raise _fail(source, where, f"tiles.{kind}.{f}={x!r}: expected an int")
+            if f.endswith("stages"):
+                if not 1 <= x <= 8:
+                    raise _fail(source, where, f"tiles.{kind}.{f}={x}: expected 1..8")
+            elif x < 1 or x & (x - 1) or (f.endswith("warps") and x > 16):
+                raise _fail(source, where, f"tiles.{kind}.{f}={x}: expected a power of two (warps <= 16)")
+            if f.endswith(("block_m", "block_n")) and not 16 <= x <= 256:
+                raise _fail(source, where, f"tiles.{kind}.{f}={x}: block sizes must be 16..256 (tl.dot needs >= 16)")
+        out[kind] = tuple(cfg[f] for f in fields)
+    return out
+
+
+def parse_tuned(data: object, source: str = "attention tuned table") -> dict[str, dict[tuple, TunedCase]]:
+    """Validate a tuned-tiling document and return {gpu name: {(D, dtype name, bucket): TunedCase}}.
+
+    Format (version 2): ``{"version": 2, "tables": [{"gpu": <torch.cuda.get_device_name()>, "torch": ...,
+    "triton": ..., "date": ..., "cases": [{"D": 128, "dtype": "bf16", "bucket": "long", "backward":
+    "deterministic", "tiles": {"bwd_kv": {...}, ...}, "note": "..."}]}]}``. A table is honoured only on the GPU
+    it was measured on. ``backward`` is the sweep's choice, made when the table was written from its measured
+    times; notes are free text and never read. Raises ValueError naming the first problem.
+    """
+    if not isinstance(data, dict) or data.get("version") != TUNED_VERSION or not isinstance(data.get("tables"), list):
+        got = f"keys {sorted(data)}, version {data.get('version')!r}" if isinstance(data, dict) else type(data).__name__
+        raise _fail(source, "top level", f"expected {{'version': {TUNED_VERSION}, 'tables': [...]}}; got {got}")
+    tables: dict[str, dict[tuple, TunedCase]] = {}
+    for t, table in enumerate(data["tables"]):
+        where = f"tables[{t}]"
+        if not isinstance(table, dict) or not isinstance(table.get("gpu"), str) or not table["gpu"]:
+            raise _fail(source, where, "expected an object with a non-empty 'gpu' name and 'cases'")
+        if set(table) - {"gpu", "torch", "triton", "date", "cases"} or not isinstance(table.get("cases"), list):
+            raise _fail(source, where, f"keys {sorted(table)}: expected gpu, torch, triton, date, cases (a list)")
+        if table["gpu"] in tables:
+            raise _fail(source, where, f"a second table for {table['gpu']!r}")
+        cases: dict[tuple, TunedCase] = {}
+        for i, case in enumerate(table["cases"]):
+            at = f"{where}.cases[{i}]"
+            if not isinstance(case, dict) or set(case) - {"D", "dtype", "bucket", "backward", "tiles", "note"}:
+                raise _fail(source, at, "expected an object with keys D, dtype, bucket, tiles (backward, note)")
+            if not isinstance(case.get("D"), int) or case.get("dtype") not in DTYPE_NAMES.values():
+                raise _fail(source, at, f"D={case.get('D')!r} dtype={case.get('dtype')!r}: expected an int and one "
+                                        f"of {list(DTYPE_NAMES.values())}")  # fmt: skip
+            if case.get("bucket") not in BUCKETS:
+                raise _fail(source, at, f"bucket={case.get('bucket')!r}: expected one of {list(BUCKETS)}")
+            backward = case.get("backward")
+            if backward is not None and backward not in BACKWARDS:
+                raise _fail(source, at, f"backward={backward!r}: expected one of {list(BACKWARDS)}")
+            key = (case["D"], case["dtype"], case["bucket"])
+            if key in cases:
+                raise _fail(source, at, f"a second case for D={key[0]} {key[1]} {key[2]}")
+            cases[key] = TunedCase(_parse_tiles(source, at, case.get("tiles", {})), backward)
+        tables[table["gpu"]] = cases
+    return tables
+
+
+@functools.lru_cache(maxsize=4)
+def load_tuned(path: Path) -> dict[str, dict[tuple, TunedCase]]:
+    """:func:`parse_tuned` of a JSON file; {} without the file."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise _fail(str(path), "file", f"not valid JSON ({err})") from err
+    return parse_tuned(data, str(path))
+
+
+def _fit_group(cfg: tuple, kind: str, group: int) -> tuple:
+    """Keep a tuned tile's rows (tokens x heads) when this model's GQA group is not a multiple of its heads."""
+    fields = TUNED_FIELDS[kind]
+    ih = next(i for i, f in enumerate(fields) if f.endswith("hpb"))
+    im = next(i for i, f in enumerate(fields) if f.endswith("block_m"))
+    hpb = _pow2_divisor(group, cfg[ih])
+    if hpb == cfg[ih]:
+        return cfg
+    out = list(cfg)
+    out[im], out[ih] = cfg[im] * cfg[ih] // hpb, hpb
+    return tuple(out)
+
+
+def default_configs(
+    head_dim: int,
+    dtype: torch.dtype,
+    max_seqlen: int,
+    group: int,
+    mean_seqlen: float | None = None,
+    deterministic: bool = False,
+    gpu: str | None = None,
+) -> tuple[FwdConfig, BwdConfig]:
+    """The tiling per (D, dtype, length bucket): the tuned table of ``gpu`` (``torch.cuda.get_device_name()``) in
+    kernels/attention_tuned.json where it has an entry, else the built-in Hopper tiles; None: built-in only.
+
+    The bucket follows the mean example length T / S when given (known without a device sync): an Alpaca pack
+    has max_seqlen ~1000 but a mean ~130, and it is the mean that decides how much of a big tile is masked.
+    Rows of a tile are (query token, head) pairs of one GQA group (HPB heads), so short examples still give the
+    tensor cores 64-128 rows while causal waste stays at 16-32-token granularity. ``deterministic`` forces the
+    atomic-free backward; otherwise the backward is the table's choice for the case (the atomic kernel without
+    one). Cached per (table path, GPU, D, dtype, bucket, group, deterministic): a call costs one lookup.
+    """
+    length = min(max_seqlen, mean_seqlen) if mean_seqlen is not None else max_seqlen
+    return _configs_for(TUNED_PATH, gpu, head_dim, dtype, length_bucket(length), group, deterministic)
+
+
+@functools.lru_cache(maxsize=256)
+def _configs_for(
+    path: Path, gpu: str | None, head_dim: int, dtype: torch.dtype, bucket: str, group: int, deterministic: bool
+) -> tuple[FwdConfig, BwdConfig]:
+    cfgs = _builtin_configs(head_dim, bucket, group)
+    cases = load_tuned(path).get(gpu, {}) if gpu is not None else {}
+    name = DTYPE_NAMES.get(dtype, "bf16")
+    # The bucket's own case, then its fallback's (xlong -> long); fp16 shares bf16's tiles (same MMA shapes and
+    # byte sizes).
+    found = [
+        case
+        for b in (bucket, BUCKET_FALLBACK.get(bucket))
+        if b
+        for dt in dict.fromkeys((name, "bf16" if name == "fp16" else name))
+        if (case := cases.get((head_dim, dt, b))) is not None
+    ]
+    for kind in cfgs:
+        hit = next((c.tiles[kind] for c in found if kind in c.tiles), None)
+        if hit is not None:
+            cfgs[kind] = _fit_group(hit, kind, group)
+    backward = next((c.backward for c in found if c.backward is not None), "atomic")
+    atomic = not deterministic and backward == "atomic"
+    kv = cfgs["bwd_atomic"] if atomic else cfgs["bwd_kv"]
+    return FwdConfig(*cfgs["fwd"]), BwdConfig(*kv, *cfgs["bwd_dq"], dq_atomic=atomic)
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+# ------------------------------------------------------------------------------------------- host launchers
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tuple[int, ...], int, int]:
+    """Distinct block sizes to schedule (forward first) and the indices of the dK/dV and dQ schedules among them."""
+    blocks = [fwd_cfg.block_m]
+    if bwd_cfg is None:
+        return tuple(blocks), 0, 0
+    wanted = [bwd_cfg.kv_block_n] + ([] if bwd_cfg.dq_atomic else [bwd_cfg.q_block_m])
+    for b in wanted:
+        if b not in blocks:
+            blocks.append(b)
+    i_q = blocks.index(bwd_cfg.q_block_m) if not bwd_cfg.dq_atomic else 0
+    return tuple(blocks), blocks.index(bwd_cfg.kv_block_n), i_q
+
+
+def _forward(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
+    """The forward launches: (out, lse, the dK/dV and dQ schedules or None, long_idx). ``bwd_cfg`` None: forward
+    only (no backward schedules)."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
+    blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
+    scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
+    # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
+    long_idx = needs_long_indexing(q, k, v)
+    out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
+    return (q, k, v), out, lse, (scheds[i_kv], scheds[i_q]), long_idx
+
+
+# ------------------------------------------------------------------------------------------ autograd.Function
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
+        (q, k, v), out, lse, (sched_kv, sched_q), long_idx = _forward(
+            q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sched_kv, sched_q)
+        ctx.args = (softmax_scale, causal, window, softcap, bwd_cfg, long_idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, sched_kv, sched_q = ctx.saved_tensors
+        softmax_scale, causal, window, softcap, bwd_cfg, long_idx = ctx.args
+        dout = _last_dim_contiguous(dout)
+        # A contiguous dout has q's element count, judged in the forward; only a strided one needs a look.
+        if not long_idx and not dout.is_contiguous():
+            long_idx = needs_long_indexing(dout)
+        dq, dk, dv = flash_bwd(
+            dout, q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
+            softmax_scale, causal, window, softcap, bwd_cfg, long_indexing=long_idx,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def varlen_attention_with_configs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    deterministic: bool = False,
+    *,
+    fwd_cfg: FwdConfig | None = None,
+    bwd_cfg: BwdConfig | None = None,
+    mean_seqlen: float | None = None,
+) -> torch.Tensor:
+    """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults.
+
+    An explicit ``bwd_cfg`` decides the backward path by its ``dq_atomic``; ``deterministic=True`` always turns
+    atomics off.
+    """
+    _check_args(q, k, v, cu_seqlens, causal, window, softcap)
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: expected one of {SUPPORTED_DTYPES}, all the same; cast "
+            "the inputs (use varlen_attention_reference for float64)."
+        )
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError(f"q, k, v, cu_seqlens must share a device; got {q.device}, {k.device}, {v.device}, "
+                         f"{cu_seqlens.device}.")  # fmt: skip
+    if q.shape[2] > 256:
+        raise ValueError(f"head dim D={q.shape[2]} is not supported; expected D <= 256.")
+    group = q.shape[1] // k.shape[1]
+    if mean_seqlen is not None and not mean_seqlen > 0:
+        raise ValueError(f"mean_seqlen={mean_seqlen!r} must be None or > 0 (real tokens / real examples).")
+    # The tile bucket follows the mean example length: the caller's when given (a stream padded with filler and
+    # zero-length examples for a CUDA graph has a smaller T / S than its data), else T / S from shapes (no sync).
+    mean_len = mean_seqlen if mean_seqlen is not None else q.shape[0] / max(cu_seqlens.numel() - 1, 1)
+    gpu = (
+        _gpu_name(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else None
+    )
+    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group, mean_len, deterministic, gpu)
+    bwd_cfg = bwd_cfg or d_bwd
+    if deterministic and bwd_cfg.dq_atomic:
+        bwd_cfg = bwd_cfg._replace(dq_atomic=False)
+    scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2]))
+    causal, softcap, fwd_cfg = bool(causal), None if softcap is None else float(softcap), fwd_cfg or d_fwd
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # No backward will run: schedule the forward's blocks only, save nothing, and skip autograd.Function.apply
+        # (about a fifth of the call's Python in a CPU profile with the launches stubbed out; an Alpaca-like 4K
+        # pack's forward is only ~60 us of GPU work, so the host path matters for eager callers).
+        return _forward(q, k, v, cu_seqlens, scale, causal, window, softcap, fwd_cfg, None)[1]
+    return _VarlenAttention.apply(
+        q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg
+    )  # fmt: skip
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    deterministic: bool = False,
+    *,
+    mean_seqlen: float | None = None,
+) -> torch.Tensor:
+    """Varlen attention over a packed stream (Triton forward and backward, no T x T tensor anywhere).
+
+    q (T, H, D), k/v (T, Hkv, D) with H % Hkv == 0 (GQA without repeating k/v), ``cu_seqlens`` int32 (S+1,),
+    ``max_seqlen`` >= the longest example (a Python int from the shard: no device sync). ``window=W``: token i
+    sees keys i-W < j <= i (Hugging Face ``sliding_window``); ``softcap``: Gemma 2 logit capping. bf16/fp16 (and
+    fp32) with fp32 accumulation; D <= 256 (64, 80, 96, 128, 256 tuned).
+
+    ``deterministic=False`` (default): the backward the tuned table chose for this GPU, D and length bucket: dQ
+    summed with fp32 atomics inside the dK/dV kernel (5 matmuls per tile instead of 7; dq may differ in the last
+    bits from run to run, dk and dv never do), or the deterministic pair (the H200 choice for every bucket of D 128
+    and 256); without a table entry, the atomic kernel. ``deterministic=True``: always the pair, a dQ kernel that
+    recomputes the scores (and delta) then the dK/dV kernel; dq, dk, dv are bitwise reproducible.
+    ``mean_seqlen``: the real mean example length, which picks the tiling when the stream holds filler or
+    zero-length examples (None: T / S).
+    """
+    return varlen_attention_with_configs(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic,
+        mean_seqlen=mean_seqlen,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ reference
 def _reference_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,331 +504,3 @@ def varlen_attention_reference(
     _check_args(q, k, v, cu_seqlens, causal, window, softcap)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     return _reference_impl(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, compute)
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    p = 1
-    while n % (2 * p) == 0 and 2 * p <= cap:
-        p *= 2
-    return p
-
-
-def length_bucket(length: float) -> str:
-    """'short' (Alpaca-like, mean <= 256 tokens), 'medium' (<= 2048), 'long' (<= 8192) or 'xlong': the key of
-    the tiling table."""
-    if length <= SHORT:
-        return "short"
-    return "medium" if length <= MEDIUM else "long" if length <= LONG else "xlong"
-
-
-def _builtin_configs(head_dim: int, bucket: str, group: int) -> dict[str, tuple]:
-    """Hand-picked Hopper tilings per kind (used where kernels/attention_tuned.json has no entry).
-
-    Why these: the dK/dV kernel's dots have M = its key block, and Hopper's wgmma needs M >= 64 per warpgroup
-    (M = 32 falls back to mma.sync at about half the rate), so key blocks are 64 (one warpgroup) or 128 (two).
-    The atomic-dQ kernel keeps 5 matmuls per step instead of the deterministic pair's 7.
-    """
-    big = head_dim > 128
-    short, medium = bucket == "short", bucket == "medium"
-    rows = 64 if big else 128
-    hpb = _pow2_divisor(group, 8 if short else 4)
-    fwd_n = 32 if short else (32 if big else 64 if medium else 128)
-    fwd = (max(16, rows // hpb), hpb, fwd_n, 4 if short else 8, 2 if big else 3)
-    bhpb = _pow2_divisor(group, 4 if short else 2)
-    if big:  # D 256: fp32 dK/dV accumulators of 64 keys would not fit the registers beside the tiles
-        kv = (32, max(16, 32 // bhpb), bhpb, 8, 2)
-        dq = (max(16, 32 // bhpb), bhpb, 32, 8, 2)
-        at = kv
-    elif short:  # 64 keys x (16 tokens x 4 heads): one warpgroup, causal waste at 16-token granularity
-        kv = at = (64, max(16, 64 // bhpb), bhpb, 4, 2)
-        dq = (max(16, 64 // bhpb), bhpb, 32, 4, 2)
-    else:  # 128 keys x 64 rows, 8 warps (FlexAttention's Hopper backward tiles); dQ: 128 rows x 64 keys
-        kv = at = (128, max(16, 64 // bhpb), bhpb, 8, 3)
-        dq = (max(16, 128 // bhpb), bhpb, 64, 8, 3)
-    return {"fwd": fwd, "bwd_kv": kv, "bwd_dq": dq, "bwd_atomic": at}
-
-
-# ---------------------------------------------------------------------------------------------- tuned table
-TUNED_PATH = Path(__file__).with_name("attention_tuned.json")
-TUNED_VERSION = 1
-# kind -> the config fields it sets (FwdConfig for "fwd"; the dK/dV or dQ half of BwdConfig otherwise).
-TUNED_FIELDS = {
-    "fwd": ("block_m", "hpb", "block_n", "num_warps", "num_stages"),
-    "bwd_kv": ("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"),
-    "bwd_dq": ("q_block_m", "q_hpb", "q_block_n", "q_warps", "q_stages"),
-    "bwd_atomic": ("kv_block_n", "kv_block_m", "kv_hpb", "kv_warps", "kv_stages"),
-}
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _validate_entry(path: Path, i: int, e: object) -> tuple[tuple, tuple]:
-    where = f"{path}: entries[{i}]"
-    if not isinstance(e, dict) or set(e) - {"D", "dtype", "bucket", "kind", "config", "ms", "note"}:
-        raise ValueError(f"{where} = {e!r}: expected an object with keys D, dtype, bucket, kind, config. Re-run "
-                         "tools/bench_attention.py --sweep --write-tuned, or delete the file to use the built-in "
-                         "tilings.")  # fmt: skip
-    kind = e.get("kind")
-    if kind not in TUNED_FIELDS:
-        raise ValueError(f"{where}: kind={kind!r}, expected one of {list(TUNED_FIELDS)}.")
-    if not isinstance(e.get("D"), int) or e.get("dtype") not in DTYPE_NAMES.values():
-        raise ValueError(f"{where}: D={e.get('D')!r} dtype={e.get('dtype')!r}: expected an int and one of "
-                         f"{list(DTYPE_NAMES.values())}.")  # fmt: skip
-    if e.get("bucket") not in BUCKETS:
-        raise ValueError(f"{where}: bucket={e.get('bucket')!r}, expected one of {list(BUCKETS)}.")
-    cfg, fields = e.get("config"), TUNED_FIELDS[kind]
-    if not isinstance(cfg, dict) or set(cfg) != set(fields):
-        raise ValueError(f"{where}: config={cfg!r}: expected exactly the fields {list(fields)}.")
-    for f in fields:
-        x = cfg[f]
-        if f.endswith("stages"):
-            if not isinstance(x, int) or not 1 <= x <= 8:
-                raise ValueError(f"{where}: {f}={x!r}: expected an int in 1..8.")
-        elif not isinstance(x, int) or x < 1 or x & (x - 1) or (f.endswith("warps") and x > 16):
-            raise ValueError(f"{where}: {f}={x!r}: expected a power of two (warps <= 16).")
-        if f.endswith(("block_m", "block_n")) and not 16 <= x <= 256:
-            raise ValueError(f"{where}: {f}={x!r}: block sizes must be 16..256 (tl.dot needs >= 16).")
-    ms = e.get("ms")
-    if ms is not None and not (isinstance(ms, (int, float)) and ms > 0):
-        raise ValueError(f"{where}: ms={ms!r}: expected a positive number (the measured backward/forward time).")
-    return (e["D"], e["dtype"], e["bucket"], kind), (tuple(cfg[f] for f in fields), ms)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tuned(path: Path) -> dict[tuple, tuple]:
-    """{(D, dtype name, bucket, kind): (config tuple, ms or None)} from a tuned-tiling JSON; {} without the file."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); delete it or re-run the sweep with --write-tuned.") from err
-    if not isinstance(data, dict) or data.get("version") != TUNED_VERSION or not isinstance(data.get("entries"), list):
-        got = f"keys {sorted(data)}, version {data.get('version')!r}" if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: expected {{'version': {TUNED_VERSION}, 'entries': [...]}}; got {got}. Re-run the "
-                         "sweep with --write-tuned, or delete the file to use the built-in tilings.")  # fmt: skip
-    return dict(_validate_entry(path, i, e) for i, e in enumerate(data["entries"]))
-
-
-def _fit_group(cfg: tuple, kind: str, group: int) -> tuple:
-    """Keep a tuned tile's rows (tokens x heads) when this model's GQA group is not a multiple of its heads."""
-    fields = TUNED_FIELDS[kind]
-    ih = next(i for i, f in enumerate(fields) if f.endswith("hpb"))
-    im = next(i for i, f in enumerate(fields) if f.endswith("block_m"))
-    hpb = _pow2_divisor(group, cfg[ih])
-    if hpb == cfg[ih]:
-        return cfg
-    out = list(cfg)
-    out[im], out[ih] = cfg[im] * cfg[ih] // hpb, hpb
-    return tuple(out)
-
-
-def default_configs(
-    head_dim: int,
-    dtype: torch.dtype,
-    max_seqlen: int,
-    group: int,
-    mean_seqlen: float | None = None,
-    deterministic: bool = False,
-) -> tuple[FwdConfig, BwdConfig]:
-    """Hopper (H200) tiling per (D, dtype, length bucket): kernels/attention_tuned.json where it has an entry
-    (written by ``tools/bench_attention.py --sweep --write-tuned``), else the built-in table.
-
-    The bucket follows the mean example length T / S when given (known without a device sync): an Alpaca pack
-    has max_seqlen ~1000 but a mean ~130, and it is the mean that decides how much of a big tile is masked.
-    Rows of a tile are (query token, head) pairs of one GQA group (HPB heads), so short examples still give the
-    tensor cores 64-128 rows while causal waste stays at 16-32-token granularity. ``deterministic`` picks the
-    atomic-free backward (dK/dV and dQ kernels) instead of the atomic-dQ one. Cached per (table path, D, dtype,
-    bucket, group, deterministic): a call costs one dictionary lookup.
-    """
-    length = min(max_seqlen, mean_seqlen) if mean_seqlen is not None else max_seqlen
-    return _configs_for(TUNED_PATH, head_dim, dtype, length_bucket(length), group, deterministic)
-
-
-@functools.lru_cache(maxsize=256)
-def _configs_for(
-    path: Path, head_dim: int, dtype: torch.dtype, bucket: str, group: int, deterministic: bool
-) -> tuple[FwdConfig, BwdConfig]:
-    cfgs = _builtin_configs(head_dim, bucket, group)
-    tuned = load_tuned(path)
-    name = DTYPE_NAMES.get(dtype, "bf16")
-    buckets = [b for b in (bucket, BUCKET_FALLBACK.get(bucket)) if b]
-
-    def entry(b: str, kind: str):  # fp16 shares bf16's tiles (same MMA shapes and byte sizes)
-        hit = tuned.get((head_dim, name, b, kind))
-        return tuned.get((head_dim, "bf16", b, kind)) if hit is None and name == "fp16" else hit
-
-    for kind in cfgs:  # the bucket's own tuned tiles, else its fallback's (xlong -> long), else built-in
-        hit = next((h for h in (entry(b, kind) for b in buckets) if h is not None), None)
-        if hit is not None:
-            cfgs[kind] = _fit_group(hit[0], kind, group)
-    atomic = not deterministic
-    # The sweep times whole backwards: if the deterministic pair measured faster than the atomic kernel, take it
-    # (it is the better default both ways). Times are compared within one bucket (one case, one sweep run): the
-    # first of the bucket and its fallback that has both.
-    for b in buckets:
-        det = [h[1] for h in (entry(b, "bwd_kv"), entry(b, "bwd_dq")) if h is not None and h[1]]
-        at = entry(b, "bwd_atomic")
-        if det and at is not None and at[1]:
-            atomic = atomic and not min(det) < at[1]
-            break
-    kv = cfgs["bwd_atomic"] if atomic else cfgs["bwd_kv"]
-    # fuse_delta (delta recomputed inside the backward kernels, one launch fewer) stays off: on the H200 it saved
-    # no time where launches are cheap and cost GPU time where they are not (Alpaca-like 16K pack, fwd+bwd:
-    # 0.95 ms fused vs 0.80 ms unfused, docs/bench/raw/h200-s2-run3); the trainer replays CUDA graphs, where a
-    # launch costs nothing on the host. Callers may still ask for it through an explicit BwdConfig.
-    # dq_first (deterministic path): the dQ kernel computes delta for the dK/dV kernel, so no delta launch and no
-    # separate pass over O and dO.
-    return FwdConfig(*cfgs["fwd"]), BwdConfig(
-        *kv, *cfgs["bwd_dq"], dq_atomic=atomic, fuse_delta=False, dq_first=not atomic
-    )
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tuple[int, ...], int, int]:
-    """Distinct block sizes to schedule (forward first) and the indices of the dK/dV and dQ schedules among them."""
-    blocks = [fwd_cfg.block_m]
-    if bwd_cfg is None:
-        return tuple(blocks), 0, 0
-    wanted = [bwd_cfg.kv_block_n] + ([] if bwd_cfg.dq_atomic else [bwd_cfg.q_block_m])
-    for b in wanted:
-        if b not in blocks:
-            blocks.append(b)
-    i_q = blocks.index(bwd_cfg.q_block_m) if not bwd_cfg.dq_atomic else 0
-    return tuple(blocks), blocks.index(bwd_cfg.kv_block_n), i_q
-
-
-def _forward(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
-    """The forward launches: (out, lse, the dK/dV and dQ schedules or None, long_idx). ``bwd_cfg`` None: forward
-    only (no backward schedules)."""
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them, and so do
-    # the other layers of the micro-batch (same cu_seqlens tensor, same tiling: kernels.attention_cache).
-    blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
-    scheds = cached_schedules(cu_seqlens, q.shape[0], blocks, build_schedules)
-    # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
-    long_idx = needs_long_indexing(q, k, v)
-    out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
-    return (q, k, v), out, lse, (scheds[i_kv], scheds[i_q]), long_idx
-
-
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
-        (q, k, v), out, lse, (sched_kv, sched_q), long_idx = _forward(
-            q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sched_kv, sched_q)
-        ctx.args = (softmax_scale, causal, window, softcap, bwd_cfg, long_idx)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens, sched_kv, sched_q = ctx.saved_tensors
-        softmax_scale, causal, window, softcap, bwd_cfg, long_idx = ctx.args
-        dout = _last_dim_contiguous(dout)
-        # A contiguous dout has q's element count, judged in the forward; only a strided one needs a look.
-        if not long_idx and not dout.is_contiguous():
-            long_idx = needs_long_indexing(dout)
-        dq, dk, dv = flash_bwd(
-            dout, q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
-            softmax_scale, causal, window, softcap, bwd_cfg, long_indexing=long_idx,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-def varlen_attention_with_configs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    softmax_scale: float | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    deterministic: bool = False,
-    *,
-    fwd_cfg: FwdConfig | None = None,
-    bwd_cfg: BwdConfig | None = None,
-    mean_seqlen: float | None = None,
-) -> torch.Tensor:
-    """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults.
-
-    An explicit ``bwd_cfg`` decides the backward path by its ``dq_atomic``; ``deterministic=True`` always turns
-    atomics off.
-    """
-    _check_args(q, k, v, cu_seqlens, causal, window, softcap)
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: expected one of {SUPPORTED_DTYPES}, all the same; cast "
-            "the inputs (use varlen_attention_reference for float64)."
-        )
-    if not (q.device == k.device == v.device == cu_seqlens.device):
-        raise ValueError(f"q, k, v, cu_seqlens must share a device; got {q.device}, {k.device}, {v.device}, "
-                         f"{cu_seqlens.device}.")  # fmt: skip
-    if q.shape[2] > 256:
-        raise ValueError(f"head dim D={q.shape[2]} is not supported; expected D <= 256.")
-    group = q.shape[1] // k.shape[1]
-    if mean_seqlen is not None and not mean_seqlen > 0:
-        raise ValueError(f"mean_seqlen={mean_seqlen!r} must be None or > 0 (real tokens / real examples).")
-    # The tile bucket follows the mean example length: the caller's when given (a stream padded with filler and
-    # zero-length examples for a CUDA graph has a smaller T / S than its data), else T / S from shapes (no sync).
-    mean_len = mean_seqlen if mean_seqlen is not None else q.shape[0] / max(cu_seqlens.numel() - 1, 1)
-    d_fwd, d_bwd = default_configs(q.shape[2], q.dtype, max_seqlen, group, mean_len, deterministic)
-    bwd_cfg = bwd_cfg or d_bwd
-    if deterministic and bwd_cfg.dq_atomic:
-        bwd_cfg = bwd_cfg._replace(dq_atomic=False)
-    scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2]))
-    causal, softcap, fwd_cfg = bool(causal), None if softcap is None else float(softcap), fwd_cfg or d_fwd
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        # No backward will run: schedule the forward's blocks only, save nothing, and skip autograd.Function.apply
-        # (about a fifth of the call's Python in a CPU profile with the launches stubbed out; an Alpaca-like 4K
-        # pack's forward is only ~60 us of GPU work, so the host path matters for eager callers).
-        return _forward(q, k, v, cu_seqlens, scale, causal, window, softcap, fwd_cfg, None)[1]
-    return _VarlenAttention.apply(
-        q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg
-    )  # fmt: skip
-
-
-def varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    softmax_scale: float | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    deterministic: bool = False,
-    *,
-    mean_seqlen: float | None = None,
-) -> torch.Tensor:
-    """Varlen attention over a packed stream (Triton forward and backward, no T x T tensor anywhere).
-
-    q (T, H, D), k/v (T, Hkv, D) with H % Hkv == 0 (GQA without repeating k/v), ``cu_seqlens`` int32 (S+1,),
-    ``max_seqlen`` >= the longest example (a Python int from the shard: no device sync). ``window=W``: token i
-    sees keys i-W < j <= i (Hugging Face ``sliding_window``); ``softcap``: Gemma 2 logit capping. bf16/fp16 (and
-    fp32) with fp32 accumulation; D <= 256 (64, 80, 96, 128, 256 tuned).
-
-    ``deterministic=False`` (default): the faster backward the tuned table measured for this D and length bucket:
-    dQ summed with fp32 atomics inside the dK/dV kernel (5 matmuls per tile instead of 7; dq may differ in the
-    last bits from run to run, dk and dv never do), or the deterministic pair (the H200 choice for every bucket
-    of D 128 and 256). ``deterministic=True``: always the pair, a dQ kernel that recomputes the scores (and
-    delta) then the dK/dV kernel; dq, dk, dv are bitwise reproducible.
-    ``mean_seqlen``: the real mean example length, which picks the tiling when the stream holds filler or
-    zero-length examples (None: T / S).
-
-    Host cost: the tile schedule built from ``cu_seqlens`` is reused by later calls on the same tensor (every layer
-    of a micro-batch; ``kernels.attention_cache``: an in-place edit invalidates it, writes that bypass PyTorch's
-    version counter need ``clear_schedule_cache()``; never while capturing a CUDA graph), and on CUDA the kernels
-    launch through their compiled form after the first call (``kernels.attention_launch``).
-    ``set_schedule_cache(False)`` / ``set_direct_launch(False)`` turn either off.
-    """
-    return varlen_attention_with_configs(
-        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic,
-        mean_seqlen=mean_seqlen,
-    )  # fmt: skip

@@ -1,27 +1,23 @@
 """Varlen attention backward in Triton (FlashAttention-2 style): an atomic-dQ fast path and a deterministic one.
 
 Shape legend as in ``kernels.attention_fwd``: q/do/dq (T, H, D), k/v/dk/dv (T, Hkv, D), lse and delta (T, H)
-fp32, G = H // Hkv. Launches:
+fp32, G = H // Hkv. The schedules (one per block size) come from the forward (``build_schedules``).
 
-The schedules (one per block size) come from the forward (``build_schedules``, one launch for all of them).
+``_dkdv_kernel``: one program per (example, key block) and kv head; it loops over the G query heads of the group
+(HPB at a time, packed into the rows as in the forward) and over the query blocks that see this key block, so
+dK/dV are summed over the group inside the program: never atomics for dK/dV. Slots run in schedule order (an
+example's first key blocks first): under the causal mask the first key blocks see the most queries.
 
-1. ``_delta_kernel``: delta = rowsum(dO * O) per (token, head); on the atomic path it also zeroes the fp32 dQ
-   buffer's rows (it walks every (token, head) row anyway: one launch instead of a separate memset).
-2. ``_dkdv_kernel``: one program per (example, key block) and kv head; it loops over the G query heads of the
-   group (HPB at a time, packed into the rows as in the forward) and over the query blocks that see this key
-   block, so dK/dV are summed over the group inside the program: never atomics for dK/dV. Slots run in schedule
-   order (an example's first key blocks first): under the causal mask the first key blocks see the most queries.
-   With ``dq_atomic`` (chosen where the tuned table measured it faster than the pair below) the same step also
-   adds dS K into an fp32 (T, H, D) dQ buffer with atomics: 5 matmuls per tile and no dQ launch, but dq's
-   summation order varies run to run.
-3. Deterministic path only: ``_dq_kernel``, one program per (example, query block) and HPB heads, looping over
-   key blocks as the forward. Recomputing QK^T and dO V^T costs 2 extra matmuls per tile (7 instead of 5), but
-   dq, dk, dv are bitwise reproducible (``varlen_attention(..., deterministic=True)``).
-
-``dq_first`` (deterministic path): the dQ kernel runs first and computes delta itself: each of its programs owns
-its query rows, so it loads their O tile once (next to the dO tile it loads anyway), reduces delta, uses it and
-stores it for the dK/dV kernel that follows. No delta launch and no separate pass over dO: the dQ kernel is
-compute-bound, so the extra O load hides behind its matmuls.
+Two ways to get dQ (``BwdConfig.dq_atomic``):
+* atomic: ``_delta_kernel`` computes delta = rowsum(dO * O) per (token, head) and zeroes an fp32 (T, H, D) dQ
+  buffer (it walks every row anyway: no separate memset); the dK/dV step also adds dS K into that buffer with
+  atomics: 5 matmuls per tile and no dQ launch, but dq's summation order varies run to run.
+* deterministic: ``_dq_kernel`` first, one program per (example, query block) and HPB heads, looping over key
+  blocks as the forward. Each program owns its query rows, so it loads their O tile once (next to the dO tile it
+  loads anyway), reduces delta, uses it and stores it for the dK/dV kernel that follows: no delta launch, and the
+  extra load hides behind the compute-bound kernel's matmuls. Recomputing QK^T and dO V^T costs 2 extra matmuls
+  per tile (7 instead of 5), but dq, dk, dv are bitwise reproducible. Where the tuned table measured this pair
+  faster than the atomic kernel (every H200 bucket at D 128 and 256), it is also the default.
 """
 
 from __future__ import annotations
@@ -44,7 +40,6 @@ from .attention_fwd import (
     pow2_at_least,
     score_constants,
 )
-from .attention_launch import launch
 from .indexing import needs_long_indexing
 
 __all__ = ["BwdConfig", "flash_bwd"]
@@ -63,14 +58,9 @@ class BwdConfig(NamedTuple):
     q_block_n: int
     q_warps: int
     q_stages: int
-    # dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7, no dQ launch), NOT bitwise reproducible.
-    # default_configs turns it on unless deterministic=True; False here keeps explicit 10-field configs exact.
+    # dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7, no dQ launch), NOT bitwise reproducible;
+    # False: the deterministic dQ kernel.
     dq_atomic: bool = False
-    # Recompute delta = rowsum(dO * O) inside the dK/dV and dQ kernels instead of a separate launch: one launch
-    # fewer, one more (rows x D) load per query block. default_configs turns it on for short examples only.
-    fuse_delta: bool = False
-    # Deterministic path: dQ kernel first, computing and storing delta for the dK/dV kernel (no delta launch).
-    dq_first: bool = False
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -124,9 +114,9 @@ def _dkdv_step(
     stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, FUSE_DELTA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
-    """One query block's contribution to this key block's dK and dV (FUSE_DELTA: delta_base points at O)."""
+    """One query block's contribution to this key block's dK and dV."""
     pad_d = BLOCK_D != HEAD_DIM
     rt = i0 + rows // HPB
     row_ok = rt < n
@@ -138,11 +128,7 @@ def _dkdv_step(
         lse = tl.load(lse_base + rt * H + rh, mask=row_ok, other=0.0)
     else:
         lse = tl.load(lse_base + rt * H + rh)
-    if FUSE_DELTA:  # delta = rowsum(dO * O) of these rows, here instead of in a launch of its own (same strides)
-        o = _load_tile(delta_base + rt[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :],
-                       row_ok[:, None], offs_d[None, :] < HEAD_DIM, MASK, pad_d)  # fmt: skip
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    elif MASK:
+    if MASK:
         delta = tl.load(delta_base + rt * H + rh, mask=row_ok, other=0.0)
     else:
         delta = tl.load(delta_base + rt * H + rh)
@@ -176,7 +162,7 @@ def _dkdv_inner(
     stride_doh, lo, hi, n, window, pre, post, scale, rows, offs_d, h0,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, FUSE_DELTA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     rh = h0 + rows % HPB
     if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
@@ -184,15 +170,15 @@ def _dkdv_inner(
         while i0 < hi:
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                                 stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
-                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ,
-                                FUSE_DELTA)  # fmt: skip
+                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC,
+                                ATOMIC_DQ)  # fmt: skip
             i0 += BLOCK_M
     else:
         for i0 in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                                 stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
-                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC, ATOMIC_DQ,
-                                FUSE_DELTA)  # fmt: skip
+                                H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC,
+                                ATOMIC_DQ)  # fmt: skip
     return dk, dv
 
 
@@ -205,10 +191,9 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, FUSE_DELTA: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
-    # DELTA: delta (T, H) fp32, or with FUSE_DELTA the forward output O (same strides as DO): delta is then
-    # recomputed per query block from O and dO, which saves the delta launch (short examples: launch-bound).
+    # DELTA: delta (T, H) fp32 (from _delta_kernel, or stored by _dq_kernel on the deterministic path).
     # 1-D grid, kv heads fastest; slots in schedule order: an example's first key blocks (the heaviest under the
     # causal mask: every later query block sees them) start first.
     NH: tl.constexpr = H // GROUP
@@ -230,10 +215,7 @@ def _dkdv_kernel(
     q_base = Q + start * stride_qt
     do_base = DO + start * stride_dot
     lse_base = LSE + start * H
-    if FUSE_DELTA:
-        delta_base = DELTA + start * stride_dot
-    else:
-        delta_base = DELTA + start * H
+    delta_base = DELTA + start * H
     dqa_base = DQACC + start * (H * HEAD_DIM)  # (T, H, D) fp32 contiguous; only touched with ATOMIC_DQ
     lo, f_lo, f_hi, hi = _q_ranges(j0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # The G query heads of this kv head, HPB at a time: dK/dV sum over them without atomics.
@@ -242,15 +224,15 @@ def _dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, lo, f_lo, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ, FUSE_DELTA)  # fmt: skip
+                             ATOMIC_DQ)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ, FUSE_DELTA)  # fmt: skip
+                             ATOMIC_DQ)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, f_hi, hi, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ, FUSE_DELTA)  # fmt: skip
+                             ATOMIC_DQ)  # fmt: skip
     out_ok = (cols[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
     tok = start + cols
     tl.store(DK + tok[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -307,17 +289,18 @@ def _dq_inner(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED, DELTA_OUT,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    Q, K, V, DO, LSE, O, DQ, CU, SCHED, DELTA,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_ot, stride_oh,
+    stride_dqt, stride_dqh,
     n_tiles, window, pre, post, scale,
     GROUP: tl.constexpr, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HPB: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, LONG_INDEXING: tl.constexpr,
-    PREC: tl.constexpr, FUSE_DELTA: tl.constexpr, STORE_DELTA: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
-    # DELTA as in _dkdv_kernel (FUSE_DELTA: it is O, and delta is recomputed from O and dO); STORE_DELTA (with
-    # FUSE_DELTA, dq_first) also writes that delta to DELTA_OUT (T, H) fp32 for the dK/dV kernel launched next.
-    # As the forward: 1-D grid, head blocks fastest, last (heaviest) query blocks first.
+    # delta = rowsum(dO * O) of this program's rows, computed here from O and dO and stored to DELTA (T, H) fp32
+    # for the dK/dV kernel launched next. As the forward: 1-D grid, head blocks fastest, last (heaviest) query
+    # blocks first.
     NH: tl.constexpr = H // HPB
     pid = tl.program_id(0)
     ex, m0, start = _slot_block(SCHED, CU, n_tiles - 1 - pid // NH, BLOCK_M)
@@ -339,14 +322,9 @@ def _dq_kernel(
     q = tl.load(Q + tok[:, None] * stride_qt + rh[:, None] * stride_qh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + tok[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     lse = tl.load(LSE + tok * H + rh, mask=row_ok, other=0.0)
-    if FUSE_DELTA:
-        o = tl.load(DELTA + tok[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :], mask=mask,
-                    other=0.0)  # fmt: skip
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if STORE_DELTA:
-            tl.store(DELTA_OUT + tok * H + rh, delta, mask=row_ok)
-    else:
-        delta = tl.load(DELTA + tok * H + rh, mask=row_ok, other=0.0)
+    o = tl.load(O + tok[:, None] * stride_ot + rh[:, None] * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + tok * H + rh, delta, mask=row_ok)
     k_base = K + start * stride_kt + kvh * stride_kh
     v_base = V + start * stride_vt + kvh * stride_vh
     dq = tl.zeros([BLOCK_M * HPB, BLOCK_D], dtype=tl.float32)
@@ -382,10 +360,8 @@ def flash_bwd(
     """Launch the backward kernels: returns (dq, dk, dv) in the input dtypes (fp32 accumulation inside).
 
     ``sched_kv`` / ``sched_q``: schedules for ``cfg.kv_block_n`` / ``cfg.q_block_m`` (``sched_q`` unused on the
-    atomic path). Launches: delta (+ dQ buffer zeroing; with ``fuse_delta`` no delta launch, a memset of the atomic
-    buffer instead), dK/dV; then dQ (deterministic) or the fp32 -> dtype copy of the atomic buffer (none for fp32).
-    With ``dq_first`` (deterministic path): dQ (which computes and stores delta), then dK/dV.
-    ``long_indexing`` None: judged here.
+    atomic path). Atomic: delta (+ dQ buffer zeroing), dK/dV, then the fp32 -> dtype copy of the dQ buffer (none
+    for fp32). Deterministic: dQ (which computes and stores delta), then dK/dV. ``long_indexing`` None: judged here.
     """
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -393,65 +369,44 @@ def flash_bwd(
     assert group % cfg.kv_hpb == 0 and group % cfg.q_hpb == 0, (group, cfg)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     atomic_fp32 = cfg.dq_atomic and q.dtype == torch.float32
-    dq = None if atomic_fp32 else torch.empty_like(q)
-    # Fused delta needs O addressed with dO's strides (both (T, H, D) contiguous in practice).
-    fuse = cfg.fuse_delta and out.stride() == do.stride()
-    # fp32 accumulation buffer of the atomic path, (T, H, D) contiguous; fp32 inputs accumulate straight into dq.
-    # Unfused, the delta kernel zeroes it; fused, a memset does (no delta launch to ride on).
-    if cfg.dq_atomic:
-        dq_acc = (torch.zeros if fuse else torch.empty)((T, H, D), dtype=torch.float32, device=q.device)
-    else:
-        dq_acc = dq
-    if atomic_fp32:
-        dq = dq_acc
+    # The atomic path's fp32 (T, H, D) contiguous accumulation buffer (zeroed by the delta kernel); fp32 inputs
+    # accumulate straight into dq.
+    dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=q.device) if cfg.dq_atomic else None
+    dq = dq_acc if atomic_fp32 else torch.empty_like(q)
     if T == 0:
         return dq, dk, dv
     block_d = pow2_at_least(D)
     if long_indexing is None:  # the fp32 dQ buffer has as many elements as q: judged by q
         long_indexing = needs_long_indexing(q, k, v, do, out, dq)
-    # dq_first: the dQ kernel derives delta from O and dO itself and stores it for the dK/dV kernel after it.
-    dq_first = cfg.dq_first and not cfg.dq_atomic and not fuse and out.stride() == do.stride()
-    if fuse:
-        delta = out  # the kernels recompute delta from O and dO
-    else:
-        delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
-    if not fuse and not dq_first:
-        block_t = max(1, 4096 // block_d)
-        launch(_delta_kernel, (-(-T // block_t), H), (out, do, delta, dq_acc, T, *out.stride()[:2], *do.stride()[:2]), {
-            "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_T": block_t, "LONG_INDEXING": long_indexing,
-            "ZERO_DQ": cfg.dq_atomic,
-        }, 4, 3)  # fmt: skip
+    delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
     pre, post = score_constants(softmax_scale, softcap)
     prec = dot_precision(q.dtype)
     qs, ks, vs, dos = q.stride()[:2], k.stride()[:2], v.stride()[:2], do.stride()[:2]
     wflag, sflag = window is not None, softcap is not None
-
-    def launch_dq() -> None:
-        launch(_dq_kernel, (sched_q.shape[0] * (H // cfg.q_hpb),), (
-            q, k, v, do, lse, out if dq_first else delta, dq, cu_seqlens, sched_q, delta,
-            *qs, *ks, *vs, *dos, *dq.stride()[:2],
+    if cfg.dq_atomic:
+        block_t = max(1, 4096 // block_d)
+        _delta_kernel[(-(-T // block_t), H)](
+            out, do, delta, dq_acc, T, *out.stride()[:2], *dos,
+            H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=True,
+            num_warps=4, num_stages=3,
+        )  # fmt: skip
+    else:
+        _dq_kernel[(sched_q.shape[0] * (H // cfg.q_hpb),)](
+            q, k, v, do, lse, out, dq, cu_seqlens, sched_q, delta,
+            *qs, *ks, *vs, *dos, *out.stride()[:2], *dq.stride()[:2],
             sched_q.shape[0], window or 0, pre, post, softmax_scale,
-        ), {
-            "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": cfg.q_block_m, "HPB": cfg.q_hpb,
-            "BLOCK_N": cfg.q_block_n, "CAUSAL": causal, "WINDOW": wflag, "SOFTCAP": sflag,
-            "LONG_INDEXING": long_indexing, "PREC": prec, "FUSE_DELTA": fuse or dq_first, "STORE_DELTA": dq_first,
-        }, cfg.q_warps, cfg.q_stages)  # fmt: skip
-
-    if dq_first:
-        launch_dq()
-    launch(_dkdv_kernel, (sched_kv.shape[0] * Hkv,), (
-        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens, sched_kv,
+            GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb,
+            BLOCK_N=cfg.q_block_n, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing,
+            PREC=prec, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        )  # fmt: skip
+    _dkdv_kernel[(sched_kv.shape[0] * Hkv,)](
+        q, k, v, do, lse, delta, dk, dv, dq_acc if cfg.dq_atomic else dq, cu_seqlens, sched_kv,
         *qs, *ks, *vs, *dos, *dk.stride()[:2], *dv.stride()[:2],
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
-    ), {
-        "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_N": cfg.kv_block_n,
-        "BLOCK_M": cfg.kv_block_m, "HPB": cfg.kv_hpb, "CAUSAL": causal, "WINDOW": wflag, "SOFTCAP": sflag,
-        "LONG_INDEXING": long_indexing, "PREC": prec, "ATOMIC_DQ": cfg.dq_atomic, "FUSE_DELTA": fuse,
-    }, cfg.kv_warps, cfg.kv_stages)  # fmt: skip
-    if cfg.dq_atomic:
-        if dq is not dq_acc:
-            dq.copy_(dq_acc)
-        return dq, dk, dv
-    if not dq_first:
-        launch_dq()
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m,
+        HPB=cfg.kv_hpb, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
+        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )  # fmt: skip
+    if cfg.dq_atomic and dq is not dq_acc:
+        dq.copy_(dq_acc)
     return dq, dk, dv

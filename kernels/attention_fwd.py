@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_launch import launch
 from .indexing import needs_long_indexing
 
 __all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "n_slots", "pow2_at_least", "score_constants"]
@@ -313,8 +312,10 @@ def build_schedules(cu_seqlens: torch.Tensor, n_tokens: int, blocks: tuple[int, 
     grid = (-(-max(sizes) // SCHEDULE_BLOCK), len(blocks))
     # LOG_S: binary-search steps, rounded up to a multiple of 4 so that packs with different example counts share a
     # few compiled variants (surplus steps do nothing).
-    launch(_schedule_kernel, grid, (cu_seqlens, buf, n_seq, n_tokens, b[0], b[1], b[2], o[1], o[2]),
-           {"LOG_S": -(-n_seq.bit_length() // 4) * 4, "BLOCK_T": SCHEDULE_BLOCK}, 4, 3)  # fmt: skip
+    _schedule_kernel[grid](
+        cu_seqlens, buf, n_seq, n_tokens, b[0], b[1], b[2], o[1], o[2],
+        LOG_S=-(-n_seq.bit_length() // 4) * 4, BLOCK_T=SCHEDULE_BLOCK, num_warps=4, num_stages=3,
+    )  # fmt: skip
     return scheds
 
 
@@ -359,14 +360,12 @@ def flash_fwd(
     pre, post = score_constants(softmax_scale, softcap)
     n_tiles = sched.shape[0]
     grid = (n_tiles * (H // cfg.hpb),)
-    launch(_fwd_kernel, grid, (
+    _fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, sched,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         n_tiles, window or 0, pre, post,
-    ), {
-        "GROUP": group, "H": H, "HEAD_DIM": D, "BLOCK_D": pow2_at_least(D),
-        "BLOCK_M": cfg.block_m, "HPB": cfg.hpb, "BLOCK_N": cfg.block_n,
-        "CAUSAL": causal, "WINDOW": window is not None, "SOFTCAP": softcap is not None,
-        "LONG_INDEXING": long_indexing, "PREC": dot_precision(q.dtype),
-    }, cfg.num_warps, cfg.num_stages)  # fmt: skip
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=pow2_at_least(D), BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_indexing,
+        PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     return out, lse

@@ -7,8 +7,8 @@ several (T, V) copies alive (measured 27.8 GiB extra). Here the tokens are proce
 
     logits_c = hidden_c @ weight^T                 cuBLAS, into a preallocated (C, V) buffer (``out=``), in the
                                                    inputs' dtype (bf16: half the bytes of fp32)
-    one Triton pass over logits_c                  ``kernels.cross_entropy_rows``: per-row logsumexp in fp32, the
-                                                   target's loss, and the logits' gradient written IN PLACE
+    one Triton pass over logits_c                  ``_ce_rows_kernel``: per-row logsumexp in fp32, the target's
+                                                   loss, and the logits' gradient written IN PLACE
     grad_hidden_c = dlogits_c @ weight             cuBLAS, straight into the (T, E) grad buffer (``out=``)
     grad_weight  += dlogits_c^T @ hidden_c         only when the weight trains (LoRA freezes lm_head: skipped)
 
@@ -18,31 +18,18 @@ token t is scored against labels[t + 1]; the last token scores nothing.
 
 Cost per C-row chunk at E = 4096, V = 151936, bf16 (C = 1024): two GEMMs of 2 C E V = 1.27 TFLOP each (1.65 ms
 at the H200's ~774 TFLOP/s), each streaming the 1.16 GiB weight once, plus the row pass's 3 C V 2 = 0.93 GB
-(0.23 ms at 4 TB/s). So ~93% of the time is GEMM, ~6% row pass, the rest launch gaps. The GEMM count and shape
-are fixed by the math; what a schedule can change is (a) whether the row pass runs alone on the GPU or beside a
-GEMM and (b) the GEMM shapes (C).
+(0.23-0.28 ms at 3.4-4.0 TB/s measured). So ~93% of the time is GEMM, ~6% row pass, the rest launch gaps.
 
-Schedules (``schedule=`` keyword; ``set_default_schedule`` changes the default, no env var; the loops live in
-``kernels.cross_entropy_schedules``):
-* ``"serial"`` (default): one (C, V) buffer, everything on the current stream in order. Row pass on the
-  critical path: 16 x 0.23 ms = 3.7 ms at T = 16K.
-* ``"overlap"``: two (C/2, V) buffers (the same bytes) and the row pass on a second, high-priority CUDA stream,
-  so chunk i's row pass runs while chunk i+1's logits GEMM runs (stream order L0 L1 G0 L2 G1 ..., events
-  between). At most saves the row pass (3.7 ms at 16K, 6%); costs 2x the launches and GEMMs of C/2 rows.
-  Whether the two kernels really share the GPU depends on cuBLAS leaving SMs free, hence
-* ``"overlap_smN"``: ``"overlap"`` with cuBLAS told to leave N SMs free for the row pass (torch's experimental
-  SM carve-out, with cuBLASLt preferred, set and restored around each logits GEMM that runs beside a row pass;
-  the gradient GEMMs keep every SM). Worth it only if the row pass on N SMs moves its bytes at well above its
-  all-SM rate per SM (~30 GB/s per SM at 4 TB/s): the logits GEMMs lose ~N/132 of their speed meanwhile.
-On a CPU (Triton interpreter) all schedules run in one stream; the two-buffer bookkeeping is still exercised.
+Memory and chunk size (``chunk_bytes``, default ``DEFAULT_CHUNK_BYTES`` = 372 MiB): C = 1280 rows at V = 151936
+bf16 (4K tokens: 4 x 1024, 16K: 12 x 1280 + 1024). Extra memory = the buffer + grad_hidden (T x E) + O(T)
+vectors: 0.32 GiB at T = 4K, 0.49 GiB at 16K (H200), plus grad_weight (V x E, in the weight's dtype) when the
+weight trains. 1280 rather than 1024 rows: 63.9 vs 65.2 ms at 16K with a frozen weight, 98.4 vs 100.8 ms
+trainable (Liger-Kernel 66.5 / 109.7, H200). grad_weight is accumulated in place in that one buffer
+(``torch.mm(out=)`` for the first chunk, ``addmm_`` after): no fp32 (V, E) accumulator. Its rounding: one per
+chunk in bf16 (as Liger does); an fp32 weight accumulates in fp32.
 
-Memory and chunk size (``chunk_bytes`` = all logits buffers together; default ``None`` = automatic, 372 MiB): C =
-1280 rows at V = 151936 bf16 (4K tokens: 4 x 1024, 16K: 12 x 1280 + 1024). Extra memory = the buffers + grad_hidden
-(T x E) + O(T) vectors: 0.32 GiB at T = 4K, 0.49 GiB at 16K (H200, session 3; budget 0.5 GiB), plus grad_weight (V x
-E, in the weight's dtype) when the weight trains. 1280 rather than 1024 rows: 63.9 vs 65.2 ms at 16K with a frozen
-weight, 98.4 vs 100.8 ms trainable (Liger 66.5 / 109.7; ``tools/bench_ce_variants.py``). grad_weight is accumulated
-in place in that one buffer (``torch.mm(out=)`` for the first chunk, ``addmm_`` after): no fp32 (V, E) accumulator.
-Its rounding: one per chunk in bf16 (as Liger does); an fp32 weight accumulates in fp32.
+Offsets: the row kernel widens the row index to int64 before multiplying by the row stride (C x V may pass
+2**31); column offsets within a row stay int32 (V < 2**31).
 """
 
 from __future__ import annotations
@@ -50,55 +37,147 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
-from padless.kernels.cross_entropy_rows import ce_row_config, launch_ce_rows
-from padless.kernels.cross_entropy_schedules import SCHEDULES, Chunks, parse_schedule, run_overlap, run_serial
+__all__ = ["DEFAULT_CHUNK_BYTES", "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
 
-__all__ = [
-    "FROZEN_WEIGHT_CHUNK_BYTES",
-    "SCHEDULES",
-    "auto_chunk_bytes",
-    "default_schedule",
-    "fused_linear_cross_entropy",
-    "fused_linear_cross_entropy_reference",
-    "set_default_schedule",
-]
-
-# Older names, used by tools/bench_kernels_ce.py; the kernel lives in kernels.cross_entropy_rows.
-_launch_ce_rows = launch_ce_rows
-_ce_row_config = ce_row_config
-
-# The logits buffer(s), frozen or trainable weight (the name is older than that rule). 372 MiB gives C = 1280 rows
-# at V = 151936 in bf16 (fewer, deeper chunks: measured faster than 1024 at 16K tokens on the H200), and at T = 16K
-# the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB (0.49 measured).
-FROZEN_WEIGHT_CHUNK_BYTES = 372 * 2**20
+# The logits buffer: 372 MiB gives C = 1280 rows at V = 151936 in bf16 (fewer, deeper chunks: faster than 1024 at
+# 16K tokens on the H200), and at T = 16K the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB.
+DEFAULT_CHUNK_BYTES = 372 * 2**20
 # Chunk rows are rounded down to a multiple of this (matmul tile size) when the budget allows it.
 _ROW_QUANTUM = 128
 
-_default_schedule = "serial"
+
+# --------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _tanh(x):
+    # tanh from exp: saturates correctly at +-inf (exp -> inf gives 1, exp -> 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-def set_default_schedule(schedule: str) -> None:
-    """Make ``schedule`` the default of ``fused_linear_cross_entropy`` (for an A/B or a chosen default)."""
-    global _default_schedule
-    parse_schedule(schedule)
-    _default_schedule = schedule
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,  # (C, V) chunk logits, row stride ``stride_row``; overwritten with dlogits when WRITE_GRAD
+    targets_ptr,  # (C,) int, already shifted: targets[r] = labels[r + 1]
+    row_loss_ptr,  # (C,) fp32 out: the token's loss, 0 for ignored tokens, NaN for out-of-range targets
+    stride_row,
+    ignore_index,
+    softcap,
+    # V is constexpr: fixed per model (one compile), and under TRITON_INTERPRET a runtime loop bound fails
+    # (numpy 2.4 refuses int() of the interpreter's 1-element scalars).
+    V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SEGMENT: tl.constexpr,  # pass 1 keeps one running (max, sum) per SEGMENT contiguous columns of a block
+):
+    """One program per token row: pass 1 (max, sum of exp) over the row, pass 2 the gradient in place.
 
-
-def default_schedule() -> str:
-    """The schedule ``fused_linear_cross_entropy`` uses when none is passed."""
-    return _default_schedule
-
-
-def auto_chunk_bytes(weight: torch.Tensor, weight_trains: bool) -> int:
-    """The default logits-buffer size: 372 MiB (1280 rows at V = 151936 bf16), whether or not the weight trains.
-
-    Run 3 let the buffer grow to grad_weight's size when the weight trains (one 1.16 GiB chunk at T = 4K): 1.19
-    GiB extra, over the 0.5 GiB budget. With 372 MiB the extra is the buffer + grad_hidden (0.32 GiB at 4K, 0.49
-    at 16K); grad_weight is then accumulated by one ``addmm_`` per chunk, in place in the weight's dtype.
+    Pass 1 views each block of BLOCK_V columns as (BLOCK_V / SEGMENT, SEGMENT) and keeps a running max and sum
+    per segment lane: the per-block reductions stay inside a thread or between neighbouring lanes of a warp
+    (register shuffles), so the loop has no shared-memory reduction and no barrier that would hold the next
+    loads back. The lanes are combined once per row. Cost: one extra exp per segment per block (1 / SEGMENT
+    more exps).
+    Pass 2 walks the blocks last to first, so its first re-reads are the blocks pass 1 read last (the likeliest
+    still in L2).
     """
-    del weight, weight_trains  # kept in the signature: callers pass both, and the rule may depend on them again
-    return FROZEN_WEIGHT_CHUNK_BYTES
+    # Int64 row index: C * V passes 2**31 for big chunks.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    N_BLOCKS: tl.constexpr = (V + BLOCK_V - 1) // BLOCK_V
+    if target == ignore_index:
+        # Ignored token: loss 0, gradient row 0 (one write pass, no reads).
+        tl.store(row_loss_ptr + row, 0.0)
+        if WRITE_GRAD:
+            zero = tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                tl.store(row_ptr + start + cols, zero, mask=start + cols < V)
+    else:
+        # Pass 1: running max and sum of exp per segment lane, in fp32. Masked columns (past V) hold a finite
+        # stand-in for -inf: exp of it is 0 against any real max, and a lane that has seen only masked columns
+        # (V < BLOCK_V) never makes inf - inf = NaN; its count is wiped by exp(-huge) when lanes are combined.
+        NEG: tl.constexpr = -3.0e38
+        LANES: tl.constexpr = BLOCK_V // SEGMENT
+        offs = tl.arange(0, LANES)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+        m = tl.full([LANES], NEG, dtype=tl.float32)
+        s = tl.zeros([LANES], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            mask = start + offs < V
+            z = tl.load(row_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            z = tl.where(mask, z, NEG)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        # The target's logit, read before pass 2 overwrites the row. Out-of-range targets give a NaN loss (no
+        # host sync to raise on; NaN makes the bad label visible) and read column 0 instead of stray memory.
+        in_range = (target >= 0) & (target < V)
+        z_t = tl.load(row_ptr + tl.where(in_range, target, 0)).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_t = softcap * _tanh(z_t / softcap)
+        tl.store(row_loss_ptr + row, tl.where(in_range, lse - z_t, float("nan")))
+        if WRITE_GRAD:
+            # Pass 2, last block first: d loss / d logit = softmax - onehot, times d softcap / d logit = 1 - tanh^2.
+            for i in range(0, N_BLOCKS):
+                start = (N_BLOCKS - 1 - i) * BLOCK_V
+                mask = start + cols < V
+                x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    t = _tanh(x / softcap)
+                    g = tl.exp(softcap * t - lse)
+                    g = tl.where(start + cols == target, g - 1.0, g) * (1.0 - t * t)
+                else:
+                    g = tl.exp(x - lse)
+                    g = tl.where(start + cols == target, g - 1.0, g)
+                tl.store(row_ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------- host launchers
+def _row_config(vocab: int) -> tuple[int, int, int]:
+    """(BLOCK_V, SEGMENT, num_warps) of the row kernel, a pure function of the vocab size and logits dtype.
+
+    4096 columns x 8 warps: 16 values per thread (two 16-byte bf16 loads), 32 registers on sm_90 (Triton 3.6
+    offline compile; 38 with softcap), so 1024 rows of a chunk are all resident at once (~7.75 per SM, 8 fit by
+    threads; the default 1280-row chunk adds a partial second wave, cheaper than its deeper GEMMs save) with 8
+    KB of loads per row per block: ~62 KB in flight per SM, against the ~32 KB a saturated HBM needs.
+    SEGMENT 16: pass 1 reduces each block over 16 contiguous columns (within a thread and its lane neighbour).
+    """
+    block = min(4096, triton.next_power_of_2(vocab))
+    return block, min(16, block), 8 if block >= 4096 else 4
+
+
+def _launch_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    row_loss: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    write_grad: bool,
+) -> None:
+    """Row-wise CE over a (C, V) logits chunk; writes row_loss (C,) and, if asked, dlogits into ``logits``."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    block, segment, num_warps = _row_config(vocab)
+    _ce_rows_kernel[(rows,)](
+        logits,
+        targets,
+        row_loss,
+        logits.stride(0),
+        ignore_index,
+        1.0 if softcap is None else float(softcap),
+        V=vocab,
+        HAS_SOFTCAP=softcap is not None,
+        WRITE_GRAD=write_grad,
+        BLOCK_V=block,
+        SEGMENT=segment,
+        num_warps=num_warps,
+    )
 
 
 def _chunk_rows(tokens: int, vocab: int, element_size: int, chunk_bytes: int) -> int:
@@ -127,6 +206,50 @@ def _counted_first(counted: torch.Tensor) -> torch.Tensor:
     return order.scatter_(0, slot, torch.arange(counted.numel(), device=counted.device))
 
 
+def _run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_loss: torch.Tensor,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    ignore_index: int,
+    softcap: float | None,
+    chunk_bytes: int,
+) -> None:
+    """Per chunk, in order on the current stream: logits GEMM into one (C, V) buffer, the row pass (loss, and
+    dlogits in place), then the gradient GEMMs. ``keep`` (int64 token indices, or None for all tokens): only those
+    tokens are processed (``targets`` and ``row_loss`` are already compacted to them); each chunk gathers its
+    hidden rows and scatters its grad_hidden rows back, which must then start zeroed."""
+    tokens, vocab = targets.shape[0], weight.shape[0]
+    if tokens == 0:
+        if grad_weight is not None:
+            grad_weight.zero_()
+        return
+    rows = _chunk_rows(tokens, vocab, hidden.element_size(), chunk_bytes)
+    buffer = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+    weight_t = weight.t()  # a view: cuBLAS reads W (V, E) row-major as the transposed operand, no copy
+    write_grad = grad_hidden is not None or grad_weight is not None
+    for index, start in enumerate(range(0, tokens, rows)):
+        stop = min(start + rows, tokens)
+        hidden_c = hidden[start:stop] if keep is None else hidden.index_select(0, keep[start:stop])
+        logits = buffer[: stop - start]
+        torch.mm(hidden_c, weight_t, out=logits)
+        _launch_rows(logits, targets[start:stop], row_loss[start:stop], ignore_index, softcap, write_grad)
+        # ``logits`` now holds dlogits.
+        if grad_hidden is not None:
+            if keep is None:
+                torch.mm(logits, weight, out=grad_hidden[start:stop])
+            else:
+                grad_hidden.index_copy_(0, keep[start:stop], torch.mm(logits, weight))
+        if grad_weight is not None:
+            if index == 0:
+                torch.mm(logits.t(), hidden_c, out=grad_weight)  # no zero-fill pass over V x E
+            else:
+                grad_weight.addmm_(logits.t(), hidden_c)
+
+
 def _forward_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -136,27 +259,21 @@ def _forward_and_grads(
     chunk_bytes: int,
     need_grad_hidden: bool,
     need_grad_weight: bool,
-    schedule: str = "serial",
-    skip_ignored: bool = False,
-    counted_bound: int | None = None,
+    counted_bound: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The chunk loop: (loss_sum, n_counted, grad_hidden or None, grad_weight or None), gradients unscaled."""
-    overlap, sm_carveout = parse_schedule(schedule)
-    tokens, vocab = hidden.shape[0], weight.shape[0]
+    """(loss_sum, n_counted, grad_hidden or None, grad_weight or None), gradients unscaled."""
+    tokens = hidden.shape[0]
     # Shifted targets on the device (no sync): token t is scored against labels[t + 1]; the last scores nothing.
     targets = labels.new_full((tokens,), ignore_index)
     targets[:-1] = labels[1:]
     n_counted = (targets != ignore_index).sum()
-    keep = None
-    if skip_ignored and counted_bound is None:
-        counted_bound = int(n_counted)  # one host sync: the exact count
     if counted_bound is not None and counted_bound >= tokens:
         counted_bound = None  # every token: the plain path (nothing to skip, nothing to check)
+    keep = None
     if counted_bound is not None:
         # No sync: the counted tokens first (in order), then the ignored ones; the first ``counted_bound`` rows
         # (>= the count) are processed, the ignored among them score 0.
-        bound = max(int(counted_bound), 0)
-        keep = _counted_first(targets != ignore_index)[:bound]
+        keep = _counted_first(targets != ignore_index)[:counted_bound]
         targets = targets.index_select(0, keep)
     row_loss = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     if not need_grad_hidden:
@@ -166,27 +283,14 @@ def _forward_and_grads(
     else:
         grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)  # skipped rows stay 0
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else None
-
-    # "overlap" splits the same bytes over two buffers.
-    rows = _chunk_rows(targets.shape[0], vocab, hidden.element_size(), chunk_bytes // 2 if overlap else chunk_bytes)
-    chunks = Chunks(hidden, weight, targets, row_loss, grad_hidden, grad_weight, rows, ignore_index, softcap, keep)
-    if overlap:
-        run_overlap(chunks, rows, vocab, sm_carveout)
-    else:
-        run_serial(chunks, rows, vocab)
-    if grad_weight is not None and not chunks.bounds:
-        grad_weight.zero_()
+    _run_chunks(hidden, weight, targets, row_loss, grad_hidden, grad_weight, keep, ignore_index, softcap, chunk_bytes)
     loss_sum = row_loss.sum()
     if counted_bound is not None:  # a bound below the true count would drop tokens: make it loud, not wrong
-        loss_sum = torch.where(n_counted > bound, torch.full_like(loss_sum, float("nan")), loss_sum)
+        loss_sum = torch.where(n_counted > counted_bound, torch.full_like(loss_sum, float("nan")), loss_sum)
     return loss_sum, n_counted, grad_hidden, grad_weight
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# autograd.Function
-# ----------------------------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------------------------------------------------------ autograd.Function
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -199,15 +303,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         chunk_bytes: int,
         need_grad_hidden: bool,
         need_grad_weight: bool,
-        schedule: str,
-        skip_ignored: bool,
         counted_bound: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Autocast would refuse the ``out=`` matmuls and change the logits' dtype; the inputs' dtype rules here.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss_sum, n_counted, grad_hidden, grad_weight = _forward_and_grads(
                 hidden, weight, labels, ignore_index, softcap, chunk_bytes, need_grad_hidden, need_grad_weight,
-                schedule, skip_ignored, counted_bound,
+                counted_bound,
             )  # fmt: skip
         # Intermediates, not inputs/outputs: kept on ctx so backward can scale them in place and drop them.
         ctx.grads = (grad_hidden, grad_weight)
@@ -226,20 +328,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if grad_loss is None:
-            return (None,) * 11
+            return (None,) * 9
         # Scale by the incoming gradient of loss_sum, a 0-dim device tensor: in place, no host sync.
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
             grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Public function
-# ----------------------------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------------------------------------------------------------ public API
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_bytes: int | None) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
@@ -280,8 +378,6 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     *,
     chunk_bytes: int | None = None,
-    schedule: str | None = None,
-    skip_ignored: bool = False,
     counted_bound: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy losses of ``hidden @ weight.T`` and the count of counted tokens.
@@ -289,24 +385,19 @@ def fused_linear_cross_entropy(
     hidden (T, E) final-norm hidden states; weight (V, E) lm_head weight (may be a tied embedding, frozen or
     trainable); labels (T,) integer, unshifted Hugging Face labels: token t is scored against labels[t + 1], the
     last token scores nothing, ``ignore_index`` labels are not counted. ``softcap``: Gemma 2's
-    final_logit_softcapping (logits -> softcap * tanh(logits / softcap)). ``chunk_bytes``: size of the one
-    (C, V) logits buffer (both buffers together for the overlap schedules); ``None`` picks ``auto_chunk_bytes``:
-    372 MiB (frozen or trainable weight). Smaller saves memory, larger means fewer, deeper matmuls and fewer
-    grad_weight read-modify-writes. ``schedule``: ``"serial"``, ``"overlap"`` or ``"overlap_sm<N>"`` (module
-    docstring); ``None`` = ``default_schedule()``. Every schedule computes the same values. ``skip_ignored``:
-    process only the counted tokens (gathered chunk by chunk), so ignored ones (prompt tokens in SFT, often
-    30-60%) cost no GEMM and no row pass; costs one host sync per call (not CUDA-graph capturable), hence off
-    by default. ``counted_bound``: the same skipping without the sync, for callers that know on the host an
-    upper bound of the counted tokens (the trainer: the micro-batch's trainable-token count from the shards):
-    the first ``counted_bound`` tokens of a stable counted-first order get the GEMMs; a bound below the true
-    count makes loss_sum NaN rather than silently dropping tokens.
+    final_logit_softcapping (logits -> softcap * tanh(logits / softcap)). ``chunk_bytes``: size of the (C, V)
+    logits buffer (None: ``DEFAULT_CHUNK_BYTES``, 372 MiB). Smaller saves memory, larger means fewer, deeper
+    matmuls and fewer grad_weight read-modify-writes. ``counted_bound``: an upper bound of the counted tokens
+    known on the host (the trainer: the micro-batch's trainable-token count from the shards): only the first
+    ``counted_bound`` tokens of a stable counted-first order get the GEMMs and the row pass, so ignored tokens
+    (prompt tokens in SFT, often 30-60%) cost nothing, with no host sync; a bound below the true count makes
+    loss_sum NaN rather than silently dropping tokens.
 
     Returns (loss_sum fp32 0-dim, n_counted int64 0-dim); differentiable in loss_sum w.r.t. hidden and weight.
-    Never materialises the (T, V) logits and never syncs with the host (except with ``skip_ignored`` and no
-    ``counted_bound``). An
-    out-of-range label (not ``ignore_index``, outside [0, V)) makes loss_sum NaN. Gradients are computed in the
-    forward when grad mode is on and hidden or weight requires grad; a frozen weight skips its matmul. They stay
-    alive with the graph (T x E, plus V x E when the weight trains) until backward or until loss_sum is freed.
+    Never materialises the (T, V) logits and never syncs with the host. An out-of-range label (not
+    ``ignore_index``, outside [0, V)) makes loss_sum NaN. Gradients are computed in the forward when grad mode is
+    on and hidden or weight requires grad; a frozen weight skips its matmul. They stay alive with the graph
+    (T x E, plus V x E when the weight trains) until backward or until loss_sum is freed.
     Backward may run once per call (it scales the stored gradients in place).
     """
     _check_inputs(hidden, weight, labels, chunk_bytes)
@@ -315,8 +406,6 @@ def fused_linear_cross_entropy(
             f"fused_linear_cross_entropy: counted_bound={counted_bound!r}; expected None or an int >= the number of "
             "counted tokens (e.g. the micro-batch's trainable-token count)."
         )
-    schedule = _default_schedule if schedule is None else schedule
-    parse_schedule(schedule)
     grad_on = torch.is_grad_enabled()
     need_grad_hidden = grad_on and hidden.requires_grad
     need_grad_weight = grad_on and weight.requires_grad
@@ -326,20 +415,14 @@ def fused_linear_cross_entropy(
         labels,
         int(ignore_index),
         None if softcap is None else float(softcap),
-        auto_chunk_bytes(weight, need_grad_weight) if chunk_bytes is None else int(chunk_bytes),
+        DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes),
         need_grad_hidden,
         need_grad_weight,
-        schedule,
-        bool(skip_ignored),
         None if counted_bound is None else int(counted_bound),
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------------------------------------------------------------ reference
 def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,

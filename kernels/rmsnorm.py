@@ -1,26 +1,29 @@
-"""RMSNorm over the last dim, Llama/Qwen3 (``offset=0``) and Gemma ``(1 + w)`` (``offset=1``) variants.
+"""RMSNorm over the last dim, Llama/Qwen3 (``offset=0``) and Gemma ``(1 + w)`` (``offset=1``) casts.
 
 Shapes: T packed tokens, E normalized size: the hidden size for the model's norms (x (T, E)), or D for Qwen3's
 per-head q/k norms (x (T, H, D), weight (D,)). x is flattened to R rows of E; rows may be strided, a row's E
-values must be contiguous.
+values must be contiguous. P: programs of the persistent backward grid.
 
 Why fused: eager RMSNorm makes ~6 passes over (T, E) (fp32 cast, square, mean, scale, cast, weight product).
 The forward here reads x once and writes y once, plus one fp32 rstd per row kept for the backward; the backward
-reads dy and x once and writes dx once (``kernels/rmsnorm_bwd.py``). The weight gradient is deterministic
-(per-program fp32 partial rows summed in a fixed order, no float atomics), reduced either by a second small
-kernel or inside the backward's one launch; a frozen weight (LoRA) compiles the backward without any dw work.
+reads dy and x once and writes dx once. The weight gradient is deterministic: every backward program sums its
+rows into its own fp32 row of a (P, E) workspace, and a second small kernel sums those rows in program order (no
+float atomics). A frozen weight (LoRA) compiles the backward without any dw work and launches no reduction.
 
-Tuning lives in ``kernels/rmsnorm_config.py``: block sizes, the persistent one-wave grid with its register cap,
-and the named variants an A/B run switches between (``set_default_variant`` or ``rms_norm(..., variant=)``).
-H200, session 4 (CUDA-graph device time, % of the 1 GiB copy rate, E 4096 bf16, default ``two_launch_pdl``):
-T = 4K fwd 90% / bwd 77% (dx and dw; 91% with a frozen weight), 16K 97% / 92%, 64K 98% / 97%. At 4K the whole
-backward is ~24 us of traffic, so launch ramp, tail and the dw reduction decide; programmatic dependent launch
-(``rmsnorm_config``) overlaps each kernel's launch with the tail of the one before.
+On sm_90+ every kernel is launched with programmatic dependent launch (PDL): it waits (``griddepcontrol.wait``)
+for the kernel before it to finish before touching memory, and at once lets the next one launch, so launch and
+block dispatch overlap the previous kernel's tail while every load still happens after the previous kernel is
+complete (same values; a PDL chain replayed in a CUDA graph is bitwise equal to plain launches, tested).
+
+Measured on an H200 (bf16, E 4096, CUDA-graph device time, % of the same-size copy rate): T = 4K forward 90%,
+backward 77% with dw (91% with a frozen weight); T = 16K 97% / 92%; T = 64K 98% / 97%. At 4K the backward is
+~24 us of traffic, so the grid-wide dw reduction (3-5 us) decides what is left. ``tools/bench_kernels.py``.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,21 +31,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .indexing import needs_long_indexing
-from .rmsnorm_bwd import _dw_reduce_kernel, _rms_norm_bwd_kernel
-from .rmsnorm_config import (
-    REGS_PER_SM,
-    BwdConfig,
-    Variant,
-    bwd_config,
-    default_variant,
-    fwd_config,
-    get_variant,
-    one_launch_reducers,
-    register_cap,
-    set_default_variant,
-)
 
-__all__ = ["default_variant", "rms_norm", "rms_norm_reference", "set_default_variant"]
+__all__ = ["rms_norm", "rms_norm_reference"]
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -63,7 +53,7 @@ def _rms_norm_fwd_kernel(
     LONG_INDEXING: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """One program normalizes BLOCK_R whole rows (BLOCK_E >= E). PDL: see ``two_launch_pdl`` in rmsnorm_config."""
+    """One program normalizes BLOCK_R whole rows (BLOCK_E >= E)."""
     if PDL:  # launched early: wait for the previous kernel before any access, then let the next one launch
         gdc_wait()
         gdc_launch_dependents()
@@ -88,48 +78,69 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["R", "n_blocks", "n_programs"])  # see _rms_norm_bwd_kernel
-def _rms_norm_fwd_persistent_kernel(
+# Sizes that change with T are not specialized (Triton would compile again for each "== 1" / "divisible by 16"
+# pattern of them); strides and pointers are, for 16-byte vector loads.
+@triton.jit(do_not_specialize=["R", "n_blocks", "n_programs"])
+def _rms_norm_bwd_kernel(
+    dy_ptr,  # (R, E) rows of stride_dy
     x_ptr,  # (R, E) rows of stride_x
     w_ptr,  # (E,)
-    y_ptr,  # (R, E) contiguous
     rstd_ptr,  # (R,) fp32
+    dx_ptr,  # (R, E) contiguous
+    dw_partial_ptr,  # (P, E) fp32, one row per program
     R,
     n_blocks,  # cdiv(R, BLOCK_R)
-    n_programs,  # the grid size
+    n_programs,  # P, the grid size
+    stride_dy,
     stride_x,
-    eps,
     offset,
-    E: tl.constexpr,
+    E: tl.constexpr,  # fixed per model (hidden size or head dim): E == BLOCK_E drops every column mask
     GEMMA_CAST: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     LONG_INDEXING: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Persistent forward (variant knob ``fwd_programs_per_sm``): program p normalizes row blocks p, p + N, ...,
-    loading the next block before computing the current one, so an SM's loads stay in flight without the block
-    scheduler launching a new program per row (at T = 4K: 16 blocks a program instead of 4096 programs)."""
-    if PDL:
+    """Program p handles row blocks p, p + P, p + 2P, ...; dx per row, dw summed per program.
+
+    With g = dy * (offset + w) and n = x * rstd: dx = rstd * (g - n * mean(g * n)), dw = sum_rows(dy * n')
+    where n' is n rounded to x's dtype for the Llama cast (the value the weight multiplied in the forward).
+    Each iteration loads the next (BLOCK_R, BLOCK_E) tile of dy, x and rstd before computing the current one, so
+    loads stay in flight during the compute. dw accumulates in a (BLOCK_R, BLOCK_E) fp32 register tile, reduced
+    over rows once at the end and stored as this program's partial row.
+    """
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel before any access
         gdc_wait()
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    block = pid
-    if LONG_INDEXING:
-        block = pid.to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     col_mask = cols < E
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if GEMMA_CAST:
+        w = offset + w
+    dw_acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
+    block = pid
+    if LONG_INDEXING:
+        block = pid.to(tl.int64)
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    if E == BLOCK_E:
+    if E == BLOCK_E:  # full rows: only the row mask (broadcast), so the compiler keeps no per-column predicates
         mask = row_mask[:, None]
     else:
         mask = row_mask[:, None] & col_mask[None, :]
+    dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
     x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    while block < n_blocks:  # a while loop for the interpreter (see the backward kernel)
+    rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    # Interleaved blocks (neighbouring programs read neighbouring rows). A while loop, not tl.range: Triton 3.6's
+    # interpreter cannot take a runtime bound in range() with numpy 2 (int() of a 1-element array).
+    while block < n_blocks:
+        dy = dy_next.to(tl.float32)
         x = x_next.to(tl.float32)
-        cur_rows, cur_row_mask, cur_mask = rows, row_mask, mask
+        rstd = rstd_next
+        cur_rows = rows
+        cur_mask = mask
         block += n_programs
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < R
@@ -137,15 +148,121 @@ def _rms_norm_fwd_persistent_kernel(
             mask = row_mask[:, None]
         else:
             mask = row_mask[:, None] & col_mask[None, :]
+        # The next block's loads go out now (fully masked past the end: no memory access).
+        dy_next = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
         x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / E + eps)
+        rstd_next = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         normed = x * rstd[:, None]
-        if GEMMA_CAST:
-            y = normed * (offset + w[None, :])
-        else:
-            y = normed.to(x_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
-        tl.store(y_ptr + cur_rows[:, None] * E + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=cur_mask)
-        tl.store(rstd_ptr + cur_rows, rstd, mask=cur_row_mask)
+        if COMPUTE_DX:
+            g = dy * w[None, :]
+            mean_gn = tl.sum(g * normed, axis=1) * (1.0 / E)
+            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
+            tl.store(dx_ptr + cur_rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cur_mask)
+        if COMPUTE_DW:
+            if GEMMA_CAST:
+                dw_acc += dy * normed
+            else:
+                dw_acc += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + pid * E + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _dw_reduce_kernel(
+    partial_ptr,  # (P, E) fp32 partial rows
+    dw_ptr,  # (E,) in the weight's dtype
+    P,
+    E,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """dw[c] = sum over p of partial[p, c], in a fixed order (tiles of BLOCK_P rows, in sequence), cast once."""
+    if PDL:  # see _rms_norm_bwd_kernel
+        gdc_wait()
+        gdc_launch_dependents()
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < E
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = 0
+    while start < P:  # a while loop for the interpreter (see the backward kernel)
+        prow = start + tl.arange(0, BLOCK_P)
+        tile_mask = (prow < P)[:, None] & col_mask[None, :]
+        tile = tl.load(partial_ptr + prow[:, None] * E + cols[None, :], mask=tile_mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+        start += BLOCK_P
+    tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ------------------------------------------------------------------------------------- launch configuration
+# Registers per SM on sm_80/sm_90 (and the CPU stand-in): the budget the backward's register cap divides.
+REGS_PER_SM = 65536
+# The dw reduction: 16 columns (64 B of each partial row) per program, all partial rows in one tile of up to
+# 512 x 16 fp32: one round of loads per program (~1-2 us); E 4096 -> 256 programs.
+REDUCE_BLOCK_C = 16
+REDUCE_MAX_ROWS = 512
+
+
+def fwd_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, num_warps) of the forward: about 4096 elements per program (whole rows, at least one),
+    4 warps below 2048 elements a program, 8 below 16384, else 16.
+
+    E 4096 -> 1 row x 4096 with 8 warps (16 elements, two 16-byte loads per thread); per-head E 128 -> 32 rows per
+    program so that small rows still make wide programs. Register counts (Triton 3.6, sm_90): E 4096 at 8 warps
+    takes 64 registers x 256 threads, so 4 programs (32 KB of loads) fit per SM; per-head 32 x 128 at 8 warps 80
+    registers, 3 programs (24 KB). 95-96% of copy for both at T = 64K on an H200.
+    """
+    block_e = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block_e))
+    program = block_r * block_e
+    return block_r, block_e, 16 if program >= 16384 else 8 if program >= 2048 else 4
+
+
+class BwdConfig(NamedTuple):
+    """Launch configuration of the backward (see :func:`bwd_config`)."""
+
+    block_r: int  # rows per tile
+    block_e: int  # next power of two >= E
+    num_warps: int
+    programs: int  # persistent grid size (one wave)
+    maxnreg: int  # register cap that makes the planned programs per SM fit
+    reduce_block_p: int  # partial rows per step of the dw reduction
+
+
+def register_cap(programs_per_sm: int, num_warps: int) -> int:
+    """Registers per thread that let ``programs_per_sm`` programs of ``num_warps`` warps share an SM."""
+    return min(255, REGS_PER_SM // (programs_per_sm * num_warps * 32)) // 8 * 8  # ptxas allocates in 8s
+
+
+def bwd_config(n_rows: int, n_cols: int, sms: int) -> BwdConfig:
+    """The backward's launch configuration, a pure function of (rows, E, SM count).
+
+    Bytes in flight per SM are what a memory-bound loop needs (~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB): the tile
+    each resident program has loaded plus the next tile's loads, in flight while the current one computes.
+    Register counts (Triton 3.6 offline compile for sm_90, E a constexpr, dx and dw):
+    * wide rows (E >= 1024): one row per tile, 16 elements per thread (E 4096 -> 8 warps): 124-128 registers
+      (cap 128, no spill), 2 programs x (16 KB loaded + 16 KB prefetched) per SM. E 8192: 16 warps, 1 program;
+      E 2048: 4 warps, 4 programs.
+    * narrow rows (per-head E 128; 64, 256): 2048 elements per tile (E 128 -> 16 rows), 4 warps: 122-128
+      registers, 4 programs per SM; E 64 needs up to 151, so 3 programs (cap 168).
+    The register cap is always set, so the occupancy the persistent grid is sized for is what the hardware gets:
+    one wave (a second, partial wave would double the slowest SM's time). Measured on an H200 at T = 4K, E 4096,
+    one 16-warp program per SM instead is slower (35.6 vs 30.7 us), and so is a lower cap with more programs per
+    SM at 16K/64K.
+    """
+    block_e = triton.next_power_of_2(n_cols)
+    if block_e >= 1024:
+        block_r = 1
+        num_warps = max(4, min(16, block_e // 512))  # 16 elements per thread up to E 8192
+        per_sm = max(1, 16 // num_warps)
+    else:
+        block_r = max(1, 2048 // block_e)
+        num_warps = 4
+        per_sm = 4 if block_e >= 128 else 3  # E 64: 32 rows x 64 need up to 151 registers
+    n_blocks = triton.cdiv(max(n_rows, 1), block_r)
+    programs = max(1, min(n_blocks, per_sm * sms))
+    reduce_p = max(1, min(triton.next_power_of_2(programs), REDUCE_MAX_ROWS))
+    return BwdConfig(block_r, block_e, num_warps, programs, register_cap(per_sm, num_warps), reduce_p)
 
 
 # ------------------------------------------------------------------------------------------- host launchers
@@ -173,10 +290,10 @@ def _has_pdl(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _pdl_kwargs(choice: Variant, x: torch.Tensor) -> dict:
-    """Launch options of a ``pdl`` variant: the PDL constexpr and Triton's ``launch_pdl`` attribute, on sm_90+ CUDA
-    devices only (Triton's interpreter and older GPUs run the variant as the plain kernel)."""
-    if not (choice.pdl and x.is_cuda and _has_pdl(x.device.index if x.device.index is not None else 0)):
+def _pdl_kwargs(x: torch.Tensor) -> dict:
+    """The PDL constexpr and Triton's ``launch_pdl`` attribute on sm_90+ CUDA devices; nothing elsewhere (older
+    GPUs and Triton's interpreter run the plain kernels)."""
+    if not (x.is_cuda and _has_pdl(x.device.index if x.device.index is not None else 0)):
         return {}
     return {"PDL": True, "launch_pdl": True}
 
@@ -202,74 +319,20 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dt
     return x.dtype if offset != 0.0 else torch.promote_types(x.dtype, weight.dtype)
 
 
-def _bwd_config(n_rows: int, n_cols: int, dtype: torch.dtype, sms: int) -> BwdConfig:
-    """Run 4's backward configuration (the ``two_launch`` variant); kept for tests and tools."""
-    del dtype  # same configuration for bf16/fp16/fp32 (fp32 compiles to the same register counts, no spill)
-    return bwd_config(n_rows, n_cols, sms)
-
-
-_register_cap = register_cap
-_REGS_PER_SM = REGS_PER_SM
-# One (2,) int32 ticket counter per (device, stream), zero between launches (the kernel's last reducer resets it),
-# so back-to-back and CUDA-graph-replayed backwards reuse it; per stream so that two streams never share one.
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _ticket_counter(device: torch.device) -> torch.Tensor:
-    """The counter for the current stream. A CUDA-graph capture runs on its own stream after a warm-up on another
-    (train.cuda_graph, torch.cuda.graph): it takes the device's warm-up counter (made eagerly, so zero), the graph
-    then replays on one stream at a time. Only a capture with no counter yet on the device makes one inside the
-    graph: a zeroing memset node replayed before each use, kept out of the cache (it is never zeroed eagerly)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    counter = _COUNTERS.get(key)
-    if counter is not None:
-        return counter
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        same_device = [c for (d, _), c in _COUNTERS.items() if d == device]
-        return same_device[0] if same_device else torch.zeros(2, dtype=torch.int32, device=device)
-    counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counter
-
-
-def _launch_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    offset: float,
-    block_r: int | None = None,
-    num_warps: int | None = None,
-    variant: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y and the fp32 rstd per row. ``block_r``/``num_warps`` override the variant's (tests, sweeps)."""
+def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the fp32 rstd per row."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x.shape, dtype=_out_dtype(x, weight, offset), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, rstd
-    choice = get_variant(variant)
-    default_r, block_e, default_warps = fwd_config(n_cols, choice.fwd_elements, choice.fwd_per_thread)
-    block_r = block_r or default_r
-    # Launch options shared by both forward kernels.
-    options = dict(
-        GEMMA_CAST=offset != 0.0,
-        BLOCK_R=block_r,
-        BLOCK_E=block_e,
-        LONG_INDEXING=needs_long_indexing(x2, y),
-        num_warps=num_warps or default_warps,
-        **_pdl_kwargs(choice, x),
-    )
-    if choice.fwd_programs_per_sm:
-        n_blocks = triton.cdiv(n_rows, block_r)
-        programs = min(n_blocks, choice.fwd_programs_per_sm * _sm_count(x))
-        programs = triton.cdiv(n_blocks, triton.cdiv(n_blocks, programs))  # balanced: same blocks, fewest programs
-        _rms_norm_fwd_persistent_kernel[(programs,)](
-            x2, weight, y, rstd, n_rows, n_blocks, programs, x2.stride(0), eps, offset, E=n_cols, **options
-        )
-        return y, rstd
+    block_r, block_e, num_warps = fwd_config(n_cols)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), eps, offset, **options
-    )
+        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), eps, offset,
+        GEMMA_CAST=offset != 0.0, BLOCK_R=block_r, BLOCK_E=block_e, LONG_INDEXING=needs_long_indexing(x2, y),
+        num_warps=num_warps, **_pdl_kwargs(x),
+    )  # fmt: skip
     return y, rstd
 
 
@@ -281,80 +344,32 @@ def _launch_bwd(
     offset: float,
     compute_dx: bool,
     compute_dw: bool,
-    block_r: int | None = None,
-    num_warps: int | None = None,
-    programs: int | None = None,
-    prefetch: bool | None = None,
-    variant: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dx and dw (each only if asked). The overrides are for tests and tools/bench_kernels_sweep.py; with any of
-    them the register cap follows the overridden grid (programs per SM = cdiv(programs, SMs)), so a swept
-    "programs per SM" is what the hardware runs (spilling if the tile needs more registers than that leaves)."""
-    choice: Variant = get_variant(variant)
+    """dx and dw, each only if asked: the persistent backward, then (dw only) the fixed-order reduction."""
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
-    sms = _sm_count(x)
-    one_launch = choice.one_launch and compute_dw
-    cfg = bwd_config(n_rows, n_cols, sms, balanced=choice.balanced, one_launch=one_launch)
-    overridden = block_r is not None or num_warps is not None or programs is not None
-    block_r = block_r or cfg.block_r
-    num_warps = num_warps or cfg.num_warps
-    n_blocks = triton.cdiv(n_rows, block_r)
-    n_programs = min(programs or cfg.programs, n_blocks)
-    maxnreg = register_cap(triton.cdiv(n_programs, sms), num_warps) if overridden else cfg.maxnreg
-    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
-    dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device) if compute_dw else None
-    counter = _ticket_counter(x.device) if one_launch else rstd  # unused pointer unless ONE_LAUNCH
-    reduce_p = min(cfg.reduce_block_p, triton.next_power_of_2(n_programs))
-    reducers = one_launch_reducers(n_programs, n_cols, choice.reducers, sms, interpreted=not x.is_cuda)
-    pdl = _pdl_kwargs(choice, x)  # both backward launches
-    _rms_norm_bwd_kernel[(n_programs,)](
-        dy2,
-        x2,
-        weight,
-        rstd,
+    if not (compute_dx or compute_dw):
+        return None, None
+    cfg = bwd_config(n_rows, n_cols, _sm_count(x))
+    dw_partial = torch.empty((cfg.programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    pdl = _pdl_kwargs(x)  # both launches
+    _rms_norm_bwd_kernel[(cfg.programs,)](
+        dy2, x2, weight, rstd,
         dx if compute_dx else x2,  # unused pointer when COMPUTE_DX is False
-        dw_partial,
-        dw if one_launch else dw_partial,  # unused pointer unless ONE_LAUNCH
-        counter,
-        n_rows,
-        n_blocks,
-        n_programs,
-        reducers,
-        dy2.stride(0),
-        x2.stride(0),
-        offset,
-        E=n_cols,
-        GEMMA_CAST=offset != 0.0,
-        COMPUTE_DX=compute_dx,
-        COMPUTE_DW=compute_dw,
-        ONE_LAUNCH=one_launch,
-        BLOCK_R=block_r,
-        BLOCK_E=cfg.block_e,
-        PREFETCH=cfg.prefetch if prefetch is None else prefetch,
-        REDUCE_P=reduce_p,
-        REDUCE_C=cfg.reduce_block_c,
-        LONG_INDEXING=needs_long_indexing(dy2, x2, dx),
-        num_warps=num_warps,
-        maxnreg=maxnreg,
-        **pdl,
-    )
-    if not compute_dw or one_launch:
-        return dx, dw
-    # two_launch: the deterministic reduction of the per-program partial rows (fixed order, no atomics), cast to
-    # the weight's dtype in the same launch.
-    _dw_reduce_kernel[(triton.cdiv(n_cols, cfg.reduce_block_c),)](
-        dw_partial,
-        dw,
-        n_programs,
-        n_cols,
-        BLOCK_P=reduce_p,
-        BLOCK_C=cfg.reduce_block_c,
-        num_warps=8,
-        **pdl,
+        dw_partial,  # unused (rstd) when COMPUTE_DW is False
+        n_rows, triton.cdiv(n_rows, cfg.block_r), cfg.programs, dy2.stride(0), x2.stride(0), offset,
+        E=n_cols, GEMMA_CAST=offset != 0.0, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, BLOCK_R=cfg.block_r,
+        BLOCK_E=cfg.block_e, LONG_INDEXING=needs_long_indexing(dy2, x2, dx), num_warps=cfg.num_warps,
+        maxnreg=cfg.maxnreg, **pdl,
+    )  # fmt: skip
+    if not compute_dw:
+        return dx, None
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
+    _dw_reduce_kernel[(triton.cdiv(n_cols, REDUCE_BLOCK_C),)](
+        dw_partial, dw, cfg.programs, n_cols, BLOCK_P=cfg.reduce_block_p, BLOCK_C=REDUCE_BLOCK_C, num_warps=8, **pdl
     )
     return dx, dw
 
@@ -362,37 +377,30 @@ def _launch_bwd(
 # ------------------------------------------------------------------------------------------ autograd.Function
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, variant):  # type: ignore[override]
-        y, rstd = _launch_fwd(x, weight, eps, offset, variant=variant)
+    def forward(ctx, x, weight, eps, offset):  # type: ignore[override]
+        y, rstd = _launch_fwd(x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
-        ctx.variant = variant
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         # LoRA: frozen norm weights need no dw, so its partial sums are skipped entirely.
-        dx, dw = _launch_bwd(
-            dy, x, weight, rstd, ctx.offset, ctx.needs_input_grad[0], ctx.needs_input_grad[1], variant=ctx.variant
-        )
-        return dx, dw, None, None, None
+        dx, dw = _launch_bwd(dy, x, weight, rstd, ctx.offset, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dw, None, None
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *, variant: str | None = None
-) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """RMSNorm of x (..., E) over its last dim with weight (E,), fused forward and backward (Triton).
 
     ``offset=0`` follows LlamaRMSNorm/Qwen3RMSNorm's casts, ``offset=1.0`` GemmaRMSNorm's ``(1 + w)`` in fp32
-    (see :func:`rms_norm_reference`). Per-head q/k norms: x (T, H, D), weight (D,). ``variant`` names a tuning
-    variant of ``kernels.rmsnorm_config.VARIANTS`` (None: the default, see :func:`set_default_variant`); every
-    variant computes the same values up to the order of the fp32 dw sum.
+    (see :func:`rms_norm_reference`). Per-head q/k norms: x (T, H, D), weight (D,). The weight gradient is
+    bitwise reproducible (fixed-order sum).
     """
     _check_args(x, weight)
-    name = default_variant() if variant is None else get_variant(variant).name  # resolved once: fwd and bwd agree
-    return _RMSNorm.apply(x, weight, float(eps), float(offset), name)
+    return _RMSNorm.apply(x, weight, float(eps), float(offset))
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -401,10 +409,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
     ``offset == 0`` (LlamaRMSNorm, Qwen3RMSNorm): normalize in fp32, cast to x's dtype, then multiply by the weight
     (the result dtype follows PyTorch promotion of x and weight). ``offset != 0`` (GemmaRMSNorm with 1.0): multiply
-    by ``(offset + weight)`` in fp32 and cast the product to x's dtype. float64 input computes in float64.
+    by ``(offset + weight)`` in fp32 and cast the product to x's dtype. float64 input computes in float64, so
+    tests get a true high-precision reference.
     """
-    # fp32 as Hugging Face does; float64 inputs stay float64 so that tests get a true high-precision reference
-    # (an fp32 "float64 reference" hid the fp32 error scale: run 3's fp32 GPU test at E=8192 failed on it).
     compute = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute)
     normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)

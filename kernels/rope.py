@@ -143,7 +143,7 @@ def _default_block_t(t: int, n_heads_total: int, d: int, n_sms: int | None) -> i
     BLOCK_T x H x D values are live). sm_90 register counts (Triton 3.6 offline compile, 8 warps): BLOCK_T 4 ->
     127 registers, 2 programs resident per SM, 2 x 40 KB of q/k loads in flight; BLOCK_T 2 -> 64 registers, 4
     resident, 4 x 20 KB: the same bytes in flight per SM, so halving BLOCK_T costs nothing in bandwidth. Small T
-    launches few programs: H200 run 1 (do_bench, launch path included) measured 3.89-4.10 TB/s at T = 16K/64K
+    launches few programs: on an H200 (do_bench, launch path included) 3.89-4.10 TB/s at T = 16K/64K
     (4096/16384 programs of 4 tokens) but 1.37 TB/s at 4K, 1024 programs = 7.8 per SM, so SMs idle for up to
     13% of the run at the end. T = 4096 -> BLOCK_T = 2: 2048 programs, 15.5 per SM, tail <= 6.5%; T >= 16K keeps
     4. Most of the 4K gap is the launch path (0.063 ms for 21 us of traffic), which the graph-timed bench

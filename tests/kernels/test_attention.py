@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from padless.kernels import attention as attention_mod
-from padless.kernels import attention_bwd
 from padless.kernels.attention import (
     BwdConfig,
     FwdConfig,
@@ -174,20 +173,17 @@ def test_deterministic_backward_is_bitwise_repeatable() -> None:
         assert torch.equal(x, y)
 
 
-def test_deterministic_flag_picks_the_backward_path(tmp_path) -> None:
-    """Built-in default: atomic dQ; deterministic=True: the dQ kernel (also over an explicit atomic bwd_cfg).
-
-    The shipped tuned table may make the deterministic pair the default of a bucket where it measured faster, so
-    the default is checked against the built-in table; deterministic=True must hold with either table."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_mod, "TUNED_PATH", tmp_path / "no_tuned_table.json")
-        fast = default_configs(128, torch.bfloat16, 4096, 4, 4096.0)[1]
-        safe = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, deterministic=True)[1]
+def test_deterministic_flag_picks_the_backward_path() -> None:
+    """Built-in default: atomic dQ; deterministic=True: the dQ kernel (also over an explicit atomic bwd_cfg)."""
+    fast = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, gpu=None)[1]
+    safe = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, deterministic=True, gpu=None)[1]
     assert fast.dq_atomic and not safe.dq_atomic
-    for bucket_len in (64.0, 1024.0, 4096.0, 16384.0):
-        assert not default_configs(128, torch.bfloat16, 16384, 4, bucket_len, deterministic=True)[1].dq_atomic
+    for gpu in (None, "NVIDIA H200"):
+        for bucket_len in (64.0, 1024.0, 4096.0, 16384.0):
+            bwd = default_configs(128, torch.bfloat16, 16384, 4, bucket_len, deterministic=True, gpu=gpu)[1]
+            assert not bwd.dq_atomic
     calls = []
-    real = attention_bwd.flash_bwd
+    real = attention_mod.flash_bwd
 
     def spy(*args, **kw):
         calls.append(args[-1].dq_atomic)
@@ -235,85 +231,137 @@ def test_long_example_window_softcap(name: str, atomic: bool) -> None:
 BAD_FWD = {"block_m": 48, "hpb": 1, "block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
-def _write_tuned(path, entries) -> None:
-    path.write_text(json.dumps({"version": attention_mod.TUNED_VERSION, "entries": entries}))
+def _write_tuned(path, cases, gpu: str = "GPU A") -> None:
+    path.write_text(json.dumps({"version": attention_mod.TUNED_VERSION, "tables": [{"gpu": gpu, "cases": cases}]}))
+
+
+def _use_table(monkeypatch: pytest.MonkeyPatch, path) -> None:
+    monkeypatch.setattr(attention_mod, "TUNED_PATH", path)
+    attention_mod.load_tuned.cache_clear()
+    attention_mod._configs_for.cache_clear()
 
 
 def test_tuned_table_is_read_and_fitted_to_the_group(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "tuned.json"
     at = {"kv_block_n": 128, "kv_block_m": 16, "kv_hpb": 4, "kv_warps": 8, "kv_stages": 3}
     fwd = {"block_m": 32, "hpb": 2, "block_n": 64, "num_warps": 4, "num_stages": 2}
-    _write_tuned(path, [{"D": 128, "dtype": "bf16", "bucket": "long", "kind": "bwd_atomic", "config": at},
-                        {"D": 128, "dtype": "bf16", "bucket": "short", "kind": "fwd", "config": fwd}])  # fmt: skip
-    monkeypatch.setattr(attention_mod, "TUNED_PATH", path)
-    f, b = default_configs(128, torch.bfloat16, 8192, 4, 8192.0)
+    _write_tuned(path, [
+        {"D": 128, "dtype": "bf16", "bucket": "long", "backward": "atomic", "tiles": {"bwd_atomic": at}},
+        {"D": 128, "dtype": "bf16", "bucket": "short", "tiles": {"fwd": fwd}},
+    ])  # fmt: skip
+    _use_table(monkeypatch, path)
+    f, b = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, gpu="GPU A")
     assert (b.kv_block_n, b.kv_block_m, b.kv_hpb, b.kv_warps, b.kv_stages, b.dq_atomic) == (128, 16, 4, 8, 3, True)
-    assert f == attention_mod._builtin_configs(128, "long", 4)["fwd"]  # no tuned fwd entry for "long"
+    assert f == attention_mod._builtin_configs(128, "long", 4)["fwd"]  # no tuned fwd tiles for "long"
     # Group 2: 4 heads per tile do not divide it, so the tile keeps its 64 rows as 32 tokens x 2 heads.
-    b2 = default_configs(128, torch.float16, 8192, 2, 8192.0)[1]  # fp16 falls back to the bf16 entry
+    b2 = default_configs(128, torch.float16, 8192, 2, 8192.0, gpu="GPU A")[1]  # fp16 falls back to bf16's tiles
     assert (b2.kv_block_m, b2.kv_hpb) == (32, 2)
-    assert default_configs(128, torch.bfloat16, 8192, 4, 100.0)[0] == FwdConfig(**fwd)
-    # Deterministic path: no tuned bwd_kv entry, so the built-in one.
-    bd = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, deterministic=True)[1]
+    assert default_configs(128, torch.bfloat16, 8192, 4, 100.0, gpu="GPU A")[0] == FwdConfig(**fwd)
+    # Deterministic path: no tuned bwd_kv tiles, so the built-in ones.
+    bd = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, deterministic=True, gpu="GPU A")[1]
     assert tuple(bd[:5]) == attention_mod._builtin_configs(128, "long", 4)["bwd_kv"] and not bd.dq_atomic
 
 
+def test_tuned_table_is_honoured_only_on_its_gpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another GPU (or the CPU) gets the built-in tiles and the atomic backward, not GPU A's measurements."""
+    path = tmp_path / "tuned.json"
+    fwd = {"block_m": 32, "hpb": 2, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    kv = {"kv_block_n": 64, "kv_block_m": 32, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 1}
+    _write_tuned(path, [{"D": 128, "dtype": "bf16", "bucket": "long", "backward": "deterministic",
+                         "tiles": {"fwd": fwd, "bwd_kv": kv}}])  # fmt: skip
+    _use_table(monkeypatch, path)
+    builtin = attention_mod._builtin_configs(128, "long", 4)
+    f, b = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, gpu="GPU A")
+    assert f == FwdConfig(**fwd) and tuple(b[:5]) == tuple(kv.values()) and not b.dq_atomic
+    for other in ("GPU B", None):
+        f, b = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, gpu=other)
+        assert tuple(f) == builtin["fwd"] and tuple(b[:5]) == builtin["bwd_atomic"] and b.dq_atomic
+
+
 def test_xlong_bucket_takes_long_tiles_until_it_has_its_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # One 16K example per pack is "xlong". With only "long" entries it runs long's tiles and long's atomic-vs-
-    # deterministic verdict (the pair measured faster there); its own entries win once a sweep writes them.
+    # One 16K example per pack is "xlong". With only a "long" case it runs long's tiles and long's backward;
+    # its own tiles win once a sweep writes them, and its own backward choice once the sweep measured both.
     assert [length_bucket(n) for n in (256, 2048, 8192, 8193)] == ["short", "medium", "long", "xlong"]
     path = tmp_path / "tuned.json"
     kv = {"kv_block_n": 64, "kv_block_m": 32, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 1}
     at = {"kv_block_n": 64, "kv_block_m": 16, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 2}
     dq = {"q_block_m": 64, "q_hpb": 2, "q_block_n": 32, "q_warps": 8, "q_stages": 2}
 
-    def entry(bucket, kind, config, ms):
-        return {"D": 256, "dtype": "bf16", "bucket": bucket, "kind": kind, "config": config, "ms": ms}
+    def case(bucket, tiles, backward=None):
+        out = {"D": 256, "dtype": "bf16", "bucket": bucket, "tiles": tiles}
+        return out if backward is None else {**out, "backward": backward}
 
-    long_entries = [entry("long", "bwd_atomic", at, 17.8), entry("long", "bwd_kv", kv, 25.0),
-                    entry("long", "bwd_dq", dq, 13.2)]  # fmt: skip
-    _write_tuned(path, long_entries)
-    monkeypatch.setattr(attention_mod, "TUNED_PATH", path)
-    b_long = default_configs(256, torch.bfloat16, 4096, 4, 4096.0)[1]
-    b_xlong = default_configs(256, torch.bfloat16, 16384, 4, 16384.0)[1]
-    assert b_xlong == b_long and not b_xlong.dq_atomic and b_xlong.dq_first
+    long_case = case("long", {"bwd_atomic": at, "bwd_kv": kv, "bwd_dq": dq}, "deterministic")
+    _write_tuned(path, [long_case])
+    _use_table(monkeypatch, path)
+    b_long = default_configs(256, torch.bfloat16, 4096, 4, 4096.0, gpu="GPU A")[1]
+    b_xlong = default_configs(256, torch.bfloat16, 16384, 4, 16384.0, gpu="GPU A")[1]
+    assert b_xlong == b_long and not b_xlong.dq_atomic
     assert tuple(b_xlong[:10]) == (64, 32, 2, 8, 1, 64, 2, 32, 8, 2)
-    # An xlong sweep that timed only the deterministic pair: its tiles, long's verdict (atomic slower there).
+    # An xlong sweep that timed only the deterministic pair: its tiles, long's backward choice.
     kv_x = dict(kv, kv_stages=2)
     dq_x = dict(dq, q_hpb=4, q_block_m=32)
-    _write_tuned(path, [*long_entries, entry("xlong", "bwd_kv", kv_x, 99.0), entry("xlong", "bwd_dq", dq_x, 48.0)])
-    attention_mod.load_tuned.cache_clear()
-    attention_mod._configs_for.cache_clear()
-    b = default_configs(256, torch.bfloat16, 16384, 4, 16384.0)[1]
+    _write_tuned(path, [long_case, case("xlong", {"bwd_kv": kv_x, "bwd_dq": dq_x})])
+    _use_table(monkeypatch, path)
+    b = default_configs(256, torch.bfloat16, 16384, 4, 16384.0, gpu="GPU A")[1]
     assert tuple(b[:10]) == (64, 32, 2, 8, 2, 32, 4, 32, 8, 2) and not b.dq_atomic
-    assert default_configs(256, torch.bfloat16, 4096, 4, 4096.0)[1] == b_long  # long keeps its own
+    assert default_configs(256, torch.bfloat16, 4096, 4, 4096.0, gpu="GPU A")[1] == b_long  # long keeps its own
+    # The xlong case's own choice wins over long's.
+    _write_tuned(path, [long_case, case("xlong", {"bwd_atomic": at}, "atomic")])
+    _use_table(monkeypatch, path)
+    assert default_configs(256, torch.bfloat16, 16384, 4, 16384.0, gpu="GPU A")[1].dq_atomic
+
+
+def _case(tiles=None, **change):
+    return {"D": 128, "dtype": "bf16", "bucket": "long", "tiles": tiles or {}, **change}
 
 
 @pytest.mark.parametrize(
-    ("entries", "match"),
+    ("doc", "match"),
     [
-        ([{"D": 128, "dtype": "bf16", "bucket": "long", "kind": "bwd", "config": {}}], "kind='bwd'"),
-        ([{"D": 128, "dtype": "bf16", "bucket": "huge", "kind": "fwd", "config": {}}], "bucket='huge'"),
-        ([{"D": 128, "dtype": "bf16", "bucket": "long", "kind": "fwd", "config": {"block_m": 32}}], "exactly the"),
-        ([{"D": 128, "dtype": "bf16", "bucket": "long", "kind": "fwd", "config": BAD_FWD}], "block_m=48"),
+        ({"version": 1, "entries": []}, "expected \\{'version': 2"),
+        ({"version": 2, "tables": [{"cases": []}]}, "non-empty 'gpu'"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": [_case(tiles={"bwd": {}})]}]}, "keys among"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": [_case(bucket="huge")]}]}, "bucket='huge'"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": [_case(backward="fast")]}]}, "backward='fast'"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": [_case(tiles={"fwd": {"block_m": 32}})]}]}, "exactly the"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": [_case(tiles={"fwd": BAD_FWD})]}]}, "block_m=48"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": [_case(), _case()]}]}, "a second case"),
+        ({"version": 2, "tables": [{"gpu": "A", "cases": []}, {"gpu": "A", "cases": []}]}, "a second table"),
         (None, "not valid JSON"),
     ],
 )
-def test_bad_tuned_table_raises_naming_the_file(tmp_path, monkeypatch, entries, match: str) -> None:
+def test_bad_tuned_table_raises_naming_the_file(tmp_path, monkeypatch, doc, match: str) -> None:
     path = tmp_path / "bad_tuned.json"
-    if entries is None:
-        path.write_text("{oops")
-    else:
-        _write_tuned(path, entries)
-    monkeypatch.setattr(attention_mod, "TUNED_PATH", path)
+    path.write_text("{oops" if doc is None else json.dumps(doc))
+    _use_table(monkeypatch, path)
     with pytest.raises(ValueError, match=f"bad_tuned.json.*{match}"):
-        default_configs(128, torch.bfloat16, 8192, 4)
+        default_configs(128, torch.bfloat16, 8192, 4, gpu="A")
 
 
-def test_shipped_tuned_table_loads() -> None:
-    """kernels/attention_tuned.json (when the lead's sweep has written it) passes validation."""
+def test_shipped_tuned_table_resolves_to_its_tiles() -> None:
+    """kernels/attention_tuned.json parses, and on each of its GPUs every case's tiles and backward choice are
+    what default_configs runs for that case (the xlong fallback and GQA fitting aside: group 4 keeps every
+    tuned heads-per-tile)."""
     attention_mod.load_tuned.cache_clear()
-    attention_mod.load_tuned(attention_mod.TUNED_PATH)
+    attention_mod._configs_for.cache_clear()
+    tables = attention_mod.load_tuned(attention_mod.TUNED_PATH)
+    assert tables, "the shipped table has no GPU"
+    mean_of = {"short": 100.0, "medium": 1000.0, "long": 4096.0, "xlong": 16384.0}
+    dtypes = {name: dtype for dtype, name in attention_mod.DTYPE_NAMES.items()}
+    for gpu, cases in tables.items():
+        assert cases, f"{gpu}: no cases"
+        for (D, dtype, bucket), case in cases.items():
+            fwd, bwd = default_configs(D, dtypes[dtype], 16384, 4, mean_of[bucket], gpu=gpu)
+            if "fwd" in case.tiles:
+                assert tuple(fwd) == case.tiles["fwd"], (gpu, D, bucket)
+            if case.backward is not None:
+                assert bwd.dq_atomic == (case.backward == "atomic"), (gpu, D, bucket)
+            kv_kind = "bwd_atomic" if bwd.dq_atomic else "bwd_kv"
+            if kv_kind in case.tiles:
+                assert tuple(bwd[:5]) == case.tiles[kv_kind], (gpu, D, bucket)
+            if not bwd.dq_atomic and "bwd_dq" in case.tiles:
+                assert tuple(bwd[5:10]) == case.tiles["bwd_dq"], (gpu, D, bucket)
 
 
 def test_long_indexing_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,46 +412,31 @@ def test_schedules_one_launch_match_slot_model(lens: list[int]) -> None:
 @pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic"])
 @pytest.mark.parametrize(
     ("lens", "D", "kw"),
-    [([5, 40, 1, 17], 16, {}), ([33, 1, 20], 80, {"window": 9, "softcap": 3.0})],
-    ids=["plain", "d80_window_softcap"],
-)
-def test_fused_delta_matches_reference(lens: list[int], D: int, kw: dict, atomic: bool) -> None:
-    """fuse_delta (default for short examples): delta recomputed inside the dK/dV and dQ kernels, no delta launch."""
-    q, k, v, do, cu = make_inputs(lens, 4, 2, D, seed=31 + D)
-    bcfg = PACKED_BWD._replace(dq_atomic=atomic, fuse_delta=True)
-    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=bcfg, **kw)
-    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
-    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"fused:{tag}")
-
-
-@pytest.mark.parametrize(
-    ("lens", "D", "kw"),
     [([5, 40, 1, 17], 16, {}), ([33, 1, 20], 80, {"window": 9, "softcap": 3.0}), ([0, 64, 0, 3], 32, {})],
     ids=["plain", "d80_window_softcap", "zero_len_and_full_blocks"],
 )
-def test_dq_first_matches_reference(lens: list[int], D: int, kw: dict) -> None:
-    """dq_first: the dQ kernel computes delta and stores it for the dK/dV kernel launched after it (no delta launch).
-    A delta row the dQ kernel failed to store would leave dK/dV reading torch.empty garbage."""
+def test_packed_heads_backward_matches_reference(lens: list[int], D: int, kw: dict, atomic: bool) -> None:
+    """Heads packed into the tile rows, both ways to dQ. Deterministic: the dQ kernel computes delta and stores it
+    for the dK/dV kernel launched after it; a delta row it failed to store would leave dK/dV reading garbage."""
     q, k, v, do, cu = make_inputs(lens, 4, 2, D, seed=41 + D)
-    bcfg = PACKED_BWD._replace(dq_first=True)
+    bcfg = PACKED_BWD._replace(dq_atomic=atomic)
     got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=bcfg, **kw)
     want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
     for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"dq_first:{tag}")
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"packed:{tag}")
 
 
-def test_default_configs_use_dq_first_on_the_deterministic_path_only() -> None:
-    for mean in (95.0, 1024.0, 4096.0):
-        for det in (False, True):
-            bwd = default_configs(128, torch.bfloat16, 4096, 4, mean, deterministic=det)[1]
-            assert bwd.dq_first == (not bwd.dq_atomic), (mean, det, bwd)
-
-
-def test_default_configs_leave_fuse_delta_off() -> None:
-    # measured slower on the H200 for short examples (see kernels.attention._configs_for); opt-in only
-    assert not default_configs(128, torch.bfloat16, 1024, 4, 95.0)[1].fuse_delta
-    assert not default_configs(128, torch.bfloat16, 4096, 4, 4096.0)[1].fuse_delta
+def test_deterministic_backward_with_strided_output_gradient() -> None:
+    """dO with other strides than O (a slice of a wider buffer): the dQ kernel reads O with O's own strides."""
+    lens = [13, 30, 2]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=57)
+    wide = torch.randn(do.shape[0], 6, 16)
+    wide[:, 1:5] = do
+    got = run_grads(varlen_attention_with_configs, q, k, v, wide[:, 1:5], cu, max(lens), fwd_cfg=PACKED_FWD,
+                    bwd_cfg=PACKED_BWD)  # fmt: skip
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens))
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"strided dO:{tag}")
 
 
 ZERO_LEN_LENS = [0, 10, 0, 0, 25, 1, 0, 0]
@@ -415,10 +448,8 @@ ZERO_LEN_LENS = [0, 10, 0, 0, 25, 1, 0, 0]
         SMALL_BWD,
         SMALL_BWD._replace(dq_atomic=True),
         PACKED_BWD._replace(q_block_m=32, q_hpb=1),
-        SMALL_BWD._replace(dq_atomic=True, fuse_delta=True),
-        SMALL_BWD._replace(dq_first=True),
     ],
-    ids=["deterministic", "atomic", "three_schedules", "atomic_fused_delta", "dq_first"],
+    ids=["deterministic", "atomic", "three_schedules"],
 )
 def test_zero_length_examples_match_reference(bcfg: BwdConfig) -> None:
     """Repeated cu_seqlens entries (empty examples first, inside and at the end): forward and all gradients."""

@@ -1,21 +1,19 @@
-"""kernels.rmsnorm: fused RMSNorm (Llama/Qwen3 and Gemma casts) against the reference and HF's norm modules."""
+"""padless.kernels.rmsnorm: fused RMSNorm (Llama/Qwen3 and Gemma casts) against the reference and HF's norm modules."""
 
 from __future__ import annotations
 
-import functools
 import zlib
 
 import pytest
 import torch
 
 from padless.kernels.rmsnorm import rms_norm, rms_norm_reference
-from padless.kernels.rmsnorm_config import VARIANTS
 from tests.kernels.compare import ATOL, DEVICE, DTYPES, assert_close_verbose, dtype_error_bound, interpreter_rtol
 
 _rtol = interpreter_rtol
 
 
-def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6, variant=None):
+def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1e-6):
     weight_dtype = weight_dtype or dtype
     x0 = (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dtype).to(DEVICE)
     w0 = (torch.randn(shape[-1], generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(weight_dtype).to(DEVICE)
@@ -31,44 +29,33 @@ def _check(shape, dtype, offset, gen, weight_dtype=None, weight_grad=True, eps=1
 
     expected = run(rms_norm_reference, torch.float64, torch.float64)
     same_dtype = run(rms_norm_reference, dtype, weight_dtype)
-    actual = run(functools.partial(rms_norm, variant=variant), dtype, weight_dtype)
+    actual = run(rms_norm, dtype, weight_dtype)
     for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=False):
         assert a.dtype == r.dtype, f"{name}: dtype {a.dtype}, reference {r.dtype}"
         bound = dtype_error_bound(r, e, ATOL[dtype])
-        label = f"{name} {dtype} offset={offset} variant={variant}"
+        label = f"{name} {dtype} offset={offset}"
         assert_close_verbose(a, e, atol=bound, rtol=_rtol(a.dtype), name=label)
     return actual
 
 
-# The two backward paths (dw reduced by a second kernel / inside the one launch); every other variant is covered by
-# test_rms_norm_every_variant_matches_reference.
-@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-@pytest.mark.parametrize("shape", [(13, 97), (11, 5, 64), (3, 1031)])
-def test_rms_norm_matches_reference(shape, offset, dtype, variant):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{offset}-{dtype}-{variant}".encode()))
-    _check(shape, dtype, offset, gen, variant=variant)
+@pytest.mark.parametrize("shape", [(13, 97), (11, 5, 64), (3, 1031), (29, 131), (19, 1031), (200, 3, 32)])
+def test_rms_norm_matches_reference(shape, offset, dtype):
+    """Prime / ragged row counts, both casts, narrow per-head rows and wide ragged rows (1031 columns: the wide-row
+    backward configuration); (19, 1031) and (200, 3, 32) give programs of the persistent backward several row
+    blocks each, so the prefetch and the (BLOCK_R, E) weight-gradient tile cross iterations."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{offset}-{dtype}".encode()))
+    _check(shape, dtype, offset, gen)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize(
-    ("shape", "dtype", "offset"),
-    [((29, 131), torch.bfloat16, 0.0), ((7, 3, 64), torch.float16, 1.0), ((5, 1031), torch.float32, 0.0)],
+    ("shape", "dtype", "offset"), [((37, 3, 32), torch.bfloat16, 0.0), ((19, 1031), torch.float32, 1.0)]
 )
-def test_rms_norm_every_variant_matches_reference(variant, shape, dtype, offset):
-    """Prime / ragged row counts (29 rows of 131; 21 per-head rows), both casts, and wide ragged rows (1031
-    columns: the wide-row backward configuration), through the public function."""
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{variant}-{shape}".encode()))
-    _check(shape, dtype, offset, gen, variant=variant)
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_rms_norm_every_variant_frozen_weight(variant):
-    """The dx-only backward (LoRA's frozen norm weights) of every variant, several row blocks per program."""
-    gen = torch.Generator().manual_seed(zlib.crc32(f"frozen-{variant}".encode()))
-    _check((37, 3, 32), torch.bfloat16, 0.0, gen, weight_grad=False, variant=variant)
-    _check((19, 1031), torch.float32, 1.0, gen, weight_grad=False, variant=variant)
+def test_rms_norm_frozen_weight_several_blocks_per_program(shape, dtype, offset):
+    """The dx-only backward (LoRA's frozen norm weights) against float64."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"frozen-{shape}".encode()))
+    _check(shape, dtype, offset, gen, weight_grad=False)
 
 
 def test_rms_norm_fp32_weight_with_bf16_activations_promotes_like_hf():
@@ -89,22 +76,20 @@ def test_rms_norm_frozen_weight_lora():
     assert w.grad is None and x.grad is not None
 
 
-@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
-def test_rms_norm_weight_grad_is_deterministic(variant):
+def test_rms_norm_weight_grad_is_deterministic():
     gen = torch.Generator().manual_seed(23)
     x = torch.randn(67, 96, generator=gen).to(DEVICE).requires_grad_(True)
     w = torch.randn(96, generator=gen).to(DEVICE).requires_grad_(True)
     dy = torch.randn(67, 96, generator=gen).to(DEVICE)
-    grads = [torch.autograd.grad(rms_norm(x, w, 1e-5, variant=variant), (x, w), dy) for _ in range(2)]
+    grads = [torch.autograd.grad(rms_norm(x, w, 1e-5), (x, w), dy) for _ in range(2)]
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
-def test_rms_norm_long_indexing_forced(monkeypatch, variant):
+def test_rms_norm_long_indexing_forced(monkeypatch):
     monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", "1")
     gen = torch.Generator().manual_seed(24)
-    _check((13, 97), torch.bfloat16, 0.0, gen, variant=variant)
-    _check((7, 3, 32), torch.float32, 1.0, gen, variant=variant)
+    _check((13, 97), torch.bfloat16, 0.0, gen)
+    _check((7, 3, 32), torch.float32, 1.0, gen)
 
 
 def test_rms_norm_strided_rows():
@@ -178,32 +163,9 @@ def test_rms_norm_gpu_model_shapes(shape, offset, dtype):
         return y.detach(), *torch.autograd.grad(y, (xa, wa), dy.to(dt))
 
     expected, same_dtype = run(rms_norm_reference, torch.float64), run(rms_norm_reference, dtype)
-    for variant in ("two_launch", "one_launch"):
-        actual = run(functools.partial(rms_norm, variant=variant), dtype)
-        for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=True):
-            assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=f"{name} {variant}")
-
-
-@pytest.mark.parametrize("variant", ["two_launch", "one_launch"])
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize(("shape", "block_r", "programs"), [((37, 96), 1, 3), ((23, 3, 32), 8, 2)])
-def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, prefetch, variant):
-    """Both loop variants of the backward (next block's loads before / after the compute), with several blocks
-    per program (so the prefetch and the (BLOCK_R, E) weight-gradient tile cross iterations), against float64."""
-    from padless.kernels.rmsnorm import _launch_bwd, _launch_fwd
-
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}-{block_r}-{prefetch}".encode()))
-    x = torch.randn(*shape, generator=gen).to(DEVICE)
-    w = (torch.randn(shape[-1], generator=gen) * 0.5 + 1.0).to(DEVICE)
-    dy = torch.randn(*shape, generator=gen).to(DEVICE)
-    _, rstd = _launch_fwd(x, w, 1e-6, 0.0)
-    dx, dw = _launch_bwd(
-        dy, x, w, rstd, 0.0, True, True, block_r=block_r, programs=programs, prefetch=prefetch, variant=variant
-    )
-    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
-    want_dx, want_dw = torch.autograd.grad(rms_norm_reference(x64, w64, 1e-6), (x64, w64), dy.double())
-    assert_close_verbose(dx, want_dx, atol=1e-4, rtol=1e-4, name=f"dx prefetch={prefetch}")
-    assert_close_verbose(dw, want_dw, atol=1e-4, rtol=1e-4, name=f"dw prefetch={prefetch}")
+    actual = run(rms_norm, dtype)
+    for name, a, r, e in zip(("y", "dx", "dw"), actual, same_dtype, expected, strict=True):
+        assert_close_verbose(a, e, atol=dtype_error_bound(r, e, ATOL[dtype]), name=name)
 
 
 @pytest.mark.parametrize(
@@ -214,28 +176,28 @@ def test_rms_norm_backward_prefetch_and_row_blocks(shape, block_r, programs, pre
 def test_rms_norm_backward_config_is_one_wave_that_fits(rows, cols, dtype, sms):
     """The persistent grid never exceeds what the register cap lets fit on the SMs (one wave), never has idle
     programs, and the tiles cover E; the dw reduction tile stays within 8192 fp32 values."""
-    from padless.kernels.rmsnorm import _REGS_PER_SM, _bwd_config
+    from padless.kernels.rmsnorm import REGS_PER_SM, bwd_config
 
-    cfg = _bwd_config(rows, cols, dtype, sms)
-    assert cfg == _bwd_config(rows, cols, dtype, sms)  # pure
+    cfg = bwd_config(rows, cols, sms)
+    assert cfg == bwd_config(rows, cols, sms)  # pure
     threads = cfg.num_warps * 32
     assert cfg.block_e >= cols and cfg.block_e & (cfg.block_e - 1) == 0
     assert cfg.maxnreg % 8 == 0 and cfg.maxnreg <= 255
-    fits_per_sm = min(_REGS_PER_SM // (cfg.maxnreg * threads), 2048 // threads)
+    fits_per_sm = min(REGS_PER_SM // (cfg.maxnreg * threads), 2048 // threads)
     assert 1 <= cfg.programs <= fits_per_sm * sms
     assert cfg.programs <= -(-rows // cfg.block_r)
-    assert cfg.reduce_block_p * cfg.reduce_block_c <= 8192
+    assert cfg.reduce_block_p * 16 <= 8192
 
 
 def test_rms_norm_config_for_qwen3_shapes():
-    from padless.kernels.rmsnorm import _bwd_config
+    from padless.kernels.rmsnorm import bwd_config
 
-    hidden = _bwd_config(4096, 4096, torch.bfloat16, 132)
-    head = _bwd_config(4096 * 32, 128, torch.bfloat16, 132)
-    fields = ("block_r", "num_warps", "prefetch", "programs", "maxnreg")
+    hidden = bwd_config(4096, 4096, 132)
+    head = bwd_config(4096 * 32, 128, 132)
+    fields = ("block_r", "num_warps", "programs", "maxnreg")
     # E 4096: one row x 8 warps, 2 per SM; per-head: 16 x 128, 4 per SM (both fit 128 registers without spills).
-    assert [getattr(hidden, f) for f in fields] == [1, 8, True, 264, 128]
-    assert [getattr(head, f) for f in fields] == [16, 4, True, 528, 128]
+    assert [getattr(hidden, f) for f in fields] == [1, 8, 264, 128]
+    assert [getattr(head, f) for f in fields] == [16, 4, 528, 128]
 
 
 @pytest.mark.parametrize(("programs", "cols", "block_p", "block_c"), [(300, 97, 64, 16), (5, 40, 8, 32), (1, 7, 1, 16)])
@@ -261,7 +223,51 @@ def test_rms_norm_frozen_weight_launches_no_dw_reduction(monkeypatch):
     x = torch.randn(37, 96, device=DEVICE, requires_grad=True)
     w = torch.randn(96, device=DEVICE)  # frozen (LoRA)
     grad = torch.randn(37, 96, device=DEVICE)
-    (dx,) = torch.autograd.grad(rms_norm(x, w, 1e-6, variant="two_launch"), (x,), grad)
+    (dx,) = torch.autograd.grad(rms_norm(x, w, 1e-6), (x,), grad)
     assert dx.shape == x.shape and torch.isfinite(dx).all()
     dx_none, dw_none = module._launch_bwd(dx, x.detach(), w, torch.ones(37, device=DEVICE), 0.0, False, False)
     assert dx_none is None and dw_none is None
+
+
+@pytest.mark.gpu
+def test_pdl_chain_in_cuda_graph_matches_plain_launches(monkeypatch):
+    """A chain of norms (each reads the one before's output, forward and backward) launched with programmatic
+    dependent launch and captured in a CUDA graph gives exactly the plain launches' values: each kernel waits for
+    the previous one before reading, so an early launch never reads a half-written input."""
+    import padless.kernels.rmsnorm as module
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    gen = torch.Generator(device="cuda").manual_seed(47)
+    x = torch.randn(4096, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+    assert module._pdl_kwargs(x) == {"PDL": True, "launch_pdl": True}
+    ws = [(torch.randn(4096, device="cuda", generator=gen) * 0.3 + 1.0).to(torch.bfloat16) for _ in range(4)]
+    dy = torch.randn(4096, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def chain():
+        xa = x.detach().requires_grad_(True)
+        was = [w.detach().requires_grad_(True) for w in ws]
+        y = xa
+        for w in was:
+            y = rms_norm(y, w, 1e-6)
+        return (y.detach(), *torch.autograd.grad(y, (xa, *was), dy))
+
+    with monkeypatch.context() as plain:
+        plain.setattr(module, "_pdl_kwargs", lambda x: {})
+        want = chain()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()  # compile + warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, e), f"output {i} of the PDL chain differs from the plain launches"
+    eager = chain()
+    for i, (a, e) in enumerate(zip(eager, want, strict=True)):
+        assert torch.equal(a, e), f"eager PDL output {i} differs from the plain launches"
