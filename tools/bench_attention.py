@@ -189,15 +189,15 @@ def candidates(kind: str, bucket: str, d: int, group: int) -> list[tuple]:
     if kind == "fwd":  # (block_m, hpb, block_n, num_warps, num_stages)
         grid = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (64, 64, 8)] if big else \
                [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4), (128, 64, 4)]  # fmt: skip
-        return [(m(rows, hf), hf, n, w, 2 if big else 3) for rows, n, w in grid]
+        return list(dict.fromkeys((m(rows, hf), hf, n, w, 2 if big else 3) for rows, n, w in grid))
     if kind in ("bwd_kv", "bwd_atomic"):  # (kv_block_n, kv_block_m, kv_hpb, kv_warps, kv_stages)
         grid = [(32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 16, 8, 2), (32, 64, 4, 2)] if big else \
                [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)]  # fmt: skip
-        return [(n, m(rows, hb), hb, w, s) for n, rows, w, s in grid]
+        return list(dict.fromkeys((n, m(rows, hb), hb, w, s) for n, rows, w, s in grid))
     # bwd_dq: (q_block_m, q_hpb, q_block_n, q_warps, q_stages)
     grid = [(32, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)] if big else \
            [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]  # fmt: skip
-    return [(m(rows, hb), hb, n, w, s) for rows, n, w, s in grid]
+    return list(dict.fromkeys((m(rows, hb), hb, n, w, s) for rows, n, w, s in grid))
 
 
 def current_tiles(gpu: str, d: int, dtype: str, bucket: str) -> dict[str, tuple]:
@@ -347,6 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--buckets: unknown {unknown}; expected some of {list(BUCKET_CASES)}")
     if args.write_tuned is not None and not args.sweep:
         p.error("--write-tuned needs --sweep")
+    if args.write_tuned == "" and args.smoke:
+        p.error("--smoke --write-tuned needs a PATH: smoke timings never go into kernels/attention_tuned.json")
     return args
 
 
