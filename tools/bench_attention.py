@@ -229,7 +229,6 @@ def time_trial(q, k, v, do, cu, m: int, fwd_cfg, bwd_cfg, smoke: bool) -> float:
 
 def run_sweep(args, device: str, dtype, gpu: str) -> list[dict]:
     """Time every candidate, case by case (D, then bucket), until --budget-s is spent; one dict per trial."""
-
     from padless.kernels.attention import BwdConfig, FwdConfig, length_bucket
 
     heads, kv_heads = args.heads

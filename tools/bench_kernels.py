@@ -26,6 +26,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import bench_harness as H
@@ -44,11 +45,14 @@ def optional(module: str) -> tuple[Any, str]:
         return None, f"n/a ({type(error).__name__}: {error})"[:90]
 
 
+@dataclass
 class Impl:
     """One implementation of one op: ``forward(s, grad)`` on input set s, ``full(s)`` = forward + backward."""
 
-    def __init__(self, name: str, forward=None, full=None, note: str = "") -> None:
-        self.name, self.forward, self.full, self.note = name, forward, full, note
+    name: str
+    forward: Callable[[int, bool], Any] | None = None
+    full: Callable[[int], Any] | None = None
+    note: str = ""
 
 
 def autograd_impl(name: str, fn: Callable, inputs: list[tuple], grads: list, wrt: Callable[[int], tuple]) -> Impl:

@@ -3,10 +3,10 @@ SDPA or FlexAttention), Liger-Kernel + HF + peft and Unsloth (when importable). 
 system to docs/bench/results/train.jsonl.
 
     python -m padless.prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
-        --tokenizer ../shared/data/tokenizers/qwen2 --out shards/alpaca-qwen2-1024
-    python tools/bench_train.py --shards shards/alpaca-qwen2-1024 --preset qwen3-8b        # every system
-    python tools/bench_train.py --shards shards/alpaca-qwen2-1024 --preset llama3-8b --systems padless,hf-padded
-    python tools/bench_train.py --shards DIR --preset tiny --warmup 1 --steps 1             # CPU smoke run
+        --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out shards/alpaca-qwen3-1024
+    python tools/bench_train.py --shards shards/alpaca-qwen3-1024 --preset qwen3-8b      # every system
+    python tools/bench_train.py --shards shards/alpaca-qwen3-1024 --preset llama3-8b --systems padless,hf-padded
+    python tools/bench_train.py --shards DIR --preset tiny --warmup 1 --steps 1           # CPU smoke run
 
 Every system trains the same randomly initialised model (``padless.train.modeling.load_model`` with the preset's
 shape and the same seed, so identical base weights; bf16 on a GPU, fp32 on the CPU) with LoRA r 16 / alpha 16 /
@@ -25,8 +25,8 @@ step's trainable tokens, AdamW, gradient norm clipped to 1.0.
 
 Each system runs in its own subprocess (GPU memory isolation; a crash or ``--system-timeout`` costs one row).
 Reported: steady-state real (non-padding) tokens/s and trainable tokens/s over the steps after ``--warmup``, median
-seconds per step, peak allocated memory (CPU: peak resident memory), the first and last step losses (step 1 is the
-same for every system: the LoRA update starts at zero).
+seconds per step, peak allocated memory from the process start (CPU: peak resident memory), the first and last step
+losses (step 1 is the same for every system: the LoRA update starts at zero).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +201,8 @@ def run_peer(system: str, args: argparse.Namespace, family: str, shape: dict) ->
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    records = []
-    for k, group in enumerate(groups[: args.warmup + args.steps]):
+    records = []  # peak memory counts from the process start, model build included, as padless's metrics do
+    for step, group in enumerate(groups[: args.warmup + args.steps], start=1):
         packs = [ss[int(i)] for i in group]
         if "packed" in system:
             batches = [packed_row(packs, args.tokens if system.endswith("flex") else None)]
@@ -221,10 +220,10 @@ def run_peer(system: str, args: argparse.Namespace, family: str, shape: dict) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_value = float(total)  # host-device sync: the step is done
-        records.append({"step": k + 1, "loss": loss_value, "tokens": sum(int(p.num_tokens) for p in packs),
+        records.append({"step": step, "loss": loss_value, "tokens": sum(int(p.num_tokens) for p in packs),
                         "trainable_tokens": n_step, "step_time_s": time.perf_counter() - t0,
                         "peak_mem_gib": peak_memory_gib(device)})  # fmt: skip
-        print(f"  {system} step {k + 1}: loss {loss_value:.4f}, {records[-1]['step_time_s']:.3f} s", flush=True)
+        print(f"  {system} step {step}: loss {loss_value:.4f}, {records[-1]['step_time_s']:.3f} s", flush=True)
     return records
 
 
@@ -240,12 +239,17 @@ def worker(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny CPU models: more threads only contend on a small shared machine
     family, shape = model_shape(args.preset, int(open_shards(args.shards).manifest["tokenizer"]["vocab_size"]))
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        if args.worker.startswith("padless"):
-            records = run_padless(args, family, shape, Path(tmp) / "run", graphs=args.worker == "padless")
-        else:
-            records = run_peer(args.worker, args, family, shape)
-    Path(args.row_file).write_text(json.dumps({"status": "ok", **summarise(records, args.warmup)}))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            if args.worker.startswith("padless"):
+                records = run_padless(args, family, shape, Path(tmp) / "run", graphs=args.worker == "padless")
+            else:
+                records = run_peer(args.worker, args, family, shape)
+        row = {"status": "ok", **summarise(records, args.warmup)}
+    except Exception as error:  # out of memory, a peer's own failure: the row says so, the line-up goes on
+        traceback.print_exc()
+        row = {"status": f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:160]}
+    Path(args.row_file).write_text(json.dumps(row))
 
 
 def static_status(system: str, cuda: bool) -> str | None:
@@ -265,9 +269,7 @@ def run_system(system: str, argv: list[str], timeout: float) -> dict[str, Any]:
         cmd = [sys.executable, __file__, *argv, "--worker", system, "--row-file", str(row_file)]
         proc = subprocess.run(cmd, timeout=timeout)
         text = row_file.read_text()
-        if proc.returncode or not text:
-            return {"status": f"failed (exit {proc.returncode}; see the output above)"}
-        return json.loads(text)
+        return json.loads(text) if text else {"status": f"crashed (exit {proc.returncode}; see the output above)"}
     except subprocess.TimeoutExpired:
         return {"status": f"timeout after {timeout:.0f} s"}
     finally:
