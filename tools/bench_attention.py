@@ -1,520 +1,386 @@
-"""Benchmark padless varlen attention against PyTorch's packed/padded paths on one GPU (H200 target).
+"""Benchmark padless varlen attention against PyTorch's ``varlen_attn`` and FlexAttention document masks, and sweep
+its tilings. Prints a table and appends its rows to docs/bench/results/attention.jsonl.
 
-What it measures (bf16, causal): forward and forward+backward time (triton.testing.do_bench median) and useful
-TFLOP/s for packs of 4K/16K/64K tokens filled with Alpaca-like lengths (lognormal, median ~95, clipped to
-[8, 1024]) or equal lengths of 1K/4K/16K, for:
+    python tools/bench_attention.py                                   # D 64/128/256, packs of 4K and 16K tokens
+    python tools/bench_attention.py --dims 128 --packs 16384 --graph  # device time from CUDA-graph replays
+    python tools/bench_attention.py --sweep --budget-s 500 --write-tuned   # tune, then update the tuned table
+    python tools/bench_attention.py --smoke [--sweep]                 # tiny shapes; on a CPU under TRITON_INTERPRET=1
 
-* ``padless``: ``kernels.attention.varlen_attention`` on the packed stream (GQA without repeating k/v), default
-  backward (atomic dQ); ``padless_det``: the same with ``deterministic=True``;
-* ``varlen_attn``: ``torch.nn.attention.varlen.varlen_attn`` on the same packed stream (if this torch has it);
-* ``sdpa_flash_padded``: SDPA, flash backend, on the same examples padded to a batch (k/v repeated for GQA
-  before timing; padding is wasted work, FLOPs still count only the useful part);
-* ``flex_document``: compiled FlexAttention with a document-causal block mask on the packed stream (mask built
-  once per pack, outside the timing);
-* ``matmul_peak``: a bf16 8192^3 matmul, the practical ceiling.
+Table (bf16, causal, H 32 / Hkv 8 unless --heads): forward and forward+backward milliseconds (CUDA events, median;
+``--graph``: CUDA-graph replays, no host launch path) and useful TFLOP/s, on packs filled with Alpaca-like examples
+(log-normal lengths, median 95, clipped to [8, 1024]) or equal lengths of 1K and 4K tokens. Implementations:
+``padless`` (``varlen_attention``, default backward), ``padless_det`` (``deterministic=True``), ``varlen_attn``
+(``torch.nn.attention.varlen``, when this torch has it) and ``flex`` (compiled FlexAttention, document-causal
+BlockMask built outside the timing). FLOPs count only each example's causal half: forward 4 * sum(l^2 / 2) * H * D,
+forward+backward 3.5x that.
 
-``X@graph`` rows (by default for padless, varlen_attn, sdpa_flash_padded and flex_document) time CUDA-graph
-replays of the same calls: GPU time alone, like for like across implementations (flex's BlockMask and its
-compilation stay outside the graph). A pass that cannot be captured keeps its row, with the reason as its note.
-
-FLOP convention (FlashAttention's): forward = 4 * sum_i(l_i^2 / 2) * H * D (two matmuls, causal half of each
-example); backward = 2.5x forward, so forward+backward = 3.5x forward. Only per-example causal FLOPs count:
-masked or padded work is never credited.
-
-``--sweep`` (``bench_attention_sweep``) times a few tilings per (head dim, length bucket, kernel kind) within
-``--budget-s`` and ``--write-tuned kernels/attention_tuned.json`` stores the winners, which
-``kernels.attention.default_configs`` then reads. ``--compile-check`` (``bench_attention_compile``) compiles
-for sm_90 offline. ``--quick`` is a tiny CPU smoke run under the Triton interpreter (no baselines).
-
-Usage on the GPU machine (see docs/bench/attention.md):
-    python tools/bench_attention.py --sweep --budget-s 110 --write-tuned kernels/attention_tuned.json --out R
-    python tools/bench_attention.py --dims 128 --packs 4096,16384 --out R
-    # host overhead per call (eager minus CUDA-graph replay) and a per-kernel profile of the small packs:
-    python tools/bench_attention.py --dims 128 --packs 4096 --impls padless,padless@graph,padless_det,flex_document \
-        --profile alpaca/4K,eq1K/4K --out R
+``--sweep`` times candidate tilings per (D, dtype, length bucket, kind) through ``varlen_attention_with_configs``:
+the forward, the atomic-dQ backward (``bwd_atomic``) and the deterministic backward's dK/dV then dQ kernels
+(``bwd_kv``, ``bwd_dq``, each timed as the whole deterministic backward). One case stands for each bucket (16K-token
+packs: Alpaca-like = short, 1K = medium, 4K = long, one 16K example = xlong); this GPU's current tuned tiles, if any,
+are candidates too. Trials stop starting once ``--budget-s`` is spent. ``--write-tuned [PATH]`` (default
+``kernels/attention_tuned.json``) replaces this GPU's table with the winners, keeps other GPUs' tables, validates the
+document with ``parse_tuned`` and writes it atomically; ``backward`` is the faster of the two measured backwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import math
 import os
-import platform
-import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+import bench_harness as H
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_attention_* modules
-
-
-@dataclass
-class Row:
-    case: str
-    pack: int
-    D: int
-    impl: str
-    fwd_ms: float | None
-    fwdbwd_ms: float | None
-    fwd_tflops: float | None
-    fwdbwd_tflops: float | None
-    note: str = ""
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+SMOKE_LENS = [1, 30, 17, 40, 8]
 
 
-# ------------------------------------------------------------------------------------------------ inputs
+# ---------------------------------------------------------------------------------------------------- inputs
 def alpaca_lens(total: int, seed: int) -> list[int]:
-    """Lognormal lengths (median 95, sigma 0.8) clipped to [8, 1024], the last one cut to fill the pack exactly."""
-    g = torch.Generator().manual_seed(seed)
-    lens, left = [], total
+    """Log-normal lengths (median 95, sigma 0.8) clipped to [8, 1024], the last one cut to fill the pack."""
+    import numpy as np
+
+    rng, lens, left = np.random.default_rng(seed), [], total
     while left > 0:
-        n = int(min(max(math.exp(math.log(95) + 0.8 * float(torch.randn(1, generator=g))), 8), 1024))
-        lens.append(min(n, left))
+        lens.append(min(int(np.clip(rng.lognormal(math.log(95), 0.8), 8, 1024)), left))
         left -= lens[-1]
     return lens
 
 
-def cases(packs: list[int], quick: bool = False) -> list[tuple[str, int, list[int]]]:
-    if quick:  # CPU smoke run: tiny examples the interpreter gets through in seconds
-        return [("alpaca-tiny", 96, [1, 30, 17, 40, 8]), ("eq32", 96, [32] * 3)]
+def table_cases(packs: list[int]) -> list[tuple[str, list[int]]]:
     out = []
     for pack in packs:
-        out.append((f"alpaca/{pack // 1024}K", pack, alpaca_lens(pack, pack)))
-        for eq in (1024, 4096, 16384):
-            if eq <= pack:
-                out.append((f"eq{eq // 1024}K/{pack // 1024}K", pack, [eq] * (pack // eq)))
+        out.append((f"alpaca/{pack // 1024}K", alpaca_lens(pack, pack)))
+        out += [(f"eq{eq // 1024}K/{pack // 1024}K", [eq] * (pack // eq)) for eq in (1024, 4096) if eq <= pack]
     return out
 
 
-def causal_flops(lens: list[int], H: int, D: int) -> float:
-    """Forward FLOPs of causal per-example attention: 2 matmuls x 2 FLOP/MAC x l^2/2 x H x D."""
-    return 4.0 * sum(n * n / 2 for n in lens) * H * D
+BUCKET_CASES = {"short": ("alpaca/16K", lambda: alpaca_lens(16384, 16384)), "medium": ("eq1K/16K", lambda: [1024] * 16),
+                "long": ("eq4K/16K", lambda: [4096] * 4), "xlong": ("eq16K/16K", lambda: [16384])}  # fmt: skip
 
 
-def make_cu(lens: list[int], device) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+def causal_flops(lens: list[int], heads: int, d: int) -> float:
+    return 4.0 * sum(n * n / 2 for n in lens) * heads * d
 
 
-# ------------------------------------------------------------------------------------------------ timers
-def timer(quick: bool, rep_ms: int = 100) -> Callable[[Callable[[], object]], float]:
-    if quick:
+def make_inputs(lens: list[int], heads: int, kv_heads: int, d: int, device: str, dtype) -> tuple:
+    import torch
 
-        def cpu_time(fn):
-            fn()
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-
-        return cpu_time
-    import triton.testing
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    t = sum(lens)
+    q, k, v, do = (torch.randn(t, h, d, device=device, dtype=dtype) for h in (heads, kv_heads, kv_heads, heads))
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+    return [x.requires_grad_(True) for x in (q, k, v)], do, cu
 
 
-def cuda_graphed(step: Callable[[], object]) -> Callable[[], object]:
-    """Capture one call of ``step`` in a CUDA graph (after a side-stream warm-up) and return its replay.
+# ----------------------------------------------------------------------------------------- implementations
+def padless_fn(lens, cu, deterministic: bool):
+    from padless.kernels.attention import varlen_attention
 
-    Replays cost no Python, no autograd engine and no Triton launch path: the time is the GPU's alone, so eager
-    minus graphed is the host overhead of a call. Capture also proves the call has no host-device sync.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    m, mean = max(lens), sum(lens) / len(lens)
+    return lambda q, k, v: varlen_attention(q, k, v, cu, m, deterministic=deterministic, mean_seqlen=mean)
 
 
-class NotCapturable(RuntimeError):
-    """A call that could not be captured in a CUDA graph (a host sync, an uncapturable op, ...)."""
+def varlen_attn_fn(lens, cu, heads, kv_heads):
+    from torch.nn.attention.varlen import varlen_attn  # ImportError on a torch without it: the row says so
+
+    m = max(lens)
+    return lambda q, k, v: varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0), enable_gqa=kv_heads != heads)
 
 
-def graphed_or_why(step: Callable[[], object]) -> Callable[[], object]:
-    """``cuda_graphed(step)``, with a capture failure turned into ``NotCapturable`` naming the first error line."""
-    try:
-        return cuda_graphed(step)
-    except Exception as e:
-        torch.cuda.synchronize()  # let a failed capture's side-stream work finish before the next case
-        raise NotCapturable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:140]) from e
+_FLEX: dict[str, Any] = {}
 
 
-def fwd_and_fwdbwd(fn, inputs, do, bench, graph: bool = False) -> tuple[float | None, float | None, str]:
-    """Times fn(*inputs) and fn + autograd.grad w.r.t. the inputs that require grad (no accumulation).
+def flex_fn(lens, heads, kv_heads, device):
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    ``graph``: time CUDA-graph replays of the same calls instead (GPU time only). A pass that cannot be captured
-    gets None and a note that says why (the other pass is still timed).
-    """
-    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    if "fn" not in _FLEX:  # one static compile per pack shape: lift dynamo's recompile cap so flex never runs eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    t = sum(lens)
+    doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+    mask = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), None, None, t, t, device=device)
+    flex, gqa = _FLEX["fn"], kv_heads != heads
+    return lambda q, k, v: flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def time_case(fn, inputs, do, graph: bool, smoke: bool) -> tuple[float | None, float | None, str]:
+    """(forward ms, forward+backward ms, note) of fn(q, k, v); a pass that fails gets None and the reason."""
+    import torch
 
     def fwd():
         with torch.no_grad():
             fn(*inputs)
 
     def fwdbwd():
-        out = fn(*inputs)
-        torch.autograd.grad(out, leaves, do)
+        torch.autograd.grad(fn(*inputs), inputs, do)
 
-    if not graph:
-        return bench(fwd), bench(fwdbwd), ""
     times, notes = [], []
-    for tag, step in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+    for name, call in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
         try:
-            times.append(bench(graphed_or_why(step)))
-        except NotCapturable as e:
+            reps = {"warmup": 0, "repeats": 1} if smoke else {"warmup": 3, "repeats": 10}
+            times.append(H.time_graph_ms([call], calls=5) if graph else H.time_ms(call, **reps))
+        except Exception as error:  # a peer missing, out of memory or not capturable: recorded, the table goes on
             times.append(None)
-            notes.append(f"{tag} not capturable in a CUDA graph: {e}")
+            notes.append(f"{name}: {type(error).__name__}: {str(error)[:100]}")
     return times[0], times[1], "; ".join(notes)
 
 
-def profile_case(fn, inputs, do, path: Path | None, steps: int = 20) -> str:
-    """torch.profiler table (GPU kernels and host ops) of ``steps`` eager fwd+bwd calls; written to ``path``."""
-    from torch.profiler import ProfilerActivity, profile
+def run_table(args, device: str, dtype) -> list[dict]:
+    import torch
 
-    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-    for _ in range(5):
-        torch.autograd.grad(fn(*inputs), leaves, do)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            torch.autograd.grad(fn(*inputs), leaves, do)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    table += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
-    if path:
-        path.write_text(f"{steps} eager fwd+bwd calls\n{table}")
-    return table
-
-
-# ------------------------------------------------------------------------------------------------ implementations
-def ours(lens, H, Hkv, D, device, dtype, fwd_cfg=None, bwd_cfg=None, deterministic=False):
-    from padless.kernels.attention import varlen_attention_with_configs
-
-    T = sum(lens)
-    q, k, v, do = (torch.randn(T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-    cu, m = make_cu(lens, device), max(lens)
-
-    def fn(q, k, v):
-        return varlen_attention_with_configs(q, k, v, cu, m, None, True, None, None, deterministic, fwd_cfg=fwd_cfg,
-                                             bwd_cfg=bwd_cfg)  # fmt: skip
-
-    return fn, (q, k, v), do
-
-
-def ours_deterministic(lens, H, Hkv, D, device, dtype):
-    return ours(lens, H, Hkv, D, device, dtype, deterministic=True)
-
-
-def ours_fused_delta(lens, H, Hkv, D, device, dtype):
-    """The default tiling with delta recomputed inside the backward kernels (the opt-in fuse_delta A/B)."""
-    from padless.kernels.attention import default_configs
-
-    _, bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens))
-    return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(fuse_delta=True))
-
-
-def ours_delta_launch(lens, H, Hkv, D, device, dtype):
-    """The default tiling with delta from its own launch before dK/dV (the pre-``dq_first`` order, for A/B)."""
-    from padless.kernels.attention import default_configs
-
-    _, bwd = default_configs(D, dtype, max(lens), H // Hkv, sum(lens) / len(lens))
-    return ours(lens, H, Hkv, D, device, dtype, bwd_cfg=bwd._replace(dq_first=False))
-
-
-def torch_varlen(lens, H, Hkv, D, device, dtype):
-    from tests.kernels.test_attention import torch_varlen_causal
-
-    T = sum(lens)
-    q, k, v, do = (torch.randn(T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-    cu, m = make_cu(lens, device), max(lens)
-    return (lambda q, k, v: torch_varlen_causal(q, k, v, cu, m)), (q, k, v), do
-
-
-def sdpa_padded(lens, H, Hkv, D, device, dtype):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-    B, L = len(lens), max(lens)
-    if B * H * L * D > 2**31 - 1:
-        # Session 4: alpaca/64K at D 256 (B*H*L*D = 4.3e9) made PyTorch's flash kernel fault with an illegal memory
-        # access (int32 offsets), which poisons the CUDA context and ends the whole run: skip it with a note.
-        raise ValueError(f"padded batch of {B * H * L * D:.2e} elements per tensor is past int32 indexing: skipped")
-    # Padded batch (B, H, L, D); k/v already repeated to H heads (not timed). Padding is wasted work.
-    q, k, v, do = (torch.randn(B, H, L, D, device=device, dtype=dtype) for _ in range(4))
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-
-    def fn(q, k, v):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return sdpa(q, k, v, is_causal=True)
-
-    return fn, (q, k, v), do
-
-
-_FLEX = {}
-
-
-def flex_document(lens, H, Hkv, D, device, dtype):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    if "fn" not in _FLEX:
-        # ``import torch._dynamo`` here would make ``torch`` a local name of this function (run 3: every flex row
-        # failed with UnboundLocalError); bind the submodule under its own name instead.
-        from torch import _dynamo as dynamo
-
-        # One static compile per pack shape: lift dynamo's recompile cap (8) so flex never falls back to eager.
-        # (Run 1: past the cap flex ran eager and materialised 32 GiB of scores at D 64, 16K.) The accumulated cap
-        # counts every recompile of the process: ~2 per case x 13 cases x 3 head dims stays far below 4096.
-        for name, cap in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096)):
-            if hasattr(dynamo.config, name):
-                setattr(dynamo.config, name, cap)
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    T = sum(lens)
-    doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
-
-    def document_causal(b, h, q_idx, kv_idx):
-        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
-
-    block_mask = create_block_mask(document_causal, None, None, T, T, device=device)
-    q = torch.randn(1, H, T, D, device=device, dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(1, Hkv, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    do = torch.randn(1, H, T, D, device=device, dtype=dtype)
-    flex = _FLEX["fn"]
-    return (lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=Hkv != H)), (q, k, v), do
-
-
-IMPLS = {
-    "padless": ours,
-    "padless_det": ours_deterministic,
-    "padless_fuse": ours_fused_delta,
-    "padless_delta_launch": ours_delta_launch,
-    "varlen_attn": torch_varlen,
-    "sdpa_flash_padded": sdpa_padded,
-    "flex_document": flex_document,
-}
-# Rows replayed from CUDA graphs by default: ours and every peer, so the GPU-time comparison is like for like. A
-# peer whose call cannot be captured still gets its row, with the capture error as the note.
-GRAPHED = ("padless", "padless_delta_launch", "varlen_attn", "sdpa_flash_padded", "flex_document")
-DEFAULT_IMPLS = [*IMPLS, *(f"{name}@graph" for name in GRAPHED)]
-
-
-def matmul_peak(bench) -> float:
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / (bench(lambda: a @ b) * 1e-3) / 1e12
-
-
-# ------------------------------------------------------------------------------------------------ runs
-def _measure(args, bench, device, dtype, name, pack, lens, D, impl) -> Row:
-    flops = causal_flops(lens, args.H, D)
-    try:
-        # "<impl>@graph": the same calls replayed from a CUDA graph (GPU time without host overhead).
-        fn, inputs, do = IMPLS[impl.removesuffix("@graph")](lens, args.H, args.Hkv, D, device, dtype)
-        f, fb, note = fwd_and_fwdbwd(fn, inputs, do, bench, graph=impl.endswith("@graph"))
-        return Row(name, pack, D, impl, f, fb, f and flops / f / 1e9, fb and 3.5 * flops / fb / 1e9, note)
-    except Exception as e:  # a baseline missing in this torch, or out of memory: record, go on
-        return Row(name, pack, D, impl, None, None, None, None, f"{type(e).__name__}: {e}"[:160])
-    finally:
+    heads, kv_heads = args.heads
+    impls = ["padless", "padless_det"] + ([] if args.smoke else ["varlen_attn", "flex"])
+    cases = [("tiny", SMOKE_LENS)] if args.smoke else table_cases(args.packs)
+    rows = []
+    for d, (case, lens) in itertools.product(args.dims, cases):
+        inputs, do, cu = make_inputs(lens, heads, kv_heads, d, device, dtype)
+        flops = causal_flops(lens, heads, d)
+        for impl in impls:
+            row = {"bench": "table", "case": case, "tokens": sum(lens), "D": d, "heads": heads, "kv_heads": kv_heads,
+                   "dtype": DTYPE_NAMES[str(dtype).removeprefix("torch.")], "impl": impl,
+                   "timer": "graph" if args.graph else "events"}  # fmt: skip
+            try:
+                if impl.startswith("padless"):
+                    fn = padless_fn(lens, cu, deterministic=impl == "padless_det")
+                elif impl == "varlen_attn":
+                    fn = varlen_attn_fn(lens, cu, heads, kv_heads)
+                else:
+                    fn = flex_fn(lens, heads, kv_heads, device)
+                # FlexAttention takes (1, H, T, D): its own contiguous copies of the same inputs
+                bhtd = lambda x: x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(x.requires_grad)
+                ins, dout = ([bhtd(x) for x in inputs], bhtd(do)) if impl == "flex" else (inputs, do)
+                f, fb, note = time_case(fn, ins, dout, args.graph, args.smoke)
+            except Exception as error:  # the peer cannot be built here (missing in this torch, ...)
+                f, fb, note = None, None, f"{type(error).__name__}: {str(error)[:100]}"
+            row.update(fwd_ms=f, fwdbwd_ms=fb, note=note)
+            row.update(fwd_tflops=f and flops / f / 1e9, fwdbwd_tflops=fb and 3.5 * flops / fb / 1e9)
+            rows.append(row)
+            print(f"D={d} {case} {impl}: fwd {f} ms, fwd+bwd {fb} ms {note}", flush=True)
+        del inputs, do
         if device == "cuda":
             torch.cuda.empty_cache()
-
-
-def median_row(rounds: list[Row]) -> Row:
-    """One row from the same (case, impl) timed in several interleaved rounds: median times, the spread as a note."""
-    first = rounds[0]
-    if len(rounds) == 1:
-        return first
-    ok = [r for r in rounds if r.fwd_ms is not None and r.fwdbwd_ms is not None]
-    if not ok:
-        return first
-    f, fb = statistics.median(r.fwd_ms for r in ok), statistics.median(r.fwdbwd_ms for r in ok)
-    scale_f, scale_fb = ok[0].fwd_tflops * ok[0].fwd_ms, ok[0].fwdbwd_tflops * ok[0].fwdbwd_ms
-    spread = (f"median of {len(ok)} interleaved rounds; fwd+bwd ms {min(r.fwdbwd_ms for r in ok):.3f}-"
-              f"{max(r.fwdbwd_ms for r in ok):.3f}")  # fmt: skip
-    note = "; ".join(x for x in (first.note, spread) if x)
-    return Row(first.case, first.pack, first.D, first.impl, f, fb, scale_f / f, scale_fb / fb, note)
-
-
-def run_table(args, bench, device, dtype) -> list[Row]:
-    """Every (D, case, impl); with ``--rounds R`` each case times its impls R times in turn (A, B, A, B, ...), so
-    an A/B of two implementations sees the same clocks and host load, and reports the median."""
-    rows = []
-    for D in args.dims:
-        for name, pack, lens in cases(args.packs, args.quick):
-            timed: dict[str, list[Row]] = {impl: [] for impl in args.impls}
-            for _ in range(args.rounds):
-                for impl in args.impls:
-                    timed[impl].append(_measure(args, bench, device, dtype, name, pack, lens, D, impl))
-                    print(timed[impl][-1], flush=True)
-            rows += [median_row(timed[impl]) for impl in args.impls]
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ report
-def environment(args, dtype: torch.dtype) -> dict:
+# ------------------------------------------------------------------------------------------------------ sweep
+def pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while n % (2 * p) == 0 and 2 * p <= cap:
+        p *= 2
+    return p
+
+
+def candidates(kind: str, bucket: str, d: int, group: int) -> list[tuple]:
+    """Plausible tilings (rows = query tokens x heads per tile, so block_m = rows / hpb, at least 16)."""
+    short, big = bucket == "short", d > 128
+    hf, hb = pow2_divisor(group, 8 if short else 4), pow2_divisor(group, 4 if short else 2)
+    m = lambda rows, hpb: max(16, rows // hpb)
+    if kind == "fwd":  # (block_m, hpb, block_n, num_warps, num_stages)
+        grid = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (64, 64, 8)] if big else \
+               [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4), (128, 64, 4)]  # fmt: skip
+        return list(dict.fromkeys((m(rows, hf), hf, n, w, 2 if big else 3) for rows, n, w in grid))
+    if kind in ("bwd_kv", "bwd_atomic"):  # (kv_block_n, kv_block_m, kv_hpb, kv_warps, kv_stages)
+        grid = [(32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 16, 8, 2), (32, 64, 4, 2)] if big else \
+               [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)]  # fmt: skip
+        return list(dict.fromkeys((n, m(rows, hb), hb, w, s) for n, rows, w, s in grid))
+    # bwd_dq: (q_block_m, q_hpb, q_block_n, q_warps, q_stages)
+    grid = [(32, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)] if big else \
+           [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]  # fmt: skip
+    return list(dict.fromkeys((m(rows, hb), hb, n, w, s) for rows, n, w, s in grid))
+
+
+def current_tiles(gpu: str, d: int, dtype: str, bucket: str) -> dict[str, tuple]:
+    """This GPU's tiles for the case in the tuned table now in the tree ({} when none or unreadable)."""
+    from padless.kernels.attention import TUNED_FIELDS, TUNED_PATH
+
+    try:
+        doc = json.loads(TUNED_PATH.read_text())
+        case = next(c for t in doc["tables"] if t["gpu"] == gpu for c in t["cases"]
+                    if (c["D"], c["dtype"], c["bucket"]) == (d, dtype, bucket))  # fmt: skip
+        return {k: tuple(v[f] for f in TUNED_FIELDS[k]) for k, v in case["tiles"].items()}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return {}
+
+
+def time_trial(q, k, v, do, cu, m: int, fwd_cfg, bwd_cfg, smoke: bool) -> float:
+    """Milliseconds of the forward (``fwd_cfg``) or of the backward alone on one recorded forward (``bwd_cfg``)."""
+    import torch
+
+    from padless.kernels.attention import varlen_attention_with_configs
+
+    reps = {"warmup": 0, "repeats": 1} if smoke else {"warmup": 3, "repeats": 10}
+    if bwd_cfg is None:
+        with torch.no_grad():
+            return H.time_ms(lambda: varlen_attention_with_configs(q, k, v, cu, m, fwd_cfg=fwd_cfg), **reps)
+    out = varlen_attention_with_configs(q, k, v, cu, m, bwd_cfg=bwd_cfg)
+    return H.time_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), **reps)
+
+
+def run_sweep(args, device: str, dtype, gpu: str) -> list[dict]:
+    """Time every candidate, case by case (D, then bucket), until --budget-s is spent; one dict per trial."""
+    from padless.kernels.attention import BwdConfig, FwdConfig, length_bucket
+
+    heads, kv_heads = args.heads
+    group, dname = heads // kv_heads, DTYPE_NAMES[str(dtype).removeprefix("torch.")]
+    start, results = time.perf_counter(), []
+    cases = {"short": ("tiny", SMOKE_LENS)} if args.smoke else {b: (n, f()) for b, (n, f) in BUCKET_CASES.items()}
+    for d, bucket in itertools.product(args.dims, args.buckets):
+        case, lens = cases[bucket]
+        if length_bucket(sum(lens) / len(lens)) != bucket:
+            raise SystemExit(f"case {case} (mean {sum(lens) / len(lens):.0f}) is not in bucket {bucket}")
+        (q, k, v), do, cu = make_inputs(lens, heads, kv_heads, d, device, dtype)
+        m, flops = max(lens), causal_flops(lens, heads, d)
+        have = current_tiles(gpu, d, dname, bucket)
+        best: dict[str, tuple] = {}
+        for kind in ("bwd_atomic", "bwd_kv", "bwd_dq", "fwd"):
+            cands = list(dict.fromkeys([*([have[kind]] if kind in have else []), *candidates(kind, bucket, d, group)]))
+            for cfg in cands[: 2 if args.smoke else None]:
+                if time.perf_counter() - start > args.budget_s:
+                    print(f"[sweep] --budget-s {args.budget_s:.0f} spent: stopping", flush=True)
+                    return results
+                if kind == "fwd":
+                    fwd_cfg, bwd_cfg = FwdConfig(*cfg), None
+                else:
+                    kv = best.get("bwd_kv", (None, candidates("bwd_kv", bucket, d, group)[0]))[1]
+                    dq = best.get("bwd_dq", (None, candidates("bwd_dq", bucket, d, group)[0]))[1]
+                    if kind != "bwd_dq":
+                        kv = cfg
+                    else:
+                        dq = cfg
+                    fwd_cfg, bwd_cfg = None, BwdConfig(*kv, *dq, dq_atomic=kind == "bwd_atomic")
+                try:
+                    ms, error = time_trial(q, k, v, do, cu, m, fwd_cfg, bwd_cfg, args.smoke), ""
+                except Exception as e:  # out of shared memory / registers for this tiling: recorded, the sweep goes on
+                    ms, error = None, f"{type(e).__name__}: {str(e)[:100]}"
+                tflops = ms and (1.0 if kind == "fwd" else 2.5) * flops / ms / 1e9
+                results.append({"bench": "sweep", "case": case, "bucket": bucket, "D": d, "dtype": dname, "kind": kind,
+                                "config": list(cfg), "ms": ms, "tflops": tflops, "error": error})  # fmt: skip
+                if ms and (kind not in best or ms < best[kind][0]):
+                    best[kind] = (ms, cfg)
+                print(f"[sweep] {time.perf_counter() - start:5.0f}s D={d} {bucket} {kind} {cfg}: "
+                      + (f"{ms:.3f} ms" if ms else error), flush=True)  # fmt: skip
+    return results
+
+
+def winners(results: list[dict]) -> dict[tuple, dict]:
+    """The fastest successful trial per (D, dtype, bucket, kind)."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["D"], r["dtype"], r["bucket"], r["kind"])
+        if r["ms"] and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    return best
+
+
+def write_tuned(path: Path, results: list[dict], gpu: str) -> dict:
+    """Replace ``gpu``'s table in the tuned-table document at ``path`` with this sweep's winners (atomically)."""
+    import torch
     import triton
 
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU interpreter ({platform.machine()})",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "H": args.H,
-        "Hkv": args.Hkv,
-        "dtype": str(dtype).removeprefix("torch."),
-        "flop_convention": "fwd = 4*sum(l^2/2)*H*D; fwd+bwd = 3.5x fwd (bwd = 2.5x fwd, FlashAttention's)",
-    }
+    from padless.kernels.attention import TUNED_FIELDS, parse_tuned
+
+    best, cases = winners(results), []
+    for d, dtype, bucket in dict.fromkeys(k[:3] for k in best):
+        got = {kind: r for (d2, t2, b2, kind), r in best.items() if (d2, t2, b2) == (d, dtype, bucket)}
+        case = {"D": d, "dtype": dtype, "bucket": bucket,
+                "tiles": {k: dict(zip(TUNED_FIELDS[k], r["config"])) for k, r in got.items()}}  # fmt: skip
+        det = got.get("bwd_dq", got.get("bwd_kv"))
+        if det and "bwd_atomic" in got:
+            case["backward"] = "deterministic" if det["ms"] < got["bwd_atomic"]["ms"] else "atomic"
+        case["note"] = f"{got[next(iter(got))]['case']}: " + ", ".join(f"{k} {r['ms']:.3f} ms" for k, r in got.items())
+        cases.append(case)
+    others = []
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            parse_tuned(old, str(path))
+            others = [t for t in old["tables"] if t["gpu"] != gpu]
+        except ValueError as error:  # JSONDecodeError is a ValueError too
+            print(f"[tuned] {path} is not a valid version-2 table ({error}); writing a new document", flush=True)
+    table = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+             "date": datetime.date.today().isoformat(), "cases": cases}  # fmt: skip
+    doc = {"version": 2, "tables": [*others, table]}
+    parse_tuned(doc, str(path))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"[tuned] wrote {len(cases)} case(s) for {gpu} to {path} ({len(others)} other GPU table(s) kept)")
+    return doc
 
 
-def markdown(env: dict, rows: list[Row], peak: float | None) -> str:
-    lines = [f"# Varlen attention benchmark: {env['gpu']}", ""]
-    lines += [f"- {k}: `{v}`" for k, v in env.items() if k != "gpu"]
-    if peak:
-        lines.append(f"- measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s")
-    lines += ["", "useful causal TFLOP/s, fwd / fwd+bwd (ms in parentheses)", ""]
-    impls = list(dict.fromkeys(r.impl for r in rows))
-    keys = list(dict.fromkeys((r.D, r.case) for r in rows))
-    lines.append("| D | case | " + " | ".join(impls) + " |")
-    lines.append("|---|---|" + "---|" * len(impls))
-    for D, case in keys:
-        cells = []
-        for impl in impls:
-            r = next((r for r in rows if (r.D, r.case, r.impl) == (D, case, impl)), None)
-            if r is None or (r.fwd_ms is None and r.fwdbwd_ms is None):
-                cells.append("n/a")
-            else:
-                tf = [("n/a" if x is None else f"{x:.0f}") for x in (r.fwd_tflops, r.fwdbwd_tflops)]
-                ms = [("n/a" if x is None else f"{x:.2f}") for x in (r.fwd_ms, r.fwdbwd_ms)]
-                cells.append(f"{tf[0]} / {tf[1]} ({ms[0]} / {ms[1]})")
-        lines.append(f"| {D} | {case} | " + " | ".join(cells) + " |")
-    notes = [f"- {r.impl} {r.case} D={r.D}: {r.note}" for r in rows if r.note]
-    if notes:
-        lines += ["", "Notes (errors, capture failures, interleaved-round spreads):", *notes]
-    if any(r.impl.endswith("@graph") for r in rows):
-        lines += [
-            "",
-            "`X@graph`: CUDA-graph replays of the same calls (GPU time alone: no Python, autograd or "
-            "launch path); FlexAttention's BlockMask and compilation happen before capture, outside the graph.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run under TRITON_INTERPRET=1")
-    p.add_argument("--sweep", action="store_true", help="time alternative tilings of our kernels instead")
-    p.add_argument("--budget-s", type=float, default=110.0, help="--sweep: stop starting trials after this many s")
-    p.add_argument("--write-tuned", default=None, help="--sweep: merge the winners into this JSON tiling table")
-    p.add_argument("--compile-check", action="store_true",
-                   help="no GPU needed: compile for sm_90 and print registers/spills/shared memory")  # fmt: skip
-    p.add_argument("--candidates", action="store_true", help="--compile-check: every sweep candidate, not defaults")
-    p.add_argument("--kinds", default="fwd,bwd_atomic,bwd_kv,bwd_dq", help="--compile-check / --sweep kinds")
-    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for JSON + markdown (default: $OUT)")
-    p.add_argument("--packs", default="4096,16384,65536", help="pack sizes in tokens, comma-separated")
-    p.add_argument("--dims", default="128,64,256", help="head dims for the table")
-    p.add_argument("--sweep-dims", default="128,64", help="head dims for --sweep")
-    p.add_argument("--sweep-buckets", default="short,medium,long",
-                   help="length buckets for --sweep, from short,medium,long,xlong (xlong: one 16K example per pack; "
-                   "without xlong entries it uses long's tiles)")  # fmt: skip
-    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
-                   help=f"implementations, from {list(IMPLS)}; a name + '@graph' (e.g. padless@graph) times CUDA-graph "
-                   "replays: GPU time alone, so eager minus graphed is the host overhead per call")  # fmt: skip
-    p.add_argument("--profile", default=None,
-                   help="case names (e.g. alpaca/4K,eq1K/4K): write a torch.profiler table of padless fwd+bwd per "
-                   "case and D to --out, then the normal table")  # fmt: skip
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="time each case's impls this many times in turn (interleaved A/B) and report medians",
-    )
-    p.add_argument("--H", type=int, default=32)
-    p.add_argument("--Hkv", type=int, default=8)
-    return p.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
-    args.sweep_kinds = args.kinds.split(",")
-    args.sweep_buckets = args.sweep_buckets.split(",")
-    from padless.kernels.attention import BUCKETS
-
-    if unknown := set(args.sweep_buckets) - set(BUCKETS):
-        raise SystemExit(f"--sweep-buckets: unknown {sorted(unknown)}; expected some of {list(BUCKETS)}")
-    if args.compile_check:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise SystemExit("--compile-check compiles real GPU code: unset TRITON_INTERPRET")
-        from bench_attention_compile import compile_check
-
-        compile_check([int(x) for x in args.dims.split(",")], args.H // args.Hkv, args.sweep_kinds, args.candidates)
-        return
-    if args.quick:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.packs, args.dims, args.sweep_dims, args.H, args.Hkv = "96", "16", "16", 4, 2
-        args.impls = "padless"
-    args.packs = [int(x) for x in args.packs.split(",")]
+# ------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", default="64,128,256", help="head dims D, comma-separated")
+    p.add_argument("--packs", default="4096,16384", help="table: pack sizes in tokens, comma-separated")
+    p.add_argument("--heads", default="32,8", help="query and key/value heads, H,Hkv")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--graph", action="store_true", help="table: time CUDA-graph replays instead of eager calls")
+    p.add_argument("--sweep", action="store_true", help="time candidate tilings instead of the table")
+    p.add_argument("--buckets", default="short,medium,long,xlong", help="--sweep: length buckets, comma-separated")
+    p.add_argument("--budget-s", type=float, default=540.0, help="--sweep: start no trial after this many seconds")
+    p.add_argument("--write-tuned", nargs="?", const="", default=None, metavar="PATH",
+                   help="--sweep: write the winners into this tuned table (kernels/attention_tuned.json)")  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter, padless only)")
+    H.add_results_args(p, "attention")
+    args = p.parse_args(argv)
     args.dims = [int(x) for x in args.dims.split(",")]
-    args.sweep_dims = [int(x) for x in args.sweep_dims.split(",")]
-    args.impls = args.impls.split(",")
-    device = "cpu" if args.quick else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: run on the H200, or use --quick for the CPU smoke run")
-    dtype = torch.float32 if args.quick else torch.bfloat16
-    bench = timer(args.quick, 40 if args.sweep else 100)  # sweep: many trials, shorter medians
-    env = environment(args, dtype)
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-    if args.sweep:
-        from bench_attention_sweep import BUCKET_CASES, run_sweep, write_tuned
+    args.packs = [int(x) for x in args.packs.split(",")]
+    args.heads = tuple(int(x) for x in args.heads.split(","))
+    args.buckets = args.buckets.split(",")
+    if args.smoke:
+        args.dims, args.heads, args.buckets = [16], (4, 2), ["short"]
+    if unknown := sorted(set(args.buckets) - set(BUCKET_CASES)):
+        p.error(f"--buckets: unknown {unknown}; expected some of {list(BUCKET_CASES)}")
+    if args.write_tuned is not None and not args.sweep:
+        p.error("--write-tuned needs --sweep")
+    if args.write_tuned == "" and args.smoke:
+        p.error("--smoke --write-tuned needs a PATH: smoke timings never go into kernels/attention_tuned.json")
+    return args
 
-        lens_of = {name: lens for name, _, lens in cases([16384])}
-        if args.quick:  # the CPU smoke run: the two tiny cases stand for the buckets
-            tiny = dict((name, lens) for name, _, lens in cases([], quick=True))
-            lens_of = {BUCKET_CASES["short"]: tiny["alpaca-tiny"], BUCKET_CASES["long"]: tiny["eq32"]}
-        results = run_sweep(args, bench, device, dtype, lens_of, causal_flops)
-        if out:
-            (out / "attention_sweep.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-        if args.write_tuned:
-            for e in write_tuned(Path(args.write_tuned), results, str(dtype).removeprefix("torch.")
-                                 .replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32"),
-                                 env):  # fmt: skip
-                print(f"[tuned] {e}", flush=True)
-            if out:  # the device machine sends back only --out: a copy to commit as kernels/attention_tuned.json
-                (out / "attention_tuned.json").write_text(Path(args.write_tuned).read_text())
-        return
-    if args.profile and not args.quick:
-        wanted = args.profile.split(",")
-        for D in args.dims:
-            for name, _, lens in cases(args.packs):
-                if name in wanted:
-                    fn, inputs, do = ours(lens, args.H, args.Hkv, D, device, dtype)
-                    path = out / f"attention_profile_D{D}_{name.replace('/', '_')}.txt" if out else None
-                    print(f"== profile {name} D={D}\n" + profile_case(fn, inputs, do, path), flush=True)
-    peak = None if args.quick else matmul_peak(bench)
-    rows = run_table(args, bench, device, dtype)
-    md = markdown(env, rows, peak)
-    print("\n" + md)
-    if out:
-        tag = "D" + "-".join(map(str, args.dims)) + "_P" + "-".join(str(p // 1024) + "K" for p in args.packs)
-        (out / f"attention_bench_{tag}.json").write_text(
-            json.dumps({"env": env, "matmul_peak_tflops": peak, "rows": [asdict(r) for r in rows]}, indent=1)
-        )
-        (out / f"attention_bench_{tag}.md").write_text(md)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        sys.exit("bench_attention.py needs a CUDA GPU for real numbers (--smoke runs tiny shapes on the CPU)")
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (by our kernels)
+    device = "cuda" if cuda else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    torch.manual_seed(0)
+    if args.sweep:
+        results = run_sweep(args, device, dtype, gpu)
+        rows = list(winners(results).values())
+        cols = [("D", "D", "d"), ("bucket", "bucket", "s"), ("kind", "kind", "s"), ("config", "tiles", str),
+                ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".0f")]  # fmt: skip
+        print(H.format_table(rows, cols, title=f"\nfastest tiling per case on {gpu} ({len(results)} trials)"))
+        if args.write_tuned is not None:
+            from padless.kernels.attention import TUNED_PATH
+
+            write_tuned(Path(args.write_tuned) if args.write_tuned else TUNED_PATH, results, gpu)
+    else:
+        rows = run_table(args, device, dtype)
+        cols = [("D", "D", "d"), ("case", "case", "s"), ("impl", "impl", "s"), ("fwd_ms", "fwd ms", ".3f"),
+                ("fwd_tflops", "fwd TFLOP/s", ".0f"), ("fwdbwd_ms", "fwd+bwd ms", ".3f"),
+                ("fwdbwd_tflops", "fwd+bwd TFLOP/s", ".0f"), ("note", "note", "s")]  # fmt: skip
+        print(H.format_table(rows, cols, title=f"\nvarlen attention on {gpu}, H {args.heads[0]} Hkv {args.heads[1]}"))
+    H.record(args, "attention", rows, smoke=args.smoke)
 
 
 if __name__ == "__main__":

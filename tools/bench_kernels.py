@@ -1,236 +1,306 @@
-"""Benchmark padless's memory-bound kernels and fused linear cross-entropy on one GPU (H200 target).
+"""Benchmark padless's fused kernels against eager PyTorch (our ``*_reference``, Hugging Face's math) and Liger-Kernel
+(when ``liger_kernel`` is importable) on one GPU. Prints a table and appends its rows to
+docs/bench/results/kernels.jsonl.
 
-What it measures (bf16, Qwen3-8B shapes: H 32, Hkv 8, D 128, hidden E 4096, intermediate I 12288, V 151936;
-T = 4K, 16K, 64K packed tokens) for ours (``padless``), ``eager`` (our plain-PyTorch ``*_reference``, i.e.
-Hugging Face's math) and ``liger`` (Liger-Kernel's equivalent op; "n/a" when ``liger_kernel`` is missing):
+    python tools/bench_kernels.py                                # every op at T = 4096 and 16384 tokens
+    python tools/bench_kernels.py --ops rmsnorm,linear_ce --tokens 16384
+    python tools/bench_kernels.py --smoke                        # tiny shapes; on a CPU under TRITON_INTERPRET=1
 
-* graph time (device-bound, what the bandwidth targets are about): N calls captured in one CUDA graph, replays
-  timed with events, inputs rotated over enough sets that L2 cannot serve them (``bench_kernels_timing``);
-  backward = graph(forward + backward) - graph(forward);
-* plain time: ``triton.testing.do_bench`` median of one call (includes the host launch path; backward on a
-  recorded graph with ``retain_graph``), as in run 1;
-* achieved bandwidth = bytes counted / time (TB/s), next to a measured device-to-device copy (``copy_`` of 1 GiB,
-  read + write), and % of copy from the graph time;
-* extra memory of one forward+backward: peak above the inputs, minus the gradients returned;
-* fused linear CE (``bench_kernels_ce``): frozen (LoRA) and trainable lm_head weight, fwd+bwd as one unit.
+Shapes are Qwen3-8B's, bf16: H 32, Hkv 8, D 128, hidden E 4096, intermediate I 12288, vocab V 151936.
+Ops: ``rope`` (q, k in place), ``swiglu``, ``geglu`` (tanh), ``rmsnorm`` (weight gradient), ``rmsnorm_frozen`` (no
+weight gradient, the LoRA case), ``rmsnorm_head`` (Qwen3's per-head q norm, frozen), ``linear_ce`` (lm_head + next-token
+cross-entropy, frozen and trainable weight).
 
-``--sweep`` (a separate invocation, own output files) times alternative block sizes / warps / program counts of
-our kernels by graph replay (``bench_kernels_sweep``). ``--quick`` is a tiny CPU smoke run under the Triton
-interpreter (wall-clock timers, no memory numbers). ``--budget-s`` skips what is left (noted in the table) once
-the run has taken that long, so one device run cannot overrun its slot.
-
-Usage on the GPU machine (liger-kernel installed for the Liger column):
-    python tools/bench_kernels.py --out results/kernels             # table + fused linear CE (~60-90 s)
-    python tools/bench_kernels.py --sweep --out results/kernels     # sweep only (~60 s), kernels_sweep.{json,md}
+Memory-bound ops: device time from CUDA-graph replays over enough input sets that L2 cannot serve them; backward =
+graph(forward + backward) - graph(forward with autograd recording); GB/s of the useful traffic (bf16: RoPE reads and
+writes q and k; GLU fwd reads gate, up and writes out = 3 x T x I x 2 B, bwd 5 x; RMSNorm fwd 2 x T x E x 2 B, bwd
+3 x), also as % of a measured 1 GiB device-to-device copy. Fused linear CE: forward+backward as one
+``torch.autograd.grad`` (CUDA events, median), TFLOP/s of its matmuls (4 T E V frozen, 6 T E V trainable) and the
+extra memory of one call (peak minus inputs minus the returned gradients).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
-import platform
 import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_kernels_* modules
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # padless's packages from a plain checkout
-
-from bench_kernels_timing import Row, Timer, tbps, try_import
+import bench_harness as H
 
 QWEN3_8B = {"H": 32, "Hkv": 8, "D": 128, "E": 4096, "I": 12288, "V": 151936}
-TINY = {"H": 4, "Hkv": 2, "D": 64, "E": 128, "I": 96, "V": 512}
+SMOKE = {"H": 4, "Hkv": 2, "D": 16, "E": 64, "I": 96, "V": 256}
+OPS = ("rope", "swiglu", "geglu", "rmsnorm", "rmsnorm_frozen", "rmsnorm_head", "linear_ce")
+GiB = 2**30
 
 
-def copy_bandwidth(timer: Timer, device, quick: bool) -> float:
+def optional(module: str) -> tuple[Any, str]:
+    """(module, "") or (None, why): Liger is an optional peer, any import failure is its row's note."""
+    try:
+        return importlib.import_module(module), ""
+    except Exception as error:  # an optional peer: whatever fails, the row says so and the table goes on
+        return None, f"n/a ({type(error).__name__}: {error})"[:90]
+
+
+@dataclass
+class Impl:
+    """One implementation of one op: ``forward(s, grad)`` on input set s, ``full(s)`` = forward + backward."""
+
+    name: str
+    forward: Callable[[int, bool], Any] | None = None
+    full: Callable[[int], Any] | None = None
+    note: str = ""
+
+
+def autograd_impl(name: str, fn: Callable, inputs: list[tuple], grads: list, wrt: Callable[[int], tuple]) -> Impl:
     import torch
 
-    n = (2**20 if quick else 2**30) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    return tbps(2 * src.numel() * 2, timer.plain(lambda: dst.copy_(src)))
+    def forward(s: int, grad: bool) -> Any:
+        with torch.set_grad_enabled(grad):
+            return fn(*inputs[s])
+
+    def full(s: int) -> Any:
+        return torch.autograd.grad(fn(*inputs[s]), wrt(s), grads[s])
+
+    return Impl(name, forward, full)
 
 
-def environment(args) -> dict:
+def leaf(shape: tuple, device: str, scale: float = 1.0, grad: bool = True):
     import torch
-    import triton
 
-    liger, _ = try_import("liger_kernel")
-    cuda = torch.cuda.is_available()
-    version = None
+    return (torch.randn(*shape, device=device, dtype=torch.bfloat16) * scale).requires_grad_(grad)
+
+
+# --------------------------------------------------------------------------------------------- op builders
+def rope_case(t: int, shape: dict, device: str) -> tuple[list[Impl], int, int]:
+    import torch
+
+    from padless.kernels.rope import rope_, rope_reference
+
+    h, hkv, d = shape["H"], shape["Hkv"], shape["D"]
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    freqs = torch.arange(max(t, 4096), device=device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = freqs.cos(), freqs.sin()
+    pos = torch.arange(t, device=device) % 1024  # packed examples of 1024 tokens
+    nbytes = 2 * t * (h + hkv) * d * 2 + t * d * 4 + t * 8  # q, k read + write; cos/sin rows; positions
+    sets = H.input_sets(nbytes)
+    qk = [(leaf((t, h, d), device), leaf((t, hkv, d), device)) for _ in range(sets)]
+    grads = [(torch.randn_like(q), torch.randn_like(k)) for q, k in qk]
+
+    def ours_forward(s: int, grad: bool) -> Any:
+        q, k = qk[s]
+        if not grad:  # in place on the inputs' storage: the benchmark's data is noise either way
+            with torch.no_grad():
+                return rope_(q.detach(), k.detach(), cos, sin, pos)
+        return rope_(q.clone(), k.clone(), cos, sin, pos)  # a leaf that requires grad cannot be rotated in place
+
+    def ours_full(s: int) -> Any:  # the backward rotates the gradient buffers in place
+        return torch.autograd.grad(ours_forward(s, True), qk[s], grads[s])
+
+    eager = autograd_impl("eager", lambda q, k: rope_reference(q, k, cos, sin, pos), qk, grads, lambda s: qk[s])
+    impls = [Impl("padless", ours_forward, ours_full), eager]
+    liger, why = optional("liger_kernel.transformers.rope")
+    if liger is None:
+        impls.append(Impl("liger", note=why))
+    else:  # Liger's layout: q (1, H, T, D) (a transposed view of ours), cos/sin (1, T, D) in HF's duplicated form
+        cos_hf, sin_hf = (torch.cat((x[pos], x[pos]), -1)[None].to(torch.bfloat16) for x in (cos, sin))
+        view = lambda x: x.view(1, t, x.shape[1], d).transpose(1, 2)
+        fn = lambda q, k: liger.liger_rotary_pos_emb(view(q), view(k), cos_hf, sin_hf)
+        vgrads = [(view(gq), view(gk)) for gq, gk in grads]
+        impls.append(autograd_impl("liger", fn, qk, vgrads, lambda s: qk[s]))
+    return impls, nbytes, nbytes
+
+
+def glu_case(t: int, shape: dict, device: str, geglu: bool) -> tuple[list[Impl], int, int]:
+    import torch
+
+    from padless.kernels import swiglu as S
+
+    elem = t * shape["I"] * 2
+    sets = H.input_sets(3 * elem)
+    inputs = [(leaf((t, shape["I"]), device), leaf((t, shape["I"]), device)) for _ in range(sets)]
+    grads = [torch.randn_like(g) for g, _ in inputs]
+    fns = {"padless": (lambda g, u: S.geglu(g, u, "tanh")) if geglu else S.swiglu,
+           "eager": (lambda g, u: S.geglu_reference(g, u, "tanh")) if geglu else S.swiglu_reference}  # fmt: skip
+    impls = [autograd_impl(name, fn, inputs, grads, lambda s: inputs[s]) for name, fn in fns.items()]
+    liger, why = optional("liger_kernel.ops.geglu" if geglu else "liger_kernel.ops.swiglu")
+    if liger is None:
+        impls.append(Impl("liger", note=why))
+    else:
+        fn = liger.LigerGELUMulFunction.apply if geglu else liger.LigerSiLUMulFunction.apply
+        impls.append(autograd_impl("liger", fn, inputs, grads, lambda s: inputs[s]))
+    return impls, 3 * elem, 5 * elem
+
+
+def rmsnorm_case(t: int, shape: dict, device: str, weight_grad: bool, per_head: bool) -> tuple[list[Impl], int, int]:
+    import torch
+
+    from padless.kernels.rmsnorm import rms_norm, rms_norm_reference
+
+    xshape = (t, shape["H"], shape["D"]) if per_head else (t, shape["E"])
+    elem = xshape[0] * xshape[1] * (xshape[2] if per_head else 1) * 2
+    sets = H.input_sets(2 * elem)
+    w = (1 + 0.1 * torch.randn(xshape[-1], device=device)).to(torch.bfloat16).requires_grad_(weight_grad)
+    inputs = [(leaf(xshape, device), w) for _ in range(sets)]
+    grads = [torch.randn(xshape, device=device, dtype=torch.bfloat16) for _ in range(sets)]
+    wrt = (lambda s: inputs[s]) if weight_grad else (lambda s: inputs[s][:1])
+    fns = {"padless": lambda x, w: rms_norm(x, w, 1e-6), "eager": lambda x, w: rms_norm_reference(x, w, 1e-6)}
+    liger, why = optional("liger_kernel.ops.rms_norm")
     if liger is not None:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as dist_version
-
-        try:
-            version = dist_version("liger-kernel")
-        except PackageNotFoundError:
-            version = "unknown"
-    return {
-        "machine": platform.node(),
-        "gpu": torch.cuda.get_device_name() if cuda else "none (CPU, Triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "liger_kernel": version,
-        "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "quick": args.quick,
-    }
+        fns["liger"] = lambda x, w: liger.LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama")
+    impls = [autograd_impl(name, fn, inputs, grads, wrt) for name, fn in fns.items()]
+    return impls + ([Impl("liger", note=why)] if liger is None else []), 2 * elem, 3 * elem
 
 
-def fmt(value, digits=3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def measure_memory_bound(op: str, t: int, impl: Impl, fwd_bytes: int, bwd_bytes: int, copy_gbps: float) -> dict:
+    import torch
+
+    row: dict[str, Any] = {"op": op, "T": t, "impl": impl.name, "note": impl.note}
+    if impl.forward is None:
+        return row
+    sets = range(H.input_sets(fwd_bytes))
+    try:
+        fwd = H.time_graph_ms([lambda s=s: impl.forward(s, False) for s in sets])
+        fwd_grad = H.time_graph_ms([lambda s=s: impl.forward(s, True) for s in sets])
+        full = H.time_graph_ms([lambda s=s: impl.full(s) for s in sets])
+        row.update(fwd_ms=fwd, bwd_ms=max(full - fwd_grad, 1e-6))
+        row.update(fwd_gbps=fwd_bytes / fwd / 1e6, bwd_gbps=bwd_bytes / row["bwd_ms"] / 1e6)
+        row.update(fwd_pct_copy=100 * row["fwd_gbps"] / copy_gbps, bwd_pct_copy=100 * row["bwd_gbps"] / copy_gbps)
+    except Exception as error:  # one failing peer must not stop the table: its row says why
+        row["note"] = f"{type(error).__name__}: {error}"[:160]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
 
 
-def pct(value: float | None, copy: float) -> str:
-    return "n/a" if value is None or not copy else f"{100 * value / copy:.0f}%"
+def extra_memory_gib(fn: Callable[[], Any], returned_bytes: int) -> float | None:
+    """Peak memory one call allocates beyond its inputs and the gradients it returns (GiB); None on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return max(0.0, (torch.cuda.max_memory_allocated() - base - returned_bytes) / GiB)
 
 
-def kernel_markdown(copy_tbps: float, rows: list[Row]) -> list[str]:
-    lines = [
-        "## Memory-bound kernels",
-        "",
-        "graph = CUDA-graph replay (device time; inputs rotated over `sets` so L2 cannot serve them); plain =",
-        "do_bench of one call (includes the host launch path). % copy uses the graph time.",
-        "",
-        "| kernel | T | impl | graph fwd ms | fwd TB/s | graph bwd ms | bwd TB/s | % copy fwd / bwd | plain fwd ms"
-        " | plain bwd ms | plain TB/s fwd / bwd | extra GiB | sets | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.kernel} | {r.T} | {r.impl} | {fmt(r.g_fwd_ms, 4)} | {fmt(r.g_fwd_tbps, 2)} | {fmt(r.g_bwd_ms, 4)} | "
-            f"{fmt(r.g_bwd_tbps, 2)} | {pct(r.g_fwd_tbps, copy_tbps)} / {pct(r.g_bwd_tbps, copy_tbps)} | "
-            f"{fmt(r.p_fwd_ms, 4)} | {fmt(r.p_bwd_ms, 4)} | {fmt(r.p_fwd_tbps, 2)} / {fmt(r.p_bwd_tbps, 2)} | "
-            f"{fmt(r.extra_gib, 2)} | {r.sets} | {r.note} |"
-        )
-    return lines
+def linear_ce_rows(t: int, shape: dict, device: str, repeats: int) -> list[dict]:
+    import torch
+
+    from padless.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+    e, v = shape["E"], shape["V"]
+    h = leaf((t, e), device, 0.5)
+    w_train = leaf((v, e), device, 0.02)
+    labels = torch.randint(0, v, (t,), device=device)
+    labels[:: max(1, t // 64)] = -100  # a few ignored tokens (example starts)
+    liger, why = optional("liger_kernel.transformers")
+    liger_loss = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum") if liger is not None else None
+
+    def liger_fn(h, w):
+        out = liger_loss(w, h[:-1], labels[1:])
+        return out[0] if isinstance(out, tuple) else out
+
+    fns = {"padless": lambda h, w: fused_linear_cross_entropy(h, w, labels)[0],
+           "eager": lambda h, w: fused_linear_cross_entropy_reference(h, w, labels)[0],
+           "liger": liger_fn if liger_loss is not None else None}  # fmt: skip
+    rows = []
+    for weight, w in (("frozen", w_train.detach()), ("trainable", w_train)):
+        wrt = (h, w) if w.requires_grad else (h,)
+        returned = sum(x.numel() * x.element_size() for x in wrt)
+        flop = (6 if w.requires_grad else 4) * t * e * v
+        for name, fn in fns.items():
+            row: dict[str, Any] = {"op": f"linear_ce_{weight}", "T": t, "impl": name, "note": "" if fn else why}
+            if fn is not None:
+                try:
+                    call = lambda fn=fn, w=w, wrt=wrt: torch.autograd.grad(fn(h, w), wrt)
+                    row["fwdbwd_ms"] = H.time_ms(call, warmup=1, repeats=repeats)
+                    row["tflops"] = flop / row["fwdbwd_ms"] / 1e9
+                    row["extra_gib"] = extra_memory_gib(call, returned)
+                except Exception as error:  # e.g. the eager reference out of memory: recorded, the table goes on
+                    row["note"] = f"{type(error).__name__}: {error}"[:160]
+            rows.append(row)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return rows
 
 
-def header(env: dict, copy_tbps: float, title: str) -> list[str]:
-    return [f"# {title}", "", *(f"- {k}: `{v}`" for k, v in env.items()),
-            f"- device-to-device copy: **{fmt(copy_tbps, 2)} TB/s** (read + write)", ""]  # fmt: skip
+def copy_bandwidth(nbytes: int, device: str) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted), by graph replay."""
+    import torch
 
-
-def write(out: str | None, stem: str, payload: dict, report: str) -> None:
-    if not out:
-        return
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / f"{stem}.json").write_text(json.dumps(payload, indent=1))
-    (path / f"{stem}.md").write_text(report)
-    print(f"wrote {path / (stem + '.json')} and {path / (stem + '.md')}")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / H.time_graph_ms([lambda: dst.copy_(src)]) / 1e6
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for kernels{,_sweep}.{json,md}")
-    p.add_argument("--tokens", default="4096,16384,65536", help="comma-separated T values (packed tokens)")
-    p.add_argument("--ce-tokens", default="4096,16384", help="T values for the fused linear CE rows")
-    p.add_argument("--only", default="rope,swiglu,geglu,rmsnorm,linear_ce", help="comma-separated kernels")
-    p.add_argument("--sweep", action="store_true", help="run only the block-size sweep of our kernels")
-    p.add_argument("--budget-s", type=float, default=85.0, help="skip what is left after this many seconds")
-    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run under the Triton interpreter")
-    return p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
+    p.add_argument("--tokens", default="4096,16384", help="packed tokens T, comma-separated")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of the fused linear CE (median)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter, no Liger)")
+    H.add_results_args(p, "kernels")
+    args = p.parse_args(argv)
+    args.ops = [o for o in args.ops.split(",") if o]
+    if unknown := sorted(set(args.ops) - set(OPS)):
+        p.error(f"--ops: unknown {unknown}; expected some of {list(OPS)}")
+    args.tokens = [int(x) for x in args.tokens.split(",") if x]
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    started = time.perf_counter()
-    if args.quick and "TRITON_INTERPRET" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by our kernels
     import torch
-    from bench_kernels_cases import glu_rows, rmsnorm_rows, rope_rows
-    from bench_kernels_ce import ce_markdown, cross_entropy_rows
-    from bench_kernels_sweep import best_of_sweep, sweep, sweep_markdown
 
-    cuda = torch.cuda.is_available() and not args.quick
-    device = torch.device("cuda" if cuda else "cpu")
-    if args.quick:
-        shape, tokens, ce_tokens = TINY, [13], [29]
-    else:
-        if not cuda:
-            sys.exit("bench_kernels.py needs a CUDA GPU (or --quick for a CPU smoke run).")
-        shape = QWEN3_8B
-        tokens = [int(x) for x in args.tokens.split(",") if x]
-        ce_tokens = [int(x) for x in args.ce_tokens.split(",") if x]
-    only = set(args.only.split(","))
-    timer = Timer(cuda)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        sys.exit("bench_kernels.py needs a CUDA GPU for real numbers (--smoke runs tiny shapes on the CPU)")
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (by our kernels)
+    device = "cuda" if cuda else "cpu"
+    shape, tokens = (SMOKE, [13]) if args.smoke else (QWEN3_8B, args.tokens)
     torch.manual_seed(0)
-    copy_rate = copy_bandwidth(timer, device, args.quick)
-    print(f"device-to-device copy: {copy_rate:.2f} TB/s", flush=True)
-    skipped: list[str] = []
-
-    def in_budget(what: str) -> bool:
-        elapsed = time.perf_counter() - started
-        if elapsed > args.budget_s:
-            skipped.append(what)
-            print(f"[{elapsed:5.1f}s] skipped {what}: over --budget-s {args.budget_s:.0f}", flush=True)
-            return False
-        print(f"[{elapsed:5.1f}s] {what}", flush=True)
-        return True
-
-    env = environment(args)
-    if args.sweep:
-        results: list[dict] = []
-        for t in tokens:
-            if in_budget(f"sweep T={t}"):
-                results += sweep(t, shape, timer, device, args.quick)
-                if cuda:
-                    torch.cuda.empty_cache()
-        lines = header(env, copy_rate, "padless kernel block-size sweep") + sweep_markdown(results)
-        lines += [f"- skipped (time budget): {', '.join(skipped)}"] if skipped else []
-        report = "\n".join(lines) + "\n"
-        print("\n" + report)
-        write(args.out, "kernels_sweep", {"environment": env, "copy_tbps": copy_rate, "shape": shape,
-                                          "sweep": results, "sweep_best": best_of_sweep(results)}, report)  # fmt: skip
-        return
-
+    copy_gbps = copy_bandwidth(2**20 if args.smoke else GiB, device)
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s", flush=True)
     cases = {
-        "rope": lambda t: rope_rows(t, shape, timer, device),
-        "swiglu": lambda t: glu_rows(t, shape, timer, device, None),
-        "geglu": lambda t: glu_rows(t, shape, timer, device, "tanh"),
-        "rmsnorm": lambda t: rmsnorm_rows(t, shape, timer, device, False) + rmsnorm_rows(t, shape, timer, device, True),
+        "rope": lambda t: rope_case(t, shape, device),
+        "swiglu": lambda t: glu_case(t, shape, device, geglu=False),
+        "geglu": lambda t: glu_case(t, shape, device, geglu=True),
+        "rmsnorm": lambda t: rmsnorm_case(t, shape, device, weight_grad=True, per_head=False),
+        "rmsnorm_frozen": lambda t: rmsnorm_case(t, shape, device, weight_grad=False, per_head=False),
+        "rmsnorm_head": lambda t: rmsnorm_case(t, shape, device, weight_grad=False, per_head=True),
     }
-    # Fused linear CE first: its frozen/trainable rows are new in this run; if the time budget runs out, the
-    # large-T kernel rows (already measured in run 1) are the ones skipped.
-    ce_rows: list[dict] = []
-    if "linear_ce" in only:
-        for t in ce_tokens:
-            if in_budget(f"linear_ce T={t}"):
-                ce_rows += cross_entropy_rows(t, shape, timer, device)
-                if cuda:
-                    torch.cuda.empty_cache()
-    rows: list[Row] = []
+    rows, ce_rows = [], []
     for t in tokens:
-        for name, case in cases.items():
-            if name not in only or not in_budget(f"{name} T={t}"):
+        for op in args.ops:
+            if op == "linear_ce":
+                ce_rows += linear_ce_rows(t, shape, device, 1 if args.smoke else args.repeats)
                 continue
-            new = case(t)
-            for r in new:
-                print(f"  {r.kernel:16s} T={t:6d} {r.impl:8s} graph fwd {fmt(r.g_fwd_tbps, 2)} bwd "
-                      f"{fmt(r.g_bwd_tbps, 2)} TB/s | plain fwd {fmt(r.p_fwd_tbps, 2)} bwd {fmt(r.p_bwd_tbps, 2)} "
-                      f"TB/s | extra {fmt(r.extra_gib, 2)} GiB {r.note}", flush=True)  # fmt: skip
-            rows += new
-            if cuda:
-                torch.cuda.empty_cache()
-
-    lines = header(env, copy_rate, "padless kernel benchmark") + kernel_markdown(copy_rate, rows)
-    lines += ["", *ce_markdown(ce_rows)] if ce_rows else []
-    lines += ["", f"- skipped (time budget): {', '.join(skipped)}"] if skipped else []
-    lines += ["", f"- wall time: {time.perf_counter() - started:.0f} s"]
-    report = "\n".join(lines) + "\n"
-    print("\n" + report)
-    payload = {"environment": env, "copy_tbps": copy_rate, "shape": shape, "rows": [asdict(r) for r in rows],
-               "linear_ce": ce_rows, "skipped": skipped}  # fmt: skip
-    write(args.out, "kernels", payload, report)
+            impls, fwd_bytes, bwd_bytes = cases[op](t)
+            rows += [measure_memory_bound(op, t, i, fwd_bytes, bwd_bytes, copy_gbps) for i in impls]
+            print(f"{op} T={t} done", flush=True)
+    for r in rows + ce_rows:
+        r.update(dtype="bf16", shape=shape, copy_gbps=copy_gbps, smoke=args.smoke)
+    gpu = H.environment()["gpu"]
+    print(H.format_table(rows, [("op", "op", "s"), ("T", "T", "d"), ("impl", "impl", "s"),
+                                ("fwd_ms", "fwd ms", ".4f"), ("fwd_gbps", "fwd GB/s", ".0f"),
+                                ("fwd_pct_copy", "fwd % copy", ".0f"), ("bwd_ms", "bwd ms", ".4f"),
+                                ("bwd_gbps", "bwd GB/s", ".0f"), ("bwd_pct_copy", "bwd % copy", ".0f"),
+                                ("note", "note", "s")], title=f"\nmemory-bound kernels on {gpu}"))  # fmt: skip
+    if ce_rows:
+        print(H.format_table(ce_rows, [("op", "op", "s"), ("T", "T", "d"), ("impl", "impl", "s"),
+                                       ("fwdbwd_ms", "fwd+bwd ms", ".2f"), ("tflops", "TFLOP/s", ".0f"),
+                                       ("extra_gib", "extra GiB", ".2f"), ("note", "note", "s")],
+                             title=f"\nfused linear cross-entropy on {gpu}"))  # fmt: skip
+    H.record(args, "kernels", rows + ce_rows, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,440 +1,335 @@
-"""End-to-end LoRA training benchmark: padless against HF+peft (padded, packed SDPA/Flex), Liger-Kernel, Unsloth.
+"""End-to-end LoRA training benchmark: padless's trainer against Hugging Face + peft (padded batches, packed rows with
+SDPA or FlexAttention), Liger-Kernel + HF + peft and Unsloth (when importable). Prints a table and appends one row per
+system to docs/bench/results/train.jsonl.
 
-One command, one table: every system trains the same randomly initialised 8B-shaped model (Qwen3-8B or
-Llama-3-8B shapes, bf16, built directly on the GPU) on the same examples from one shard set, and reports real
-(non-padding) tokens/s, trainable tokens/s, MFU, seconds per step, peak ``torch.cuda.max_memory_allocated()`` and
-the loss of every step. Steps are padless's micro-batch plan at each token budget; every system at the same plan
-budget trains on exactly the same examples per step (see ``tools/bench_train_data.py``), so their step losses agree
-to bf16 noise, and padless's first-step loss is printed beside Hugging Face's unpacked loss on the same examples.
-Padded peers take b examples per step from the same example sequence (``--padded-steps plan``: padless's steps).
+    python -m padless.prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
+        --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out shards/alpaca-qwen3-1024
+    python tools/bench_train.py --shards shards/alpaca-qwen3-1024 --preset qwen3-8b      # every system
+    python tools/bench_train.py --shards shards/alpaca-qwen3-1024 --preset llama3-8b --systems padless,hf-padded
+    python tools/bench_train.py --shards DIR --preset tiny --warmup 1 --steps 1           # CPU smoke run
 
-Systems run in worker subprocesses, one after another (one GPU): an OOM is recorded and the worker goes on; a crash
-or hang (``--system-timeout``) loses only that system's row, and a fresh worker continues with the rest. Liger
-patches transformers' module globals, so its systems get their own worker. On a machine with several GPUs, ``;`` in
-``--systems`` splits the line-up into lanes that run at the same time, lane i on GPU i (each system still has a
-whole GPU to itself); the table keeps the order of ``--systems``. Systems that share compiled kernels (the two
-FlexAttention rows) belong in one lane: the second then reuses the first one's Inductor cache.
+Every system trains the same randomly initialised model (``padless.train.modeling.load_model`` with the preset's
+shape and the same seed, so identical base weights; bf16 on a GPU, fp32 on the CPU) with LoRA r 16 / alpha 16 /
+dropout 0 on q,k,v,o,gate,up,down and gradient checkpointing, on the same examples: step k holds the packs of
+padless's micro-batch k (the shard set's seeded order filled up to ``--tokens`` tokens). Loss = token-loss sum / the
+step's trainable tokens, AdamW, gradient norm clipped to 1.0.
 
-The shards (the real Alpaca 52K, Qwen3 tokenizer, max_len 1024):
-    python -m prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
-        --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out .device-data/alpaca-qwen3-1024
-On the H200 (about 8 minutes for the Qwen3 line-up; docs/bench/train.md has the Llama-3-8B command):
-    python tools/bench_train.py --shards .device-data/alpaca-qwen3-1024 --model-shape qwen3-8b --out $OUT \
-        --profile --time-budget 560
-CPU smoke run of every code path on a tiny model: ``python tools/bench_train.py --tiny --shards DIR``.
+- ``padless``: the product's own path, ``padless.train.loop.train(TrainConfig(...))`` as ``train run`` calls it
+  (``--cuda-graphs auto``); ``padless-eager``: the same with CUDA graphs off. Numbers come from the run's
+  metrics.jsonl (step_time_s, tokens, peak memory).
+- ``hf-padded``: the step's examples right-padded, ``--padded-batch`` examples per micro-batch (gradient accumulation).
+- ``hf-packed-sdpa``, ``hf-packed-flex``: the step's packs as one row, position_ids restarting per example, no
+  attention mask (transformers builds the block-diagonal mask); Flex rows are padded to ``--tokens`` (one compiled
+  shape). ``liger-padded``, ``liger-packed-flex``: the same with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused
+  linear cross-entropy applied to the instance. ``unsloth``: FastLanguageModel on the padded batches.
+
+Each system runs in its own subprocess (GPU memory isolation; a crash or ``--system-timeout`` costs one row).
+Reported: steady-state real (non-padding) tokens/s and trainable tokens/s over the steps after ``--warmup``, median
+seconds per step, peak allocated memory from the process start (CPU: peak resident memory), the first and last step
+losses (step 1 is the same for every system: the LoRA update starts at zero).
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import importlib.util
 import json
-import os
-import queue
-import shlex
-import signal
+import shutil
+import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import click
+import bench_harness as H
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_train_* modules
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # padless's packages from a plain checkout
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {  # family, config fields of the random model
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                               head_dim=128, intermediate_size=12288, vocab_size=151936, rope_theta=1e6,
+                               rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=5e5,
+                                rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False)),
+    "tiny": ("qwen3", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, tie_word_embeddings=False)),
+}  # fmt: skip
+SYSTEMS = ("padless", "padless-eager", "hf-padded", "hf-packed-sdpa", "hf-packed-flex", "liger-padded",
+           "liger-packed-flex", "unsloth")  # fmt: skip
+NEEDS_CUDA = {"hf-packed-flex", "liger-padded", "liger-packed-flex", "unsloth"}
+PEER_PACKAGE = {"liger-padded": "liger_kernel", "liger-packed-flex": "liger_kernel", "unsloth": "unsloth"}
 
-from bench_train_report import environment, render_markdown, render_table
-from bench_train_systems import SHAPES, BenchConfig, SystemSpec
 
-__all__ = ["default_systems", "main"]
-
-WORKER_FLAG = "--worker"
-RESTART_RC = 75  # a worker exits with this after a CUDA error: the context is poisoned, a fresh process goes on
-
-
-def _tok(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+def model_shape(preset: str, shards_vocab: int) -> tuple[str, dict[str, Any]]:
+    """(family, config overrides) of ``preset``, with the vocabulary raised (to a multiple of 64) if the shards'
+    tokenizer needs more rows than the preset has."""
+    family, shape = PRESETS[preset]
+    shape = dict(shape)
+    if shape.get("vocab_size", 0) and shards_vocab > shape["vocab_size"]:
+        shape["vocab_size"] = -(-shards_vocab // 64) * 64
+    return family, shape
 
 
-def default_systems(max_len: int, *, warmup: int, steps: int, slow_steps: int) -> list[SystemSpec]:
-    """The full line-up, most important first (a --time-budget cut skips the tail); token budgets are multiples
-    of the shards' max_len (1K..32K at max_len 1024)."""
-    k = lambda n: n * max_len
-    slow = dict(warmup=1, steps=slow_steps)  # the dense-mask SDPA peer at long rows
-    base = dict(warmup=warmup, steps=steps)
-    hf = dict(family="hf", attn="sdpa")
-    out: list[SystemSpec] = []
-    for n in (1, 4, 8, 16, 32):  # padless-1k is the "1K-token step" row
-        out.append(SystemSpec(name=f"padless-{_tok(k(n))}", family="padless", layout="stream", attn="padless",
-                              plan_tokens=k(n), **base))  # fmt: skip
-    out.append(SystemSpec(name=f"padless-{_tok(k(16))}-offload", family="padless", layout="stream", attn="padless",
-                          plan_tokens=k(16), checkpointing="offload", cuda_graphs=False, **base))  # fmt: skip
-    for n in (1, 4, 16):  # the same without CUDA graphs: what the graphs buy
-        out.append(SystemSpec(name=f"padless-{_tok(k(n))}-eager", family="padless", layout="stream", attn="padless",
-                              plan_tokens=k(n), cuda_graphs=False, optional=n != 1, **base))  # fmt: skip
+def summarise(records: list[dict], warmup: int) -> dict[str, Any]:
+    """Steady state (steps after ``warmup``) from per-step records with step_time_s, tokens, trainable_tokens."""
+    steady = [r for r in records if r["step"] > warmup] or records
+    seconds = sum(r["step_time_s"] for r in steady)
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in steady) / seconds,
+        "trainable_tokens_per_s": sum(r["trainable_tokens"] for r in steady) / seconds,
+        "step_s": statistics.median(r["step_time_s"] for r in steady),
+        "tokens_per_step": statistics.mean(r["tokens"] for r in records),
+        "peak_gib": max(r["peak_mem_gib"] for r in records),
+        "losses": [r["loss"] for r in records],
+    }
 
-    def padded(b: int, **kw: Any) -> SystemSpec:  # plan_tokens: used by --padded-steps plan only
-        return SystemSpec(name=f"hf-padded-b{b}", layout="padded", plan_tokens=k(1 if b == 1 else 4), batch_size=b,
-                          **{**hf, **base, **kw})  # fmt: skip
 
-    def packed(attn: str, n: int, **kw: Any) -> SystemSpec:
-        label = "flex" if attn == "flex_attention" else attn
-        return SystemSpec(name=f"hf-packed-{label}-{_tok(k(n))}", layout="packed", plan_tokens=k(n),
-                          **{**hf, **base, "attn": attn, "needs_cuda": attn != "sdpa", **kw})  # fmt: skip
+# -------------------------------------------------------------------------------------------- padless (product)
+def run_padless(args: argparse.Namespace, family: str, shape: dict, out: Path, graphs: bool) -> list[dict]:
+    from padless.train.config import TrainConfig
+    from padless.train.loop import train
 
-    out += [packed("flex_attention", 16), padded(32), packed("sdpa", 4), padded(1), padded(8), padded(16)]
-    out += [packed("sdpa", 16, **slow), packed("flex_attention", 4, optional=True)]
-    liger = dict(family="liger", group="liger", needs_cuda=True, **base)
-    out.append(SystemSpec(name=f"liger-packed-flex-{_tok(k(16))}", layout="packed", attn="flex_attention",
-                          plan_tokens=k(16), **liger))  # fmt: skip
-    out.append(SystemSpec(name="liger-padded-b32", layout="padded", attn="sdpa", plan_tokens=k(4), batch_size=32,
-                          **liger))  # fmt: skip
-    out.append(SystemSpec(name=f"liger-packed-sdpa-{_tok(k(4))}", layout="packed", attn="sdpa", plan_tokens=k(4),
-                          optional=True, **liger))  # fmt: skip
-    out.append(SystemSpec(name="unsloth", family="unsloth", layout="padded", attn="sdpa", plan_tokens=k(4),
-                          batch_size=32, group="unsloth", needs_cuda=True, **base))  # fmt: skip
+    cfg = TrainConfig(shards=args.shards, output=str(out), family=family, model_overrides=json.dumps(shape),
+                      tokens_per_micro_batch=args.tokens, checkpointing="on", max_steps=args.warmup + args.steps,
+                      lr=args.lr, seed=args.seed, lora_r=16, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=",".join(LORA_TARGETS), cuda_graphs="auto" if graphs else "off",
+                      eval_every=-1, progress=False)  # fmt: skip
+    train(cfg)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "step_time_s" in r]
+
+
+# ----------------------------------------------------------------------------------------------------- peers
+def padded_batches(packs: list, batch: int) -> list[dict]:
+    """The packs' examples in order, ``batch`` per micro-batch, right-padded (labels -100, attention_mask 0)."""
+    import numpy as np
+    import torch
+
+    ex = [(p.input_ids[a:b].astype(np.int64), p.labels[a:b]) for p in packs
+          for a, b in zip(p.cu_seqlens[:-1].tolist(), p.cu_seqlens[1:].tolist())]  # fmt: skip
+    out = []
+    for s in range(0, len(ex), batch):
+        chunk = ex[s : s + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, (i, lab) in enumerate(chunk):
+            ids[r, : len(i)], labels[r, : len(i)], mask[r, : len(i)] = torch.from_numpy(i), torch.from_numpy(lab), 1
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
 
 
-def _select(systems: list[SystemSpec], patterns: str) -> list[SystemSpec]:
-    from fnmatch import fnmatch
-
-    pats = [p.strip() for p in patterns.split(",") if p.strip()]
-    chosen = [s for s in systems if any((p == "default" and not s.optional) or fnmatch(s.name, p) for p in pats)]
-    if not chosen:
-        names = ", ".join(s.name for s in systems)
-        raise click.BadParameter(f"{patterns!r} matches no system; known: {names}", param_hint="--systems")
-    return chosen
-
-
-def select_lanes(systems: list[SystemSpec], patterns: str) -> list[list[SystemSpec]]:
-    """``--systems`` split at ``;`` into lanes (one GPU each), each lane selected like a plain ``--systems``; a
-    system may appear in one lane only."""
-    lanes = [_select(systems, part) for part in patterns.split(";") if part.strip()]
-    if not lanes:
-        raise click.BadParameter(f"{patterns!r} names no system", param_hint="--systems")
-    seen: dict[str, int] = {}
-    for i, lane in enumerate(lanes):
-        for s in lane:
-            if s.name in seen:
-                raise click.BadParameter(f"{s.name!r} is in lane {seen[s.name]} and lane {i}; give each system "
-                                         "one lane", param_hint="--systems")  # fmt: skip
-            seen[s.name] = i
-    return lanes
-
-
-# -- worker (one subprocess runs a list of systems, one JSON line each) ----------------------------------------
-def worker_main(config_path: str, names: str, results_path: str) -> int:
-    spec_all = json.loads(Path(config_path).read_text())
-    cfg = BenchConfig(**spec_all["config"])
-    specs = {s["name"]: SystemSpec(**s) for s in spec_all["systems"]}
-    if any(specs[n].family == "unsloth" for n in names.split(",")):
-        from bench_train_unsloth import use_site  # its own datasets < 5 first (also first on its PYTHONPATH)
-
-        use_site()
-    from bench_train_systems import run_system
-
-    from padless.shards.reader import open_shards
-
-    ss = open_shards(cfg.shards)
+def packed_row(packs: list, pad_to: int | None) -> dict:
+    """The packs end to end as one row: position_ids restart per example; ``pad_to`` appends an ignored filler."""
+    import numpy as np
     import torch
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # tiny CPU models: 2 threads on a loaded 2-core box run ~10x slower than 1
-    for name in names.split(","):
-        print(f"=== {name}", flush=True)
-        try:
-            if specs[name].family == "unsloth":
-                from bench_train_unsloth import run_unsloth
-
-                row = run_unsloth(cfg, specs[name], ss)
-            else:
-                row = run_system(cfg, specs[name], ss)
-        except Exception as error:  # one system's failure is its row, not the end of the run
-            traceback.print_exc()
-            row = {"system": name, "spec": asdict(specs[name]), "status": f"error: {type(error).__name__}: "
-                   + (str(error).splitlines() or [""])[0][:160]}  # fmt: skip
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        print(f"=== {name}: {row['status']}", flush=True)
-        if "CUDA error" in row["status"] or "device-side assert" in row["status"]:
-            return RESTART_RC
-    return 0
+    ids = np.concatenate([p.input_ids for p in packs]).astype(np.int64)
+    labels = np.concatenate([p.labels for p in packs])
+    pos = np.concatenate([p.position_ids for p in packs]).astype(np.int64)
+    if pad_to and pad_to > len(ids):
+        extra = pad_to - len(ids)
+        ids, pos = np.concatenate([ids, np.zeros(extra, np.int64)]), np.concatenate([pos, np.arange(extra)])
+        labels = np.concatenate([labels, np.full(extra, -100, np.int64)])
+    return {k: torch.from_numpy(v)[None] for k, v in (("input_ids", ids), ("position_ids", pos), ("labels", labels))}
 
 
-def _unsloth_worker_env() -> dict[str, str]:
-    from bench_train_unsloth import worker_env
+def peer_model(system: str, args: argparse.Namespace, family: str, shape: dict, vocab: int, ss, device, dtype):
+    """The peer's model with LoRA on: the same base weights as padless's (same builder, seed and device)."""
+    import torch
 
-    return worker_env()
+    from padless.train.modeling import load_model
 
+    if system == "unsloth":
+        return unsloth_model(args, family, shape, vocab, ss, device, dtype)
+    model = load_model(None, vocab_size=vocab, family=family, dtype=dtype, device=device, seed=args.seed,
+                       config_overrides=shape)  # fmt: skip
+    model.set_attn_implementation("flex_attention" if system.endswith("flex") else "sdpa")
+    if system.startswith("liger"):
+        import liger_kernel.transformers as liger
 
-def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["system"]] = row
-    return rows
+        apply = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
+        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
+    from peft import LoraConfig, get_peft_model
 
-
-def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
-def _run_group(
-    names: list[str],
-    config_path: Path,
-    results: Path,
-    timeout: float,
-    log: Path,
-    on_row: Callable[[], None],
-    env: dict[str, str] | None = None,
-    prefix: str = "  | ",
-) -> None:
-    """Run ``names`` in worker subprocesses until each has a row; a crash or hang costs one row, not the run."""
-    specs = {s["name"]: s for s in json.loads(config_path.read_text())["systems"]}
-    remaining = list(names)
-    while remaining:
-        before = set(_read_rows(results))
-        cmd = [sys.executable, "-u", __file__, WORKER_FLAG, str(config_path), ",".join(remaining), str(results)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env=env)  # fmt: skip
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-        tail: list[str] = []
-        last, n_done, timed_out = time.monotonic(), 0, False
-        with open(log, "a") as logf:
-            while True:
-                try:
-                    line = lines.get(timeout=1.0)
-                except queue.Empty:
-                    line = ""
-                if line is None:
-                    break
-                if line:
-                    sys.stdout.write(prefix + line)
-                    logf.write(line)
-                    tail = ([*tail, line.rstrip()])[-8:]
-                done = len(set(_read_rows(results)) - before)
-                if done != n_done:
-                    n_done, last = done, time.monotonic()
-                    on_row()
-                if not timed_out and time.monotonic() - last > timeout:
-                    timed_out = True
-                    with contextlib.suppress(ProcessLookupError):  # it may have just exited by itself
-                        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its children
-        rc = proc.wait()
-        have = set(_read_rows(results))
-        remaining = [n for n in remaining if n not in have]
-        if remaining and rc != RESTART_RC:  # the worker died (or hung) inside remaining[0]: record it, go on
-            why = f"timeout after {timeout:.0f} s" if timed_out else f"worker crashed (exit {rc})"
-            last_line = f": {tail[-1][:160]}" if tail else ""
-            with open(results, "a") as f:
-                row = {"system": remaining[0], "spec": specs[remaining[0]], "status": f"{why}{last_line}"}
-                f.write(json.dumps(row) + "\n")
-            remaining = remaining[1:]
-            on_row()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(args.seed + 1)
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
-def _unsloth_row(spec: SystemSpec, cuda: bool) -> dict[str, Any] | None:
-    """Unsloth's row when it cannot run here (no GPU; not installed in ``/tmp/site-unsloth`` nor importable), else
-    None: it then trains in its own worker (it patches transformers at import), see tools/bench_train_unsloth.py."""
-    from bench_train_unsloth import precheck
+def unsloth_model(args, family: str, shape: dict, vocab: int, ss, device, dtype):
+    """Unsloth loads only from a folder: the same random base saved with the shards' tokenizer, then its LoRA."""
+    from transformers import AutoTokenizer
+    from unsloth import FastLanguageModel
 
-    return precheck(spec, cuda)
+    from padless.train.modeling import load_model
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-unsloth-"))
+    model = load_model(None, vocab_size=vocab, family=family, dtype=dtype, device=device, seed=args.seed,
+                       config_overrides=shape)  # fmt: skip
+    model.save_pretrained(folder)
+    del model
+    AutoTokenizer.from_pretrained(ss.manifest["tokenizer_source"]).save_pretrained(folder)
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=ss.max_len, dtype=dtype,
+                                                 load_in_4bit=False, local_files_only=True)  # fmt: skip
+    shutil.rmtree(folder, ignore_errors=True)
+    lora = dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, random_state=args.seed + 1)
+    return FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="unsloth", **lora)
 
 
-@click.command(context_settings={"show_default": True})
-@click.option(
-    "--shards",
-    "shards_path",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="Shard set built by `prep pack` (see this file's docstring for the exact command).",
-)
-@click.option("--model-shape", type=click.Choice(sorted(SHAPES)), default="qwen3-8b", help="Model shapes.")
-@click.option(
-    "--systems",
-    default="default",
-    help="Comma-separated names or globs ('padless-*,hf-packed-flex-*'); "
-    "'default' = all but hf-packed-flex-4k and liger-packed-sdpa-4k (~8 min on an H200), '*' = all. "
-    "';' splits it into lanes that run at the same time, lane i on GPU i ('padless-*;hf-*').",
-)
-@click.option("--steps", default=10, help="Timed steps per system (after --warmup).")
-@click.option("--warmup", default=3, help="Untimed warm-up steps per system (compilation, autotuning).")
-@click.option("--slow-steps", default=3, help="Timed steps (after 1 warm-up) of the slow peer: packed SDPA, 16K rows.")
-@click.option("--seed", default=0, help="Model init, LoRA init and pack order.")
-@click.option("--lr", default=2e-4, help="AdamW learning rate.")
-@click.option("--out", default=lambda: os.environ.get("OUT", "bench-train-out"), help="Results folder ($OUT).")
-@click.option("--append", is_flag=True, help="Keep rows of earlier runs in --out (split a run over commands).")
-@click.option("--profile", is_flag=True, help="torch.profiler on one extra padless step: top kernels + trace.")
-@click.option("--profile-systems", default="padless-1k,padless-16k", help="Which padless systems --profile covers.")
-@click.option("--tiny", is_flag=True, help="CPU smoke run: 2 layers, hidden 64, vocab of the shards, fp32.")
-@click.option("--peak-tflops", default=989.0, help="Dense bf16 peak for MFU (H100/H200 SXM spec: 989).")
-@click.option(
-    "--flex-pad-rows/--no-flex-pad-rows",
-    default=False,
-    help="Pad FlexAttention rows to the row budget (one compiled shape instead of dynamic shapes).",
-)
-@click.option(
-    "--padded-steps",
-    type=click.Choice(["examples", "plan"]),
-    default="examples",
-    help="Padded peers' steps: b examples (one micro-batch) per step, or padless's plan steps split into "
-    "micro-batches of b (gradient accumulation; exactly the same examples per step as padless).",
-)
-@click.option("--system-timeout", default=420.0, help="Seconds one system may run before its worker is killed.")
-@click.option(
-    "--time-budget",
-    default=0.0,
-    help="Seconds for the whole run; systems not started by then are "
-    "skipped (0 = no limit). Keep it under the machine's per-command limit.",
-)
-def main(**o: Any) -> None:
-    """Train every system on the same examples; print one table (also written to --out as JSON and markdown)."""
+def run_peer(system: str, args: argparse.Namespace, family: str, shape: dict) -> list[dict]:
+    """Train ``system`` on padless's micro-batch plan; one record per step, as padless's metrics.jsonl has them."""
+    import torch
+
+    from padless.shards.reader import open_shards
+    from padless.train.data import pack_sizes, plan_epoch
+    from padless.train.metrics import peak_memory_gib
+
+    ss = open_shards(args.shards)
+    vocab = int(ss.manifest["tokenizer"]["vocab_size"])
+    groups = plan_epoch(ss.order(args.seed, 0), pack_sizes(ss).num_tokens, epoch=0, budget=args.tokens).ranks[0]
+    if len(groups) < args.warmup + args.steps:
+        raise SystemExit(f"{args.shards} gives {len(groups)} steps of {args.tokens} tokens; fewer --warmup/--steps")
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda:0" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    model = peer_model(system, args, family, shape, vocab, ss, device, dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda)
+    records = []  # peak memory counts from the process start, model build included, as padless's metrics do
+    for step, group in enumerate(groups[: args.warmup + args.steps], start=1):
+        packs = [ss[int(i)] for i in group]
+        if "packed" in system:
+            batches = [packed_row(packs, args.tokens if system.endswith("flex") else None)]
+        else:
+            batches = padded_batches(packs, args.padded_batch)
+        n_step = sum(int(p.num_trainable) for p in packs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0, total = time.perf_counter(), torch.zeros((), device=device)
+        for batch in batches:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False, num_items_in_batch=n_step).loss
+            loss.backward()
+            total += loss.detach().float()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = float(total)  # host-device sync: the step is done
+        records.append({"step": step, "loss": loss_value, "tokens": sum(int(p.num_tokens) for p in packs),
+                        "trainable_tokens": n_step, "step_time_s": time.perf_counter() - t0,
+                        "peak_mem_gib": peak_memory_gib(device)})  # fmt: skip
+        print(f"  {system} step {step}: loss {loss_value:.4f}, {records[-1]['step_time_s']:.3f} s", flush=True)
+    return records
+
+
+# ------------------------------------------------------------------------------------------- worker and parent
+def worker(args: argparse.Namespace) -> None:
+    """Run one system in this process and write its row (JSON) to ``args.row_file``."""
+    import torch
+
     from padless.shards.reader import open_shards
 
-    if o["steps"] < 1 or o["warmup"] < 0 or o["slow_steps"] < 1:
-        raise click.BadParameter(f"steps={o['steps']}, warmup={o['warmup']}, slow_steps={o['slow_steps']}: "
-                                 "need >= 1, >= 0, >= 1")  # fmt: skip
-    ss = open_shards(o["shards_path"])
-    out_dir = Path(o["out"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = BenchConfig(
-        shards=str(Path(o["shards_path"]).resolve()),
-        model_shape=o["model_shape"],
-        tiny=o["tiny"],
-        seed=o["seed"],
-        lr=o["lr"],
-        out=str(out_dir.resolve()),
-        profile=o["profile_systems"] if o["profile"] else "",
-        peak_tflops=o["peak_tflops"],
-        flex_pad_rows=o["flex_pad_rows"],
-        padded_steps=o["padded_steps"],
-        deadline=time.time() + o["time_budget"] if o["time_budget"] > 0 else 0.0,
-    )
-    every = default_systems(ss.max_len, warmup=o["warmup"], steps=o["steps"], slow_steps=o["slow_steps"])
-    lanes = select_lanes(every, o["systems"])
-    env = environment(cfg, ss, command=shlex.join([Path(sys.executable).name, *sys.argv]))
-    rows = run_bench(cfg, lanes, env, append=o["append"], system_timeout=o["system_timeout"])
-    print(render_table(rows, env))
+    if args.worker == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers when imported)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny CPU models: more threads only contend on a small shared machine
+    family, shape = model_shape(args.preset, int(open_shards(args.shards).manifest["tokenizer"]["vocab_size"]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            if args.worker.startswith("padless"):
+                records = run_padless(args, family, shape, Path(tmp) / "run", graphs=args.worker == "padless")
+            else:
+                records = run_peer(args.worker, args, family, shape)
+        row = {"status": "ok", **summarise(records, args.warmup)}
+    except Exception as error:  # out of memory, a peer's own failure: the row says so, the line-up goes on
+        traceback.print_exc()
+        row = {"status": f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:160]}
+    Path(args.row_file).write_text(json.dumps(row))
 
 
-def run_bench(
-    cfg: BenchConfig,
-    lanes: list[list[SystemSpec]],
-    env: dict[str, Any],
-    *,
-    append: bool,
-    system_timeout: float,
-) -> dict[str, dict[str, Any]]:
-    """Run each lane's systems worker group by worker group, the lanes at the same time (lane i on GPU i when
-    there are several); rows (and --out files) are updated after every system."""
-    out_dir = Path(cfg.out)
-    stem = f"bench_train_{cfg.model_shape}" + ("_tiny" if cfg.tiny else "")
-    results = out_dir / f"{stem}.rows.jsonl"
-    line_up = [s for lane in lanes for s in lane]
-    names = {s.name for s in line_up}
-    kept = [r for r in _read_rows(results).values() if r["system"] not in names] if append else []
-    lane_results = [out_dir / f"{stem}.rows.lane{i}.jsonl" for i in range(len(lanes))]
-    for path in lane_results:
-        path.write_text("")
-    config_path = out_dir / f"{stem}.config.json"
-    config_path.write_text(json.dumps({"config": asdict(cfg), "systems": [asdict(s) for s in line_up]}, indent=1))
-    cuda = env["gpu"] != "none"
-    if len(lanes) > 1:
-        env["lanes"] = [[s.name for s in lane] for lane in lanes]
-        if cuda and (have := _gpu_count()) < len(lanes):
-            raise click.UsageError(f"--systems has {len(lanes)} lanes but this machine has {have} GPU(s); "
-                                   "drop the ';' or run on a machine with one GPU per lane")  # fmt: skip
-    t0 = time.monotonic()
-    order = {s.name: i for i, s in enumerate(line_up)}
-    lock = threading.Lock()
-
-    def rows_now() -> dict[str, dict[str, Any]]:
-        # the line-up's order; rows of earlier runs kept by --append go last
-        rows = {r["system"]: r for r in kept}
-        for path in lane_results:
-            rows.update(_read_rows(path))
-        return dict(sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-    def save() -> None:  # after every row: a run killed by the machine's limit keeps what it measured
-        with lock:
-            env["wall_s"] = time.monotonic() - t0
-            rows = rows_now()
-            results.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-            _write(out_dir, stem, env, cfg, rows)
-
-    def run_lane(i: int) -> None:
-        gpu_env = {"CUDA_VISIBLE_DEVICES": str(i)} if len(lanes) > 1 and cuda else {}
-        prefix = f"  {i}| " if len(lanes) > 1 else "  | "
-        groups: dict[str, list[SystemSpec]] = {}
-        for s in lanes[i]:
-            groups.setdefault(s.group, []).append(s)
-        for group, specs in groups.items():
-            runnable = []
-            for s in specs:
-                if (row := _static_row(s, cuda)) is None:
-                    runnable.append(s.name)
-                else:
-                    with open(lane_results[i], "a") as f:
-                        f.write(json.dumps(row) + "\n")
-            if runnable:
-                print(f"[bench_train] lane {i} worker group {group!r}: {', '.join(runnable)}", flush=True)
-                base = _unsloth_worker_env() if group == "unsloth" else dict(os.environ)
-                _run_group(runnable, config_path, lane_results[i], system_timeout, out_dir / f"{stem}.log", save,
-                           {**base, **gpu_env}, prefix)  # fmt: skip
-            save()
-
-    threads = [threading.Thread(target=run_lane, args=(i,), name=f"lane{i}") for i in range(len(lanes))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    save()
-    final = rows_now()
-    for path in lane_results:  # their rows are in the results file now
-        path.unlink()
-    return final
-
-
-def _static_row(s: SystemSpec, cuda: bool) -> dict[str, Any] | None:
-    """The row of a system that cannot run here (no GPU, peer not installed), else None (it runs)."""
-    if s.family == "unsloth":
-        return _unsloth_row(s, cuda)
-    if s.needs_cuda and not cuda:
-        return {"system": s.name, "spec": asdict(s), "status": "skipped (cpu)"}
-    if s.family == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        return {"system": s.name, "spec": asdict(s), "status": "n/a (liger-kernel not installed)"}
+def static_status(system: str, cuda: bool) -> str | None:
+    """Why ``system`` cannot run here (no GPU, peer not importable), or None."""
+    if system in NEEDS_CUDA and not cuda:
+        return "skipped: needs CUDA"
+    package = PEER_PACKAGE.get(system)
+    if package and importlib.util.find_spec(package) is None:
+        return f"n/a: {package} not importable"
     return None
 
 
-def _gpu_count() -> int:
-    """GPUs this machine has, without initialising CUDA in this (parent) process."""
+def run_system(system: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        row_file = Path(f.name)
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 1
-    return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
+        cmd = [sys.executable, __file__, *argv, "--worker", system, "--row-file", str(row_file)]
+        proc = subprocess.run(cmd, timeout=timeout)
+        text = row_file.read_text()
+        return json.loads(text) if text else {"status": f"crashed (exit {proc.returncode}; see the output above)"}
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f} s"}
+    finally:
+        row_file.unlink(missing_ok=True)
 
 
-def _write(out_dir: Path, stem: str, env: dict[str, Any], cfg: BenchConfig, rows: dict[str, dict[str, Any]]) -> None:
-    doc = {"environment": env, "config": asdict(cfg), "rows": list(rows.values())}
-    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    (out_dir / f"{stem}.md").write_text(render_markdown(rows, env))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="shard set from prep pack (see the commands above)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-8b", help="model shape")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS)}")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per step (padless's tokens_per_micro_batch)")
+    p.add_argument("--padded-batch", type=int, default=16, help="examples per padded micro-batch")
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state numbers")
+    p.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0, help="model init, LoRA init and pack order")
+    p.add_argument("--system-timeout", type=float, default=1800.0, help="seconds before a system's row is a timeout")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--row-file", help=argparse.SUPPRESS)
+    H.add_results_args(p, "train")
+    args = p.parse_args(argv)
+    args.systems = [s for s in args.systems.split(",") if s]
+    if unknown := sorted(set(args.systems) - set(SYSTEMS)):
+        p.error(f"--systems: unknown {unknown}; expected some of {list(SYSTEMS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    from padless.shards.reader import open_shards
+
+    manifest = open_shards(args.shards).manifest
+    family, shape = model_shape(args.preset, int(manifest["tokenizer"]["vocab_size"]))
+    gpu = H.environment()["gpu"]
+    cuda = gpu != "none"
+    rows = []
+    for system in args.systems:
+        print(f"=== {system}", flush=True)
+        result = (
+            {"status": why} if (why := static_status(system, cuda)) else run_system(system, argv, args.system_timeout)
+        )
+        rows.append({"bench": "train", "system": system, "preset": args.preset, "family": family, "shape": shape,
+                     "tokens_per_step_budget": args.tokens, "warmup": args.warmup, "steps": args.steps,
+                     "shards": args.shards, "shards_fingerprint": manifest.get("fingerprint"), **result})  # fmt: skip
+    base = next((r["tokens_per_s"] for r in rows if r["system"] == "hf-padded" and "tokens_per_s" in r), None)
+    for r in rows:
+        r["vs_hf_padded"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
+    cols = [("system", "system", "s"), ("tokens_per_step", "tokens/step", ",.0f"), ("tokens_per_s", "tok/s", ",.0f"),
+            ("trainable_tokens_per_s", "trainable tok/s", ",.0f"), ("vs_hf_padded", "vs hf-padded", ".2f"),
+            ("step_s", "s/step", ".3f"), ("peak_gib", "peak GiB", ".2f"), ("losses", "loss@1", lambda x: f"{x[0]:.4f}"),
+            ("losses", "loss@last", lambda x: f"{x[-1]:.4f}"), ("status", "status", "s")]  # fmt: skip
+    title = f"\n{args.preset} LoRA on {gpu}: {args.warmup} warm-up + {args.steps} timed steps"
+    print(H.format_table(rows, cols, title=title))
+    H.record(args, "train", rows, smoke=args.preset == "tiny")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
-        sys.exit(worker_main(*sys.argv[2:5]))
     main()

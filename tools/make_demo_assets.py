@@ -1,8 +1,10 @@
-"""Generate the demo assets in ``prep/assets/`` deterministically: a small byte-level BPE tokenizer with a
-ChatML chat template, and small synthetic instruction / chat datasets a tiny model can visibly learn.
+"""Regenerate the demo assets bundled in ``prep/assets/``: a small byte-level BPE tokenizer with a ChatML chat
+template (``demo_tokenizer/``) and small synthetic instruction and chat data sets a tiny model can visibly learn
+(``demo_alpaca.jsonl.gz``, ``demo_chat.jsonl.gz``). ``prep pack demo:alpaca`` and ``tools/demo.sh`` run on them with
+no network.
 
-The README's main job (``prep pack demo:alpaca`` then ``train``) runs on these with no network. Run
-``python tools/make_demo_assets.py`` to regenerate; the output is byte-identical every time.
+    python tools/make_demo_assets.py                  # rewrite prep/assets/ (byte-identical output every time)
+    python tools/make_demo_assets.py --out /tmp/assets
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import io
 import json
 import random
 from pathlib import Path
+
+from padless.prep.render import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 
 ASSETS = Path(__file__).resolve().parent.parent / "prep" / "assets"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -117,7 +121,7 @@ def chat_example(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-def _gz_jsonl(rows: list[dict], path: Path) -> None:
+def gz_jsonl(rows: list[dict], path: Path) -> None:
     raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=9) as g:  # mtime=0: deterministic bytes
@@ -166,13 +170,8 @@ def main() -> None:
     rng = random.Random(1234)
     alpaca = [alpaca_example(rng) for _ in range(args.alpaca_rows)]
     chat = [chat_example(rng) for _ in range(args.chat_rows)]
-    _gz_jsonl(alpaca, out / "demo_alpaca.jsonl.gz")
-    _gz_jsonl(chat, out / "demo_chat.jsonl.gz")
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from padless.prep.render import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-
+    gz_jsonl(alpaca, out / "demo_alpaca.jsonl.gz")
+    gz_jsonl(chat, out / "demo_chat.jsonl.gz")
     texts = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 50
     texts += [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in alpaca]
     texts += [m["content"] for r in chat for m in r["messages"]]
