@@ -17,7 +17,7 @@ def test_boundary_is_the_largest_offset_not_the_count():
     # Meta tensors: shapes and strides without memory. Offsets 0 .. numel - 1 must fit in int32.
     assert not needs_long_indexing(torch.empty(INT32_MAX + 1, device="meta"))  # last offset 2**31 - 1 fits
     assert needs_long_indexing(torch.empty(INT32_MAX + 2, device="meta"))
-    assert needs_long_indexing(torch.empty(500_000, 12288, device="meta"))  # 6.1e9 elements (a 500K-token sequence x 12288)
+    assert needs_long_indexing(torch.empty(500_000, 12288, device="meta"))  # 500K tokens x 12288: 6.1e9 elements
     assert not needs_long_indexing(torch.empty(4096, 12288, device="meta"))
 
 
