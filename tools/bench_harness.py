@@ -198,6 +198,7 @@ def environment() -> dict[str, Any]:
     commit = _run(["git", "rev-parse", "HEAD"])
     if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += "-dirty"
+    commit = commit or os.environ.get("PADLESS_COMMIT")  # a copy of the tree without .git names its commit here
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu,
