@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from padless.prep.cli import main
 from padless.prep.report import GPUS
 
-from .conftest import alpaca_rows, chat_rows, write_jsonl
+from .rows import alpaca_rows, chat_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from padless.train.cli import main
 from padless.train.config import TrainConfig, TrainError
 
-from .conftest import SYNTH_VOCAB
+from .runs import SYNTH_VOCAB
 
 
 def _invoke(*args: str):

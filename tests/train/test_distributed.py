@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from padless.train.checkpoint import trainable_state
 from padless.train.loop import Callbacks, train
 
-from .conftest import base_config
+from .runs import base_config
 
 STEPS = 2
 SETTINGS = dict(max_steps=STEPS, tokens_per_micro_batch=128, lr=1e-2, eval_every=0)

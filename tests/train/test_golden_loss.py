@@ -30,7 +30,7 @@ def golden_run(workdir: Path) -> dict:
     import transformers
 
     from padless.train.loop import train
-    from tests.train.conftest import base_config, write_synthetic_shards
+    from tests.train.runs import base_config, write_synthetic_shards
 
     data = write_synthetic_shards(workdir / "shards", examples=120, seed=1)
     result = train(base_config(data, workdir / "out", **SETTINGS))
