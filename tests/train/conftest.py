@@ -1,15 +1,12 @@
 """Fixtures for the trainer tests: tiny shard sets, and the kernels' PyTorch references on CPU.
 
 ``synthetic_shards`` is written by ``tests.train.runs.write_synthetic_shards`` (no prep, no tokenizer);
-``demo_shards`` is the real thing (``prep pack demo:alpaca``), used where the test is about the user path; it is
-skipped while the prep command is not available.
+``demo_shards`` is the real thing, ``prep pack demo:alpaca`` through prep's library call, used where the test is
+about the user path: a prep failure there is a test failure.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,12 +25,11 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``prep pack demo:alpaca --max-len 128 --eval-fraction 0.1`` (skips while prep's command is missing)."""
+    """``prep pack demo:alpaca --max-len 128 --eval-fraction 0.1``."""
+    from padless.prep.pipeline import PackConfig, run_pack
+
     out = tmp_path_factory.mktemp("demo") / "shards"
-    cmd = [sys.executable, "-m", "prep", "pack", "demo:alpaca", "--max-len", "128", "--eval-fraction", "0.1"]
-    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=dict(os.environ), timeout=300)
-    if proc.returncode != 0:
-        pytest.skip(f"`prep pack demo:alpaca` is not available yet: {proc.stderr.strip()[-300:]}")
+    run_pack(PackConfig(datasets=("demo:alpaca",), max_len=128, eval_fraction=0.1, out=str(out), progress=False))
     return out
 
 
