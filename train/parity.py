@@ -101,11 +101,10 @@ def parity(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_source(model)
     vocab = (ss.manifest.get("tokenizer") or {}).get("vocab_size")
-    try:
-        net = load_model(model, vocab_size=vocab if model is None else None, family=family, dtype=_DTYPES[dtype],
-                         device=str(dev), seed=0)  # fmt: skip
-    except (ValueError, OSError) as error:
-        raise TrainError(str(error)) from error
+    if model is None and vocab is None:
+        raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model")
+    net = load_model(model, vocab_size=vocab if model is None else None, family=family, dtype=_DTYPES[dtype],
+                     device=str(dev), seed=0)  # fmt: skip
     net.eval()  # no dropout: both paths must see the same function
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     weights = [p for _, p in params]

@@ -170,17 +170,13 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
     vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
     if cfg.model is None and vocab is None:
         raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model to train")
-    overrides = model_overrides(cfg)
-    try:
-        return load_model(
-            cfg.model,
-            vocab_size=int(vocab) if cfg.model is None else None,
-            family=cfg.family,
-            dtype=dtype,
-            device=str(device),
-            quantize_4bit=cfg.mode == "qlora",
-            seed=cfg.seed,
-            config_overrides=overrides,
-        )
-    except (ValueError, OSError) as error:  # the model path's messages already say what to do
-        raise TrainError(str(error)) from error
+    return load_model(
+        cfg.model,
+        vocab_size=int(vocab) if cfg.model is None else None,
+        family=cfg.family,
+        dtype=dtype,
+        device=str(device),
+        quantize_4bit=cfg.mode == "qlora",
+        seed=cfg.seed,
+        config_overrides=model_overrides(cfg),
+    )
