@@ -92,13 +92,13 @@ def parity(
     from .model_patch import get_patch, patch_model
     from .modeling import load_model
     from .packed_forward import packed_loss
-    from .prepare import check_model_source
+    from .prepare import check_model_source, parse_device
 
     if packs < 1:
         raise TrainError(f"--packs must be >= 1, got {packs}")
     ss = open_shards(shards_path)
     chosen = [ss[i] for i in range(min(packs, len(ss)))]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_source(model)
     vocab = (ss.manifest.get("tokenizer") or {}).get("vocab_size")
     if model is None and vocab is None:

@@ -57,6 +57,7 @@ def test_bad_options(tmp_path: Path, args: list[str], match: str) -> None:
         (["--model-overrides", '{"num_attention_heads": 3}'], r"--model-overrides .*cannot build a llama model"),
         (["--model-overrides", '{"vocab_size": 10}'], r"vocab_size=10 is smaller than the shards' tokenizer"),
         (["--model", "/no/such/model/folder"], r"--model '/no/such/model/folder': no such folder"),
+        (["--device", "gpu0"], r"--device 'gpu0' is not a device torch knows"),
     ],
 )
 def test_errors_from_the_model_path(synthetic_shards: Path, tmp_path: Path, args: list[str], match: str) -> None:
