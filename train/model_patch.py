@@ -228,7 +228,7 @@ def _plan_supported(hf: nn.Module, family: FamilySpec) -> PatchHandle:
         )
     embed = decoder.embed_tokens
     embed = getattr(embed, "base_layer", embed)
-    # transformers >= 5.x scales inside the embedding module (``embed_scale``); older versions in the forward.
+    # transformers >= 5 scales inside the embedding module (``embed_scale``); 4.x scales in the model forward.
     embed_scale = float(config.hidden_size) ** 0.5 if family.embed_scale and not hasattr(embed, "embed_scale") else None
     final_softcap = getattr(config, family.final_softcap_key, None) if family.final_softcap_key else None
     return PatchHandle(
