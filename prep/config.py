@@ -112,12 +112,14 @@ class CostConfig:
 
     model_params: str | None = option(None, help="Model size, e.g. 7e9, 1.5B, 500M (or use --model-config).")
     model_config: str | None = option(None, help="A Hugging Face config.json (or its folder) to count parameters.")
-    gpu: GpuName = option("H100", help="GPU for the cost estimate.")
+    gpu: GpuName = option("H100", help="GPU for the cost estimate (any letter case).", case_insensitive=True)
     mfu: float = option(0.4, help="Model FLOPs utilisation assumed, in (0, 1].")
     epochs: float = option(1.0, help="Passes over the shard set.")
     price_per_hour: float | None = option(None, help="GPU price per hour (default: the table's).")
 
     def __post_init__(self) -> None:
+        if isinstance(self.gpu, str):  # h200 -> H200: the table's spelling
+            object.__setattr__(self, "gpu", {k.lower(): k for k in GPUS}.get(self.gpu.lower(), self.gpu))
         check_fields(self, PrepError)
         if self.model_params is not None:
             parse_param_count(self.model_params)

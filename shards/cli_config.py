@@ -11,9 +11,12 @@ its type decides the click parameter, so help, default, type and allowed values 
 
 Other metadata keys: ``positional`` (an argument, not an option), ``flag`` (the option's name when it is not the
 field's: ``--map`` for ``maps``), ``metavar``, ``switch`` (a ``Literal`` field given as one flag per value:
-``--lora/--qlora/--full``). :func:`check_fields` checks an instance against the same types (``__post_init__``
-calls it), so a library caller and the command line get the same error. :class:`Group` prints every user error,
-click's usage errors included, as one ``error: ...`` line on stderr and exits with status 2.
+``--lora/--qlora/--full``), ``case_insensitive`` (a ``Literal`` option that also takes ``h100`` for ``H100``; the
+config receives the Literal's spelling).
+
+:func:`check_fields` checks an instance against the same types (``__post_init__`` calls it), so a library caller
+and the command line get the same error. :class:`Group` prints every user error, click's usage errors included,
+as one ``error: ...`` line on stderr and exits with status 2.
 
 Imports nothing of padless: ``prep`` and ``train`` may share only ``padless.shards``.
 """
@@ -144,7 +147,9 @@ def choice(literal: Any) -> click.Choice:
 def _param(f: dataclasses.Field, kind: _Kind) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     meta, required = f.metadata, f.default is MISSING and f.default_factory is MISSING
     default = None if required else f.default
-    click_type: Any = click.Choice([str(c) for c in kind.choices]) if kind.choices else None
+    click_type: Any = None
+    if kind.choices:
+        click_type = click.Choice([str(c) for c in kind.choices], case_sensitive=not meta.get("case_insensitive"))
     if meta.get("positional"):
         many = kind.base is tuple
         metavar = meta.get("metavar") or f.name.upper() + ("..." if many else "")

@@ -60,7 +60,7 @@ def test_stats_against_independent_recount(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(200, 3, hi=60))
     r = CliRunner().invoke(main, ["pack", str(src), "--max-len", "128", "--out", str(tmp_path / "o"), "--no-progress"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["stats", str(tmp_path / "o"), "--json", "--model-params", "1.5B", "--gpu", "H100",
+    r = CliRunner().invoke(main, ["stats", str(tmp_path / "o"), "--json", "--model-params", "1.5B", "--gpu", "h100",
                                   "--mfu", "0.5", "--epochs", "3", "--price-per-hour", "2"])  # fmt: skip
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)
@@ -75,6 +75,7 @@ def test_stats_against_independent_recount(tmp_path):
         assert st["padded_tokens"][str(b)] == sum(int(c.max()) * len(c) for c in chunks)
     assert st["padded_tokens"]["1"] == tokens
     c = st["cost"]
+    assert c["gpu"] == "H100"
     hours = 6 * 1.5e9 * tokens * 3 / (GPUS["H100"][0] * 1e12 * 0.5) / 3600
     assert abs(c["full_packed_gpu_hours"] - hours) < 1e-12 and abs(c["full_packed_cost"] - 2 * hours) < 1e-12
     assert abs(c["lora_packed_gpu_hours"] - hours * 4 / 6) < 1e-12
@@ -116,7 +117,7 @@ def test_verify_cli_exit_codes(tmp_path):
 
 def test_stats_help_lists_every_gpu_of_the_rate_table():
     help_text = CliRunner().invoke(main, ["stats", "--help"], terminal_width=200).output
-    assert "--gpu [" + "|".join(GPUS) + "]" in help_text
+    assert "--gpu [" + "|".join(GPUS).lower() + "]" in help_text  # any letter case: h200 or H200
 
 
 def test_model_params_from_config_llama2_7b(tmp_path):

@@ -117,7 +117,7 @@ def test_a_chat_template_that_rejects_a_conversation_is_a_user_error(tmp_path: P
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--gpu", "H300"], r"Invalid value for '--gpu': 'H300' is not one of 'B200', "),
+        (["--gpu", "H300"], r"Invalid value for '--gpu': 'H300' is not one of 'b200', "),
         (["--mfu", "2"], r"--mfu 2.0: expected a fraction in \(0, 1\]"),
         (["--model-params", "seven"], r"--model-params 'seven': expected a number like 7e9"),
         (["--epochs", "0"], r"--epochs 0.0: expected > 0"),
@@ -152,8 +152,9 @@ def test_configs_reject_values_outside_their_types() -> None:
         PackConfig(datasets="x.jsonl", max_len=64)
     with pytest.raises(PrepError, match=r"no DATASET given"):
         PackConfig(datasets=(), max_len=64)
-    with pytest.raises(PrepError, match=r"gpu='h100' \(--gpu\): expected one of 'B200', 'H200', 'H100'"):
-        CostConfig(gpu="h100")
+    with pytest.raises(PrepError, match=r"gpu='h300' \(--gpu\): expected one of 'B200', 'H200', 'H100'"):
+        CostConfig(gpu="h300")
+    assert CostConfig(gpu="h200").gpu == "H200"
     with pytest.raises(PrepError, match=r"mfu='0.5' \(--mfu\): expected a number"):
         CostConfig(mfu="0.5")
 

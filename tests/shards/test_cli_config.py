@@ -32,6 +32,7 @@ class Demo:
     progress: bool = option(True, help="Show progress.")
     name: str | None = option(None, help="A name.")
     mode: Literal["a", "b", "c"] = option("b", help="The mode:", switch=True)
+    level: Literal["Low", "High"] = option("Low", help="Any case.", case_insensitive=True)
     secret: int | None = None  # library-only
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ def test_fields_become_the_right_parameters() -> None:
             mode="c",
         )
     )
+    assert "level='High'" in _run("go", "a", "--size", "1", "--level", "high").output
+    assert _run("go", "a", "--size", "1", "--color", "RED").exit_code == 2  # exact spelling by default
     r = _run("go", "a", "--size", "1")
     assert "color='red'" in r.output and "mode='b'" in r.output and "progress=True" in r.output
     help_text = _run("go", "--help").output
