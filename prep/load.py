@@ -124,14 +124,20 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 def _save_to_disk_files(folder: Path) -> list[Path] | None:
     """Arrow files of a ``datasets`` ``save_to_disk`` folder (a Dataset, or the train split of a DatasetDict)."""
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
-        split = "train" if "train" in splits else splits[0]
-        folder = folder / split
-    state = folder / "state.json"
-    if not state.is_file():
-        return None
-    return [folder / d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+            split = "train" if "train" in splits else splits[0]
+            folder = folder / split
+        state = folder / "state.json"
+        if not state.is_file():
+            return None
+        return [folder / d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise PrepError(
+            f"{str(folder)!r} looks like a `datasets` save_to_disk folder but its dataset_dict.json / state.json "
+            f"cannot be read ({e!r}); save it again, or point at its data files"
+        ) from e
 
 
 def _load_local(path: Path) -> tuple[list[dict[str, Any]], str]:
@@ -166,7 +172,10 @@ def _load_hub(name: str) -> tuple[list[dict[str, Any]], str]:
         )
     import datasets  # heavy; only for hub ids
 
-    ds = datasets.load_dataset(name, split="train")
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except (OSError, ValueError) as e:  # datasets: not found / no access (OSError), no train split (ValueError)
+        raise PrepError(f"cannot load the hub dataset {name!r}: {e}") from e
     return ds.to_list(), hashlib.sha256(f"hub:{name}:{ds._fingerprint}".encode()).hexdigest()
 
 

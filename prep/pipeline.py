@@ -1,8 +1,8 @@
 """``prep pack`` as a library call: load -> render/tokenize -> overlong -> split -> pack -> write, timed per stage.
 
-``PackConfig`` is the one typed config (the CLI builds it); ``run_pack`` validates it fully before reading or
-writing anything, writes the shard set(s) into a hidden staging folder and renames it into place at the end,
-so a failure at any stage leaves nothing behind.
+``PackConfig`` (``prep.config``) is the one typed config (the CLI builds it; it checks its own fields);
+``run_pack`` checks the output folder before reading or writing anything, writes the shard set(s) into a hidden
+staging folder and renames it into place at the end, so a failure at any stage leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,68 +13,19 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import MIN_MAX_LEN, PackConfig
 from .errors import PrepError
 
 __all__ = ["MIN_MAX_LEN", "PackConfig", "run_pack"]
 
-MIN_MAX_LEN = 16
-
-
-@dataclass(kw_only=True, frozen=True)
-class PackConfig:
-    """Options of ``prep pack`` (the field docs are the CLI help)."""
-
-    datasets: tuple[str, ...]
-    max_len: int
-    out: str
-    tokenizer: str | None = None  # local folder or hub id; None: the demo tokenizer in prep/assets
-    format: str | None = None  # text|alpaca|prompt-completion|chat|sharegpt; None: detect from columns
-    maps: tuple[str, ...] = ()  # NAME=COLUMN renames
-    train_on: str = "completion"  # completion|all (text is always trained on everything)
-    overlong: str = "truncate"  # truncate|split|drop
-    max_examples_per_pack: int = 0  # 0 = no cap
-    seed: int = 0
-    eval_fraction: float = 0.0
-    eval_examples: int = 0
-    num_proc: int = 1
-    overwrite: bool = False
-    progress: bool = True
-    zstd_level: int | None = None
-    tokens_per_batch: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def output_options(self) -> dict[str, Any]:
-        """The options that change the output (so they enter the fingerprint); num_proc, out, ... do not."""
-        d = asdict(self)
-        for k in ("datasets", "out", "num_proc", "overwrite", "progress", "tokenizer", "extra"):
-            d.pop(k)
-        d["maps"] = list(self.maps)
-        return d
-
 
 def _validate(cfg: PackConfig) -> None:
-    if cfg.max_len < MIN_MAX_LEN:
-        raise PrepError(
-            f"--max-len {cfg.max_len} is below {MIN_MAX_LEN}; expected at least {MIN_MAX_LEN} tokens per pack"
-        )
-    if cfg.train_on not in ("completion", "all"):
-        raise PrepError(f"--train-on {cfg.train_on!r}: expected completion or all")
-    if cfg.overlong not in ("truncate", "split", "drop"):
-        raise PrepError(f"--overlong {cfg.overlong!r}: expected truncate, split or drop")
-    if cfg.max_examples_per_pack < 0:
-        raise PrepError(f"--max-examples-per-pack {cfg.max_examples_per_pack}: expected >= 0 (0 = no cap)")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise PrepError(f"--eval-fraction {cfg.eval_fraction}: expected a fraction in [0, 1)")
-    if cfg.eval_examples < 0 or (cfg.eval_examples and cfg.eval_fraction):
-        raise PrepError("give at most one of --eval-fraction and --eval-examples (and --eval-examples >= 0)")
-    if cfg.num_proc < 1:
-        raise PrepError(f"--num-proc {cfg.num_proc}: expected >= 1")
+    """What the config cannot check by itself: the output folder on disk."""
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise PrepError(

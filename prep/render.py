@@ -11,14 +11,16 @@ Formats (``--format``, else detected from the columns, after ``--map NAME=COLUMN
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any
 
+from .config import Format
 from .errors import PrepError
 
 __all__ = ["ALPACA_HEADERS", "FORMATS", "Rendered", "apply_maps", "detect_format", "parse_maps", "render_row"]
 
-# Detection order matters: a chat row may also carry a `text` column.
+# The columns of each format, in detection order (it matters: a chat row may also carry a `text` column).
 _REQUIRED = {
     "chat": ("messages",),
     "sharegpt": ("conversations",),
@@ -26,7 +28,8 @@ _REQUIRED = {
     "prompt-completion": ("prompt", "completion"),
     "text": ("text",),
 }
-FORMATS = tuple(_REQUIRED)
+FORMATS: tuple[str, ...] = typing.get_args(Format)
+assert set(_REQUIRED) == set(FORMATS), "every format has its columns"
 _FIELDS = ("text", "instruction", "input", "output", "prompt", "completion", "messages", "conversations", "system")
 
 ALPACA_WITH_INPUT = (

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import GPUS, CostConfig, parse_param_count
 from .errors import PrepError
 
 __all__ = ["GPUS", "CostConfig", "format_pack_summary", "format_stats", "model_params_from_config", "shard_stats",
            "show_pack"]  # fmt: skip
-
-# Peak dense bf16 tensor TFLOP/s (vendor datasheets, no sparsity) and an assumed on-demand $/hour.
-GPUS: dict[str, tuple[float, float]] = {
-    "B200": (2250.0, 6.00),
-    "H200": (989.0, 3.50),
-    "H100": (989.0, 2.50),
-    "A100": (312.0, 1.50),
-    "L40S": (362.0, 1.00),
-    "RTX4090": (165.0, 0.40),
-    "A10G": (70.0, 1.00),
-    "L4": (121.0, 0.80),
-}
 
 
 def format_pack_summary(s: dict[str, Any]) -> str:
@@ -42,13 +29,6 @@ def format_pack_summary(s: dict[str, Any]) -> str:
     stages = "  ".join(f"{k} {v:.2f}s" for k, v in s["stages"].items())
     lines.append(f"  time: {stages}  | total {s['wall_s']:.2f}s")
     return "\n".join(lines)
-
-
-def _parse_params(v: str) -> float:
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", v)
-    if not m:
-        raise PrepError(f"--model-params {v!r}: expected a number like 7e9, 1.5B or 500M")
-    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
 
 
 def model_params_from_config(path: str) -> float:
@@ -75,25 +55,11 @@ def model_params_from_config(path: str) -> float:
     return float(emb + n_layer * (attn + mlp + 2 * e) + e)
 
 
-@dataclass(kw_only=True, frozen=True)
-class CostConfig:
-    model_params: str | None = None
-    model_config: str | None = None
-    gpu: str = "H100"
-    mfu: float = 0.4
-    epochs: float = 1.0
-    price_per_hour: float | None = None
-
-
 def _cost(tokens: int, padded: int, c: CostConfig) -> dict[str, Any] | None:
     if c.model_params is None and c.model_config is None:
         return None
-    n = _parse_params(c.model_params) if c.model_params else model_params_from_config(c.model_config)
-    gpu = c.gpu.upper()
-    if gpu not in GPUS:
-        raise PrepError(f"--gpu {c.gpu!r} is not in the table; known: {', '.join(GPUS)}")
-    if not 0 < c.mfu <= 1:
-        raise PrepError(f"--mfu {c.mfu}: expected a fraction in (0, 1]")
+    n = parse_param_count(c.model_params) if c.model_params else model_params_from_config(c.model_config)
+    gpu = c.gpu
     peak, price = GPUS[gpu]
     price = c.price_per_hour if c.price_per_hour is not None else price
     rate = peak * 1e12 * c.mfu

@@ -106,14 +106,25 @@ class TokenizerInfo:
             env.filters["tojson"] = tojson
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: "2024-01-01"  # fixed: output must not depend on the date
-            self._env = env.from_string(self.chat_template)
-        return self._env.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=_token_str(self.config.get("bos_token")) or "",
-            eos_token=_token_str(self.config.get("eos_token")) or "",
-            tools=None,
-        )
+            try:
+                self._env = env.from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as e:
+                raise PrepError(f"the chat template of {self.name!r} is not valid Jinja ({e})") from e
+        import jinja2
+
+        try:
+            return self._env.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=_token_str(self.config.get("bos_token")) or "",
+                eos_token=_token_str(self.config.get("eos_token")) or "",
+                tools=None,
+            )
+        except jinja2.TemplateError as e:  # the template's raise_exception(...), or a template bug
+            raise PrepError(
+                f"the chat template of {self.name!r} rejected a conversation: {e}; fix the data (e.g. roles must "
+                "alternate user/assistant for some templates) or use a tokenizer with another template"
+            ) from e
 
     def __getstate__(self) -> dict[str, Any]:  # worker processes rebuild the jinja template themselves
         d = dict(self.__dict__)
@@ -131,7 +142,23 @@ def _fetch_hub(name: str) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name, allow_patterns=list(_FILES)))
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(_FILES)))
+    except (OSError, ValueError) as e:  # huggingface_hub: HTTP / not found errors are OSErrors, a bad id ValueError
+        raise PrepError(f"cannot fetch tokenizer {name!r} from the Hugging Face Hub: {e}") from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A tokenizer folder's JSON file as a dict ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrepError(f"cannot read {str(path)!r} ({e}); expected a JSON object") from e
+    if not isinstance(value, dict):
+        raise PrepError(f"{str(path)!r} holds a {type(value).__name__}; expected a JSON object")
+    return value
 
 
 def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
@@ -150,13 +177,13 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
             f"tokenizer folder {str(folder)!r} has no tokenizer.json; expected a Hugging Face fast tokenizer "
             "(save one with AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
         )
-    tok = Tokenizer.from_file(str(tj))
-    cfg_path = folder / "tokenizer_config.json"
-    config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    stm = folder / "special_tokens_map.json"
-    if stm.is_file():
-        for k, v in json.loads(stm.read_text(encoding="utf-8")).items():
-            config.setdefault(k, v)
+    try:
+        tok = Tokenizer.from_file(str(tj))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise PrepError(f"{str(tj)!r} is not a tokenizer.json that `tokenizers` can read ({e})") from e
+    config = _read_json(folder / "tokenizer_config.json")
+    for k, v in _read_json(folder / "special_tokens_map.json").items():
+        config.setdefault(k, v)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: use "default"
         template = {t["name"]: t["template"] for t in template}.get("default")

@@ -17,12 +17,15 @@ layer recomputes, so the compute stream only waits for a copy that has had a who
 from __future__ import annotations
 
 import threading
+import typing
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .config import Checkpointing
 
 __all__ = [
     "CHECKPOINTING_MODES",
@@ -35,7 +38,7 @@ __all__ = [
     "side_stream",
 ]
 
-CHECKPOINTING_MODES = ("off", "on", "offload")
+CHECKPOINTING_MODES: tuple[str, ...] = typing.get_args(Checkpointing)
 
 
 class PinnedPool:

@@ -5,7 +5,8 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-00000010/`` holding the train
 ``scheduler.pt``, ``rng-rank{r}.pt`` (Python, numpy, torch CPU and CUDA generators of each rank) and
 ``state.json`` (step, data position = epoch and micro-batch index, the config). It is written into a temp folder
 and renamed into place with ``os.replace``, then ``checkpoints/latest`` (a one-line file, also replaced
-atomically) names it: a crash mid-write leaves the previous checkpoint intact and current.
+atomically) names it: a crash mid-write leaves the previous checkpoint intact and current. A checkpoint that is
+incomplete, unreadable or written by another kind of run raises :class:`TrainError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +169,23 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
 _OPTIM_PLAIN, _OPTIM_FSDP = "torch", "full-by-name"
 
 
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own files: RNG states need pickle
+
+
+def _read(path: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(path)``; a file that cannot be read back (truncated, corrupted) is a TrainError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load(path)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, SafetensorError) as error:
+        raise TrainError(
+            f"checkpoint file {str(path)!r} cannot be read ({error}); it is damaged. Remove its checkpoint folder "
+            "and point checkpoints/latest at an earlier one, or start without --resume"
+        ) from error
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0
 ) -> Position:
@@ -179,15 +199,27 @@ def load_checkpoint(
         raise TrainError(
             f"checkpoint {str(path)!r} lacks {missing}; it is incomplete. Remove it and resume from another"
         )
-    saved = load_file(str(path / "trainable.safetensors"))
+    saved = _read(path / "trainable.safetensors", lambda p: load_file(str(p)))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != set(params):
-        diff = sorted(set(saved) ^ set(params))[:5]
+    shapes = {name: tuple(p.shape) for name, p in params.items()}  # a DTensor's shape is the full shape
+    if set(saved) != set(params) or any(tuple(t.shape) != shapes[name] for name, t in saved.items()):
+        diff = (
+            sorted(set(saved) ^ set(params))[:5]
+            or [
+                f"{name} {tuple(t.shape)} vs {shapes[name]}"
+                for name, t in saved.items()
+                if tuple(t.shape) != shapes[name]
+            ][:3]
+        )
         raise TrainError(
             f"checkpoint {str(path)!r} does not fit this model (parameters differ, e.g. {diff}); resume with the "
             "same --model, mode, --lora-r and --target-modules as the run that wrote it"
         )
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    meta = _read(path / "state.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(meta, dict) or not {"step", "epoch", "micro_batch"} <= set(meta):
+        raise TrainError(
+            f"checkpoint {str(path)!r}: state.json lacks step/epoch/micro_batch; it is damaged or not a padless one"
+        )
     sharded = _is_sharded(model)
     fmt = meta.get("optimizer_format", _OPTIM_PLAIN)
     if (fmt == _OPTIM_FSDP) != sharded:
@@ -195,7 +227,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} was written {'with' if fmt == _OPTIM_FSDP else 'without'} --fsdp; resume "
             f"it the same way (this run is {'with' if sharded else 'without'} --fsdp)"
         )
-    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    optim_state = _read(path / "optimizer.pt", _torch_load)
     if sharded:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -210,11 +242,17 @@ def load_checkpoint(
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(optim_state)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        try:
+            optimizer.load_state_dict(optim_state)
+        except ValueError as error:  # torch: the saved parameter groups do not match this optimizer's
+            raise TrainError(
+                f"checkpoint {str(path)!r} holds optimizer state of another set-up ({error}); resume with the same "
+                "--optimizer and --weight-decay as the run that wrote it"
+            ) from error
+    scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
     rng = path / f"rng-rank{rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        _set_rng_state(_read(rng, _torch_load))
     return Position(step=int(meta["step"]), epoch=int(meta["epoch"]), micro_batch=int(meta["micro_batch"]))
 
 

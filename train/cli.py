@@ -1,114 +1,100 @@
-"""``train``: the command line. Thin: parse options into one config, call one library function, and turn known
-errors into one clear line (exit status 1) instead of a traceback.
+"""``train``: the command line. Thin: parse options into one config, call one library function; a user error
+(:class:`~train.config.TrainError`, a bad shard set, a bad option) is one ``error: ...`` line on stderr and exit
+status 2, never a traceback.
 
 ``train run SHARDS``  -> :func:`train.loop.train` (options = the fields of :class:`train.config.TrainConfig`)
 ``train merge ADAPTER --model BASE --out DIR`` -> :func:`train.merge.merge`
-``train parity SHARDS --model M`` -> :func:`train.parity.parity`
+``train parity SHARDS --model M`` -> :func:`train.parity.parity` (exit status 1 when the check fails)
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .config import TrainConfig, TrainError, click_options, config_from_cli
+from padless.shards.cli_config import Group, choice, click_options, config_from_params
+from padless.shards.errors import ShardFormatError
+
+from .config import Dtype, TrainConfig, TrainError
+from .families import FamilyName
 
 __all__ = ["main"]
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from padless.shards.errors import ShardFormatError
-
-    return (TrainError, ShardFormatError)
-
-
-def _run_clean(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; a known error becomes ``error: <message>`` on stderr and exit status 1."""
-    try:
-        return fn()
-    except _known_errors() as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.group(
+    cls=Group,
+    known_errors=(TrainError, ShardFormatError),
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+)
 def main() -> None:
-    """padless trainer: stream packed shards into a varlen model (LoRA, QLoRA or full fine-tuning)."""
+    """padless trainer: stream packed shards into a varlen model (LoRA, QLoRA or full fine-tuning).
+
+    A user error is one line on stderr and exit status 2.
+    """
 
 
 @main.command("run")
 @click_options(TrainConfig)
 def run_command(**params: Any) -> None:
     """Fine-tune on SHARDS (a folder made by `prep pack`)."""
+    from .loop import train
 
-    def go() -> None:
-        from .loop import train
-
-        cfg = config_from_cli(TrainConfig, params)
-        result = train(cfg)
-        s = result.summary
-        if s:
-            click.echo(
-                f"done: {s['steps']} steps, final loss {s['final_loss']:.4f}"
-                + (f", eval_loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
-                + f", {s['steady_tokens_per_s']:,.0f} tokens/s ({s['steady_trainable_tokens_per_s']:,.0f} trainable)"
-                + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")
-                + f", peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
-            )
-
-    _run_clean(go)
+    result = train(config_from_params(TrainConfig, params))
+    s = result.summary
+    if s:
+        click.echo(
+            f"done: {s['steps']} steps, final loss {s['final_loss']:.4f}"
+            + (f", eval_loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
+            + f", {s['steady_tokens_per_s']:,.0f} tokens/s ({s['steady_trainable_tokens_per_s']:,.0f} trainable)"
+            + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")
+            + f", peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
+        )
 
 
 @main.command("merge")
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--model", "base", default=None, help="Base model folder or hub id (default: the adapter's base).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Folder for the merged Hugging Face model.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Save in this dtype.")
+@click.option("--dtype", type=choice(Dtype), default=None, help="Save in this dtype.")
 def merge_command(adapter_dir: str, base: str | None, out: str, dtype: str | None) -> None:
     """Merge a LoRA adapter into its base model and save the result as a Hugging Face folder."""
+    from .merge import merge
 
-    def go() -> None:
-        from .merge import merge
-
-        path = merge(adapter_dir, base=base, out=out, dtype=dtype)
-        click.echo(f"merged model written to {path}")
-
-    _run_clean(go)
+    path = merge(adapter_dir, base=base, out=out, dtype=dtype)
+    click.echo(f"merged model written to {path}")
 
 
 @main.command("parity")
 @click.argument("shards_path", metavar="SHARDS", type=click.Path())
 @click.option("--model", default=None, help="Model folder or hub id (default: the tiny model sized to the shards).")
 @click.option("--packs", default=4, show_default=True, help="How many packs of SHARDS to check.")
-@click.option("--family", default="llama", show_default=True, help="Tiny model family when --model is not given.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="fp32", show_default=True)
+@click.option("--family", type=choice(FamilyName), default="llama", show_default=True, help="Tiny model family.")
+@click.option("--dtype", type=choice(Dtype), default="fp32", show_default=True)
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 @click.option("--tolerance", default=None, type=float, help="Relative error allowed (default: 1e-4 fp32, 2e-2 else).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def parity_command(**params: Any) -> None:
-    """Check that packed training equals running every example alone on YOUR shards and model."""
+    """Check that packed training equals running every example alone on YOUR shards and model.
 
-    def go() -> None:
-        from .parity import parity
+    Exit status 0 when they agree within the tolerance, 1 when they do not (the report says where).
+    """
+    from .parity import parity
 
-        report = parity(
-            params["shards_path"],
-            model=params["model"],
-            packs=params["packs"],
-            family=params["family"],
-            dtype=params["dtype"],
-            device=params["device"],
-            tolerance=params["tolerance"],
-        )
-        click.echo(json.dumps(report.as_dict(), indent=2) if params["as_json"] else report.render())
-        if not report.passed:
-            sys.exit(2)
-
-    _run_clean(go)
+    report = parity(
+        params["shards_path"],
+        model=params["model"],
+        packs=params["packs"],
+        family=params["family"],
+        dtype=params["dtype"],
+        device=params["device"],
+        tolerance=params["tolerance"],
+    )
+    click.echo(json.dumps(report.as_dict(), indent=2) if params["as_json"] else report.render())
+    if not report.passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

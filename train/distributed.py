@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .batch import MicroBatch
+from .config import TrainError
 
 __all__ = [
     "DistEnv",
@@ -27,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "batch_fields",
+    "destroy_process_group",
     "detect",
     "init_process_group",
     "no_sync",
@@ -60,13 +62,24 @@ def detect() -> DistEnv:
     )
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) unless single-process or already joined."""
+def init_process_group(env: DistEnv, device: torch.device) -> bool:
+    """Join the process group (NCCL on CUDA, gloo on CPU) unless single-process or already joined.
+
+    Returns True when this call created the group: its caller then owns it and tears it down
+    (:func:`destroy_process_group`); a group the caller's program set up stays up.
+    """
     if not env.distributed or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **kwargs)
+    return True
+
+
+def destroy_process_group() -> None:
+    """Leave the process group (frees NCCL's communicators; without it NCCL warns at exit); a no-op without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -124,7 +137,7 @@ def wrap_model(module: PackedLossModule, env: DistEnv, device: torch.device, *, 
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError as error:
-            raise RuntimeError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {error}") from error
+            raise TrainError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {error}") from error
         for layer in _decoder_layers(module.model):
             fully_shard(layer)
         fully_shard(module)

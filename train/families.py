@@ -10,9 +10,14 @@ with an explicit block-diagonal mask (``train.model_patch``), never silently con
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "FamilySpec", "family_for_model_type"]
+__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "FamilyName", "FamilySpec", "family_for_model_type"]
+
+# The families of the table below (``--family`` of a random model takes the same names).
+FamilyName = Literal["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ FAMILIES: dict[str, FamilySpec] = {
     )
 }
 
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+SUPPORTED_FAMILIES: tuple[str, ...] = typing.get_args(FamilyName)
+assert tuple(FAMILIES) == SUPPORTED_FAMILIES, "FamilyName and the FAMILIES table name the same families"
 
 
 def family_for_model_type(model_type: str) -> FamilySpec | None:

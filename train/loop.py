@@ -85,14 +85,26 @@ def _default_output() -> Path:
 
 
 def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResult:
-    """Run ``cfg`` to the end; return the losses, eval loss and summary. Raises :class:`TrainError` subclasses."""
-    from .packed_forward import packed_loss  # the model path (imported late: it pulls in transformers)
+    """Run ``cfg`` to the end; return the losses, eval loss and summary. Raises :class:`TrainError` subclasses.
 
-    callbacks = callbacks or Callbacks()
+    Under torchrun it joins the process group and, when it created the group, leaves it again at the end, also
+    when the run fails (a group that the calling program set up stays up).
+    """
     env = dist_util.detect()
     device = resolve_device(cfg, env)
     dtype = resolve_dtype(cfg, device)
-    dist_util.init_process_group(env, device)
+    owns_group = dist_util.init_process_group(env, device)
+    try:
+        return _train(cfg, callbacks or Callbacks(), env, device, dtype)
+    finally:
+        if owns_group:
+            dist_util.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig, callbacks: Callbacks, env: dist_util.DistEnv, device: torch.device, dtype: torch.dtype
+) -> TrainResult:
+    """The run itself, in one process of ``env`` (its process group, if any, is up)."""
     output = Path(cfg.output) if cfg.output else _default_output()
     result = TrainResult(output=output, steps=0)
 
@@ -102,6 +114,12 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     budget = cfg.tokens_per_micro_batch or ss.max_len
     sizes = pack_sizes(ss)
+    largest = int(sizes.num_tokens.max(initial=0))
+    if largest > budget:
+        result.warnings.append(
+            f"--tokens-per-micro-batch {budget} is below the largest pack ({largest} tokens): packs are never split, "
+            f"so such a pack is a micro-batch alone; use >= {largest} to keep every micro-batch within the budget"
+        )
     plan_for = functools.lru_cache(maxsize=2)(
         lambda epoch: plan_epoch(
             ss.order(cfg.seed, epoch),
@@ -150,6 +168,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     model.train()
     if callbacks.on_model:
         callbacks.on_model(model)
+    from .packed_forward import packed_loss  # the model path (imported late: it pulls in transformers and peft)
+
     loss_fn = functools.partial(packed_loss, checkpointing=cfg.checkpointing)
     wrapped = dist_util.wrap_model(dist_util.PackedLossModule(model, loss_fn), env, device, fsdp=cfg.fsdp)
     # Evaluation runs no backward: DDP's wrapper is bypassed (ranks may run different numbers of eval batches);

@@ -42,7 +42,10 @@ def merge(
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
     check_model_source(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype] if dtype else "auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype] if dtype else "auto")
+    except OSError as error:  # transformers: a hub id it cannot fetch, or a folder it cannot read
+        raise TrainError(f"cannot load the base model {base!r} ({error}); pass --model with a local folder") from error
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp-merge")
     shutil.rmtree(tmp, ignore_errors=True)

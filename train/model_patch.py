@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from padless.train.families import SUPPORTED_FAMILIES, FamilySpec, family_for_model_type
+from .config import TrainError
+from .families import SUPPORTED_FAMILIES, FamilySpec, family_for_model_type
 
 __all__ = ["FallbackWarning", "LayerPlan", "PatchHandle", "patch_model", "unwrap_model"]
 
@@ -151,9 +152,9 @@ def _activation_kind(act_fn: nn.Module) -> str:
 def _require(module: nn.Module, names: tuple[str, ...], where: str, model_type: str) -> None:
     missing = [n for n in names if not hasattr(module, n)]
     if missing:
-        raise ValueError(
+        raise TrainError(
             f"model_type {model_type!r}: {where} has no {missing}; padless's packed path expects the Hugging Face "
-            "Llama-shaped modules of this family. Is this a customised model? Report it with the model's class."
+            "Llama-shaped modules of this family. Is this a customised model? Report it with the model's class"
         )
 
 
@@ -188,11 +189,11 @@ def _layer_plans(hf: nn.Module, family: FamilySpec) -> list[LayerPlan]:
 def _check_lm_head(hf: nn.Module, model_type: str) -> None:
     head = hf.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"model_type {model_type!r}: no output embedding (lm_head) with a weight to score against.")
+        raise TrainError(f"model_type {model_type!r}: no output embedding (lm_head) with a weight to score against")
     if hasattr(head, "base_layer") or getattr(head, "bias", None) is not None:
-        raise ValueError(
+        raise TrainError(
             f"model_type {model_type!r}: the lm_head is adapter-wrapped or has a bias; the fused cross-entropy "
-            "scores against a plain lm_head.weight. Leave lm_head out of target_modules."
+            "scores against a plain lm_head.weight. Leave lm_head out of --target-modules"
         )
 
 
@@ -227,7 +228,7 @@ def _plan_supported(hf: nn.Module, family: FamilySpec) -> PatchHandle:
         )
     embed = decoder.embed_tokens
     embed = getattr(embed, "base_layer", embed)
-    # transformers >= 5.x scales inside the embedding module (``embed_scale``); older versions in the forward.
+    # transformers >= 5 scales inside the embedding module (``embed_scale``); 4.x scales in the model forward.
     embed_scale = float(config.hidden_size) ** 0.5 if family.embed_scale and not hasattr(embed, "embed_scale") else None
     final_softcap = getattr(config, family.final_softcap_key, None) if family.final_softcap_key else None
     return PatchHandle(
@@ -262,10 +263,10 @@ def patch_model(model: nn.Module) -> PatchHandle:
     else:
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl not in ("eager", "sdpa"):
-            raise ValueError(
+            raise TrainError(
                 f"model_type {config.model_type!r} is not patched by padless and trains through transformers with "
                 f"an explicit block-diagonal mask, which attn_implementation={impl!r} cannot take. Load the model "
-                "with attn_implementation='sdpa' (or 'eager')."
+                "with attn_implementation='sdpa' (or 'eager')"
             )
         warnings.warn(
             f"padless does not patch model_type {config.model_type!r} (patched families: "

@@ -2,7 +2,8 @@
 
 ``load_model(None, vocab_size=V)`` builds a tiny randomly initialised decoder of a supported family sized to the
 shards' tokenizer, so the README's main job runs end to end on a CPU in about a minute. A folder must hold
-``config.json`` and weights (safetensors or ``pytorch_model*.bin``); anything else is a clear error naming it.
+``config.json`` and weights (safetensors or ``pytorch_model*.bin``); anything else is a :class:`TrainError`
+naming it, as is a tiny-model override transformers rejects.
 ``quantize_4bit=True`` loads the base in NF4 through bitsandbytes for QLoRA (CUDA only).
 
 The KV cache is always off (``config.use_cache = False``): padless never decodes, and a cache is one of the ways
@@ -16,13 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.errors
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .config import TrainError
+from .families import SUPPORTED_FAMILIES
+
 __all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
 
-TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+TINY_FAMILIES: tuple[str, ...] = SUPPORTED_FAMILIES
 
 # Small enough for a CPU demo, big enough for the loss to fall visibly. With a 150k vocab the tied embedding /
 # lm_head dominates every CPU step (~3 x T x 128 x 150k flops per micro-batch). The golden-loss test
@@ -40,15 +45,23 @@ _TINY_DEFAULTS: dict[str, Any] = {
     "attention_dropout": 0.0,
 }
 
+# What building a config or model raises for bad field values: TypeError / ValueError, and (transformers >= 5)
+# huggingface_hub's strict-dataclass validation errors.
+_CONFIG_ERRORS: tuple[type[Exception], ...] = (
+    TypeError,
+    ValueError,
+    *[e for e in (getattr(huggingface_hub.errors, "StrictDataclassError", None),) if e is not None],
+)
+
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors.index.json")
 
 
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> PretrainedConfig:
     """A tiny config of ``family`` (llama, mistral, qwen2, qwen3, gemma, gemma2) for ``vocab_size`` tokens."""
     if family not in TINY_FAMILIES:
-        raise ValueError(f"family={family!r} has no tiny config; expected one of {TINY_FAMILIES}.")
+        raise TrainError(f"--family {family!r} has no tiny config; expected one of {', '.join(TINY_FAMILIES)}")
     if not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size={vocab_size!r}: expected an int >= 2 (the shards' tokenizer vocab size).")
+        raise TrainError(f"vocab_size={vocab_size!r}: expected an int >= 2 (the shards' tokenizer vocab size)")
     kwargs: dict[str, Any] = dict(_TINY_DEFAULTS)
     if family == "mistral":
         kwargs["sliding_window"] = None  # full attention unless asked: HF's default 4096 never bites a tiny demo
@@ -121,29 +134,34 @@ def load_model(
     device = torch.device(device)
     overrides = dict(config_overrides or {})
     if quantize_4bit and device.type != "cuda":
-        raise ValueError(
-            f"quantize_4bit=True (QLoRA) needs a CUDA device; got device={str(device)!r}. "
-            "Run on a GPU, or drop --qlora for LoRA on CPU."
+        raise TrainError(
+            f"--qlora (a 4-bit base) needs a CUDA device; got device {str(device)!r}. Run on a GPU, or drop --qlora "
+            "for LoRA on CPU"
         )
     if model is None:
         if vocab_size is None:
             raise ValueError("load_model(None) builds a tiny random model and needs vocab_size (the shards' vocab).")
-        if family not in TINY_FAMILIES:
-            raise ValueError(f"family={family!r}: a tiny random model can be one of {TINY_FAMILIES}.")
         wanted = overrides.pop("vocab_size", vocab_size)
         if not isinstance(wanted, int) or wanted < vocab_size:
-            raise ValueError(
+            raise TrainError(
                 f"--model-overrides vocab_size={wanted!r} is smaller than the shards' tokenizer vocabulary "
-                f"({vocab_size}): some token ids would have no embedding; use >= {vocab_size} or leave it out."
+                f"({vocab_size}): some token ids would have no embedding; use >= {vocab_size} or leave it out"
             )
-        config = tiny_config(family, wanted, **overrides)
         # Initialise directly on the target device in the target dtype: a big random model (an 8B-shaped
         # benchmark) would take minutes to initialise on the CPU. The seed then depends on the device.
         build_dtype = torch.bfloat16 if quantize_4bit else dtype
         rng_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), torch.device(device):
-            torch.manual_seed(seed)
-            built = AutoModelForCausalLM.from_config(config, dtype=build_dtype)
+        try:
+            config = tiny_config(family, wanted, **overrides)
+            with torch.random.fork_rng(devices=rng_devices), torch.device(device):
+                torch.manual_seed(seed)
+                built = AutoModelForCausalLM.from_config(config, dtype=build_dtype)
+        except _CONFIG_ERRORS as error:
+            if not overrides:
+                raise
+            raise TrainError(
+                f"--model-overrides {overrides}: transformers cannot build a {family} model from them ({error})"
+            ) from error
         if quantize_4bit:
             # bitsandbytes quantizes while loading: save the random weights and load them back in NF4.
             with tempfile.TemporaryDirectory(prefix="padless-tiny-") as folder:
@@ -156,18 +174,18 @@ def load_model(
         path = Path(os.path.expanduser(str(model)))
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise FileNotFoundError(
+                raise TrainError(
                     f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder "
                     "(config.json + *.safetensors). Point --model at the folder that save_pretrained wrote."
                 )
             if not _has_weights(path):
-                raise FileNotFoundError(
+                raise TrainError(
                     f"model folder {str(path)!r} has a config.json but no weights (*.safetensors or "
                     "pytorch_model*.bin). Download the weights into it, or omit --model to train a tiny random model."
                 )
             source = str(path)
         elif path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
-            raise FileNotFoundError(f"model {str(model)!r} is not a model folder (no such directory).")
+            raise TrainError(f"--model {str(model)!r} is not a model folder (no such directory)")
         else:
             source = str(model)
         try:
@@ -175,13 +193,13 @@ def load_model(
                 source, dtype=dtype, device=device, quantize_4bit=quantize_4bit, overrides=overrides
             )
         except OSError as error:
-            if source == str(model) and not path.is_dir():
-                raise OSError(
+            if not path.is_dir():
+                raise TrainError(
                     f"cannot load model {str(model)!r}: it is not a local folder and the Hugging Face hub did not "
                     f"provide it ({error}). Offline? Download it first (huggingface-cli download {model} "
-                    "--local-dir DIR) and pass --model DIR."
+                    "--local-dir DIR) and pass --model DIR"
                 ) from error
-            raise
+            raise TrainError(f"cannot load the model folder {str(path)!r}: {error}") from error
     result.config.use_cache = False
     if getattr(result, "generation_config", None) is not None:
         result.generation_config.use_cache = False

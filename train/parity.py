@@ -92,20 +92,19 @@ def parity(
     from .model_patch import get_patch, patch_model
     from .modeling import load_model
     from .packed_forward import packed_loss
-    from .prepare import check_model_source
+    from .prepare import check_model_source, parse_device
 
     if packs < 1:
         raise TrainError(f"--packs must be >= 1, got {packs}")
     ss = open_shards(shards_path)
     chosen = [ss[i] for i in range(min(packs, len(ss)))]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_source(model)
     vocab = (ss.manifest.get("tokenizer") or {}).get("vocab_size")
-    try:
-        net = load_model(model, vocab_size=vocab if model is None else None, family=family, dtype=_DTYPES[dtype],
-                         device=str(dev), seed=0)  # fmt: skip
-    except (ValueError, OSError) as error:
-        raise TrainError(str(error)) from error
+    if model is None and vocab is None:
+        raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model")
+    net = load_model(model, vocab_size=vocab if model is None else None, family=family, dtype=_DTYPES[dtype],
+                     device=str(dev), seed=0)  # fmt: skip
     net.eval()  # no dropout: both paths must see the same function
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     weights = [p for _, p in params]

@@ -21,6 +21,7 @@ __all__ = [
     "check_model_source",
     "check_tokenizer",
     "model_overrides",
+    "parse_device",
     "resolve_device",
     "resolve_dtype",
     "tokenizer_content_hash",
@@ -30,10 +31,18 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
+def parse_device(text: str) -> torch.device:
+    """``--device`` as a torch device; a string torch does not know is a TrainError."""
+    try:
+        return torch.device(text)
+    except RuntimeError as error:  # torch: "Invalid device string"
+        raise TrainError(f"--device {text!r} is not a device torch knows ({error}); use cpu, cuda or cuda:N") from error
+
+
 def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     """``--device``, else ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if cfg.device:
-        device = torch.device(cfg.device)
+        device = parse_device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TrainError(f"--device {cfg.device} asked for CUDA but no CUDA device is available; use --device cpu")
         return device
@@ -170,17 +179,13 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
     vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
     if cfg.model is None and vocab is None:
         raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model to train")
-    overrides = model_overrides(cfg)
-    try:
-        return load_model(
-            cfg.model,
-            vocab_size=int(vocab) if cfg.model is None else None,
-            family=cfg.family,
-            dtype=dtype,
-            device=str(device),
-            quantize_4bit=cfg.mode == "qlora",
-            seed=cfg.seed,
-            config_overrides=overrides,
-        )
-    except (ValueError, OSError) as error:  # the model path's messages already say what to do
-        raise TrainError(str(error)) from error
+    return load_model(
+        cfg.model,
+        vocab_size=int(vocab) if cfg.model is None else None,
+        family=cfg.family,
+        dtype=dtype,
+        device=str(device),
+        quantize_4bit=cfg.mode == "qlora",
+        seed=cfg.seed,
+        config_overrides=model_overrides(cfg),
+    )

@@ -13,7 +13,7 @@ from padless.prep.errors import PrepError
 from padless.prep.load import load_sources
 from padless.prep.pipeline import PackConfig, run_pack
 
-from .conftest import alpaca_rows, chat_rows, write_jsonl
+from .rows import alpaca_rows, chat_rows, write_jsonl
 
 ROWS = alpaca_rows(20, 1)
 

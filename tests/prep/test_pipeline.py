@@ -13,7 +13,7 @@ from padless.prep.tokenizer import load_tokenizer
 from padless.shards.reader import open_shards
 from padless.shards.verify import verify_shard_set
 
-from .conftest import alpaca_rows, chat_rows, text_rows, write_jsonl
+from .rows import alpaca_rows, chat_rows, text_rows, write_jsonl
 
 
 def pack(tmp_path, rows_or_path, name="out", **kw):

@@ -15,19 +15,18 @@ from click.testing import CliRunner
 
 from padless.train.cli import main
 from padless.train.config import TrainConfig, TrainError
+from tests.user_errors import assert_one_line_error
 
-from .conftest import SYNTH_VOCAB
+from .runs import SYNTH_VOCAB
 
 
 def _invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return CliRunner().invoke(main, list(args))
 
 
 def _error_line(result) -> str:
-    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
-    assert result.exit_code == 1, result.output
-    assert len(lines) == 1, result.output
-    return lines[0]
+    """The one ``error: ...`` line of a failed command (exit status 2, no traceback)."""
+    return assert_one_line_error(result, "^error: ")
 
 
 def test_help_is_the_config_field_docs() -> None:
@@ -41,7 +40,9 @@ def test_help_is_the_config_field_docs() -> None:
 
 
 def test_python_dash_m_train_works() -> None:
-    proc = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "padless.train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "run" in proc.stdout and "parity" in proc.stdout and "merge" in proc.stdout
 
 

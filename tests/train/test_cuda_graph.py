@@ -18,8 +18,7 @@ from padless.train.cuda_graph import GraphCaptureError, GraphedMicroStep
 from padless.train.loop import train
 from padless.train.static_batch import StaticShape
 
-from .conftest import base_config
-from .test_loop import _run
+from .runs import base_config, run_recorded
 
 
 def test_cpu_refuses_graphs_by_name(synthetic_shards: Path, tmp_path: Path) -> None:
@@ -42,8 +41,8 @@ def test_gpu_graphed_run_matches_eager(synthetic_shards: Path, tmp_path: Path, c
         device=None, model_overrides=None, max_steps=4, grad_accum=2, tokens_per_micro_batch=300,
         checkpointing=checkpointing, lr=1e-3,
     )  # fmt: skip
-    eager, rec_e = _run(base_config(synthetic_shards, tmp_path / "eager", cuda_graphs="off", **settings))
-    graphed, rec_g = _run(base_config(synthetic_shards, tmp_path / "graph", cuda_graphs="on", **settings))
+    eager, rec_e = run_recorded(base_config(synthetic_shards, tmp_path / "eager", cuda_graphs="off", **settings))
+    graphed, rec_g = run_recorded(base_config(synthetic_shards, tmp_path / "graph", cuda_graphs="on", **settings))
     assert not graphed.warnings
     assert all(math.isfinite(x) for x in graphed.losses)
     # Same kernels, same order; attention's atomic dQ may reorder fp32 sums: equal to bf16 noise.

@@ -20,14 +20,22 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from padless.train.checkpoint import trainable_state
 from padless.train.loop import Callbacks, train
 
-from .conftest import base_config
+from .runs import base_config
 
 STEPS = 2
 SETTINGS = dict(max_steps=STEPS, tokens_per_micro_batch=128, lr=1e-2, eval_every=0)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``; an FSDP2 DTensor shard is gathered first (a collective, in the same order on every rank)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
 def _instrumented_run(cfg) -> dict:
-    """Train ``cfg``; return per-step losses, the token streams each forward saw, step-1 grads, final weights."""
+    """Train ``cfg``; return per-step losses, the token streams each forward saw, step-1 grads, final weights.
+
+    Gradients and weights are gathered during the run: ``train`` leaves the process group it created when it
+    returns, and gathering FSDP2 shards needs it."""
     seen: dict = {"inputs": [], "grads": []}
 
     def on_model(model):
@@ -38,11 +46,14 @@ def _instrumented_run(cfg) -> dict:
 
     def before_step(optimizer, args, kwargs):
         names = {id(p): n for n, p in seen["model"].named_parameters()}
-        seen["grads"].append({names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+        seen["grads"].append({names[id(p)]: _full(p.grad) for g in optimizer.param_groups for p in g["params"]})
+
+    def on_step(record):
+        seen["weights"] = trainable_state(seen["model"])  # a collective under FSDP2, so inside the run
 
     handle = register_optimizer_step_pre_hook(before_step)
     try:
-        result = train(cfg, callbacks=Callbacks(on_model=on_model))
+        result = train(cfg, callbacks=Callbacks(on_model=on_model, on_step=on_step))
     finally:
         handle.remove()
     return {
@@ -51,7 +62,7 @@ def _instrumented_run(cfg) -> dict:
         "eval_loss": result.eval_loss,
         "inputs": seen["inputs"],
         "grads": seen["grads"][0],
-        "weights": trainable_state(seen["model"]),
+        "weights": seen["weights"],
     }
 
 
@@ -61,10 +72,8 @@ def _rank_main(rank: int, world: int, port: int, shards: str, output: str, fsdp:
     )
     torch.set_num_threads(1)
     out = _instrumented_run(base_config(Path(shards), Path(output), grad_accum=1, fsdp=fsdp, **SETTINGS))
-    # FSDP2 gradients are DTensor shards: gather them (a collective, same order on both ranks) before saving.
-    out["grads"] = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in out["grads"].items()}
+    out["group_left"] = not torch.distributed.is_initialized()  # train() created the group, so it left it
     torch.save(out, Path(output) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -83,6 +92,7 @@ def test_two_gloo_ranks_equal_one_rank_doing_both_halves(synthetic_shards: Path,
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     single = _instrumented_run(base_config(synthetic_shards, tmp_path / "one", grad_accum=2, **SETTINGS))
 
+    assert ranks[0]["group_left"] and ranks[1]["group_left"]
     # Equal step counts, and disjoint packs: no token stream is seen by both ranks.
     assert ranks[0]["steps"] == ranks[1]["steps"] == STEPS
     assert len(ranks[0]["inputs"]) == len(ranks[1]["inputs"]) == STEPS
@@ -136,8 +146,8 @@ def _resume_rank_main(rank: int, world: int, port: int, shards: str, output: str
             torch.save(result.losses, Path(output) / f"losses-{phase}.pt")
     except _Stop:
         pass
-    finally:
-        torch.distributed.destroy_process_group()
+    # Also when the run raised: train() created the process group, so it has left it.
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.slow

@@ -16,56 +16,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from padless.shards.reader import open_shards
 from padless.train.batch import IGNORE_INDEX
 from padless.train.checkpoint import latest_checkpoint, trainable_state
 from padless.train.loop import Callbacks, NonFiniteLossError, train
 
-from .conftest import base_config
-
-
-class _Recorder:
-    """Keeps the trained model and the gradients seen at each optimizer step."""
-
-    def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def __enter__(self) -> _Recorder:
-        def before_step(optimizer, args, kwargs):
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            self.grads.append(
-                {names[id(p)]: p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]}
-            )
-
-        self._handle = register_optimizer_step_pre_hook(before_step)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-
-    def on_model(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-
-def _run(cfg, **callbacks):
-    rec = _Recorder()
-    with rec:
-        result = train(cfg, callbacks=Callbacks(on_model=rec.on_model, **callbacks))
-    return result, rec
+from .runs import base_config, run_recorded
 
 
 def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path, tmp_path: Path) -> None:
     ss = open_shards(synthetic_shards)
     first4 = ss.order(0, 0)[:4]
     budget = sum(ss[int(i)].num_tokens for i in first4)  # exactly the first 4 packs of the seeded order
-    one, rec_one = _run(
+    one, rec_one = run_recorded(
         base_config(synthetic_shards, tmp_path / "a", max_steps=1, tokens_per_micro_batch=budget, max_grad_norm=0)
     )
     # Budget 1 token: every pack is bigger, so each is its own micro-batch; 4 of them make the step.
-    four, rec_four = _run(
+    four, rec_four = run_recorded(
         base_config(
             synthetic_shards, tmp_path / "b", max_steps=1, tokens_per_micro_batch=1, grad_accum=4, max_grad_norm=0
         )
@@ -90,16 +58,16 @@ class _Interrupt(Exception):
 
 def test_resume_continues_exactly(synthetic_shards: Path, tmp_path: Path) -> None:
     settings = dict(max_steps=4, save_every=2, lora_dropout=0.1, tokens_per_micro_batch=200, grad_accum=2)
-    straight, rec_a = _run(base_config(synthetic_shards, tmp_path / "a", **settings))
+    straight, rec_a = run_recorded(base_config(synthetic_shards, tmp_path / "a", **settings))
 
     def stop_after_two(record):
         if record["step"] == 2:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        _run(base_config(synthetic_shards, tmp_path / "b", **settings), on_step=stop_after_two)
+        run_recorded(base_config(synthetic_shards, tmp_path / "b", **settings), on_step=stop_after_two)
     assert latest_checkpoint(tmp_path / "b").name == "step-00000002"
-    resumed, rec_b = _run(base_config(synthetic_shards, tmp_path / "b", resume=True, **settings))
+    resumed, rec_b = run_recorded(base_config(synthetic_shards, tmp_path / "b", resume=True, **settings))
 
     assert resumed.losses == straight.losses[2:]  # bit-exact on CPU
     logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -132,7 +100,7 @@ def test_eval_loss_and_saved_adapter_match_the_unpatched_model(synthetic_shards:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    result, rec = _run(base_config(synthetic_shards, out, max_steps=3, eval_every=2, lr=1e-2))
+    result, rec = run_recorded(base_config(synthetic_shards, out, max_steps=3, eval_every=2, lr=1e-2))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]
     evals = [r for r in lines if "eval_loss" in r]
@@ -161,7 +129,7 @@ def test_full_fine_tuning_writes_a_hugging_face_model(synthetic_shards: Path, tm
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
-    result, rec = _run(base_config(synthetic_shards, out, max_steps=2, mode="full", lr=1e-3))
+    result, rec = run_recorded(base_config(synthetic_shards, out, max_steps=2, mode="full", lr=1e-3))
     assert len(result.losses) == 2
     loaded = AutoModelForCausalLM.from_pretrained(out)
     trained = rec.model.state_dict()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from padless.train.adapters import DEFAULT_TARGETS, apply_adapters
+from padless.train.config import TrainError
 from padless.train.modeling import TINY_FAMILIES, load_model, tiny_config
 from padless.train.packed_forward import packed_loss
 from tests.train.tiny_models import SMALL, make_batch, trainable
@@ -23,9 +24,9 @@ def test_tiny_config_per_family(family):
 
 
 def test_tiny_config_errors():
-    with pytest.raises(ValueError, match="family='gpt2' has no tiny config"):
+    with pytest.raises(TrainError, match="--family 'gpt2' has no tiny config; expected one of llama, mistral"):
         tiny_config("gpt2", 100)
-    with pytest.raises(ValueError, match="vocab_size=0"):
+    with pytest.raises(TrainError, match="vocab_size=0"):
         tiny_config("llama", 0)
 
 
@@ -44,18 +45,16 @@ def test_tiny_model_is_seeded_small_and_cache_free():
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="needs vocab_size"):
         load_model(None)
-    with pytest.raises(ValueError, match=r"quantize_4bit=True \(QLoRA\) needs a CUDA device"):
+    with pytest.raises(TrainError, match=r"--qlora \(a 4-bit base\) needs a CUDA device"):
         load_model(None, vocab_size=50, quantize_4bit=True)
     (tmp_path / "config.json").write_text(tiny_config("llama", 50).to_json_string())
-    with pytest.raises(
-        FileNotFoundError, match=re.escape(f"model folder '{tmp_path}' has a config.json but no weights")
-    ):
+    with pytest.raises(TrainError, match=re.escape(f"model folder '{tmp_path}' has a config.json but no weights")):
         load_model(str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+    with pytest.raises(TrainError, match=r"has no config\.json"):
         load_model(str(empty))
-    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+    with pytest.raises(TrainError, match="is not a model folder"):
         load_model(str(tmp_path / "missing"))
 
 
@@ -64,7 +63,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"(?s)padless-no-such-org/no-such-model.*not a local folder.*Offline"):
+    with pytest.raises(TrainError, match=r"(?s)padless-no-such-org/no-such-model.*not a local folder.*Offline"):
         load_model("padless-no-such-org/no-such-model")
 
 
@@ -91,9 +90,9 @@ def test_apply_adapters_modes():
     assert all("q_proj" in n for n in trainable(only_q))
     full = apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="full")
     assert all(p.requires_grad for p in full.parameters())
-    with pytest.raises(ValueError, match="mode='qlora' needs a base loaded in 4 bits"):
+    with pytest.raises(TrainError, match="--qlora needs a base loaded in 4 bits"):
         apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="qlora")
-    with pytest.raises(ValueError, match="mode='dora'"):
+    with pytest.raises(TrainError, match="mode='dora'"):
         apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="dora")
 
 
@@ -147,5 +146,5 @@ def test_vocab_override_may_grow_the_vocabulary_but_not_shrink_it() -> None:
     small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
     grown = load_model(None, vocab_size=50, config_overrides={**small, "vocab_size": 64})
     assert grown.config.vocab_size == 64 and grown.get_input_embeddings().weight.shape[0] == 64
-    with pytest.raises(ValueError, match=r"vocab_size=40 is smaller than the shards' tokenizer vocabulary \(50\)"):
+    with pytest.raises(TrainError, match=r"vocab_size=40 is smaller than the shards' tokenizer vocabulary \(50\)"):
         load_model(None, vocab_size=50, config_overrides={**small, "vocab_size": 40})

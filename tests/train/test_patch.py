@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from padless.train import ops
+from padless.train.config import TrainError
 from padless.train.model_patch import PatchHandle, get_patch, patch_model
 from padless.train.packed_forward import packed_loss
 from tests.train.tiny_models import make_batch, tiny_model
@@ -80,7 +81,7 @@ def test_plan_reads_family_switches():
 def test_patch_refuses_a_model_it_cannot_score():
     model = tiny_model("llama")
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
-    with pytest.raises(ValueError, match="lm_head is adapter-wrapped or has a bias"):
+    with pytest.raises(TrainError, match="lm_head is adapter-wrapped or has a bias"):
         patch_model(model)
     with pytest.raises(TypeError, match="expects a Hugging Face causal LM"):
         patch_model(torch.nn.Linear(2, 2))

@@ -1,0 +1,131 @@
+"""The typed configs of ``prep``: :class:`PackConfig` (``prep pack``) and :class:`CostConfig` (``prep stats``).
+
+Each field's help is its click help: ``prep.cli`` builds the options from these fields
+(``padless.shards.cli_config.click_options``). Enum-like options are ``Literal`` types; ``__post_init__`` checks
+every field's type and range, so a library caller gets the same :class:`PrepError` as the command line. This module
+stays light (no numpy, no tokenizers): ``prep --help`` imports it.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from padless.shards.cli_config import check_fields, option
+
+from .errors import PrepError
+
+__all__ = ["GPUS", "MIN_MAX_LEN", "CostConfig", "Format", "GpuName", "Overlong", "PackConfig", "TrainOn",
+           "parse_param_count"]  # fmt: skip
+
+MIN_MAX_LEN = 16
+
+Format = Literal["text", "alpaca", "prompt-completion", "chat", "sharegpt"]
+TrainOn = Literal["completion", "all"]
+Overlong = Literal["truncate", "split", "drop"]
+GpuName = Literal["B200", "H200", "H100", "A100", "L40S", "RTX4090", "A10G", "L4"]
+
+# Peak dense bf16 tensor TFLOP/s (vendor datasheets, no sparsity) and an assumed on-demand $/hour.
+GPUS: dict[str, tuple[float, float]] = {
+    "B200": (2250.0, 6.00),
+    "H200": (989.0, 3.50),
+    "H100": (989.0, 2.50),
+    "A100": (312.0, 1.50),
+    "L40S": (362.0, 1.00),
+    "RTX4090": (165.0, 0.40),
+    "A10G": (70.0, 1.00),
+    "L4": (121.0, 0.80),
+}
+assert tuple(GPUS) == typing.get_args(GpuName), "GpuName and the GPUS table name the same GPUs"
+
+
+@dataclass(kw_only=True, frozen=True)
+class PackConfig:
+    """Options of ``prep pack`` (each field's help is its command-line help)."""
+
+    datasets: tuple[str, ...] = option(
+        help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together.", positional=True
+    )
+    max_len: int = option(help=f"Tokens per pack (>= {MIN_MAX_LEN}).")
+    out: str = option("packed", help="Output folder (must be absent or empty).")
+    tokenizer: str | None = option(None, help="Local folder or hub id. Default: the demo tokenizer in prep/assets.")
+    format: Format | None = option(None, help="Data format. Default: detected from the columns.")
+    maps: tuple[str, ...] = option(
+        (), help="Use COLUMN as field NAME (repeatable).", flag="--map", metavar="NAME=COLUMN"
+    )
+    train_on: TrainOn = option(
+        "completion", help="Loss on responses only (every assistant turn) or on all tokens; text is always all."
+    )
+    overlong: Overlong = option("truncate", help="What to do with examples longer than --max-len.")
+    max_examples_per_pack: int = option(0, help="Cap per pack (0 = no cap).")
+    seed: int = option(0, help="Seed of the pack-order shuffle and eval split.")
+    eval_fraction: float = option(0.0, help="Held-out fraction of rows, packed into OUT/eval/.")
+    eval_examples: int = option(0, help="Held-out number of rows, packed into OUT/eval/.")
+    num_proc: int = option(1, help="Tokenizer processes (the output is identical for any number).")
+    overwrite: bool = option(False, help="Replace an existing non-empty --out.")
+    progress: bool = option(True, help="Show progress bars.")
+    # Library-only (no command-line option): writer settings, None = the writer's defaults.
+    zstd_level: int | None = None
+    tokens_per_batch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self, PrepError)
+        if not self.datasets:
+            raise PrepError("no DATASET given; expected a file, a folder, demo:alpaca / demo:chat, or a hub id")
+        if self.max_len < MIN_MAX_LEN:
+            raise PrepError(
+                f"--max-len {self.max_len} is below {MIN_MAX_LEN}; expected at least {MIN_MAX_LEN} tokens per pack"
+            )
+        if self.max_examples_per_pack < 0:
+            raise PrepError(f"--max-examples-per-pack {self.max_examples_per_pack}: expected >= 0 (0 = no cap)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise PrepError(f"--eval-fraction {self.eval_fraction}: expected a fraction in [0, 1)")
+        if self.eval_examples < 0 or (self.eval_examples and self.eval_fraction):
+            raise PrepError("give at most one of --eval-fraction and --eval-examples (and --eval-examples >= 0)")
+        if self.num_proc < 1:
+            raise PrepError(f"--num-proc {self.num_proc}: expected >= 1")
+        if not self.out:
+            raise PrepError("--out is empty; expected the folder to write the shard set into")
+
+    def output_options(self) -> dict[str, Any]:
+        """The options that change the output (so they enter the fingerprint); num_proc, out, ... do not."""
+        skip = ("datasets", "out", "num_proc", "overwrite", "progress", "tokenizer", "extra")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        d["maps"] = list(self.maps)
+        return d
+
+
+def parse_param_count(text: str) -> float:
+    """``7e9``, ``1.5B``, ``500M`` -> a parameter count."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", text)
+    if not m or m.group(1).count(".") > 1:
+        raise PrepError(f"--model-params {text!r}: expected a number like 7e9, 1.5B or 500M")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+
+
+@dataclass(kw_only=True, frozen=True)
+class CostConfig:
+    """The GPU cost estimate of ``prep stats`` (each field's help is its command-line help)."""
+
+    model_params: str | None = option(None, help="Model size, e.g. 7e9, 1.5B, 500M (or use --model-config).")
+    model_config: str | None = option(None, help="A Hugging Face config.json (or its folder) to count parameters.")
+    gpu: GpuName = option("H100", help="GPU for the cost estimate (any letter case).", case_insensitive=True)
+    mfu: float = option(0.4, help="Model FLOPs utilisation assumed, in (0, 1].")
+    epochs: float = option(1.0, help="Passes over the shard set.")
+    price_per_hour: float | None = option(None, help="GPU price per hour (default: the table's).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gpu, str):  # h200 -> H200: the table's spelling
+            object.__setattr__(self, "gpu", {k.lower(): k for k in GPUS}.get(self.gpu.lower(), self.gpu))
+        check_fields(self, PrepError)
+        if self.model_params is not None:
+            parse_param_count(self.model_params)
+        if not 0 < self.mfu <= 1:
+            raise PrepError(f"--mfu {self.mfu}: expected a fraction in (0, 1]")
+        if self.epochs <= 0:
+            raise PrepError(f"--epochs {self.epochs}: expected > 0")
+        if self.price_per_hour is not None and self.price_per_hour < 0:
+            raise PrepError(f"--price-per-hour {self.price_per_hour}: expected >= 0")

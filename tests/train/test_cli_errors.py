@@ -1,0 +1,138 @@
+"""``train``'s user errors: one ``error: ...`` line on stderr, exit status 2, no traceback, for bad options and for
+problems found deeper down (adapters, model loading, patching, checkpoints, the optimizer); and ``TrainConfig``
+checks its own fields for library callers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from padless.train.cli import main
+from padless.train.config import TrainConfig, TrainError
+from tests.user_errors import assert_one_line_error, assert_one_line_error_in_process
+
+from .tiny_models import tiny_model
+
+TRAIN = str(Path(sys.executable).parent / "train")
+FAST = ["--no-progress", "--device", "cpu", "--max-steps", "1", "--eval-every", "-1", "--model-overrides",
+        '{"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}']  # fmt: skip
+
+
+def _run(shards: Path, output: Path, *args: str):
+    return CliRunner().invoke(main, ["run", str(shards), "--output", str(output), *args])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--cuda-graphs", "false"], r"Invalid value for '--cuda-graphs': 'false' is not one of 'auto', 'on', 'off'"),
+        (["--checkpointing", "yes"], r"Invalid value for '--checkpointing': 'yes' is not one of 'off', 'on', "),
+        (["--family", "gpt2"], r"Invalid value for '--family': 'gpt2' is not one of 'llama', "),
+        (["--dtype", "fp8"], r"Invalid value for '--dtype': 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
+        (["--lr", "fast"], r"Invalid value for '--lr': 'fast' is not a valid float"),
+        (["--grad-accum", "0"], r"^error: --grad-accum must be >= 1, got 0$"),
+        (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0, got -5"),
+        (["--eval-every", "-2"], r"--eval-every must be >= -1 \(-1 = never\), got -2"),
+        (["--bogus"], r"No such option '--bogus'.*\(see \w+ run --help\)"),
+    ],
+)
+def test_bad_options(tmp_path: Path, args: list[str], match: str) -> None:
+    assert_one_line_error(_run(tmp_path, tmp_path / "out", *args), match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--target-modules", "q_proj,nope"], r"--target-modules 'nope' names no linear layer .* q_proj, "),
+        (["--target-modules", "lm_head"], r"--target-modules 'lm_head' picks the output layer"),
+        (["--qlora"], r"--qlora \(a 4-bit base\) needs a CUDA device"),
+        (["--optimizer", "adamw8bit"], r"--optimizer adamw8bit needs (bitsandbytes|a CUDA device)"),
+        (["--model-overrides", "{bad json"], r"--model-overrides is not valid JSON"),
+        (["--model-overrides", '{"num_attention_heads": 3}'], r"--model-overrides .*cannot build a llama model"),
+        (["--model-overrides", '{"vocab_size": 10}'], r"vocab_size=10 is smaller than the shards' tokenizer"),
+        (["--model", "/no/such/model/folder"], r"--model '/no/such/model/folder': no such folder"),
+        (["--device", "gpu0"], r"--device 'gpu0' is not a device torch knows"),
+    ],
+)
+def test_errors_from_the_model_path(synthetic_shards: Path, tmp_path: Path, args: list[str], match: str) -> None:
+    fast = FAST[:-2] if "--model" in args else FAST  # a later --model-overrides replaces FAST's
+    assert_one_line_error(_run(synthetic_shards, tmp_path / "out", *fast, *args), match)
+
+
+def test_a_damaged_checkpoint_is_a_user_error(synthetic_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = _run(synthetic_shards, out, *FAST, "--save-every", "1")
+    assert r.exit_code == 0, r.output
+    resume = [*FAST, "--max-steps", "2", "--resume"]
+    optimizer = out / "checkpoints" / "step-00000001" / "optimizer.pt"
+    saved = optimizer.read_bytes()
+    optimizer.write_bytes(b"not a torch file")
+    line = assert_one_line_error(_run(synthetic_shards, out, *resume), r"cannot be read .*it is damaged")
+    assert "optimizer.pt" in line
+    optimizer.write_bytes(saved)
+    assert_one_line_error(_run(synthetic_shards, out, *resume, "--lora-r", "4"), r"does not fit this model")
+    optimizer.unlink()
+    assert_one_line_error(_run(synthetic_shards, out, *resume), r"lacks \['optimizer.pt'\]; it is incomplete")
+
+
+def test_an_unsupported_architecture_that_cannot_take_a_mask_is_a_train_error() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from padless.train.model_patch import patch_model
+
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(TrainError, match=r"model_type 'gpt2' is not patched .*attn_implementation='sdpa'"):
+        patch_model(model)
+    customised = tiny_model("llama")
+    del customised.model.norm
+    with pytest.raises(TrainError, match=r"the decoder has no \['norm'\].*customised model"):
+        patch_model(customised)
+
+
+def test_config_rejects_values_outside_its_types() -> None:
+    with pytest.raises(TrainError, match=r"cuda_graphs='false' \(--cuda-graphs\): expected one of 'auto', 'on', 'off'"):
+        TrainConfig(shards="x", cuda_graphs="false")
+    with pytest.raises(TrainError, match=r"mode='dora' \(--lora/--qlora/--full\): expected one of 'lora', "):
+        TrainConfig(shards="x", mode="dora")
+    with pytest.raises(TrainError, match=r"dtype='bfloat16' \(--dtype\): expected one of 'bf16', .* or None"):
+        TrainConfig(shards="x", dtype="bfloat16")
+    with pytest.raises(TrainError, match=r"family='gpt2' \(--family\)"):
+        TrainConfig(shards="x", family="gpt2")
+    with pytest.raises(TrainError, match=r"lr='1e-3' \(--lr\): expected a number"):
+        TrainConfig(shards="x", lr="1e-3")
+    with pytest.raises(TrainError, match=r"max_steps=2.5 \(--max-steps\): expected an int"):
+        TrainConfig(shards="x", max_steps=2.5)
+    with pytest.raises(TrainError, match=r"resume='yes' \(--resume\): expected true or false"):
+        TrainConfig(shards="x", resume="yes")
+    with pytest.raises(TypeError, match="shards"):
+        TrainConfig()  # SHARDS is required
+    assert TrainConfig(shards="x", lr=1).lr == 1  # an int is a number
+
+
+def test_installed_command_prints_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([TRAIN, "run", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert_one_line_error_in_process(proc, r"^error: shard set '.*missing' is not a folder")
+    proc = subprocess.run([TRAIN, "run", str(tmp_path), "--cuda-graphs", "false"], capture_output=True, text=True)
+    assert_one_line_error_in_process(proc, r"^error: Invalid value for '--cuda-graphs'.*\(see train run --help\)$")
+
+
+def test_parity_failure_is_exit_1_and_said_in_the_help() -> None:
+    assert "1 when they do not" in " ".join(CliRunner().invoke(main, ["parity", "--help"]).output.split())
+
+
+def test_fsdp_wrapping_needs_fully_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed.fsdp as fsdp
+
+    from padless.train.distributed import DistEnv, PackedLossModule, wrap_model
+
+    monkeypatch.delattr(fsdp, "fully_shard")
+    with pytest.raises(TrainError, match=r"--fsdp needs torch.distributed.fsdp.fully_shard"):
+        wrap_model(PackedLossModule(torch.nn.Linear(2, 2), None), DistEnv(world_size=2), torch.device("cpu"), fsdp=True)
