@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -355,12 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        sys.exit("bench_attention.py needs a CUDA GPU for real numbers (--smoke runs tiny shapes on the CPU)")
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (by our kernels)
-    device = "cuda" if cuda else "cpu"
+    device = H.select_device("bench_attention.py", args.smoke)
+    cuda = device == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     torch.manual_seed(0)

@@ -63,6 +63,19 @@ def _cuda_ready() -> bool:
     return torch is not None and torch.cuda.is_available()
 
 
+def select_device(script: str, smoke: bool) -> str:
+    """ "cuda", or "cpu" for a ``--smoke`` run (Triton's interpreter, set before our kernels import triton); exits
+    with one line when a real run has no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if not smoke:
+        sys.exit(f"{script} needs a CUDA GPU for real numbers (--smoke runs tiny shapes on the CPU)")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
 def time_ms(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, cuda: bool | None = None) -> float:
     """Median milliseconds per call of ``fn`` over ``repeats`` calls, after ``warmup`` untimed calls.
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -260,12 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        sys.exit("bench_kernels.py needs a CUDA GPU for real numbers (--smoke runs tiny shapes on the CPU)")
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (by our kernels)
-    device = "cuda" if cuda else "cpu"
+    device = H.select_device("bench_kernels.py", args.smoke)
     shape, tokens = (SMOKE, [13]) if args.smoke else (QWEN3_8B, args.tokens)
     torch.manual_seed(0)
     copy_gbps = copy_bandwidth(2**20 if args.smoke else GiB, device)
