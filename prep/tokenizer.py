@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .chat import ChatTemplate
 from .errors import PrepError
 from .load import ASSETS
 
@@ -81,50 +82,28 @@ class TokenizerInfo:
             "hash": self.file_hash,
         }
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """The chat template applied to ``messages`` (as text)."""
+    @property
+    def chat(self) -> ChatTemplate:
+        """The compiled chat template (built on first use; raises PrepError when the tokenizer has none)."""
         if self.chat_template is None:
             raise PrepError(
                 f"tokenizer {self.name!r} has no chat template, so chat data (messages/conversations) cannot be "
                 "rendered; use a tokenizer whose tokenizer_config.json has a chat_template, or --format text"
             )
         if self._env is None:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg: str):
-                raise jinja2.exceptions.TemplateError(msg)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(
-                    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-                )
-
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: "2024-01-01"  # fixed: output must not depend on the date
-            try:
-                self._env = env.from_string(self.chat_template)
-            except jinja2.TemplateSyntaxError as e:
-                raise PrepError(f"the chat template of {self.name!r} is not valid Jinja ({e})") from e
-        import jinja2
-
-        try:
-            return self._env.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
+            self._env = ChatTemplate(
+                self.chat_template,
+                self.name,
                 bos_token=_token_str(self.config.get("bos_token")) or "",
                 eos_token=_token_str(self.config.get("eos_token")) or "",
-                tools=None,
             )
-        except jinja2.TemplateError as e:  # the template's raise_exception(...), or a template bug
-            raise PrepError(
-                f"the chat template of {self.name!r} rejected a conversation: {e}; fix the data (e.g. roles must "
-                "alternate user/assistant for some templates) or use a tokenizer with another template"
-            ) from e
+        return self._env
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: list | None = None
+    ) -> str:
+        """The chat template applied to ``messages`` (as text), with ``tools`` as the template's ``tools``."""
+        return self.chat.render(messages, add_generation_prompt, tools)
 
     def __getstate__(self) -> dict[str, Any]:  # worker processes rebuild the jinja template themselves
         d = dict(self.__dict__)
