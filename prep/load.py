@@ -15,6 +15,7 @@ import io
 import json
 import os
 import socket
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,16 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with _open_text(path) as f:
-        return [dict(r) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = []
+        for r in reader:
+            if None in r:  # csv puts the fields past the header under the key None
+                raise PrepError(
+                    f"{str(path)!r} line {reader.line_num} has more fields than its header "
+                    f"({len(reader.fieldnames or [])}); expected one value per column"
+                )
+            rows.append(r)
+        return rows
 
 
 def _read_arrow(path: Path) -> list[dict[str, Any]]:
@@ -189,7 +199,10 @@ def load_sources(specs: list[str]) -> list[Source]:
         if spec.startswith("demo:") and spec not in DEMO_DATASETS:
             raise PrepError(f"unknown demo dataset {spec!r}; expected one of {sorted(DEMO_DATASETS)}")
         if path.exists():
-            rows, fp = _load_local(path)
+            try:
+                rows, fp = _load_local(path)
+            except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as e:
+                raise PrepError(f"cannot read dataset {spec!r}: {e}; expected a readable data file or folder") from e
         elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1 and not Path(spec).suffix:
             rows, fp = _load_hub(spec)
         else:
