@@ -49,7 +49,9 @@ class PackConfig:
         help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together.", positional=True
     )
     max_len: int = option(help=f"Tokens per pack (>= {MIN_MAX_LEN}).")
-    out: str = option("packed", help="Output folder (must be absent or empty).")
+    out: str = option(
+        "packed", help="Output folder: absent or empty, or with --overwrite a shard set made by prep pack."
+    )
     tokenizer: str | None = option(None, help="Local folder or hub id. Default: the demo tokenizer in prep/assets.")
     format: Format | None = option(None, help="Data format. Default: detected from the columns.")
     maps: tuple[str, ...] = option(
@@ -64,7 +66,18 @@ class PackConfig:
     eval_fraction: float = option(0.0, help="Held-out fraction of rows, packed into OUT/eval/.")
     eval_examples: int = option(0, help="Held-out number of rows, packed into OUT/eval/.")
     num_proc: int = option(1, help="Tokenizer processes (the output is identical for any number).")
-    overwrite: bool = option(False, help="Replace an existing non-empty --out.")
+    overwrite: bool = option(
+        False, help="Replace --out if it is a shard set made by prep pack (any other folder is refused)."
+    )
+    skip_bad_rows: bool = option(
+        False, help="Leave out rows with a missing or mistyped field (counted in the summary and manifest)."
+    )
+    prompt_separator: str | None = option(
+        None,
+        help="prompt-completion: text put in front of the completion when neither side has whitespace at the join. "
+        "Default: one space; '' joins as is.",
+        metavar="TEXT",
+    )
     progress: bool = option(True, help="Show progress bars.")
     # Library-only (no command-line option): writer settings, None = the writer's defaults.
     zstd_level: int | None = None

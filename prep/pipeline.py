@@ -1,17 +1,17 @@
 """``prep pack`` as a library call: load -> render/tokenize -> overlong -> split -> pack -> write, timed per stage.
 
 ``PackConfig`` (``prep.config``) is the one typed config (the CLI builds it; it checks its own fields);
-``run_pack`` checks the output folder before reading or writing anything, writes the shard set(s) into a hidden
-staging folder and renames it into place at the end, so a failure at any stage leaves nothing behind.
+``run_pack`` checks the output folder before reading or writing anything (``prep.output``: nothing is deleted that
+padless did not write), checks every row (``prep.validate``), and refuses a set with no trainable token. It writes
+the shard set(s) into a hidden staging folder and swaps it into place at the end, so a failure at any stage (a bad
+row, a full disk) leaves the previous output as it was and nothing else behind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,29 @@ from .errors import PrepError
 __all__ = ["MIN_MAX_LEN", "PackConfig", "run_pack"]
 
 
+# How many bad-row reasons the summary and the manifest keep (the count covers all of them).
+BAD_ROW_EXAMPLES = 5
+
+
+def _local_inputs(cfg: PackConfig) -> list[Path]:
+    """The input paths on this machine: dataset files / folders and the tokenizer folder."""
+    from .load import DEMO_DATASETS
+    from .tokenizer import DEFAULT_TOKENIZER
+
+    paths = [DEMO_DATASETS.get(d, Path(d).expanduser()) for d in cfg.datasets]
+    tok = Path(cfg.tokenizer).expanduser() if cfg.tokenizer is not None else DEFAULT_TOKENIZER
+    paths.append(tok.parent if tok.is_file() else tok)
+    return [p for p in paths if p.exists()]
+
+
 def _validate(cfg: PackConfig) -> None:
-    """What the config cannot check by itself: the output folder on disk."""
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise PrepError(
-            f"--out {str(out)!r} already exists and is not empty; choose another folder or pass --overwrite"
-        )
-    if out.parent.exists() and not out.parent.is_dir():
-        raise PrepError(f"the parent of --out {str(out)!r} is a file; expected a folder path")
+    """What the config cannot check by itself: the output folder on disk, against the inputs."""
+    from .output import check_out
+
+    try:
+        check_out(cfg.out, _local_inputs(cfg), cfg.overwrite)
+    except OSError as e:  # e.g. a folder on the way that cannot be listed
+        raise PrepError(f"cannot check --out {cfg.out!r}: {e}") from e
 
 
 class _Timer:
@@ -93,6 +107,53 @@ def _gather(tok, mask, lengths, order):
     return tok[idx], mask[idx], ol
 
 
+def _check_rows(sources, formats: list[str], labels: list, maps: dict[str, str], skip: bool) -> list[tuple[int, str]]:
+    """Check every row of every source: an error naming the first bad row, or with ``skip`` the bad rows' (global
+    index, reason), each replaced by None in its source (tokenized as an empty example, then left out)."""
+    from .validate import row_name, row_problem
+
+    bad, offset = [], 0
+    for s, f, label in zip(sources, formats, labels):
+        for i, row in enumerate(s.rows):
+            why = row_problem(row, f, maps)
+            if why is None:
+                continue
+            if not skip:
+                raise PrepError(
+                    f"{row_name(i, label)}: {why}; fix the row, or pass --skip-bad-rows to leave out such rows"
+                )
+            bad.append((offset + i, f"{row_name(i, label)}: {why}"))
+            s.rows[i] = None
+        offset += len(s.rows)
+    return bad
+
+
+def _untrained(mask: np.ndarray, lengths: np.ndarray) -> int:
+    """Examples without a trained token."""
+    starts = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return int((np.add.reduceat(mask.astype(np.int64), starts) == 0).sum()) if len(lengths) else 0
+
+
+def _no_trainable(split: str, cfg: PackConfig, formats: list[str], before: int, examples: int) -> str:
+    """The error for a split whose examples hold no trained token: why, and what to change."""
+    head = f"the {split} set has no trainable token ({examples} examples)"
+    if before:
+        return (
+            f"{head}: --overlong {cfg.overlong} at --max-len {cfg.max_len} cut every trained token (the responses "
+            "sit after the prompts); raise --max-len, or use --overlong split"
+        )
+    chat = any(f in ("chat", "sharegpt") for f in formats)
+    if cfg.train_on == "completion" and chat:
+        why = "no conversation has an assistant turn (only assistant turns are trained)"
+    elif cfg.train_on == "completion":
+        why = "every response (output / completion) is empty and the tokenizer has no EOS token to train"
+    else:
+        why = "every example is a single token (the first token of an example has no target)"
+    fix = "use --train-on all, or " if cfg.train_on == "completion" else ""
+    return f"{head}: {why}; {fix}check the data"
+
+
 def run_pack(cfg: PackConfig) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (also stored, minus timings, in the manifest)."""
     _validate(cfg)
@@ -102,6 +163,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     from .render import apply_maps, detect_format, parse_maps
     from .tokenize import tokenize_rows
     from .tokenizer import load_tokenizer
+    from .validate import row_name
 
     maps = parse_maps(cfg.maps)
     with timer.stage("load tokenizer"):
@@ -114,26 +176,53 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             if not s.rows:
                 raise PrepError(f"dataset {s.name!r} is empty: no rows found; expected at least one example")
             formats.append(detect_format(s.rows, s.name, cfg.format))
-        if any(f in ("chat", "sharegpt") for f in formats) and tk.chat_template is None:
-            tk.render_chat([])  # the clear "no chat template" error, before any work
+        if any(f in ("chat", "sharegpt") for f in formats):
+            _ = tk.chat  # the clear "no chat template" error, before any work
+    with timer.stage("check rows"):
+        labels = [s.name if len(sources) > 1 else None for s in sources]
+        bad = _check_rows(sources, formats, labels, maps, cfg.skip_bad_rows)
     n_rows = sum(len(s.rows) for s in sources)
     with timer.stage("tokenize"):
         bar = _bar(n_rows, "tokenize", cfg.progress)
-        parts = [tokenize_rows(s.rows, f, cfg.train_on, tk, cfg.num_proc, bar.update) for s, f in zip(sources, formats)]
+        parts, offset = [], 0
+        for s, f, label in zip(sources, formats, labels):
+            part = tokenize_rows(
+                s.rows,
+                f,
+                cfg.train_on,
+                tk,
+                cfg.num_proc,
+                bar.update,
+                separator=" " if cfg.prompt_separator is None else cfg.prompt_separator,
+                skip_bad_rows=cfg.skip_bad_rows,
+                source=label,
+            )
+            bad += [(offset + i, f"{row_name(i, label)}: {why}") for i, why in part.bad]
+            parts.append(part)
+            offset += len(s.rows)
         bar.close()
         tok = np.concatenate([p.tokens for p in parts])
         mask = np.concatenate([p.mask for p in parts])
         lengths = np.concatenate([p.lengths for p in parts])
         source_fp = hashlib.sha256("\n".join(s.fingerprint for s in sources).encode()).hexdigest()
         del sources
-    index = np.arange(n_rows, dtype=np.int64)
+    bad.sort()
+    skipped = {"bad_rows_skipped": len(bad), "bad_rows_first": [why for _, why in bad[:BAD_ROW_EXAMPLES]]}
+    good = np.ones(n_rows, bool)
+    good[[i for i, _ in bad]] = False
+    if not good.any():
+        raise PrepError(f"all {n_rows} rows are bad ({skipped['bad_rows_first'][0]}, ...); nothing left to pack")
+    # Skipped rows leave (their length is 0: no tokens to drop); example_index keeps the source row numbers.
+    index = np.flatnonzero(good).astype(np.int64)
+    lengths = lengths[good]
+    n_good = len(index)
     # Held-out split over source rows, seeded, before overlong handling (so split pieces stay together).
-    n_eval = cfg.eval_examples or round(cfg.eval_fraction * n_rows)
-    if n_eval >= n_rows:
-        raise PrepError(f"the eval split takes {n_eval} of {n_rows} rows; leave at least one for training")
-    is_eval = np.zeros(n_rows, bool)
+    n_eval = cfg.eval_examples or round(cfg.eval_fraction * n_good)
+    if n_eval >= n_good:
+        raise PrepError(f"the eval split takes {n_eval} of {n_good} rows; leave at least one for training")
+    is_eval = np.zeros(n_good, bool)
     if n_eval:
-        is_eval[np.random.default_rng([cfg.seed, 1]).permutation(n_rows)[:n_eval]] = True
+        is_eval[np.random.default_rng([cfg.seed, 1]).permutation(n_good)[:n_eval]] = True
     sets: dict[str, tuple] = {}
     counts_all: dict[str, dict[str, int]] = {}
     with timer.stage("overlong"):
@@ -145,12 +234,16 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             else:
                 tsel = np.repeat(sel, lengths)
                 t, m, ln, ix = tok[tsel], mask[tsel], lengths[sel], index[sel]
+            trainable_before = int(m.sum())
             t, m, ln, ix, counts = _overlong(t, m, ln, ix, cfg.max_len, cfg.overlong)
             if len(ln) == 0:
                 raise PrepError(
                     f"no {name} examples left after --overlong {cfg.overlong} (all {int(sel.sum())} rows empty or "
                     f"longer than --max-len {cfg.max_len}); raise --max-len or use --overlong truncate"
                 )
+            if not m.any():
+                raise PrepError(_no_trainable(name, cfg, formats, trainable_before, len(ln)))
+            counts["untrained"] = _untrained(m, ln)
             sets[name], counts_all[name] = (t, m, ln, ix), counts
     del tok, mask
     from .pack import plan_packs
@@ -162,14 +255,14 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             pt, pm, pl = _gather(t, m, ln, plan.example_order)
             plans[name] = (pt, pm, pl, plan.examples_per_pack, ix[plan.example_order])
     identity = tk.identity()
+    from .output import staged_output
+
     options = cfg.output_options()
     options["formats"] = formats
     fingerprint = hashlib.sha256(
         json.dumps({"source": source_fp, "options": options, "tokenizer": identity}, sort_keys=True).encode()
     ).hexdigest()
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)  # only now, once everything before writing has succeeded
-    stage = out.parent / f".{out.name}.prep-{uuid.uuid4().hex[:8]}"
+    out = Path(cfg.out).expanduser()
     summary: dict[str, Any] = {}
     from padless.shards.writer import ShardWriter
 
@@ -178,43 +271,37 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         kw["zstd_level"] = cfg.zstd_level
     if cfg.tokens_per_batch is not None:
         kw["tokens_per_batch"] = cfg.tokens_per_batch
-    try:
-        with timer.stage("write"):
-            for name, (pt, pm, pl, per, ix) in plans.items():
-                c = counts_all[name]
-                rows_in = int((~is_eval).sum()) if name == "train" else n_eval
-                stats = {
-                    "split": name,
-                    "rows": rows_in,
-                    "examples": len(pl),
-                    **c,
-                    "packs": len(per),
-                    "tokens": len(pt),
-                    "trainable": int(pm.sum()),
-                    "fill": float(len(pt) / (len(per) * cfg.max_len)),
-                    "lower_bound_packs": int(-(-len(pt) // cfg.max_len)),
-                }
-                meta = {
-                    "tokenizer": identity,
-                    # Where it was loaded from (for `prep show`); not part of the fingerprint, paths differ by machine.
-                    "tokenizer_source": str(tk.folder),
-                    "options": options,
-                    "source": {"inputs": list(cfg.datasets), "fingerprint": source_fp, "rows": n_rows},
-                    "fingerprint": fingerprint,
-                    "prep": stats,
-                }
-                path = stage if name == "train" else stage / "eval"
-                bar = _bar(len(per), f"write {name}", cfg.progress, unit="pack")
-                with ShardWriter(path, max_len=cfg.max_len, metadata=meta, **kw) as w:
-                    w.add_packs(pt, pm, pl, per, ix, progress=bar.update)
-                bar.close()
-                summary[name] = stats
-            if out.exists():
-                shutil.rmtree(out)  # only reached with --overwrite (or an empty folder), validated above
-            stage.rename(out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with timer.stage("write"), staged_output(out) as new:
+        for name, (pt, pm, pl, per, ix) in plans.items():
+            c = counts_all[name]
+            rows_in = int((~is_eval).sum()) if name == "train" else n_eval
+            stats = {
+                "split": name,
+                "rows": rows_in,
+                "examples": len(pl),
+                **c,
+                "packs": len(per),
+                "tokens": len(pt),
+                "trainable": int(pm.sum()),
+                "fill": float(len(pt) / (len(per) * cfg.max_len)),
+                "lower_bound_packs": int(-(-len(pt) // cfg.max_len)),
+                **skipped,
+            }
+            meta = {
+                "tokenizer": identity,
+                # Where it was loaded from (for `prep show`); not part of the fingerprint, paths differ by machine.
+                "tokenizer_source": str(tk.folder),
+                "options": options,
+                "source": {"inputs": list(cfg.datasets), "fingerprint": source_fp, "rows": n_rows},
+                "fingerprint": fingerprint,
+                "prep": stats,
+            }
+            bar = _bar(len(per), f"write {name}", cfg.progress, unit="pack")
+            with ShardWriter(new if name == "train" else new / "eval", max_len=cfg.max_len, metadata=meta, **kw) as w:
+                w.add_packs(pt, pm, pl, per, ix, progress=bar.update)
+            bar.close()
+            summary[name] = stats
+    summary.update(skipped)
     summary["fingerprint"] = fingerprint
     summary["out"] = str(out)
     summary["stages"] = timer.stages

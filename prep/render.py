@@ -1,16 +1,26 @@
 """Turn a dataset row into what gets tokenized: text segments marked trained or not, or a chat.
 
-Formats (``--format``, else detected from the columns, after ``--map NAME=COLUMN`` renames):
+Formats (``--format``, else detected from the columns, after ``--map NAME=COLUMN`` renames); ``prep.validate``
+checks every row against these shapes first, so rendering assumes well-formed rows:
 
-- ``chat``: ``messages`` = [{role, content}, ...] (system/user/assistant/tool), rendered by the chat template;
-- ``sharegpt``: ``conversations`` = [{from, value}, ...], converted to ``chat``;
+- ``chat``: ``messages`` = [{role, content}, ...] (system/user/assistant/tool; an assistant message may carry
+  ``tool_calls`` instead of content), rendered by the chat template; optional ``tools`` (tool schemas, a list or a
+  JSON string) go to the template's ``tools`` argument; an optional ``system`` column is the system message when
+  the messages have none;
+- ``sharegpt``: ``conversations`` = [{from, value}, ...], converted to ``chat``: ``human``/``gpt`` turns become
+  user/assistant messages, ``function_call`` turns (JSON ``{"name", "arguments"}``, or a list of them) assistant
+  tool calls, ``observation`` turns tool messages; the row's ``tools`` and ``system`` as for ``chat``;
 - ``alpaca``: ``instruction`` / ``input`` (optional) / ``output``, the Stanford Alpaca prompt, response trained;
-- ``prompt-completion``: ``prompt`` / ``completion``, concatenated as is, completion trained;
+  ``history`` ([[instruction, response], ...], as in LIMA) gives earlier turns, each response trained and ended
+  with EOS; ``system`` replaces the prompt's opening sentence;
+- ``prompt-completion``: ``prompt`` / ``completion``, completion trained; the separator (``--prompt-separator``,
+  default one space) goes in front of the completion when neither side has whitespace at the join;
 - ``text``: ``text``, all trained.
 """
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +28,8 @@ from typing import Any
 from .config import Format
 from .errors import PrepError
 
-__all__ = ["ALPACA_HEADERS", "FORMATS", "Rendered", "apply_maps", "detect_format", "parse_maps", "render_row"]
+__all__ = ["ALPACA_HEADERS", "EOS", "FORMATS", "SHAREGPT_ROLES", "Rendered", "apply_maps", "detect_format",
+           "parse_maps", "parse_tools", "render_row"]  # fmt: skip
 
 # The columns of each format, in detection order (it matters: a chat row may also carry a `text` column).
 _REQUIRED = {
@@ -30,7 +41,8 @@ _REQUIRED = {
 }
 FORMATS: tuple[str, ...] = typing.get_args(Format)
 assert set(_REQUIRED) == set(FORMATS), "every format has its columns"
-_FIELDS = ("text", "instruction", "input", "output", "prompt", "completion", "messages", "conversations", "system")
+_FIELDS = ("text", "instruction", "input", "output", "history", "prompt", "completion", "messages", "conversations",
+           "system", "tools")  # fmt: skip
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -43,7 +55,8 @@ ALPACA_NO_INPUT = (
 )
 # The constant opening of every Alpaca prompt: tokenized once and reused when that is exact (see tokenize.py).
 ALPACA_HEADERS = tuple(t[: t.index("{instruction}")] for t in (ALPACA_WITH_INPUT, ALPACA_NO_INPUT))
-_SHAREGPT_ROLES = {
+_ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
+SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -54,14 +67,17 @@ _SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
+# A segment whose text is EOS stands for the tokenizer's end-of-sequence token (none when it has no EOS).
+EOS = None
 
 
 @dataclass
 class Rendered:
-    """``segments``: [(text, trained)] for plain formats; ``messages`` for chat (rendered by the template)."""
+    """``segments``: [(text or EOS, trained)] for plain formats; ``messages`` (+ ``tools``) for chat."""
 
-    segments: list[tuple[str, bool]] | None = None
+    segments: list[tuple[str | None, bool]] | None = None
     messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 def parse_maps(maps: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -121,34 +137,103 @@ def _str(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def render_row(row: dict[str, Any], fmt: str, train_on: str) -> Rendered:
-    """Render one row; ``train_on`` is ``completion`` or ``all`` (text is always trained on everything)."""
+def parse_tools(value: Any) -> list[dict[str, Any]] | None:
+    """A row's ``tools`` (a list, or a JSON string of one) as the template's ``tools``: None when empty.
+
+    A bare schema (``{"name", "description", "parameters"}``, as in glaive / LLaMA-Factory data) is wrapped as
+    ``{"type": "function", "function": schema}``, the form transformers passes to chat templates. Raises
+    ``ValueError`` (or ``json.JSONDecodeError``) for a value that is not a list of objects."""
+    if value is None or value == "":
+        return None
+    tools = json.loads(value) if isinstance(value, str) else value
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"expected a list of tool schemas (objects), got {type(tools).__name__}")
+    out = [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in tools]
+    return out or None
+
+
+def tool_calls(value: str) -> list[dict[str, Any]]:
+    """A ShareGPT ``function_call`` value (JSON: one ``{"name", "arguments"}`` or a list) as message tool calls.
+
+    ``arguments`` given as a JSON string of an object become that object (templates serialise it themselves)."""
+    calls = json.loads(value)
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise ValueError("expected a JSON object {name, arguments} or a non-empty list of them")
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise ValueError('expected each call to be a JSON object with a "name" string')
+        args = c.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except json.JSONDecodeError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else args
+        if not isinstance(args, (dict, str)):
+            raise ValueError(f'expected "arguments" to be an object, got {type(args).__name__}')
+        out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})
+    return out
+
+
+def _alpaca(row: dict[str, Any], all_: bool) -> list[tuple[str | None, bool]]:
+    inp = _str(row.get("input")).strip()
+    tmpl = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
+    instruction = _str(row.get("instruction")).strip()
+    output = _str(row.get("output"))
+    history = row.get("history") or []
+    system = _str(row.get("system")).strip()
+    if not history and not system:  # the plain Stanford prompt (starts with a cached header)
+        return [(tmpl.format(instruction=instruction, input=inp), all_), (output, True)]
+    turn = tmpl.index("### Instruction:")
+    text = system + "\n\n" if system else tmpl[:turn]
+    segments: list[tuple[str | None, bool]] = []
+    for question, answer in history:
+        segments += [(text + _ALPACA_TURN.format(instruction=_str(question).strip()), all_), (_str(answer), True)]
+        segments.append((EOS, True))
+        text = "\n\n"
+    segments += [(text + tmpl[turn:].format(instruction=instruction, input=inp), all_), (output, True)]
+    return segments
+
+
+def _join(prompt: str, completion: str, separator: str) -> str:
+    """The completion with ``separator`` in front when neither side has whitespace at the join."""
+    if separator and prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+        return separator + completion
+    return completion
+
+
+def _with_system(msgs: list[dict[str, Any]], system: Any) -> list[dict[str, Any]]:
+    if system and not (msgs and msgs[0].get("role") == "system"):
+        return [{"role": "system", "content": _str(system)}, *msgs]
+    return msgs
+
+
+def render_row(row: dict[str, Any], fmt: str, train_on: str, separator: str = " ") -> Rendered:
+    """Render one (validated) row; ``train_on`` is ``completion`` or ``all`` (text always trains everything).
+
+    ``separator``: what joins a prompt and a completion that have no whitespace between them ("" = as is)."""
     all_ = train_on == "all"
     if fmt == "text":
         return Rendered(segments=[(_str(row.get("text")), True)])
     if fmt == "alpaca":
-        inp = _str(row.get("input")).strip()
-        tmpl = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
-        prompt = tmpl.format(instruction=_str(row.get("instruction")).strip(), input=inp)
-        return Rendered(segments=[(prompt, all_), (_str(row.get("output")), True)])
+        return Rendered(segments=_alpaca(row, all_))
     if fmt == "prompt-completion":
-        return Rendered(segments=[(_str(row.get("prompt")), all_), (_str(row.get("completion")), True)])
+        prompt, completion = _str(row.get("prompt")), _str(row.get("completion"))
+        return Rendered(segments=[(prompt, all_), (_join(prompt, completion, separator), True)])
     if fmt == "chat":
-        msgs = row.get("messages")
-        if not isinstance(msgs, list):
-            raise PrepError(f"`messages` must be a list of {{role, content}} objects, got {type(msgs).__name__}")
-        return Rendered(messages=[{**m, "content": _str(m.get("content"))} for m in msgs])
+        msgs = [{**m, "content": _str(m.get("content"))} for m in row["messages"]]
+        return Rendered(messages=_with_system(msgs, row.get("system")), tools=parse_tools(row.get("tools")))
     if fmt == "sharegpt":
-        conv = row.get("conversations")
-        if not isinstance(conv, list):
-            raise PrepError(f"`conversations` must be a list of {{from, value}} objects, got {type(conv).__name__}")
         msgs = []
-        if row.get("system"):
-            msgs.append({"role": "system", "content": _str(row["system"])})
-        for turn in conv:
-            who = _str(turn.get("from")).lower()
-            if who not in _SHAREGPT_ROLES:
-                raise PrepError(f"ShareGPT turn from {who!r} is unknown; expected one of {sorted(_SHAREGPT_ROLES)}")
-            msgs.append({"role": _SHAREGPT_ROLES[who], "content": _str(turn.get("value"))})
-        return Rendered(messages=msgs)
+        for turn in row["conversations"]:
+            who, value = _str(turn.get("from")).lower(), _str(turn.get("value"))
+            if who == "function_call":
+                msgs.append({"role": "assistant", "content": "", "tool_calls": tool_calls(value)})
+            else:
+                msgs.append({"role": SHAREGPT_ROLES[who], "content": value})
+        return Rendered(messages=_with_system(msgs, row.get("system")), tools=parse_tools(row.get("tools")))
     raise PrepError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")

@@ -25,7 +25,12 @@ def format_pack_summary(s: dict[str, Any]) -> str:
             f"  {name:5s}: rows {t['rows']:,} -> examples {t['examples']:,} (truncated {t['truncated']:,}, split "
             f"{t['split']:,}, dropped {t['dropped']:,}, empty {t['empty']:,}); packs {t['packs']:,} (lower bound "
             f"{t['lower_bound_packs']:,}); tokens {t['tokens']:,}, trainable {t['trainable']:,}; fill {t['fill']:.2%}"
+            + (f"; {t['untrained']:,} examples with no trained token" if t.get("untrained") else "")
         )
+    if s.get("bad_rows_skipped"):
+        first = "; ".join(s["bad_rows_first"])
+        more = ", ..." if s["bad_rows_skipped"] > len(s["bad_rows_first"]) else ""
+        lines.append(f"  skipped {s['bad_rows_skipped']:,} bad rows (--skip-bad-rows): {first}{more}")
     stages = "  ".join(f"{k} {v:.2f}s" for k, v in s["stages"].items())
     lines.append(f"  time: {stages}  | total {s['wall_s']:.2f}s")
     return "\n".join(lines)

@@ -3,10 +3,14 @@
 Every example is tokenized alone (never a concatenated stream), so packing cannot contaminate it: the
 tokens and mask an example has in a pack are exactly those it has here. Plain formats are tokenized per
 segment (prompt, completion) and concatenated, so the mask boundary is exact; chats are rendered whole by
-the chat template and each assistant turn's character span (found by rendering the conversation's prefixes)
-marks its tokens as trained, so every assistant turn is trained and nothing else. BOS is put in front when the
-tokenizer's own post-processor would add it; EOS is appended unless the example already ends with it (or,
-for a chat, the template already emits it), so a template's end token is never doubled.
+the chat template and each assistant turn's character span (``prep.chat.assistant_spans``) marks its tokens as
+trained, so every assistant turn is trained and nothing else (``--train-on all`` needs no spans). BOS is put in
+front when the tokenizer's own post-processor would add it; EOS is appended unless the example already ends with
+it (or, for a chat, the template already emits it), so a template's end token is never doubled.
+
+A row the chat template rejects (or whose turns cannot be located) is an error naming the row, or with
+``skip_bad_rows`` an empty example reported in ``Tokenized.bad``. Rows given as ``None`` (left out by the caller's
+checks) become empty examples.
 
 ``--num-proc N`` splits the rows into contiguous chunks handled by N processes and joins them in order,
 so the output is byte-identical whatever N is.
@@ -18,25 +22,29 @@ import itertools
 import multiprocessing as mp
 import os
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .chat import assistant_spans, check_rendered
 from .errors import PrepError
 from .render import ALPACA_HEADERS, render_row
 from .tokenizer import TokenizerInfo
+from .validate import row_name
 
 __all__ = ["Tokenized", "encode_example", "tokenize_rows"]
 
 
 @dataclass
 class Tokenized:
-    """Examples end to end: ``tokens`` uint32 / ``mask`` bool (N,), ``lengths`` int64 (E,), one per input row."""
+    """Examples end to end: ``tokens`` uint32 / ``mask`` bool (N,), ``lengths`` int64 (E,), one per input row;
+    ``bad``: (row, reason) of rows skipped here (their length is 0)."""
 
     tokens: np.ndarray
     mask: np.ndarray
     lengths: np.ndarray
+    bad: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _finish(ids: list[int], mask: list[bool], tk: TokenizerInfo, eos_trained: bool, chat: bool) -> None:
@@ -50,55 +58,58 @@ def _finish(ids: list[int], mask: list[bool], tk: TokenizerInfo, eos_trained: bo
         mask[0] = False  # the first token has no prediction inside this example; a shifted loss never crosses
 
 
-def _chat_ids(messages: list[dict[str, Any]], tk: TokenizerInfo, train_on: str) -> tuple[list[int], list[bool]]:
-    full = tk.render_chat(messages)
-    spans = []
-    for k, m in enumerate(messages):
-        if m.get("role") != "assistant":
-            continue
-        start = None
-        for gen in (True, False):  # some templates open the assistant header without add_generation_prompt
-            prefix = tk.render_chat(messages[:k], add_generation_prompt=gen) if k else ""
-            if full.startswith(prefix):
-                start = len(prefix)
-                break
-        through = tk.render_chat(messages[: k + 1])
-        if start is None or not full.startswith(through):
-            raise PrepError(
-                f"the chat template of {tk.name!r} does not render conversations prefix by prefix, so the assistant "
-                "turns cannot be located for loss masking; use --train-on all, or a ChatML-like template"
-            )
-        spans.append((start, len(through)))
+def _chat_ids(
+    messages: list[dict[str, Any]], tools: list | None, tk: TokenizerInfo, train_on: str
+) -> tuple[list[int], list[bool]]:
+    tpl = tk.chat
+    if train_on == "all":
+        full, spans = tpl.render(messages, tools=tools), []
+    elif tpl.has_generation_markers:
+        full, spans = tpl.render_marked(messages, tools)
+    else:
+        full = tpl.render(messages, tools=tools)
+        spans = assistant_spans(tpl, messages, tools, full)
+    check_rendered(tpl, messages, tools, full)
     enc = tk.tok.encode(full, add_special_tokens=False)
     ids = list(enc.ids)
     if train_on == "all":
         mask = [True] * len(ids)
     else:
+        # A token is trained when it overlaps a span (as transformers' assistant mask: the token holding a span's
+        # first character through the one holding its last), so a token straddling the start is trained too.
         mask = [False] * len(ids)
         j = 0
-        for t, (s, _e) in enumerate(enc.offsets):
+        for t, (s, e) in enumerate(enc.offsets):
             while j < len(spans) and s >= spans[j][1]:
                 j += 1
-            if j < len(spans) and spans[j][0] <= s < spans[j][1]:
+            if j < len(spans) and s < spans[j][1] and e > spans[j][0] and spans[j][0] < spans[j][1]:
                 mask[t] = True
     return ids, mask
 
 
-def encode_example(row: dict[str, Any], fmt: str, train_on: str, tk: TokenizerInfo) -> tuple[list[int], list[bool]]:
-    """One row alone -> (ids, mask): the reference that the shards must reproduce exactly."""
-    r = render_row(row, fmt, train_on)
-    if r.messages is not None:
-        ids, mask = _chat_ids(r.messages, tk, train_on)
-        _finish(ids, mask, tk, r.messages[-1].get("role") == "assistant" or train_on == "all", chat=True)
-        return ids, mask
+def _encode_segments(segments: list[tuple[str | None, bool]], tk: TokenizerInfo, encoded) -> tuple[list, list]:
+    """Segments -> (ids, mask); ``encoded`` yields the ids of each text segment in order (EOS segments take none)."""
     ids: list[int] = [tk.bos_id] if tk.adds_bos else []
     mask: list[bool] = [False] * len(ids)
-    for text, trained in r.segments:
-        seg = tk.tok.encode(text, add_special_tokens=False).ids
-        ids.extend(seg)
-        mask.extend([trained] * len(seg))
-    _finish(ids, mask, tk, r.segments[-1][1], chat=False)
+    for text, trained in segments:
+        seg = next(encoded) if text is not None else ([tk.eos_id] if tk.eos_id is not None else [])
+        ids += seg
+        mask += [trained] * len(seg)
+    _finish(ids, mask, tk, segments[-1][1], chat=False)
     return ids, mask
+
+
+def encode_example(
+    row: dict[str, Any], fmt: str, train_on: str, tk: TokenizerInfo, separator: str = " "
+) -> tuple[list[int], list[bool]]:
+    """One row alone -> (ids, mask): the reference that the shards must reproduce exactly."""
+    r = render_row(row, fmt, train_on, separator)
+    if r.messages is not None:
+        ids, mask = _chat_ids(r.messages, r.tools, tk, train_on)
+        _finish(ids, mask, tk, r.messages[-1].get("role") == "assistant" or train_on == "all", chat=True)
+        return ids, mask
+    texts = (tk.tok.encode(t, add_special_tokens=False).ids for t, _ in r.segments if t is not None)
+    return _encode_segments(r.segments, tk, texts)
 
 
 class _PrefixCache:
@@ -142,79 +153,117 @@ class _PrefixCache:
         return None
 
 
-_WORK: tuple[str, str, TokenizerInfo] | None = None
+@dataclass
+class _Job:
+    fmt: str
+    train_on: str
+    tk: TokenizerInfo
+    separator: str
+    skip_bad_rows: bool
+    source: str | None
 
 
-def _encode_chunk(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    fmt, train_on, tk = _WORK
+_WORK: _Job | None = None
+
+
+def _encode_chunk(chunk: tuple[int, list[dict[str, Any] | None]]):
+    offset, rows = chunk
+    job = _WORK
+    tk = job.tk
     ids_all: list[int] = []
     mask_all: list[bool] = []
     lengths = np.zeros(len(rows), np.int64)
-    if fmt in ("chat", "sharegpt"):
+    bad: list[tuple[int, str]] = []
+    if job.fmt in ("chat", "sharegpt"):
         for i, row in enumerate(rows):
-            ids, mask = encode_example(row, fmt, train_on, tk)
+            if row is None:
+                continue
+            try:
+                ids, mask = encode_example(row, job.fmt, job.train_on, tk, job.separator)
+            except PrepError as e:
+                if not job.skip_bad_rows:
+                    raise PrepError(f"{row_name(offset + i, job.source)}: {e}") from e
+                bad.append((offset + i, str(e)))
+                continue
             ids_all += ids
             mask_all += mask
             lengths[i] = len(ids)
     else:
         # Batch-encode all segments of the chunk at once (same ids as one by one: each text is encoded alone).
-        rendered = [render_row(r, fmt, train_on).segments for r in rows]
-        cache = _PrefixCache(tk, ALPACA_HEADERS if fmt == "alpaca" else ())
+        rendered = [None if r is None else render_row(r, job.fmt, job.train_on, job.separator).segments for r in rows]
+        cache = _PrefixCache(tk, ALPACA_HEADERS if job.fmt == "alpaca" else ())
         texts, heads = [], []
         for segs in rendered:
-            for t, _ in segs:
+            for t, _ in segs or ():
+                if t is None:
+                    continue
                 hit = cache.split(t) if cache.headers else None
                 heads.append(hit[0] if hit else None)
                 texts.append(hit[1] if hit else t)
         enc = getattr(tk.tok, "encode_batch_fast", tk.tok.encode_batch)(texts, add_special_tokens=False)
-        k = 0
-        bos = [tk.bos_id] if tk.adds_bos else []
+        pieces = (e.ids if h is None else h + e.ids for e, h in zip(enc, heads))
         for i, segs in enumerate(rendered):
-            ids = list(bos)
-            mask = [False] * len(ids)
-            for _, trained in segs:
-                seg = enc[k].ids if heads[k] is None else heads[k] + enc[k].ids
-                k += 1
-                ids += seg
-                mask += [trained] * len(seg)
-            _finish(ids, mask, tk, segs[-1][1], chat=False)
+            if segs is None:
+                continue
+            ids, mask = _encode_segments(segs, tk, pieces)
             ids_all += ids
             mask_all += mask
             lengths[i] = len(ids)
-    return np.array(ids_all, np.uint32), np.array(mask_all, np.bool_), lengths
+    return np.array(ids_all, np.uint32), np.array(mask_all, np.bool_), lengths, bad
+
+
+def _set_work(job: _Job | None) -> None:
+    global _WORK
+    _WORK = job
 
 
 def tokenize_rows(
-    rows: list[dict[str, Any]], fmt: str, train_on: str, tk: TokenizerInfo, num_proc: int = 1, progress=None
+    rows: list[dict[str, Any] | None],
+    fmt: str,
+    train_on: str,
+    tk: TokenizerInfo,
+    num_proc: int = 1,
+    progress=None,
+    *,
+    separator: str = " ",
+    skip_bad_rows: bool = False,
+    source: str | None = None,
 ) -> Tokenized:
-    """Tokenize every row alone; ``progress(n)`` is called as chunks finish."""
-    global _WORK
-    if fmt in ("chat", "sharegpt") and tk.chat_template is None:
-        tk.render_chat([])  # raises the clear no-template error before any work starts
-    _WORK = (fmt, train_on, tk)
+    """Tokenize every row alone; ``progress(n)`` is called as chunks finish.
+
+    ``separator``: see ``render_row``; ``skip_bad_rows``: a row the chat template rejects becomes an empty example
+    listed in ``Tokenized.bad`` instead of an error; ``source``: the input's name in row errors (None: one input).
+    """
+    if fmt in ("chat", "sharegpt"):
+        _ = tk.chat  # raises the clear no-template (or invalid-template) error before any work starts
+    job = _Job(fmt, train_on, tk, separator, skip_bad_rows, source)
     n_chunks = max(1, min(len(rows), num_proc * 8 if num_proc > 1 else (len(rows) + 4095) // 4096))
     bounds = np.linspace(0, len(rows), n_chunks + 1).astype(int)
-    chunks = [rows[a:b] for a, b in itertools.pairwise(bounds)]
+    chunks = [(int(a), rows[a:b]) for a, b in itertools.pairwise(bounds)]
     parts = []
     if num_proc > 1 and len(chunks) > 1:
         # Fork: workers inherit the tokenizer; Rust-side threads off in them (tokenizers warns otherwise).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(num_proc) as pool:
+        with ctx.Pool(num_proc, initializer=_set_work, initargs=(job,)) as pool:
             for part, chunk in zip(pool.imap(_encode_chunk, chunks), chunks):
                 parts.append(part)
                 if progress:
-                    progress(len(chunk))
+                    progress(len(chunk[1]))
     else:
-        for chunk in chunks:
-            parts.append(_encode_chunk(chunk))
-            if progress:
-                progress(len(chunk))
-    _WORK = None
+        _set_work(job)
+        try:
+            for chunk in chunks:
+                parts.append(_encode_chunk(chunk))
+                if progress:
+                    progress(len(chunk[1]))
+        finally:
+            _set_work(None)
     if not parts:
         return Tokenized(np.zeros(0, np.uint32), np.zeros(0, np.bool_), np.zeros(0, np.int64))
     return Tokenized(
         np.concatenate([p[0] for p in parts]),
         np.concatenate([p[1] for p in parts]),
         np.concatenate([p[2] for p in parts]),
+        [b for p in parts for b in p[3]],
     )

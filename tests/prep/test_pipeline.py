@@ -170,4 +170,4 @@ def test_sharegpt_and_map(tmp_path):
     qa = [{"question": "two plus two", "answer": "four"}] * 4
     _, out = pack(tmp_path, qa, name="qa", maps=("prompt=question", "completion=answer"))
     [(ids, mask)] = examples_in_shards(out)[0]
-    assert tk.tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == "four<|im_end|>"
+    assert tk.tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == " four<|im_end|>"

@@ -1,0 +1,171 @@
+"""Check every row against its format before anything is tokenized: a missing field or a wrong type is named.
+
+:func:`row_problem` returns why a row cannot be rendered (``None`` when it can). The pipeline turns a problem into
+one error naming the row and the field, or, with ``--skip-bad-rows``, leaves the row out and counts it. The shapes
+are those ``prep.render`` documents; text fields must be strings (a number, list or object where text belongs is
+an error, never silently turned into text).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .render import SHAREGPT_ROLES, parse_tools, tool_calls
+
+__all__ = ["CHAT_ROLES", "row_name", "row_problem"]
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def row_name(i: int, source: str | None) -> str:
+    """How errors name a row: its 0-based index in its input, and the input when there are several."""
+    return f"row {i}" if source is None else f"row {i} of {source!r}"
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return f"a {type(v).__name__}"
+
+
+class _Fields:
+    """Field labels for messages: `output`, or `output` (column `answer`) under --map."""
+
+    def __init__(self, columns: dict[str, str]) -> None:
+        self.columns = columns
+
+    def __call__(self, name: str, sub: str = "") -> str:
+        col = self.columns.get(name, name)
+        return f"`{name}{sub}`" + (f" (column `{col}`)" if col != name else "")
+
+    def text(self, row: dict[str, Any], name: str, required: bool) -> str | None:
+        v = row.get(name)
+        if v is None:
+            return f"{self(name)} is missing" if required else None
+        if not isinstance(v, str):
+            return f"{self(name)} is {_kind(v)}, expected a string"
+        return None
+
+
+def _tools(row: dict[str, Any], f: _Fields) -> str | None:
+    try:
+        parse_tools(row.get("tools"))
+    except json.JSONDecodeError as e:
+        return f"{f('tools')} is not valid JSON ({e.msg} at column {e.colno}); expected a list of tool schemas"
+    except ValueError as e:
+        return f"{f('tools')}: {e}"
+    return None
+
+
+def _system(row: dict[str, Any], f: _Fields, first: Any) -> str | None:
+    if (p := f.text(row, "system", required=False)) is not None:
+        return p
+    s = row.get("system")
+    if s and isinstance(first, dict) and first.get("role") == "system" and first.get("content") != s:
+        return f"{f('system')} and the conversation's own system message differ; keep one of them"
+    return None
+
+
+def _list(row: dict[str, Any], name: str, f: _Fields, what: str) -> tuple[list | None, str | None]:
+    v = row.get(name)
+    if v is None:
+        return None, f"{f(name)} is missing"
+    if not isinstance(v, list):
+        return None, f"{f(name)} is {_kind(v)}, expected a list of {what}"
+    if not v:
+        return None, f"{f(name)} is empty; expected at least one {what[:-1]}"
+    return v, None
+
+
+def _chat(row: dict[str, Any], f: _Fields) -> str | None:
+    msgs, p = _list(row, "messages", f, "{role, content} objects")
+    if p:
+        return p
+    for i, m in enumerate(msgs):
+        at = f"[{i}]"
+        if not isinstance(m, dict):
+            return f"{f('messages', at)} is {_kind(m)}, expected a {{role, content}} object"
+        role = m.get("role")
+        if role is None:
+            return f"{f('messages', at)} has no `role`"
+        if role not in CHAT_ROLES:
+            return f"{f('messages', at + '.role')} is {role!r}, expected one of {', '.join(CHAT_ROLES)}"
+        calls = m.get("tool_calls")
+        if calls is not None and (
+            role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)
+        ):
+            return f"{f('messages', at + '.tool_calls')} must be a list of objects on an assistant message"
+        content = m.get("content")
+        if content is None and not calls:
+            return f"{f('messages', at)} has no `content`"
+        if content is not None and not isinstance(content, str):
+            return f"{f('messages', at + '.content')} is {_kind(content)}, expected a string"
+    return _system(row, f, msgs[0]) or _tools(row, f)
+
+
+def _sharegpt(row: dict[str, Any], f: _Fields) -> str | None:
+    conv, p = _list(row, "conversations", f, "{from, value} objects")
+    if p:
+        return p
+    for i, turn in enumerate(conv):
+        at = f"[{i}]"
+        if not isinstance(turn, dict):
+            return f"{f('conversations', at)} is {_kind(turn)}, expected a {{from, value}} object"
+        who, value = turn.get("from"), turn.get("value")
+        if who is None:
+            return f"{f('conversations', at)} has no `from`"
+        if not isinstance(who, str) or who.lower() not in SHAREGPT_ROLES:
+            return f"{f('conversations', at + '.from')} is {who!r}, expected one of {', '.join(SHAREGPT_ROLES)}"
+        if value is None:
+            return f"{f('conversations', at)} has no `value`"
+        if not isinstance(value, str):
+            return f"{f('conversations', at + '.value')} is {_kind(value)}, expected a string"
+        if who.lower() == "function_call":
+            try:
+                tool_calls(value)
+            except json.JSONDecodeError as e:
+                return f"{f('conversations', at + '.value')} (a function_call) is not JSON ({e.msg})"
+            except ValueError as e:
+                return f"{f('conversations', at + '.value')} (a function_call): {e}"
+    first = {"role": "system", "content": conv[0].get("value")} if conv[0].get("from") == "system" else None
+    return _system(row, f, first) or _tools(row, f)
+
+
+def _alpaca(row: dict[str, Any], f: _Fields) -> str | None:
+    for name, required in (("instruction", True), ("output", True), ("input", False), ("system", False)):
+        if (p := f.text(row, name, required)) is not None:
+            return p
+    history = row.get("history")
+    if history is None:
+        return None
+    if not isinstance(history, list):
+        return f"{f('history')} is {_kind(history)}, expected a list of [instruction, response] pairs"
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            return f"{f('history', f'[{i}]')} is {_kind(pair)}, expected an [instruction, response] pair of strings"
+    return None
+
+
+def row_problem(row: dict[str, Any], fmt: str, columns: dict[str, str] | None = None) -> str | None:
+    """Why ``row`` is not a valid ``fmt`` row (naming the field), or None. ``columns``: the --map renames."""
+    f = _Fields(columns or {})
+    if fmt == "text":
+        return f.text(row, "text", required=True)
+    if fmt == "alpaca":
+        return _alpaca(row, f)
+    if fmt == "prompt-completion":
+        return f.text(row, "prompt", required=True) or f.text(row, "completion", required=True)
+    if fmt == "chat":
+        return _chat(row, f)
+    if fmt == "sharegpt":
+        return _sharegpt(row, f)
+    raise AssertionError(f"unknown format {fmt!r}")
