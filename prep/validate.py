@@ -56,6 +56,12 @@ class _Fields:
         return None
 
 
+def _is_call(call: Any) -> bool:
+    """An OpenAI-style tool call: ``{"function": {"name", "arguments"}}`` (or the function object itself)."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str) and bool(fn["name"])
+
+
 def _tools(row: dict[str, Any], f: _Fields) -> str | None:
     try:
         parse_tools(row.get("tools"))
@@ -100,10 +106,11 @@ def _chat(row: dict[str, Any], f: _Fields) -> str | None:
         if role not in CHAT_ROLES:
             return f"{f('messages', at + '.role')} is {role!r}, expected one of {', '.join(CHAT_ROLES)}"
         calls = m.get("tool_calls")
-        if calls is not None and (
-            role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)
-        ):
-            return f"{f('messages', at + '.tool_calls')} must be a list of objects on an assistant message"
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not all(map(_is_call, calls))):
+            return (
+                f"{f('messages', at + '.tool_calls')} must be a list of {{function: {{name, arguments}}}} objects on "
+                "an assistant message"
+            )
         content = m.get("content")
         if content is None and not calls:
             return f"{f('messages', at)} has no `content`"
