@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["WORDS", "alpaca_rows", "chat_rows", "sentence", "text_rows", "write_jsonl"]
+__all__ = ["WORDS", "alpaca_rows", "chat_rows", "sentence", "text_rows", "trained_pieces", "write_jsonl"]
 
 WORDS = [
     "alpha",
@@ -66,3 +66,17 @@ def write_jsonl(path: Path, rows: list[dict], gz: bool = False) -> Path:
     else:
         path.write_text(data, encoding="utf-8")
     return path
+
+
+def trained_pieces(ids: list[int], mask: list[bool], tok) -> list[str]:
+    """The runs of trained tokens of one example, each decoded (special tokens kept)."""
+    pieces, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            pieces.append(tok.decode(cur, skip_special_tokens=False))
+            cur = []
+    if cur:
+        pieces.append(tok.decode(cur, skip_special_tokens=False))
+    return pieces
