@@ -25,7 +25,7 @@ def format_pack_summary(s: dict[str, Any]) -> str:
             f"  {name:5s}: rows {t['rows']:,} -> examples {t['examples']:,} (truncated {t['truncated']:,}, split "
             f"{t['split']:,}, dropped {t['dropped']:,}, empty {t['empty']:,}); packs {t['packs']:,} (lower bound "
             f"{t['lower_bound_packs']:,}); tokens {t['tokens']:,}, trainable {t['trainable']:,}; fill {t['fill']:.2%}"
-            + (f"; {t['untrained']:,} examples with no trained token" if t.get("untrained") else "")
+            + (f"; examples with no trained token {t['untrained']:,}" if t.get("untrained") else "")
         )
     if s.get("bad_rows_skipped"):
         first = "; ".join(s["bad_rows_first"])
@@ -107,6 +107,8 @@ def format_stats(st: dict[str, Any]) -> str:
         lines.append(
             f"rows {p.get('rows', 0):,}: truncated {p.get('truncated', 0):,}, split {p.get('split', 0):,}, dropped "
             f"{p.get('dropped', 0):,}, empty {p.get('empty', 0):,}"
+            + (f", with no trained token {p['untrained']:,}" if p.get("untrained") else "")
+            + (f"; bad rows skipped {p['bad_rows_skipped']:,}" if p.get("bad_rows_skipped") else "")
         )
     pc = st["length_percentiles"]
     lines.append(

@@ -122,6 +122,8 @@ def test_skip_bad_rows_counts_and_records_them(tmp_path: Path) -> None:
                                   "--skip-bad-rows", "--no-progress"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "skipped 2 bad rows (--skip-bad-rows): row 1: `text` is a list, expected a string; row 4:" in r.output
+    r = CliRunner().invoke(main, ["stats", str(tmp_path / "cli")])
+    assert r.exit_code == 0 and "; bad rows skipped 2" in r.output, r.output
 
 
 def test_only_a_few_reasons_are_kept_and_all_bad_is_an_error(tmp_path: Path) -> None:
@@ -198,8 +200,10 @@ def test_the_eval_split_needs_trainable_tokens_too(tmp_path: Path) -> None:
 
 def test_examples_without_a_trained_token_are_counted(tmp_path: Path) -> None:
     rows = [OK_CHAT, {"messages": [{"role": "user", "content": "no answer"}]}, OK_CHAT]
-    summary, _ = pack(tmp_path, rows)
+    summary, out = pack(tmp_path, rows)
     assert summary["train"]["untrained"] == 1
+    r = CliRunner().invoke(main, ["stats", str(out)])
+    assert r.exit_code == 0 and ", with no trained token 1" in r.output, r.output
 
 
 def test_alpaca_history_and_system_are_earlier_turns(tmp_path: Path) -> None:
