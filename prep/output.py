@@ -9,7 +9,8 @@ folder inside an input or inside a shard set.
 The new set is written into ``.<name>.padless-staging-<pid>-<hex>/new`` next to ``--out`` and swapped into place
 only when complete (one atomic exchange where the OS has it, else two renames); the old set is removed after the new
 one is in place. A killed run leaves only its staging folder; the next run into the same ``--out`` removes staging
-folders whose process is gone (restoring an old set a crash left moved aside, if ``--out`` is missing).
+folders whose process is gone (restoring an old set a crash left moved aside, if ``--out`` is missing) before it
+checks ``--out``.
 """
 
 from __future__ import annotations
@@ -192,7 +193,6 @@ def staged_output(out: Path) -> Iterator[Path]:
     stage = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(out)
         stage = new_staging(out)
         yield stage / "new"
         publish(stage, out)

@@ -41,9 +41,12 @@ def _local_inputs(cfg: PackConfig) -> list[Path]:
 
 def _validate(cfg: PackConfig) -> None:
     """What the config cannot check by itself: the output folder on disk, against the inputs."""
-    from .output import check_out
+    from .output import check_out, remove_stale_staging
 
     try:
+        # First the leftovers of killed runs into this --out (an old set a crash left aside goes back in place, so
+        # the check below sees it), then the checks.
+        remove_stale_staging(Path(cfg.out).expanduser())
         check_out(cfg.out, _local_inputs(cfg), cfg.overwrite)
     except OSError as e:  # e.g. a folder on the way that cannot be listed
         raise PrepError(f"cannot check --out {cfg.out!r}: {e}") from e

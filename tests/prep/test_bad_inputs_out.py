@@ -189,7 +189,10 @@ def test_a_crash_between_the_two_renames_is_repaired_by_the_next_run(work: Path,
         output.publish(stage, out)
     monkeypatch.setattr(output.os, "rename", real_rename)
     assert not out.exists() and (stage / "old" / "manifest.json").is_file()
-    output.remove_stale_staging(out)  # the staging folder carries this process's id: an earlier run's, so stale
+    # The staging folder carries this process's id, so it reads as an earlier run's: the next run restores the old
+    # set first, then finds --out taken.
+    r = invoke(work, monkeypatch, "data.jsonl", "--out", "packed")
+    assert_one_line_error(r, r"--out 'packed' already exists and is not empty; .* --overwrite")
     assert snapshot(work) == before
 
 
