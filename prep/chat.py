@@ -91,9 +91,12 @@ class ChatTemplate:
         )
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
 
-    def _run(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools) -> str:
+    def _run(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools, track: bool = False) -> str:
+        """Render; with ``track`` the ``{% generation %}`` spans are recorded (from the output yielded so far)."""
+        blocks: list[str] = []
+        self._tracker.spans = []
+        self._tracker.blocks = blocks if track else None
         try:
-            blocks = self._tracker.blocks = []
             for block in self._template.generate(
                 messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self._special
             ):
@@ -113,8 +116,7 @@ class ChatTemplate:
 
     def render_marked(self, messages: list[dict[str, Any]], tools=None) -> tuple[str, list[tuple[int, int]]]:
         """The whole conversation and the spans of its ``{% generation %}`` blocks."""
-        self._tracker.spans = []
-        text = self._run(messages, False, tools)
+        text = self._run(messages, False, tools, track=True)
         return text, list(self._tracker.spans)
 
 

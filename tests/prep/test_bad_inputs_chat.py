@@ -113,7 +113,8 @@ def test_qwen2_5_tool_calls_and_a_tools_column_in_chat_rows(tmp_path: Path) -> N
 
 
 def test_rendering_matches_transformers(tmp_path: Path) -> None:
-    """Our sandboxed rendering gives transformers' apply_chat_template text, tools and tool calls included."""
+    """Our sandboxed rendering gives transformers' apply_chat_template text, tools and tool calls included, and the
+    same assistant tokens for a template with generation markers."""
     transformers = pytest.importorskip("transformers")
     for name in ("qwen3", "qwen2.5"):
         tk = tokenizer(tmp_path, TEMPLATES[name], name)
@@ -122,6 +123,13 @@ def test_rendering_matches_transformers(tmp_path: Path) -> None:
         r = render_row(GLAIVE_ROW, "sharegpt", "completion")
         want = hf.apply_chat_template(r.messages, tools=r.tools, chat_template=TEMPLATES[name], tokenize=False)
         assert tk.render_chat(r.messages, tools=r.tools) == want, name
+    # {% generation %} spans give the tokens transformers' assistant mask gives.
+    tk = tokenizer(tmp_path, MARKED, "marked")
+    row = conversation("hello there", "general kenobi", "you are a bold one", "kill him")
+    out = hf.apply_chat_template(row["messages"], chat_template=MARKED, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)  # fmt: skip
+    ids, mask = encode_example(row, "chat", "completion", tk)
+    assert ids == out["input_ids"] and mask == [bool(m) for m in out["assistant_masks"]]
 
 
 MARKED = (
