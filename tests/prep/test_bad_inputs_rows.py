@@ -271,10 +271,11 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
     [
         ("bin.csv", b"text\n\xff\xfe,1\n", r"cannot read dataset '.*bin.csv': 'utf-8' codec can't decode byte 0xff"),
         ("wide.csv", b"text\nhello,world\n", r"'.*wide.csv' line 2 has more fields than its header \(1\)"),
-        ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 500)[:-12], r"cannot read '.*cut.jsonl.gz': Compressed "
-                                                                        r"file ended before the end-of-stream marker"),
+        ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-12],
+         r"cannot read '.*cut.jsonl.gz': Compressed file ended before the end-of-stream marker"),
         ("bad.arrow", b"ARROW1\x00\x00garbage", r"'.*bad.arrow' is not an Arrow IPC file or stream"),
     ],
+    ids=["not-utf8-csv", "wide-csv", "truncated-gzip", "not-arrow"],
 )  # fmt: skip
 def test_an_unreadable_dataset_is_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     (tmp_path / name).write_bytes(data)
