@@ -1,10 +1,11 @@
 """``shards.open(path) -> ShardSet``: memory-mapped, checked, random-access reading of a shard set.
 
-On open the manifest (format name, version, schema), every shard file's size, Arrow footer and schema are
-checked, so a wrong, truncated or foreign set fails at once with a message that says what was expected.
+On open every manifest field is checked (``manifest.read_manifest``), and each shard file's size, Arrow
+footer, schema and batch count must match, so a wrong, truncated or foreign set fails at once with a message that
+says what was expected.
 Each file's sha256 is checked the first time a pack of it is read (hashing costs ~1 s/GB, paid once).
-Record batches are zstd-compressed, so a pack access decompresses its batch; a small cache keeps the last
-few decoded batches as numpy arrays.
+Record batches are zstd-compressed, so a pack access decompresses its batch; a small cache keeps the last few
+decoded batches as numpy arrays.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import ShardFormatError
-from .manifest import file_sha256, read_manifest
+from .manifest import Manifest, file_sha256, read_manifest
 from .pack import Pack, labels_from_mask
 from .schema import SCHEMA
 
@@ -28,36 +29,31 @@ _CACHE_BATCHES = 4
 
 
 class ShardSet:
-    """A read-only shard set: ``len(ss)`` packs, ``ss[i] -> Pack``, ``ss.order(seed, epoch)``."""
+    """A read-only shard set: ``len(ss)`` packs, ``ss[i] -> Pack``, ``ss.order(seed, epoch)``.
+
+    ``ss.info`` is the checked manifest (:class:`~shards.manifest.Manifest`); ``ss.manifest`` the same JSON object
+    as a dict, the writer's caller metadata included.
+    """
 
     def __init__(self, path: str | os.PathLike, *, check_checksums: bool = True) -> None:
         self.path = Path(path)
-        self.manifest: dict[str, Any] = read_manifest(self.path)
-        self.max_len: int = int(self.manifest["max_len"])
+        self.info: Manifest = read_manifest(self.path)
+        self.manifest: dict[str, Any] = self.info.raw
+        self.max_len: int = self.info.max_len
+        self.vocab_size: int | None = self.info.tokenizer.vocab_size if self.info.tokenizer else None
         self.check_checksums = check_checksums
-        shards = self.manifest["shards"]
-        if not shards:
-            raise ShardFormatError(f"{str(self.path)!r}: the manifest lists no shards; expected at least one")
         # Global pack index -> (shard, batch, row) through cumulative counts over all batches of all shards.
         batch_packs: list[int] = []
         self._batch_shard: list[int] = []
         self._batch_local: list[int] = []
-        for s_i, s in enumerate(shards):
-            counts = s.get("batches")
-            if not counts or sum(counts) != s["packs"]:
-                raise ShardFormatError(
-                    f"{s['file']}: manifest batch counts {counts} do not add up to its {s['packs']} packs"
-                )
-            batch_packs += counts
-            self._batch_shard += [s_i] * len(counts)
-            self._batch_local += list(range(len(counts)))
+        for s_i, s in enumerate(self.info.shards):
+            batch_packs += s.batches
+            self._batch_shard += [s_i] * len(s.batches)
+            self._batch_local += list(range(len(s.batches)))
         self._batch_start = np.zeros(len(batch_packs) + 1, np.int64)
         np.cumsum(batch_packs, out=self._batch_start[1:])
         self._len = int(self._batch_start[-1])
-        if self._len != self.manifest["totals"]["packs"]:
-            raise ShardFormatError(
-                f"{str(self.path)!r}: shards hold {self._len} packs but totals say {self.manifest['totals']['packs']}"
-            )
+        self._files = [self.path / s.file for s in self.info.shards]
         self._pid = -1
         self._open_files()
 
@@ -67,19 +63,19 @@ class ShardSet:
         self._readers: list[pa.ipc.RecordBatchFileReader] = []
         self._hashed: set[int] = set()
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        for s in self.manifest["shards"]:
-            f = self.path / s["file"]
-            if not f.is_file():
+        for s, real in zip(self.info.shards, self._files):
+            f = self.path / s.file
+            if not real.is_file():
                 raise ShardFormatError(f"shard {str(f)!r} listed in the manifest is missing; re-run `prep pack`")
-            size = f.stat().st_size
-            if size != s["bytes"]:
+            size = real.stat().st_size
+            if size != s.bytes:
                 raise ShardFormatError(
-                    f"shard {str(f)!r} is {size} bytes, expected {s['bytes']} (truncated or replaced); "
-                    "re-run `prep pack`"
+                    f"shard {str(f)!r} is {size} bytes, expected {s.bytes} (truncated or replaced); re-run `prep pack`"
                 )
             try:
-                r = pa.ipc.open_file(pa.memory_map(str(f), "r"))
-            except (pa.ArrowInvalid, OSError) as e:
+                r = pa.ipc.open_file(pa.memory_map(str(real), "r"))
+                num_batches = r.num_record_batches
+            except (pa.ArrowException, OSError) as e:
                 msg = f"shard {str(f)!r} is not a readable Arrow IPC file ({e}); re-run `prep pack`"
                 raise ShardFormatError(msg) from e
             if not r.schema.equals(SCHEMA):
@@ -87,10 +83,8 @@ class ShardSet:
                 want = [f"{x.name}: {x.type}{'' if x.nullable else ' not null'}" for x in SCHEMA]
                 diff = [(g, w) for g, w in zip(got, want) if g != w] or [(got, want)]
                 raise ShardFormatError(f"shard {str(f)!r} has a different schema: got/expected {diff}")
-            if r.num_record_batches != len(s["batches"]):
-                raise ShardFormatError(
-                    f"shard {str(f)!r} has {r.num_record_batches} record batches, expected {len(s['batches'])}"
-                )
+            if num_batches != len(s.batches):
+                raise ShardFormatError(f"shard {str(f)!r} has {num_batches} record batches, expected {len(s.batches)}")
             self._readers.append(r)
         self._pid = os.getpid()
 
@@ -107,20 +101,21 @@ class ShardSet:
         if hit is not None:
             self._cache.move_to_end(b)
             return hit
-        s_i = self._batch_shard[b]
-        shard = self.manifest["shards"][s_i]
+        s_i, local = self._batch_shard[b], self._batch_local[b]
+        shard = self.info.shards[s_i]
+        f = self.path / shard.file
         if self.check_checksums and s_i not in self._hashed:
-            digest = file_sha256(self.path / shard["file"])
-            if digest != shard["sha256"]:
+            digest = file_sha256(self._files[s_i])
+            if digest != shard.sha256:
                 raise ShardFormatError(
-                    f"shard {str(self.path / shard['file'])!r} is corrupted: sha256 {digest[:16]}... expected "
-                    f"{shard['sha256'][:16]}...; re-run `prep pack`"
+                    f"shard {str(f)!r} is corrupted: sha256 {digest[:16]}... expected {shard.sha256[:16]}...; "
+                    "re-run `prep pack`"
                 )
             self._hashed.add(s_i)
         try:
-            rb = self._readers[s_i].get_batch(self._batch_local[b])
+            rb = self._readers[s_i].get_batch(local)
         except (pa.ArrowInvalid, OSError) as e:
-            msg = f"shard {shard['file']!r} batch {self._batch_local[b]} cannot be decoded ({e})"
+            msg = f"shard {shard.file!r} batch {local} cannot be decoded ({e})"
             raise ShardFormatError(msg) from e
         out: dict[str, np.ndarray] = {}
         for name in ("input_ids", "position_ids", "cu_seqlens", "loss_mask", "example_index"):
@@ -179,8 +174,8 @@ class ShardSet:
             yield b, self._batch(b)
 
     def __repr__(self) -> str:
-        t = self.manifest["totals"]
-        return f"ShardSet({str(self.path)!r}, packs={self._len}, tokens={t['tokens']}, max_len={self.max_len})"
+        tokens = self.info.totals.tokens
+        return f"ShardSet({str(self.path)!r}, packs={self._len}, tokens={tokens}, max_len={self.max_len})"
 
 
 def open_shards(path: str | os.PathLike, *, check_checksums: bool = True) -> ShardSet:

@@ -57,13 +57,11 @@ def check_pack_arrays(d: dict[str, np.ndarray], r: int, max_len: int) -> str | N
 def verify_shard_set(path: str | os.PathLike) -> dict[str, Any]:
     """Verify everything; returns counts. Raises ``ShardFormatError`` on the first violation."""
     ss = ShardSet(path, check_checksums=False)
-    shards = ss.manifest["shards"]
-    for s in shards:
-        digest = file_sha256(ss.path / s["file"])
-        if digest != s["sha256"]:
-            raise ShardFormatError(
-                f"shard {s['file']}: sha256 {digest[:16]}... expected {s['sha256'][:16]}... (corrupted)"
-            )
+    shards = ss.info.shards
+    for s, real in zip(shards, ss._files):
+        digest = file_sha256(real)
+        if digest != s.sha256:
+            raise ShardFormatError(f"shard {s.file}: sha256 {digest[:16]}... expected {s.sha256[:16]}... (corrupted)")
     sums = [{"packs": 0, "examples": 0, "tokens": 0, "trainable": 0} for _ in shards]
     for b, d in ss.iter_batches():
         s_i = ss._batch_shard[b]
@@ -72,8 +70,8 @@ def verify_shard_set(path: str | os.PathLike) -> dict[str, Any]:
         for r in range(n_rows):
             err = check_pack_arrays(d, r, ss.max_len)
             if err:
-                local = first - sum(x["packs"] for x in shards[:s_i]) + r
-                raise ShardFormatError(f"shard {shards[s_i]['file']} pack {local} (global pack {first + r}): {err}")
+                local = first - sum(x.packs for x in shards[:s_i]) + r
+                raise ShardFormatError(f"shard {shards[s_i].file} pack {local} (global pack {first + r}): {err}")
         acc = sums[s_i]
         acc["packs"] += n_rows
         acc["examples"] += len(d["example_index"])
@@ -81,10 +79,8 @@ def verify_shard_set(path: str | os.PathLike) -> dict[str, Any]:
         acc["trainable"] += int(d["num_trainable"].sum())
     for s, acc in zip(shards, sums):
         for k, v in acc.items():
-            if s[k] != v:
-                raise ShardFormatError(f"shard {s['file']}: manifest says {k}={s[k]} but the file holds {v}")
-    totals = ss.manifest["totals"]
-    for k in ("packs", "examples", "tokens", "trainable"):
-        if totals[k] != sum(a[k] for a in sums):
-            raise ShardFormatError(f"manifest totals say {k}={totals[k]} but the shards hold {sum(a[k] for a in sums)}")
-    return {"shards": len(shards), **{k: totals[k] for k in ("packs", "examples", "tokens", "trainable")}}
+            if getattr(s, k) != v:
+                raise ShardFormatError(f"shard {s.file}: manifest says {k}={getattr(s, k)} but the file holds {v}")
+    t = ss.info.totals
+    return {"shards": len(shards), "packs": t.packs, "examples": t.examples, "tokens": t.tokens,
+            "trainable": t.trainable}  # fmt: skip

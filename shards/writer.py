@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import ShardFormatError
-from .manifest import file_sha256, schema_description, write_manifest
+from .manifest import INT32_MAX, check_metadata, file_sha256, parse_manifest, schema_description, write_manifest
 from .schema import FORMAT_NAME, FORMAT_VERSION, SCHEMA, shard_file_name
 
 __all__ = ["DEFAULT_TOKENS_PER_BATCH", "DEFAULT_TOKENS_PER_SHARD", "DEFAULT_ZSTD_LEVEL", "ShardWriter"]
@@ -58,8 +58,8 @@ class ShardWriter:
         tokens_per_shard: int = DEFAULT_TOKENS_PER_SHARD,
     ) -> None:
         path = Path(path)
-        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or max_len < 1:
-            raise ValueError(f"max_len={max_len!r}: expected a positive int (tokens per pack)")
+        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or not 1 <= max_len <= INT32_MAX:
+            raise ValueError(f"max_len={max_len!r}: expected an int in [1, {INT32_MAX}] (tokens per pack)")
         if not -7 <= int(zstd_level) <= 22:
             raise ValueError(f"zstd_level={zstd_level!r}: expected an int in [-7, 22]")
         if tokens_per_batch < 1 or tokens_per_shard < 1:
@@ -80,7 +80,8 @@ class ShardWriter:
             raise FileExistsError(f"output {str(path)!r} exists and is a file; expected a folder path")
         self.path = path
         self.max_len = int(max_len)
-        self.metadata = dict(metadata or {})
+        # What the reader would refuse is refused here, before any file exists; kept as plain JSON values.
+        self.metadata = check_metadata(metadata or {})
         self.overwrite = overwrite
         self._options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=int(zstd_level)))
         self._packs_per_batch = max(1, int(tokens_per_batch) // self.max_len)
@@ -247,6 +248,7 @@ class ShardWriter:
             "shards": self._shards,
             "totals": totals,
         }
+        parse_manifest(manifest, where="the manifest being written")  # the reader's checks: they must agree
         write_manifest(self._tmp, manifest)
         if self.path.exists():
             # Only reached when empty or --overwrite: move the old set aside first so the swap is two renames.
