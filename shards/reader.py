@@ -1,8 +1,8 @@
 """``shards.open(path) -> ShardSet``: memory-mapped, checked, random-access reading of a shard set.
 
-On open every manifest field is checked (``manifest.read_manifest``), and each shard file's size, Arrow
-footer, schema and batch count must match, so a wrong, truncated or foreign set fails at once with a message that
-says what was expected.
+On open every manifest field is checked (``manifest.read_manifest``), every shard file must be a plain name
+inside the set (a symlink may not lead outside it), and each file's size, Arrow footer, schema and batch count
+must match, so a wrong, truncated or foreign set fails at once with a message that says what was expected.
 Each file's sha256 is checked the first time a pack of it is read (hashing costs ~1 s/GB, paid once).
 Record batches are zstd-compressed, so a pack access decompresses its batch; a small cache keeps the last few
 decoded batches as numpy arrays.
@@ -53,11 +53,26 @@ class ShardSet:
         self._batch_start = np.zeros(len(batch_packs) + 1, np.int64)
         np.cumsum(batch_packs, out=self._batch_start[1:])
         self._len = int(self._batch_start[-1])
-        self._files = [self.path / s.file for s in self.info.shards]
+        self._files = [self._shard_path(s.file) for s in self.info.shards]
         self._pid = -1
         self._open_files()
 
     # -- files -----------------------------------------------------------------------------------------
+    def _shard_path(self, name: str) -> Path:
+        """The real path of shard ``name``: inside the set's folder, also through symlinks (the folder itself
+        may be a symlink)."""
+        f = self.path / name
+        try:
+            real, root = f.resolve(), self.path.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise ShardFormatError(f"shard {str(f)!r} cannot be resolved ({e}); re-run `prep pack`") from e
+        if not real.is_relative_to(root):
+            raise ShardFormatError(
+                f"shard {str(f)!r} is a link to {str(real)!r}, outside the shard set {str(root)!r}; a shard set "
+                "reads only its own files. Copy the file into the set or re-run `prep pack`"
+            )
+        return real
+
     def _open_files(self) -> None:
         """(Re)open every shard memory-mapped; also after a fork, since a mapping is per process."""
         self._readers: list[pa.ipc.RecordBatchFileReader] = []
