@@ -3,9 +3,12 @@
 On open every manifest field is checked (``manifest.read_manifest``), every shard file must be a plain name
 inside the set (a symlink may not lead outside it), and each file's size, Arrow footer, schema and batch count
 must match, so a wrong, truncated or foreign set fails at once with a message that says what was expected.
-Each file's sha256 is checked the first time a pack of it is read (hashing costs ~1 s/GB, paid once).
-Record batches are zstd-compressed, so a pack access decompresses its batch; a small cache keeps the last few
-decoded batches as numpy arrays.
+Each file's sha256 is checked the first time a pack of it is read (hashing costs ~1 s/GB, paid once). Each
+record batch is validated the first time it is decoded (Arrow structure, row count, no nulls, and the pack
+invariants of ``invariants.batch_problem``), so no pack that could index out of bounds in a trainer (a token id
+outside the vocabulary, a position past its example, ``cu_seqlens`` out of order) is ever handed out. Record
+batches are zstd-compressed, so a pack access decompresses its batch; a small cache keeps the last few decoded
+batches as numpy arrays.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import ShardFormatError
+from .invariants import LIST_COLUMNS, SCALAR_COLUMNS, batch_problem
 from .manifest import Manifest, file_sha256, read_manifest
 from .pack import Pack, labels_from_mask
 from .schema import SCHEMA
@@ -54,6 +58,7 @@ class ShardSet:
         np.cumsum(batch_packs, out=self._batch_start[1:])
         self._len = int(self._batch_start[-1])
         self._files = [self._shard_path(s.file) for s in self.info.shards]
+        self._checked: set[int] = set()  # batches whose invariants held (the file is mapped read-only)
         self._pid = -1
         self._open_files()
 
@@ -94,8 +99,7 @@ class ShardSet:
                 msg = f"shard {str(f)!r} is not a readable Arrow IPC file ({e}); re-run `prep pack`"
                 raise ShardFormatError(msg) from e
             if not r.schema.equals(SCHEMA):
-                got = [f"{x.name}: {x.type}{'' if x.nullable else ' not null'}" for x in r.schema]
-                want = [f"{x.name}: {x.type}{'' if x.nullable else ' not null'}" for x in SCHEMA]
+                got, want = [_field_text(x) for x in r.schema], [_field_text(x) for x in SCHEMA]
                 diff = [(g, w) for g, w in zip(got, want) if g != w] or [(got, want)]
                 raise ShardFormatError(f"shard {str(f)!r} has a different schema: got/expected {diff}")
             if num_batches != len(s.batches):
@@ -110,6 +114,7 @@ class ShardSet:
         self.__init__(state["path"], check_checksums=state["check_checksums"])
 
     def _batch(self, b: int) -> dict[str, np.ndarray]:
+        """Record batch ``b`` decoded, checked once per process (``invariants.batch_problem``)."""
         if os.getpid() != self._pid:
             self._open_files()
         hit = self._cache.get(b)
@@ -129,20 +134,49 @@ class ShardSet:
             self._hashed.add(s_i)
         try:
             rb = self._readers[s_i].get_batch(local)
-        except (pa.ArrowInvalid, OSError) as e:
-            msg = f"shard {shard.file!r} batch {local} cannot be decoded ({e})"
+            rb.validate(full=True)  # offsets and buffer sizes, before numpy reads any of them
+            out: dict[str, np.ndarray] = {}
+            nulls = []
+            for name in LIST_COLUMNS:
+                col = rb.column(name)
+                values = col.values
+                if col.null_count or values.null_count:
+                    nulls.append(name)
+                    continue
+                out[name + ".off"] = col.offsets.to_numpy()
+                out[name] = values.to_numpy(zero_copy_only=False)
+            for name in SCALAR_COLUMNS:
+                col = rb.column(name)
+                if col.null_count:
+                    nulls.append(name)
+                    continue
+                out[name] = col.to_numpy()
+        except (pa.ArrowException, OSError) as e:
+            msg = f"shard {str(f)!r} batch {local} cannot be decoded ({e}); re-run `prep pack`"
             raise ShardFormatError(msg) from e
-        out: dict[str, np.ndarray] = {}
-        for name in ("input_ids", "position_ids", "cu_seqlens", "loss_mask", "example_index"):
-            col = rb.column(name)
-            out[name + ".off"] = col.offsets.to_numpy()
-            out[name] = col.values.to_numpy(zero_copy_only=False)
-        for name in ("num_tokens", "num_trainable", "max_seqlen"):
-            out[name] = rb.column(name).to_numpy()
+        if nulls:
+            raise ShardFormatError(f"shard {str(f)!r} batch {local} has nulls in {nulls}; the format has none")
+        if rb.num_rows != shard.batches[local]:
+            raise ShardFormatError(
+                f"shard {str(f)!r} batch {local} holds {rb.num_rows} packs, the manifest says {shard.batches[local]}"
+            )
+        if b not in self._checked:
+            problem = batch_problem(out, max_len=self.max_len, vocab_size=self.vocab_size)
+            if problem is not None:
+                raise ShardFormatError(self._pack_message(b, *problem))
+            self._checked.add(b)
         self._cache[b] = out
         if len(self._cache) > _CACHE_BATCHES:
             self._cache.popitem(last=False)
         return out
+
+    def _pack_message(self, b: int, row: int, problem: str) -> str:
+        """``problem`` of row ``row`` of batch ``b``, naming the shard file, the pack in it and the global pack."""
+        s_i = self._batch_shard[b]
+        first_of_shard = int(self._batch_start[b - self._batch_local[b]])
+        g = int(self._batch_start[b]) + row
+        f = self.path / self.info.shards[s_i].file
+        return f"shard {str(f)!r} pack {g - first_of_shard} (global pack {g}): {problem}"
 
     # -- public ----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -191,6 +225,15 @@ class ShardSet:
     def __repr__(self) -> str:
         tokens = self.info.totals.tokens
         return f"ShardSet({str(self.path)!r}, packs={self._len}, tokens={tokens}, max_len={self.max_len})"
+
+
+def _field_text(field: pa.Field) -> str:
+    """``name: type [not null]`` of a schema field; a damaged file's name may not even be UTF-8."""
+    try:
+        name = field.name
+    except UnicodeDecodeError:
+        name = "<a name that is not UTF-8>"
+    return f"{name}: {field.type}{'' if field.nullable else ' not null'}"
 
 
 def open_shards(path: str | os.PathLike, *, check_checksums: bool = True) -> ShardSet:

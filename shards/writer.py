@@ -82,6 +82,8 @@ class ShardWriter:
         self.max_len = int(max_len)
         # What the reader would refuse is refused here, before any file exists; kept as plain JSON values.
         self.metadata = check_metadata(metadata or {})
+        tokenizer = self.metadata.get("tokenizer")
+        self.vocab_size: int | None = tokenizer["vocab_size"] if isinstance(tokenizer, dict) else None
         self.overwrite = overwrite
         self._options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=int(zstd_level)))
         self._packs_per_batch = max(1, int(tokens_per_batch) // self.max_len)
@@ -165,6 +167,12 @@ class ShardWriter:
             raise ValueError(f"tokens has {len(tokens)} entries but loss_mask {len(mask)}; expected equal lengths")
         if len(lengths) != len(ex_index):
             raise ValueError(f"{len(lengths)} example lengths but {len(ex_index)} example indices; expected equal")
+        if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+            bad = int(np.argmax(tokens >= self.vocab_size))
+            raise ValueError(
+                f"token id {int(tokens[bad])} (token {bad}) is outside the vocabulary: metadata tokenizer.vocab_size="
+                f"{self.vocab_size}"
+            )
         if (lengths < 1).any():
             raise ValueError("every example needs at least 1 token; got an example of length 0")
         if int(lengths.sum()) != len(tokens):

@@ -241,3 +241,13 @@ def test_writer_refuses_metadata_the_reader_would_refuse(tmp_path, metadata, mat
     with pytest.raises(ValueError, match=match):
         ShardWriter(tmp_path / "s", max_len=16, metadata=metadata)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_token_ids_outside_the_vocabulary(tmp_path):
+    tokens, mask, lengths, per, index = random_packs(np.random.default_rng(12), 20, 32)
+    tokens = tokens % 100
+    tokens[7] = 100
+    w = ShardWriter(tmp_path / "s", max_len=32, metadata={"tokenizer": {"vocab_size": 100}})
+    with pytest.raises(ValueError, match=r"token id 100 \(token 7\) is outside the vocabulary"), w:
+        w.add_packs(tokens, mask, lengths, per, index)
+    assert list(tmp_path.iterdir()) == []

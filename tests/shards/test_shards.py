@@ -181,7 +181,7 @@ def rewrite_column(path: Path, name: str, fn) -> None:
 def test_verify_names_shard_and_pack(tmp_path, column, fn, message):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(7), 100, 64))
     rewrite_column(path, column, fn)
-    with pytest.raises(ShardFormatError, match=rf"shard shard-00000.arrow pack 0 \(global pack 0\): {message}"):
+    with pytest.raises(ShardFormatError, match=rf"shard-00000.arrow' pack 0 \(global pack 0\): {message}"):
         verify_shard_set(path)
 
 
