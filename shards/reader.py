@@ -13,6 +13,7 @@ batches as numpy arrays.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -57,6 +58,7 @@ class ShardSet:
         self._batch_start = np.zeros(len(batch_packs) + 1, np.int64)
         np.cumsum(batch_packs, out=self._batch_start[1:])
         self._len = int(self._batch_start[-1])
+        self._starts: list[int] = self._batch_start.tolist()  # bisect on a list: ~5x faster than np.searchsorted
         self._files = [self._shard_path(s.file) for s in self.info.shards]
         self._checked: set[int] = set()  # batches whose invariants held (the file is mapped read-only)
         self._pid = -1
@@ -82,7 +84,8 @@ class ShardSet:
         """(Re)open every shard memory-mapped; also after a fork, since a mapping is per process."""
         self._readers: list[pa.ipc.RecordBatchFileReader] = []
         self._hashed: set[int] = set()
-        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        # batch -> (decoded columns, the per-pack offsets and scalars as Python lists for __getitem__)
+        self._cache: OrderedDict[int, tuple[dict[str, np.ndarray], tuple[list[int], ...]]] = OrderedDict()
         for s, real in zip(self.info.shards, self._files):
             f = self.path / s.file
             if not real.is_file():
@@ -115,6 +118,9 @@ class ShardSet:
 
     def _batch(self, b: int) -> dict[str, np.ndarray]:
         """Record batch ``b`` decoded, checked once per process (``invariants.batch_problem``)."""
+        return self._entry(b)[0]
+
+    def _entry(self, b: int) -> tuple[dict[str, np.ndarray], tuple[list[int], ...]]:
         if os.getpid() != self._pid:
             self._open_files()
         hit = self._cache.get(b)
@@ -165,10 +171,14 @@ class ShardSet:
             if problem is not None:
                 raise ShardFormatError(self._pack_message(b, *problem))
             self._checked.add(b)
-        self._cache[b] = out
+        # input_ids, position_ids and loss_mask share offsets (checked above), so one list serves all three.
+        lists = tuple(
+            out[k].tolist() for k in ("input_ids.off", "cu_seqlens.off", "example_index.off", *SCALAR_COLUMNS)
+        )
+        self._cache[b] = entry = (out, lists)
         if len(self._cache) > _CACHE_BATCHES:
             self._cache.popitem(last=False)
-        return out
+        return entry
 
     def _pack_message(self, b: int, row: int, problem: str) -> str:
         """``problem`` of row ``row`` of batch ``b``, naming the shard file, the pack in it and the global pack."""
@@ -188,25 +198,21 @@ class ShardSet:
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(f"pack index {i} out of range for a shard set of {self._len} packs")
-        b = int(np.searchsorted(self._batch_start, i, side="right")) - 1
-        d = self._batch(b)
-        r = i - int(self._batch_start[b])
-
-        def row(name: str) -> np.ndarray:
-            off = d[name + ".off"]
-            return d[name][off[r] : off[r + 1]]
-
-        ids, mask = row("input_ids"), row("loss_mask")
+        b = bisect.bisect_right(self._starts, i) - 1
+        d, (tok, cu, ex, num_tokens, num_trainable, max_seqlen) = self._entry(b)
+        r = i - self._starts[b]
+        t0, t1 = tok[r], tok[r + 1]
+        ids, mask = d["input_ids"][t0:t1], d["loss_mask"][t0:t1]
         return Pack(
             input_ids=ids,
-            position_ids=row("position_ids"),
-            cu_seqlens=row("cu_seqlens"),
+            position_ids=d["position_ids"][t0:t1],
+            cu_seqlens=d["cu_seqlens"][cu[r] : cu[r + 1]],
             loss_mask=mask,
             labels=labels_from_mask(ids, mask),
-            example_index=row("example_index"),
-            num_tokens=int(d["num_tokens"][r]),
-            num_trainable=int(d["num_trainable"][r]),
-            max_seqlen=int(d["max_seqlen"][r]),
+            example_index=d["example_index"][ex[r] : ex[r + 1]],
+            num_tokens=num_tokens[r],
+            num_trainable=num_trainable[r],
+            max_seqlen=max_seqlen[r],
         )
 
     def __iter__(self):
