@@ -1,11 +1,13 @@
 """Verify a shard set end to end: checksums, schema, every per-pack invariant of FORMAT.md, and the counts.
 
 A violation raises ``ShardFormatError`` naming the shard file and the pack (global index and index in the shard).
+``verify_with_eval`` also verifies the held-out set ``eval/`` that ``prep pack --eval-fraction`` writes inside.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +16,9 @@ from .errors import ShardFormatError
 from .invariants import batch_problem
 from .manifest import file_sha256
 from .reader import ShardSet
+from .schema import EVAL_DIR
 
-__all__ = ["verify_shard_set"]
+__all__ = ["verify_shard_set", "verify_with_eval"]
 
 
 def verify_shard_set(path: str | os.PathLike) -> dict[str, Any]:
@@ -45,3 +48,19 @@ def verify_shard_set(path: str | os.PathLike) -> dict[str, Any]:
     t = ss.info.totals
     return {"shards": len(shards), "packs": t.packs, "examples": t.examples, "tokens": t.tokens,
             "trainable": t.trainable}  # fmt: skip
+
+
+def verify_with_eval(path: str | os.PathLike) -> dict[str, dict[str, Any] | None]:
+    """Verify the set at ``path`` and its held-out set ``path/eval`` when there is one.
+
+    Returns ``{"main": counts, "eval": counts or None}``. An ``eval`` entry that is not a complete shard set fails:
+    the trainer would skip it silently.
+    """
+    report: dict[str, dict[str, Any] | None] = {"main": verify_shard_set(path), "eval": None}
+    held_out = Path(path) / EVAL_DIR
+    if held_out.exists() or held_out.is_symlink():
+        try:
+            report["eval"] = verify_shard_set(held_out)
+        except ShardFormatError as e:
+            raise ShardFormatError(f"held-out set {EVAL_DIR}/: {e}") from e
+    return report

@@ -17,7 +17,7 @@ from padless.shards.invariants import batch_problem
 from padless.shards.manifest import file_sha256
 from padless.shards.pack import Pack
 from padless.shards.reader import open_shards
-from padless.shards.verify import verify_shard_set
+from padless.shards.verify import verify_shard_set, verify_with_eval
 from padless.shards.writer import ShardWriter
 
 from .guarantees import pack_guarantee_problem
@@ -273,3 +273,19 @@ def test_cu_seqlens_steps_do_not_wrap_around_in_int32():
     assert (np.diff(d["cu_seqlens"]) > 0).all()
     assert batch_problem(d, max_len=64)[1].startswith("cu_seqlens [0, 2147483647, -2147483648, -1, 8] must start")
     assert batch_problem(_one_pack([0, 8], 8), max_len=64) is None
+
+
+# -- prep verify covers eval/ --------------------------------------------------------------------------------
+def test_verify_with_eval_checks_the_held_out_set(tmp_path):
+    main = _write(tmp_path / "s")
+    assert verify_with_eval(main)["eval"] is None
+    _write(main / "eval", seed=4, n=30)
+    report = verify_with_eval(main)
+    assert report["eval"]["packs"] > 0 and report["main"]["packs"] > report["eval"]["packs"]
+    f = main / "eval" / "shard-00000.arrow"
+    f.write_bytes(f.read_bytes()[:-1])
+    with pytest.raises(ShardFormatError, match=r"^held-out set eval/: shard .*eval/shard-00000\.arrow' is \d+ bytes"):
+        verify_with_eval(main)
+    (main / "eval" / "manifest.json").unlink()
+    with pytest.raises(ShardFormatError, match=r"^held-out set eval/: .*eval/manifest\.json' not found"):
+        verify_with_eval(main)
