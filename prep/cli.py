@@ -75,19 +75,25 @@ def show_cmd(shard_set: str, pack_i: int, tokenizer: str | None, color: bool | N
 @main.command("verify")
 @click.argument("shard_set")
 def verify_cmd(shard_set: str) -> None:
-    """Check checksums, schema and every pack invariant of SHARD_SET.
+    """Check checksums, schema and every pack invariant of SHARD_SET and of its held-out set SHARD_SET/eval.
 
-    Exit status 0 when it passes; 1 when it fails verification (the message names the shard and pack); 2 for a
+    Exit status 0 when both pass; 1 when it fails verification (the message names the set, shard and pack); 2 for a
     usage error.
     """
-    from padless.shards.verify import verify_shard_set
+    from padless.shards.verify import verify_with_eval
 
     try:
-        report = verify_shard_set(shard_set)
+        report = verify_with_eval(shard_set)
     except ShardFormatError as error:
         click.echo(f"error: {one_line(error)}", err=True)
         sys.exit(1)
-    click.echo(f"ok: {report['packs']} packs, {report['tokens']} tokens in {report['shards']} shard(s) verified")
+    line = f"ok: {_counts(report['main'])} verified"
+    ev = report["eval"]
+    click.echo(line + (f"; held-out eval/: {_counts(ev)} verified" if ev else "; no held-out eval/ set"))
+
+
+def _counts(r: dict[str, Any]) -> str:
+    return f"{r['packs']} packs, {r['tokens']} tokens in {r['shards']} shard(s)"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ IGNORE_INDEX = -100
 
 def labels_from_mask(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
     """Hugging Face labels, **unshifted**: ``input_ids[t]`` where ``loss_mask[t]`` else -100 (int64)."""
-    return np.where(loss_mask, input_ids.astype(np.int64), np.int64(IGNORE_INDEX))
+    return np.where(loss_mask, input_ids, np.int64(IGNORE_INDEX))  # int64: uint32 and int64 promote to it
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 __all__ = [
+    "EVAL_DIR",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -20,6 +21,7 @@ __all__ = [
 FORMAT_NAME = "padless-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+EVAL_DIR = "eval"  # the held-out set (`prep pack --eval-fraction`), a shard set of its own inside the main one
 
 # One row per pack. List columns hold per-token (or per-example) values; scalars are per pack so that a
 # trainer never has to look at the token arrays (or sync with a GPU) to learn sizes.

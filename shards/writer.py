@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import ShardFormatError
-from .manifest import file_sha256, schema_description, write_manifest
+from .manifest import INT32_MAX, check_metadata, file_sha256, parse_manifest, schema_description, write_manifest
 from .schema import FORMAT_NAME, FORMAT_VERSION, SCHEMA, shard_file_name
 
 __all__ = ["DEFAULT_TOKENS_PER_BATCH", "DEFAULT_TOKENS_PER_SHARD", "DEFAULT_ZSTD_LEVEL", "ShardWriter"]
@@ -58,8 +58,8 @@ class ShardWriter:
         tokens_per_shard: int = DEFAULT_TOKENS_PER_SHARD,
     ) -> None:
         path = Path(path)
-        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or max_len < 1:
-            raise ValueError(f"max_len={max_len!r}: expected a positive int (tokens per pack)")
+        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or not 1 <= max_len <= INT32_MAX:
+            raise ValueError(f"max_len={max_len!r}: expected an int in [1, {INT32_MAX}] (tokens per pack)")
         if not -7 <= int(zstd_level) <= 22:
             raise ValueError(f"zstd_level={zstd_level!r}: expected an int in [-7, 22]")
         if tokens_per_batch < 1 or tokens_per_shard < 1:
@@ -80,7 +80,10 @@ class ShardWriter:
             raise FileExistsError(f"output {str(path)!r} exists and is a file; expected a folder path")
         self.path = path
         self.max_len = int(max_len)
-        self.metadata = dict(metadata or {})
+        # What the reader would refuse is refused here, before any file exists; kept as plain JSON values.
+        self.metadata = check_metadata(metadata or {})
+        tokenizer = self.metadata.get("tokenizer")
+        self.vocab_size: int | None = tokenizer["vocab_size"] if isinstance(tokenizer, dict) else None
         self.overwrite = overwrite
         self._options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=int(zstd_level)))
         self._packs_per_batch = max(1, int(tokens_per_batch) // self.max_len)
@@ -164,6 +167,12 @@ class ShardWriter:
             raise ValueError(f"tokens has {len(tokens)} entries but loss_mask {len(mask)}; expected equal lengths")
         if len(lengths) != len(ex_index):
             raise ValueError(f"{len(lengths)} example lengths but {len(ex_index)} example indices; expected equal")
+        if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+            bad = int(np.argmax(tokens >= self.vocab_size))
+            raise ValueError(
+                f"token id {int(tokens[bad])} (token {bad}) is outside the vocabulary: metadata tokenizer.vocab_size="
+                f"{self.vocab_size}"
+            )
         if (lengths < 1).any():
             raise ValueError("every example needs at least 1 token; got an example of length 0")
         if int(lengths.sum()) != len(tokens):
@@ -247,6 +256,7 @@ class ShardWriter:
             "shards": self._shards,
             "totals": totals,
         }
+        parse_manifest(manifest, where="the manifest being written")  # the reader's checks: they must agree
         write_manifest(self._tmp, manifest)
         if self.path.exists():
             # Only reached when empty or --overwrite: move the old set aside first so the swap is two renames.
