@@ -279,7 +279,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             c = counts_all[name]
             rows_in = int((~is_eval).sum()) if name == "train" else n_eval
             stats = {
-                "split": name,
+                "set": name,  # "train" or "eval" (the "split" key counts examples split by --overlong split)
                 "rows": rows_in,
                 "examples": len(pl),
                 **c,

@@ -48,7 +48,7 @@ UINT32_LIMIT = 2**32  # input_ids are uint32, so a vocabulary holds at most 2^32
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 COUNTS = ("packs", "examples", "tokens", "trainable", "bytes")
 # The `prep` counts that `prep stats` prints.
-PREP_COUNTS = ("rows", "truncated", "split", "dropped", "empty")
+PREP_COUNTS = ("rows", "truncated", "split", "dropped", "empty", "untrained", "bad_rows_skipped")
 
 
 @dataclass(frozen=True)
