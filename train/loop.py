@@ -144,6 +144,7 @@ def _train(
               ("--model-overrides file", cfg.model_overrides)]  # fmt: skip
     out_plan = plan_output(cfg, output, settings, inputs=inputs)
     resume_from = out_plan.checkpoint
+    dist_util.barrier()  # every rank has read the folder before rank 0 changes it
 
     # Model: load (or build the tiny one), check the tokenizer, add adapters, patch in the packed path.
     torch.manual_seed(cfg.seed)
