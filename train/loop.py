@@ -41,6 +41,7 @@ __all__ = ["Callbacks", "NonFiniteLossError", "TrainResult", "train"]
 
 _OOM = getattr(torch.cuda, "OutOfMemoryError", torch.OutOfMemoryError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -94,12 +95,15 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     try:
         return _train(cfg, callbacks or Callbacks(), env, device, dtype)
     except OSError as error:
-        if error.errno not in _DISK_FULL:
+        if error.errno not in (*_DISK_FULL, *_NO_ACCESS):
             raise
-        raise TrainError(
-            f"cannot write {str(error.filename or cfg.output or 'the output')!r} ({error.strerror}); free disk space "
-            "and run again (with --resume to continue from the last checkpoint)"
-        ) from error
+        fix = (
+            "free disk space and run again (with --resume to continue from the last checkpoint)"
+            if error.errno in _DISK_FULL
+            else "choose an --output you may write to"
+        )
+        where = str(error.filename or cfg.output or "the output")
+        raise TrainError(f"cannot write {where!r} ({error.strerror}); {fix}") from error
     finally:
         if owns_group:
             dist_util.destroy_process_group()

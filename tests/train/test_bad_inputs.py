@@ -347,6 +347,24 @@ def test_disk_full_while_writing_a_checkpoint(synthetic_shards: Path, tmp_path: 
     assert _steps(out) == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [(errno.ENOSPC, "free disk space and run again"), (errno.EACCES, "choose an --output you may write to")],
+    ids=["disk_full", "no_access"],
+)
+def test_a_failed_write_of_the_run_log_is_one_line(
+    synthetic_shards: Path, tmp_path: Path, monkeypatch, code: int, fix: str
+) -> None:
+    from padless.train.metrics import MetricsLog
+
+    def write(self, record):
+        raise OSError(code, errno.errorcode[code], str(self.path))
+
+    monkeypatch.setattr(MetricsLog, "write", write)
+    line = assert_one_line_error(_run(synthetic_shards, tmp_path / "out", "--max-steps", "1"), r"^error: cannot write")
+    assert "metrics.jsonl" in line and fix in line
+
+
 # ----------------------------------------------------------------------------------------------- the tokenizer
 DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
 
