@@ -138,7 +138,11 @@ def _dkdv_step(
     if MASK:
         keep = row_ok[None, :]
         if CAUSAL:
-            keep = keep & (cols[:, None] <= rt[None, :])
+            keep = keep & (cols[:, None] <= rt[None, :])  # cols <= rt < n: no key past the example's end
+        else:
+            # Key slots past the example's end (zeros in a partial key block) score 0: exp2(0 - lse) overflows
+            # fp16 when a row's real scores are very negative, and the dQ dot then turns inf * 0 into NaN.
+            keep = keep & (cols[:, None] < n)
         if WINDOW:
             keep = keep & (cols[:, None] > rt[None, :] - window)
         pT = tl.where(keep, pT, 0.0)

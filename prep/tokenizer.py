@@ -3,7 +3,8 @@
 ``tokenizers`` does the encoding; the chat template is rendered with jinja2 in a sandbox set up the way
 transformers sets it up (trim_blocks, lstrip_blocks, loop controls, ``raise_exception``, ``tojson``), so the
 text is the same as ``apply_chat_template`` gives. The identity (name, vocab size with added tokens, special
-ids, a hash of the files and template) goes into the manifest and the fingerprint.
+ids, a hash of the files and template, and the content hash of ``padless.shards.tokenizer_identity``, which
+``train`` compares with the model folder's tokenizer) goes into the manifest and the fingerprint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from padless.shards.tokenizer_identity import TokenizerIdentityError, hash_parts, part_hashes
 
 from .chat import ChatTemplate
 from .errors import PrepError
@@ -41,6 +44,7 @@ class TokenizerInfo:
     config: dict[str, Any]
     chat_template: str | None
     file_hash: str
+    content_parts: dict[str, str] | None = None  # shards.tokenizer_identity.part_hashes of the folder
     _env: Any = field(default=None, repr=False)
 
     def token_id(self, key: str) -> int | None:
@@ -80,6 +84,8 @@ class TokenizerInfo:
             "pad_id": self.pad_id,
             "has_chat_template": self.chat_template is not None,
             "hash": self.file_hash,
+            "content_hash": hash_parts(self.content_parts) if self.content_parts else None,
+            "content_parts": self.content_parts,
         }
 
     @property
@@ -175,6 +181,10 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
         if p.is_file():
             h.update(name.encode() + b"\0" + p.read_bytes())
     h.update(b"template\0" + (template or "").encode())
+    try:
+        parts = part_hashes(folder)
+    except TokenizerIdentityError as e:
+        raise PrepError(str(e)) from e
     return TokenizerInfo(
         name=config.get("name_or_path") or folder.name,
         folder=folder,
@@ -182,4 +192,5 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
         config=config,
         chat_template=template,
         file_hash=h.hexdigest(),
+        content_parts=parts,
     )

@@ -1,21 +1,25 @@
-"""Checkpoints (for an exact ``--resume``) and the final output (peft adapter or Hugging Face model).
+"""Checkpoints: everything an exact ``--resume`` needs.
 
 A checkpoint is a folder ``OUTPUT/checkpoints/step-00000010/`` holding the trainable parameters
-(``trainable.safetensors``: the LoRA weights, or every weight under ``--full``), ``optimizer.pt``,
-``scheduler.pt``, ``rng-rank{r}.pt`` (Python, numpy, torch CPU and CUDA generators of each rank) and
-``state.json`` (step, data position = epoch and micro-batch index, the config). It is written into a temp folder
-and renamed into place with ``os.replace``, then ``checkpoints/latest`` (a one-line file, also replaced
-atomically) names it: a crash mid-write leaves the previous checkpoint intact and current. A checkpoint that is
-incomplete, unreadable or written by another kind of run raises :class:`TrainError` naming the file and the fix.
+(``trainable.safetensors``: the LoRA weights, or every weight under ``--full``), ``optimizer.pt`` (tensors,
+numbers and strings only: it loads with ``torch.load(weights_only=True)``, never unpickling code),
+``scheduler.json``, ``rng-rank{r}.json`` (Python, numpy, torch CPU and CUDA generators of each rank) and
+``state.json`` (step, data position = epoch and micro-batch index, the run's settings, the config). Nothing in
+it needs pickle to load. It is written into a temp folder and renamed into place with ``os.replace``, then
+``checkpoints/latest`` (a one-line file, also replaced atomically) names it: a crash or a full disk mid-write
+leaves the previous checkpoint intact and current. A checkpoint that is incomplete, unreadable or written by
+another kind of run raises :class:`TrainError` naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,32 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from padless.shards.cli_config import one_line
+
 from .config import TrainConfig, TrainError
 
 __all__ = [
-    "TOKENIZER_FILES",
     "Position",
-    "copy_tokenizer_files",
-    "gather_output_state",
     "latest_checkpoint",
     "load_checkpoint",
-    "save_base_model",
+    "read_checkpoint_settings",
     "save_checkpoint",
-    "save_output",
     "trainable_state",
 ]
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "added_tokens.json",
-    "generation_config.json",
-)
 
 
 @dataclass(frozen=True)
@@ -88,25 +78,56 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _bytes(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as JSON values (torch's byte states in base64)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": [name, np_keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _bytes(torch.get_rng_state()),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(np_keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+# state.json's "checkpoint_format": 2 = no pickle anywhere (JSON scheduler and RNG, weights-only optimizer file).
+CHECKPOINT_FORMAT = 2
+
+
+def _write_error_types() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
 
 
 def save_checkpoint(
@@ -119,58 +140,100 @@ def save_checkpoint(
     *,
     rank: int = 0,
     barrier: Any = None,
+    settings: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step-{position.step}`` atomically; every rank calls it (rank 0 writes the shared parts)."""
+    """Write checkpoint ``step-{position.step}`` atomically; every rank calls it (rank 0 writes the shared parts).
+
+    ``settings``: the run's settings (``run_folder.run_settings``) that ``--resume`` compares. A write that fails
+    (a full disk) removes the partial temp folder and raises :class:`TrainError`; the previous checkpoint stays
+    current.
+    """
     from safetensors.torch import save_file
 
     root = Path(output) / "checkpoints"
     final = root / f"step-{position.step:08d}"
     tmp = root / f".tmp-step-{position.step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if barrier:
-        barrier()
-    state = trainable_state(model)  # collective under FSDP: every rank takes part
-    sharded = _is_sharded(model)
-    # FSDP2's optimizer state is sharded like the parameters: gather it by parameter name (also a collective).
-    optim_state = _full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        save_file(state, str(tmp / "trainable.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        meta = {
-            **dataclasses.asdict(position),
-            "optimizer_format": _OPTIM_FSDP if sharded else _OPTIM_PLAIN,
-            "config": dataclasses.asdict(cfg),
-        }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    if barrier:
-        barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the checkpoint appears whole or not at all
-        _atomic_write_text(root / "latest", final.name + "\n")
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if barrier:
+            barrier()
+        state = trainable_state(model)  # collective under FSDP: every rank takes part
+        sharded = _is_sharded(model)
+        # FSDP2's optimizer state is sharded like the parameters: gather it by parameter name (also a collective).
+        optim_state = _full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+        _write_json(tmp / f"rng-rank{rank}.json", _rng_state())
+        if rank == 0:
+            save_file(state, str(tmp / "trainable.safetensors"))
+            torch.save(optim_state, tmp / "optimizer.pt")
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            meta = {
+                **dataclasses.asdict(position),
+                "checkpoint_format": CHECKPOINT_FORMAT,
+                "optimizer_format": _OPTIM_FSDP if sharded else _OPTIM_PLAIN,
+                "settings": settings or {},
+                "config": dataclasses.asdict(cfg),
+            }
+            _write_json(tmp / "state.json", meta)  # last: a folder with state.json is complete
+        if barrier:
+            barrier()
+        if rank == 0:
+            old = root / f".old-step-{position.step:08d}"
+            if final.exists():  # the same step again: keep it until its replacement is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)  # the checkpoint appears whole or not at all
+            _atomic_write_text(root / "latest", final.name + "\n")
+            shutil.rmtree(old, ignore_errors=True)
+    except _write_error_types() as error:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output)
+        kept = (
+            f"the previous checkpoint {previous.name} is intact (continue from it with --resume)"
+            if previous is not None
+            else "no earlier checkpoint exists"
+        )
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise TrainError(
+            f"cannot write checkpoint {final.name} into {str(root)!r} ({reason}); {kept}. Free disk space, or "
+            "write checkpoints less often (--save-every)"
+        ) from error
     if barrier:
         barrier()
     return final
 
 
+_STEP_NAME = re.compile(r"step-(\d{8})")
+
+
 def latest_checkpoint(output: str | os.PathLike) -> Path | None:
-    """The checkpoint ``checkpoints/latest`` names, or None when the run has none."""
-    pointer = Path(output) / "checkpoints" / "latest"
-    if not pointer.is_file():
+    """The checkpoint ``checkpoints/latest`` names; without a usable pointer, the highest complete ``step-*``.
+
+    Only whole checkpoints count: they appear by renaming a finished temp folder, and hold ``state.json``.
+    """
+    root = Path(output) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if _STEP_NAME.fullmatch(name) and (root / name / "state.json").is_file():
+            return root / name
+    if not root.is_dir():
         return None
-    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
-    return path if path.is_dir() else None
+    steps = sorted(p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and (p / "state.json").is_file())
+    return steps[-1] if steps else None
 
 
 _OPTIM_PLAIN, _OPTIM_FSDP = "torch", "full-by-name"
 
 
 def _torch_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own files: RNG states need pickle
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no pickle
+
+
+def _json_load(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _read(path: Path, load: Callable[[Path], Any]) -> Any:
@@ -179,11 +242,41 @@ def _read(path: Path, load: Callable[[Path], Any]) -> Any:
 
     try:
         return load(path)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, SafetensorError) as error:
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        ValueError,
+        UnicodeDecodeError,
+        SafetensorError,
+    ) as error:
         raise TrainError(
-            f"checkpoint file {str(path)!r} cannot be read ({error}); it is damaged. Remove its checkpoint folder "
-            "and point checkpoints/latest at an earlier one, or start without --resume"
+            f"checkpoint file {str(path)!r} cannot be read ({one_line(error)}); it is damaged. Remove its checkpoint "
+            "folder and point checkpoints/latest at an earlier one, or start without --resume"
         ) from error
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, checked to be one this padless writes."""
+    meta = _read(path / "state.json", _json_load)
+    if not isinstance(meta, dict) or not {"step", "epoch", "micro_batch"} <= set(meta):
+        raise TrainError(
+            f"checkpoint {str(path)!r}: state.json lacks step/epoch/micro_batch; it is damaged or not a padless one"
+        )
+    if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
+        raise TrainError(
+            f"checkpoint {str(path)!r} is of format {meta.get('checkpoint_format', 1)}, this padless reads format "
+            f"{CHECKPOINT_FORMAT} (earlier checkpoints keep optimizer and RNG state as pickle, which is not loaded); "
+            "finish the run with the padless that wrote it, or start again with --overwrite"
+        )
+    return meta
+
+
+def read_checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The run settings a checkpoint was written with (what ``--resume`` compares)."""
+    settings = _read_state(Path(path)).get("settings")
+    return settings if isinstance(settings, dict) else {}
 
 
 def load_checkpoint(
@@ -193,7 +286,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     path = Path(path)
-    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
+    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.json", "state.json"]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise TrainError(
@@ -215,11 +308,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} does not fit this model (parameters differ, e.g. {diff}); resume with the "
             "same --model, mode, --lora-r and --target-modules as the run that wrote it"
         )
-    meta = _read(path / "state.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
-    if not isinstance(meta, dict) or not {"step", "epoch", "micro_batch"} <= set(meta):
-        raise TrainError(
-            f"checkpoint {str(path)!r}: state.json lacks step/epoch/micro_batch; it is damaged or not a padless one"
-        )
+    meta = _read_state(path)
     sharded = _is_sharded(model)
     fmt = meta.get("optimizer_format", _OPTIM_PLAIN)
     if (fmt == _OPTIM_FSDP) != sharded:
@@ -249,81 +338,15 @@ def load_checkpoint(
                 f"checkpoint {str(path)!r} holds optimizer state of another set-up ({error}); resume with the same "
                 "--optimizer and --weight-decay as the run that wrote it"
             ) from error
-    scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
-    rng = path / f"rng-rank{rank}.pt"
+    scheduler.load_state_dict(_read(path / "scheduler.json", _json_load))
+    rng = path / f"rng-rank{rank}.json"
     if rng.is_file():
-        _set_rng_state(_read(rng, _torch_load))
+        state = _read(rng, _json_load)
+        try:
+            _set_rng_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise TrainError(
+                f"checkpoint file {str(rng)!r} does not hold generator states ({one_line(error)}); it is damaged. "
+                "Remove its checkpoint folder and point checkpoints/latest at an earlier one"
+            ) from error
     return Position(step=int(meta["step"]), epoch=int(meta["epoch"]), micro_batch=int(meta["micro_batch"]))
-
-
-def copy_tokenizer_files(source: str | os.PathLike | None, dest: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer files a model folder has (if ``source`` is a local folder) next to the output."""
-    if source is None or not Path(source).is_dir():
-        return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(dest) / name)
-            copied.append(name)
-    return copied
-
-
-def gather_output_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """What :func:`save_output` writes, as full CPU tensors, when FSDP2 has sharded the parameters; else None.
-
-    Under FSDP2 the parameters are DTensor shards that ``save_pretrained`` cannot serialise; gathering them is a
-    collective, so EVERY rank must call this (rank 0 then saves). A peft model gathers only its trainable
-    (adapter) parameters; a full fine-tune gathers every parameter and buffer.
-    """
-    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return None
-    is_peft = hasattr(model, "peft_config")
-    items = list(model.named_parameters()) + ([] if is_peft else list(model.named_buffers()))
-    return {
-        name: _full(t.detach()).to("cpu", copy=True).contiguous() for name, t in items if t.requires_grad or not is_peft
-    }
-
-
-def save_output(
-    model: torch.nn.Module,
-    output: str | os.PathLike,
-    *,
-    model_source: str | None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write the trained result into ``output``: a peft adapter (LoRA/QLoRA) or a Hugging Face model (full).
-
-    With no ``--model`` (the tiny random model) the trainer saved the frozen base under ``output/base_model``
-    (:func:`save_base_model`) and the adapter's config points at it, so ``PeftModel.from_pretrained`` works from
-    the folder alone. ``state_dict``: the gathered tensors of an FSDP2 run (:func:`gather_output_state`).
-    """
-    extra = {} if state_dict is None else {"state_dict": state_dict}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / ".tmp-output"
-    shutil.rmtree(tmp, ignore_errors=True)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        saved_base = output / "base_model"
-        base_ref = model_source or (str(saved_base.resolve()) if saved_base.is_dir() else None)
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = base_ref
-        model.save_pretrained(str(tmp), **extra)
-    else:
-        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
-        copy_tokenizer_files(model_source, tmp)
-    for item in tmp.iterdir():  # move file by file: the output folder also holds checkpoints/ and metrics.jsonl
-        os.replace(item, output / item.name)
-    tmp.rmdir()
-    return output
-
-
-def save_base_model(model: torch.nn.Module, base_dir: str | os.PathLike) -> Path:
-    """Save a (not yet adapted) Hugging Face model as a folder, atomically; used for the tiny random base."""
-    base_dir = Path(base_dir)
-    tmp = base_dir.with_name(base_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(base_dir, ignore_errors=True)
-    os.replace(tmp, base_dir)
-    return base_dir

@@ -76,6 +76,12 @@ def merge_command(adapter_dir: str, base: str | None, out: str, dtype: str | Non
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 @click.option("--tolerance", default=None, type=float, help="Relative error allowed (default: 1e-4 fp32, 2e-2 else).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Check even if the shards' tokenizer is not the model's (token ids beyond the model's embedding are refused "
+    "all the same).",
+)
 def parity_command(**params: Any) -> None:
     """Check that packed training equals running every example alone on YOUR shards and model.
 
@@ -91,6 +97,7 @@ def parity_command(**params: Any) -> None:
         dtype=params["dtype"],
         device=params["device"],
         tolerance=params["tolerance"],
+        force=params["force"],
     )
     click.echo(json.dumps(report.as_dict(), indent=2) if params["as_json"] else report.render())
     if not report.passed:

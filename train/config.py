@@ -19,6 +19,7 @@ from .families import FamilyName
 
 __all__ = [
     "MODES",
+    "RESUME_CHANGEABLE",
     "Checkpointing",
     "CudaGraphs",
     "Dtype",
@@ -39,6 +40,18 @@ Checkpointing = Literal["off", "on", "offload"]
 CudaGraphs = Literal["auto", "on", "off"]
 Dtype = Literal["bf16", "fp16", "fp32"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
+# Settings a resumed run may change when --resume-changed names them (the optimizer's learning rate, weight decay
+# and schedule are re-applied after loading; dtype only changes the compute precision).
+RESUME_CHANGEABLE: tuple[str, ...] = (
+    "lr",
+    "max_steps",
+    "epochs",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "dtype",
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -52,7 +65,10 @@ class TrainConfig:
         "Default: a tiny randomly initialised model sized to the shards' tokenizer (CPU demo).",
     )
     output: str | None = option(
-        None, help="Output folder: adapter/model, checkpoints/, metrics.jsonl. Default: runs/train-<time>."
+        None,
+        help="Output folder: adapter/model, checkpoints/, metrics.jsonl. Default: runs/train-<time>. It must be new, "
+        "empty, or a padless run (see --resume, --overwrite); never the working directory or a folder holding an "
+        "input.",
     )
     mode: Mode = option("lora", help="Fine-tuning mode:", switch=True)
     lora_r: int = option(16, help="LoRA rank r.")
@@ -63,8 +79,8 @@ class TrainConfig:
     )
     tokens_per_micro_batch: int = option(
         0,
-        help="Token budget of one micro-batch, filled with whole packs (0 = the shards' max_len; a pack larger "
-        "than the budget is a micro-batch alone).",
+        help="Token budget of one micro-batch, filled with whole packs (0 = the shards' max_len). Packs are never "
+        "split, so it must be at least the longest pack.",
     )
     grad_accum: int = option(1, help="Micro-batches per optimizer step (per rank).")
     lr: float = option(2e-4, help="Peak learning rate (after warm-up).")
@@ -94,8 +110,28 @@ class TrainConfig:
     )
     eval_every: int = option(0, help="Evaluate every N steps (0 = only after the last step; -1 = never).")
     save_every: int = option(0, help="Write a checkpoint every N steps (0 = none; the final output is always written).")
-    resume: bool = option(False, help="Continue exactly from the latest checkpoint in --output.")
-    force: bool = option(False, help="Train even if the shards' tokenizer does not match the model's.")
+    resume: bool = option(
+        False,
+        help="Continue exactly from the latest checkpoint in --output (from step 0, with a note, when the run "
+        "wrote none). The run's settings must be the same, except those named in --resume-changed.",
+    )
+    resume_changed: str | None = option(
+        None,
+        help="Comma-separated settings that may differ from the resumed run's: "
+        + ", ".join(RESUME_CHANGEABLE)
+        + ". The shards, model, mode, LoRA settings, token budget, grad-accum, world size, seed and optimizer "
+        "never may.",
+    )
+    overwrite: bool = option(
+        False,
+        help="Replace the run in --output: only a folder that a padless run wrote (padless-run.json) and that holds "
+        "nothing else.",
+    )
+    force: bool = option(
+        False,
+        help="Train even if the shards' tokenizer is not the model's (token ids beyond the model's embedding are "
+        "refused all the same).",
+    )
     dtype: Dtype | None = option(None, help="Compute dtype (default: bf16 on GPU, fp32 on CPU).")
     device: str | None = option(None, help="Device (default: cuda:LOCAL_RANK when CUDA is available, else cpu).")
     family: FamilyName = option("llama", help="Architecture of the random model built without --model.")
@@ -131,10 +167,31 @@ class TrainConfig:
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.shards != "", "SHARDS is empty; expected the folder `prep pack` wrote"),
             (not (self.resume and self.output is None), "--resume needs --output: the folder of the run to continue"),
+            (
+                not (self.resume and self.overwrite),
+                "--resume continues the run in --output and --overwrite replaces it; pass one of them",
+            ),
+            (
+                self.resume or not self.resume_changed,
+                "--resume-changed names settings a resumed run may change; it needs --resume",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise TrainError(message)
+        unknown = [name for name in self.resume_changed_set if name not in RESUME_CHANGEABLE]
+        if unknown:
+            raise TrainError(
+                f"--resume-changed {','.join(unknown)}: not a setting a resumed run may change; allowed: "
+                f"{', '.join(RESUME_CHANGEABLE)}"
+            )
+
+    @property
+    def resume_changed_set(self) -> frozenset[str]:
+        """``--resume-changed`` as setting names (``max-steps`` and ``max_steps`` both name ``max_steps``)."""
+        if not self.resume_changed:
+            return frozenset()
+        return frozenset(n.strip().lstrip("-").replace("-", "_") for n in self.resume_changed.split(",") if n.strip())
 
     @property
     def target_module_list(self) -> list[str] | None:

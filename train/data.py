@@ -1,8 +1,8 @@
 """The data feed: whole packs -> micro-batches by a token budget -> per-rank plans -> pinned, prefetched batches.
 
 Packing happened offline, so here there is nothing to pad, sort or mask: each epoch takes the shard set's seeded
-pack order, fills micro-batches greedily with whole packs up to ``tokens_per_micro_batch`` tokens (a pack larger
-than the budget is a micro-batch alone), and deals the micro-batches round-robin to the ranks. Every rank gets
+pack order, fills micro-batches greedily with whole packs up to ``tokens_per_micro_batch`` tokens (never less
+than the longest pack: packs are not split), and deals the micro-batches round-robin to the ranks. Every rank gets
 the same number of micro-batches, so every rank runs the same number of optimizer steps; the few micro-batches
 that do not divide evenly (fewer than ``world_size``) are dropped for that epoch and reported. The plan is a pure
 function of (pack sizes, seed, epoch, budget, world size), so every rank knows every rank's token counts without
@@ -53,6 +53,7 @@ class PackSizes:
     num_tokens: np.ndarray  # (P,) int64
     num_trainable: np.ndarray  # (P,) int64
     num_examples: np.ndarray  # (P,) int64
+    max_token_id: int = -1  # the largest token id in any pack (-1: no tokens)
 
     def max_examples(self, plans: Sequence[EpochPlan]) -> int:
         """The most examples any micro-batch of ``plans`` holds (sizes a static CUDA-graph batch)."""
@@ -65,30 +66,39 @@ class PackSizes:
 
 def pack_sizes(ss: ShardSetLike) -> PackSizes:
     """Token and trainable-token counts of every pack (one pass over the per-pack scalars)."""
-    if hasattr(ss, "iter_batches"):  # shards.ShardSet: whole record batches of per-pack scalars at once
-        columns = [
-            (d["num_tokens"], d["num_trainable"], np.diff(d["cu_seqlens.off"]) - 1) for _, d in ss.iter_batches()
-        ]
+    if hasattr(ss, "iter_batches"):  # shards.ShardSet: whole record batches, decoded once
+        columns, top = [], -1
+        for _, d in ss.iter_batches():
+            columns.append((d["num_tokens"], d["num_trainable"], np.diff(d["cu_seqlens.off"]) - 1))
+            if len(d["input_ids"]):
+                top = max(top, int(d["input_ids"].max()))
         if columns:
-            return PackSizes(*(np.concatenate([c[j] for c in columns]).astype(np.int64) for j in range(3)))
+            arrays = (np.concatenate([c[j] for c in columns]).astype(np.int64) for j in range(3))
+            return PackSizes(*arrays, max_token_id=top)
     tokens = np.empty(len(ss), dtype=np.int64)
     trainable = np.empty(len(ss), dtype=np.int64)
     examples = np.empty(len(ss), dtype=np.int64)
+    top = -1
     for i in range(len(ss)):
         pack = ss[i]
         tokens[i] = int(pack.num_tokens)
         trainable[i] = int(pack.num_trainable)
         examples[i] = len(pack.cu_seqlens) - 1
-    return PackSizes(tokens, trainable, examples)
+        if len(pack.input_ids):
+            top = max(top, int(np.max(pack.input_ids)))
+    return PackSizes(tokens, trainable, examples, max_token_id=top)
 
 
 def fill_micro_batches(order: np.ndarray, num_tokens: np.ndarray, budget: int) -> list[np.ndarray]:
     """Greedy fill in ``order``: append whole packs while the micro-batch stays within ``budget`` tokens.
 
-    A pack bigger than ``budget`` becomes a micro-batch by itself (never split: that would cut examples).
+    Packs are never split (that would cut examples), so a pack bigger than ``budget`` is a ValueError.
     """
     if budget < 1:
         raise ValueError(f"token budget must be >= 1, got {budget}")
+    if len(order) and int(num_tokens[order].max()) > budget:
+        i = int(order[int(np.argmax(num_tokens[order]))])
+        raise ValueError(f"pack {i} holds {int(num_tokens[i])} tokens, more than the token budget {budget}")
     groups: list[np.ndarray] = []
     start, used = 0, 0
     sizes = num_tokens[order]

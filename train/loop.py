@@ -9,6 +9,7 @@ before the optimizer touches the weights) plus one per evaluation.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -23,28 +24,25 @@ import torch
 from padless.shards.reader import open_shards
 
 from . import distributed as dist_util
-from .checkpoint import (
-    Position,
-    gather_output_state,
-    latest_checkpoint,
-    load_checkpoint,
-    save_base_model,
-    save_checkpoint,
-    save_output,
-)
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, TrainError
 from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
-from .optim import build_optimizer, build_scheduler
-from .prepare import build_model, check_tokenizer, resolve_device, resolve_dtype
+from .optim import build_optimizer, build_scheduler, reapply_hyperparameters
+from .output import gather_output_state, save_base_model, save_output
+from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
 from .progress import Progress
+from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings
 
 __all__ = ["Callbacks", "NonFiniteLossError", "TrainResult", "train"]
 
 _OOM = getattr(torch.cuda, "OutOfMemoryError", torch.OutOfMemoryError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 class NonFiniteLossError(TrainError):
@@ -96,6 +94,16 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     owns_group = dist_util.init_process_group(env, device)
     try:
         return _train(cfg, callbacks or Callbacks(), env, device, dtype)
+    except OSError as error:
+        if error.errno not in (*_DISK_FULL, *_NO_ACCESS):
+            raise
+        fix = (
+            "free disk space and run again (with --resume to continue from the last checkpoint)"
+            if error.errno in _DISK_FULL
+            else "choose an --output you may write to"
+        )
+        where = str(error.filename or cfg.output or "the output")
+        raise TrainError(f"cannot write {where!r} ({error.strerror}); {fix}") from error
     finally:
         if owns_group:
             dist_util.destroy_process_group()
@@ -108,18 +116,13 @@ def _train(
     output = Path(cfg.output) if cfg.output else _default_output()
     result = TrainResult(output=output, steps=0)
 
-    # Data: the shard sets and the per-pack sizes every plan is made from (host-side, read once).
+    # Data: the shard sets and the per-pack sizes every plan is made from (host-side, read once), checked before
+    # any model is loaded: something to learn, and every pack within the micro-batch budget.
     ss = open_shards(cfg.shards)
     eval_path = cfg.eval_shards or default_eval_shards(cfg.shards)
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
-    budget = cfg.tokens_per_micro_batch or ss.max_len
     sizes = pack_sizes(ss)
-    largest = int(sizes.num_tokens.max(initial=0))
-    if largest > budget:
-        result.warnings.append(
-            f"--tokens-per-micro-batch {budget} is below the largest pack ({largest} tokens): packs are never split, "
-            f"so such a pack is a micro-batch alone; use >= {largest} to keep every micro-batch within the budget"
-        )
+    budget, max_token_id = check_data(cfg, ss, sizes, eval_ss)
     plan_for = functools.lru_cache(maxsize=2)(
         lambda epoch: plan_epoch(
             ss.order(cfg.seed, epoch),
@@ -137,20 +140,23 @@ def _train(
         )
     total_steps = cfg.max_steps or sum(plan_for(e).steps for e in range(cfg.epochs))
 
-    previous = [n for n in ("checkpoints", "metrics.jsonl") if (output / n).exists()]
-    if previous and not cfg.resume:
-        raise TrainError(
-            f"--output {str(output)!r} holds a previous run ({', '.join(previous)}); pass --resume to continue it, "
-            "or choose a new --output (nothing is overwritten)"
-        )
-    resume_from = latest_checkpoint(output) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise TrainError(f"--resume: {str(output)!r} has no checkpoint (checkpoints/latest); start without --resume")
+    # Output: what this run may write, replace or continue (see train.run_folder); nothing is touched yet.
+    settings = run_settings(
+        cfg, world_size=env.world_size, budget=budget, manifest=ss.manifest, dtype=_DTYPE_NAMES[dtype]
+    )
+    inputs = [("shard set", cfg.shards), ("eval set", str(eval_path) if eval_path else None), ("model", cfg.model),
+              ("--model-overrides file", cfg.model_overrides)]  # fmt: skip
+    out_plan = plan_output(cfg, output, settings, inputs=inputs)
+    resume_from = out_plan.checkpoint
+    dist_util.barrier()  # every rank has read the folder before rank 0 changes it
 
     # Model: load (or build the tiny one), check the tokenizer, add adapters, patch in the packed path.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
-    result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force)
+    result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
+    if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run
+        apply_output_plan(out_plan)
+    dist_util.barrier()
     if cfg.model is None and cfg.mode != "full" and env.is_main and _param_count(model) < _SAVE_BASE_LIMIT:
         save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable
     from .adapters import apply_adapters
@@ -187,17 +193,26 @@ def _train(
     position = Position(step=0, epoch=0, micro_batch=0)
     if resume_from is not None:
         position = load_checkpoint(resume_from, model, optimizer, scheduler, rank=env.rank)
+        if out_plan.changed:  # --resume-changed: the new lr / weight decay / schedule replace the loaded ones
+            reapply_hyperparameters(optimizer, scheduler, cfg)
     metrics = MetricsLog(
-        output / "metrics.jsonl", enabled=env.is_main, keep_until_step=position.step if cfg.resume else None
+        output / "metrics.jsonl", enabled=env.is_main, keep_until_step=position.step if resume_from else None
     )
     progress = Progress(
-        total=total_steps, initial=position.step, enabled=cfg.progress and env.is_main, every=cfg.log_every
+        total=total_steps,
+        initial=position.step,
+        enabled=cfg.progress and env.is_main,
+        every=cfg.log_every,
+        main=env.is_main,
     )
+    for note in out_plan.notes:
+        progress.write(note, always=True)
     for warning in result.warnings:
-        progress.write(f"warning: {warning}")
+        progress.write(f"warning: {warning}", always=True)
 
     def checkpoint(pos: Position) -> None:
-        save_checkpoint(output, pos, model, optimizer, scheduler, cfg, rank=env.rank, barrier=dist_util.barrier)
+        save_checkpoint(output, pos, model, optimizer, scheduler, cfg, rank=env.rank, barrier=dist_util.barrier,
+                        settings=settings)  # fmt: skip
 
     def run_eval(step: int) -> None:
         loss, count = evaluate(
@@ -224,7 +239,7 @@ def _train(
             while step < total_steps:
                 plan = plan_for(epoch)
                 if plan.dropped and start == 0 and env.is_main:
-                    progress.write(f"note: {plan.describe_dropped()}")
+                    progress.write(f"note: {plan.describe_dropped()}", always=True)
                 mine = plan.ranks[env.rank]
                 with Prefetcher(ss, mine, start=start, pin=device.type == "cuda") as feed:
                     batches = iter(feed)
@@ -251,7 +266,7 @@ def _train(
                                         raise TrainError(str(error)) from error
                                     graph_step = None
                                     result.warnings.append(f"CUDA graphs off: {error}")
-                                    progress.write(f"warning: {result.warnings[-1]}")
+                                    progress.write(f"warning: {result.warnings[-1]}", always=True)
                             if loss_sum is None:
                                 batch = host_batch.to(device, non_blocking=True)
                                 with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
@@ -339,7 +354,8 @@ def _train(
     result.steps = step
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
-        save_output(model, output, model_source=cfg.model, state_dict=final_state)
+        record = functools.partial(record_outputs, output)
+        save_output(model, output, model_source=cfg.model, state_dict=final_state, record=record)
     first = 1 if len(step_times) > 1 else 0
     steady, steady_times = per_step[first:], step_times[first:]
     result.summary = {
@@ -395,8 +411,7 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         plans.append(plan_for(len(plans)))
         steps += plans[-1].steps
     mean = float(sizes.num_tokens.sum()) / max(int(sizes.num_examples.sum()), 1)  # attention's tiling hint
-    max_tokens = max(budget, int(sizes.num_tokens.max()))
-    shape = static_shape(max_tokens, sizes.max_examples(plans), ss.max_len, mean, sizes.max_trainable(plans))
+    shape = static_shape(budget, sizes.max_examples(plans), ss.max_len, mean, sizes.max_trainable(plans))
     loss_fn = functools.partial(packed_loss, model, checkpointing=cfg.checkpointing, preserve_rng_state=False)
     return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_tokenizer_files
 from .config import TrainError
+from .output import copy_tokenizer_files
 from .prepare import check_model_source
 
 __all__ = ["merge"]

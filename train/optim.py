@@ -12,7 +12,7 @@ import torch
 
 from .config import TrainConfig, TrainError
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "reapply_hyperparameters"]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -57,3 +57,21 @@ def build_scheduler(
             step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_ratio=cfg.min_lr_ratio
         ),
     )
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                            cfg: TrainConfig) -> None:  # fmt: skip
+    """After loading a checkpoint: use ``cfg``'s peak lr and weight decay, and its schedule at the loaded step.
+
+    Loading restores the saved optimizer's lr and weight decay and the scheduler's base lrs; a resume that changes
+    them (``--resume-changed``) puts the new values back. The schedule's shape (warm-up, total steps, floor) comes
+    from ``cfg`` already: the scheduler's lambda is this run's.
+    """
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    step = scheduler.last_epoch
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * fn(step)
+        if any(p.ndim >= 2 for p in group["params"]):  # the decay group (see build_optimizer)
+            group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -42,6 +42,7 @@ class ParityReport:
     worst_param_rel_err: float
     tolerance: float
     per_pack: list[dict[str, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -51,7 +52,7 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed}
 
     def render(self) -> str:
-        lines = [
+        lines = [f"warning: {w}" for w in self.warnings] + [
             f"parity on {self.packs} packs ({self.examples} examples, {self.tokens} tokens, "
             f"{self.trainable_tokens} trained), {self.dtype}",
             f"{'pack':>6} {'packed loss':>14} {'one-by-one':>14} {'rel err':>10}",
@@ -85,14 +86,19 @@ def parity(
     dtype: str = "fp32",
     device: str | None = None,
     tolerance: float | None = None,
+    force: bool = False,
 ) -> ParityReport:
-    """Compare packed and one-by-one loss and gradients on the first ``packs`` packs of ``shards_path``."""
+    """Compare packed and one-by-one loss and gradients on the first ``packs`` packs of ``shards_path``.
+
+    The shards' tokenizer must be the model's (``force``: report a mismatch as a warning instead); token ids past
+    the model's embedding are refused either way.
+    """
     from padless.shards.reader import open_shards
 
     from .model_patch import get_patch, patch_model
     from .modeling import load_model
     from .packed_forward import packed_loss
-    from .prepare import check_model_source, parse_device
+    from .prepare import check_model_source, check_tokenizer, parse_device, tiny_model_vocab
 
     if packs < 1:
         raise TrainError(f"--packs must be >= 1, got {packs}")
@@ -100,12 +106,12 @@ def parity(
     chosen = [ss[i] for i in range(min(packs, len(ss)))]
     dev = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_source(model)
-    vocab = (ss.manifest.get("tokenizer") or {}).get("vocab_size")
-    if model is None and vocab is None:
-        raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model")
-    net = load_model(model, vocab_size=vocab if model is None else None, family=family, dtype=_DTYPES[dtype],
+    vocab = tiny_model_vocab(ss.manifest) if model is None else None
+    net = load_model(model, vocab_size=vocab, family=family, dtype=_DTYPES[dtype],
                      device=str(dev), seed=0)  # fmt: skip
     net.eval()  # no dropout: both paths must see the same function
+    max_token_id = max((int(p.input_ids.max()) for p in chosen if p.num_tokens), default=-1)
+    warnings = check_tokenizer(ss.manifest, model, net, force=force, max_token_id=max_token_id)
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     weights = [p for _, p in params]
 
@@ -163,4 +169,5 @@ def parity(
             {"pack": i, "packed": a, "one_by_one": b, "rel_err": abs(a - b) / abs(b) if b else abs(a - b)}
             for i, (a, b) in enumerate(zip(per_pack_packed, per_pack_single))
         ],
+        warnings=warnings,
     )

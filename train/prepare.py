@@ -1,4 +1,5 @@
-"""Setting up a run before the loop: device, dtype, the model source check, the tokenizer check, the model.
+"""Setting up a run before the loop: device, dtype, the data checks, the model source check, the tokenizer check,
+the model.
 
 Kept apart from ``train.loop`` so the loop reads top to bottom. The model itself comes from the model path
 (``train.modeling.load_model``, ``train.adapters.apply_adapters``, ``train.model_patch.patch_model``).
@@ -11,20 +12,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from padless.shards import tokenizer_identity
+
 from .config import TrainConfig, TrainError
+from .data import PackSizes, pack_sizes
 from .distributed import DistEnv
 
 __all__ = [
     "build_model",
+    "check_data",
     "check_model_source",
+    "check_shards",
+    "check_token_ids",
     "check_tokenizer",
     "model_overrides",
     "parse_device",
     "resolve_device",
     "resolve_dtype",
-    "tokenizer_content_hash",
+    "tiny_model_vocab",
+    "tokenizer_file_hash",
 ]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,13 +87,14 @@ def check_model_source(model: str | None) -> None:
         )
 
 
-# The files (in this order) whose bytes, plus the chat template, make prep's tokenizer content hash. This mirrors
+# The files (in this order) whose bytes, plus the chat template, make prep's tokenizer file hash (the manifest's
+# ``tokenizer.hash``, compared only for shard sets written before ``tokenizer.content_hash`` existed). This mirrors
 # prep/tokenizer.py::load_tokenizer (train may not import prep); tests/train/test_cli.py checks the two agree.
 _HASHED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def tokenizer_content_hash(folder: str | Path) -> str | None:
-    """prep's content hash of the tokenizer in ``folder`` (None when it has no tokenizer.json)."""
+def tokenizer_file_hash(folder: str | Path) -> str | None:
+    """prep's file hash of the tokenizer in ``folder`` (None when it has no tokenizer.json)."""
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
         return None
@@ -109,36 +119,84 @@ def _model_tokenizer_vocab(folder: Path) -> int | None:
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+        path = str(folder / "tokenizer.json")
+        raise TrainError(f"{path!r} is not a tokenizer `tokenizers` can read ({error})") from error
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def _rows(model: torch.nn.Module) -> int:
+    """How many token ids the model can take: its input embedding's rows (and its output layer's, if fewer)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        rows = min(rows, head.weight.shape[0])
+    return int(rows)
+
+
+def check_token_ids(max_token_id: int, model: torch.nn.Module, where: str) -> None:
+    """Every token id of the data must index the model's embedding: never overridable (an id past the embedding
+    reads another tensor's memory on a GPU or fails deep inside the model)."""
+    rows = _rows(model)
+    if max_token_id >= rows:
+        raise TrainError(
+            f"{where} holds token id {max_token_id}, but the model's embedding has {rows} rows (ids 0..{rows - 1}): "
+            "the shards were made with another tokenizer, and --force does not change that. Re-run `prep pack "
+            "--tokenizer MODEL` with the model's tokenizer"
+        )
+
+
+def _identity_problems(tok: dict[str, Any], folder: Path) -> list[str]:
+    """How the shards' tokenizer (manifest) differs from the one in the model folder, by content."""
+    try:
+        parts = tokenizer_identity.part_hashes(folder)
+    except tokenizer_identity.TokenizerIdentityError as error:
+        raise TrainError(f"--model {str(folder)!r}: {error}") from error
+    if parts is None:
+        return []
+    if isinstance(tok.get("content_hash"), str):
+        if tokenizer_identity.hash_parts(parts) == tok["content_hash"]:
+            return []
+        saved = tok.get("content_parts") if isinstance(tok.get("content_parts"), dict) else None
+        which = tokenizer_identity.differing_parts(saved, parts)
+        detail = f" (they differ in {', '.join(which)})" if which else ""
+        return [f"the shards' tokenizer tokenizes differently from the model folder's{detail}"]
+    model_hash = tokenizer_file_hash(folder)  # a shard set from before content hashes: compare the files
+    if tok.get("hash") and model_hash != tok["hash"]:
+        return [
+            f"the shards' tokenizer file hash {str(tok['hash'])[:12]}... differs from the model folder's "
+            f"{str(model_hash)[:12]}... (re-pack with this padless to compare by content)"
+        ]
+    return []
 
 
 def check_tokenizer(
-    manifest: dict[str, Any], model_source: str | None, model: torch.nn.Module, *, force: bool
+    manifest: dict[str, Any], model_source: str | None, model: torch.nn.Module, *, force: bool, max_token_id: int
 ) -> list[str]:
-    """The shards' tokenizer must fit the model: ids inside the embedding, same vocab/hash as the model folder's.
+    """The shards' tokenizer must be the model's: the same content (``shards.tokenizer_identity``) and vocab size as
+    the model folder's tokenizer, and every token id of the shards (``max_token_id``) inside the embedding.
 
-    Returns warnings (mismatches overridden by ``force``); raises :class:`TrainError` otherwise.
+    Returns warnings (identity mismatches overridden by ``force``); raises :class:`TrainError` otherwise. Token ids
+    past the embedding are refused even with ``force``.
     """
-    tok = manifest.get("tokenizer") or {}
+    check_token_ids(max_token_id, model, "the shard set")
+    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
     shard_vocab = tok.get("vocab_size")
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = _rows(model)
     problems = []
-    if shard_vocab is not None and int(shard_vocab) > rows:
+    if isinstance(shard_vocab, int) and shard_vocab > rows:
         problems.append(
             f"the shards' tokenizer has {shard_vocab} tokens but the model's embedding has {rows} rows "
-            "(token ids would fall outside it)"
+            "(token ids could fall outside it)"
         )
     folder = Path(model_source) if model_source is not None else None
     if folder is not None and folder.is_dir():
         vocab = _model_tokenizer_vocab(folder)
-        if vocab is not None and shard_vocab is not None and vocab != int(shard_vocab):
+        if vocab is not None and isinstance(shard_vocab, int) and vocab != shard_vocab:
             problems.append(f"the shards' tokenizer has {shard_vocab} tokens, the model folder's has {vocab}")
-        model_hash = tokenizer_content_hash(folder)
-        if model_hash is not None and tok.get("hash") and model_hash != tok["hash"]:
-            problems.append(
-                f"the shards' tokenizer hash {str(tok['hash'])[:12]}... differs from the model folder's "
-                f"{model_hash[:12]}..."
-            )
+        problems += _identity_problems(tok, folder)
     if not problems:
         return []
     message = "; ".join(problems)
@@ -147,6 +205,49 @@ def check_tokenizer(
     raise TrainError(
         f"tokenizer mismatch: {message}. Re-run `prep pack --tokenizer {model_source or 'MODEL'}` to pack with the "
         "model's tokenizer, or pass --force if you know they agree"
+    )
+
+
+def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, int]:
+    """The checks of the training (and eval) shard sets made before any model is loaded (:func:`check_shards`);
+    returns the micro-batch token budget and the largest token id of both sets."""
+    budget = cfg.tokens_per_micro_batch or ss.max_len
+    given = cfg.tokens_per_micro_batch > 0
+    check_shards(ss.path, sizes, budget=budget, budget_given=given, max_len=ss.max_len)
+    max_token_id = sizes.max_token_id
+    if eval_ss is not None:
+        eval_sizes = pack_sizes(eval_ss)
+        check_shards(eval_ss.path, eval_sizes, budget=budget, budget_given=given, max_len=ss.max_len, kind="eval set")
+        max_token_id = max(max_token_id, eval_sizes.max_token_id)
+    return budget, max_token_id
+
+
+def check_shards(
+    path: str | Path, sizes: PackSizes, *, budget: int, budget_given: bool, max_len: int, kind: str = "shard set"
+) -> None:
+    """The data checks made before any model is loaded: there is something to learn (trainable tokens), and the
+    micro-batch token ``budget`` (``budget_given``: from --tokens-per-micro-batch, else the training set's
+    max_len) holds the longest pack, since packs are never split."""
+    trainable, tokens = int(sizes.num_trainable.sum()), int(sizes.num_tokens.sum())
+    if trainable == 0:
+        raise TrainError(
+            f"{kind} {str(path)!r} has no trainable tokens (0 of {tokens} tokens in {len(sizes.num_tokens)} packs "
+            "are targets: every loss_mask is False), so there is nothing to learn from it; re-run `prep pack` on "
+            "data with responses, or with --train-on all"
+        )
+    longest = int(np.argmax(sizes.num_tokens))
+    n = int(sizes.num_tokens[longest])
+    if n <= budget:
+        return
+    if budget_given:
+        raise TrainError(
+            f"--tokens-per-micro-batch {budget} is smaller than the longest pack of {kind} {str(path)!r} (pack "
+            f"{longest}: {n} tokens); packs are never split: pass --tokens-per-micro-batch {n} or more (0 = the "
+            f"shards' max_len, {max_len})"
+        )
+    raise TrainError(
+        f"pack {longest} of {kind} {str(path)!r} holds {n} tokens, more than the token budget {budget} (the training "
+        f"shards' max_len); pass --tokens-per-micro-batch {n} or more, or check the set with `prep verify`"
     )
 
 
@@ -171,17 +272,28 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
     return value
 
 
+def tiny_model_vocab(manifest: dict[str, Any]) -> int:
+    """The vocabulary of the tiny random model built without --model: the shards' tokenizer ``vocab_size``."""
+    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
+    vocab = tok.get("vocab_size")
+    if vocab is None:
+        raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise TrainError(
+            f"the shards' manifest records tokenizer vocab_size {vocab!r}; expected a positive int. The shard set is "
+            "damaged: re-run `prep pack`, or pass --model"
+        )
+    return vocab
+
+
 def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
     """Load the base model (or the tiny one sized to the shards' vocab) on ``device`` in ``dtype``."""
     from .modeling import load_model
 
     check_model_source(cfg.model)
-    vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
-    if cfg.model is None and vocab is None:
-        raise TrainError("the shards' manifest does not record a tokenizer vocab_size; pass --model to train")
     return load_model(
         cfg.model,
-        vocab_size=int(vocab) if cfg.model is None else None,
+        vocab_size=tiny_model_vocab(manifest) if cfg.model is None else None,
         family=cfg.family,
         dtype=dtype,
         device=str(device),

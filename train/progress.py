@@ -24,11 +24,15 @@ def format_record(record: dict[str, Any]) -> dict[str, str]:
 
 
 class Progress:
-    """``update(record)`` once per step; refreshes the bar (or prints a line) every ``every`` steps."""
+    """``update(record)`` once per step; refreshes the bar (or prints a line) every ``every`` steps.
 
-    def __init__(self, *, total: int, initial: int, enabled: bool, every: int) -> None:
+    ``enabled``: show progress; ``main``: this process speaks for the run (notes and warnings, see ``write``).
+    """
+
+    def __init__(self, *, total: int, initial: int, enabled: bool, every: int, main: bool = True) -> None:
         self.every = every
         self.enabled = enabled
+        self.main = main
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -47,8 +51,9 @@ class Progress:
             fields = " ".join(f"{k}={v}" for k, v in format_record(record).items())
             print(f"step {record['step']}: {fields}", file=sys.stderr, flush=True)
 
-    def write(self, line: str) -> None:
-        if not self.enabled:
+    def write(self, line: str, *, always: bool = False) -> None:
+        """Print ``line`` above the bar; ``always`` (notes and warnings): also without progress, on the main rank."""
+        if not (self.enabled or (always and self.main)):
             return
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)

@@ -462,6 +462,33 @@ def test_zero_length_examples_match_reference(bcfg: BwdConfig) -> None:
         assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"zero_len:{tag}")
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("D", [16, 32, 64])
+def test_fp16_non_causal_backward_has_no_overflow(D: int, atomic: bool) -> None:
+    """flash-attention's overflow case (scaled q, k, v; one-token and short examples; non-causal; fp16).
+
+    A one-token query with a very negative score has lse far below 0; a key slot past its example's end (read as
+    zeros in a partial key block) would get probability exp2(0 - lse), which is inf in fp16 and makes inf * 0 =
+    NaN in dQ. Every gradient must stay finite and within the fp16 bound of the reference.
+    """
+    lens = [1, 2, 1, 1, 5, 1, 17, 1, 1, 3, 1, 1]
+    q, k, v, do, cu = make_inputs(lens, 2, 1, D, dtype=torch.float16, seed=D)
+    q, k, v = q * 5, k * 3, v * 3
+    bcfg = SMALL_BWD._replace(dq_atomic=atomic)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), causal=False, fwd_cfg=SMALL_FWD,
+                    bwd_cfg=bcfg)  # fmt: skip
+
+    def ref(compute):
+        return lambda q, k, v, cu, m: _reference_impl(q, k, v, cu, None, False, None, None, compute)
+
+    same = run_grads(ref(torch.float16), q, k, v, do, cu, max(lens))  # PyTorch's own error in fp16
+    exact = run_grads(ref(torch.float64), *(x.double() for x in (q, k, v, do)), cu, max(lens))
+    for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
+        assert torch.isfinite(a).all(), f"{tag}: {int((~torch.isfinite(a)).sum())} non-finite values"
+        bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
+        assert_close_verbose(a, e, atol=bound, name=f"fp16 overflow D{D}:{tag}")
+
+
 def test_max_seqlen_far_above_longest_example() -> None:
     """The trainer may pass the shard's max_len (e.g. 16384) for a pack of short examples: results are unchanged."""
     lens = [7, 0, 30, 1, 12]

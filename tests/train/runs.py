@@ -18,16 +18,38 @@ from padless.shards.writer import ShardWriter
 from padless.train.config import TrainConfig
 from padless.train.loop import Callbacks, TrainResult, train
 
-__all__ = ["SYNTH_MAX_LEN", "SYNTH_VOCAB", "Recorder", "base_config", "run_recorded", "write_synthetic_shards"]
+__all__ = [
+    "CLI_FAST",
+    "FAST_OVERRIDES",
+    "SYNTH_MAX_LEN",
+    "SYNTH_VOCAB",
+    "Interrupt",
+    "Recorder",
+    "base_config",
+    "cli_equivalent",
+    "run_interrupted",
+    "run_recorded",
+    "write_synthetic_shards",
+]
 
 SYNTH_VOCAB = 384
 SYNTH_MAX_LEN = 128
+# The command line's fast CPU settings (a smaller model than base_config's) and the library config that matches it.
+FAST_OVERRIDES = '{"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}'
+CLI_FAST = ["--no-progress", "--device", "cpu", "--eval-every", "-1", "--model-overrides", FAST_OVERRIDES]
 
 
 def write_synthetic_shards(
-    path: Path, *, examples: int, seed: int, max_len: int = SYNTH_MAX_LEN, vocab: int = SYNTH_VOCAB
+    path: Path,
+    *,
+    examples: int,
+    seed: int,
+    max_len: int = SYNTH_MAX_LEN,
+    vocab: int = SYNTH_VOCAB,
+    targets: bool = True,
 ) -> Path:
-    """A small, deterministic shard set (see the module doc); returns ``path``."""
+    """A small, deterministic shard set (see the module doc); returns ``path``. ``targets=False``: every loss_mask
+    is False (a set with nothing to learn)."""
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(12, 70, size=examples)
@@ -36,7 +58,7 @@ def write_synthetic_shards(
         start, stride = int(rng.integers(0, vocab)), int(rng.integers(1, 7))
         seq = (start + stride * np.arange(n)) % vocab
         m = np.zeros(n, dtype=bool)
-        m[n // 3 :] = True  # the "response": trained; the first third is a masked prompt
+        m[n // 3 :] = targets  # the "response": trained; the first third is a masked prompt
         m[0] = False
         tokens.append(seq)
         mask.append(m)
@@ -114,3 +136,29 @@ def run_recorded(cfg, **callbacks) -> tuple[TrainResult, Recorder]:
     with rec:
         result = train(cfg, callbacks=Callbacks(on_model=rec.on_model, **callbacks))
     return result, rec
+
+
+class Interrupt(Exception):
+    """Raised from a step callback: the run stops there, as a killed one would (no output, no summary)."""
+
+
+def run_interrupted(cfg: TrainConfig, after_step: int) -> None:
+    """Train ``cfg`` and stop it right after step ``after_step`` (its log line and checkpoint are written)."""
+
+    def stop(record):
+        if record["step"] == after_step:
+            raise Interrupt
+
+    try:
+        train(cfg, callbacks=Callbacks(on_step=stop))
+    except Interrupt:
+        return
+    raise AssertionError(f"the run ended before step {after_step}")
+
+
+def cli_equivalent(shards: Path, output: Path, **overrides) -> TrainConfig:
+    """The TrainConfig that ``train run SHARDS --output OUTPUT *CLI_FAST`` builds (plus ``overrides``)."""
+    settings = dict(shards=str(shards), output=str(output), progress=False, device="cpu", eval_every=-1,
+                    model_overrides=FAST_OVERRIDES)  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)

@@ -98,10 +98,14 @@ def _save_tiny(folder: Path, vocab: int, tokenizer_from: Path | None = None) -> 
 
 
 def test_tokenizer_mismatch_errors_and_force_overrides(synthetic_shards: Path, tmp_path: Path) -> None:
+    # Token ids past the embedding: refused, and --force does not change that.
     small = _save_tiny(tmp_path / "small", SYNTH_VOCAB - 100)
-    line = _error_line(_invoke("run", str(synthetic_shards), "--model", str(small), "--no-progress"))
-    assert f"has {SYNTH_VOCAB} tokens but the model's embedding has {SYNTH_VOCAB - 100} rows" in line
-    assert "--force" in line
+    for force in ([], ["--force"]):
+        args = ["run", str(synthetic_shards), "--model", str(small), "--no-progress", "--output", str(tmp_path / "s")]
+        line = _error_line(_invoke(*args, *force))
+        assert f"holds token id {SYNTH_VOCAB - 1}, but the model's embedding has {SYNTH_VOCAB - 100} rows" in line
+        assert "--force does not change that" in line
+        assert not (tmp_path / "s").exists()
 
     # Embedding large enough, but the folder's tokenizer is another one: an error, and --force trains anyway.
     demo_tok = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
@@ -118,15 +122,15 @@ def test_tokenizer_mismatch_errors_and_force_overrides(synthetic_shards: Path, t
 def test_tokenizer_hash_mirrors_prep() -> None:
     """train may not import prep at run time; this test holds the two hash implementations together."""
     from padless.prep.tokenizer import load_tokenizer
-    from padless.train.prepare import tokenizer_content_hash
+    from padless.train.prepare import tokenizer_file_hash
 
     folder = Path(__file__).resolve().parents[2] / "prep" / "assets" / "demo_tokenizer"
-    assert tokenizer_content_hash(folder) == load_tokenizer(folder).file_hash
+    assert tokenizer_file_hash(folder) == load_tokenizer(folder).file_hash
 
 
-def test_resume_without_a_checkpoint(synthetic_shards: Path, tmp_path: Path) -> None:
+def test_resume_without_a_run(synthetic_shards: Path, tmp_path: Path) -> None:
     line = _error_line(_invoke("run", str(synthetic_shards), "--output", str(tmp_path), "--resume", "--no-progress"))
-    assert "has no checkpoint" in line and "without --resume" in line
+    assert "holds no run (no checkpoint)" in line and "without --resume" in line
 
 
 def test_merge_needs_an_adapter_folder(tmp_path: Path) -> None:
@@ -176,10 +180,3 @@ def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_sh
     assert res.exit_code == 0, res.output
     assert re.search(r"done: 2 steps, final loss [\d.]+, eval_loss [\d.]+", res.output), res.output
     assert "tokenizer mismatch" not in res.output
-
-
-def test_a_previous_run_is_never_overwritten(synthetic_shards: Path, tmp_path: Path) -> None:
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    line = _error_line(_invoke("run", str(synthetic_shards), "--output", str(tmp_path), "--no-progress"))
-    assert "holds a previous run (metrics.jsonl); pass --resume" in line
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'

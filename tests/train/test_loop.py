@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from padless.shards.reader import open_shards
 from padless.train.batch import IGNORE_INDEX
 from padless.train.checkpoint import latest_checkpoint, trainable_state
+from padless.train.data import pack_sizes
 from padless.train.loop import Callbacks, NonFiniteLossError, train
 
 from .runs import base_config, run_recorded
@@ -32,12 +33,16 @@ def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path
     one, rec_one = run_recorded(
         base_config(synthetic_shards, tmp_path / "a", max_steps=1, tokens_per_micro_batch=budget, max_grad_norm=0)
     )
-    # Budget 1 token: every pack is bigger, so each is its own micro-batch; 4 of them make the step.
+    # Budget = the longest pack: no two of the first four fit together, so each is its own micro-batch and 4 of
+    # them make the step.
+    longest = int(pack_sizes(ss).num_tokens.max())
+    assert all(ss[int(a)].num_tokens + ss[int(b)].num_tokens > longest for a, b in itertools.pairwise(first4))
     four, rec_four = run_recorded(
         base_config(
-            synthetic_shards, tmp_path / "b", max_steps=1, tokens_per_micro_batch=1, grad_accum=4, max_grad_norm=0
+            synthetic_shards, tmp_path / "b", max_steps=1, tokens_per_micro_batch=longest, grad_accum=4,
+            max_grad_norm=0,
         )
-    )
+    )  # fmt: skip
     assert one.losses[0] == pytest.approx(four.losses[0], rel=1e-6)
     g1, g4 = rec_one.grads[0], rec_four.grads[0]
     assert g1.keys() == g4.keys() and len(g1) > 0
