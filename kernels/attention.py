@@ -6,6 +6,10 @@ Shape legend: T packed tokens, S examples, H query heads, Hkv key/value heads (H
 The mask is block-diagonal causal and never materialised: cost is sum(l_s^2), not T^2. The Triton kernels and
 their launchers live in ``attention_fwd`` / ``attention_bwd``; this file holds the tiling choice (built-in tiles
 and the tuned table), the autograd.Function, the public functions and the plain-PyTorch reference.
+
+Measured on an H200 (bf16, CUDA-graph device time, tuned tiles): at D 128, 421 / 384 TFLOP/s forward / forward +
+backward on 4K-token examples, and 1.90x / 1.80x FlexAttention's speed on Alpaca-like examples in 16K packs; ahead
+of PyTorch's ``varlen_attn`` and FlexAttention in every packed case at D 64, 128 and 256.
 """
 
 from __future__ import annotations
