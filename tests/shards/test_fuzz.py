@@ -25,6 +25,7 @@ import pytest
 from padless.shards.writer import ShardWriter
 
 from .fuzz import FAILURES
+from .packs import random_packs
 
 SEED = int(os.environ.get("PADLESS_FUZZ_SEED", "18"))
 DEFAULT_CASES = {"multi": 900, "plain": 500, "prep": 700}  # 2,100 per run: ~16 s on one core
@@ -101,21 +102,9 @@ def _tokenizer_meta(vocab: int) -> dict:
 
 
 def _write(path: Path, seed: int, n_examples: int, max_len: int, metadata: dict, vocab: int | None, **kw) -> Path:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, max_len // 2, size=n_examples)
-    per, cur, k = [], 0, 0
-    for ln in lengths:
-        if k and cur + ln > max_len:
-            per.append(k)
-            cur, k = 0, 0
-        cur += ln
-        k += 1
-    per.append(k)
-    tokens = rng.integers(0, vocab or 2**32 - 1, size=int(lengths.sum()), dtype=np.uint64).astype(np.uint32)
-    mask = rng.random(len(tokens)) < 0.6
-    mask[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = False
+    data = random_packs(np.random.default_rng(seed), n_examples, max_len, longest=max_len // 2, vocab=vocab)
     with ShardWriter(path, max_len=max_len, metadata=metadata, **kw) as w:
-        w.add_packs(tokens, mask, lengths, np.array(per), rng.permutation(n_examples))
+        w.add_packs(*data)
     return path
 
 

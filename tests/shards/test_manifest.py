@@ -15,7 +15,7 @@ from padless.shards.manifest import Manifest, parse_manifest
 from padless.shards.reader import open_shards
 from padless.shards.writer import ShardWriter
 
-from .test_shards import random_packs
+from .packs import random_packs
 
 TOKENIZER = {"name": "t", "vocab_size": 5000, "bos_id": 1, "eos_id": 2, "pad_id": None, "hash": "ab" * 32}
 META = {

@@ -21,7 +21,7 @@ from padless.shards.verify import verify_shard_set, verify_with_eval
 from padless.shards.writer import ShardWriter
 
 from .guarantees import pack_guarantee_problem
-from .test_shards import random_packs, rewrite_column
+from .packs import random_packs, rewrite_column
 
 VOCAB = 1000
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .conftest import load_tool, run_tool
+from .tooling import load_tool, run_tool
 
 
 def test_smoke_table_times_both_backwards(tmp_path) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from .conftest import run_tool
+from .tooling import run_tool
 
 
 def test_smoke_run_times_every_op(tmp_path) -> None:

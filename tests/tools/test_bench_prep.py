@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import run_tool
+from .tooling import run_tool
 
 
 def test_demo_run_appends_pack_and_packer_rows(tmp_path) -> None:

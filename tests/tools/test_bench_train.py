@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import ROOT, load_tool, run_tool
+from .tooling import ROOT, load_tool, run_tool
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from .conftest import TOOLS
+from .tooling import TOOLS
 
 SCRIPTS = sorted(TOOLS.glob("*.py"))
 
