@@ -4,7 +4,8 @@
 ``run_pack`` checks the output folder before reading or writing anything (``prep.output``: nothing is deleted that
 padless did not write), checks every row (``prep.validate``), and refuses a set with no trainable token. It writes
 the shard set(s) into a hidden staging folder and swaps it into place at the end, so a failure at any stage (a bad
-row, a full disk) leaves the previous output as it was and nothing else behind.
+row, a full disk) leaves the previous output as it was and nothing else behind. The set holds its resolved
+settings as ``config.yaml`` (``prep pack --config OUT/config.yaml --out NEW`` writes the same shards again).
 """
 
 from __future__ import annotations
@@ -157,6 +158,21 @@ def _no_trainable(split: str, cfg: PackConfig, formats: list[str], before: int, 
     return f"{head}: {why}; {fix}check the data"
 
 
+def _save_config(cfg: PackConfig, folder: Path) -> None:
+    """The resolved settings as ``folder/config.yaml``: ``prep pack --config`` on it writes the same set again.
+
+    Paths are kept as given, so a replay runs from the same working directory. ``overwrite`` is saved off: a replay
+    replaces a folder only when asked to."""
+    from padless.shards.config_file import SAVED_CONFIG_NAME, write_config_file
+
+    header = [
+        "The prep pack settings that wrote this shard set (defaults, --config file and options, resolved).",
+        "Replay from the same working directory (relative paths are relative to it):",
+        f"  prep pack --config {Path(cfg.out) / SAVED_CONFIG_NAME} --out NEW_FOLDER",
+    ]
+    write_config_file(cfg, folder / SAVED_CONFIG_NAME, header=header, reset=("overwrite",))
+
+
 def run_pack(cfg: PackConfig) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (also stored, minus timings, in the manifest)."""
     _validate(cfg)
@@ -304,6 +320,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
                 w.add_packs(pt, pm, pl, per, ix, progress=bar.update)
             bar.close()
             summary[name] = stats
+        _save_config(cfg, new)
     summary.update(skipped)
     summary["fingerprint"] = fingerprint
     summary["out"] = str(out)

@@ -1,0 +1,101 @@
+"""``prep pack --config``: a shard set keeps its resolved settings in ``config.yaml``, and packing again from that
+file alone (into another folder) writes the same shards, byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from padless.prep import output
+from padless.prep.cli import main
+from padless.shards.verify import verify_with_eval
+from tests.user_errors import assert_one_line_error
+
+from .rows import alpaca_rows, write_jsonl
+
+# Settings that differ from the defaults in every way that changes the shards.
+FLAGS = ["--max-len", "80", "--seed", "5", "--overlong", "split", "--train-on", "all", "--eval-examples", "7",
+         "--max-examples-per-pack", "3", "--prompt-separator", "\n### Response:\n", "--no-progress"]  # fmt: skip
+
+
+def _pack(*args: str):
+    r = CliRunner().invoke(main, ["pack", *args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _set_bytes(folder: Path) -> dict[str, bytes]:
+    """Every shard file of the set and of its eval/ set, by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("shard-*.arrow"))}
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture
+def packed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``prep pack data.jsonl *FLAGS --out a`` run twice from ``tmp_path`` (the second time with --overwrite)."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", alpaca_rows(150, 3, hi=40))
+    _pack("data.jsonl", *FLAGS, "--out", "a", "--seed", "4")
+    _pack("data.jsonl", *FLAGS, "--out", "a", "--overwrite")  # a set holding config.yaml is still a shard set
+    return tmp_path
+
+
+def test_the_saved_config_is_every_resolved_setting(packed: Path) -> None:
+    text = (packed / "a" / "config.yaml").read_text()
+    assert "prep pack --config a/config.yaml --out NEW_FOLDER" in text
+    saved = yaml.safe_load(text)
+    assert saved["datasets"] == ["data.jsonl"] and saved["out"] == "a"  # as given: relative stays relative
+    assert (saved["max_len"], saved["seed"], saved["overlong"], saved["eval_examples"]) == (80, 5, "split", 7)
+    assert saved["prompt_separator"] == "\n### Response:\n" and saved["progress"] is False
+    assert saved["overwrite"] is False  # a replay replaces a folder only when asked
+    assert not (packed / "a" / "eval" / "config.yaml").exists()
+    verify_with_eval(packed / "a")  # the reader and verify ignore it
+
+
+def test_packing_again_from_the_saved_config_writes_the_same_shards(packed: Path) -> None:
+    _pack("--config", "a/config.yaml", "--out", "b")
+    a, b = packed / "a", packed / "b"
+    for sub in ("", "eval"):
+        assert _manifest(a / sub)["fingerprint"] == _manifest(b / sub)["fingerprint"]
+        assert _manifest(a / sub)["shards"] == _manifest(b / sub)["shards"]
+    assert _set_bytes(a) == _set_bytes(b) and "eval/shard-00000.arrow" in _set_bytes(a)
+    assert _manifest(b)["options"]["seed"] == 5 and _manifest(b)["options"]["overlong"] == "split"
+    # The replay's own config differs only in where it wrote.
+    assert (b / "config.yaml").read_text() == (a / "config.yaml").read_text().replace("a/", "b/").replace(
+        "out: a\n", "out: b\n"
+    )
+
+
+def test_an_option_given_with_the_config_wins(packed: Path) -> None:
+    _pack("--config", "a/config.yaml", "--out", "c", "--seed", "6", "--overlong", "truncate")
+    options = _manifest(packed / "c")["options"]
+    assert (options["seed"], options["overlong"], options["max_len"]) == (6, "truncate", 80)
+    assert _manifest(packed / "c")["fingerprint"] != _manifest(packed / "a")["fingerprint"]
+
+
+def test_a_replay_into_the_same_folder_needs_overwrite(packed: Path) -> None:
+    r = CliRunner().invoke(main, ["pack", "--config", "a/config.yaml"])
+    assert_one_line_error(r, r"--out 'a' already exists and is not empty; choose another folder or pass --overwrite")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "allowed"),
+    [
+        (lambda s: None, True),
+        (lambda s: (s / "config.yaml").unlink(), True),  # a set written before config.yaml was kept
+        (lambda s: (s / "eval" / "config.yaml").write_text("x: 1\n"), False),
+        (lambda s: (s / "config.yaml").unlink() or (s / "config.yaml").mkdir(), False),
+        (lambda s: (s / "config.yaml").unlink() or (s / "config.yaml").symlink_to(s / "manifest.json"), False),
+    ],
+    ids=["as-written", "without", "in-eval", "a-folder", "a-symlink"],
+)
+def test_a_shard_set_may_hold_its_config_yaml_and_nothing_else(packed: Path, spoil, allowed: bool) -> None:
+    spoil(packed / "a")
+    assert (output.not_a_shard_set(packed / "a") is None) == allowed
