@@ -229,10 +229,11 @@ def click_options(
     kinds = field_kinds(cls)
     if CONFIG_PARAM in kinds:
         raise TypeError(f"{cls.__name__}.{CONFIG_PARAM}: the name is taken by --config")
+    example = next((n for n in kinds if "_" in n and n not in exclude), "name")
     config_help = (
-        "YAML (or JSON) file of settings: a mapping of option names (max_len or max-len) to values, positional "
-        "arguments included. Precedence: options given on the command line override the file, the file overrides "
-        "the defaults. Relative paths in it are relative to the working directory."
+        f"YAML (or JSON) file of settings: a mapping of option names ({example} or {example.replace('_', '-')}) to "
+        "values, positional arguments included. Precedence: options given on the command line override the file, "
+        "the file overrides the defaults. Relative paths in it are relative to the working directory."
     )
     params = [
         click.option(

@@ -123,7 +123,7 @@ def read_config_file(cls: type, path: str | os.PathLike) -> dict[str, Any]:
         parts = [getattr(error, "context", None), getattr(error, "problem", None)]
         problem = "; ".join(p for p in parts if p) or str(error)
         raise ConfigFileError(f"{where} is not valid YAML: {problem}{at}") from error
-    example = "e.g. 'max_len: 2048' (see --help for the names)"
+    example = "e.g. 'seed: 1' (--help lists the options)"
     if root is None:
         raise ConfigFileError(f"{where} is empty; expected a mapping of option names to values, {example}")
     if not isinstance(root, yaml.MappingNode):

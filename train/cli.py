@@ -37,7 +37,11 @@ def main() -> None:
 
 
 @main.command("run")
-@click_options(TrainConfig)
+@click_options(
+    TrainConfig,
+    config_note="Every run saves its resolved settings as OUTPUT/config.yaml: `train run --config "
+    "OUTPUT/config.yaml --output NEW` trains the same run again.",
+)
 def run_command(**params: Any) -> None:
     """Fine-tune on SHARDS (a folder made by `prep pack`)."""
     from .loop import train

@@ -35,7 +35,7 @@ from .optim import build_optimizer, build_scheduler, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output
 from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
 from .progress import Progress
-from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings
+from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings, save_run_config
 
 __all__ = ["Callbacks", "NonFiniteLossError", "TrainResult", "train"]
 
@@ -156,6 +156,7 @@ def _train(
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run
         apply_output_plan(out_plan)
+        save_run_config(cfg, out_plan)  # OUTPUT/config.yaml replays the run, an interrupted one too
     dist_util.barrier()
     if cfg.model is None and cfg.mode != "full" and env.is_main and _param_count(model) < _SAVE_BASE_LIMIT:
         save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable

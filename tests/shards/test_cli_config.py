@@ -236,7 +236,7 @@ def test_values_are_read_as_their_field_types(tmp_path: Path) -> None:
          r"inputs, size, color, shade, ratio, tags, verbose, progress, name, mode, level, max_items, secret \(or"),
         ("inputs: [a]\nsize: 1\nwhatever: 2\n", r"unknown key 'whatever'; valid keys: inputs, size"),
         ("inputs: [a]\n1: 2\n", r"unknown key '1'; valid keys"),
-        ("", r"--config '.*go.yaml' is empty; expected a mapping of option names to values, e.g. 'max_len: 2048'"),
+        ("", r"--config '.*go.yaml' is empty; expected a mapping of option names to values, e.g. 'seed: 1'"),
         ("# only a comment\n", r"is empty; expected a mapping"),
         ("- a\n- b\n", r"go.yaml' holds a list; expected a mapping of option names to values"),
         ("just text\n", r"go.yaml' holds the single value 'just text'; expected a mapping"),
@@ -260,7 +260,9 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
 
 def test_help_states_the_precedence() -> None:
     help_text = " ".join(_run("go", "--help").output.split())
-    assert "--config FILE YAML (or JSON) file of settings" in help_text
+    assert "--config FILE YAML (or JSON) file of settings: a mapping of option names (max_items or max-items)" in (
+        help_text
+    )
     assert "options given on the command line override the file, the file overrides the defaults" in help_text
     assert "--verbose / --no-verbose" in help_text and "--size INTEGER A required size. [required]" in help_text
 
