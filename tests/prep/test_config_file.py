@@ -99,3 +99,17 @@ def test_a_replay_into_the_same_folder_needs_overwrite(packed: Path) -> None:
 def test_a_shard_set_may_hold_its_config_yaml_and_nothing_else(packed: Path, spoil, allowed: bool) -> None:
     spoil(packed / "a")
     assert (output.not_a_shard_set(packed / "a") is None) == allowed
+
+
+def test_prep_stats_takes_a_config_file_too(packed: Path) -> None:
+    (packed / "cost.yaml").write_text("gpu: h200\nmodel-params: 7e9\nepochs: 2\n")
+    cost = json.loads(_stats("a", "--config", "cost.yaml").output)["cost"]
+    assert (cost["gpu"], cost["params"], cost["epochs"]) == ("H200", 7e9, 2.0)
+    cost = json.loads(_stats("a", "--config", "cost.yaml", "--gpu", "a100").output)["cost"]
+    assert (cost["gpu"], cost["params"]) == ("A100", 7e9)
+
+
+def _stats(*args: str):
+    r = CliRunner().invoke(main, ["stats", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    return r

@@ -80,3 +80,14 @@ def test_an_interrupted_run_has_its_config_and_overwrite_owns_it(synthetic_shard
     _run("--config", str(out / "config.yaml"), "--overwrite", "--max-steps", "1")  # config.yaml is the run's own
     assert [r["step"] for r in _metrics(out)] == [1]
     assert yaml.safe_load((out / "config.yaml").read_text())["overwrite"] is False
+
+
+def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
+    from padless.shards.config_file import read_config_file
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("`train run --config run.yaml`", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "run.yaml").write_text(block)
+    values = read_config_file(TrainConfig, tmp_path / "run.yaml")
+    assert (values["lr"], values["grad_accum"], values["checkpointing"]) == (1e-4, 4, "on")
+    assert TrainConfig(**values).shards == "shards/"
