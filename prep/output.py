@@ -3,9 +3,8 @@
 Nothing is deleted that padless did not write. ``--out`` may be absent, an empty folder, or (with ``--overwrite``)
 a padless shard set: a folder holding ``manifest.json`` with format ``padless-shards``, ``shard-NNNNN.arrow``
 files, at most an ``eval/`` folder of the same kind and the ``config.yaml`` that ``prep pack`` saves, and nothing
-else. It may never be the working directory,
-an input (a dataset file or folder, the tokenizer folder), a folder holding an input or the working directory, or a
-folder inside an input or inside a shard set.
+else. It may never be the working directory, an input (a dataset file or folder, the tokenizer folder), a folder
+holding an input or the working directory, or a folder inside an input or inside a shard set.
 
 The new set is written into ``.<name>.padless-staging-<pid>-<hex>/new`` next to ``--out`` and swapped into place
 only when complete (one atomic exchange where the OS has it, else two renames); the old set is removed after the new

@@ -273,7 +273,7 @@ def config_from_params(cls: type, params: dict[str, Any]) -> Any:
     values = {k: v for k, v in params.items() if k in fields}
     path = params.get(CONFIG_PARAM)
     if path is not None:
-        from .config_file import ConfigFileError, read_config_file
+        from .config_file import ConfigFileError, read_config_file  # here: config_file builds on this module
 
         try:
             from_file = read_config_file(cls, path)
