@@ -110,6 +110,11 @@ class TrainConfig:
     )
     eval_every: int = option(0, help="Evaluate every N steps (0 = only after the last step; -1 = never).")
     save_every: int = option(0, help="Write a checkpoint every N steps (0 = none; the final output is always written).")
+    keep_last: int = option(
+        0,
+        help="Keep only the newest N checkpoints: older checkpoints/step-* folders are deleted once a new one is "
+        "complete (0 = keep all).",
+    )
     resume: bool = option(
         False,
         help="Continue exactly from the latest checkpoint in --output (from step 0, with a note, when the run "
@@ -164,6 +169,7 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.eval_every >= -1, f"--eval-every must be >= -1 (-1 = never), got {self.eval_every}"),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
+            (self.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.shards != "", "SHARDS is empty; expected the folder `prep pack` wrote"),
             (not (self.resume and self.output is None), "--resume needs --output: the folder of the run to continue"),

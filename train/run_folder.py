@@ -74,6 +74,7 @@ RESUME_FREE = (
     "eval_shards",
     "eval_every",
     "save_every",
+    "keep_last",
     "checkpointing",
     "cuda_graphs",
     "device",
