@@ -32,7 +32,7 @@ from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .optim import build_optimizer, build_scheduler, reapply_hyperparameters
-from .output import gather_output_state, save_base_model, save_output
+from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
 from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
 from .progress import Progress
 from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings
@@ -154,6 +154,8 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
+    tokenizer_from, no_tokenizer = tokenizer_folder(cfg.model, ss.manifest)  # copied next to the output
+    result.warnings += [no_tokenizer] if no_tokenizer else []
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run
         apply_output_plan(out_plan)
     dist_util.barrier()
@@ -355,7 +357,8 @@ def _train(
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
         record = functools.partial(record_outputs, output)
-        save_output(model, output, model_source=cfg.model, state_dict=final_state, record=record)
+        save_output(model, output, model_source=cfg.model, tokenizer_from=tokenizer_from, state_dict=final_state,
+                    record=record)  # fmt: skip
     first = 1 if len(step_times) > 1 else 0
     steady, steady_times = per_step[first:], step_times[first:]
     result.summary = {
