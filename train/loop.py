@@ -387,6 +387,9 @@ def _train(
     }
     if env.is_main:
         (output / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
+        from .report import write_report  # matplotlib: imported only here
+
+        write_report(output)  # report.png and report.txt, from metrics.jsonl (`train report` writes them again)
     dist_util.barrier()
     return result
 

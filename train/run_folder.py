@@ -1,9 +1,10 @@
 """``train run --output``: where a run may write, what it may replace, and what ``--resume`` may continue.
 
 A run folder is marked by ``padless-run.json``, written before anything else of the run; it lists the output
-files the run saved (adapter or model), next to the fixed names a run writes (``metrics.jsonl``,
-``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names). The rules, checked on every rank
-before anything is written or deleted (:func:`plan_output`), applied by rank 0 (:func:`apply_output_plan`):
+files the run saved (adapter or model, tokenizer), next to the fixed names a run writes (``metrics.jsonl``,
+``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names, the report).
+The rules, checked on every rank before anything is written or deleted (:func:`plan_output`), applied by rank 0
+(:func:`apply_output_plan`):
 
 - The output is a new or empty folder, or a padless run folder. A non-empty folder without the marker is
   refused; so are the working directory, any folder holding it, and any folder that is or holds an input (the
@@ -81,6 +82,8 @@ RESUME_FREE = (
     "log_every",
     "progress",
 )
+# What a run derives from its metrics: the report (train.report).
+_DERIVED = ("report.png", "report.txt")
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def record_outputs(output: str | os.PathLike, names: Iterable[str]) -> None:
 
 def _entries(output: Path, marker: dict[str, Any] | None) -> tuple[list[Path], list[Path]]:
     """(entries a padless run wrote, other entries) at the top of ``output``."""
-    ours = set(_FIXED) | {str(n) for n in (marker or {}).get("outputs", [])}
+    ours = set(_FIXED) | set(_DERIVED) | {str(n) for n in (marker or {}).get("outputs", [])}
     mine, other = [], []
     for entry in sorted(output.iterdir()):
         (mine if entry.name in ours else other).append(entry)
