@@ -36,6 +36,7 @@ from .output import gather_output_state, save_base_model, save_output, tokenizer
 from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
 from .progress import Progress
 from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings
+from .trackers import check_installed, start_trackers
 
 __all__ = ["Callbacks", "NonFiniteLossError", "TrainResult", "train"]
 
@@ -115,6 +116,7 @@ def _train(
     """The run itself, in one process of ``env`` (its process group, if any, is up)."""
     output = Path(cfg.output) if cfg.output else _default_output()
     result = TrainResult(output=output, steps=0)
+    check_installed(cfg.report_to_list)  # every rank, before any work: a missing tracker library is one error
 
     # Data: the shard sets and the per-pack sizes every plan is made from (host-side, read once), checked before
     # any model is loaded: something to learn, and every pack within the micro-batch budget.
@@ -232,6 +234,16 @@ def _train(
         progress.write(f"step {step}: eval_loss {loss:.4f} over {count} trainable tokens")
 
     graph_step = _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress)
+    # --report-to (rank 0): every metrics.jsonl record also goes to the trackers, the resolved config once
+    hyperparameters = {**asdict(cfg), "output": str(output), "dtype": settings["dtype"], "device": str(device),
+                       "world_size": env.world_size, "tokens_per_micro_batch": budget}  # fmt: skip
+    trackers = start_trackers(
+        cfg.report_to_list if env.is_main else (),
+        output,
+        hyperparameters=hyperparameters,
+        resume_step=position.step if resume_from else None,
+    )
+    metrics.sinks.append(trackers.log)
     step, epoch, start = position.step, position.epoch, position.micro_batch
     wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
     step_times: list[float] = []
@@ -350,6 +362,7 @@ def _train(
             ) from error
         finally:
             progress.close()
+            trackers.close()
 
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0

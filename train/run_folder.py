@@ -2,7 +2,7 @@
 
 A run folder is marked by ``padless-run.json``, written before anything else of the run; it lists the output
 files the run saved (adapter or model, tokenizer), next to the fixed names a run writes (``metrics.jsonl``,
-``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names, the report).
+``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names, the report and the trackers' files).
 The rules, checked on every rank before anything is written or deleted (:func:`plan_output`), applied by rank 0
 (:func:`apply_output_plan`):
 
@@ -81,9 +81,10 @@ RESUME_FREE = (
     "device",
     "log_every",
     "progress",
+    "report_to",
 )
-# What a run derives from its metrics: the report (train.report).
-_DERIVED = ("report.png", "report.txt")
+# What a run derives from its metrics: the report (train.report) and the trackers' local files (train.trackers).
+_DERIVED = ("report.png", "report.txt", "tensorboard", "wandb", "mlflow.db", "mlruns", "trackers.json")
 
 
 @dataclass(frozen=True)
