@@ -1,11 +1,11 @@
 """``train run --output``: where a run may write, what it may replace, and what ``--resume`` may continue.
 
 A run folder is marked by ``padless-run.json``, written before anything else of the run; it lists the output
-files the run saved (adapter or model), next to the fixed names a run writes (``config.yaml``, ``metrics.jsonl``,
-``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names). ``config.yaml`` (:func:`save_run_config`)
-is the run's resolved settings, written right after the marker: ``train run --config OUTPUT/config.yaml --output
-NEW`` trains the same run again. The rules, checked on every rank
-before anything is written or deleted (:func:`plan_output`), applied by rank 0 (:func:`apply_output_plan`):
+files the run saved (adapter or model, tokenizer), next to the fixed names a run writes (``config.yaml``,
+``metrics.jsonl``, ``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names, the report and the
+trackers' files). ``config.yaml`` (:func:`save_run_config`) is the run's resolved settings, written right after the
+marker: ``train run --config OUTPUT/config.yaml --output NEW`` trains the same run again. The rules, checked on every
+rank before anything is written or deleted (:func:`plan_output`), applied by rank 0 (:func:`apply_output_plan`):
 
 - The output is a new or empty folder, or a padless run folder. A non-empty folder without the marker is
   refused; so are the working directory, any folder holding it, and any folder that is or holds an input (the
@@ -80,12 +80,16 @@ RESUME_FREE = (
     "eval_shards",
     "eval_every",
     "save_every",
+    "keep_last",
     "checkpointing",
     "cuda_graphs",
     "device",
     "log_every",
     "progress",
+    "report_to",
 )
+# What a run derives from its metrics: the report (train.report) and the trackers' local files (train.trackers).
+_DERIVED = ("report.png", "report.txt", "tensorboard", "wandb", "mlflow.db", "mlruns", "trackers.json")
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,7 @@ def record_outputs(output: str | os.PathLike, names: Iterable[str]) -> None:
 
 def _entries(output: Path, marker: dict[str, Any] | None) -> tuple[list[Path], list[Path]]:
     """(entries a padless run wrote, other entries) at the top of ``output``."""
-    ours = set(_FIXED) | {str(n) for n in (marker or {}).get("outputs", [])}
+    ours = set(_FIXED) | set(_DERIVED) | {str(n) for n in (marker or {}).get("outputs", [])}
     mine, other = [], []
     for entry in sorted(output.iterdir()):
         (mine if entry.name in ours else other).append(entry)
