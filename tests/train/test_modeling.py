@@ -131,7 +131,7 @@ def test_qlora_loads_and_trains_one_step(device: str, checkpointing: str, tmp_pa
     )  # fmt: skip
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(quantized) == 7 * model.config.num_hidden_layers
-    folder = write_random_model(tiny_config("qwen3", 1024, **overrides), tmp_path, seed=0)
+    folder = write_random_model(tiny_config("qwen3", 1024, **overrides), tmp_path, seed=0, device=device)
     name = "model.layers.1.mlp.down_proj"
     written = load_file(str(folder / "model.safetensors"))[f"{name}.weight"].float()
     weight = quantized[name].weight
