@@ -46,7 +46,8 @@ class PackConfig:
     """Options of ``prep pack`` (each field's help is its command-line help)."""
 
     datasets: tuple[str, ...] = option(
-        help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together.", positional=True
+        help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together, each PATH_OR_ID[:SUBSET][@SPLIT].",
+        positional=True,
     )
     max_len: int = option(help=f"Tokens per pack (>= {MIN_MAX_LEN}).")
     out: str = option(

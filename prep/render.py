@@ -93,13 +93,18 @@ def parse_maps(maps: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-def apply_maps(rows: list[dict[str, Any]], maps: dict[str, str], source: str) -> list[dict[str, Any]]:
+def apply_maps(rows: list[dict[str, Any]], maps: dict[str, str], source: str | None) -> list[dict[str, Any]]:
+    """``rows`` with each ``--map`` field NAME set from its COLUMN. ``source``: the input's name, to check first that
+    these rows (the first 100) have every mapped column; None skips the check (later chunks of a checked input)."""
     if not maps:
         return rows
-    columns = _columns(rows)
-    missing = [c for c in maps.values() if c not in columns]
-    if missing:
-        raise PrepError(f"--map names columns {missing} that {source!r} does not have; its columns: {sorted(columns)}")
+    if source is not None:
+        columns = _columns(rows)
+        missing = [c for c in maps.values() if c not in columns]
+        if missing:
+            raise PrepError(
+                f"--map names columns {missing} that {source!r} does not have; its columns: {sorted(columns)}"
+            )
     return [{**r, **{name: r.get(col) for name, col in maps.items()}} for r in rows]
 
 
