@@ -46,6 +46,7 @@ class PackConfig:
     """Options of ``prep pack`` (each field's help is its command-line help)."""
 
     datasets: tuple[str, ...] = option(
+        (),
         help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together, each PATH_OR_ID[:SUBSET][@SPLIT].",
         positional=True,
     )
@@ -53,6 +54,13 @@ class PackConfig:
     out: str = option(
         "packed", help="Output folder: absent or empty, or with --overwrite a shard set made by prep pack."
     )
+    mix: tuple[str, ...] = option(
+        (),
+        help="Mix datasets by weight instead of giving DATASETS: a weight is the fraction of the mix's examples drawn "
+        "from that dataset (without replacement; a dataset asked for more rows than it has is repeated). Repeatable.",
+        metavar="DATASET=WEIGHT[,...]",
+    )
+    mix_examples: int = option(0, help="Examples (rows) in the --mix; 0 = as many as its datasets hold together.")
     tokenizer: str | None = option(None, help="Local folder or hub id. Default: the demo tokenizer in prep/assets.")
     format: Format | None = option(None, help="Data format. Default: detected from the columns.")
     maps: tuple[str, ...] = option(
@@ -87,8 +95,18 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, PrepError)
-        if not self.datasets:
-            raise PrepError("no DATASET given; expected a file, a folder, demo:alpaca / demo:chat, or a hub id")
+        if not self.datasets and not self.mix:
+            raise PrepError(
+                "no DATASET given; expected a file, a folder, demo:alpaca / demo:chat, or a hub id (or --mix)"
+            )
+        if self.datasets and self.mix:
+            raise PrepError("give DATASETS or --mix, not both (--mix names its datasets with their weights)")
+        if self.mix:
+            from .mix import parse_mix  # numpy: only when a config is built, never for --help
+
+            parse_mix(self.mix)
+        if self.mix_examples < 0 or (self.mix_examples and not self.mix):
+            raise PrepError(f"--mix-examples {self.mix_examples}: expected >= 0, and only with --mix")
         if self.max_len < MIN_MAX_LEN:
             raise PrepError(
                 f"--max-len {self.max_len} is below {MIN_MAX_LEN}; expected at least {MIN_MAX_LEN} tokens per pack"
@@ -109,7 +127,19 @@ class PackConfig:
         skip = ("datasets", "out", "num_proc", "overwrite", "progress", "tokenizer", "extra")
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["maps"] = list(self.maps)
+        # The mix's weights in order (its datasets' content is in the source fingerprint; paths differ by machine).
+        d["mix"] = [e.weight for e in self.mix_entries()]
         return d
+
+    def mix_entries(self) -> list[Any]:
+        """``--mix`` parsed (``prep.mix.MixEntry`` per dataset), [] without a mix."""
+        from .mix import parse_mix
+
+        return parse_mix(self.mix) if self.mix else []
+
+    def inputs(self) -> tuple[str, ...]:
+        """The DATASET arguments, in order: DATASETS, or the datasets of --mix."""
+        return self.datasets or tuple(e.dataset for e in self.mix_entries())
 
 
 def parse_param_count(text: str) -> float:

@@ -1,18 +1,19 @@
-"""``prep pack`` as a library call: load -> render/tokenize -> overlong (streamed) -> split -> pack -> write, timed
-per stage.
+"""``prep pack`` as a library call: load -> render/tokenize -> overlong (streamed) -> mix -> split -> pack -> write,
+timed per stage.
 
 ``PackConfig`` (``prep.config``) is the one typed config (the CLI builds it; it checks its own fields);
 ``run_pack`` checks the output folder before reading or writing anything (``prep.output``: nothing is deleted that
 padless did not write), opens every input and checks its format first, then streams the rows through checks
 (``prep.validate``), tokenization and ``--overlong`` in chunks (``prep.stream``: only token arrays are kept, spilled
-to the staging folder), draws the held-out split, refuses a set with no trainable token, packs and writes. The
-shard set(s) go into a hidden staging folder swapped into place at the end, so a failure at any stage (a bad row,
-a full disk) leaves the previous output as it was and nothing else behind.
+to the staging folder), draws the ``--mix`` (``prep.mix``) and the held-out split, refuses a set with no trainable
+token, packs and writes. The shard set(s) go into a hidden staging folder swapped into place at the end, so a
+failure at any stage (a bad row, a full disk) leaves the previous output as it was and nothing else behind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ def _local_inputs(cfg: PackConfig) -> list[Path]:
     from .tokenizer import DEFAULT_TOKENIZER
 
     paths = []
-    for d in cfg.datasets:
+    for d in cfg.inputs():
         try:
             spec = parse_spec(d)
         except PrepError:  # reported when the inputs are opened
@@ -94,9 +95,32 @@ def _no_trainable(split: str, cfg: PackConfig, formats: list[str], before: int, 
     return f"{head}: {why}; {fix}check the data"
 
 
+def _select(st: Any, cfg: PackConfig, names: list[str]) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The rows to pack (global row ids, sorted, a row repeated once per copy) and the mix's record: every usable
+    row without --mix, else each source's draw (``prep.mix``)."""
+    if not cfg.mix:
+        return np.flatnonzero(st.good).astype(np.int64), None
+    from .mix import draw, mix_counts
+
+    entries = cfg.mix_entries()
+    offsets = np.concatenate([[0], np.cumsum(st.source_rows)]).astype(np.int64)
+    usable = [np.flatnonzero(st.good[a:b]).astype(np.int64) + a for a, b in itertools.pairwise(offsets)]
+    total = cfg.mix_examples or sum(len(u) for u in usable)
+    counts = mix_counts([e.weight for e in entries], total)
+    drawn, record = [], []
+    for i, (e, rows, count) in enumerate(zip(entries, usable, counts)):
+        if count and not len(rows):
+            raise PrepError(f"--mix: {e.dataset!r} has no usable rows, but its weight asks for {count} of the mix")
+        drawn.append(draw(rows, count, np.random.default_rng([cfg.seed, 2, i])))
+        record.append({"input": names[i], "weight": e.weight, "rows": len(rows), "drawn": count,
+                       "repeated": count > len(rows)})  # fmt: skip
+    return np.concatenate(drawn), {"examples": total, "sources": record}
+
+
 def _eval_rows(selected: np.ndarray, n_rows: int, cfg: PackConfig) -> np.ndarray:
-    """bool (n_rows,): the held-out rows, a seeded sample of the selected rows."""
-    distinct = selected
+    """bool (n_rows,): the held-out rows, a seeded sample of the selected rows' distinct ids (so every copy of a
+    repeated row is on one side)."""
+    distinct = np.unique(selected) if cfg.mix else selected  # without a mix every row is there once, in order
     n_eval = cfg.eval_examples or round(cfg.eval_fraction * len(distinct))
     if n_eval >= len(distinct):
         raise PrepError(f"the eval split takes {n_eval} of {len(distinct)} rows; leave at least one for training")
@@ -152,7 +176,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         inputs = open_inputs(cfg, maps)
         if any(i.fmt in ("chat", "sharegpt") for i in inputs):
             _ = tk.chat  # the clear "no chat template" error, before any work
-    names = list(cfg.datasets)
+    names = list(cfg.inputs())
     out = Path(cfg.out).expanduser()
     summary: dict[str, Any] = {}
     with staged_output(out) as new:
@@ -164,8 +188,8 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         skipped = {"bad_rows_skipped": st.bad_count, "bad_rows_first": st.bad_first}
         if not st.good.any():
             raise PrepError(f"all {n_rows} rows are bad ({st.bad_first[0]}, ...); nothing left to pack")
-        with timer.stage("split"):
-            selected = np.flatnonzero(st.good).astype(np.int64)
+        with timer.stage("mix and split"):
+            selected, mix = _select(st, cfg, names)
             is_eval = _eval_rows(selected, n_rows, cfg)
             sets = {}
             for name, rows in (("train", selected[~is_eval[selected]]), ("eval", selected[is_eval[selected]])):
@@ -177,7 +201,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         options["formats"] = st.formats
         what = {"source": source_fp, "options": options, "tokenizer": identity, "format_version": FORMAT_VERSION}
         fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-        source = {"inputs": names, "fingerprint": source_fp, "rows": n_rows}
+        source = {"inputs": names, "fingerprint": source_fp, "rows": n_rows, **({"mix": mix} if mix else {})}
         kw = {}
         if cfg.zstd_level is not None:
             kw["zstd_level"] = cfg.zstd_level
@@ -220,6 +244,8 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             summary[name] = stats
         spill.remove()
     summary.update(skipped)
+    if mix:
+        summary["mix"] = mix
     summary["fingerprint"] = fingerprint
     summary["out"] = str(out)
     summary["stages"] = timer.stages

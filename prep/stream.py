@@ -131,7 +131,7 @@ def open_inputs(cfg: PackConfig, maps: dict[str, str]) -> list[Opened]:
     from .render import apply_maps, detect_format
 
     out = []
-    for spec in cfg.datasets:
+    for spec in cfg.inputs():
         source = open_source(spec)
         chunks = source.chunks()
         first = next(chunks, None)
