@@ -163,6 +163,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     from padless.shards.schema import FORMAT_VERSION
     from padless.shards.writer import ShardWriter
 
+    from .config import parse_template_kwargs
     from .output import staged_output
     from .pack import plan_packs
     from .render import parse_maps
@@ -171,7 +172,8 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
 
     maps = parse_maps(cfg.maps)
     with timer.stage("load tokenizer"):
-        tk = load_tokenizer(cfg.tokenizer)
+        kwargs = parse_template_kwargs(cfg.chat_template_kwargs)
+        tk = load_tokenizer(cfg.tokenizer, template_kwargs=kwargs, template_date=cfg.template_date)
     with timer.stage("load data"):
         inputs = open_inputs(cfg, maps)
         if any(i.fmt in ("chat", "sharegpt") for i in inputs):

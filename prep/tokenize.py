@@ -59,17 +59,18 @@ def _finish(ids: list[int], mask: list[bool], tk: TokenizerInfo, eos_trained: bo
 
 
 def _chat_ids(
-    messages: list[dict[str, Any]], tools: list | None, tk: TokenizerInfo, train_on: str
+    messages: list[dict[str, Any]], tools: list | None, documents: list | None, tk: TokenizerInfo, train_on: str
 ) -> tuple[list[int], list[bool]]:
     tpl = tk.chat
+    messages = tpl.prepare(messages, tools, documents)
     if train_on == "all":
-        full, spans = tpl.render(messages, tools=tools), []
+        full, spans = tpl.render(messages, tools=tools, documents=documents), []
     elif tpl.has_generation_markers:
-        full, spans = tpl.render_marked(messages, tools)
+        full, spans = tpl.render_marked(messages, tools, documents)
     else:
-        full = tpl.render(messages, tools=tools)
-        spans = assistant_spans(tpl, messages, tools, full)
-    check_rendered(tpl, messages, tools, full)
+        full = tpl.render(messages, tools=tools, documents=documents)
+        spans = assistant_spans(tpl, messages, tools, full, documents)
+    check_rendered(tpl, messages, tools, full, documents)
     enc = tk.tok.encode(full, add_special_tokens=False)
     ids = list(enc.ids)
     if train_on == "all":
@@ -105,7 +106,7 @@ def encode_example(
     """One row alone -> (ids, mask): the reference that the shards must reproduce exactly."""
     r = render_row(row, fmt, train_on, separator)
     if r.messages is not None:
-        ids, mask = _chat_ids(r.messages, r.tools, tk, train_on)
+        ids, mask = _chat_ids(r.messages, r.tools, r.documents, tk, train_on)
         _finish(ids, mask, tk, r.messages[-1].get("role") == "assistant" or train_on == "all", chat=True)
         return ids, mask
     texts = (tk.tok.encode(t, add_special_tokens=False).ids for t, _ in r.segments if t is not None)
