@@ -90,6 +90,7 @@ def test_held_out_rows_of_a_repeated_source_are_never_trained(tmp_path: Path) ->
     ev = open_shards(tmp_path / "m" / "eval")
     held = Counter(int(i) for k in range(len(ev)) for i in ev[k].example_index)
     assert held and not set(held) & set(train), "no row on both sides"
+    assert len(held) == round(0.25 * (20 + 24)), "the fraction is of the distinct rows: all 20 of a, 24 of b"
     assert {n for r, n in {**train, **held}.items() if r < 20} == {4, 5}, "96 of 20 rows: 4 or 5 copies, together"
     assert manifest["prep"]["rows"] + json.loads((tmp_path / "m" / "eval" / "manifest.json").read_text())["prep"][
         "rows"] == 120  # fmt: skip
