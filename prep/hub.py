@@ -34,9 +34,10 @@ def _split_of(spec: DatasetSpec, splits: list[str]) -> str:
     return split
 
 
-def folder_files(folder: Path, spec: DatasetSpec) -> list[Path]:
+def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
     """The data files of ``spec``'s subset and split in a folder laid out as a Hub dataset repository, as
-    ``datasets.load_dataset(folder, subset, split=split)`` would read them (in its order)."""
+    ``datasets.load_dataset(folder, subset, split=split)`` would read them (in its order); None for a folder whose
+    builder names no data files (a dataset script, where the installed ``datasets`` still runs them)."""
     import datasets
 
     try:
@@ -50,7 +51,7 @@ def folder_files(folder: Path, spec: DatasetSpec) -> list[Path]:
         raise PrepError(f"cannot open dataset {spec.text!r} with `datasets`: {e}") from e
     data_files = builder.config.data_files
     if not data_files:
-        raise PrepError(f"dataset {spec.text!r}: `datasets` finds no data files in {str(folder)!r}")
+        return None
     files = {str(k): v for k, v in data_files.items()}
     return [Path(f) for f in files[_split_of(spec, list(files))]]
 

@@ -295,7 +295,7 @@ def _open_local(spec: DatasetSpec, n: int) -> Source:
     from .hub import folder_files, stream_dataset
 
     files = folder_files(path, spec)
-    if all(_readable(f) for f in files):
+    if files is not None and all(_readable(f) for f in files):
         return Source(spec.text, _files_chunks(files, n), _sha256_files(files))
     h = hashlib.sha256(f"folder:{spec.subset}:{spec.split}\0".encode())
     return Source(spec.text, stream_dataset(str(path), spec, n, h), _hash=h)

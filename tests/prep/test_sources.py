@@ -164,3 +164,24 @@ def test_pack_a_non_train_split_of_a_hub_style_folder(tmp_path: Path, hub_folder
     assert ss.manifest["source"]["inputs"] == [f"{hub_folder}@test"]
     train = run_pack(PackConfig(datasets=(str(hub_folder),), max_len=64, out=str(tmp_path / "t"), progress=False))
     assert train["train"]["rows"] == 8 and train["fingerprint"] != summary["fingerprint"]
+
+
+def test_a_dataset_script_folder(tmp_path: Path, hub_folder: Path, monkeypatch) -> None:
+    """A folder with a loading script: one error where datasets no longer runs scripts; streamed through datasets
+    where it does (its builder names no data files)."""
+    folder = tmp_path / "scripted"
+    folder.mkdir()
+    (folder / "scripted.py").write_text("import datasets\n")
+    if int(datasets.__version__.split(".")[0]) >= 4:
+        with pytest.raises(PrepError, match=r"cannot open dataset '.*scripted' with `datasets`: .*script"):
+            load_rows(str(folder))
+
+    class Builder:
+        class config:  # the attribute datasets builders have
+            data_files = None
+
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda path, subset: Builder())
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, *, split, streaming: real(
+        str(hub_folder), split=split, streaming=streaming))  # fmt: skip
+    assert [r["text"] for r in load_rows(f"{folder}@test")] == ["test 0", "test 1", "test 2"]
