@@ -37,7 +37,12 @@ def main() -> None:
 
 
 @main.command("pack")
-@click_options(PackConfig, exclude=("zstd_level", "tokens_per_batch", "extra"))
+@click_options(
+    PackConfig,
+    exclude=("zstd_level", "tokens_per_batch", "extra"),
+    config_note="Every shard set keeps its resolved settings in OUT/config.yaml: `prep pack --config "
+    "OUT/config.yaml --out NEW` writes the same shards again.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def pack_cmd(as_json: bool, **params: Any) -> None:
     """Tokenize DATASETS (files, folders, demo:alpaca, demo:chat, hub ids; each PATH_OR_ID[:SUBSET][@SPLIT], e.g.

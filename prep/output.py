@@ -2,9 +2,9 @@
 
 Nothing is deleted that padless did not write. ``--out`` may be absent, an empty folder, or (with ``--overwrite``)
 a padless shard set: a folder holding ``manifest.json`` with format ``padless-shards``, ``shard-NNNNN.arrow``
-files and at most an ``eval/`` folder of the same kind, and nothing else. It may never be the working directory,
-an input (a dataset file or folder, the tokenizer folder), a folder holding an input or the working directory, or a
-folder inside an input or inside a shard set.
+files, at most an ``eval/`` folder of the same kind and the ``config.yaml`` that ``prep pack`` saves, and nothing
+else. It may never be the working directory, an input (a dataset file or folder, the tokenizer folder), a folder
+holding an input or the working directory, or a folder inside an input or inside a shard set.
 
 The new set is written into ``.<name>.padless-staging-<pid>-<hex>/new`` next to ``--out`` and swapped into place
 only when complete (one atomic exchange where the OS has it, else two renames); the old set is removed after the new
@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from padless.shards.config_file import SAVED_CONFIG_NAME
 from padless.shards.schema import FORMAT_NAME, MANIFEST_NAME
 
 from .errors import PrepError
@@ -55,6 +56,8 @@ def not_a_shard_set(folder: Path, nested: bool = False) -> str | None:
     for entry in sorted(folder.iterdir()):
         name = entry.name
         if name == MANIFEST_NAME:
+            continue
+        if name == SAVED_CONFIG_NAME and not nested and entry.is_file() and not entry.is_symlink():
             continue
         if _SHARD_FILE.fullmatch(name) and entry.is_file() and not entry.is_symlink():
             continue

@@ -7,7 +7,9 @@ padless did not write), opens every input and checks its format first, then stre
 (``prep.validate``), tokenization and ``--overlong`` in chunks (``prep.stream``: only token arrays are kept, spilled
 to the staging folder), draws the ``--mix`` (``prep.mix``) and the held-out split, refuses a set with no trainable
 token, packs and writes. The shard set(s) go into a hidden staging folder swapped into place at the end, so a
-failure at any stage (a bad row, a full disk) leaves the previous output as it was and nothing else behind.
+failure at any stage (a bad row, a full disk) leaves the previous output as it was and nothing else behind. The set
+holds its resolved settings as ``config.yaml`` (``prep pack --config OUT/config.yaml --out NEW`` writes the same
+shards again).
 """
 
 from __future__ import annotations
@@ -155,6 +157,21 @@ def _set_examples(st: Any, rows: np.ndarray, name: str, cfg: PackConfig) -> tupl
     return ex, counts
 
 
+def _save_config(cfg: PackConfig, folder: Path) -> None:
+    """The resolved settings as ``folder/config.yaml``: ``prep pack --config`` on it writes the same set again.
+
+    Paths are kept as given, so a replay runs from the same working directory. ``overwrite`` is saved off: a replay
+    replaces a folder only when asked to."""
+    from padless.shards.config_file import SAVED_CONFIG_NAME, write_config_file
+
+    header = [
+        "The prep pack settings that wrote this shard set (defaults, --config file and options, resolved).",
+        "Replay from the same working directory (relative paths are relative to it):",
+        f"  prep pack --config {Path(cfg.out) / SAVED_CONFIG_NAME} --out NEW_FOLDER",
+    ]
+    write_config_file(cfg, folder / SAVED_CONFIG_NAME, header=header, reset=("overwrite",))
+
+
 def run_pack(cfg: PackConfig) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (also stored, minus timings, in the manifest)."""
     _validate(cfg)
@@ -245,6 +262,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
                 bar.close()
             summary[name] = stats
         spill.remove()
+        _save_config(cfg, new)
     summary.update(skipped)
     if mix:
         summary["mix"] = mix

@@ -4,10 +4,14 @@ A config is a ``@dataclass(kw_only=True, frozen=True)``. Each field's ``metadata
 its type decides the click parameter, so help, default, type and allowed values have one source:
 
 - ``Literal["a", "b"]`` (optionally ``| None``): ``--name [a|b]`` (``click.Choice``);
-- ``bool``: a flag, ``--name`` when the default is False, ``--name/--no-name`` when it is True;
+- ``bool``: a flag, ``--name/--no-name``;
 - ``tuple[str, ...]``: a repeatable option, or (``positional``) ``NAME...`` (one or more arguments);
 - ``int``, ``float``, ``str`` (optionally ``| None``): ``--name VALUE``;
-- a field without a default is a required option (or argument).
+- a field without a default is a required option (or argument), given on the command line or in the file.
+
+Every command also takes ``--config FILE`` (``padless.shards.config_file``: YAML keyed by field name). A field's
+value is its default, overridden by the file, overridden by an option given on the command line (click's
+parameter source tells a given option from a default, for ``--lora/--qlora/--full`` and ``--x/--no-x`` too).
 
 Other metadata keys: ``positional`` (an argument, not an option), ``flag`` (the option's name when it is not the
 field's: ``--map`` for ``maps``), ``metavar``, ``switch`` (a ``Literal`` field given as one flag per value:
@@ -32,15 +36,20 @@ from dataclasses import MISSING, dataclass
 from typing import Any, Literal, Union
 
 import click
+from click.core import ParameterSource
 
 __all__ = [
+    "CONFIG_PARAM",
     "USER_ERROR_EXIT",
+    "FieldKind",
     "Group",
     "UserError",
     "check_fields",
     "choice",
     "click_options",
     "config_from_params",
+    "field_kinds",
+    "field_problem",
     "flag_name",
     "one_line",
     "option",
@@ -55,7 +64,7 @@ def option(default: Any = MISSING, *, help: str, **cli: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class _Kind:
+class FieldKind:
     """What a field's annotation allows: ``base`` (int, float, str, bool, tuple, dict), ``choices`` of a Literal."""
 
     base: type
@@ -63,7 +72,7 @@ class _Kind:
     optional: bool = False
 
 
-def _kind(annotation: Any) -> _Kind:
+def _kind(annotation: Any) -> FieldKind:
     optional = False
     if typing.get_origin(annotation) in (Union, types.UnionType):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -73,18 +82,19 @@ def _kind(annotation: Any) -> _Kind:
         annotation = rest[0]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
-        return _Kind(type(args[0]), args, optional)
+        return FieldKind(type(args[0]), args, optional)
     if origin is tuple and args == (str, ...):
-        return _Kind(tuple, None, optional)
+        return FieldKind(tuple, None, optional)
     if origin is dict or annotation is dict:
-        return _Kind(dict, None, optional)
+        return FieldKind(dict, None, optional)
     if annotation in (int, float, str, bool):
-        return _Kind(annotation, None, optional)
+        return FieldKind(annotation, None, optional)
     raise TypeError(f"config field type {annotation!r} is not supported (see shards.cli_config)")
 
 
 @functools.cache
-def _kinds(cls: type) -> dict[str, _Kind]:
+def field_kinds(cls: type) -> dict[str, FieldKind]:
+    """What each field of ``cls`` allows, by field name."""
     hints = typing.get_type_hints(cls)
     return {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
 
@@ -95,7 +105,7 @@ def flag_name(cls: type, f: dataclasses.Field) -> str:
     if f.metadata.get("positional"):
         return f.name.upper()
     if f.metadata.get("switch"):
-        return "/".join(f"--{v}" for v in _kinds(cls)[f.name].choices or ())
+        return "/".join(f"--{v}" for v in field_kinds(cls)[f.name].choices or ())
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
@@ -103,7 +113,7 @@ _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or
                dict: "a dict"}  # fmt: skip
 
 
-def _fits(value: Any, kind: _Kind) -> bool:
+def _fits(value: Any, kind: FieldKind) -> bool:
     if kind.choices is not None:
         return any(value == c and type(value) is type(c) for c in kind.choices)
     if kind.base is bool:
@@ -117,6 +127,21 @@ def _fits(value: Any, kind: _Kind) -> bool:
     return isinstance(value, kind.base)
 
 
+def field_problem(cls: type, f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``f`` of ``cls`` (naming the field, the value and what is allowed),
+    or None when its annotation allows it."""
+    kind = field_kinds(cls)[f.name]
+    if (value is None and kind.optional) or _fits(value, kind):
+        return None
+    on_cli = "help" in f.metadata and not f.metadata.get("positional")
+    name = f"{f.name}={value!r}" + (f" ({flag_name(cls, f)})" if on_cli else "")
+    if kind.choices is not None:
+        allowed = "one of " + ", ".join(repr(c) for c in kind.choices)
+    else:
+        allowed = _TYPE_NAMES[kind.base]
+    return f"{name}: expected {allowed}{' or None' if kind.optional else ''}"
+
+
 def check_fields(config: Any, error: type[Exception]) -> None:
     """Raise ``error`` naming the field, the bad value and what is allowed, for the first field whose value its
     annotation does not allow (a ``Literal`` value outside it, a string for an int, ...).
@@ -124,19 +149,13 @@ def check_fields(config: Any, error: type[Exception]) -> None:
     A list of strings for a ``tuple[str, ...]`` field is stored as a tuple (the config stays hashable)."""
     cls = type(config)
     for f in dataclasses.fields(cls):
-        kind, value = _kinds(cls)[f.name], getattr(config, f.name)
+        kind, value = field_kinds(cls)[f.name], getattr(config, f.name)
         if kind.base is tuple and isinstance(value, list):
             value = tuple(value)
             object.__setattr__(config, f.name, value)
-        if (value is None and kind.optional) or _fits(value, kind):
-            continue
-        on_cli = "help" in f.metadata and not f.metadata.get("positional")
-        name = f"{f.name}={value!r}" + (f" ({flag_name(cls, f)})" if on_cli else "")
-        if kind.choices is not None:
-            allowed = "one of " + ", ".join(repr(c) for c in kind.choices)
-        else:
-            allowed = _TYPE_NAMES[kind.base]
-        raise error(f"{name}: expected {allowed}{' or None' if kind.optional else ''}")
+        problem = field_problem(cls, f, value)
+        if problem is not None:
+            raise error(problem)
 
 
 def choice(literal: Any) -> click.Choice:
@@ -144,7 +163,12 @@ def choice(literal: Any) -> click.Choice:
     return click.Choice([str(c) for c in typing.get_args(literal)])
 
 
-def _param(f: dataclasses.Field, kind: _Kind) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _metavar(f: dataclasses.Field, kind: FieldKind) -> str:
+    """A positional field's name in usage lines: ``SHARDS``, ``DATASETS...``."""
+    return f.metadata.get("metavar") or f.name.upper() + ("..." if kind.base is tuple else "")
+
+
+def _param(f: dataclasses.Field, kind: FieldKind) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     meta, required = f.metadata, f.default is MISSING and f.default_factory is MISSING
     default = None if required else f.default
     click_type: Any = None
@@ -152,10 +176,9 @@ def _param(f: dataclasses.Field, kind: _Kind) -> Callable[[Callable[..., Any]], 
         click_type = click.Choice([str(c) for c in kind.choices], case_sensitive=not meta.get("case_insensitive"))
     if meta.get("positional"):
         many = kind.base is tuple
-        metavar = meta.get("metavar") or f.name.upper() + ("..." if many else "")
-        return click.argument(
-            f.name, nargs=-1 if many else 1, required=required, metavar=metavar, type=click_type or str
-        )
+        metavar = _metavar(f, kind)
+        # Optional for click: a --config file may give it; config_from_params reports it missing otherwise.
+        return click.argument(f.name, nargs=-1 if many else 1, required=False, metavar=metavar, type=click_type or str)
     if meta.get("switch"):
         if not kind.choices:
             raise TypeError(f"{f.name}: a switch field needs a Literal type")
@@ -171,8 +194,8 @@ def _param(f: dataclasses.Field, kind: _Kind) -> Callable[[Callable[..., Any]], 
 
         return switches
     decl = meta.get("flag") or "--" + f.name.replace("_", "-")
-    if kind.base is bool:
-        decls = [f"{decl}/--no-{decl[2:]}" if default else decl]
+    if kind.base is bool:  # both spellings, so a flag can undo what a --config file set
+        decls = [f"{decl}/--no-{decl[2:]}"]
         return click.option(*decls, f.name, is_flag=True, default=bool(default), help=meta["help"])
     if kind.base is tuple:
         return click.option(
@@ -180,19 +203,47 @@ def _param(f: dataclasses.Field, kind: _Kind) -> Callable[[Callable[..., Any]], 
         )
     if kind.base not in (int, float, str):
         raise TypeError(f"{f.name}: a {kind.base.__name__} field cannot be a command-line option; exclude it")
-    given = {"required": True} if required else {"default": default, "show_default": default is not None}
+    # A required field is optional for click (a --config file may give it); config_from_params checks it.
     return click.option(
-        decl, f.name, type=click_type or kind.base, metavar=meta.get("metavar"), help=meta["help"], **given
+        decl,
+        f.name,
+        type=click_type or kind.base,
+        metavar=meta.get("metavar"),
+        help=meta["help"] + ("  [required]" if required else ""),
+        default=default,
+        show_default=default is not None,
     )
 
 
-def click_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A decorator adding one click argument or option per field of ``cls`` (but ``exclude``), in field order.
+CONFIG_PARAM = "config_file"  # the click parameter name of --config (no config field may have it)
+
+
+def click_options(
+    cls: type, exclude: tuple[str, ...] = (), *, config_note: str = ""
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding ``--config FILE`` and one click argument or option per field of ``cls`` (but
+    ``exclude``), in field order; ``config_note`` ends the help of ``--config`` (where a command saves one).
 
     A field without ``help`` that is not excluded is an error here, so a new field cannot silently miss its help.
     """
-    kinds = _kinds(cls)
-    params = []
+    kinds = field_kinds(cls)
+    if CONFIG_PARAM in kinds:
+        raise TypeError(f"{cls.__name__}.{CONFIG_PARAM}: the name is taken by --config")
+    example = next((n for n in kinds if "_" in n and n not in exclude), "name")
+    config_help = (
+        f"YAML (or JSON) file of settings: a mapping of option names ({example} or {example.replace('_', '-')}) to "
+        "values, positional arguments included. Precedence: options given on the command line override the file, "
+        "the file overrides the defaults. Relative paths in it are relative to the working directory."
+    )
+    params = [
+        click.option(
+            "--config",
+            CONFIG_PARAM,
+            default=None,
+            metavar="FILE",
+            help=config_help + (f" {config_note}" if config_note else ""),
+        )
+    ]
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
@@ -208,10 +259,40 @@ def click_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callabl
     return decorate
 
 
+_EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+
+
 def config_from_params(cls: type, params: dict[str, Any]) -> Any:
-    """``cls`` built from click's parsed parameters (their names are the field names; others are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in names})
+    """``cls`` built from click's parsed parameters (their names are the field names; others are ignored) and
+    the ``--config`` file among them: a field's default < the file < an option given on the command line.
+
+    Call it inside the command (it asks the current click context where each value came from). A required field
+    that neither gives is a usage error naming it."""
+    ctx = click.get_current_context()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in params.items() if k in fields}
+    path = params.get(CONFIG_PARAM)
+    if path is not None:
+        from .config_file import ConfigFileError, read_config_file  # here: config_file builds on this module
+
+        try:
+            from_file = read_config_file(cls, path)
+        except ConfigFileError as error:
+            raise UserError(str(error)) from error
+        for name, value in from_file.items():
+            if ctx.get_parameter_source(name) not in _EXPLICIT:
+                values[name] = value
+    for name, f in fields.items():
+        required = f.default is MISSING and f.default_factory is MISSING
+        if required and values.get(name) in (None, ()):
+            if f.metadata.get("positional"):
+                what = f"argument '{_metavar(f, field_kinds(cls)[name])}'"
+            else:
+                what = f"option '{flag_name(cls, f)}'"
+            raise click.UsageError(
+                f"Missing {what}: give it on the command line or as '{name}' in a --config file", ctx
+            )
+    return cls(**values)
 
 
 def one_line(message: object) -> str:

@@ -7,8 +7,9 @@ numbers and strings only: it loads with ``torch.load(weights_only=True)``, never
 ``state.json`` (step, data position = epoch and micro-batch index, the run's settings, the config). Nothing in
 it needs pickle to load. It is written into a temp folder and renamed into place with ``os.replace``, then
 ``checkpoints/latest`` (a one-line file, also replaced atomically) names it: a crash or a full disk mid-write
-leaves the previous checkpoint intact and current. A checkpoint that is incomplete, unreadable or written by
-another kind of run raises :class:`TrainError` naming the file and the fix.
+leaves the previous checkpoint intact and current. With ``--keep-last N`` older whole checkpoints are deleted
+once a new one is in place and named by ``latest``, never the one ``latest`` names. A checkpoint that is
+incomplete, unreadable or written by another kind of run raises :class:`TrainError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "Position",
     "latest_checkpoint",
     "load_checkpoint",
+    "prune_checkpoints",
     "read_checkpoint_settings",
     "save_checkpoint",
     "trainable_state",
@@ -200,9 +202,25 @@ def save_checkpoint(
             f"cannot write checkpoint {final.name} into {str(root)!r} ({reason}); {kept}. Free disk space, or "
             "write checkpoints less often (--save-every)"
         ) from error
+    if rank == 0:
+        prune_checkpoints(output, keep=cfg.keep_last)
     if barrier:
         barrier()
     return final
+
+
+def prune_checkpoints(output: str | os.PathLike, *, keep: int) -> list[Path]:
+    """Delete the whole ``step-*`` checkpoints older than the newest ``keep`` (0 = keep all); the one ``latest``
+    names is always kept, and temp or incomplete folders are left alone. Returns the deleted folders."""
+    root = Path(output) / "checkpoints"
+    if keep <= 0 or not root.is_dir():
+        return []
+    current = latest_checkpoint(output)
+    whole = sorted(p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and (p / "state.json").is_file())
+    doomed = [p for p in whole[:-keep] if p != current]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 _STEP_NAME = re.compile(r"step-(\d{8})")

@@ -5,6 +5,8 @@ status 2, never a traceback.
 ``train run SHARDS``  -> :func:`train.loop.train` (options = the fields of :class:`train.config.TrainConfig`)
 ``train merge ADAPTER --model BASE --out DIR`` -> :func:`train.merge.merge`
 ``train parity SHARDS --model M`` -> :func:`train.parity.parity` (exit status 1 when the check fails)
+``train report RUN [--out DIR]`` -> :func:`train.report.write_report`
+``train chat RUN --prompt TEXT`` -> :func:`train.chat.chat`
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def main() -> None:
 
 
 @main.command("run")
-@click_options(TrainConfig)
+@click_options(
+    TrainConfig,
+    config_note="Every run saves its resolved settings as OUTPUT/config.yaml: `train run --config "
+    "OUTPUT/config.yaml --output NEW` trains the same run again.",
+)
 def run_command(**params: Any) -> None:
     """Fine-tune on SHARDS (a folder made by `prep pack`)."""
     from .loop import train
@@ -102,6 +108,34 @@ def parity_command(**params: Any) -> None:
     click.echo(json.dumps(report.as_dict(), indent=2) if params["as_json"] else report.render())
     if not report.passed:
         sys.exit(1)
+
+
+@main.command("report")
+@click.argument("run", type=click.Path())
+@click.option("--out", default=None, type=click.Path(), help="Folder for report.png and report.txt (default: RUN).")
+def report_command(run: str, out: str | None) -> None:
+    """Plot RUN's metrics.jsonl (loss, eval loss, learning rate, tokens/s, memory) into report.png and summarise
+    it in report.txt; `train run` writes both at its end."""
+    from .report import write_report
+
+    png, txt = write_report(run, out)
+    click.echo(txt.read_text(encoding="utf-8"), nl=False)
+    click.echo(f"report written to {png} and {txt}")
+
+
+@main.command("chat")
+@click.argument("run", type=click.Path())
+@click.option("--prompt", required=True, help="The user message (through the chat template when there is one).")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling (--temperature > 0).")
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+def chat_command(run: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, device: str | None) -> None:
+    """Generate one reply with the model in RUN (a `train run` output or `train merge` folder), loaded with
+    transformers and peft from that folder alone."""
+    from .chat import chat
+
+    click.echo(chat(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, device=device, seed=seed))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ from .families import FamilyName
 __all__ = [
     "MODES",
     "RESUME_CHANGEABLE",
+    "TRACKERS",
     "Checkpointing",
     "CudaGraphs",
     "Dtype",
     "Mode",
     "Optimizer",
+    "Tracker",
     "TrainConfig",
     "TrainError",
 ]
@@ -39,7 +41,9 @@ Optimizer = Literal["adamw", "adamw8bit"]
 Checkpointing = Literal["off", "on", "offload"]
 CudaGraphs = Literal["auto", "on", "off"]
 Dtype = Literal["bf16", "fp16", "fp32"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
 # Settings a resumed run may change when --resume-changed names them (the optimizer's learning rate, weight decay
 # and schedule are re-applied after loading; dtype only changes the compute precision).
 RESUME_CHANGEABLE: tuple[str, ...] = (
@@ -110,6 +114,11 @@ class TrainConfig:
     )
     eval_every: int = option(0, help="Evaluate every N steps (0 = only after the last step; -1 = never).")
     save_every: int = option(0, help="Write a checkpoint every N steps (0 = none; the final output is always written).")
+    keep_last: int = option(
+        0,
+        help="Keep only the newest N checkpoints: older checkpoints/step-* folders are deleted once a new one is "
+        "complete (0 = keep all).",
+    )
     resume: bool = option(
         False,
         help="Continue exactly from the latest checkpoint in --output (from step 0, with a note, when the run "
@@ -142,6 +151,15 @@ class TrainConfig:
         "saved).",
     )
     fsdp: bool = option(False, help="Shard the model with FSDP2 (fully_shard) instead of DDP on several GPUs.")
+    report_to: str | None = option(
+        None,
+        help="Also log the metrics.jsonl scalars and the run config to these trackers (comma list, any of "
+        + ", ".join(TRACKERS)
+        + "; default none: metrics.jsonl only). tensorboard writes OUTPUT/tensorboard/; wandb writes OUTPUT/wandb/ "
+        "(WANDB_MODE=offline keeps it local; WANDB_PROJECT, default padless); mlflow logs to MLFLOW_TRACKING_URI, "
+        "default sqlite:///OUTPUT/mlflow.db (MLFLOW_EXPERIMENT_NAME, default padless). Needs "
+        "`pip install 'padless[trackers]'`.",
+    )
     log_every: int = option(1, help="Refresh the progress bar (or print a line when not on a terminal) every N steps.")
     progress: bool = option(True, help="Show a progress bar.")
 
@@ -164,6 +182,7 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.eval_every >= -1, f"--eval-every must be >= -1 (-1 = never), got {self.eval_every}"),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
+            (self.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.shards != "", "SHARDS is empty; expected the folder `prep pack` wrote"),
             (not (self.resume and self.output is None), "--resume needs --output: the folder of the run to continue"),
@@ -185,6 +204,20 @@ class TrainConfig:
                 f"--resume-changed {','.join(unknown)}: not a setting a resumed run may change; allowed: "
                 f"{', '.join(RESUME_CHANGEABLE)}"
             )
+
+        unknown = [name for name in self.report_to_list if name not in TRACKERS]
+        empty = self.report_to is not None and not self.report_to_list and self.report_to.strip().lower() != "none"
+        if unknown or empty:
+            what = f"unknown tracker {', '.join(map(repr, unknown))}" if unknown else "no tracker named"
+            raise TrainError(
+                f"--report-to {self.report_to!r}: {what}; expected a comma list of {', '.join(TRACKERS)}, or none"
+            )
+
+    @property
+    def report_to_list(self) -> tuple[str, ...]:
+        """``--report-to`` as tracker names, in the given order without repeats (``none`` = no tracker)."""
+        names = [n.strip().lower() for n in (self.report_to or "").split(",") if n.strip()]
+        return tuple(dict.fromkeys(n for n in names if n != "none"))
 
     @property
     def resume_changed_set(self) -> frozenset[str]:

@@ -32,10 +32,11 @@ from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .optim import build_optimizer, build_scheduler, reapply_hyperparameters
-from .output import gather_output_state, save_base_model, save_output
+from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
 from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
 from .progress import Progress
-from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings
+from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings, save_run_config
+from .trackers import check_installed, start_trackers
 
 __all__ = ["Callbacks", "NonFiniteLossError", "TrainResult", "train"]
 
@@ -115,6 +116,7 @@ def _train(
     """The run itself, in one process of ``env`` (its process group, if any, is up)."""
     output = Path(cfg.output) if cfg.output else _default_output()
     result = TrainResult(output=output, steps=0)
+    check_installed(cfg.report_to_list)  # every rank, before any work: a missing tracker library is one error
 
     # Data: the shard sets and the per-pack sizes every plan is made from (host-side, read once), checked before
     # any model is loaded: something to learn, and every pack within the micro-batch budget.
@@ -154,8 +156,11 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
+    tokenizer_from, no_tokenizer = tokenizer_folder(cfg.model, ss.manifest)  # copied next to the output
+    result.warnings += [no_tokenizer] if no_tokenizer else []
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run
         apply_output_plan(out_plan)
+        save_run_config(cfg, out_plan)  # OUTPUT/config.yaml replays the run, an interrupted one too
     dist_util.barrier()
     if cfg.model is None and cfg.mode != "full" and env.is_main and _param_count(model) < _SAVE_BASE_LIMIT:
         save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable
@@ -230,6 +235,16 @@ def _train(
         progress.write(f"step {step}: eval_loss {loss:.4f} over {count} trainable tokens")
 
     graph_step = _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress)
+    # --report-to (rank 0): every metrics.jsonl record also goes to the trackers, the resolved config once
+    hyperparameters = {**asdict(cfg), "output": str(output), "dtype": settings["dtype"], "device": str(device),
+                       "world_size": env.world_size, "tokens_per_micro_batch": budget}  # fmt: skip
+    trackers = start_trackers(
+        cfg.report_to_list if env.is_main else (),
+        output,
+        hyperparameters=hyperparameters,
+        resume_step=position.step if resume_from else None,
+    )
+    metrics.sinks.append(trackers.log)
     step, epoch, start = position.step, position.epoch, position.micro_batch
     wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
     step_times: list[float] = []
@@ -348,6 +363,7 @@ def _train(
             ) from error
         finally:
             progress.close()
+            trackers.close()
 
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0
@@ -355,7 +371,8 @@ def _train(
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
         record = functools.partial(record_outputs, output)
-        save_output(model, output, model_source=cfg.model, state_dict=final_state, record=record)
+        save_output(model, output, model_source=cfg.model, tokenizer_from=tokenizer_from, state_dict=final_state,
+                    record=record)  # fmt: skip
     first = 1 if len(step_times) > 1 else 0
     steady, steady_times = per_step[first:], step_times[first:]
     result.summary = {
@@ -384,6 +401,9 @@ def _train(
     }
     if env.is_main:
         (output / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
+        from .report import write_report  # matplotlib: imported only here
+
+        write_report(output)  # report.png and report.txt, from metrics.jsonl (`train report` writes them again)
     dist_util.barrier()
     return result
 

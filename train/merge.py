@@ -1,7 +1,8 @@
 """``train merge``: fold a LoRA adapter into its base model and save a plain Hugging Face folder.
 
 The merged folder loads with ``AutoModelForCausalLM.from_pretrained`` alone (no peft) and computes what base +
-adapter computed. It is written to a temp folder next to ``out`` and renamed into place.
+adapter computed; it holds the tokenizer files of the adapter folder (``train run`` puts them there), else those
+of the base folder. It is written to a temp folder next to ``out`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainError
-from .output import copy_tokenizer_files
+from .output import copy_tokenizer_files, has_tokenizer
 from .prepare import check_model_source
 
 __all__ = ["merge"]
@@ -50,7 +51,7 @@ def merge(
     tmp = out.with_name(out.name + ".tmp-merge")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
-    copy_tokenizer_files(base, tmp)
+    copy_tokenizer_files(adapter_dir if has_tokenizer(adapter_dir) else base, tmp)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

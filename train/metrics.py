@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,13 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line, so a crash loses nothing)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line, so a crash loses nothing) and hands
+    each record to every callable in ``sinks`` (the ``--report-to`` trackers)."""
 
     def __init__(self, path: str | os.PathLike, *, enabled: bool = True, keep_until_step: int | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,3 +146,5 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
+        for sink in self.sinks:
+            sink(record)

@@ -1,5 +1,11 @@
 """The final output of ``train run``: a peft adapter (LoRA/QLoRA) or a Hugging Face model (full), written into the
-run folder next to its checkpoints; and the tokenizer files a model folder carries along.
+run folder next to its checkpoints, with the tokenizer files (chat template included) beside it, so the folder
+alone loads with ``AutoPeftModelForCausalLM`` / ``AutoModelForCausalLM`` and ``AutoTokenizer``.
+
+The tokenizer comes from the ``--model`` folder, else from the folder the shards were tokenized with (the
+manifest's ``tokenizer_source``, which is also what the tiny random model was sized to). An adapter's config names
+its base by absolute path (a local ``--model`` folder, or the tiny random base saved in ``OUTPUT/base_model``),
+so it loads from any working directory.
 """
 
 from __future__ import annotations
@@ -8,10 +14,19 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["TOKENIZER_FILES", "copy_tokenizer_files", "gather_output_state", "save_base_model", "save_output"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "copy_tokenizer_files",
+    "gather_output_state",
+    "has_tokenizer",
+    "save_base_model",
+    "save_output",
+    "tokenizer_folder",
+]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -21,6 +36,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
     "chat_template.jinja",
+    "chat_template.json",
     "added_tokens.json",
     "generation_config.json",
 )
@@ -41,6 +57,28 @@ def copy_tokenizer_files(source: str | os.PathLike | None, dest: str | os.PathLi
             shutil.copy2(Path(source) / name, Path(dest) / name)
             copied.append(name)
     return copied
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary file (fast, sentencepiece or BPE vocab)."""
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def tokenizer_folder(model: str | None, manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """The local folder whose tokenizer files go into the output, and a note for the user when there is none:
+    the ``--model`` folder when it holds a tokenizer, else the shards' ``tokenizer_source`` when it still exists."""
+    candidates = [("--model", model), ("the shards' tokenizer_source", manifest.get("tokenizer_source"))]
+    candidates = [(label, source) for label, source in candidates if isinstance(source, str)]
+    for _, source in candidates:
+        folder = Path(source).expanduser()
+        if folder.is_dir() and has_tokenizer(folder):
+            return folder, None
+    looked = ", ".join(f"{label} {source!r}" for label, source in candidates)
+    why = f"none of {looked} is a local folder holding one" if looked else "the shards' manifest names none"
+    return None, (
+        f"the output folder will hold no tokenizer ({why}); copy the tokenizer files into it before loading it with "
+        "AutoTokenizer or `train chat`"
+    )
 
 
 def gather_output_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -64,6 +102,7 @@ def save_output(
     output: str | os.PathLike,
     *,
     model_source: str | None,
+    tokenizer_from: str | os.PathLike | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     record: Callable[[list[str]], None] | None = None,
 ) -> Path:
@@ -71,7 +110,8 @@ def save_output(
 
     With no ``--model`` (the tiny random model) the trainer saved the frozen base under ``output/base_model``
     (:func:`save_base_model`) and the adapter's config points at it, so ``PeftModel.from_pretrained`` works from
-    the folder alone. ``state_dict``: the gathered tensors of an FSDP2 run (:func:`gather_output_state`).
+    the folder alone. ``tokenizer_from``: the folder whose tokenizer files are copied beside the weights
+    (:func:`tokenizer_folder`). ``state_dict``: the gathered tensors of an FSDP2 run (:func:`gather_output_state`).
     ``record(names)`` is told the file names before they are moved into ``output`` (the run folder's marker
     lists them, so ``--overwrite`` knows them as padless's).
     """
@@ -83,13 +123,16 @@ def save_output(
     is_peft = hasattr(model, "peft_config")
     if is_peft:
         saved_base = output / "base_model"
-        base_ref = model_source or (str(saved_base.resolve()) if saved_base.is_dir() else None)
+        if model_source is not None and Path(model_source).expanduser().is_dir():
+            base_ref = str(Path(model_source).expanduser().resolve())  # loadable from any working directory
+        else:
+            base_ref = model_source or (str(saved_base.resolve()) if saved_base.is_dir() else None)
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_ref
         model.save_pretrained(str(tmp), **extra)
     else:
         model.save_pretrained(str(tmp), safe_serialization=True, **extra)
-        copy_tokenizer_files(model_source, tmp)
+    copy_tokenizer_files(tokenizer_from, tmp)
     items = sorted(tmp.iterdir())
     if record is not None:
         record([item.name for item in items])

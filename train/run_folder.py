@@ -1,9 +1,11 @@
 """``train run --output``: where a run may write, what it may replace, and what ``--resume`` may continue.
 
 A run folder is marked by ``padless-run.json``, written before anything else of the run; it lists the output
-files the run saved (adapter or model), next to the fixed names a run writes (``metrics.jsonl``,
-``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names). The rules, checked on every rank
-before anything is written or deleted (:func:`plan_output`), applied by rank 0 (:func:`apply_output_plan`):
+files the run saved (adapter or model, tokenizer), next to the fixed names a run writes (``config.yaml``,
+``metrics.jsonl``, ``summary.json``, ``checkpoints/``, ``base_model/`` and their temp names, the report and the
+trackers' files). ``config.yaml`` (:func:`save_run_config`) is the run's resolved settings, written right after the
+marker: ``train run --config OUTPUT/config.yaml --output NEW`` trains the same run again. The rules, checked on every
+rank before anything is written or deleted (:func:`plan_output`), applied by rank 0 (:func:`apply_output_plan`):
 
 - The output is a new or empty folder, or a padless run folder. A non-empty folder without the marker is
   refused; so are the working directory, any folder holding it, and any folder that is or holds an input (the
@@ -19,6 +21,7 @@ before anything is written or deleted (:func:`plan_output`), applied by rank 0 (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from padless.shards.cli_config import flag_name
+from padless.shards.config_file import SAVED_CONFIG_NAME, write_config_file
 
 from .checkpoint import latest_checkpoint, read_checkpoint_settings
 from .config import RESUME_CHANGEABLE, TrainConfig, TrainError
@@ -38,13 +42,15 @@ __all__ = [
     "plan_output",
     "record_outputs",
     "run_settings",
+    "save_run_config",
     "settings_differences",
     "shards_identity",
 ]
 
 MARKER = "padless-run.json"
 # Top-level names a run writes besides the output files its marker lists.
-_FIXED = (MARKER, "metrics.jsonl", "summary.json", "checkpoints", "base_model", "base_model.tmp", ".tmp-output")
+_FIXED = (MARKER, "metrics.jsonl", "summary.json", "checkpoints", "base_model", "base_model.tmp", ".tmp-output",
+          SAVED_CONFIG_NAME, SAVED_CONFIG_NAME + ".tmp")  # fmt: skip
 # Settings that must match for --resume (RESUME_CHANGEABLE may differ when --resume-changed names them); the
 # other TrainConfig fields (output, device, logging, evaluation, checkpoint cadence, ...) do not change what is
 # trained. tests/train/test_bad_inputs.py checks that every field is in one of the groups.
@@ -74,12 +80,16 @@ RESUME_FREE = (
     "eval_shards",
     "eval_every",
     "save_every",
+    "keep_last",
     "checkpointing",
     "cuda_graphs",
     "device",
     "log_every",
     "progress",
+    "report_to",
 )
+# What a run derives from its metrics: the report (train.report) and the trackers' local files (train.trackers).
+_DERIVED = ("report.png", "report.txt", "tensorboard", "wandb", "mlflow.db", "mlruns", "trackers.json")
 
 
 @dataclass(frozen=True)
@@ -212,7 +222,7 @@ def record_outputs(output: str | os.PathLike, names: Iterable[str]) -> None:
 
 def _entries(output: Path, marker: dict[str, Any] | None) -> tuple[list[Path], list[Path]]:
     """(entries a padless run wrote, other entries) at the top of ``output``."""
-    ours = set(_FIXED) | {str(n) for n in (marker or {}).get("outputs", [])}
+    ours = set(_FIXED) | set(_DERIVED) | {str(n) for n in (marker or {}).get("outputs", [])}
     mine, other = [], []
     for entry in sorted(output.iterdir()):
         (mine if entry.name in ours else other).append(entry)
@@ -323,3 +333,27 @@ def apply_output_plan(plan: OutputPlan) -> None:
     if plan.action == "resume" and read_marker(plan.output) is not None:
         return
     _write_marker(plan.output, {"format": "padless-run", "version": 1, "outputs": []})
+
+
+# How this invocation treated an existing folder, not what it trains: a replay starts a new run, and replaces or
+# continues a folder only when asked to.
+_NOT_REPLAYED = ("resume", "resume_changed", "overwrite")
+
+
+def save_run_config(cfg: TrainConfig, plan: OutputPlan) -> Path:
+    """Rank 0, before the first step: the resolved settings as ``OUTPUT/config.yaml`` (every field; ``output`` the
+    folder actually used; ``resume``, ``resume_changed`` and ``overwrite`` off). Paths are kept as given, so a
+    replay runs from the same working directory. Returns the file's path."""
+    saved = dataclasses.replace(cfg, output=str(plan.output))
+    path = plan.output / SAVED_CONFIG_NAME
+    header = [
+        "The train run settings of this run (defaults, --config file and options, resolved).",
+        "Replay from the same working directory (relative paths are relative to it):",
+        f"  train run --config {path} --output NEW_FOLDER",
+    ]
+    if plan.changed:
+        header.append(
+            f"This run was resumed from {plan.checkpoint.name if plan.checkpoint else 'a checkpoint'} with changed "
+            f"settings ({', '.join(plan.changed)}); a replay trains every step with the values below."
+        )
+    return write_config_file(saved, path, header=header, reset=_NOT_REPLAYED)

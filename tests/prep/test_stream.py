@@ -70,7 +70,7 @@ def test_the_spill_never_outlives_the_run(tmp_path: Path, monkeypatch) -> None:
     src = write_jsonl(tmp_path / "a.jsonl", rows)
     run_pack(PackConfig(datasets=(str(src),), max_len=64, out=str(tmp_path / "o"), progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "o"]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.json", "shard-00000.arrow"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.yaml", "manifest.json", "shard-00000.arrow"]
     # A bad row in a late chunk fails after earlier chunks were spilled: the staging folder goes with the spill.
     bad = write_jsonl(tmp_path / "b.jsonl", [*rows, {"instruction": "x"}])
     with pytest.raises(PrepError, match=r"^row 100: `output` is missing"):

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from padless.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from padless.train.checkpoint import (
+    Position,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    trainable_state,
+)
 from padless.train.config import TrainConfig, TrainError
 from padless.train.metrics import flop_model, sum_squared_lengths
 from padless.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -74,6 +81,31 @@ def test_latest_moves_only_when_a_checkpoint_is_whole(tmp_path: Path) -> None:
     (first / "optimizer.pt").unlink()
     with pytest.raises(TrainError, match=r"lacks \['optimizer.pt'\]; it is incomplete"):
         load_checkpoint(first, model, opt, sched)
+
+
+def test_keep_last_deletes_only_older_whole_checkpoints_never_latest(tmp_path: Path) -> None:
+    cfg = TrainConfig(shards="x", keep_last=2)
+    model = _tiny()
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg, total_steps=8)
+    root = tmp_path / "checkpoints"
+    names = lambda: sorted(p.name for p in root.iterdir() if p.name != "latest")
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, Position(step, 0, step), model, opt, sched, cfg)
+    assert names() == ["step-00000003", "step-00000004"]
+    # A temp folder and a step folder without state.json are not whole checkpoints: never counted or deleted.
+    (root / ".tmp-step-00000009").mkdir()
+    (root / "step-00000001").mkdir()
+    # 'latest' pointed back at step 3 (to resume from it): kept although it is not among the newest 1.
+    (root / "latest").write_text("step-00000003\n")
+    assert prune_checkpoints(tmp_path, keep=1) == []
+    assert names() == [".tmp-step-00000009", "step-00000001", "step-00000003", "step-00000004"]
+    (root / "latest").write_text("step-00000004\n")
+    assert prune_checkpoints(tmp_path, keep=0) == []  # 0 = keep all
+    assert prune_checkpoints(tmp_path, keep=1) == [root / "step-00000003"]
+    assert names() == [".tmp-step-00000009", "step-00000001", "step-00000004"]
+    with pytest.raises(TrainError, match=r"--keep-last must be >= 0 \(0 = keep all\), got -1"):
+        TrainConfig(shards="x", keep_last=-1)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_cpu_refuses_graphs_by_name(synthetic_shards: Path, tmp_path: Path) -> N
 def test_auto_on_cpu_trains_eagerly(synthetic_shards: Path, tmp_path: Path) -> None:
     auto = train(base_config(synthetic_shards, tmp_path / "auto", cuda_graphs="auto", max_steps=2))
     off = train(base_config(synthetic_shards, tmp_path / "off", cuda_graphs="off", max_steps=2))
-    assert auto.losses == off.losses and not auto.warnings
+    assert auto.losses == off.losses and not [w for w in auto.warnings if "CUDA graphs" in w]
 
 
 @pytest.mark.gpu

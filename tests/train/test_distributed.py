@@ -71,7 +71,8 @@ def _rank_main(rank: int, world: int, port: int, shards: str, output: str, fsdp:
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    out = _instrumented_run(base_config(Path(shards), Path(output), grad_accum=1, fsdp=fsdp, **SETTINGS))
+    cfg = base_config(Path(shards), Path(output), grad_accum=1, fsdp=fsdp, report_to="tensorboard", **SETTINGS)
+    out = _instrumented_run(cfg)
     out["group_left"] = not torch.distributed.is_initialized()  # train() created the group, so it left it
     torch.save(out, Path(output) / f"rank{rank}.pt")
 
@@ -118,6 +119,15 @@ def test_two_gloo_ranks_equal_one_rank_doing_both_halves(synthetic_shards: Path,
 
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert saved and all(k.replace(".weight", ".default.weight") in ranks[0]["weights"] for k in saved)
+    # Only rank 0 logs to the trackers: one event file, holding the all-reduced losses.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (s + 1, pytest.approx(loss, rel=1e-6)) for s, loss in enumerate(ranks[0]["losses"])
+    ]
     for key, tensor in saved.items():
         torch.testing.assert_close(tensor, ranks[0]["weights"][key.replace(".weight", ".default.weight")], msg=key)
 

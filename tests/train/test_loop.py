@@ -23,7 +23,7 @@ from padless.train.checkpoint import latest_checkpoint, trainable_state
 from padless.train.data import pack_sizes
 from padless.train.loop import Callbacks, NonFiniteLossError, train
 
-from .runs import base_config, run_recorded
+from .runs import base_config, run_interrupted, run_recorded
 
 
 def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path, tmp_path: Path) -> None:
@@ -81,6 +81,18 @@ def test_resume_continues_exactly(synthetic_shards: Path, tmp_path: Path) -> Non
     wa, wb = trainable_state(rec_a.model), trainable_state(rec_b.model)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
+
+
+def test_keep_last_prunes_old_checkpoints_and_resume_still_works(synthetic_shards: Path, tmp_path: Path) -> None:
+    settings = dict(max_steps=5, save_every=1, keep_last=2, tokens_per_micro_batch=200)
+    straight = train(base_config(synthetic_shards, tmp_path / "a", **settings))
+    root = tmp_path / "b" / "checkpoints"
+    run_interrupted(base_config(synthetic_shards, tmp_path / "b", **settings), after_step=3)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    resumed = train(base_config(synthetic_shards, tmp_path / "b", resume=True, **settings))
+    assert resumed.losses == straight.losses[3:]  # continued from step 3, bit-exact on CPU
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    assert latest_checkpoint(tmp_path / "b") == root / "step-00000005"
 
 
 def _one_by_one_eval_loss(model: torch.nn.Module, eval_ss) -> float:
