@@ -11,7 +11,8 @@ reaches the GPU as a user's does, NF4 tensor by tensor; bf16 LoRA cases build th
 (``--family``). Peak = ``torch.cuda.max_memory_allocated()`` over the whole run, from loading the model through the
 last step, nothing reset. Reported beside it, from the run's summary.json: weights, trainable weights, gradients,
 optimizer state, what a step adds (saved activations and workspace), the allocator's slack, the median step time
-and tokens/s after the first ``--warmup`` steps, and the case's target peak where the project has one.
+and tokens/s after the first ``--warmup`` steps, the case's target peak where the project has one, and the peak
+that ``train plan`` predicts (with its error against the measured one).
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def model_folder(shape: str, vocab: int, work: Path) -> Path:
     return folder
 
 
+def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
+    """``train plan``'s peak for the case."""
+    from padless.train.modeling import tiny_config
+    from padless.train.plan import Setting, estimate, inventory
+
+    family, fields = H.MODEL_SHAPES[case.shape]
+    fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
+    inv = inventory(tiny_config(family, fields.pop("vocab_size"), **fields))
+    setting = Setting(case.mode, case.tokens, case.checkpointing)
+    return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
+
+
 def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     out = args.work / f"run-{case.name}"
     cmd = [sys.executable, "-m", "padless.train", "run", args.shards, "--output", str(out), "--overwrite",
@@ -134,8 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from padless.shards.reader import open_shards
+    from padless.train.plan import shard_statistics
 
     manifest = open_shards(args.shards).manifest
+    sum_sq_per_token = shard_statistics(args.shards)[1]
     vocab = int(manifest["tokenizer"]["vocab_size"])
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -143,11 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         case = CASES[name]
         print(f"=== {name}", flush=True)
         result = run_case(case, args, vocab)
+        result["predicted_gib"] = predicted_gib(case, vocab, sum_sq_per_token)
+        if result.get("peak_gib"):
+            result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
         print(json.dumps(result), flush=True)
         rows.append({"bench": "memory", "case": name, "shape": case.shape, "mode": case.mode, "tokens": case.tokens,
                      "checkpointing": case.checkpointing, "target_gib": case.target_gib, "shards": args.shards,
                      "shards_fingerprint": manifest.get("fingerprint"), **result})  # fmt: skip
     cols = [("case", "case", "s"), ("peak_gib", "peak GiB", ".2f"), ("target_gib", "target", ".1f"),
+            ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
             ("memory_gib.weights", "weights", ".2f"), ("memory_gib.trainable", "trainable", ".2f"),
             ("memory_gib.gradients", "grads", ".2f"), ("memory_gib.optimizer", "optim", ".2f"),
             ("memory_gib.step", "step", ".2f"), ("memory_gib.slack", "slack", ".2f"), ("step_s", "s/step", ".3f"),
