@@ -37,11 +37,13 @@ class Case:
     mode: str  # lora | qlora
     tokens: int  # tokens per micro-batch
     checkpointing: str = "on"
+    optimizer: str = "adamw"
     target_gib: float | None = None
 
     @property
     def name(self) -> str:
         suffix = "" if self.checkpointing == "on" else f"-{self.checkpointing}"
+        suffix += "" if self.optimizer == "adamw" else f"-{self.optimizer}"
         return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
 
 
@@ -53,6 +55,7 @@ CASES = {
         Case("qwen3-4b", "qlora", 32768, target_gib=6.0),
         Case("qwen3-4b", "qlora", 2048, "offload"),
         Case("qwen3-4b", "qlora", 8192, "offload"),
+        Case("qwen3-4b", "qlora", 2048, "offload", "adamw8bit"),
         Case("qwen3-14b", "qlora", 4096, target_gib=12.0),
         Case("qwen3-8b", "lora", 16384, target_gib=20.0),
         Case("tiny", "lora", 1024),
@@ -90,7 +93,7 @@ def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
     family, fields = H.MODEL_SHAPES[case.shape]
     fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
     inv = inventory(tiny_config(family, fields.pop("vocab_size"), **fields))
-    setting = Setting(case.mode, case.tokens, case.checkpointing)
+    setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer)
     return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
 
 
@@ -98,6 +101,7 @@ def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     out = args.work / f"run-{case.name}"
     cmd = [sys.executable, "-m", "padless.train", "run", args.shards, "--output", str(out), "--overwrite",
            f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--checkpointing", case.checkpointing,
+           "--optimizer", case.optimizer,
            "--max-steps", str(args.warmup + args.steps), "--eval-every", "-1", "--no-progress", "--force"]  # fmt: skip
     if case.mode == "qlora":
         cmd += ["--model", str(model_folder(case.shape, vocab, args.work))]
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
         print(json.dumps(result), flush=True)
         rows.append({"bench": "memory", "case": name, "shape": case.shape, "mode": case.mode, "tokens": case.tokens,
-                     "checkpointing": case.checkpointing, "target_gib": case.target_gib, "shards": args.shards,
+                     "checkpointing": case.checkpointing, "optimizer": case.optimizer, "target_gib": case.target_gib,
+                     "shards": args.shards,
                      "shards_fingerprint": manifest.get("fingerprint"), **result})  # fmt: skip
     cols = [("case", "case", "s"), ("peak_gib", "peak GiB", ".2f"), ("target_gib", "target", ".1f"),
             ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
