@@ -147,34 +147,35 @@ def _str(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _json_objects(value: Any, what: str) -> list[dict[str, Any]] | None:
+    """``value`` (a list of objects, one object, or a JSON string of either) as a list; None when empty. Raises
+    ``ValueError`` (or ``json.JSONDecodeError``) naming ``what`` was expected otherwise."""
+    if value is None or value == "":
+        return None
+    items = json.loads(value) if isinstance(value, str) else value
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"expected a list of {what}, got {type(items).__name__}")
+    return items or None
+
+
 def parse_tools(value: Any) -> list[dict[str, Any]] | None:
     """A row's ``tools`` (a list, or a JSON string of one) as the template's ``tools``: None when empty.
 
     A bare schema (``{"name", "description", "parameters"}``, as in glaive / LLaMA-Factory data) is wrapped as
     ``{"type": "function", "function": schema}``, the form transformers passes to chat templates. Raises
     ``ValueError`` (or ``json.JSONDecodeError``) for a value that is not a list of objects."""
-    if value is None or value == "":
+    tools = _json_objects(value, "tool schemas (objects)")
+    if tools is None:
         return None
-    tools = json.loads(value) if isinstance(value, str) else value
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ValueError(f"expected a list of tool schemas (objects), got {type(tools).__name__}")
-    out = [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in tools]
-    return out or None
+    return [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in tools]
 
 
 def parse_documents(value: Any) -> list[dict[str, Any]] | None:
     """A row's ``documents`` (a list of objects, or a JSON string of one) as the template's ``documents``: None when
     empty. Raises ``ValueError`` (or ``json.JSONDecodeError``) for a value that is not a list of objects."""
-    if value is None or value == "":
-        return None
-    docs = json.loads(value) if isinstance(value, str) else value
-    if isinstance(docs, dict):
-        docs = [docs]
-    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
-        raise ValueError(f"expected a list of documents (objects such as {{title, text}}), got {type(docs).__name__}")
-    return docs or None
+    return _json_objects(value, "documents (objects such as {title, text})")
 
 
 def tool_calls(value: str) -> list[dict[str, Any]]:

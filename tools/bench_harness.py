@@ -42,6 +42,7 @@ __all__ = [
     "RESULTS_DIR",
     "add_results_args",
     "append_rows",
+    "comma_choices",
     "environment",
     "format_table",
     "input_sets",
@@ -271,6 +272,14 @@ def add_results_args(parser: argparse.ArgumentParser, area: str) -> None:
         "smoke runs append only when this is given)",
     )
     parser.add_argument("--no-record", action="store_true", help="print the table only, append nothing")
+
+
+def comma_choices(parser: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """``text`` split on commas; a name outside ``allowed`` is a usage error naming ``flag``."""
+    names = [name for name in text.split(",") if name]
+    if unknown := sorted(set(names) - set(allowed)):
+        parser.error(f"{flag}: unknown {unknown}; expected some of {list(allowed)}")
+    return names
 
 
 def record(args: argparse.Namespace, area: str, rows: Sequence[dict[str, Any]], *, smoke: bool = False) -> None:

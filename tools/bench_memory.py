@@ -142,9 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case's row is a timeout")
     H.add_results_args(p, "memory")
     args = p.parse_args(argv)
-    args.cases = [c for c in args.cases.split(",") if c]
-    if unknown := sorted(set(args.cases) - set(CASES)):
-        p.error(f"--cases: unknown {unknown}; expected some of {list(CASES)}")
+    args.cases = H.comma_choices(p, "--cases", args.cases, CASES)
     return args
 
 

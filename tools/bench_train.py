@@ -283,9 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--row-file", help=argparse.SUPPRESS)
     H.add_results_args(p, "train")
     args = p.parse_args(argv)
-    args.systems = [s for s in args.systems.split(",") if s]
-    if unknown := sorted(set(args.systems) - set(SYSTEMS)):
-        p.error(f"--systems: unknown {unknown}; expected some of {list(SYSTEMS)}")
+    args.systems = H.comma_choices(p, "--systems", args.systems, SYSTEMS)
     return args
 
 
