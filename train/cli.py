@@ -13,6 +13,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -37,6 +38,9 @@ def main() -> None:
 
     A user error is one line on stderr and exit status 2.
     """
+    # bitsandbytes' CPU backend warns on import that an optional kernel from the Hugging Face hub is not trusted;
+    # it falls back to its own code, and to a CPU user the warning reads as an error.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @main.command("run")
