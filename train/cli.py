@@ -178,7 +178,14 @@ def chat_command(run: str, prompt: str, max_new_tokens: int, temperature: float,
     transformers and peft from that folder alone."""
     from .chat import chat
 
-    click.echo(chat(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, device=device, seed=seed))
+    reply = chat(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, device=device, seed=seed)
+    click.echo(reply)
+    if not reply.strip():
+        click.echo(
+            "note: the model ended its reply at once. The prompt went through the tokenizer's chat template; a run "
+            "trained on another prompt format (e.g. Alpaca's) answers in that one: write the prompt in it",
+            err=True,
+        )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ The model is built on the meta device (no weights read), which gives every param
 The per-token activation counts of one layer (``_LAYER_*``) are fitted to measured peaks, not derived: what
 padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. Fitted so far to one
 measurement (Qwen3-8B bf16 LoRA, 16K tokens, checkpointing on, H100: 23.06 GiB measured, 23.08 predicted);
-``tools/bench_memory.py`` prints the prediction beside every case it measures. Step time is the step's FLOPs (the same count ``metrics.flop_model`` makes) at
-the model FLOP utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches,
-whose fixed per-step costs weigh more (``_HALF_TOKENS``).
+``tools/bench_memory.py`` prints the prediction beside every case it measures.
+
+Step time is the step's FLOPs (the same count ``metrics.flop_model`` makes) at the model FLOP utilisation padless
+reaches for that mode on Hopper (``_MFU``), lower for small micro-batches, whose fixed per-step costs weigh more
+(``_HALF_TOKENS``).
 """
 
 from __future__ import annotations
