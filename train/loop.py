@@ -76,6 +76,11 @@ class TrainResult:
 _SAVE_BASE_LIMIT = 1_000_000_000
 
 
+def _overrides_file(text: str | None) -> str | None:
+    """The file that ``--model-overrides`` names (None when it is inline JSON or not given)."""
+    return None if text is None or text.lstrip().startswith("{") else text
+
+
 def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -149,7 +154,7 @@ def _train(
         cfg, world_size=env.world_size, budget=budget, manifest=ss.manifest, dtype=_DTYPE_NAMES[dtype]
     )
     inputs = [("shard set", cfg.shards), ("eval set", str(eval_path) if eval_path else None), ("model", cfg.model),
-              ("--model-overrides file", cfg.model_overrides)]  # fmt: skip
+              ("--model-overrides file", _overrides_file(cfg.model_overrides))]  # fmt: skip
     out_plan = plan_output(cfg, output, settings, inputs=inputs)
     resume_from = out_plan.checkpoint
     dist_util.barrier()  # every rank has read the folder before rank 0 changes it

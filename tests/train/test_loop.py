@@ -270,6 +270,17 @@ def test_gpu_parity_command_passes_with_triton_kernels(synthetic_shards: Path) -
     assert report.passed, report.render()
 
 
+def test_inline_model_overrides_longer_than_a_file_name(synthetic_shards: Path, tmp_path: Path) -> None:
+    # Inline JSON is not a path: one longer than the file system's name limit must not be looked up as one.
+    fields = json.loads(base_config(synthetic_shards, tmp_path).model_overrides)
+    overrides = json.dumps({**fields, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+                            "initializer_range": 0.02, "attention_dropout": 0.0, "tie_word_embeddings": False,
+                            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "mlp_bias": False})  # fmt: skip
+    assert len(overrides) > 255
+    result = train(base_config(synthetic_shards, tmp_path / "run", max_steps=1, model_overrides=overrides))
+    assert len(result.losses) == 1
+
+
 def test_steady_throughput_leaves_out_the_first_step(synthetic_shards: Path, tmp_path: Path) -> None:
     result = train(base_config(synthetic_shards, tmp_path / "run", max_steps=3))
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
