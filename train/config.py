@@ -25,6 +25,7 @@ __all__ = [
     "Checkpointing",
     "CudaGraphs",
     "Dtype",
+    "Memory",
     "Mode",
     "Optimizer",
     "PlanConfig",
@@ -43,6 +44,7 @@ Optimizer = Literal["adamw", "adamw8bit"]
 Checkpointing = Literal["off", "on", "offload"]
 CudaGraphs = Literal["auto", "on", "off"]
 Dtype = Literal["bf16", "fp16", "fp32"]
+Memory = Literal["fast", "low"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
@@ -104,6 +106,13 @@ class TrainConfig:
         "off",
         help="Gradient checkpointing: off, on (recompute layers in backward), offload (also keep the checkpointed "
         "hidden states in pinned CPU memory).",
+    )
+    memory: Memory = option(
+        "fast",
+        help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint, exact, for one GPU: "
+        "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), checkpointed layer "
+        "inputs go to host memory (--checkpointing off becomes offload), AdamW state is 8-bit on CUDA (--optimizer "
+        "adamw becomes adamw8bit) and CUDA graphs are off. `train plan` shows what each costs.",
     )
     cuda_graphs: CudaGraphs = option(
         "auto",
@@ -271,6 +280,9 @@ class PlanConfig:
     checkpointing: str = option("off,on,offload", help="Comma list of checkpointing modes: off, on, offload.")
     lora_r: int = option(16, help="LoRA rank r.")
     optimizer: Optimizer = option("adamw", help="adamw or adamw8bit (8-bit moments).")
+    memory: Memory = option(
+        "fast", help="fast, or low as `train run --memory low` (frozen embedding and lm_head in host memory)."
+    )
     dtype: Dtype = option("bf16", help="Compute dtype of the base model.")
     json: bool = option(False, help="Print the predictions as JSON lines instead of a table.")
 

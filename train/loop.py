@@ -30,7 +30,9 @@ from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
+from .host_vocab import keep_vocab_on_host
 from .memory_breakdown import breakdown, persistent_bytes
+from .memory_setting import resolve_memory_setting
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
@@ -97,6 +99,7 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     """
     env = dist_util.detect()
     device = resolve_device(cfg, env)
+    cfg = resolve_memory_setting(cfg, device, env.world_size)
     check_optimizer(cfg, device)
     dtype = resolve_dtype(cfg, device)
     owns_group = dist_util.init_process_group(env, device)
@@ -186,6 +189,8 @@ def _train(
         target_modules=cfg.target_module_list,
     )
     patch_model(model)
+    if cfg.memory == "low":
+        keep_vocab_on_host(model)
     model.train()
     if callbacks.on_model:
         callbacks.on_model(model)
@@ -319,7 +324,7 @@ def _train(
                         lr = scheduler.get_last_lr()[0]
                         optimizer.step()
                         if persistent is None:  # gradients and optimizer state exist now: count them once
-                            persistent = persistent_bytes(model, optimizer)
+                            persistent = persistent_bytes(model, optimizer, device)
                         scheduler.step()
                         # a captured graph accumulates into the existing .grad tensors: zero them, never drop them
                         optimizer.zero_grad(set_to_none=graph_step is None)
@@ -398,7 +403,7 @@ def _train(
         "tokens_per_s": tokens_seen / wall if wall > 0 else None,
         "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
         "peak_mem_gib": peak_memory_gib(device),
-        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer), device),
+        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
         # without the first, which pays the kernel compiles and the CUDA-graph capture.

@@ -21,6 +21,7 @@ from torch import nn
 from padless.train import ops
 from padless.train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
 from padless.train.batch import IGNORE_INDEX, MicroBatch
+from padless.train.host_vocab import embed_from_host
 from padless.train.lora_linear import project
 from padless.train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
 
@@ -88,7 +89,11 @@ def _packed_path(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
-    x = decoder.embed_tokens(batch.input_ids)  # (T, E)
+    device = batch.input_ids.device
+    if handle.vocab_on_host:
+        x = embed_from_host(decoder.embed_tokens, batch, device)  # (T, E)
+    else:
+        x = decoder.embed_tokens(batch.input_ids)  # (T, E)
     if handle.embed_scale is not None:
         x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
@@ -112,6 +117,8 @@ def _packed_path(
     bound = batch.counted_bound
     if bound is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         bound = batch.num_trainable
+    if handle.vocab_on_host:
+        return ops.streamed_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap, bound)
     return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap, bound)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from padless.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+from padless.kernels.streamed_cross_entropy import DEFAULT_VOCAB_CHUNK_BYTES, DEFAULT_WORK_BYTES
 
 from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
@@ -53,12 +54,14 @@ __all__ = [
     "shard_statistics",
 ]
 
-# One decoder layer's activations per token, in values of the run's dtype, as multiples of the hidden size H and
-# the MLP's intermediate size I (attention heads are counted with H: q and o span H, k and v a fraction of it).
-_LAYER_SAVED_H = 3.0  # normed inputs, q, k, v, attention output
+# One decoder layer's activations per token, in values of the run's dtype, as multiples of the attention width
+# Q (heads x head_dim, the width of q and of o_proj's input) and the MLP's intermediate size I.
+_LAYER_SAVED_Q = 3.0  # checkpointing off: what each layer keeps for its backward (normed inputs, q, k, v, output)
 _LAYER_SAVED_I = 3.0  # gate, up, activation
-_LAYER_BACKWARD_H = 1.0  # transient gradients on top of one layer's saved activations while it is differentiated
-_LAYER_BACKWARD_I = 1.5
+# One layer recomputed and differentiated (checkpointing on/offload): its saved activations and the transient
+# gradients together. bitsandbytes' 4-bit layers keep more per projection than the fused LoRA path.
+_LAYER_WORK_Q = {"lora": 8.5, "full": 8.5, "qlora": 20.1}
+_LAYER_WORK_I = 3.93
 _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
 _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
@@ -81,6 +84,7 @@ class ModelInventory:
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every linear layer but the output head
     other_params: int  # embeddings, head, norms, biases: values kept in the run's dtype
     lora_targets: tuple[str, ...]
+    vocab_params: int = 0  # the input embedding and the output head (a tied pair once)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Setting:
     lora_r: int = 16
     optimizer: str = "adamw"  # adamw | adamw8bit
     dtype_bytes: int = 2
+    memory: str = "fast"  # fast | low (frozen vocabulary in host memory, the loss streams it)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class Estimate:
     gradients: int
     optimizer: int
     step: int
-    host: int  # pinned host bytes (offloaded layer inputs)
+    host: int  # pinned host bytes (offloaded layer inputs, a vocabulary kept in host memory)
     step_s: float
 
     @property
@@ -118,6 +123,8 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    vocab_params = embedding.weight.numel() + (0 if head.weight is embedding.weight else head.weight.numel())
     linears = tuple(
         (name, m.in_features, m.out_features)
         for name, m in model.named_modules()
@@ -144,6 +151,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
         linears=linears,
         other_params=other,
         lora_targets=tuple(targets),
+        vocab_params=vocab_params,
     )
 
 
@@ -151,10 +159,11 @@ def _targeted(inv: ModelInventory) -> list[tuple[str, int, int]]:
     return [(n, i, o) for n, i, o in inv.linears if n.rsplit(".", 1)[-1] in inv.lora_targets]
 
 
-def _layer_values_per_token(inv: ModelInventory) -> tuple[float, float]:
-    """(saved, backward transient) values per token of one decoder layer."""
-    saved = _LAYER_SAVED_H * inv.hidden + _LAYER_SAVED_I * inv.intermediate
-    return saved, _LAYER_BACKWARD_H * inv.hidden + _LAYER_BACKWARD_I * inv.intermediate
+def _layer_values_per_token(inv: ModelInventory, mode: str) -> tuple[float, float]:
+    """(kept without checkpointing, one layer's recompute and backward) values per token of one decoder layer."""
+    width = inv.heads * inv.head_dim
+    saved = _LAYER_SAVED_Q * width + _LAYER_SAVED_I * inv.intermediate
+    return saved, _LAYER_WORK_Q[mode] * width + _LAYER_WORK_I * inv.intermediate
 
 
 def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float = 0.0) -> Estimate:
@@ -175,25 +184,32 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     trainable = gradients = trainable_values * value_bytes
     optimizer = trainable_values * (2 if setting.optimizer == "adamw8bit" else 2 * value_bytes)
 
-    saved, transient = _layer_values_per_token(inv)
-    if setting.checkpointing == "off":
-        activations = inv.layers * T * saved * b
-    elif setting.checkpointing == "on":
-        activations = inv.layers * T * inv.hidden * b + T * saved * b
-    else:
-        activations = _OFFLOAD_LAYERS_IN_FLIGHT * T * inv.hidden * b + T * saved * b
-    activations += T * transient * b
-    rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
-    head = rows * inv.vocab * b + T * inv.hidden * b
-    dequantized = max(i * o for _, i, o in inv.linears) * b * 2 if mode == "qlora" else 0
+    # The step's peak: what lives from the forward into the backward (the layers' kept activations, the hidden
+    # states' gradient from the loss), plus the larger of the loss's working set and one layer's backward.
+    saved, work = _layer_values_per_token(inv, mode)
     host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
+    if setting.checkpointing == "off":
+        kept, layer = inv.layers * T * saved * b, 0
+    else:
+        in_gpu = inv.layers if setting.checkpointing == "on" else _OFFLOAD_LAYERS_IN_FLIGHT
+        kept, layer = in_gpu * T * inv.hidden * b, T * work * b
+    kept += T * inv.hidden * b
+    vocab_on_host = setting.memory == "low" and mode != "full"
+    if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 running sums and target rows
+        weights -= inv.vocab_params * b
+        host += inv.vocab_params * b
+        head = 2 * DEFAULT_VOCAB_CHUNK_BYTES + DEFAULT_WORK_BYTES + T * inv.hidden * (4 + b)
+    else:
+        rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
+        head = rows * inv.vocab * b
+    activations = kept + max(head, layer)
 
     flops = step_flop_model(
         inv.matmul_params, inv.layers, inv.heads, inv.head_dim, full=mode == "full", checkpointing=setting.checkpointing
     ).step_flops(T, sum_sq_per_token * T)
     step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
-                    int(activations + head + dequantized), int(host), step_s)  # fmt: skip
+                    int(activations), int(host), step_s)  # fmt: skip
 
 
 def recommend(estimates: list[Estimate], gpu_bytes: int, host_bytes: int | None = None) -> Estimate | None:
@@ -299,7 +315,11 @@ def plan(cfg: Any) -> Plan:
         )
     dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[cfg.dtype]
     estimates = [
-        estimate(inv, Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes), sum_sq_per_token=sum_sq_per_token)
+        estimate(
+            inv,
+            Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory),
+            sum_sq_per_token=sum_sq_per_token,
+        )
         for mode in cfg.mode_list
         for ckpt in cfg.checkpointing_list
         for t in tokens

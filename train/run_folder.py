@@ -82,6 +82,7 @@ RESUME_FREE = (
     "save_every",
     "keep_last",
     "checkpointing",
+    "memory",
     "cuda_graphs",
     "device",
     "log_every",
