@@ -82,6 +82,7 @@ RESUME_FREE = (
     "save_every",
     "keep_last",
     "checkpointing",
+    "mlp_tile_tokens",
     "cuda_graphs",
     "device",
     "log_every",
