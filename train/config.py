@@ -112,7 +112,15 @@ class TrainConfig:
         help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint, exact, for one GPU: "
         "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), checkpointed layer "
         "inputs go to host memory (--checkpointing off becomes offload), AdamW state is 8-bit on CUDA (--optimizer "
-        "adamw becomes adamw8bit) and CUDA graphs are off. `train plan` shows what each costs.",
+        "adamw becomes adamw8bit), the MLP runs in tiles of 2048 tokens (unless --mlp-tile-tokens is given) and "
+        "CUDA graphs are off. `train plan --memory low` predicts it.",
+    )
+    mlp_tile_tokens: int = option(
+        0,
+        help="Run each decoder layer's MLP N tokens at a time, forward and backward, when a micro-batch holds more "
+        "than N tokens (0 = whole micro-batch): the MLP's (tokens x intermediate size) tensors then scale with N, "
+        "not with the micro-batch; for long sequences in little memory. One process only, not with --cuda-graphs "
+        "on.",
     )
     cuda_graphs: CudaGraphs = option(
         "auto",
@@ -195,6 +203,20 @@ class TrainConfig:
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (
+                self.mlp_tile_tokens >= 0,
+                f"--mlp-tile-tokens must be >= 0 (0 = untiled, N = tiles of N tokens), got {self.mlp_tile_tokens}",
+            ),
+            (
+                not (self.mlp_tile_tokens and self.fsdp),
+                "--mlp-tile-tokens with --fsdp: the tiled MLP's backward accumulates each weight's gradient once per "
+                "tile, which FSDP2's gradient reduction does not expect; use --mlp-tile-tokens 0",
+            ),
+            (
+                not (self.mlp_tile_tokens and self.cuda_graphs == "on"),
+                "--mlp-tile-tokens with --cuda-graphs on: the tiled MLP runs a nested backward per tile, which padless "
+                "does not capture in a CUDA graph; use --cuda-graphs auto (eager with --mlp-tile-tokens) or off",
+            ),
             (self.shards != "", "SHARDS is empty; expected the folder `prep pack` wrote"),
             (not (self.resume and self.output is None), "--resume needs --output: the folder of the run to continue"),
             (

@@ -98,6 +98,11 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     when the run fails (a group that the calling program set up stays up).
     """
     env = dist_util.detect()
+    if cfg.mlp_tile_tokens and env.distributed:
+        raise TrainError(
+            f"--mlp-tile-tokens with {env.world_size} processes: the tiled MLP's backward accumulates each weight's "
+            "gradient once per tile, and DDP's gradient hooks expect one; use --mlp-tile-tokens 0 or one process"
+        )
     device = resolve_device(cfg, env)
     cfg = resolve_memory_setting(cfg, device, env.world_size)
     check_optimizer(cfg, device)
@@ -196,7 +201,7 @@ def _train(
         callbacks.on_model(model)
     from .packed_forward import packed_loss  # the model path (imported late: it pulls in transformers and peft)
 
-    loss_fn = functools.partial(packed_loss, checkpointing=cfg.checkpointing)
+    loss_fn = functools.partial(packed_loss, checkpointing=cfg.checkpointing, mlp_tile_tokens=cfg.mlp_tile_tokens)
     wrapped = dist_util.wrap_model(dist_util.PackedLossModule(model, loss_fn), env, device, fsdp=cfg.fsdp)
     # Evaluation runs no backward: DDP's wrapper is bypassed (ranks may run different numbers of eval batches);
     # FSDP2 must go through its wrapper, whose hooks gather the sharded weights.
@@ -437,6 +442,7 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         (device.type != "cuda", f"device {device} is not CUDA"),
         (env.distributed, "several processes (DDP/FSDP hooks are not captured)"),
         (cfg.checkpointing == "offload", "--checkpointing offload allocates pinned host memory"),
+        (cfg.mlp_tile_tokens > 0, "--mlp-tile-tokens runs a nested backward per tile"),
         (cfg.lora_dropout > 0 and cfg.mode != "full", "--lora-dropout > 0 draws random numbers"),
         (get_patch(model) is None or get_patch(model).fallback, "the architecture takes the unpatched fallback path"),
     ]

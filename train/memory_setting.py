@@ -2,9 +2,10 @@
 
 ``fast`` (the default) changes nothing. ``low`` keeps everything exact and changes where things live:
 checkpointed layer inputs go to pinned host memory (``--checkpointing off`` becomes ``offload``), the AdamW state
-is 8-bit on CUDA (``--optimizer adamw`` becomes ``adamw8bit``, when bitsandbytes is installed), CUDA graphs stay
-off (their memory pool holds a whole step), and the packed forward keeps the frozen embedding and lm_head in host
-memory (:mod:`train.host_vocab`). Settings the user chose otherwise (``--checkpointing on``, ``--optimizer``
+is 8-bit on CUDA (``--optimizer adamw`` becomes ``adamw8bit``, when bitsandbytes is installed), each layer's MLP
+runs in tiles of ``LOW_MEMORY_MLP_TILE`` tokens (``--mlp-tile-tokens 0`` becomes that; :mod:`train.tiled_mlp`),
+CUDA graphs stay off (their memory pool holds a whole step), and the packed forward keeps the frozen embedding and
+lm_head in host memory (:mod:`train.host_vocab`). Settings the user chose otherwise (``--checkpointing on``, ``--optimizer``
 given as adamw8bit) are kept; ``--cuda-graphs on`` is an error.
 """
 
@@ -16,7 +17,11 @@ import torch
 
 from .config import TrainConfig, TrainError
 
-__all__ = ["resolve_memory_setting"]
+__all__ = ["LOW_MEMORY_MLP_TILE", "resolve_memory_setting"]
+
+# MLP tile of --memory low: the (tokens x intermediate) tensors stop growing past it, and a 2048-row GEMM still
+# keeps a Hopper GPU's tensor cores busy.
+LOW_MEMORY_MLP_TILE = 2048
 
 
 def _has_bitsandbytes() -> bool:
@@ -41,6 +46,8 @@ def resolve_memory_setting(cfg: TrainConfig, device: torch.device, world_size: i
     changes: dict[str, object] = {"cuda_graphs": "off"}
     if cfg.checkpointing == "off":
         changes["checkpointing"] = "offload"
+    if cfg.mlp_tile_tokens == 0:
+        changes["mlp_tile_tokens"] = LOW_MEMORY_MLP_TILE
     if cfg.optimizer == "adamw" and device.type == "cuda" and _has_bitsandbytes():
         changes["optimizer"] = "adamw8bit"
     return dataclasses.replace(cfg, **changes)

@@ -6,7 +6,8 @@ varlen attention over ``cu_seqlens`` -> o_proj -> residual -> norm -> fused SwiG
 then the final norm and the fused linear cross-entropy against ``lm_head.weight``. No attention mask, no KV cache,
 no padding; the projections go through ``train.lora_linear.project``: a plain peft LoRA Linear takes a fused
 low-rank path in the activations' dtype, anything else (bitsandbytes' 4-bit layers included) is called as a
-module. Each op resolves to a Triton kernel or its reference through ``train.ops``.
+module. Each op resolves to a Triton kernel or its reference through ``train.ops``. With ``mlp_tile_tokens`` the
+MLP (and a sandwich norm after it) runs a tile of tokens at a time (``train.tiled_mlp``).
 
 An unpatched architecture goes through transformers' own forward with packed position_ids and an explicit
 block-diagonal causal mask (``train.model_patch`` explains why and warns).
@@ -21,9 +22,11 @@ from torch import nn
 from padless.train import ops
 from padless.train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
 from padless.train.batch import IGNORE_INDEX, MicroBatch
+from padless.train.config import TrainError
 from padless.train.host_vocab import embed_from_host
 from padless.train.lora_linear import project
 from padless.train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
+from padless.train.tiled_mlp import tiled_mlp
 
 __all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
 
@@ -57,6 +60,7 @@ def _decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     batch: MicroBatch,
+    mlp_tile_tokens: int = 0,
 ) -> torch.Tensor:
     family = handle.family
     offset = family.norm_offset
@@ -78,14 +82,24 @@ def _decoder_layer(
         o = _norm(layer.post_attention_layernorm, o, offset)
     x = x + o
     h = _norm(layer.pre_feedforward_layernorm if family.sandwich_norm else layer.post_attention_layernorm, x, offset)
-    y = _mlp(layer.mlp, h, handle.activation)
-    if family.sandwich_norm:
-        y = _norm(layer.post_feedforward_layernorm, y, offset)
-    return x + y
+
+    def feed_forward(rows: torch.Tensor) -> torch.Tensor:
+        # Row-wise through the sandwich norm, so that a tiled MLP is the layer's last op that saves a tensor
+        # (checkpointing's recompute then stops before it: train.tiled_mlp).
+        y = _mlp(layer.mlp, rows, handle.activation)
+        return _norm(layer.post_feedforward_layernorm, y, offset) if family.sandwich_norm else y
+
+    if 0 < mlp_tile_tokens < n_tokens:
+        return x + tiled_mlp(feed_forward, h, mlp_tile_tokens)
+    return x + feed_forward(h)
 
 
 def _packed_path(
-    handle: PatchHandle, batch: MicroBatch, checkpointing: str, preserve_rng_state: bool = True
+    handle: PatchHandle,
+    batch: MicroBatch,
+    checkpointing: str,
+    preserve_rng_state: bool = True,
+    mlp_tile_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
@@ -101,7 +115,7 @@ def _packed_path(
     for layer, plan in zip(decoder.layers, handle.layers):
 
         def step(hidden: torch.Tensor, layer: nn.Module = layer, plan: LayerPlan = plan) -> torch.Tensor:
-            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch)
+            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, mlp_tile_tokens)
 
         def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
             # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
@@ -201,7 +215,12 @@ def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -
 
 
 def packed_loss(
-    model: nn.Module, batch: MicroBatch, *, checkpointing: str = "off", preserve_rng_state: bool = True
+    model: nn.Module,
+    batch: MicroBatch,
+    *,
+    checkpointing: str = "off",
+    preserve_rng_state: bool = True,
+    mlp_tile_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
 
@@ -210,8 +229,13 @@ def packed_loss(
     ``checkpointing``: ``"off"`` | ``"on"`` (per-layer recompute) | ``"offload"`` (recompute, inputs in pinned CPU
     memory). Divide by the step's total trainable tokens, not per micro-batch, for a split-invariant gradient.
     ``preserve_rng_state=False``: checkpointing does not save/restore the RNG (no dropout; CUDA graph capture).
+    ``mlp_tile_tokens`` > 0: a stream of more tokens runs each layer's MLP that many tokens at a time
+    (:func:`train.tiled_mlp.tiled_mlp`; the MLP's parameter gradients reach ``.grad`` only, so use
+    ``loss.backward()``); 0 runs it whole.
     """
     check_mode(checkpointing)
+    if mlp_tile_tokens < 0:
+        raise ValueError(f"mlp_tile_tokens must be >= 0 (0 = untiled), got {mlp_tile_tokens}.")
     handle = get_patch(model) or patch_model(model)
     if handle.model is not unwrap_model(model):
         raise RuntimeError("the patch handle belongs to another model instance; call patch_model(model) again.")
@@ -220,8 +244,13 @@ def packed_loss(
             f"batch.input_ids must be a flat (T,) packed stream; got shape {tuple(batch.input_ids.shape)}."
         )
     if handle.fallback:
+        if mlp_tile_tokens:
+            raise TrainError(
+                f"--mlp-tile-tokens {mlp_tile_tokens}: model_type {handle.model.config.model_type!r} takes the "
+                "unpatched fallback path, whose MLP is transformers' own; use --mlp-tile-tokens 0"
+            )
         return _fallback_path(handle, batch, checkpointing)
-    return _packed_path(handle, batch, checkpointing, preserve_rng_state)
+    return _packed_path(handle, batch, checkpointing, preserve_rng_state, mlp_tile_tokens)
 
 
 class PackedLossModule(nn.Module):
@@ -231,10 +260,11 @@ class PackedLossModule(nn.Module):
     gradient synchronisation prepared by its own forward. ``self.model`` is the (peft-wrapped) causal LM.
     """
 
-    def __init__(self, model: nn.Module, checkpointing: str = "off") -> None:
+    def __init__(self, model: nn.Module, checkpointing: str = "off", mlp_tile_tokens: int = 0) -> None:
         super().__init__()
         self.model = model
         self.checkpointing = check_mode(checkpointing)
+        self.mlp_tile_tokens = mlp_tile_tokens
 
     def forward(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return packed_loss(self.model, batch, checkpointing=self.checkpointing)
+        return packed_loss(self.model, batch, checkpointing=self.checkpointing, mlp_tile_tokens=self.mlp_tile_tokens)

@@ -38,6 +38,7 @@ from padless.kernels.streamed_cross_entropy import DEFAULT_VOCAB_CHUNK_BYTES, DE
 
 from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
+from .memory_setting import LOW_MEMORY_MLP_TILE
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
 
 __all__ = [
@@ -96,6 +97,11 @@ class Setting:
     optimizer: str = "adamw"  # adamw | adamw8bit
     dtype_bytes: int = 2
     memory: str = "fast"  # fast | low (frozen vocabulary in host memory, the loss streams it)
+    mlp_tile: int = 0  # --mlp-tile-tokens (0: --memory low's tile under low, else untiled)
+
+    def __post_init__(self) -> None:
+        if self.memory == "low" and self.mlp_tile == 0:
+            object.__setattr__(self, "mlp_tile", LOW_MEMORY_MLP_TILE)
 
 
 @dataclass(frozen=True)
@@ -159,11 +165,10 @@ def _targeted(inv: ModelInventory) -> list[tuple[str, int, int]]:
     return [(n, i, o) for n, i, o in inv.linears if n.rsplit(".", 1)[-1] in inv.lora_targets]
 
 
-def _layer_values_per_token(inv: ModelInventory, mode: str) -> tuple[float, float]:
-    """(kept without checkpointing, one layer's recompute and backward) values per token of one decoder layer."""
-    width = inv.heads * inv.head_dim
-    saved = _LAYER_SAVED_Q * width + _LAYER_SAVED_I * inv.intermediate
-    return saved, _LAYER_WORK_Q[mode] * width + _LAYER_WORK_I * inv.intermediate
+def _layer_work_values(inv: ModelInventory, mode: str, tokens: int, mlp_tile: int) -> float:
+    """Values of one layer recomputed and differentiated: the MLP's share grows only up to its tile."""
+    mlp_tokens = min(tokens, mlp_tile) if mlp_tile > 0 else tokens
+    return tokens * _LAYER_WORK_Q[mode] * inv.heads * inv.head_dim + mlp_tokens * _LAYER_WORK_I * inv.intermediate
 
 
 def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float = 0.0) -> Estimate:
@@ -186,13 +191,13 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
 
     # The step's peak: what lives from the forward into the backward (the layers' kept activations, the hidden
     # states' gradient from the loss), plus the larger of the loss's working set and one layer's backward.
-    saved, work = _layer_values_per_token(inv, mode)
+    saved = _LAYER_SAVED_Q * inv.heads * inv.head_dim + _LAYER_SAVED_I * inv.intermediate
     host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
     if setting.checkpointing == "off":
         kept, layer = inv.layers * T * saved * b, 0
     else:
         in_gpu = inv.layers if setting.checkpointing == "on" else _OFFLOAD_LAYERS_IN_FLIGHT
-        kept, layer = in_gpu * T * inv.hidden * b, T * work * b
+        kept, layer = in_gpu * T * inv.hidden * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
     kept += T * inv.hidden * b
     vocab_on_host = setting.memory == "low" and mode != "full"
     if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 running sums and target rows

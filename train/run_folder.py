@@ -83,6 +83,7 @@ RESUME_FREE = (
     "keep_last",
     "checkpointing",
     "memory",
+    "mlp_tile_tokens",
     "cuda_graphs",
     "device",
     "log_every",

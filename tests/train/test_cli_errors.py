@@ -38,6 +38,17 @@ def _run(shards: Path, output: Path, *args: str):
         (["--grad-accum", "0"], r"^error: --grad-accum must be >= 1, got 0$"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0, got -5"),
         (["--eval-every", "-2"], r"--eval-every must be >= -1 \(-1 = never\), got -2"),
+        (
+            ["--mlp-tile-tokens", "-1"],
+            r"^error: --mlp-tile-tokens must be >= 0 \(0 = untiled, N = tiles of N tokens\), "
+            r"got -1$",
+        ),
+        (["--mlp-tile-tokens", "64", "--fsdp"], r"--mlp-tile-tokens with --fsdp: .*use --mlp-tile-tokens 0$"),
+        (
+            ["--mlp-tile-tokens", "64", "--cuda-graphs", "on"],
+            r"--mlp-tile-tokens with --cuda-graphs on: .*nested "
+            r"backward .*use --cuda-graphs auto",
+        ),
         (["--bogus"], r"No such option '--bogus'.*\(see \w+ run --help\)"),
     ],
 )

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from padless.train.checkpoint import trainable_state
+from padless.train.config import TrainError
 from padless.train.loop import Callbacks, train
 
 from .runs import base_config
@@ -186,6 +187,17 @@ def test_fsdp2_checkpoint_resumes_exactly(synthetic_shards: Path, tmp_path: Path
     (stopped / "summary.json").unlink()
     with pytest.raises(TrainError, match=r"settings differ .*: world size 2 -> 1; --fsdp True -> False\. Resume"):
         train(base_config(synthetic_shards, stopped, resume=True, **dict(SETTINGS, max_steps=3)))
+
+
+def test_mlp_tiling_is_refused_with_several_processes(
+    synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiled MLP's backward accumulates each weight's gradient once per tile, and DDP's reducer allows one per
+    backward ("Expected to mark a variable ready only once" on 2 gloo ranks): refused before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match=r"^--mlp-tile-tokens with 2 processes: .*use --mlp-tile-tokens 0 or one "):
+        train(base_config(synthetic_shards, tmp_path / "out", mlp_tile_tokens=64))
+    assert not (tmp_path / "out").exists() and not torch.distributed.is_initialized()
 
 
 def test_batch_fields_carry_every_micro_batch_field() -> None:

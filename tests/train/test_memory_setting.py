@@ -24,7 +24,13 @@ def test_fast_changes_nothing(tmp_path: Path) -> None:
 def test_low_fills_in_the_defaults_and_keeps_explicit_choices(tmp_path: Path) -> None:
     cfg = base_config(tmp_path, tmp_path / "out", memory="low")
     low = resolve_memory_setting(cfg, CUDA, 1)
-    assert (low.checkpointing, low.optimizer, low.cuda_graphs) == ("offload", "adamw8bit", "off")
+    assert (low.checkpointing, low.optimizer, low.cuda_graphs, low.mlp_tile_tokens) == (
+        "offload",
+        "adamw8bit",
+        "off",
+        2048,
+    )
+    assert resolve_memory_setting(dataclasses.replace(cfg, mlp_tile_tokens=64), CUDA, 1).mlp_tile_tokens == 64
     on_cpu = resolve_memory_setting(cfg, CPU, 1)
     assert (on_cpu.checkpointing, on_cpu.optimizer) == ("offload", "adamw")  # 8-bit AdamW needs CUDA
     chosen = dataclasses.replace(cfg, checkpointing="on")
