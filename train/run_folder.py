@@ -82,6 +82,7 @@ RESUME_FREE = (
     "save_every",
     "keep_last",
     "checkpointing",
+    "max_memory_gib",
     "cuda_graphs",
     "device",
     "log_every",
