@@ -85,10 +85,17 @@ class TrainConfig:
     target_modules: str | None = option(
         None, help="Comma-separated module names to put LoRA on (default: all linear projections)."
     )
-    tokens_per_micro_batch: int = option(
+    tokens_per_micro_batch: int | Literal["auto"] = option(
         0,
         help="Token budget of one micro-batch, filled with whole packs (0 = the shards' max_len). Packs are never "
-        "split, so it must be at least the longest pack.",
+        "split, so it must be at least the longest pack. auto: the fastest number of packs (max_len x 1, 2, 4, ... "
+        "up to 256 packs or 1M tokens) whose peak `train plan` predicts fits --max-memory-gib; a resumed run keeps "
+        "its checkpoint's budget.",
+    )
+    max_memory_gib: float | None = option(
+        None,
+        help="Memory the predicted peak of --tokens-per-micro-batch auto may reach, GiB (default on CUDA: the card's "
+        "total less 1 GiB of headroom; on CPU auto needs it).",
     )
     grad_accum: int = option(1, help="Micro-batches per optimizer step (per rank).")
     lr: float = option(2e-4, help="Peak learning rate (after warm-up).")
@@ -189,8 +196,17 @@ class TrainConfig:
             (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
             (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (
-                self.tokens_per_micro_batch >= 0,
-                f"--tokens-per-micro-batch must be >= 0, got {self.tokens_per_micro_batch}",
+                self.tokens_per_micro_batch == "auto" or self.tokens_per_micro_batch >= 0,
+                f"--tokens-per-micro-batch must be >= 0 or auto, got {self.tokens_per_micro_batch}",
+            ),
+            (
+                self.max_memory_gib is None or self.max_memory_gib > 0,
+                f"--max-memory-gib must be > 0 GiB, got {self.max_memory_gib}",
+            ),
+            (
+                self.max_memory_gib is None or self.tokens_per_micro_batch == "auto",
+                f"--max-memory-gib only sizes --tokens-per-micro-batch auto, and the budget is "
+                f"{self.tokens_per_micro_batch}; pass --tokens-per-micro-batch auto or drop --max-memory-gib",
             ),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),

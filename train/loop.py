@@ -140,6 +140,13 @@ def _train(
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     sizes = pack_sizes(ss)
     budget, max_token_id = check_data(cfg, ss, sizes, eval_ss)
+    auto = None
+    if cfg.tokens_per_micro_batch == "auto":  # the budget `train plan` predicts fits (train.auto_batch)
+        from .auto_batch import auto_budget
+
+        agree = functools.partial(dist_util.min_over_ranks, device=device)
+        auto = auto_budget(cfg, output, device, dtype.itemsize, agree=agree)
+        budget = auto.tokens
     plan_for = functools.lru_cache(maxsize=2)(
         lambda epoch: plan_epoch(
             ss.order(cfg.seed, epoch),
@@ -230,7 +237,7 @@ def _train(
         every=cfg.log_every,
         main=env.is_main,
     )
-    for note in out_plan.notes:
+    for note in ([auto.note] if auto else []) + out_plan.notes:
         progress.write(note, always=True)
     for warning in result.warnings:
         progress.write(f"warning: {warning}", always=True)
@@ -408,6 +415,8 @@ def _train(
         "tokens_per_s": tokens_seen / wall if wall > 0 else None,
         "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
         "peak_mem_gib": peak_memory_gib(device),
+        "tokens_per_micro_batch": budget,
+        "predicted_peak_gib": auto.predicted_peak / 2**30 if auto and auto.predicted_peak is not None else None,
         "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,

@@ -14,15 +14,15 @@ in fp32, where the casts are no-ops). Anything that is not a plain, unmerged, va
 other variants, merged or disabled adapters, mixed-batch adapter names) falls back to calling the module.
 
 The common case, a frozen base with one adapter and no dropout, is one autograd Function
-(:class:`_FrozenLoraLinear`); the base is a ``nn.Linear`` (LoRA) or a bitsandbytes 4-bit layer (QLoRA), whose
-weight is dequantized for each GEMM as bitsandbytes does. For QLoRA this also replaces peft's 4-bit forward, which
-keeps an fp32 copy of every projection's input for the adapters' backward (about 50K values per token per layer
-at Qwen3-4B's shapes, more than the layer's own activations). Why: with autograd composing ``linear`` + ``addmm``, every projection paid a full
-copy of its (T, out) base output in the forward (an out-of-place ``addmm`` copies its input before the GEMM adds
-into it: 13 of the 14 ``memcpy`` kernels per layer in an H200 profile, 41 ms of a 1.39 s 16K-token step) and an
-extra elementwise add of two (T, in) gradients in the backward (7 ``add_`` kernels per layer, ~27 ms). The
-Function accumulates in place into tensors it owns: forward ``out = x W^T (+ b); out += s (x A^T) B^T``,
-backward ``dx = dy W; dx += s (dy B) A``, ``dA = s (dy B)^T x``, ``dB = s dy^T (x A^T)``.
+(:class:`_FrozenLoraLinear`); the base is a ``nn.Linear`` (LoRA) or a bitsandbytes 4-bit layer (QLoRA), whose weight
+is dequantized for each GEMM as bitsandbytes does (for QLoRA this also replaces peft's 4-bit forward, which keeps an
+fp32 copy of every projection's input for the adapters' backward). Why one Function: with autograd composing
+``linear`` + ``addmm``, every projection paid a full copy of its (T, out) base output in the forward (an out-of-
+place ``addmm`` copies its input before the GEMM adds into it: 13 of the 14 ``memcpy`` kernels per layer in an H200
+profile, 41 ms of a 1.39 s 16K-token step) and an extra elementwise add of two (T, in) gradients in the backward (7
+``add_`` kernels per layer, ~27 ms). The Function accumulates in place into tensors it owns: forward ``out = x W^T
+(+ b); out += s (x A^T) B^T``, backward ``dx = dy W; dx += s (dy B) A``, ``dA = s (dy B)^T x``, ``dB = s dy^T (x
+A^T)``.
 """
 
 from __future__ import annotations

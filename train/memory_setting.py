@@ -5,8 +5,8 @@ checkpointed layer inputs go to pinned host memory (``--checkpointing off`` beco
 is 8-bit on CUDA (``--optimizer adamw`` becomes ``adamw8bit``, when bitsandbytes is installed), each layer's MLP
 runs in tiles of ``LOW_MEMORY_MLP_TILE`` tokens (``--mlp-tile-tokens 0`` becomes that; :mod:`train.tiled_mlp`),
 CUDA graphs stay off (their memory pool holds a whole step), and the packed forward keeps the frozen embedding and
-lm_head in host memory (:mod:`train.host_vocab`). Settings the user chose otherwise (``--checkpointing on``, ``--optimizer``
-given as adamw8bit) are kept; ``--cuda-graphs on`` is an error.
+lm_head in host memory (:mod:`train.host_vocab`). Settings the user chose otherwise (``--checkpointing on``, a
+tile size) are kept; ``--cuda-graphs on`` is an error.
 """
 
 from __future__ import annotations

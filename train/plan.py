@@ -48,11 +48,14 @@ __all__ = [
     "Setting",
     "as_row",
     "estimate",
+    "host_available_bytes",
     "inventory",
     "model_config",
     "plan",
+    "plan_inputs",
     "recommend",
     "shard_statistics",
+    "usable_bytes",
 ]
 
 # One decoder layer's activations per token, in values of the run's dtype, as multiples of the attention width
@@ -252,7 +255,13 @@ class Plan:
         return e.peak <= self.gpu_bytes and (self.host_bytes is None or e.host <= self.host_bytes)
 
 
-def _host_available_bytes() -> int | None:
+def usable_bytes(card_bytes: int) -> int:
+    """What a GPU of ``card_bytes`` leaves for the predicted peak: its total less the headroom."""
+    return int(card_bytes - _HEADROOM_GIB * 2**30)
+
+
+def host_available_bytes() -> int | None:
+    """The host memory available now (``/proc/meminfo``'s MemAvailable); None where it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -299,15 +308,21 @@ def model_config(cfg: Any, vocab: int) -> PretrainedConfig:
         raise TrainError(f"--model {cfg.model!r}: cannot read its config.json ({error})") from error
 
 
-def plan(cfg: Any) -> Plan:
-    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
+def plan_inputs(cfg: Any) -> tuple[ModelInventory, int, float]:
+    """What every prediction for ``cfg`` (a ``PlanConfig`` or a ``TrainConfig``: its shards, model, family and
+    model overrides) starts from: the model's inventory, and the shards' max_len and Σ L² / tokens."""
     from padless.shards.reader import open_shards
-
-    from .config import TrainError
 
     vocab = int(open_shards(cfg.shards).manifest["tokenizer"]["vocab_size"])
     max_len, sum_sq_per_token = shard_statistics(cfg.shards)
-    inv = inventory(model_config(cfg, vocab))
+    return inventory(model_config(cfg, vocab)), max_len, sum_sq_per_token
+
+
+def plan(cfg: Any) -> Plan:
+    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
+    from .config import TrainError
+
+    inv, max_len, sum_sq_per_token = plan_inputs(cfg)
     tokens = cfg.token_list
     if tokens is None:
         start = 1 << max(0, (max_len - 1).bit_length())
@@ -332,7 +347,7 @@ def plan(cfg: Any) -> Plan:
     gpu = cfg.gpu_mem_gib * 2**30 if cfg.gpu_mem_gib is not None else None
     if gpu is None and torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0).total_memory
-    usable = int(gpu - _HEADROOM_GIB * 2**30) if gpu is not None else None
-    host = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else _host_available_bytes()
+    usable = usable_bytes(gpu) if gpu is not None else None
+    host = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else host_available_bytes()
     recommended = recommend(estimates, usable, host) if usable is not None else None
     return Plan(estimates, usable, host, recommended)

@@ -84,6 +84,7 @@ RESUME_FREE = (
     "checkpointing",
     "memory",
     "mlp_tile_tokens",
+    "max_memory_gib",
     "cuda_graphs",
     "device",
     "log_every",

@@ -200,6 +200,26 @@ def test_mlp_tiling_is_refused_with_several_processes(
     assert not (tmp_path / "out").exists() and not torch.distributed.is_initialized()
 
 
+def _min_rank_main(rank: int, world: int, port: int, output: str) -> None:
+    from padless.train.distributed import DistEnv, destroy_process_group, init_process_group, min_over_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_process_group(DistEnv(rank=rank, world_size=world, local_rank=rank), torch.device("cpu"))
+    try:
+        torch.save(min_over_ranks(7 - 3 * rank, torch.device("cpu")), Path(output) / f"min{rank}.pt")
+    finally:
+        destroy_process_group()
+
+
+def test_min_over_ranks_gives_every_rank_the_least_value(tmp_path: Path) -> None:
+    """What --tokens-per-micro-batch auto sizes for on several ranks: the least memory of any of them."""
+    from padless.train.distributed import min_over_ranks
+
+    assert min_over_ranks(5, torch.device("cpu")) == 5  # a single process: its own value
+    mp.spawn(_min_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"min{r}.pt") for r in range(2)] == [4, 4]
+
+
 def test_batch_fields_carry_every_micro_batch_field() -> None:
     from padless.train.batch import MicroBatch
     from padless.train.distributed import batch_fields
