@@ -116,7 +116,8 @@ class TrainConfig:
     )
     memory: Memory = option(
         "fast",
-        help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint, exact, for one GPU: "
+        help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint on one GPU (the same "
+        "forward and backward; only the AdamW state is 8-bit): "
         "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), checkpointed layer "
         "inputs go to host memory (--checkpointing off becomes offload), AdamW state is 8-bit on CUDA (--optimizer "
         "adamw becomes adamw8bit), the MLP runs in tiles of 2048 tokens (unless --mlp-tile-tokens is given) and "

@@ -69,6 +69,7 @@ RESUME_FIXED = (
     "world_size",
     "seed",
     "optimizer",
+    "memory",
     "fsdp",
 )
 RESUME_FREE = (
@@ -82,7 +83,6 @@ RESUME_FREE = (
     "save_every",
     "keep_last",
     "checkpointing",
-    "memory",
     "mlp_tile_tokens",
     "max_memory_gib",
     "cuda_graphs",

@@ -46,8 +46,14 @@ def test_low_refuses_several_processes_and_forced_graphs(tmp_path: Path) -> None
 
 
 def test_a_low_memory_run_trains_like_a_fast_one(synthetic_shards: Path, tmp_path: Path) -> None:
+    from padless.train.loop import Callbacks
+    from padless.train.model_patch import get_patch
+
     fast = train(base_config(synthetic_shards, tmp_path / "fast", max_steps=3))
-    low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"))
+    models = []
+    low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"),
+                callbacks=Callbacks(on_model=models.append))  # fmt: skip
+    assert get_patch(models[0]).vocab_on_host  # the streamed loss and host embedding rows ran
     assert low.summary["config"]["checkpointing"] == "offload"
     assert low.losses == pytest.approx(fast.losses, rel=1e-4)
 
