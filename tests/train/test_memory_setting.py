@@ -41,6 +41,8 @@ def test_low_refuses_several_processes_and_forced_graphs(tmp_path: Path) -> None
     cfg = base_config(tmp_path, tmp_path / "out", memory="low")
     with pytest.raises(TrainError, match="one GPU"):
         resolve_memory_setting(cfg, CUDA, 2)
+    with pytest.raises(TrainError, match="drop --fsdp"):
+        resolve_memory_setting(dataclasses.replace(cfg, fsdp=True), CUDA, 1)
     with pytest.raises(TrainError, match="--cuda-graphs on"):
         resolve_memory_setting(dataclasses.replace(cfg, cuda_graphs="on"), CUDA, 1)
 
