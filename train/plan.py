@@ -14,8 +14,11 @@ The model is built on the meta device (no weights read), which gives every param
   the largest projection (bitsandbytes dequantizes a whole weight for each matmul).
 
 The per-token activation counts of one layer (``_LAYER_*``) are fitted to measured peaks, not derived: what
-padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. Fitted so far to one
-measurement (Qwen3-8B bf16 LoRA, 16K tokens, checkpointing on, H100: 23.06 GiB measured, 23.08 predicted);
+padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. They are fitted to
+seven H100 measurements (Qwen3-8B bf16 LoRA at 16K; Qwen3-4B QLoRA at 2K/8K/32K, with and without offload; Qwen3-14B
+QLoRA at 4K; docs/bench/README.md), each predicted within 3%. The QLoRA ones were measured through peft's 4-bit
+forward, which keeps an fp32 copy of every projection's input; padless's QLoRA takes the fused LoRA projection
+(``train.lora_linear``), which keeps none, so its QLoRA step predictions are upper bounds until measured on it.
 ``tools/bench_memory.py`` prints the prediction beside every case it measures.
 
 Step time is the step's FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
@@ -64,7 +67,7 @@ __all__ = [
 _LAYER_SAVED_Q = 3.0  # checkpointing off: what each layer keeps for its backward (normed inputs, q, k, v, output)
 _LAYER_SAVED_I = 3.0  # gate, up, activation
 # One layer recomputed and differentiated (checkpointing on/offload): its saved activations and the transient
-# gradients together. bitsandbytes' 4-bit layers keep more per projection than the fused LoRA path.
+# gradients together. The QLoRA value was measured through peft's 4-bit forward (see the module doc).
 _LAYER_WORK_Q = {"lora": 8.5, "full": 8.5, "qlora": 20.1}
 _LAYER_WORK_I = 3.93
 _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
