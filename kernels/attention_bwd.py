@@ -37,7 +37,7 @@ from .attention_fwd import (
     _scores,
     _slot_block,
     dot_precision,
-    pow2_at_least,
+    head_dim_block,
     score_constants,
 )
 from .indexing import needs_long_indexing
@@ -379,7 +379,7 @@ def flash_bwd(
     dq = dq_acc if atomic_fp32 else torch.empty_like(q)
     if T == 0:
         return dq, dk, dv
-    block_d = pow2_at_least(D)
+    block_d = head_dim_block(D)
     if long_indexing is None:  # the fp32 dQ buffer has as many elements as q: judged by q
         long_indexing = needs_long_indexing(q, k, v, do, out, dq)
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)

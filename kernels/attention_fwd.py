@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .indexing import needs_long_indexing
 
-__all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "n_slots", "pow2_at_least", "score_constants"]
+__all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "head_dim_block", "n_slots", "score_constants"]
 
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter (tests) needs two work-arounds, chosen at import like triton.jit itself chooses.
@@ -280,9 +280,13 @@ def _fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launchers
-def pow2_at_least(n: int) -> int:
-    """triton.next_power_of_2 without its constexpr-function wrapper (host code runs this on every call)."""
-    return 1 << max(n - 1, 0).bit_length()
+def head_dim_block(head_dim: int) -> int:
+    """The head-dimension tile: the next power of two, at least 16 (tl.dot's smallest inner dimension).
+
+    Plain integer arithmetic rather than triton.next_power_of_2's constexpr wrapper: host code runs this on every
+    call. Lanes past ``head_dim`` are masked on load and store.
+    """
+    return max(16, 1 << max(head_dim - 1, 0).bit_length())
 
 
 def n_slots(n_tokens: int, n_seq: int, block: int) -> int:
@@ -364,7 +368,7 @@ def flash_fwd(
         q, k, v, out, lse, cu_seqlens, sched,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         n_tiles, window or 0, pre, post,
-        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=pow2_at_least(D), BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
+        GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=head_dim_block(D), BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_indexing,
         PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

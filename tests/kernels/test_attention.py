@@ -631,7 +631,7 @@ def test_gpu_deterministic_backward() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("D", [8, 64, 80, 96, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_head_dims(D: int, dtype: torch.dtype) -> None:
     lens = [1, 300, 77, 1500, 5, 160]
