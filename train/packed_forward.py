@@ -21,8 +21,11 @@ from torch import nn
 from padless.train import ops
 from padless.train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
 from padless.train.batch import IGNORE_INDEX, MicroBatch
+from padless.train.config import TrainError
+from padless.train.kept_attention import KeptAttention
 from padless.train.lora_linear import project
 from padless.train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
+from padless.train.offload_budget import CheckpointShape, layers_on_gpu
 
 __all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
 
@@ -56,6 +59,7 @@ def _decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     batch: MicroBatch,
+    attention: KeptAttention | None = None,
 ) -> torch.Tensor:
     family = handle.family
     offset = family.norm_offset
@@ -69,7 +73,7 @@ def _decoder_layer(
         q = _norm(attn.q_norm, q, offset)
         k = _norm(attn.k_norm, k, offset)
     q, k = ops.rope(q, k, cos, sin, batch.position_ids)
-    o = ops.varlen_attention(
+    o = (attention or ops.varlen_attention)(
         q, k, v, batch.cu_seqlens, batch.max_seqlen, plan.scale, True, plan.window, plan.softcap, batch.mean_seqlen
     )
     o = project(attn.o_proj, o.reshape(n_tokens, -1))
@@ -84,7 +88,12 @@ def _decoder_layer(
 
 
 def _packed_path(
-    handle: PatchHandle, batch: MicroBatch, checkpointing: str, preserve_rng_state: bool = True
+    handle: PatchHandle,
+    batch: MicroBatch,
+    checkpointing: str,
+    preserve_rng_state: bool = True,
+    checkpoint_gpu_bytes: int = 0,
+    keep_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
@@ -93,17 +102,34 @@ def _packed_path(
         x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
     offload = HostOffload() if checkpointing == "offload" else None  # one per forward: the backward prefetches
-    for layer, plan in zip(decoder.layers, handle.layers):
+    # The top layers whose checkpoints fit the GPU budget keep them there (checkpointing "on" for them): the
+    # backward walks top down, so it starts on them while the first offloaded layer's copy comes back.
+    n_layers, on_gpu = len(decoder.layers), 0
+    if offload is not None and checkpoint_gpu_bytes:
+        shape = CheckpointShape.of(hf.config, x.dtype)
+        on_gpu = layers_on_gpu(checkpoint_gpu_bytes, shape, x.shape[0], keep_attention)
+    keep = keep_attention and checkpointing != "off" and torch.is_grad_enabled()
+    for index, (layer, plan) in enumerate(zip(decoder.layers, handle.layers)):
+        mode = "on" if offload is not None and index >= n_layers - on_gpu else checkpointing
+        attention = KeptAttention(offload if mode == "offload" else None) if keep else None
 
-        def step(hidden: torch.Tensor, layer: nn.Module = layer, plan: LayerPlan = plan) -> torch.Tensor:
-            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch)
+        def step(
+            hidden: torch.Tensor,
+            layer: nn.Module = layer,
+            plan: LayerPlan = plan,
+            attention: KeptAttention | None = attention,
+        ) -> torch.Tensor:
+            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, attention)
 
         def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
             # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
             # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
             return nn.Module.__call__(layer, hidden, padless_step=step)
 
-        x = run_layer(call, x, checkpointing, preserve_rng_state, offload)
+        x = run_layer(call, x, mode, preserve_rng_state, offload)
+    if offload is not None and x.requires_grad:
+        # The backward reaches the decoder's top here: start bringing back the last offloaded layer's tensors.
+        x.register_hook(lambda grad: offload.prefetch_last())
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
     # Prompt tokens (ignored labels) need no lm_head: a host-known bound of the counted tokens (no sync) lets the
@@ -194,7 +220,13 @@ def _fallback_path(handle: PatchHandle, batch: MicroBatch, checkpointing: str) -
 
 
 def packed_loss(
-    model: nn.Module, batch: MicroBatch, *, checkpointing: str = "off", preserve_rng_state: bool = True
+    model: nn.Module,
+    batch: MicroBatch,
+    *,
+    checkpointing: str = "off",
+    preserve_rng_state: bool = True,
+    checkpoint_gpu_bytes: int = 0,
+    keep_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
 
@@ -203,6 +235,9 @@ def packed_loss(
     ``checkpointing``: ``"off"`` | ``"on"`` (per-layer recompute) | ``"offload"`` (recompute, inputs in pinned CPU
     memory). Divide by the step's total trainable tokens, not per micro-batch, for a split-invariant gradient.
     ``preserve_rng_state=False``: checkpointing does not save/restore the RNG (no dropout; CUDA graph capture).
+    ``checkpoint_gpu_bytes`` (``offload``): GPU bytes for the checkpoints of the top layers, which then stay on the
+    GPU (``train.offload_budget``). ``keep_attention`` (``on``/``offload``): each layer's attention output and
+    log-sum-exp are kept with its checkpoint, and the recompute runs no attention forward (``train.kept_attention``).
     """
     check_mode(checkpointing)
     handle = get_patch(model) or patch_model(model)
@@ -212,9 +247,16 @@ def packed_loss(
         raise ValueError(
             f"batch.input_ids must be a flat (T,) packed stream; got shape {tuple(batch.input_ids.shape)}."
         )
+    if checkpoint_gpu_bytes < 0:
+        raise ValueError(f"checkpoint_gpu_bytes={checkpoint_gpu_bytes}: expected >= 0 (0 = all to the host).")
     if handle.fallback:
+        if keep_attention or checkpoint_gpu_bytes:
+            raise TrainError(
+                f"--keep-attention and --checkpoint-gpu-gib work on padless's packed path; model_type "
+                f"{handle.model.config.model_type!r} trains through transformers' own layers. Leave them out"
+            )
         return _fallback_path(handle, batch, checkpointing)
-    return _packed_path(handle, batch, checkpointing, preserve_rng_state)
+    return _packed_path(handle, batch, checkpointing, preserve_rng_state, checkpoint_gpu_bytes, keep_attention)
 
 
 class PackedLossModule(nn.Module):

@@ -82,6 +82,8 @@ RESUME_FREE = (
     "save_every",
     "keep_last",
     "checkpointing",
+    "checkpoint_gpu_gib",
+    "keep_attention",
     "cuda_graphs",
     "device",
     "log_every",

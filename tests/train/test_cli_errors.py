@@ -38,6 +38,9 @@ def _run(shards: Path, output: Path, *args: str):
         (["--grad-accum", "0"], r"^error: --grad-accum must be >= 1, got 0$"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0, got -5"),
         (["--eval-every", "-2"], r"--eval-every must be >= -1 \(-1 = never\), got -2"),
+        (["--checkpoint-gpu-gib", "-1"], r"^error: --checkpoint-gpu-gib must be >= 0 \(0 = all checkpoints to the h"),
+        (["--checkpoint-gpu-gib", "4"], r"it needs --checkpointing offload \(got --checkpointing off\)$"),
+        (["--keep-attention"], r"^error: --keep-attention keeps .* it needs --checkpointing on or offload$"),
         (["--bogus"], r"No such option '--bogus'.*\(see \w+ run --help\)"),
     ],
 )
