@@ -15,19 +15,70 @@ conversation, for assistant-only loss:
    messages shows what the template writes after an assistant payload (its end-of-turn text), which must follow.
 
 No step needs the template to render prefixes of a conversation the same way as the whole one.
+
+What the template sees is what transformers' ``apply_chat_template`` gives it: the messages with their None-valued
+keys dropped and a reasoning field (``reasoning_content``, ``thinking`` or ``reasoning``) offered under the names
+templates read; ``tools`` and ``documents`` (RAG templates) as arguments; the tokenizer's named special tokens
+(``bos_token``, ``eos_token``, ``pad_token``, ...); and the ``--chat-template-kwargs`` (``enable_thinking``, ...).
+``strftime_now`` formats a fixed date (``--template-date``, default 2024-01-01), never the clock. Content given as a
+list of parts (``[{"type": "text", "text": ...}]``) reaches a template that renders parts as they are; a template
+that does not (it would print the list's Python text, drop it or fail) gets each such content as its text parts
+joined without a separator, which is how part-iterating templates render them. ``tests/prep/test_chat_parity.py``
+checks the renderings against transformers byte for byte.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
 from .errors import PrepError
 
-__all__ = ["ChatTemplate", "assistant_spans", "check_rendered"]
+__all__ = ["REASONING_FIELDS", "ChatTemplate", "assistant_spans", "check_rendered", "join_text", "normalize"]
 
 # Replaces a turn's payload to locate it: private-use characters no real text starts or ends with.
 _PROBE = "\ue000padless\ue001"
+# Names a message's reasoning is passed under (transformers' order); the first is the one most templates read.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as transformers hands them to a template: None-valued keys dropped (many templates render a
+    literal "None" or fail on them), a message's reasoning also under ``thinking`` and ``reasoning_content``."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def join_text(content: Any) -> str:
+    """A message content as text: a string as is, a list of parts as its text parts joined."""
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "" if content is None else str(content)
+
+
+def _renders_parts(full: str, messages: list[dict[str, Any]]) -> bool:
+    """Whether ``full`` renders every list content as parts: each text part's text present, no list or part printed
+    as Python or JSON text."""
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, list):
+            continue
+        if str(content) in full:
+            return False
+        for part in content:
+            if str(part) in full or json.dumps(part, ensure_ascii=False) in full:
+                return False
+            text = part.get("text") if isinstance(part, dict) else None
+            if isinstance(text, str) and text.strip() and text.strip() not in full:
+                return False
+    return True
 
 
 def _generation_extension():
@@ -59,11 +110,22 @@ def _generation_extension():
 
 
 class ChatTemplate:
-    """A compiled chat template. ``name`` is the tokenizer's, for messages."""
+    """A compiled chat template. ``name`` is the tokenizer's, for messages; ``special_tokens``: the tokenizer's named
+    special tokens (``bos_token``, ...); ``template_kwargs``: extra template variables; ``date``: what
+    ``strftime_now`` formats."""
 
-    def __init__(self, source: str, name: str, bos_token: str, eos_token: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        name: str,
+        special_tokens: dict[str, str],
+        template_kwargs: dict[str, Any] | None = None,
+        date: datetime.datetime | None = None,
+    ) -> None:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from .config import DEFAULT_TEMPLATE_DATE, template_datetime
 
         def raise_exception(msg: str):
             raise jinja2.exceptions.TemplateError(msg)
@@ -73,13 +135,14 @@ class ChatTemplate:
 
         if not isinstance(source, str):
             raise PrepError(f"the chat template of {name!r} is {type(source).__name__}, expected Jinja text")
+        day = date or template_datetime(DEFAULT_TEMPLATE_DATE)
         generation = _generation_extension()
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", generation]
         )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: "2024-01-01"  # fixed: output must not depend on the date
+        env.globals["strftime_now"] = day.strftime  # fixed: the output must not depend on the day it ran
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
@@ -89,16 +152,22 @@ class ChatTemplate:
         self.has_generation_markers = any(
             n.identifier == generation.identifier for n in env.parse(source).find_all(jinja2.nodes.ExtensionAttribute)
         )
-        self._special = {"bos_token": bos_token, "eos_token": eos_token}
+        self._variables = {**special_tokens, **(template_kwargs or {})}  # as transformers: kwargs override tokens
 
-    def _run(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools, track: bool = False) -> str:
+    def _run(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools, documents, track: bool = False
+    ) -> str:
         """Render; with ``track`` the ``{% generation %}`` spans are recorded (from the output yielded so far)."""
         blocks: list[str] = []
         self._tracker.spans = []
         self._tracker.blocks = blocks if track else None
         try:
             for block in self._template.generate(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self._special
+                messages=normalize(messages),
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **self._variables,
             ):
                 blocks.append(block)
             return "".join(blocks)
@@ -110,19 +179,36 @@ class ChatTemplate:
         finally:
             self._tracker.blocks = None
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools=None) -> str:
-        """The template applied to ``messages`` (as text); ``tools``: tool schemas or None."""
-        return self._run(messages, add_generation_prompt, tools)
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools=None, documents=None
+    ) -> str:
+        """The template applied to ``messages`` (as text); ``tools``: tool schemas, ``documents``: RAG documents."""
+        return self._run(messages, add_generation_prompt, tools, documents)
 
-    def render_marked(self, messages: list[dict[str, Any]], tools=None) -> tuple[str, list[tuple[int, int]]]:
+    def render_marked(
+        self, messages: list[dict[str, Any]], tools=None, documents=None
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The whole conversation and the spans of its ``{% generation %}`` blocks."""
-        text = self._run(messages, False, tools, track=True)
+        text = self._run(messages, False, tools, documents, track=True)
         return text, list(self._tracker.spans)
 
+    def prepare(self, messages: list[dict[str, Any]], tools=None, documents=None) -> list[dict[str, Any]]:
+        """``messages`` in the form this template renders: list contents passed through when it renders them as
+        parts, else joined to text (every list content of the conversation, so it renders one way)."""
+        if not any(isinstance(m.get("content"), list) for m in messages):
+            return messages
+        try:
+            if _renders_parts(self.render(messages, tools=tools, documents=documents), messages):
+                return messages
+        except PrepError:  # e.g. '...' + message['content'] on a list
+            pass
+        return [{**m, "content": join_text(m["content"])} if isinstance(m.get("content"), list) else m
+                for m in messages]  # fmt: skip
 
-def _try(tpl: ChatTemplate, messages: list[dict[str, Any]], gen: bool, tools) -> str | None:
+
+def _try(tpl: ChatTemplate, messages: list[dict[str, Any]], gen: bool, ctx: dict[str, Any]) -> str | None:
     try:
-        return tpl.render(messages, gen, tools)
+        return tpl.render(messages, gen, **ctx)
     except PrepError:  # e.g. a template that cannot render a prefix (or no messages) on its own
         return None
 
@@ -144,36 +230,52 @@ def _diff(a: str, b: str) -> tuple[int, int]:
     return p, _common_prefix(a[::-1][:limit], b[::-1][:limit])
 
 
-def _payload(tpl: ChatTemplate, messages: list[dict[str, Any]], k: int, tools, full: str) -> tuple[int, int] | None:
+def _probe_turn(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn whose whole payload is the probe text, in the content form of ``message``."""
+    parts = isinstance(message.get("content"), list)
+    return {"role": "assistant", "content": [{"type": "text", "text": _PROBE}] if parts else _PROBE}
+
+
+def _payload(
+    tpl: ChatTemplate, messages: list[dict[str, Any]], k: int, ctx: dict[str, Any], full: str
+) -> tuple[int, int] | None:
     """Where assistant message k's payload (content, reasoning, tool calls) sits in ``full``: what changes when only
     that payload is replaced."""
-    probe = [*messages[:k], {"role": "assistant", "content": _PROBE}, *messages[k + 1 :]]
-    other = _try(tpl, probe, False, tools)
+    probe = [*messages[:k], _probe_turn(messages[k]), *messages[k + 1 :]]
+    other = _try(tpl, probe, False, ctx)
     if other is None or other == full:
         return None
     p, s = _diff(full, other)
     return p, len(full) - s
 
 
-def _end_of_turn(tpl: ChatTemplate, messages: list[dict[str, Any]], k: int, tools) -> str | None:
+def _end_of_turn(tpl: ChatTemplate, messages: list[dict[str, Any]], k: int, ctx: dict[str, Any]) -> str | None:
     """What the template writes after an assistant payload when turn k ends the conversation."""
-    through = _try(tpl, messages[: k + 1], False, tools)
-    other = _try(tpl, [*messages[:k], {"role": "assistant", "content": _PROBE}], False, tools)
+    through = _try(tpl, messages[: k + 1], False, ctx)
+    other = _try(tpl, [*messages[:k], _probe_turn(messages[k])], False, ctx)
     if through is None or other is None:
         return None
     _, s = _diff(through, other)
     return through[len(through) - s :]
 
 
-def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, full: str) -> None:
-    """Refuse a rendering that silently leaves out part of the conversation: a message's text, a tool call, a tool.
+def _texts(content: Any) -> list[str]:
+    """The text pieces of a content that must each appear in a rendering (one per text part)."""
+    if isinstance(content, list):
+        return [p["text"].strip() for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return [content.strip()] if isinstance(content, str) else []
 
-    Templates that know no tools (or no tool role) render such messages as nothing; training on the rest would teach
-    the model a conversation that never happened. Assistant text is not checked (templates may rewrite it, e.g. drop
-    earlier reasoning), but their tool calls are, by function name."""
+
+def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, full: str, documents=None) -> None:
+    """Refuse a rendering that silently leaves out part of the conversation: a message's text, a tool call, a tool, a
+    document.
+
+    Templates that know no tools (or no tool role, or no documents) render such inputs as nothing; training on the
+    rest would teach the model a conversation that never happened. Assistant text is not checked (templates may
+    rewrite it, e.g. drop earlier reasoning), but their tool calls are, by function name."""
     for k, m in enumerate(messages):
-        role, content = m.get("role"), (m.get("content") or "").strip()
-        if role != "assistant" and content and content not in full:
+        role = m.get("role")
+        if role != "assistant" and any(t and t not in full for t in _texts(m.get("content"))):
             raise PrepError(
                 f"the chat template of {tpl.name!r} leaves out message {k} (role {role!r}): its text is not in the "
                 f"rendering; use a tokenizer whose chat template renders {role} messages"
@@ -192,25 +294,35 @@ def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, ful
                 f"the chat template of {tpl.name!r} leaves out the tool {name!r} given in the row's `tools`; use a "
                 "tokenizer whose chat template renders tools"
             )
+    for k, doc in enumerate(documents or ()):
+        text = doc.get("text", doc.get("content"))
+        if isinstance(text, str) and text.strip() and text.strip() not in full:
+            raise PrepError(
+                f"the chat template of {tpl.name!r} leaves out document {k} given in the row's `documents`; use a "
+                "tokenizer whose chat template renders documents (a RAG template)"
+            )
 
 
-def assistant_spans(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, full: str) -> list[tuple[int, int]]:
+def assistant_spans(
+    tpl: ChatTemplate, messages: list[dict[str, Any]], tools, full: str, documents=None
+) -> list[tuple[int, int]]:
     """``[(start, end)]`` character spans in ``full`` (the rendering of ``messages``) of every assistant turn.
 
     Raises :class:`PrepError` when a turn cannot be located (the message says what works instead)."""
+    ctx = {"tools": tools, "documents": documents}
     spans: list[tuple[int, int]] = []
     prev = 0
     for k, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        head = _try(tpl, messages[:k], True, tools)
+        head = _try(tpl, messages[:k], True, ctx)
         start = len(head) if head is not None and len(head) >= prev and full.startswith(head) else None
-        through = _try(tpl, messages[: k + 1], False, tools)
+        through = _try(tpl, messages[: k + 1], False, ctx)
         ok_end = through is not None and len(through) >= max(prev, start or 0) and full.startswith(through)
         end = len(through) if ok_end else None
         if start is None or end is None:
-            where = _payload(tpl, messages, k, tools, full)
-            tail = _end_of_turn(tpl, messages, k, tools) if end is None else ""
+            where = _payload(tpl, messages, k, ctx, full)
+            tail = _end_of_turn(tpl, messages, k, ctx) if end is None else ""
             if where is not None and start is None:
                 start = where[0]
             if where is not None and end is None and tail is not None and full.startswith(tail, where[1]):

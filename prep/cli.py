@@ -45,7 +45,8 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def pack_cmd(as_json: bool, **params: Any) -> None:
-    """Tokenize DATASETS (files, folders, demo:alpaca, demo:chat, hub ids) and pack them into shards."""
+    """Tokenize DATASETS (files, folders, demo:alpaca, demo:chat, hub ids; each PATH_OR_ID[:SUBSET][@SPLIT], e.g.
+    org/dataset:default@validation), or the datasets of --mix, and pack them into shards."""
     from .pipeline import run_pack
     from .report import format_pack_summary
 

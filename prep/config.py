@@ -8,6 +8,8 @@ stays light (no numpy, no tokenizers): ``prep --help`` imports it.
 
 from __future__ import annotations
 
+import datetime
+import json
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -17,10 +19,14 @@ from padless.shards.cli_config import check_fields, option
 
 from .errors import PrepError
 
-__all__ = ["GPUS", "MIN_MAX_LEN", "CostConfig", "Format", "GpuName", "Overlong", "PackConfig", "TrainOn",
-           "parse_param_count"]  # fmt: skip
+__all__ = ["DEFAULT_TEMPLATE_DATE", "GPUS", "MIN_MAX_LEN", "CostConfig", "Format", "GpuName", "Overlong",
+           "PackConfig", "TrainOn", "parse_param_count", "parse_template_kwargs", "template_datetime"]  # fmt: skip
 
 MIN_MAX_LEN = 16
+# strftime_now() in chat templates: a fixed date, so a shard set never depends on the day it was packed.
+DEFAULT_TEMPLATE_DATE = "2024-01-01"
+# Template variables that come from the data or from prep itself, never from --chat-template-kwargs.
+_RESERVED_TEMPLATE_VARS = ("messages", "tools", "documents", "add_generation_prompt")
 
 Format = Literal["text", "alpaca", "prompt-completion", "chat", "sharegpt"]
 TrainOn = Literal["completion", "all"]
@@ -46,16 +52,37 @@ class PackConfig:
     """Options of ``prep pack`` (each field's help is its command-line help)."""
 
     datasets: tuple[str, ...] = option(
-        help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together.", positional=True
+        (),
+        help="Files, folders, demo:alpaca, demo:chat or hub ids to pack together, each PATH_OR_ID[:SUBSET][@SPLIT].",
+        positional=True,
     )
     max_len: int = option(help=f"Tokens per pack (>= {MIN_MAX_LEN}).")
     out: str = option(
         "packed", help="Output folder: absent or empty, or with --overwrite a shard set made by prep pack."
     )
+    mix: tuple[str, ...] = option(
+        (),
+        help="Mix datasets by weight instead of giving DATASETS: a weight is the fraction of the mix's examples drawn "
+        "from that dataset (without replacement; a dataset asked for more rows than it has is repeated). Repeatable.",
+        metavar="DATASET=WEIGHT[,...]",
+    )
+    mix_examples: int = option(0, help="Examples (rows) in the --mix; 0 = as many as its datasets hold together.")
     tokenizer: str | None = option(None, help="Local folder or hub id. Default: the demo tokenizer in prep/assets.")
     format: Format | None = option(None, help="Data format. Default: detected from the columns.")
     maps: tuple[str, ...] = option(
         (), help="Use COLUMN as field NAME (repeatable).", flag="--map", metavar="NAME=COLUMN"
+    )
+    chat_template_kwargs: tuple[str, ...] = option(
+        (),
+        help="Extra chat template variables, e.g. enable_thinking=false: NAME=VALUE[,NAME=VALUE...] (VALUE read as "
+        "JSON, else as text) or a JSON object. Repeatable.",
+        metavar="NAME=VALUE",
+    )
+    template_date: str = option(
+        DEFAULT_TEMPLATE_DATE,
+        help="The date a chat template's strftime_now() gives (YYYY-MM-DD, midnight), fixed so the output never "
+        "depends on the day it ran.",
+        metavar="DATE",
     )
     train_on: TrainOn = option(
         "completion", help="Loss on responses only (every assistant turn) or on all tokens; text is always all."
@@ -86,8 +113,20 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, PrepError)
-        if not self.datasets:
-            raise PrepError("no DATASET given; expected a file, a folder, demo:alpaca / demo:chat, or a hub id")
+        if not self.datasets and not self.mix:
+            raise PrepError(
+                "no DATASET given; expected a file, a folder, demo:alpaca / demo:chat, or a hub id (or --mix)"
+            )
+        if self.datasets and self.mix:
+            raise PrepError("give DATASETS or --mix, not both (--mix names its datasets with their weights)")
+        if self.mix:
+            from .mix import parse_mix  # numpy: only when a config is built, never for --help
+
+            parse_mix(self.mix)
+        if self.mix_examples < 0 or (self.mix_examples and not self.mix):
+            raise PrepError(f"--mix-examples {self.mix_examples}: expected >= 0, and only with --mix")
+        parse_template_kwargs(self.chat_template_kwargs)
+        template_datetime(self.template_date)
         if self.max_len < MIN_MAX_LEN:
             raise PrepError(
                 f"--max-len {self.max_len} is below {MIN_MAX_LEN}; expected at least {MIN_MAX_LEN} tokens per pack"
@@ -108,7 +147,67 @@ class PackConfig:
         skip = ("datasets", "out", "num_proc", "overwrite", "progress", "tokenizer", "extra")
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["maps"] = list(self.maps)
+        # The mix's weights in order (its datasets' content is in the source fingerprint; paths differ by machine).
+        d["mix"] = [e.weight for e in self.mix_entries()]
+        d["chat_template_kwargs"] = parse_template_kwargs(self.chat_template_kwargs)
+        d["template_date"] = template_datetime(self.template_date).date().isoformat()
         return d
+
+    def mix_entries(self) -> list[Any]:
+        """``--mix`` parsed (``prep.mix.MixEntry`` per dataset), [] without a mix."""
+        from .mix import parse_mix
+
+        return parse_mix(self.mix) if self.mix else []
+
+    def inputs(self) -> tuple[str, ...]:
+        """The DATASET arguments, in order: DATASETS, or the datasets of --mix."""
+        return self.datasets or tuple(e.dataset for e in self.mix_entries())
+
+
+def parse_template_kwargs(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``--chat-template-kwargs`` items -> one dict: each item is a JSON object or ``NAME=VALUE[,NAME=VALUE...]``
+    (VALUE parsed as JSON when it is JSON, e.g. ``false``, ``3``, ``"x"``, ``[1, 2]``; else the text as is).
+    A later item overrides an earlier one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        text = item.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PrepError(f"--chat-template-kwargs {item!r} is not a JSON object ({e.msg})") from e
+            if not isinstance(value, dict):
+                raise PrepError(f"--chat-template-kwargs {item!r}: expected a JSON object")
+            pairs = list(value.items())
+        else:  # split at commas that start a new NAME=
+            pairs = []
+            for part in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
+                name, sep, raw = part.partition("=")
+                if not sep:
+                    raise PrepError(f"--chat-template-kwargs {part!r}: expected NAME=VALUE, e.g. enable_thinking=false")
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError:
+                    value = raw
+                pairs.append((name.strip(), value))
+        for name, value in pairs:
+            if not re.fullmatch(r"[A-Za-z_]\w*", name):
+                raise PrepError(f"--chat-template-kwargs: {name!r} is not a template variable name")
+            if name in _RESERVED_TEMPLATE_VARS:
+                raise PrepError(
+                    f"--chat-template-kwargs: {name!r} comes from the data (a row's messages, tools and documents "
+                    "columns) and cannot be set here"
+                )
+            out[name] = value
+    return out
+
+
+def template_datetime(text: str) -> datetime.datetime:
+    """``--template-date`` (YYYY-MM-DD) -> midnight of that day."""
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%d")
+    except ValueError as e:
+        raise PrepError(f"--template-date {text!r}: expected a date YYYY-MM-DD, e.g. 2026-01-31") from e
 
 
 def parse_param_count(text: str) -> float:

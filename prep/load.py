@@ -1,9 +1,25 @@
-"""Load dataset rows from local files and folders (or the hub when online) into a list of dicts.
+"""Open the DATASET arguments of ``prep pack`` and stream their rows in chunks, never the whole dataset at once.
 
-Supported: JSON (an array, or JSONL), JSONL, gzipped JSON/JSONL, Parquet, CSV, Arrow IPC (file or stream),
-and a ``datasets`` ``save_to_disk`` folder (read straight from its Arrow files, so ``datasets`` is not imported
-on the local path). ``demo:alpaca`` / ``demo:chat`` name the datasets shipped in ``prep/assets``. Every source
-also gets a fingerprint (sha256 of its bytes), so the same input gives the same shard-set fingerprint.
+A dataset is named ``PATH_OR_ID[:SUBSET][@SPLIT]`` (:func:`parse_spec`):
+
+- a local file: JSON (an array), JSONL, either gzipped, Parquet, CSV (optionally gzipped), Arrow IPC (file or
+  stream); no subset or split;
+- ``demo:alpaca`` / ``demo:chat``: the datasets shipped in ``prep/assets``;
+- a ``datasets`` ``save_to_disk`` folder (read straight from its Arrow files): ``@SPLIT`` picks a split of a saved
+  ``DatasetDict`` (default ``train``, else its first split);
+- any other folder, laid out as a Hugging Face Hub dataset repository: ``datasets`` decides which files form each
+  subset (the ``configs`` of its README.md) and split (``data/test-*.parquet``, ``validation.jsonl``, ...), exactly as
+  ``datasets.load_dataset(folder, SUBSET, split=SPLIT)`` would; the default split is ``train``. Files of the types
+  above are read by padless's own readers (each row exactly as stored: no schema is imposed on JSON); other types
+  (``.txt``, ...) and dataset scripts stream through ``datasets`` (scripts only where the installed ``datasets`` still
+  runs them);
+- a Hub id ``owner/name``, when the Hub can be reached: streamed through ``datasets`` (``streaming=True``), split
+  ``train`` unless ``@SPLIT`` names another.
+
+A path that exists as given is always a path (``data@v2.jsonl`` is the file of that name). Rows arrive in chunks of
+at most ``CHUNK_ROWS`` (JSONL, CSV, Parquet and Arrow are read incrementally; a JSON array file is parsed whole, so
+give larger-than-memory data as JSONL). Every source has a fingerprint: the sha256 of its files, or for a streamed
+Hub dataset the sha256 of its rows' content, available once its rows have been read.
 """
 
 from __future__ import annotations
@@ -14,28 +30,88 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import PrepError
 
-__all__ = ["ASSETS", "DEMO_DATASETS", "Source", "load_sources"]
+__all__ = ["ASSETS", "CHUNK_ROWS", "DEMO_DATASETS", "DatasetSpec", "Source", "load_rows", "open_source",
+           "parse_spec"]  # fmt: skip
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_DATASETS = {"demo:alpaca": ASSETS / "demo_alpaca.jsonl.gz", "demo:chat": ASSETS / "demo_chat.jsonl.gz"}
 _SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv", ".csv.gz", ".arrow", ".feather")
+CHUNK_ROWS = 4096  # rows per chunk: what is held as Python objects at once (per chunk in flight)
+_SPLIT = re.compile(r"\w+(?:[.-]\w+)*")  # split names as datasets allows them (train, validation, test.v2, ...)
+_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A DATASET argument: ``path`` (local) or ``hub_id``, and the subset and split it names (None: not named)."""
+
+    text: str
+    path: Path | None = None
+    hub_id: str | None = None
+    subset: str | None = None
+    split: str | None = None
+
+
+def _is_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).suffix
+
+
+def parse_spec(text: str) -> DatasetSpec:
+    """``PATH_OR_ID[:SUBSET][@SPLIT]`` -> :class:`DatasetSpec` (an existing path as given always wins)."""
+    if text in DEMO_DATASETS:
+        return DatasetSpec(text, path=DEMO_DATASETS[text])
+    if text.startswith("demo:") and text.split("@")[0] not in DEMO_DATASETS:
+        raise PrepError(f"unknown demo dataset {text!r}; expected one of {sorted(DEMO_DATASETS)}")
+    whole = Path(text).expanduser()
+    if whole.exists():
+        return DatasetSpec(text, path=whole)
+    base, split = text, None
+    head, at, tail = text.rpartition("@")
+    if at and head and _SPLIT.fullmatch(tail):
+        base, split = head, tail
+    subset = None
+    head, colon, tail = base.rpartition(":")
+    if colon and head and tail and "/" not in tail and base not in DEMO_DATASETS:
+        base, subset = head, tail
+    path = DEMO_DATASETS.get(base, Path(base).expanduser())
+    if path.exists():
+        return DatasetSpec(text, path=path, subset=subset, split=split)
+    if _is_hub_id(base):
+        return DatasetSpec(text, hub_id=base, subset=subset, split=split)
+    raise PrepError(
+        f"dataset {text!r} not found: no such file or folder (and it is not a hub id owner/name); the syntax is "
+        "PATH_OR_ID[:SUBSET][@SPLIT]"
+    )
 
 
 @dataclass
 class Source:
-    """One loaded input: its name as given, the rows, and a fingerprint of its content."""
+    """One opened input: its name as given, its row chunks (one pass), and a fingerprint of its content.
+
+    ``fingerprint`` of a source hashed while it streams is set once :meth:`chunks` has been read to the end."""
 
     name: str
-    rows: list[dict[str, Any]]
-    fingerprint: str
+    _chunks: Iterator[list[dict[str, Any]]] = field(repr=False)
+    fingerprint: str | None = None
+    _hash: Any = field(default=None, repr=False)
+
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        try:
+            yield from self._chunks
+        except _READ_ERRORS as e:
+            raise PrepError(f"cannot read dataset {self.name!r}: {e}; expected a readable data file or folder") from e
+        if self._hash is not None:
+            self.fingerprint = self._hash.hexdigest()
 
 
 def _sha256_files(files: list[Path]) -> str:
@@ -54,21 +130,37 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def _objects(rows: list[Any], path: Path, first: int) -> list[dict[str, Any]]:
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise PrepError(
+                f"{str(path)!r}: row {first + i} is a {type(r).__name__}, expected a JSON object per example"
+            )
+    return rows
+
+
+def _json_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     try:
-        with _open_text(path) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+        yield from _json_rows(path, n)
+    except _READ_ERRORS as e:
         raise PrepError(f"cannot read {str(path)!r}: {e}; expected a UTF-8 (optionally gzipped) JSON/JSONL file") from e
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrepError(f"malformed JSON in {str(path)!r} at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+
+
+def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
+    with _open_text(path) as f:
+        array = f.read(4096).lstrip().startswith("[")
+    with _open_text(path) as f:
+        if array:  # one JSON array: parsed whole (JSONL streams)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise PrepError(f"malformed JSON in {str(path)!r} at line {e.lineno}, column {e.colno}: {e.msg}") from e
+            rows = rows if isinstance(rows, list) else [rows]
+            for a in range(0, len(rows), n):
+                yield _objects(rows[a : a + n], path, a)
+            return
+        rows, count = [], 0
+        for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
@@ -78,13 +170,15 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
                     f"malformed JSON in {str(path)!r} at line {lineno}, column {e.colno}: {e.msg} "
                     "(expected one JSON object per line, or one JSON array)"
                 ) from e
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise PrepError(f"{str(path)!r}: row {i} is a {type(r).__name__}, expected a JSON object per example")
-    return rows
+            if len(rows) == n:
+                yield _objects(rows, path, count)
+                count += n
+                rows = []
+        if rows:
+            yield _objects(rows, path, count)
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     with _open_text(path) as f:
         reader = csv.DictReader(f)
         rows = []
@@ -95,50 +189,85 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                     f"({len(reader.fieldnames or [])}); expected one value per column"
                 )
             rows.append(r)
-        return rows
+            if len(rows) == n:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
 
 
-def _read_arrow(path: Path) -> list[dict[str, Any]]:
+def _batch_chunks(batches, n: int) -> Iterator[list[dict[str, Any]]]:
+    for batch in batches:
+        for a in range(0, batch.num_rows, n):
+            yield batch.slice(a, n).to_pylist()
+
+
+def _arrow_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     import pyarrow as pa
 
+    source = pa.memory_map(str(path))
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pylist()
+        reader = pa.ipc.open_file(source)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except pa.ArrowInvalid:
         try:
-            return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+            batches = pa.ipc.open_stream(pa.memory_map(str(path)))
         except pa.ArrowInvalid as e:
             raise PrepError(f"{str(path)!r} is not an Arrow IPC file or stream ({e})") from e
+    try:
+        yield from _batch_chunks(batches, n)
+    except pa.ArrowInvalid as e:
+        raise PrepError(f"{str(path)!r}: a damaged Arrow record batch ({e})") from e
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _parquet_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a bad file; all mean the same to the user
+        batches = pq.ParquetFile(path).iter_batches(batch_size=n)
+        yield from _batch_chunks(batches, n)
+    except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError) or OSError for a bad file
         raise PrepError(f"cannot read Parquet file {str(path)!r}: {e}") from e
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _readable(path: Path) -> bool:
+    return path.name.lower().endswith(_SUFFIXES)
+
+
+def _file_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     name = path.name.lower()
     if name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-        return _read_json(path)
+        return _json_chunks(path, n)
     if name.endswith((".csv", ".csv.gz")):
-        return _read_csv(path)
+        return _csv_chunks(path, n)
     if name.endswith(".parquet"):
-        return _read_parquet(path)
+        return _parquet_chunks(path, n)
     if name.endswith((".arrow", ".feather")):
-        return _read_arrow(path)
+        return _arrow_chunks(path, n)
     raise PrepError(f"{str(path)!r}: unknown file type; expected one of {', '.join(_SUFFIXES)}")
 
 
-def _save_to_disk_files(folder: Path) -> list[Path] | None:
-    """Arrow files of a ``datasets`` ``save_to_disk`` folder (a Dataset, or the train split of a DatasetDict)."""
+def _files_chunks(files: list[Path], n: int) -> Iterator[list[dict[str, Any]]]:
+    for f in files:
+        yield from _file_chunks(f, n)
+
+
+def _save_to_disk_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
+    """Arrow files of a ``datasets`` ``save_to_disk`` folder (a Dataset, or a split of a DatasetDict); None when the
+    folder is not one."""
     try:
         if (folder / "dataset_dict.json").is_file():
             splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
-            split = "train" if "train" in splits else splits[0]
+            if spec.subset is not None:
+                raise PrepError(f"{spec.text!r}: a save_to_disk folder has no subsets; drop ':{spec.subset}'")
+            split = spec.split or ("train" if "train" in splits else splits[0])
+            if split not in splits:
+                raise PrepError(f"{spec.text!r}: the saved DatasetDict has no split {split!r}; its splits: {splits}")
             folder = folder / split
+        elif (spec.subset is not None or spec.split is not None) and (folder / "state.json").is_file():
+            raise PrepError(
+                f"{spec.text!r}: a save_to_disk Dataset folder holds one split and no subsets; name the folder alone"
+            )
         state = folder / "state.json"
         if not state.is_file():
             return None
@@ -150,18 +279,26 @@ def _save_to_disk_files(folder: Path) -> list[Path] | None:
         ) from e
 
 
-def _load_local(path: Path) -> tuple[list[dict[str, Any]], str]:
-    if path.is_dir():
-        files = _save_to_disk_files(path)
-        if files is not None:
-            return [r for f in files for r in _read_arrow(f)], _sha256_files(files)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(_SUFFIXES))
-        if not files:
+def _open_local(spec: DatasetSpec, n: int) -> Source:
+    path = spec.path
+    assert path is not None
+    if not path.is_dir():
+        if spec.subset is not None or spec.split is not None:
             raise PrepError(
-                f"folder {str(path)!r} holds no data files; expected files ending in {', '.join(_SUFFIXES)}"
+                f"{spec.text!r}: a single file has no subsets or splits; name the file alone, or a folder of files "
+                "laid out as a Hub dataset"
             )
-        return [r for f in files for r in _read_file(f)], _sha256_files(files)
-    return _read_file(path), _sha256_files([path])
+        return Source(spec.text, _file_chunks(path, n), _sha256_files([path]))
+    files = _save_to_disk_files(path, spec)
+    if files is not None:
+        return Source(spec.text, _files_chunks(files, n), _sha256_files(files))
+    from .hub import folder_files, stream_dataset
+
+    files = folder_files(path, spec)
+    if files is not None and all(_readable(f) for f in files):
+        return Source(spec.text, _files_chunks(files, n), _sha256_files(files))
+    h = hashlib.sha256(f"folder:{spec.subset}:{spec.split}\0".encode())
+    return Source(spec.text, stream_dataset(str(path), spec, n, h), _hash=h)
 
 
 def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -174,38 +311,25 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(name: str) -> tuple[list[dict[str, Any]], str]:
+def open_source(spec: str, chunk_rows: int | None = None) -> Source:
+    """Open one DATASET argument (nothing is read yet but what finding its files takes); ``chunk_rows``: rows per
+    chunk (default ``CHUNK_ROWS``)."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    s = parse_spec(spec)
+    if s.path is not None:
+        return _open_local(s, chunk_rows)
     if not _online():
         raise PrepError(
-            f"{name!r} is not a local file or folder, and the Hugging Face Hub cannot be reached (offline); "
-            "give a local path (JSON, JSONL, .gz, Parquet, CSV, Arrow, a save_to_disk folder) or run online"
+            f"{s.hub_id!r} is not a local file or folder, and the Hugging Face Hub cannot be reached (offline); "
+            "give a local path (JSON, JSONL, .gz, Parquet, CSV, Arrow, a save_to_disk or Hub-style folder) or run "
+            "online"
         )
-    import datasets  # heavy; only for hub ids
+    from .hub import stream_dataset
 
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except (OSError, ValueError) as e:  # datasets: not found / no access (OSError), no train split (ValueError)
-        raise PrepError(f"cannot load the hub dataset {name!r}: {e}") from e
-    return ds.to_list(), hashlib.sha256(f"hub:{name}:{ds._fingerprint}".encode()).hexdigest()
+    h = hashlib.sha256(f"hub:{s.hub_id}:{s.subset}:{s.split}\0".encode())
+    return Source(spec, stream_dataset(s.hub_id, s, chunk_rows, h), _hash=h)
 
 
-def load_sources(specs: list[str]) -> list[Source]:
-    """Load every DATASET argument, in order."""
-    if not specs:
-        raise PrepError("no DATASET given; expected a file, a folder, demo:alpaca / demo:chat, or a hub id")
-    out = []
-    for spec in specs:
-        path = DEMO_DATASETS.get(spec, Path(spec).expanduser())
-        if spec.startswith("demo:") and spec not in DEMO_DATASETS:
-            raise PrepError(f"unknown demo dataset {spec!r}; expected one of {sorted(DEMO_DATASETS)}")
-        if path.exists():
-            try:
-                rows, fp = _load_local(path)
-            except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as e:
-                raise PrepError(f"cannot read dataset {spec!r}: {e}; expected a readable data file or folder") from e
-        elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1 and not Path(spec).suffix:
-            rows, fp = _load_hub(spec)
-        else:
-            raise PrepError(f"dataset {spec!r} not found: no such file or folder (and it is not a hub id owner/name)")
-        out.append(Source(spec, rows, fp))
-    return out
+def load_rows(spec: str) -> list[dict[str, Any]]:
+    """Every row of one DATASET argument, in memory (for small data and tests; ``prep pack`` streams)."""
+    return [r for chunk in open_source(spec).chunks() for r in chunk]

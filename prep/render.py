@@ -4,12 +4,15 @@ Formats (``--format``, else detected from the columns, after ``--map NAME=COLUMN
 checks every row against these shapes first, so rendering assumes well-formed rows:
 
 - ``chat``: ``messages`` = [{role, content}, ...] (system/user/assistant/tool; an assistant message may carry
-  ``tool_calls`` instead of content), rendered by the chat template; optional ``tools`` (tool schemas, a list or a
-  JSON string) go to the template's ``tools`` argument; an optional ``system`` column is the system message when
-  the messages have none;
+  ``tool_calls`` instead of content; content is text or a list of text parts ``[{"type": "text", "text": ...}]``),
+  rendered by the chat template (``prep.chat``: parts as the template renders them); optional ``tools`` (tool
+  schemas) and ``documents`` (RAG documents, objects such as ``{"title", "text"}``), each a list or a JSON string of
+  one, go to the template's ``tools`` and ``documents`` arguments; an optional ``system`` column is the system
+  message when the messages have none;
 - ``sharegpt``: ``conversations`` = [{from, value}, ...], converted to ``chat``: ``human``/``gpt`` turns become
   user/assistant messages, ``function_call`` turns (JSON ``{"name", "arguments"}``, or a list of them) assistant
-  tool calls, ``observation`` turns tool messages; the row's ``tools`` and ``system`` as for ``chat``;
+  tool calls, ``observation`` turns tool messages; the row's ``tools``, ``documents`` and ``system`` as for
+  ``chat``;
 - ``alpaca``: ``instruction`` / ``input`` (optional) / ``output``, the Stanford Alpaca prompt, response trained;
   ``history`` ([[instruction, response], ...], as in LIMA) gives earlier turns, each response trained and ended
   with EOS; ``system`` replaces the prompt's opening sentence;
@@ -29,7 +32,7 @@ from .config import Format
 from .errors import PrepError
 
 __all__ = ["ALPACA_HEADERS", "EOS", "FORMATS", "SHAREGPT_ROLES", "Rendered", "apply_maps", "detect_format",
-           "parse_maps", "parse_tools", "render_row"]  # fmt: skip
+           "parse_documents", "parse_maps", "parse_tools", "render_row"]  # fmt: skip
 
 # The columns of each format, in detection order (it matters: a chat row may also carry a `text` column).
 _REQUIRED = {
@@ -42,7 +45,7 @@ _REQUIRED = {
 FORMATS: tuple[str, ...] = typing.get_args(Format)
 assert set(_REQUIRED) == set(FORMATS), "every format has its columns"
 _FIELDS = ("text", "instruction", "input", "output", "history", "prompt", "completion", "messages", "conversations",
-           "system", "tools")  # fmt: skip
+           "system", "tools", "documents")  # fmt: skip
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -73,11 +76,13 @@ EOS = None
 
 @dataclass
 class Rendered:
-    """``segments``: [(text or EOS, trained)] for plain formats; ``messages`` (+ ``tools``) for chat."""
+    """``segments``: [(text or EOS, trained)] for plain formats; ``messages`` (+ ``tools``, ``documents``) for
+    chat."""
 
     segments: list[tuple[str | None, bool]] | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
 
 
 def parse_maps(maps: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -93,13 +98,18 @@ def parse_maps(maps: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-def apply_maps(rows: list[dict[str, Any]], maps: dict[str, str], source: str) -> list[dict[str, Any]]:
+def apply_maps(rows: list[dict[str, Any]], maps: dict[str, str], source: str | None) -> list[dict[str, Any]]:
+    """``rows`` with each ``--map`` field NAME set from its COLUMN. ``source``: the input's name, to check first that
+    these rows (the first 100) have every mapped column; None skips the check (later chunks of a checked input)."""
     if not maps:
         return rows
-    columns = _columns(rows)
-    missing = [c for c in maps.values() if c not in columns]
-    if missing:
-        raise PrepError(f"--map names columns {missing} that {source!r} does not have; its columns: {sorted(columns)}")
+    if source is not None:
+        columns = _columns(rows)
+        missing = [c for c in maps.values() if c not in columns]
+        if missing:
+            raise PrepError(
+                f"--map names columns {missing} that {source!r} does not have; its columns: {sorted(columns)}"
+            )
     return [{**r, **{name: r.get(col) for name, col in maps.items()}} for r in rows]
 
 
@@ -137,21 +147,35 @@ def _str(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _json_objects(value: Any, what: str) -> list[dict[str, Any]] | None:
+    """``value`` (a list of objects, one object, or a JSON string of either) as a list; None when empty. Raises
+    ``ValueError`` (or ``json.JSONDecodeError``) naming ``what`` was expected otherwise."""
+    if value is None or value == "":
+        return None
+    items = json.loads(value) if isinstance(value, str) else value
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"expected a list of {what}, got {type(items).__name__}")
+    return items or None
+
+
 def parse_tools(value: Any) -> list[dict[str, Any]] | None:
     """A row's ``tools`` (a list, or a JSON string of one) as the template's ``tools``: None when empty.
 
     A bare schema (``{"name", "description", "parameters"}``, as in glaive / LLaMA-Factory data) is wrapped as
     ``{"type": "function", "function": schema}``, the form transformers passes to chat templates. Raises
     ``ValueError`` (or ``json.JSONDecodeError``) for a value that is not a list of objects."""
-    if value is None or value == "":
+    tools = _json_objects(value, "tool schemas (objects)")
+    if tools is None:
         return None
-    tools = json.loads(value) if isinstance(value, str) else value
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ValueError(f"expected a list of tool schemas (objects), got {type(tools).__name__}")
-    out = [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in tools]
-    return out or None
+    return [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in tools]
+
+
+def parse_documents(value: Any) -> list[dict[str, Any]] | None:
+    """A row's ``documents`` (a list of objects, or a JSON string of one) as the template's ``documents``: None when
+    empty. Raises ``ValueError`` (or ``json.JSONDecodeError``) for a value that is not a list of objects."""
+    return _json_objects(value, "documents (objects such as {title, text})")
 
 
 def tool_calls(value: str) -> list[dict[str, Any]]:
@@ -225,8 +249,12 @@ def render_row(row: dict[str, Any], fmt: str, train_on: str, separator: str = " 
         prompt, completion = _str(row.get("prompt")), _str(row.get("completion"))
         return Rendered(segments=[(prompt, all_), (_join(prompt, completion, separator), True)])
     if fmt == "chat":
-        msgs = [{**m, "content": _str(m.get("content"))} for m in row["messages"]]
-        return Rendered(messages=_with_system(msgs, row.get("system")), tools=parse_tools(row.get("tools")))
+        msgs = [dict(m) for m in row["messages"]]  # content as given: text, a list of parts, or absent
+        return Rendered(
+            messages=_with_system(msgs, row.get("system")),
+            tools=parse_tools(row.get("tools")),
+            documents=parse_documents(row.get("documents")),
+        )
     if fmt == "sharegpt":
         msgs = []
         for turn in row["conversations"]:
@@ -235,5 +263,9 @@ def render_row(row: dict[str, Any], fmt: str, train_on: str, separator: str = " 
                 msgs.append({"role": "assistant", "content": "", "tool_calls": tool_calls(value)})
             else:
                 msgs.append({"role": SHAREGPT_ROLES[who], "content": value})
-        return Rendered(messages=_with_system(msgs, row.get("system")), tools=parse_tools(row.get("tools")))
+        return Rendered(
+            messages=_with_system(msgs, row.get("system")),
+            tools=parse_tools(row.get("tools")),
+            documents=parse_documents(row.get("documents")),
+        )
     raise PrepError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")

@@ -17,6 +17,10 @@ __all__ = ["GPUS", "CostConfig", "format_pack_summary", "format_stats", "model_p
 
 def format_pack_summary(s: dict[str, Any]) -> str:
     lines = [f"packed -> {s['out']}  (fingerprint {s['fingerprint'][:16]})"]
+    if s.get("mix"):
+        parts = [f"{m['input']} (weight {m['weight']:g}) {m['drawn']:,} drawn from {m['rows']:,}"
+                 + (", repeated" if m["repeated"] else "") for m in s["mix"]["sources"]]  # fmt: skip
+        lines.append(f"  mix of {s['mix']['examples']:,} rows: " + "; ".join(parts))
     for name in ("train", "eval"):
         if name not in s:
             continue

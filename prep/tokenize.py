@@ -12,16 +12,16 @@ A row the chat template rejects (or whose turns cannot be located) is an error n
 ``skip_bad_rows`` an empty example reported in ``Tokenized.bad``. Rows given as ``None`` (left out by the caller's
 checks) become empty examples.
 
-``--num-proc N`` splits the rows into contiguous chunks handled by N processes and joins them in order,
-so the output is byte-identical whatever N is.
+Rows come in chunks (``prep.load.CHUNK_ROWS``); ``--num-proc N`` tokenizes N chunks at a time in worker processes
+and takes their results in order, so the output is byte-identical whatever N is (:class:`Encoder`).
 """
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import os
 import unicodedata
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from .render import ALPACA_HEADERS, render_row
 from .tokenizer import TokenizerInfo
 from .validate import row_name
 
-__all__ = ["Tokenized", "encode_example", "tokenize_rows"]
+__all__ = ["Encoder", "Task", "Tokenized", "encode_example"]
 
 
 @dataclass
@@ -59,17 +59,18 @@ def _finish(ids: list[int], mask: list[bool], tk: TokenizerInfo, eos_trained: bo
 
 
 def _chat_ids(
-    messages: list[dict[str, Any]], tools: list | None, tk: TokenizerInfo, train_on: str
+    messages: list[dict[str, Any]], tools: list | None, documents: list | None, tk: TokenizerInfo, train_on: str
 ) -> tuple[list[int], list[bool]]:
     tpl = tk.chat
+    messages = tpl.prepare(messages, tools, documents)
     if train_on == "all":
-        full, spans = tpl.render(messages, tools=tools), []
+        full, spans = tpl.render(messages, tools=tools, documents=documents), []
     elif tpl.has_generation_markers:
-        full, spans = tpl.render_marked(messages, tools)
+        full, spans = tpl.render_marked(messages, tools, documents)
     else:
-        full = tpl.render(messages, tools=tools)
-        spans = assistant_spans(tpl, messages, tools, full)
-    check_rendered(tpl, messages, tools, full)
+        full = tpl.render(messages, tools=tools, documents=documents)
+        spans = assistant_spans(tpl, messages, tools, full, documents)
+    check_rendered(tpl, messages, tools, full, documents)
     enc = tk.tok.encode(full, add_special_tokens=False)
     ids = list(enc.ids)
     if train_on == "all":
@@ -105,7 +106,7 @@ def encode_example(
     """One row alone -> (ids, mask): the reference that the shards must reproduce exactly."""
     r = render_row(row, fmt, train_on, separator)
     if r.messages is not None:
-        ids, mask = _chat_ids(r.messages, r.tools, tk, train_on)
+        ids, mask = _chat_ids(r.messages, r.tools, r.documents, tk, train_on)
         _finish(ids, mask, tk, r.messages[-1].get("role") == "assistant" or train_on == "all", chat=True)
         return ids, mask
     texts = (tk.tok.encode(t, add_special_tokens=False).ids for t, _ in r.segments if t is not None)
@@ -153,36 +154,37 @@ class _PrefixCache:
         return None
 
 
-@dataclass
-class _Job:
+@dataclass(frozen=True)
+class Task:
+    """How to tokenize the rows of one input (small: sent with every chunk to a worker process)."""
+
     fmt: str
     train_on: str
-    tk: TokenizerInfo
-    separator: str
-    skip_bad_rows: bool
-    source: str | None
+    separator: str = " "
+    skip_bad_rows: bool = False
+    source: str | None = None  # the input's name in row errors (None: the only input)
 
 
-_WORK: _Job | None = None
+_TK: TokenizerInfo | None = None  # the tokenizer of this process's encodes (inherited by forked workers)
 
 
-def _encode_chunk(chunk: tuple[int, list[dict[str, Any] | None]]):
-    offset, rows = chunk
-    job = _WORK
-    tk = job.tk
+def _encode_chunk(task: Task, offset: int, rows: list[dict[str, Any] | None]):
+    """Rows ``offset ...`` of one input -> (tokens, mask, length per row, [(row, reason)] of rows it rejected)."""
+    tk = _TK
+    assert tk is not None, "the encoder's tokenizer is set"
     ids_all: list[int] = []
     mask_all: list[bool] = []
     lengths = np.zeros(len(rows), np.int64)
     bad: list[tuple[int, str]] = []
-    if job.fmt in ("chat", "sharegpt"):
+    if task.fmt in ("chat", "sharegpt"):
         for i, row in enumerate(rows):
             if row is None:
                 continue
             try:
-                ids, mask = encode_example(row, job.fmt, job.train_on, tk, job.separator)
+                ids, mask = encode_example(row, task.fmt, task.train_on, tk, task.separator)
             except PrepError as e:
-                if not job.skip_bad_rows:
-                    raise PrepError(f"{row_name(offset + i, job.source)}: {e}") from e
+                if not task.skip_bad_rows:
+                    raise PrepError(f"{row_name(offset + i, task.source)}: {e}") from e
                 bad.append((offset + i, str(e)))
                 continue
             ids_all += ids
@@ -190,8 +192,9 @@ def _encode_chunk(chunk: tuple[int, list[dict[str, Any] | None]]):
             lengths[i] = len(ids)
     else:
         # Batch-encode all segments of the chunk at once (same ids as one by one: each text is encoded alone).
-        rendered = [None if r is None else render_row(r, job.fmt, job.train_on, job.separator).segments for r in rows]
-        cache = _PrefixCache(tk, ALPACA_HEADERS if job.fmt == "alpaca" else ())
+        rendered = [None if r is None else render_row(r, task.fmt, task.train_on, task.separator).segments
+                    for r in rows]  # fmt: skip
+        cache = _PrefixCache(tk, ALPACA_HEADERS if task.fmt == "alpaca" else ())
         texts, heads = [], []
         for segs in rendered:
             for t, _ in segs or ():
@@ -212,58 +215,58 @@ def _encode_chunk(chunk: tuple[int, list[dict[str, Any] | None]]):
     return np.array(ids_all, np.uint32), np.array(mask_all, np.bool_), lengths, bad
 
 
-def _set_work(job: _Job | None) -> None:
-    global _WORK
-    _WORK = job
+def _set_tokenizer(tk: TokenizerInfo | None) -> None:
+    global _TK
+    _TK = tk
 
 
-def tokenize_rows(
-    rows: list[dict[str, Any] | None],
-    fmt: str,
-    train_on: str,
-    tk: TokenizerInfo,
-    num_proc: int = 1,
-    progress=None,
-    *,
-    separator: str = " ",
-    skip_bad_rows: bool = False,
-    source: str | None = None,
-) -> Tokenized:
-    """Tokenize every row alone; ``progress(n)`` is called as chunks finish.
+class Encoder:
+    """Tokenizes chunks of rows, each example alone, in order: in this process, or in ``num_proc`` worker processes
+    with at most ``2 * num_proc`` chunks in flight (so memory holds a bounded number of chunks, never the input).
 
-    ``separator``: see ``render_row``; ``skip_bad_rows``: a row the chat template rejects becomes an empty example
-    listed in ``Tokenized.bad`` instead of an error; ``source``: the input's name in row errors (None: one input).
+    ``put(task, offset, rows)`` returns the results that are complete, in the order the chunks were put;
+    ``finish()`` the rest. A result is ``Tokenized`` (tokens, mask, a length per row (0 for a row given as None or
+    rejected), and the rejected rows). The output is identical for any ``num_proc``.
     """
-    if fmt in ("chat", "sharegpt"):
-        _ = tk.chat  # raises the clear no-template (or invalid-template) error before any work starts
-    job = _Job(fmt, train_on, tk, separator, skip_bad_rows, source)
-    n_chunks = max(1, min(len(rows), num_proc * 8 if num_proc > 1 else (len(rows) + 4095) // 4096))
-    bounds = np.linspace(0, len(rows), n_chunks + 1).astype(int)
-    chunks = [(int(a), rows[a:b]) for a, b in itertools.pairwise(bounds)]
-    parts = []
-    if num_proc > 1 and len(chunks) > 1:
-        # Fork: workers inherit the tokenizer; Rust-side threads off in them (tokenizers warns otherwise).
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(num_proc, initializer=_set_work, initargs=(job,)) as pool:
-            for part, chunk in zip(pool.imap(_encode_chunk, chunks), chunks):
-                parts.append(part)
-                if progress:
-                    progress(len(chunk[1]))
-    else:
-        _set_work(job)
-        try:
-            for chunk in chunks:
-                parts.append(_encode_chunk(chunk))
-                if progress:
-                    progress(len(chunk[1]))
-        finally:
-            _set_work(None)
-    if not parts:
-        return Tokenized(np.zeros(0, np.uint32), np.zeros(0, np.bool_), np.zeros(0, np.int64))
-    return Tokenized(
-        np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts]),
-        np.concatenate([p[2] for p in parts]),
-        [b for p in parts for b in p[3]],
-    )
+
+    def __init__(self, tk: TokenizerInfo, num_proc: int = 1) -> None:
+        self.tk = tk
+        self.num_proc = num_proc
+        self._pool = None
+        self._pending: deque = deque()
+
+    def __enter__(self) -> Encoder:
+        if self.num_proc > 1:
+            # Fork: workers inherit the tokenizer; Rust-side threads off in them (tokenizers warns otherwise).
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._pool = ctx.Pool(self.num_proc, initializer=_set_tokenizer, initargs=(self.tk,))
+        else:
+            _set_tokenizer(self.tk)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        _set_tokenizer(None)
+        self._pending.clear()
+
+    @staticmethod
+    def _result(part) -> Tokenized:
+        return Tokenized(*part)
+
+    def put(self, task: Task, offset: int, rows: list[dict[str, Any] | None]) -> list[Tokenized]:
+        if self._pool is None:
+            return [self._result(_encode_chunk(task, offset, rows))]
+        self._pending.append(self._pool.apply_async(_encode_chunk, (task, offset, rows)))
+        done = []
+        while len(self._pending) >= 2 * self.num_proc or (self._pending and self._pending[0].ready()):
+            done.append(self._result(self._pending.popleft().get()))
+        return done
+
+    def finish(self) -> list[Tokenized]:
+        done = [self._result(p.get()) for p in self._pending]
+        self._pending.clear()
+        return done

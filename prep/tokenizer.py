@@ -19,12 +19,15 @@ from typing import Any
 from padless.shards.tokenizer_identity import TokenizerIdentityError, hash_parts, part_hashes
 
 from .chat import ChatTemplate
+from .config import template_datetime
 from .errors import PrepError
 from .load import ASSETS
 
-__all__ = ["DEFAULT_TOKENIZER", "TokenizerInfo", "load_tokenizer"]
+__all__ = ["DEFAULT_TOKENIZER", "SPECIAL_TOKEN_NAMES", "TokenizerInfo", "load_tokenizer"]
 
 DEFAULT_TOKENIZER = ASSETS / "demo_tokenizer"
+# The named special tokens a chat template sees as variables (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -45,6 +48,8 @@ class TokenizerInfo:
     chat_template: str | None
     file_hash: str
     content_parts: dict[str, str] | None = None  # shards.tokenizer_identity.part_hashes of the folder
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # --chat-template-kwargs
+    template_date: str | None = None  # --template-date (None: the default date)
     _env: Any = field(default=None, repr=False)
 
     def token_id(self, key: str) -> int | None:
@@ -97,19 +102,25 @@ class TokenizerInfo:
                 "rendered; use a tokenizer whose tokenizer_config.json has a chat_template, or --format text"
             )
         if self._env is None:
+            special = {k: _token_str(self.config.get(k)) for k in SPECIAL_TOKEN_NAMES}
             self._env = ChatTemplate(
                 self.chat_template,
                 self.name,
-                bos_token=_token_str(self.config.get("bos_token")) or "",
-                eos_token=_token_str(self.config.get("eos_token")) or "",
+                special_tokens={k: str(v) for k, v in special.items() if v is not None},
+                template_kwargs=self.template_kwargs,
+                date=template_datetime(self.template_date) if self.template_date is not None else None,
             )
         return self._env
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: list | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: list | None = None,
+        documents: list | None = None,
     ) -> str:
-        """The chat template applied to ``messages`` (as text), with ``tools`` as the template's ``tools``."""
-        return self.chat.render(messages, add_generation_prompt, tools)
+        """The chat template applied to ``messages`` (as text), with ``tools`` and ``documents`` as its arguments."""
+        return self.chat.render(messages, add_generation_prompt, tools, documents)
 
     def __getstate__(self) -> dict[str, Any]:  # worker processes rebuild the jinja template themselves
         d = dict(self.__dict__)
@@ -146,8 +157,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
-    """Load from a local folder (or a ``tokenizer.json`` file's folder), or a hub id when online."""
+def load_tokenizer(
+    spec: str | Path | None = None,
+    *,
+    template_kwargs: dict[str, Any] | None = None,
+    template_date: str | None = None,
+) -> TokenizerInfo:
+    """Load from a local folder (or a ``tokenizer.json`` file's folder), or a hub id when online.
+
+    ``template_kwargs`` / ``template_date``: extra chat template variables and the date ``strftime_now`` gives."""
     from tokenizers import Tokenizer
 
     spec = str(spec) if spec is not None else str(DEFAULT_TOKENIZER)
@@ -193,4 +211,6 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenizerInfo:
         chat_template=template,
         file_hash=h.hexdigest(),
         content_parts=parts,
+        template_kwargs=dict(template_kwargs or {}),
+        template_date=template_date,
     )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .render import SHAREGPT_ROLES, parse_tools, tool_calls
+from .chat import join_text
+from .render import SHAREGPT_ROLES, parse_documents, parse_tools, tool_calls
 
 __all__ = ["CHAT_ROLES", "row_name", "row_problem"]
 
@@ -63,12 +64,34 @@ def _is_call(call: Any) -> bool:
 
 
 def _tools(row: dict[str, Any], f: _Fields) -> str | None:
-    try:
-        parse_tools(row.get("tools"))
-    except json.JSONDecodeError as e:
-        return f"{f('tools')} is not valid JSON ({e.msg} at column {e.colno}); expected a list of tool schemas"
-    except ValueError as e:
-        return f"{f('tools')}: {e}"
+    for name, parse, what in (("tools", parse_tools, "tool schemas"), ("documents", parse_documents, "documents")):
+        try:
+            parse(row.get(name))
+        except json.JSONDecodeError as e:
+            return f"{f(name)} is not valid JSON ({e.msg} at column {e.colno}); expected a list of {what}"
+        except ValueError as e:
+            return f"{f(name)}: {e}"
+    return None
+
+
+def _content(content: Any, f: _Fields, at: str) -> str | None:
+    """A message content: text, or a list of text parts ``{"type": "text", "text": ...}``."""
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f"{f('messages', at + '.content')} is {_kind(content)}, expected a string or a list of text parts"
+    for j, part in enumerate(content):
+        where = f"{at}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict):
+            return f"{f('messages', where)} is {_kind(part)}, expected a {{type, text}} part"
+        if kind != "text":
+            return (
+                f"{f('messages', where)} is a part of type {kind!r}; only text parts can be packed (prep trains on "
+                "text), so drop non-text parts or the row"
+            )
+        if not isinstance(part.get("text"), str):
+            return f"{f('messages', where + '.text')} is {_kind(part.get('text'))}, expected a string"
     return None
 
 
@@ -76,7 +99,7 @@ def _system(row: dict[str, Any], f: _Fields, first: Any) -> str | None:
     if (p := f.text(row, "system", required=False)) is not None:
         return p
     s = row.get("system")
-    if s and isinstance(first, dict) and first.get("role") == "system" and first.get("content") != s:
+    if s and isinstance(first, dict) and first.get("role") == "system" and join_text(first.get("content")) != s:
         return f"{f('system')} and the conversation's own system message differ; keep one of them"
     return None
 
@@ -114,8 +137,8 @@ def _chat(row: dict[str, Any], f: _Fields) -> str | None:
         content = m.get("content")
         if content is None and not calls:
             return f"{f('messages', at)} has no `content`"
-        if content is not None and not isinstance(content, str):
-            return f"{f('messages', at + '.content')} is {_kind(content)}, expected a string"
+        if content is not None and (p := _content(content, f, at)) is not None:
+            return p
     return _system(row, f, msgs[0]) or _tools(row, f)
 
 

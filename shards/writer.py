@@ -160,6 +160,15 @@ class ShardWriter:
                 progress(b - a)
             a = b
 
+    def batch_bounds(self, n_packs: int) -> np.ndarray:
+        """Pack numbers where the record batches of ``n_packs`` packs start, and ``n_packs`` (int64, ascending), when
+        they are the set's only packs. Feeding them in several ``add_packs`` calls split at any of these bounds
+        writes the same files as one call (a caller that cannot hold every pack's tokens at once)."""
+        step, per_shard = self._packs_per_batch, self._packs_per_shard
+        shard_starts = np.arange(0, n_packs, per_shard, dtype=np.int64)
+        starts = (shard_starts[:, None] + np.arange(0, per_shard, step, dtype=np.int64)[None, :]).ravel()
+        return np.append(starts[starts < n_packs], np.int64(n_packs))
+
     def _check(self, tokens, mask, lengths, per_pack, ex_index) -> None:
         if not (tokens.ndim == mask.ndim == lengths.ndim == per_pack.ndim == ex_index.ndim == 1):
             raise ValueError("add_packs expects 1-D arrays")

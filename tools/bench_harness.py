@@ -1,6 +1,6 @@
-"""The benchmark harness shared by ``tools/bench_{prep,kernels,attention,train}.py``: timers, the environment record,
-the results writer and the table printer. It is imported by those scripts (``python tools/bench_x.py`` puts
-``tools/`` first on ``sys.path``) and is not run on its own.
+"""The benchmark harness shared by ``tools/bench_{prep,kernels,attention,train,memory}.py``: timers, the environment
+record, the results writer, the table printer and the model shapes. It is imported by those scripts
+(``python tools/bench_x.py`` puts ``tools/`` first on ``sys.path``) and is not run on its own.
 
 - ``time_ms(fn)``: median milliseconds of ``repeats`` calls after ``warmup`` calls; CUDA events around each call on
   a GPU (L2 flushed before each call), wall clock on the CPU.
@@ -9,7 +9,7 @@ the results writer and the table printer. It is imported by those scripts (``pyt
   many input sets to rotate so that L2 cannot serve a memory-bound op from its previous call.
 - ``environment()``: date, GPU, driver, CPU, Python, package versions, git commit and the exact command line.
 - ``append_rows(area, rows)``: appends one JSON line per row to ``docs/bench/results/<area>.jsonl`` (areas:
-  prep, kernels, attention, train), each row carrying the environment record.
+  prep, kernels, attention, train, memory), each row carrying the environment record.
 - ``format_table(rows, columns)``: a plain-text table.
 
 Importing this module imports neither torch nor triton (the kernel scripts set ``TRITON_INTERPRET`` first).
@@ -36,11 +36,13 @@ from typing import Any
 
 __all__ = [
     "AREAS",
+    "MODEL_SHAPES",
     "REPO",
     "REQUIRED_KEYS",
     "RESULTS_DIR",
     "add_results_args",
     "append_rows",
+    "comma_choices",
     "environment",
     "format_table",
     "input_sets",
@@ -51,10 +53,28 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "docs" / "bench" / "results"
-AREAS = ("prep", "kernels", "attention", "train")
+AREAS = ("prep", "kernels", "attention", "train", "memory")
 PACKAGES = ("torch", "triton", "transformers", "peft", "liger-kernel", "numba", "pyarrow", "tokenizers", "padless")
 REQUIRED_KEYS = ("area", "date", "gpu", "driver", "python", "versions", "commit", "command")
 _FALLBACK_L2_BYTES = 50 * 2**20
+
+# Model shapes of the benchmarks' random models: family, config fields.
+MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3-4b": ("qwen3", dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                               head_dim=128, intermediate_size=9728, vocab_size=151936, rope_theta=1e6,
+                               rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=True)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                               head_dim=128, intermediate_size=12288, vocab_size=151936, rope_theta=1e6,
+                               rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "qwen3-14b": ("qwen3", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
+                                head_dim=128, intermediate_size=17408, vocab_size=151936, rope_theta=1e6,
+                                rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=5e5,
+                                rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False)),
+    "tiny": ("qwen3", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, tie_word_embeddings=False)),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- timers
@@ -252,6 +272,14 @@ def add_results_args(parser: argparse.ArgumentParser, area: str) -> None:
         "smoke runs append only when this is given)",
     )
     parser.add_argument("--no-record", action="store_true", help="print the table only, append nothing")
+
+
+def comma_choices(parser: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """``text`` split on commas; a name outside ``allowed`` is a usage error naming ``flag``."""
+    names = [name for name in text.split(",") if name]
+    if unknown := sorted(set(names) - set(allowed)):
+        parser.error(f"{flag}: unknown {unknown}; expected some of {list(allowed)}")
+    return names
 
 
 def record(args: argparse.Namespace, area: str, rows: Sequence[dict[str, Any]], *, smoke: bool = False) -> None:

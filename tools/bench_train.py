@@ -47,16 +47,7 @@ from typing import Any
 import bench_harness as H
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {  # family, config fields of the random model
-    "qwen3-8b": ("qwen3", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                               head_dim=128, intermediate_size=12288, vocab_size=151936, rope_theta=1e6,
-                               rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)),
-    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=5e5,
-                                rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False)),
-    "tiny": ("qwen3", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, intermediate_size=128, tie_word_embeddings=False)),
-}  # fmt: skip
+PRESETS = H.MODEL_SHAPES
 SYSTEMS = ("padless", "padless-eager", "hf-padded", "hf-packed-sdpa", "hf-packed-flex", "liger-padded",
            "liger-packed-flex", "unsloth")  # fmt: skip
 NEEDS_CUDA = {"hf-packed-flex", "liger-padded", "liger-packed-flex", "unsloth"}
@@ -292,9 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--row-file", help=argparse.SUPPRESS)
     H.add_results_args(p, "train")
     args = p.parse_args(argv)
-    args.systems = [s for s in args.systems.split(",") if s]
-    if unknown := sorted(set(args.systems) - set(SYSTEMS)):
-        p.error(f"--systems: unknown {unknown}; expected some of {list(SYSTEMS)}")
+    args.systems = H.comma_choices(p, "--systems", args.systems, SYSTEMS)
     return args
 
 

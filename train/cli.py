@@ -6,6 +6,7 @@ status 2, never a traceback.
 ``train merge ADAPTER --model BASE --out DIR`` -> :func:`train.merge.merge`
 ``train parity SHARDS --model M`` -> :func:`train.parity.parity` (exit status 1 when the check fails)
 ``train report RUN [--out DIR]`` -> :func:`train.report.write_report`
+``train plan SHARDS --model M [--gpu-mem-gib G]`` -> :func:`train.plan.plan` (options of ``PlanConfig``)
 ``train chat RUN --prompt TEXT`` -> :func:`train.chat.chat`
 """
 
@@ -20,7 +21,7 @@ import click
 from padless.shards.cli_config import Group, choice, click_options, config_from_params
 from padless.shards.errors import ShardFormatError
 
-from .config import Dtype, TrainConfig, TrainError
+from .config import Dtype, PlanConfig, TrainConfig, TrainError
 from .families import FamilyName
 
 __all__ = ["main"]
@@ -57,6 +58,44 @@ def run_command(**params: Any) -> None:
             + f", {s['steady_tokens_per_s']:,.0f} tokens/s ({s['steady_trainable_tokens_per_s']:,.0f} trainable)"
             + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")
             + f", peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
+        )
+
+
+@main.command("plan")
+@click_options(PlanConfig)
+def plan_command(**params: Any) -> None:
+    """Predict peak GPU memory and step time per mode, tokens per micro-batch and checkpointing, from the model's
+    config alone (no weights read), mark what fits the GPU, and recommend the fastest setting that fits."""
+    from .plan import as_row, plan
+
+    cfg = config_from_params(PlanConfig, params)
+    result = plan(cfg)
+    rows = [{**as_row(e), "fits": result.fits(e)} for e in result.estimates]
+    if cfg.json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    header = f"{'mode':<6} {'tokens':>7} {'ckpt':<7} {'weights':>8} {'adapters':>8} {'step':>7} {'peak GiB':>8} " \
+             f"{'host':>6} {'s/step':>7} {'tokens/s':>9}  fits"  # fmt: skip
+    click.echo(header)
+    click.echo("-" * len(header))
+    for row in rows:
+        fits = {True: "yes", False: "no", None: "?"}[row["fits"]]
+        click.echo(
+            f"{row['mode']:<6} {row['tokens']:>7} {row['checkpointing']:<7} {row['weights_gib']:>8.2f} "
+            f"{row['trainable_gib']:>8.2f} {row['step_gib']:>7.2f} {row['peak_gib']:>8.2f} {row['host_gib']:>6.1f} "
+            f"{row['step_s']:>7.3f} {row['tokens_per_s']:>9,.0f}  {fits}"
+        )
+    if result.gpu_bytes is None:
+        click.echo("no GPU here and no --gpu-mem-gib: nothing is marked as fitting")
+    elif result.recommended is None:
+        click.echo(f"nothing asked for fits {result.gpu_bytes / 2**30:.1f} GiB (the card less 1 GiB of headroom)")
+    else:
+        s = result.recommended.setting
+        click.echo(
+            f"recommended for {result.gpu_bytes / 2**30:.1f} GiB usable: --{s.mode} --tokens-per-micro-batch "
+            f"{s.tokens} --checkpointing {s.checkpointing} (predicted peak {result.recommended.peak / 2**30:.2f} GiB, "
+            f"about {result.recommended.tokens_per_s:,.0f} tokens/s)"
         )
 
 

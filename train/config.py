@@ -1,4 +1,5 @@
-"""The trainer's one typed config: every ``train run`` option is a field here, and its doc is the click help.
+"""The trainer's typed configs: every ``train run`` option is a field of :class:`TrainConfig` (``train plan``'s, of
+:class:`PlanConfig`), and its doc is the click help.
 
 One source: ``train.cli`` builds its options from these fields (``padless.shards.cli_config.click_options``), so
 the help text, the default, the type and the allowed values cannot drift apart; an enum-like option is a
@@ -26,6 +27,7 @@ __all__ = [
     "Dtype",
     "Mode",
     "Optimizer",
+    "PlanConfig",
     "Tracker",
     "TrainConfig",
     "TrainError",
@@ -259,3 +261,78 @@ class TrainConfig:
         if not self.target_modules:
             return None
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+def _comma_list(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "nothing named"
+        raise TrainError(f"{flag} {text!r}: {what}; expected a comma list of {', '.join(allowed)}")
+    return names
+
+
+@dataclass(kw_only=True, frozen=True)
+class PlanConfig:
+    """Everything ``train plan`` needs: the model, the shards, and which settings to predict."""
+
+    shards: str = option(help="Shard set made by `prep pack` (its pack lengths set the attention's share).",
+                         positional=True)  # fmt: skip
+    model: str | None = option(
+        None, help="Local Hugging Face folder or hub id: only its config.json is read (no weights)."
+    )
+    family: FamilyName = option("llama", help="Architecture of the random model (without --model).")
+    model_overrides: str | None = option(
+        None, help="Config fields (a JSON object, or a .json file) of the random model (without --model)."
+    )
+    gpu_mem_gib: float | None = option(
+        None, help="GPU memory to plan for, GiB (default: this machine's GPU; none: nothing is marked as fitting)."
+    )
+    host_mem_gib: float | None = option(
+        None, help="Host memory for offloaded checkpoints, GiB (default: what this machine has available)."
+    )
+    modes: str = option("lora,qlora,full", help="Comma list of modes to predict: lora, qlora, full.")
+    tokens: str = option(
+        "auto", help="Comma list of tokens per micro-batch (auto: powers of two from the shards' max_len to 64K)."
+    )
+    checkpointing: str = option("off,on,offload", help="Comma list of checkpointing modes: off, on, offload.")
+    lora_r: int = option(16, help="LoRA rank r.")
+    optimizer: Optimizer = option("adamw", help="adamw or adamw8bit (8-bit moments).")
+    dtype: Dtype = option("bf16", help="Compute dtype of the base model.")
+    json: bool = option(False, help="Print the predictions as JSON lines instead of a table.")
+
+    def __post_init__(self) -> None:
+        check_fields(self, TrainError)
+        self.mode_list  # noqa: B018 (validates)
+        self.checkpointing_list  # noqa: B018
+        if self.lora_r < 1:
+            raise TrainError(f"--lora-r must be >= 1, got {self.lora_r}")
+        for flag, value in (("--gpu-mem-gib", self.gpu_mem_gib), ("--host-mem-gib", self.host_mem_gib)):
+            if value is not None and not value > 0:
+                raise TrainError(f"{flag} must be > 0 GiB, got {value}")
+        self.token_list  # noqa: B018
+
+    @property
+    def mode_list(self) -> tuple[str, ...]:
+        return _comma_list(self.modes, MODES, "--modes")
+
+    @property
+    def checkpointing_list(self) -> tuple[str, ...]:
+        return _comma_list(self.checkpointing, typing.get_args(Checkpointing), "--checkpointing")
+
+    @property
+    def token_list(self) -> tuple[int, ...] | None:
+        """``--tokens`` as integers (None = auto)."""
+        if self.tokens.strip().lower() == "auto":
+            return None
+        values = []
+        for part in (p.strip() for p in self.tokens.split(",") if p.strip()):
+            number = int(part[:-1]) * 1024 if part.lower().endswith("k") and part[:-1].isdigit() else None
+            if number is None and part.isdigit():
+                number = int(part)
+            if not number:
+                raise TrainError(f"--tokens {self.tokens!r}: {part!r} is not a token count (e.g. 4096 or 4k)")
+            values.append(number)
+        if not values:
+            raise TrainError(f"--tokens {self.tokens!r}: expected auto or a comma list of token counts")
+        return tuple(values)

@@ -30,6 +30,7 @@ from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
+from .memory_breakdown import breakdown, persistent_bytes
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .offload_budget import GIB, check_offload_memory
 from .optim import build_optimizer, build_scheduler, reapply_hyperparameters
@@ -253,6 +254,7 @@ def _train(
     wall0, tokens_seen, trainable_seen = time.perf_counter(), 0, 0
     step_times: list[float] = []
     per_step: list[tuple[int, int, float]] = []  # (tokens, trainable tokens, FLOPs) of each step, all ranks
+    persistent: dict[str, int] | None = None
     with frozen_gc():  # no full GC pass over the model's objects in the middle of a step
         try:
             while step < total_steps:
@@ -311,6 +313,8 @@ def _train(
                         # step: update the weights, advance the schedule, drop the gradients
                         lr = scheduler.get_last_lr()[0]
                         optimizer.step()
+                        if persistent is None:  # gradients and optimizer state exist now: count them once
+                            persistent = persistent_bytes(model, optimizer)
                         scheduler.step()
                         # a captured graph accumulates into the existing .grad tensors: zero them, never drop them
                         optimizer.zero_grad(set_to_none=graph_step is None)
@@ -389,6 +393,7 @@ def _train(
         "tokens_per_s": tokens_seen / wall if wall > 0 else None,
         "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
         "peak_mem_gib": peak_memory_gib(device),
+        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer), device),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
         # without the first, which pays the kernel compiles and the CUDA-graph capture.

@@ -4,7 +4,9 @@
 shards' tokenizer, so the README's main job runs end to end on a CPU in about a minute. A folder must hold
 ``config.json`` and weights (safetensors or ``pytorch_model*.bin``); anything else is a :class:`TrainError`
 naming it, as is a tiny-model override transformers rejects.
-``quantize_4bit=True`` loads the base in NF4 through bitsandbytes for QLoRA (CUDA only).
+``quantize_4bit=True`` loads the base in NF4 through bitsandbytes for QLoRA (on a GPU, or on the CPU where the
+installed bitsandbytes has its CPU backend: slow, for tests and checks). A random model for QLoRA is written to a
+temporary folder first (:mod:`train.random_weights`) and loaded like a user's, so it never exists whole in bf16.
 
 The KV cache is always off (``config.use_cache = False``): padless never decodes, and a cache is one of the ways
 transformers stops noticing packed position_ids (see ``train.model_patch``).
@@ -24,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .config import TrainError
 from .families import SUPPORTED_FAMILIES
+from .random_weights import write_random_model
 
 __all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
 
@@ -96,6 +99,22 @@ def _bnb_config(dtype: torch.dtype) -> transformers.BitsAndBytesConfig:
     )
 
 
+def _check_4bit_support(device: torch.device) -> None:
+    """Fail early when the installed bitsandbytes cannot store NF4 weights on ``device`` (CUDA always can; the CPU
+    needs a bitsandbytes with its CPU backend)."""
+    if device.type == "cuda":
+        return
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.quantize_4bit(torch.ones(64, dtype=torch.bfloat16, device=device), quant_type="nf4")
+    except Exception as error:  # ImportError, or whatever a backend without this device raises
+        raise TrainError(
+            f"--qlora (a 4-bit base) on device {str(device)!r}: the installed bitsandbytes cannot quantize to NF4 "
+            f"there ({type(error).__name__}: {error}). Run on a GPU, or drop --qlora"
+        ) from error
+
+
 def _from_pretrained(
     source: str, *, dtype: torch.dtype, device: torch.device, quantize_4bit: bool, overrides: dict
 ) -> PreTrainedModel:
@@ -128,16 +147,13 @@ def load_model(
     weights drawn from ``seed`` (on ``device``, in ``dtype``). For a folder or hub id, ``vocab_size``, ``family`` and
     ``seed`` are not used (checking the shards' tokenizer against the model is the caller's job) and
     ``config_overrides`` go to ``from_pretrained`` (e.g. ``{"attn_implementation": "eager"}``).
-    ``quantize_4bit`` loads the base in NF4 (QLoRA; needs CUDA). The model comes back
+    ``quantize_4bit`` loads the base in NF4 (QLoRA). The model comes back
     in eval mode on ``device``, with ``config.use_cache = False``; the caller switches to train mode.
     """
     device = torch.device(device)
     overrides = dict(config_overrides or {})
-    if quantize_4bit and device.type != "cuda":
-        raise TrainError(
-            f"--qlora (a 4-bit base) needs a CUDA device; got device {str(device)!r}. Run on a GPU, or drop --qlora "
-            "for LoRA on CPU"
-        )
+    if quantize_4bit:
+        _check_4bit_support(device)
     if model is None:
         if vocab_size is None:
             raise ValueError("load_model(None) builds a tiny random model and needs vocab_size (the shards' vocab).")
@@ -147,29 +163,30 @@ def load_model(
                 f"--model-overrides vocab_size={wanted!r} is smaller than the shards' tokenizer vocabulary "
                 f"({vocab_size}): some token ids would have no embedding; use >= {vocab_size} or leave it out"
             )
-        # Initialise directly on the target device in the target dtype: a big random model (an 8B-shaped
-        # benchmark) would take minutes to initialise on the CPU. The seed then depends on the device.
-        build_dtype = torch.bfloat16 if quantize_4bit else dtype
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        scratch = tempfile.TemporaryDirectory(prefix="padless-random-") if quantize_4bit else None
         try:
             config = tiny_config(family, wanted, **overrides)
-            with torch.random.fork_rng(devices=rng_devices), torch.device(device):
-                torch.manual_seed(seed)
-                built = AutoModelForCausalLM.from_config(config, dtype=build_dtype)
+            if scratch is not None:
+                # Through a folder, as a user's model comes: NF4 tensor by tensor, never the whole model in bf16.
+                write_random_model(config, scratch.name, seed=seed, dtype=torch.bfloat16, device=device)
+            else:
+                # Directly on the target device in the target dtype: a big random model (an 8B-shaped benchmark)
+                # would take minutes to initialise on the CPU. The seed then depends on the device.
+                rng_devices = [device.index or 0] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=rng_devices), torch.device(device):
+                    torch.manual_seed(seed)
+                    result = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except _CONFIG_ERRORS as error:
+            if scratch is not None:
+                scratch.cleanup()
             if not overrides:
                 raise
             raise TrainError(
                 f"--model-overrides {overrides}: transformers cannot build a {family} model from them ({error})"
             ) from error
-        if quantize_4bit:
-            # bitsandbytes quantizes while loading: save the random weights and load them back in NF4.
-            with tempfile.TemporaryDirectory(prefix="padless-tiny-") as folder:
-                built.save_pretrained(folder)
-                del built
-                result = _from_pretrained(folder, dtype=dtype, device=device, quantize_4bit=True, overrides={})
-        else:
-            result = built.to(device=device, dtype=dtype)
+        if scratch is not None:
+            with scratch:
+                result = _from_pretrained(scratch.name, dtype=dtype, device=device, quantize_4bit=True, overrides={})
     else:
         path = Path(os.path.expanduser(str(model)))
         if path.is_dir():

@@ -30,6 +30,7 @@ __all__ = [
     "check_tokenizer",
     "model_overrides",
     "parse_device",
+    "parse_model_overrides",
     "resolve_device",
     "resolve_dtype",
     "tiny_model_vocab",
@@ -253,11 +254,16 @@ def check_shards(
 
 def model_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
     """``--model-overrides`` parsed: inline JSON or a path to a JSON file (None when not given)."""
-    if cfg.model_overrides is None:
+    return parse_model_overrides(cfg.model_overrides, cfg.model)
+
+
+def parse_model_overrides(text: str | None, model: str | None) -> dict[str, Any] | None:
+    """``--model-overrides`` (inline JSON or a .json file) as a dict; None when not given. Overrides shape the
+    random model, so they cannot go with ``--model``."""
+    if text is None:
         return None
-    if cfg.model is not None:
+    if model is not None:
         raise TrainError("--model-overrides shapes the random model built without --model; drop one of the two")
-    text = cfg.model_overrides
     if not text.lstrip().startswith("{"):
         path = Path(text)
         if not path.is_file():

@@ -639,6 +639,7 @@ def test_gpu_head_dims(D: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")  # tens of GiB: one at a time under --dist loadgroup
 @pytest.mark.parametrize("D", [128, 256])
 @pytest.mark.parametrize("lens", [[4096, 4000, 96], [8704]], ids=["long", "xlong"])
 def test_gpu_long_buckets(D: int, lens: list[int]) -> None:

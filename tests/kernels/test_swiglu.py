@@ -99,6 +99,7 @@ def test_gated_activation_rejects_bad_inputs():
 
 # ------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")  # tens of GiB: one at a time under --dist loadgroup
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_gated_activation_gpu_qwen3_shapes(name):
     gen = torch.Generator(device="cuda").manual_seed(13)
@@ -119,6 +120,7 @@ def test_gated_activation_gpu_qwen3_shapes(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")  # tens of GiB: one at a time under --dist loadgroup
 def test_swiglu_gpu_past_int32_elements():
     # 180K tokens x 12288 = 2.2e9 elements > 2**31 - 1: the int64-offset kernel must reach the last rows.
     t, i = 180_000, 12288

@@ -3,7 +3,9 @@ file alone (into another folder) writes the same shards, byte for byte."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,13 @@ from click.testing import CliRunner
 
 from padless.prep import output
 from padless.prep.cli import main
+from padless.prep.config import PackConfig
+from padless.prep.tokenizer import DEFAULT_TOKENIZER
+from padless.shards.config_file import read_config_file, write_config_file
 from padless.shards.verify import verify_with_eval
 from tests.user_errors import assert_one_line_error
 
-from .rows import alpaca_rows, write_jsonl
+from .rows import alpaca_rows, chat_rows, write_jsonl
 
 # Settings that differ from the defaults in every way that changes the shards.
 FLAGS = ["--max-len", "80", "--seed", "5", "--overlong", "split", "--train-on", "all", "--eval-examples", "7",
@@ -113,3 +118,65 @@ def _stats(*args: str):
     r = CliRunner().invoke(main, ["stats", *args, "--json"])
     assert r.exit_code == 0, r.output
     return r
+
+
+# Every PackConfig field away from its default, values YAML would read otherwise when plain (a date, a bool, a
+# number, JSON, a colon, a line break), once with DATASETS and once with --mix (each pair of fields that cannot be
+# given together split between the two).
+ALL_SET = {"max_len": 77, "out": "out: 1", "tokenizer": "org/tok", "format": "chat",
+           "maps": ("messages=conv", "off"), "chat_template_kwargs": ("enable_thinking=false", '{"a": [1, "x"]}'),
+           "template_date": "2026-01-31", "train_on": "all", "overlong": "split", "max_examples_per_pack": 3,
+           "seed": 9, "eval_fraction": 0.25, "num_proc": 2, "overwrite": True, "skip_bad_rows": True,
+           "prompt_separator": "\n### Response:\n", "progress": False, "zstd_level": 7, "tokens_per_batch": 1000,
+           "extra": {"note": "yes", "n": [1, 2]}}  # fmt: skip
+WITH_DATASETS = PackConfig(datasets=("org/ds:sub@validation", "2024-01-01", "a b.jsonl"), **ALL_SET)
+WITH_MIX = PackConfig(mix=("org/ds:sub@validation=0.7,c.jsonl=0.3", "null=1"),
+                      **{**ALL_SET, "mix_examples": 50, "eval_fraction": 0.0, "eval_examples": 5})  # fmt: skip
+
+
+def test_every_pack_setting_reads_back_from_a_written_config(tmp_path: Path) -> None:
+    """Every field differs from its default in one of the two configs, so a new field must be set above too."""
+    defaults = PackConfig(datasets=("x",), max_len=16)
+    for f in dataclasses.fields(PackConfig):
+        default = getattr(defaults, f.name)
+        assert getattr(WITH_DATASETS, f.name) != default or getattr(WITH_MIX, f.name) != default, f.name
+    for cfg in (WITH_DATASETS, WITH_MIX):
+        path = write_config_file(cfg, tmp_path / "config.yaml")
+        assert PackConfig(**read_config_file(PackConfig, path)) == cfg
+
+
+def test_a_mix_of_subsets_with_template_settings_replays_from_its_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--mix (a Hub-style folder's subset@split and a file), --mix-examples, --chat-template-kwargs and
+    --template-date are saved in config.yaml, and the replay writes the same shards."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "multi"
+    for subset in ("easy", "hard"):
+        (folder / subset).mkdir(parents=True)
+        for split in ("train", "validation"):
+            write_jsonl(folder / subset / f"{split}.jsonl", chat_rows(30, seed=len(subset + split)))
+    configs = "".join(
+        f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
+        f"  - split: validation\n    path: {s}/validation.jsonl\n"
+        for s in ("easy", "hard")
+    )
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n# A dataset\n")
+    write_jsonl(tmp_path / "c.jsonl", chat_rows(20, seed=7))
+    shutil.copytree(DEFAULT_TOKENIZER, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        (Path(__file__).parent / "data" / "rag_style.jinja").read_text()
+    )
+    _pack("--mix", "multi:hard@validation=0.7,c.jsonl=0.3", "--mix-examples", "40", "--tokenizer", "tok",
+          "--chat-template-kwargs", "enable_thinking=false", "--template-date", "2026-01-31", "--max-len", "256",
+          "--eval-examples", "4", "--no-progress", "--out", "a")  # fmt: skip
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["datasets"] == [] and saved["mix"] == ["multi:hard@validation=0.7,c.jsonl=0.3"]
+    assert (saved["mix_examples"], saved["template_date"]) == (40, "2026-01-31")
+    assert saved["chat_template_kwargs"] == ["enable_thinking=false"]
+    _pack("--config", "a/config.yaml", "--out", "b")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _manifest(a)["fingerprint"] == _manifest(b)["fingerprint"]
+    assert _manifest(b)["source"]["mix"]["examples"] == 40
+    assert _manifest(b)["options"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert _set_bytes(a) == _set_bytes(b) and "eval/shard-00000.arrow" in _set_bytes(a)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from padless.prep.errors import PrepError
-from padless.prep.load import load_sources
+from padless.prep.load import load_rows
 from padless.prep.pipeline import PackConfig, run_pack
 
 from .rows import alpaca_rows, chat_rows, write_jsonl
@@ -37,22 +37,20 @@ def test_every_local_format_loads_the_same_rows(tmp_path):
         w.writeheader()
         w.writerows(ROWS)
     for kind, p in paths.items():
-        [src] = load_sources([str(p)])
-        assert src.rows == ROWS, kind
-    # A folder of files, concatenated in name order; two DATASET arguments concatenated in order.
+        assert load_rows(str(p)) == ROWS, kind
+    # A folder of files (no split in their names: all are the train split), concatenated in name order.
     (tmp_path / "dir").mkdir()
     write_jsonl(tmp_path / "dir" / "1.jsonl", ROWS[:5])
     write_jsonl(tmp_path / "dir" / "2.jsonl", ROWS[5:])
-    assert load_sources([str(tmp_path / "dir")])[0].rows == ROWS
-    assert [r for s in load_sources([str(paths["csv"]), str(paths["json"])]) for r in s.rows] == ROWS + ROWS
+    assert load_rows(str(tmp_path / "dir")) == ROWS
 
 
 def test_save_to_disk_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
-    assert load_sources([str(tmp_path / "ds")])[0].rows == ROWS
+    assert load_rows(str(tmp_path / "ds")) == ROWS
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
-    assert load_sources([str(tmp_path / "dd")])[0].rows == ROWS
+    assert load_rows(str(tmp_path / "dd")) == ROWS
 
 
 def run(tmp_path, datasets, **kw):

@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from padless.prep.render import ALPACA_HEADERS, render_row
-from padless.prep.tokenize import _PrefixCache, encode_example, tokenize_rows
+from padless.prep.tokenize import Encoder, Task, _PrefixCache, encode_example
 from padless.prep.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 FIRST = ["Give", "3 ways", "(a) pick", "é", "数字", '"quoted"', "#tag", "-dash", "'s", "Ünïcode", "\u0301x", "💡 idea"]
@@ -93,7 +93,8 @@ def test_batch_with_header_cache_equals_joint_encoding(name: str, tmp_path: Path
     build, cached = BUILDERS[name]
     tk = load_tokenizer(build(tmp_path / name))
     data = rows()
-    got = tokenize_rows(data, "alpaca", "completion", tk)
+    with Encoder(tk) as enc:
+        [got] = enc.put(Task("alpaca", "completion"), 0, data)
     off = 0
     for i, row in enumerate(data):
         ids, mask = encode_example(row, "alpaca", "completion", tk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -162,3 +163,23 @@ def test_add_packs_reports_progress_per_record_batch(tmp_path):
     ss = open_shards(tmp_path / "s")
     assert len(updates) > 1 and all(n > 0 for n in updates)
     assert sum(updates) == len(ss) == len(data[3])
+
+
+def test_add_packs_split_at_the_batch_bounds_writes_the_same_files(tmp_path):
+    """A caller that feeds the packs in several calls, cut at ``batch_bounds``, gets the files of one call."""
+    tokens, mask, lengths, per, index = random_packs(np.random.default_rng(4), 400, 64)
+    kw = {"max_len": 64, "tokens_per_batch": 300, "tokens_per_shard": 1000}
+    with ShardWriter(tmp_path / "one", **kw) as w:
+        w.add_packs(tokens, mask, lengths, per, index)
+        bounds = w.batch_bounds(len(per))
+    assert bounds[0] == 0 and bounds[-1] == len(per) and (np.diff(bounds) > 0).all()
+    pack_ex = np.concatenate([[0], np.cumsum(per)])
+    ex_tok = np.concatenate([[0], np.cumsum(lengths)])
+    with ShardWriter(tmp_path / "many", **kw) as w:
+        cuts = bounds[::3].tolist() + ([] if (len(bounds) - 1) % 3 == 0 else [int(bounds[-1])])
+        for p0, p1 in itertools.pairwise(cuts):
+            e0, e1 = pack_ex[p0], pack_ex[p1]
+            t0, t1 = ex_tok[e0], ex_tok[e1]
+            w.add_packs(tokens[t0:t1], mask[t0:t1], lengths[e0:e1], per[p0:p1], index[e0:e1])
+    one, many = (json.loads((tmp_path / n / "manifest.json").read_text())["shards"] for n in ("one", "many"))
+    assert len(one) > 2 and [s["sha256"] for s in one] == [s["sha256"] for s in many]

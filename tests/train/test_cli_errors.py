@@ -54,7 +54,6 @@ def test_bad_options(tmp_path: Path, args: list[str], match: str) -> None:
     [
         (["--target-modules", "q_proj,nope"], r"--target-modules 'nope' names no linear layer .* q_proj, "),
         (["--target-modules", "lm_head"], r"--target-modules 'lm_head' picks the output layer"),
-        (["--qlora"], r"--qlora \(a 4-bit base\) needs a CUDA device"),
         (["--optimizer", "adamw8bit"], r"--optimizer adamw8bit needs (bitsandbytes|a CUDA device)"),
         (["--model-overrides", "{bad json"], r"--model-overrides is not valid JSON"),
         (["--model-overrides", '{"num_attention_heads": 3}'], r"--model-overrides .*cannot build a llama model"),

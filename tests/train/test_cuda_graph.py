@@ -43,7 +43,7 @@ def test_gpu_graphed_run_matches_eager(synthetic_shards: Path, tmp_path: Path, c
     )  # fmt: skip
     eager, rec_e = run_recorded(base_config(synthetic_shards, tmp_path / "eager", cuda_graphs="off", **settings))
     graphed, rec_g = run_recorded(base_config(synthetic_shards, tmp_path / "graph", cuda_graphs="on", **settings))
-    assert not graphed.warnings
+    assert graphed.warnings == eager.warnings  # nothing about the graphs (the shards name no tokenizer: both say so)
     assert all(math.isfinite(x) for x in graphed.losses)
     # Same kernels, same order; attention's atomic dQ may reorder fp32 sums: equal to bf16 noise.
     assert graphed.losses == pytest.approx(eager.losses, rel=1e-2)

@@ -206,6 +206,7 @@ def test_out_of_memory_names_the_knobs(synthetic_shards: Path, tmp_path: Path) -
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")  # tens of GiB: one at a time under --dist loadgroup
 @pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
 def test_gpu_lora_bf16_run_reports_mfu_and_memory(synthetic_shards: Path, tmp_path: Path, checkpointing: str) -> None:
     cfg = base_config(

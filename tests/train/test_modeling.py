@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from padless.train.adapters import DEFAULT_TARGETS, apply_adapters
 from padless.train.config import TrainError
 from padless.train.modeling import TINY_FAMILIES, load_model, tiny_config
 from padless.train.packed_forward import packed_loss
+from padless.train.random_weights import write_random_model
 from tests.train.tiny_models import SMALL, make_batch, trainable
 
 
@@ -45,8 +48,6 @@ def test_tiny_model_is_seeded_small_and_cache_free():
 def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="needs vocab_size"):
         load_model(None)
-    with pytest.raises(TrainError, match=r"--qlora \(a 4-bit base\) needs a CUDA device"):
-        load_model(None, vocab_size=50, quantize_4bit=True)
     (tmp_path / "config.json").write_text(tiny_config("llama", 50).to_json_string())
     with pytest.raises(TrainError, match=re.escape(f"model folder '{tmp_path}' has a config.json but no weights")):
         load_model(str(tmp_path))
@@ -114,27 +115,38 @@ def test_readme_demo_size_trains_on_cpu():
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-@pytest.mark.gpu
-def test_gpu_qlora_loads_and_trains_one_step():
-    model = load_model(
-        None,
-        vocab_size=1024,
-        family="qwen3",
-        dtype=torch.bfloat16,
-        device="cuda",
-        quantize_4bit=True,
-        config_overrides={"hidden_size": 256, "intermediate_size": 512, "head_dim": 64},
-    )
+@pytest.mark.parametrize(
+    ("device", "checkpointing"), [("cpu", "on"), pytest.param("cuda", "offload", marks=pytest.mark.gpu)]
+)
+def test_qlora_loads_and_trains_one_step(device: str, checkpointing: str, tmp_path: Path) -> None:
+    """A random QLoRA base: every projection NF4, its weights those the random folder held (up to NF4 rounding),
+    and one packed step trains the adapters."""
     import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
 
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    overrides = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+    model = load_model(
+        None, vocab_size=1024, family="qwen3", dtype=torch.bfloat16, device=device, quantize_4bit=True,
+        config_overrides=overrides,
+    )  # fmt: skip
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == 7 * model.config.num_hidden_layers
+    folder = write_random_model(tiny_config("qwen3", 1024, **overrides), tmp_path, seed=0, device=device)
+    name = "model.layers.1.mlp.down_proj"
+    written = load_file(str(folder / "model.safetensors"))[f"{name}.weight"].float()
+    weight = quantized[name].weight
+    restored = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+    assert restored.shape == written.shape
+    # NF4 keeps each weight to within about a tenth of its block's scale: the same weights, not merely the same shape
+    assert (restored - written).abs().mean() < 0.12 * written.abs().mean()
+    assert torch.corrcoef(torch.stack([restored.flatten(), written.flatten()]))[0, 1] > 0.99
     model = apply_adapters(model, mode="qlora", r=8)
     model.train()
     params = trainable(model)
     before = {k: v.detach().clone() for k, v in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
-    batch = make_batch([100, 37, 200], vocab_size=1024, seed=2, device="cuda")
-    total, n = packed_loss(model, batch, checkpointing="offload")
+    batch = make_batch([100, 37, 200], vocab_size=1024, seed=2, device=device)
+    total, n = packed_loss(model, batch, checkpointing=checkpointing)
     (total / n).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
     opt.step()

@@ -1,0 +1,73 @@
+"""What ``datasets`` decides for ``prep``: the files of a Hub-style folder's subset and split, and rows streamed
+through ``datasets`` (Hub ids, and folders whose files padless does not read itself).
+
+``datasets`` is imported here only, inside the functions, so ``prep --help`` and packing a plain file never pay for
+it. Its errors (an unknown subset or split, no data files, no access) become one :class:`PrepError` that names the
+dataset argument.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import PrepError
+
+if TYPE_CHECKING:
+    from .load import DatasetSpec
+
+__all__ = ["folder_files", "stream_dataset"]
+
+# What `datasets` raises for a dataset it cannot find, open or split as asked (no bare Exception).
+_DATASETS_ERRORS = (OSError, ValueError, RuntimeError, ImportError, ConnectionError)
+
+
+def _split_of(spec: DatasetSpec, splits: list[str]) -> str:
+    split = spec.split or "train"
+    if split not in splits:
+        base = spec.text.rsplit("@", 1)[0] if spec.split else spec.text
+        raise PrepError(
+            f"dataset {spec.text!r} has no split {split!r}; its splits: {', '.join(splits)} (name one as {base}@SPLIT)"
+        )
+    return split
+
+
+def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
+    """The data files of ``spec``'s subset and split in a folder laid out as a Hub dataset repository, as
+    ``datasets.load_dataset(folder, subset, split=split)`` would read them (in its order); None for a folder whose
+    builder names no data files (a dataset script, where the installed ``datasets`` still runs them)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(folder), spec.subset)
+    except FileNotFoundError as e:  # datasets' EmptyDatasetError and DataFilesNotFoundError
+        raise PrepError(
+            f"folder {str(folder)!r} holds no data files ({e}); expected data files (JSON, JSONL, Parquet, CSV, "
+            "Arrow, ...) or a save_to_disk folder"
+        ) from e
+    except _DATASETS_ERRORS as e:  # e.g. "BuilderConfig 'x' not found. Available: [...]"
+        raise PrepError(f"cannot open dataset {spec.text!r} with `datasets`: {e}") from e
+    data_files = builder.config.data_files
+    if not data_files:
+        return None
+    files = {str(k): v for k, v in data_files.items()}
+    return [Path(f) for f in files[_split_of(spec, list(files))]]
+
+
+def stream_dataset(name: str, spec: DatasetSpec, chunk_rows: int, digest: Any) -> Iterator[list[dict[str, Any]]]:
+    """Rows of ``name`` (a Hub id or a local folder) streamed by ``datasets`` in chunks; ``digest`` (a hashlib
+    object) takes every row's content, so the source's fingerprint covers what was read."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, spec.subset, split=spec.split or "train", streaming=True)
+        for batch in ds.iter(batch_size=chunk_rows):
+            columns = list(batch)
+            rows = [dict(zip(columns, values)) for values in zip(*batch.values())]
+            for r in rows:
+                digest.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+            yield rows
+    except _DATASETS_ERRORS as e:
+        raise PrepError(f"cannot load dataset {spec.text!r} with `datasets`: {e}") from e

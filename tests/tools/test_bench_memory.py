@@ -1,0 +1,48 @@
+"""tools/bench_memory.py on a CPU: the tiny LoRA and QLoRA cases run ``train run`` as a user does (QLoRA from a
+random model folder written once) and their rows carry the memory breakdown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .tooling import ROOT, load_tool, run_tool
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run")
+def test_tiny_cases_run_and_record_the_breakdown(tmp_path) -> None:
+    shards = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "padless.prep", "pack", "demo:alpaca", "--max-len", "128", "--out", str(shards)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    results = tmp_path / "memory.jsonl"
+    cases = "tiny-lora-1k,tiny-qlora-1k"
+    proc = run_tool("bench_memory", "--shards", str(shards), "--cases", cases, "--warmup", "1", "--steps", "1",
+                    "--work", str(tmp_path / "work"), "--results", str(results), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["case"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(rows) == {"tiny-lora-1k", "tiny-qlora-1k"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["area"] == "memory" and row["step_s"] > 0 and row["peak_gib"] > 0
+        assert set(row["memory_gib"]) >= {"weights", "trainable", "gradients", "optimizer"}
+    lora, qlora = rows["tiny-lora-1k"]["memory_gib"], rows["tiny-qlora-1k"]["memory_gib"]
+    assert lora["trainable"] == qlora["trainable"] > 0  # the same adapters on the same shapes
+    assert qlora["weights"] < lora["weights"]  # NF4 projections beside a fp32 base
+    assert (tmp_path / "work" / "model-tiny" / "config.json").is_file()  # the QLoRA base came from a folder
+
+
+def test_case_names_say_what_runs() -> None:
+    bench = load_tool("bench_memory")
+    case = bench.CASES["qwen3-4b-qlora-2k"]
+    assert (case.shape, case.mode, case.tokens, case.checkpointing, case.target_gib) == (
+        "qwen3-4b",
+        "qlora",
+        2048,
+        "on",
+        3.0,
+    )
+    assert bench.CASES["qwen3-4b-qlora-8k-offload"].checkpointing == "offload"
+    assert all(name in bench.CASES for name in bench.DEFAULT_CASES)

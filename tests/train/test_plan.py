@@ -1,0 +1,117 @@
+"""train plan: the persistent lines equal what a real model holds, the shards' attention work is counted exactly,
+the table marks what fits and recommends the fastest setting that does, and bad options are one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from padless.shards.reader import open_shards
+from padless.train.adapters import apply_adapters
+from padless.train.cli import main
+from padless.train.config import PlanConfig, TrainError
+from padless.train.memory_breakdown import persistent_bytes
+from padless.train.modeling import load_model, tiny_config
+from padless.train.plan import Estimate, Setting, estimate, inventory, recommend, shard_statistics
+from tests.user_errors import assert_one_line_error
+
+SHAPE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "num_attention_heads": 4,
+         "num_key_value_heads": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_persistent_lines_match_the_loaded_model(mode: str) -> None:
+    """Weights, adapters, gradients and AdamW state as planned from the meta model are what a loaded bf16 (or NF4)
+    model with LoRA r 8 holds after one optimizer step."""
+    config = tiny_config("qwen3", 300, **SHAPE)
+    model = load_model(None, vocab_size=300, family="qwen3", dtype=torch.bfloat16, quantize_4bit=mode == "qlora",
+                       config_overrides=SHAPE)  # fmt: skip
+    model = apply_adapters(model, mode=mode, r=8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    held = persistent_bytes(model, optimizer)
+    planned = estimate(inventory(config), Setting(mode, 1024, "on", lora_r=8))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+    assert planned.trainable == held["trainable"] and planned.gradients == held["gradients"]
+    assert planned.optimizer == held["optimizer"] - steps
+    if mode == "lora":
+        assert planned.weights == held["weights"] - buffers
+    else:  # NF4: the quantization state's small tensors are planned per weight, not exactly
+        assert planned.weights == pytest.approx(held["weights"] - buffers, rel=0.03)
+
+
+def test_shard_statistics_count_every_example(synthetic_shards: Path) -> None:
+    ss = open_shards(synthetic_shards)
+    lengths = [np.diff(np.asarray(ss[i].cu_seqlens)) for i in range(len(ss))]
+    tokens = sum(int(ss[i].num_tokens) for i in range(len(ss)))
+    max_len, sum_sq_per_token = shard_statistics(str(synthetic_shards))
+    assert max_len == ss.manifest["max_len"]
+    assert sum_sq_per_token == pytest.approx(sum(int((x.astype(np.int64) ** 2).sum()) for x in lengths) / tokens)
+
+
+def test_step_memory_grows_with_tokens_and_falls_with_checkpointing() -> None:
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=6))
+    by = {(ckpt, t): estimate(inv, Setting("lora", t, ckpt)).step for ckpt in ("off", "on", "offload")
+          for t in (1024, 4096)}  # fmt: skip
+    for ckpt in ("off", "on", "offload"):
+        assert by[ckpt, 4096] > by[ckpt, 1024]
+    assert by["off", 4096] > by["on", 4096] > by["offload", 4096]
+    offload = estimate(inv, Setting("lora", 4096, "offload"))
+    assert offload.host == inv.layers * 4096 * inv.hidden * 2
+
+
+def _estimate(tokens: int, peak: int, host: int = 0) -> Estimate:
+    return Estimate(Setting("lora", tokens, "on"), peak, 0, 0, 0, 0, host, step_s=1.0)
+
+
+def test_recommend_takes_the_fastest_that_fits() -> None:
+    small, large, huge = _estimate(1024, 10), _estimate(4096, 20), _estimate(8192, 40)
+    assert recommend([small, large, huge], gpu_bytes=30) is large
+    assert recommend([small, large, huge], gpu_bytes=5) is None
+    offloaded = _estimate(8192, 25, host=100)
+    assert recommend([small, offloaded], gpu_bytes=30, host_bytes=50) is small
+    assert recommend([small, offloaded], gpu_bytes=30, host_bytes=200) is offloaded
+
+
+def test_cli_marks_what_fits_and_recommends(synthetic_shards: Path) -> None:
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(SHAPE),
+            "--modes", "lora,qlora", "--checkpointing", "on", "--tokens", "512,2k", "--gpu-mem-gib", "1.5"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len([line for line in lines if line.startswith(("lora ", "qlora "))]) == 4
+    assert lines[-1].startswith("recommended for 0.5 GiB usable: --lora --tokens-per-micro-batch 2048")
+    as_json = CliRunner().invoke(main, [*args, "--json"])
+    rows = [json.loads(line) for line in as_json.output.splitlines()]
+    assert {(r["mode"], r["tokens"]) for r in rows} == {("lora", 512), ("lora", 2048), ("qlora", 512), ("qlora", 2048)}
+    assert all(r["fits"] is True for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--modes", "lora,dora"], r"--modes 'lora,dora': unknown 'dora'; expected a comma list of lora, qlora, full"),
+        (["--checkpointing", "sometimes"], r"--checkpointing 'sometimes': unknown 'sometimes'"),
+        (["--tokens", "4k,lots"], r"--tokens '4k,lots': 'lots' is not a token count"),
+        (["--tokens", "16"], r"--tokens 16: below the shards' longest pack"),
+        (["--gpu-mem-gib", "0"], r"--gpu-mem-gib must be > 0 GiB"),
+        (["--model-overrides", "{bad"], r"--model-overrides is not valid JSON"),
+    ],
+)
+def test_bad_options_are_one_line_errors(synthetic_shards: Path, args: list[str], match: str) -> None:
+    result = CliRunner().invoke(main, ["plan", str(synthetic_shards), *args])
+    assert_one_line_error(result, match)
+
+
+def test_plan_config_checks_its_fields() -> None:
+    with pytest.raises(TrainError, match="--lora-r must be >= 1"):
+        PlanConfig(shards="s", lora_r=0)
+    assert PlanConfig(shards="s", tokens="1k, 4096").token_list == (1024, 4096)

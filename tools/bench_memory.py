@@ -1,0 +1,182 @@
+"""Peak GPU memory of ``train run`` per model shape, mode and token budget, broken down by what holds it. Prints a
+table and appends one row per case to docs/bench/results/memory.jsonl.
+
+    python tools/bench_memory.py --shards shards/alpaca-qwen3-1024                   # every case
+    python tools/bench_memory.py --shards DIR --cases qwen3-4b-qlora-2k,qwen3-8b-lora-16k
+    python tools/bench_memory.py --shards DIR --cases tiny-lora-1k --steps 2          # CPU smoke run
+
+Each case is one ``python -m padless.train run`` subprocess, as a user runs it: QLoRA cases load a random model
+folder (written once per shape into ``--work``, by ``padless.train.random_weights``) with ``--model``, so the base
+reaches the GPU as a user's does, NF4 tensor by tensor; bf16 LoRA cases build the random model on the GPU
+(``--family``). Peak = ``torch.cuda.max_memory_allocated()`` over the whole run, from loading the model through the
+last step, nothing reset. Reported beside it, from the run's summary.json: weights, trainable weights, gradients,
+optimizer state, what a step adds (saved activations and workspace), the allocator's slack, the median step time
+and tokens/s after the first ``--warmup`` steps, the case's target peak where the project has one, and the peak
+that ``train plan`` predicts (with its error against the measured one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bench_harness as H
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str  # key of H.MODEL_SHAPES
+    mode: str  # lora | qlora
+    tokens: int  # tokens per micro-batch
+    checkpointing: str = "on"
+    optimizer: str = "adamw"
+    target_gib: float | None = None
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.checkpointing == "on" else f"-{self.checkpointing}"
+        suffix += "" if self.optimizer == "adamw" else f"-{self.optimizer}"
+        return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
+
+
+CASES = {
+    case.name: case
+    for case in (
+        Case("qwen3-4b", "qlora", 2048, target_gib=3.0),
+        Case("qwen3-4b", "qlora", 8192, target_gib=3.5),
+        Case("qwen3-4b", "qlora", 32768, target_gib=6.0),
+        Case("qwen3-4b", "qlora", 2048, "offload"),
+        Case("qwen3-4b", "qlora", 8192, "offload"),
+        Case("qwen3-4b", "qlora", 2048, "offload", "adamw8bit"),
+        Case("qwen3-14b", "qlora", 4096, target_gib=12.0),
+        Case("qwen3-8b", "lora", 16384, target_gib=20.0),
+        Case("tiny", "lora", 1024),
+        Case("tiny", "qlora", 1024),
+    )
+}
+DEFAULT_CASES = [name for name in CASES if not name.startswith("tiny")]
+
+
+def model_folder(shape: str, vocab: int, work: Path) -> Path:
+    """A random model of ``shape`` written once into ``work`` (reused by later cases and later runs)."""
+    from padless.train.modeling import tiny_config
+    from padless.train.random_weights import write_random_model
+
+    family, fields = H.MODEL_SHAPES[shape]
+    fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
+    folder = work / f"model-{shape}"
+    if not (folder / "config.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.perf_counter()
+        config = tiny_config(family, fields.pop("vocab_size"), **fields)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        write_random_model(config, folder, seed=0, dtype=torch.bfloat16, device=device)
+        print(f"wrote {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return folder
+
+
+def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
+    """``train plan``'s peak for the case."""
+    from padless.train.modeling import tiny_config
+    from padless.train.plan import Setting, estimate, inventory
+
+    family, fields = H.MODEL_SHAPES[case.shape]
+    fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
+    inv = inventory(tiny_config(family, fields.pop("vocab_size"), **fields))
+    setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer)
+    return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
+
+
+def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    out = args.work / f"run-{case.name}"
+    cmd = [sys.executable, "-m", "padless.train", "run", args.shards, "--output", str(out), "--overwrite",
+           f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--checkpointing", case.checkpointing,
+           "--optimizer", case.optimizer,
+           "--max-steps", str(args.warmup + args.steps), "--eval-every", "-1", "--no-progress", "--force"]  # fmt: skip
+    if case.mode == "qlora":
+        cmd += ["--model", str(model_folder(case.shape, vocab, args.work))]
+    else:
+        family, fields = H.MODEL_SHAPES[case.shape]
+        fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
+        cmd += ["--family", family, "--model-overrides", json.dumps(fields)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, timeout=args.case_timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {args.case_timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"status": f"exit {proc.returncode}: {last[:200]}"}
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if "step_time_s" in r and r["step"] > args.warmup]
+    memory = summary.get("memory_gib") or {}
+    return {
+        "status": "ok",
+        "peak_gib": summary["peak_mem_gib"],
+        "memory_gib": memory,
+        "step_s": statistics.median(r["step_time_s"] for r in steady) if steady else None,
+        "tokens_per_s": summary.get("steady_tokens_per_s"),
+        "wall_s": wall,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="shard set from prep pack")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {','.join(CASES)}")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the step time")
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up")
+    p.add_argument("--work", type=Path, default=Path("bench-memory"), help="model folders and runs (kept)")
+    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case's row is a timeout")
+    H.add_results_args(p, "memory")
+    args = p.parse_args(argv)
+    args.cases = H.comma_choices(p, "--cases", args.cases, CASES)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from padless.shards.reader import open_shards
+    from padless.train.plan import shard_statistics
+
+    manifest = open_shards(args.shards).manifest
+    sum_sq_per_token = shard_statistics(args.shards)[1]
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.cases:
+        case = CASES[name]
+        print(f"=== {name}", flush=True)
+        result = run_case(case, args, vocab)
+        result["predicted_gib"] = predicted_gib(case, vocab, sum_sq_per_token)
+        if result.get("peak_gib"):
+            result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
+        print(json.dumps(result), flush=True)
+        rows.append({"bench": "memory", "case": name, "shape": case.shape, "mode": case.mode, "tokens": case.tokens,
+                     "checkpointing": case.checkpointing, "optimizer": case.optimizer, "target_gib": case.target_gib,
+                     "shards": args.shards,
+                     "shards_fingerprint": manifest.get("fingerprint"), **result})  # fmt: skip
+    cols = [("case", "case", "s"), ("peak_gib", "peak GiB", ".2f"), ("target_gib", "target", ".1f"),
+            ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
+            ("memory_gib.weights", "weights", ".2f"), ("memory_gib.trainable", "trainable", ".2f"),
+            ("memory_gib.gradients", "grads", ".2f"), ("memory_gib.optimizer", "optim", ".2f"),
+            ("memory_gib.step", "step", ".2f"), ("memory_gib.slack", "slack", ".2f"), ("step_s", "s/step", ".3f"),
+            ("tokens_per_s", "tok/s", ",.0f"), ("status", "status", "s")]  # fmt: skip
+    print(H.format_table(rows, cols, title=f"\ntrain run peak memory on {H.environment()['gpu']}"))
+    H.record(args, "memory", rows, smoke=all(name.startswith("tiny") for name in args.cases))
+
+
+if __name__ == "__main__":
+    main()

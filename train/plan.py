@@ -1,0 +1,307 @@
+"""``train plan``: predict a run's peak GPU memory and step time from the model's config alone, before renting a GPU.
+
+The model is built on the meta device (no weights read), which gives every parameter's shape; from those:
+
+- **weights**: frozen parameters in the run's dtype; under QLoRA every linear layer but the output head in NF4
+  (half a byte per value, a byte of double-quantized scale per 64 values, fp32 per 256 scales, two code books);
+- **trainable**, **gradients**, **optimizer**: LoRA adapters in fp32 (r x (in + out) per targeted linear layer) or,
+  for full fine-tuning, every parameter in the run's dtype; a gradient per trainable value; AdamW's two moments
+  (8-bit AdamW: one byte each);
+- **step**: what a step adds on top. Per token, with checkpointing ``on`` each layer keeps its input (hidden size x
+  dtype) and one layer at a time holds its full activations while it is recomputed and differentiated; ``off``
+  keeps every layer's activations; ``offload`` keeps the layer inputs in host memory (a layer or two in flight).
+  The output head adds one chunk of logits and the hidden state's gradient; QLoRA adds the dequantized weight of
+  the largest projection (bitsandbytes dequantizes a whole weight for each matmul).
+
+The per-token activation counts of one layer (``_LAYER_*``) are measured, not derived: they are what padless's
+fused layer keeps for its backward (and its backward's transient gradients) on a GPU, fitted to the peaks that
+``tools/bench_memory.py`` records. Step time is the step's FLOPs (the same count ``metrics.flop_model`` makes) at
+the model FLOP utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches,
+whose fixed per-step costs weigh more (``_HALF_TOKENS``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .adapters import DEFAULT_TARGETS
+from .families import family_for_model_type
+
+__all__ = [
+    "Estimate",
+    "ModelInventory",
+    "Plan",
+    "Setting",
+    "as_row",
+    "estimate",
+    "inventory",
+    "model_config",
+    "plan",
+    "recommend",
+    "shard_statistics",
+]
+
+# One decoder layer's activations per token, in values of the run's dtype, as multiples of the hidden size H and
+# the MLP's intermediate size I (attention heads are counted with H: q and o span H, k and v a fraction of it).
+_LAYER_SAVED_H = 3.0  # normed inputs, q, k, v, attention output
+_LAYER_SAVED_I = 3.0  # gate, up, activation
+_LAYER_BACKWARD_H = 1.0  # transient gradients on top of one layer's saved activations while it is differentiated
+_LAYER_BACKWARD_I = 1.5
+_OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
+_CE_CHUNK_BYTES = 372 * 2**20  # padless.kernels.cross_entropy.DEFAULT_CHUNK_BYTES: one chunk of logits
+_MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
+_HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
+_PEAK_FLOPS = 989e12  # dense bf16, H100/H200
+_NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
+_NF4_BYTES_PER_TENSOR = 2048
+
+
+@dataclass(frozen=True)
+class ModelInventory:
+    """What the accounting needs from a model: its linear layers and the sizes of everything else."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    head_dim: int
+    vocab: int
+    linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every linear layer but the output head
+    other_params: int  # embeddings, head, norms, biases: values kept in the run's dtype
+    lora_targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Setting:
+    mode: str  # lora | qlora | full
+    tokens: int  # tokens per micro-batch
+    checkpointing: str  # off | on | offload
+    lora_r: int = 16
+    optimizer: str = "adamw"  # adamw | adamw8bit
+    dtype_bytes: int = 2
+
+
+@dataclass(frozen=True)
+class Estimate:
+    setting: Setting
+    weights: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    step: int
+    host: int  # pinned host bytes (offloaded layer inputs)
+    step_s: float
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.trainable + self.gradients + self.optimizer + self.step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.setting.tokens / self.step_s
+
+
+def inventory(config: PretrainedConfig) -> ModelInventory:
+    """The model of ``config`` built on the meta device: shapes only, nothing allocated."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    linears = tuple(
+        (name, m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not head
+    )
+    linear_ids = {id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    seen: set[int] = set()
+    other = 0
+    for p in model.parameters():  # tied weights once
+        if id(p) not in seen and id(p) not in linear_ids:
+            seen.add(id(p))
+            other += p.numel()
+    known = family_for_model_type(getattr(config, "model_type", "")) is not None
+    targets = DEFAULT_TARGETS if known else tuple(sorted({n.rsplit(".", 1)[-1] for n, _, _ in linears}))
+    heads = int(config.num_attention_heads)
+    return ModelInventory(
+        hidden=int(config.hidden_size),
+        intermediate=int(config.intermediate_size),
+        layers=int(config.num_hidden_layers),
+        heads=heads,
+        head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        vocab=int(config.vocab_size),
+        linears=linears,
+        other_params=other,
+        lora_targets=tuple(targets),
+    )
+
+
+def _targeted(inv: ModelInventory) -> list[tuple[str, int, int]]:
+    return [(n, i, o) for n, i, o in inv.linears if n.rsplit(".", 1)[-1] in inv.lora_targets]
+
+
+def _layer_values_per_token(inv: ModelInventory) -> tuple[float, float]:
+    """(saved, backward transient) values per token of one decoder layer."""
+    saved = _LAYER_SAVED_H * inv.hidden + _LAYER_SAVED_I * inv.intermediate
+    return saved, _LAYER_BACKWARD_H * inv.hidden + _LAYER_BACKWARD_I * inv.intermediate
+
+
+def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float = 0.0) -> Estimate:
+    """Bytes per line and the step time of ``setting`` on ``inv``; ``sum_sq_per_token`` = Σ L² / tokens of the
+    shards' packs (the attention's share of the FLOPs)."""
+    b, T, mode = setting.dtype_bytes, setting.tokens, setting.mode
+    linear_values = sum(i * o for _, i, o in inv.linears)
+    if mode == "full":  # every parameter trains, in the run's dtype
+        weights, trainable_values, value_bytes = 0, linear_values + inv.other_params, b
+    else:  # fp32 adapters on a frozen base (NF4 projections under QLoRA)
+        if mode == "qlora":
+            weights = math.ceil(linear_values * _NF4_BYTES_PER_VALUE) + _NF4_BYTES_PER_TENSOR * len(inv.linears)
+        else:
+            weights = linear_values * b
+        weights += inv.other_params * b
+        trainable_values = sum(setting.lora_r * (i + o) for _, i, o in _targeted(inv))
+        value_bytes = 4
+    trainable = gradients = trainable_values * value_bytes
+    optimizer = trainable_values * (2 if setting.optimizer == "adamw8bit" else 2 * value_bytes)
+
+    saved, transient = _layer_values_per_token(inv)
+    if setting.checkpointing == "off":
+        activations = inv.layers * T * saved * b
+    elif setting.checkpointing == "on":
+        activations = inv.layers * T * inv.hidden * b + T * saved * b
+    else:
+        activations = _OFFLOAD_LAYERS_IN_FLIGHT * T * inv.hidden * b + T * saved * b
+    activations += T * transient * b
+    rows = min(T, max(1, _CE_CHUNK_BYTES // (inv.vocab * b)))
+    head = rows * inv.vocab * b + T * inv.hidden * b
+    dequantized = max(i * o for _, i, o in inv.linears) * b * 2 if mode == "qlora" else 0
+    host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
+
+    matmul = linear_values + (inv.vocab * inv.hidden)  # the head's matmul; the embedding is a lookup
+    passes = 2 + (1 if mode == "full" else 0) + (1 if setting.checkpointing != "off" else 0)
+    attention = 2.0 * inv.layers * inv.heads * inv.head_dim * (3 + (setting.checkpointing != "off"))
+    flops = 2.0 * matmul * passes * T + attention * sum_sq_per_token * T
+    step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
+    return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
+                    int(activations + head + dequantized), int(host), step_s)  # fmt: skip
+
+
+def recommend(estimates: list[Estimate], gpu_bytes: int, host_bytes: int | None = None) -> Estimate | None:
+    """The fastest estimate (tokens/s) whose peak fits ``gpu_bytes`` (and offload fits ``host_bytes``)."""
+    fits = [e for e in estimates if e.peak <= gpu_bytes and (host_bytes is None or e.host <= host_bytes)]
+    return max(fits, key=lambda e: e.tokens_per_s, default=None)
+
+
+def as_row(e: Estimate) -> dict[str, Any]:
+    s = e.setting
+    gib = 2**30
+    return {"mode": s.mode, "tokens": s.tokens, "checkpointing": s.checkpointing, "weights_gib": e.weights / gib,
+            "trainable_gib": (e.trainable + e.gradients + e.optimizer) / gib, "step_gib": e.step / gib,
+            "peak_gib": e.peak / gib, "host_gib": e.host / gib, "step_s": e.step_s,
+            "tokens_per_s": e.tokens_per_s}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ train plan
+_HEADROOM_GIB = 1.0  # the CUDA context and the allocator's slack, beside the predicted peak of allocated memory
+_MAX_AUTO_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Predictions for every asked setting, what fits, and the fastest that fits."""
+
+    estimates: list[Estimate]
+    gpu_bytes: int | None  # usable GPU memory (the card's minus the headroom), None = unknown
+    host_bytes: int | None
+    recommended: Estimate | None
+
+    def fits(self, e: Estimate) -> bool | None:
+        if self.gpu_bytes is None:
+            return None
+        return e.peak <= self.gpu_bytes and (self.host_bytes is None or e.host <= self.host_bytes)
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def shard_statistics(shards: str) -> tuple[int, float]:
+    """(max_len, Σ L² / tokens) of the shard set: the longest pack, and the attention's work per token."""
+    import numpy as np
+
+    from padless.shards.reader import open_shards
+
+    ss = open_shards(shards)
+    total_sq = total_tokens = 0
+    for _, d in ss.iter_batches():
+        values, offsets = d["cu_seqlens"].astype(np.int64), d["cu_seqlens.off"]
+        lengths = np.diff(values)
+        inside = np.ones(len(lengths), dtype=bool)
+        inside[offsets[1:-1] - 1] = False  # the step from one pack's last boundary to the next pack's 0
+        total_sq += int((lengths[inside] ** 2).sum())
+        total_tokens += int(d["num_tokens"].sum())
+    return int(ss.manifest["max_len"]), total_sq / max(total_tokens, 1)
+
+
+def model_config(cfg: Any, vocab: int) -> PretrainedConfig:
+    """The config of ``cfg.model`` (config.json only), or of the random model ``train run`` would build."""
+    from transformers import AutoConfig
+
+    from .config import TrainError
+    from .modeling import tiny_config
+    from .prepare import parse_model_overrides
+
+    overrides = parse_model_overrides(cfg.model_overrides, cfg.model)
+    if cfg.model is None:
+        overrides = dict(overrides or {})
+        return tiny_config(cfg.family, max(int(overrides.pop("vocab_size", vocab)), vocab), **overrides)
+    try:
+        return AutoConfig.from_pretrained(cfg.model)
+    except (OSError, ValueError) as error:
+        raise TrainError(f"--model {cfg.model!r}: cannot read its config.json ({error})") from error
+
+
+def plan(cfg: Any) -> Plan:
+    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
+    from padless.shards.reader import open_shards
+
+    from .config import TrainError
+
+    vocab = int(open_shards(cfg.shards).manifest["tokenizer"]["vocab_size"])
+    max_len, sum_sq_per_token = shard_statistics(cfg.shards)
+    inv = inventory(model_config(cfg, vocab))
+    tokens = cfg.token_list
+    if tokens is None:
+        start = 1 << max(0, (max_len - 1).bit_length())
+        tokens = tuple(t for t in (start << k for k in range(8)) if t <= max(_MAX_AUTO_TOKENS, start))
+    too_small = [t for t in tokens if t < max_len]
+    if too_small:
+        raise TrainError(
+            f"--tokens {','.join(map(str, too_small))}: below the shards' longest pack ({max_len} tokens); a "
+            "micro-batch holds whole packs"
+        )
+    dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[cfg.dtype]
+    estimates = [
+        estimate(inv, Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes), sum_sq_per_token=sum_sq_per_token)
+        for mode in cfg.mode_list
+        for ckpt in cfg.checkpointing_list
+        for t in tokens
+    ]
+    gpu = cfg.gpu_mem_gib * 2**30 if cfg.gpu_mem_gib is not None else None
+    if gpu is None and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    usable = int(gpu - _HEADROOM_GIB * 2**30) if gpu is not None else None
+    host = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else _host_available_bytes()
+    recommended = recommend(estimates, usable, host) if usable is not None else None
+    return Plan(estimates, usable, host, recommended)
