@@ -34,6 +34,24 @@ def _split_of(spec: DatasetSpec, splits: list[str]) -> str:
     return split
 
 
+def _open_error(name: str, spec: DatasetSpec, error: Exception, verb: str) -> PrepError:
+    """One PrepError for what `datasets` raised; a dataset of several subsets named without one lists them."""
+    if spec.subset is None and "Config name is missing" in str(error):
+        import datasets
+
+        try:
+            subsets = datasets.get_dataset_config_names(name)
+        except _DATASETS_ERRORS:
+            subsets = []
+        base, _, split = spec.text.partition("@")
+        example = f"{base}:SUBSET" + (f"@{split}" if split else "")
+        return PrepError(
+            f"dataset {spec.text!r} has several subsets: {', '.join(subsets) or '(see its README)'}; name one as "
+            f"{example}"
+        )
+    return PrepError(f"cannot {verb} dataset {spec.text!r} with `datasets`: {error}")
+
+
 def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
     """The data files of ``spec``'s subset and split in a folder laid out as a Hub dataset repository, as
     ``datasets.load_dataset(folder, subset, split=split)`` would read them (in its order); None for a folder whose
@@ -48,7 +66,7 @@ def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
             "Arrow, ...) or a save_to_disk folder"
         ) from e
     except _DATASETS_ERRORS as e:  # e.g. "BuilderConfig 'x' not found. Available: [...]"
-        raise PrepError(f"cannot open dataset {spec.text!r} with `datasets`: {e}") from e
+        raise _open_error(str(folder), spec, e, "open") from e
     data_files = builder.config.data_files
     if not data_files:
         return None
@@ -70,4 +88,4 @@ def stream_dataset(name: str, spec: DatasetSpec, chunk_rows: int, digest: Any) -
                 digest.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
             yield rows
     except _DATASETS_ERRORS as e:
-        raise PrepError(f"cannot load dataset {spec.text!r} with `datasets`: {e}") from e
+        raise _open_error(name, spec, e, "load") from e

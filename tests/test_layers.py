@@ -139,6 +139,15 @@ def test_installed_commands_ignore_a_users_train_py_and_kernels_folder(tmp_path:
         assert proc.returncode == 0 and "Usage:" in proc.stdout, (command, proc.stdout, proc.stderr)
     proc = _run([str(BIN / "train"), "run", "--help"], tmp_path)
     assert proc.returncode == 0 and "--tokens-per-micro-batch" in proc.stdout, proc.stderr
+    # `python -m` puts the working directory on sys.path; the module drops it before transformers is imported
+    # (train plan builds a model on the meta device, which imports transformers' kernel integration).
+    shards = tmp_path / "shards"
+    proc = _run([sys.executable, "-m", "padless.prep", "pack", "demo:alpaca", "--max-len", "128", "--out",
+                 str(shards)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run([sys.executable, "-m", "padless.train", "plan", str(shards), "--modes", "lora", "--checkpointing",
+                 "on", "--tokens", "1024"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "lora" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_transformers_and_hugging_faces_kernels_are_not_shadowed(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "environment",
     "format_table",
     "input_sets",
+    "model_shape",
     "record",
     "time_graph_ms",
     "time_ms",
@@ -75,6 +76,16 @@ MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("qwen3", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, intermediate_size=128, tie_word_embeddings=False)),
 }  # fmt: skip
+
+
+def model_shape(name: str, shards_vocab: int) -> tuple[str, dict[str, Any]]:
+    """(family, config fields) of ``MODEL_SHAPES[name]``, with the vocabulary raised (to a multiple of 64) if the
+    shards' tokenizer needs more rows than the shape has; a shape without a vocabulary takes the shards' own."""
+    family, shape = MODEL_SHAPES[name]
+    shape = dict(shape)
+    if shape.get("vocab_size", 0) and shards_vocab > shape["vocab_size"]:
+        shape["vocab_size"] = -(-shards_vocab // 64) * 64
+    return family, shape
 
 
 # ---------------------------------------------------------------------------------------------------- timers

@@ -65,18 +65,23 @@ CASES = {
 DEFAULT_CASES = [name for name in CASES if not name.startswith("tiny")]
 
 
+def model_config(shape: str, vocab: int) -> Any:
+    """The transformers config of ``shape`` for shards of ``vocab`` tokens."""
+    from padless.train.modeling import tiny_config
+
+    family, fields = H.model_shape(shape, vocab)
+    return tiny_config(family, fields.pop("vocab_size", vocab), **fields)
+
+
 def model_folder(shape: str, vocab: int, work: Path) -> Path:
     """A random model of ``shape`` written once into ``work`` (reused by later cases and later runs)."""
-    from padless.train.modeling import tiny_config
     from padless.train.random_weights import write_random_model
 
-    family, fields = H.MODEL_SHAPES[shape]
-    fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
     folder = work / f"model-{shape}"
     if not (folder / "config.json").is_file():
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.perf_counter()
-        config = tiny_config(family, fields.pop("vocab_size"), **fields)
+        config = model_config(shape, vocab)
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,12 +92,9 @@ def model_folder(shape: str, vocab: int, work: Path) -> Path:
 
 def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
     """``train plan``'s peak for the case."""
-    from padless.train.modeling import tiny_config
     from padless.train.plan import Setting, estimate, inventory
 
-    family, fields = H.MODEL_SHAPES[case.shape]
-    fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
-    inv = inventory(tiny_config(family, fields.pop("vocab_size"), **fields))
+    inv = inventory(model_config(case.shape, vocab))
     setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer)
     return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
 
@@ -106,8 +108,7 @@ def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     if case.mode == "qlora":
         cmd += ["--model", str(model_folder(case.shape, vocab, args.work))]
     else:
-        family, fields = H.MODEL_SHAPES[case.shape]
-        fields = {**fields, "vocab_size": max(fields.get("vocab_size", 0), -(-vocab // 64) * 64)}
+        family, fields = H.model_shape(case.shape, vocab)
         cmd += ["--family", family, "--model-overrides", json.dumps(fields)]
     t0 = time.perf_counter()
     try:

@@ -54,16 +54,6 @@ NEEDS_CUDA = {"hf-packed-flex", "liger-padded", "liger-packed-flex", "unsloth"}
 PEER_PACKAGE = {"liger-padded": "liger_kernel", "liger-packed-flex": "liger_kernel", "unsloth": "unsloth"}
 
 
-def model_shape(preset: str, shards_vocab: int) -> tuple[str, dict[str, Any]]:
-    """(family, config overrides) of ``preset``, with the vocabulary raised (to a multiple of 64) if the shards'
-    tokenizer needs more rows than the preset has."""
-    family, shape = PRESETS[preset]
-    shape = dict(shape)
-    if shape.get("vocab_size", 0) and shards_vocab > shape["vocab_size"]:
-        shape["vocab_size"] = -(-shards_vocab // 64) * 64
-    return family, shape
-
-
 def summarise(records: list[dict], warmup: int) -> dict[str, Any]:
     """Steady state (steps after ``warmup``) from per-step records with step_time_s, tokens, trainable_tokens."""
     steady = [r for r in records if r["step"] > warmup] or records
@@ -229,7 +219,7 @@ def worker(args: argparse.Namespace) -> None:
         import unsloth  # noqa: F401  (first: it patches transformers when imported)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny CPU models: more threads only contend on a small shared machine
-    family, shape = model_shape(args.preset, int(open_shards(args.shards).manifest["tokenizer"]["vocab_size"]))
+    family, shape = H.model_shape(args.preset, int(open_shards(args.shards).manifest["tokenizer"]["vocab_size"]))
     try:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
             if args.worker.startswith("padless"):
@@ -296,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     from padless.shards.reader import open_shards
 
     manifest = open_shards(args.shards).manifest
-    family, shape = model_shape(args.preset, int(manifest["tokenizer"]["vocab_size"]))
+    family, shape = H.model_shape(args.preset, int(manifest["tokenizer"]["vocab_size"]))
     gpu = H.environment()["gpu"]
     cuda = gpu != "none"
     rows = []

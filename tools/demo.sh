@@ -12,4 +12,4 @@ prep show demo-out/shards --pack 0 | head -n 40
 prep verify demo-out/shards
 # A randomly initialised tiny model learns little through LoRA alone, so the demo fine-tunes all of it (--full);
 # drop --full to see the LoRA path (the default for real models).
-train run demo-out/shards --output demo-out/run --full --max-steps 300 --eval-every 100 --lr 2e-3 --log-every 25 "$@"
+train run demo-out/shards --output demo-out/run --overwrite --full --max-steps 300 --eval-every 100 --lr 2e-3 --log-every 25 "$@"

@@ -13,7 +13,7 @@ from torch import nn
 from .config import MODES, Mode, TrainError
 from .families import family_for_model_type
 
-__all__ = ["DEFAULT_TARGETS", "MODES", "apply_adapters", "trainable_parameter_count"]
+__all__ = ["DEFAULT_TARGETS", "MODES", "apply_adapters", "check_targets", "trainable_parameter_count"]
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,19 +56,21 @@ def apply_adapters(
         targets: list[str] | str = list(DEFAULT_TARGETS) if known else "all-linear"
     else:
         targets = list(target_modules)
-        _check_targets(model, targets)
+        check_targets(model, targets)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
 
 
-def _check_targets(model: nn.Module, targets: list[str]) -> None:
+def check_targets(model: nn.Module, targets: list[str] | None) -> None:
     """Every ``--target-modules`` name must pick at least one linear layer, and on a patched family never the output
     layer (the fused cross-entropy scores against a plain ``lm_head.weight``).
 
     peft matches a name against a module's full name or its dotted suffix; checking here gives the user the
-    model's own layer names instead of peft's error."""
+    model's own layer names instead of peft's error. ``None`` (the default targets) always passes."""
+    if targets is None:
+        return
     linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     patched = family_for_model_type(getattr(model.config, "model_type", "")) is not None
     head = model.get_output_embeddings() if patched and hasattr(model, "get_output_embeddings") else None

@@ -13,6 +13,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -37,6 +38,9 @@ def main() -> None:
 
     A user error is one line on stderr and exit status 2.
     """
+    # bitsandbytes' CPU backend warns on import that an optional kernel from the Hugging Face hub is not trusted;
+    # it falls back to its own code, and to a CPU user the warning reads as an error.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @main.command("run")
@@ -165,16 +169,31 @@ def report_command(run: str, out: str | None) -> None:
 @main.command("chat")
 @click.argument("run", type=click.Path())
 @click.option("--prompt", required=True, help="The user message (through the chat template when there is one).")
+@click.option("--system", default=None, help="A system prompt before the user message (needs a chat template).")
+@click.option("--tools", "tools_file", default=None, type=click.Path(),
+              help="JSON file: a list of tool schemas the chat template shows the model.")  # fmt: skip
 @click.option("--max-new-tokens", default=128, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling (--temperature > 0).")
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
-def chat_command(run: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, device: str | None) -> None:
+def chat_command(
+    run: str, prompt: str, system: str | None, tools_file: str | None, max_new_tokens: int, temperature: float,
+    seed: int, device: str | None,
+) -> None:  # fmt: skip
     """Generate one reply with the model in RUN (a `train run` output or `train merge` folder), loaded with
     transformers and peft from that folder alone."""
-    from .chat import chat
+    from .chat import chat, read_tools
 
-    click.echo(chat(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, device=device, seed=seed))
+    tools = read_tools(tools_file) if tools_file else None
+    reply = chat(run, prompt, system=system, tools=tools, max_new_tokens=max_new_tokens, temperature=temperature,
+                 device=device, seed=seed)  # fmt: skip
+    click.echo(reply)
+    if not reply.strip():
+        click.echo(
+            "note: the model ended its reply at once. The prompt went through the tokenizer's chat template; a run "
+            "trained on another prompt format (e.g. Alpaca's) answers in that one: write the prompt in it",
+            err=True,
+        )
 
 
 if __name__ == "__main__":

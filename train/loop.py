@@ -33,7 +33,7 @@ from .host_gc import frozen_gc
 from .memory_breakdown import breakdown, persistent_bytes
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .offload_budget import GIB, check_offload_memory
-from .optim import build_optimizer, build_scheduler, reapply_hyperparameters
+from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
 from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
 from .progress import Progress
@@ -93,6 +93,7 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     """
     env = dist_util.detect()
     device = resolve_device(cfg, env)
+    check_optimizer(cfg, device)
     dtype = resolve_dtype(cfg, device)
     owns_group = dist_util.init_process_group(env, device)
     try:
@@ -158,6 +159,11 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
+    from .adapters import apply_adapters, check_targets
+
+    if cfg.mode != "full":
+        check_targets(model, cfg.target_module_list)  # before anything is written to --output
+    check_offload_memory(cfg, model.config, dtype, budget)  # the host holds the offloaded share
     tokenizer_from, no_tokenizer = tokenizer_folder(cfg.model, ss.manifest)  # copied next to the output
     result.warnings += [no_tokenizer] if no_tokenizer else []
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run
@@ -166,8 +172,7 @@ def _train(
     dist_util.barrier()
     if cfg.model is None and cfg.mode != "full" and env.is_main and _param_count(model) < _SAVE_BASE_LIMIT:
         save_base_model(model, output / "base_model")  # the adapter needs its random base to be reloadable
-    from .adapters import apply_adapters
-    from .model_patch import patch_model, unwrap_model
+    from .model_patch import patch_model
 
     model = apply_adapters(
         model,
@@ -183,7 +188,6 @@ def _train(
         callbacks.on_model(model)
     from .packed_forward import packed_loss  # the model path (imported late: it pulls in transformers and peft)
 
-    check_offload_memory(cfg, unwrap_model(model).config, dtype, budget)  # the host holds the offloaded share
     loss_fn = functools.partial(packed_loss, **_checkpoint_options(cfg))
     wrapped = dist_util.wrap_model(dist_util.PackedLossModule(model, loss_fn), env, device, fsdp=cfg.fsdp)
     # Evaluation runs no backward: DDP's wrapper is bypassed (ranks may run different numbers of eval batches);

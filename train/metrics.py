@@ -29,6 +29,7 @@ __all__ = [
     "flop_model",
     "peak_flops",
     "peak_memory_gib",
+    "step_flop_model",
     "sum_squared_lengths",
 ]
 
@@ -95,15 +96,33 @@ def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str, keep_a
         n -= embed.weight.numel()
         if head is not None and head.weight is embed.weight:
             n += head.weight.numel()  # tied: the head's matmul still happens
-    passes = 1 + 1 + (1 if full else 0) + (1 if checkpointing != "off" else 0)
     cfg = getattr(model, "config", None)
     layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
     head_dim = getattr(cfg, "head_dim", None) or (int(getattr(cfg, "hidden_size", 0) or 0) // heads if heads else 0)
+    return step_flop_model(
+        n, layers, heads, head_dim, full=full, checkpointing=checkpointing, keep_attention=keep_attention
+    )
+
+
+def step_flop_model(
+    matmul_params: int,
+    layers: int,
+    heads: int,
+    head_dim: int,
+    *,
+    full: bool,
+    checkpointing: str,
+    keep_attention: bool = False,
+) -> FlopModel:
+    """The FLOP model from the counts alone (``train plan`` has no loaded model): the passes of the module doc."""
+    passes = 1 + 1 + (1 if full else 0) + (1 if checkpointing != "off" else 0)
     # --keep-attention: the recompute reuses the forward's attention output (no third attention forward)
     attn_passes = 1 + 2 + (1 if checkpointing != "off" and not keep_attention else 0)
     return FlopModel(
-        matmul_params=n, per_token=2.0 * n * passes, per_sq_len=2.0 * layers * heads * head_dim * attn_passes
+        matmul_params=matmul_params,
+        per_token=2.0 * matmul_params * passes,
+        per_sq_len=2.0 * layers * heads * head_dim * attn_passes,
     )
 
 

@@ -12,7 +12,18 @@ import torch
 
 from .config import TrainConfig, TrainError
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "reapply_hyperparameters"]
+__all__ = ["build_optimizer", "build_scheduler", "check_optimizer", "lr_factor", "reapply_hyperparameters"]
+
+
+def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
+    """``--optimizer`` can run on ``device`` (called before a run writes anything)."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise TrainError(f"--optimizer adamw8bit needs bitsandbytes ({error}); pip install bitsandbytes") from error
+        if device.type != "cuda":
+            raise TrainError("--optimizer adamw8bit needs a CUDA device; use --optimizer adamw on CPU")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -25,13 +36,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    check_optimizer(cfg, device)
     if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise TrainError(f"--optimizer adamw8bit needs bitsandbytes ({error}); pip install bitsandbytes") from error
-        if device.type != "cuda":
-            raise TrainError("--optimizer adamw8bit needs a CUDA device; use --optimizer adamw on CPU")
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     # Fused AdamW: one kernel for all parameters on CUDA. On CPU the default (foreach) path is used.
     fused = device.type == "cuda"

@@ -13,11 +13,14 @@ The model is built on the meta device (no weights read), which gives every param
   The output head adds one chunk of logits and the hidden state's gradient; QLoRA adds the dequantized weight of
   the largest projection (bitsandbytes dequantizes a whole weight for each matmul).
 
-The per-token activation counts of one layer (``_LAYER_*``) are measured, not derived: they are what padless's
-fused layer keeps for its backward (and its backward's transient gradients) on a GPU, fitted to the peaks that
-``tools/bench_memory.py`` records. Step time is the step's FLOPs (the same count ``metrics.flop_model`` makes) at
-the model FLOP utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches,
-whose fixed per-step costs weigh more (``_HALF_TOKENS``).
+The per-token activation counts of one layer (``_LAYER_*``) are fitted to measured peaks, not derived: what
+padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. Fitted so far to one
+measurement (Qwen3-8B bf16 LoRA, 16K tokens, checkpointing on, H100: 23.06 GiB measured, 23.08 predicted);
+``tools/bench_memory.py`` prints the prediction beside every case it measures.
+
+Step time is the step's FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
+utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches, whose fixed per-step
+costs weigh more (``_HALF_TOKENS``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from padless.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+
 from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
+from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
 
 __all__ = [
     "Estimate",
@@ -54,10 +60,9 @@ _LAYER_SAVED_I = 3.0  # gate, up, activation
 _LAYER_BACKWARD_H = 1.0  # transient gradients on top of one layer's saved activations while it is differentiated
 _LAYER_BACKWARD_I = 1.5
 _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
-_CE_CHUNK_BYTES = 372 * 2**20  # padless.kernels.cross_entropy.DEFAULT_CHUNK_BYTES: one chunk of logits
 _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
-_PEAK_FLOPS = 989e12  # dense bf16, H100/H200
+_PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
 _NF4_BYTES_PER_TENSOR = 2048
 
@@ -72,6 +77,7 @@ class ModelInventory:
     heads: int
     head_dim: int
     vocab: int
+    matmul_params: int  # parameters that take part in matmuls (``metrics.flop_model``'s count)
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every linear layer but the output head
     other_params: int  # embeddings, head, norms, biases: values kept in the run's dtype
     lora_targets: tuple[str, ...]
@@ -134,6 +140,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
         heads=heads,
         head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
         vocab=int(config.vocab_size),
+        matmul_params=flop_model(model, full=False, checkpointing="off").matmul_params,
         linears=linears,
         other_params=other,
         lora_targets=tuple(targets),
@@ -176,15 +183,14 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     else:
         activations = _OFFLOAD_LAYERS_IN_FLIGHT * T * inv.hidden * b + T * saved * b
     activations += T * transient * b
-    rows = min(T, max(1, _CE_CHUNK_BYTES // (inv.vocab * b)))
+    rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
     head = rows * inv.vocab * b + T * inv.hidden * b
     dequantized = max(i * o for _, i, o in inv.linears) * b * 2 if mode == "qlora" else 0
     host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
 
-    matmul = linear_values + (inv.vocab * inv.hidden)  # the head's matmul; the embedding is a lookup
-    passes = 2 + (1 if mode == "full" else 0) + (1 if setting.checkpointing != "off" else 0)
-    attention = 2.0 * inv.layers * inv.heads * inv.head_dim * (3 + (setting.checkpointing != "off"))
-    flops = 2.0 * matmul * passes * T + attention * sum_sq_per_token * T
+    flops = step_flop_model(
+        inv.matmul_params, inv.layers, inv.heads, inv.head_dim, full=mode == "full", checkpointing=setting.checkpointing
+    ).step_flops(T, sum_sq_per_token * T)
     step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
                     int(activations + head + dequantized), int(host), step_s)  # fmt: skip

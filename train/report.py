@@ -111,7 +111,7 @@ def summary_text(metrics: Metrics, summary: dict[str, Any] | None = None) -> str
     peak = max((float(r["peak_mem_gib"]) for r in steps if r.get("peak_mem_gib") is not None), default=None)
     lines = [
         f"run: {metrics.path.parent}",
-        f"steps: {last['step']} (epoch {last.get('epoch', 0)} at the end)",
+        f"steps: {last['step']}, the last one in epoch {last.get('epoch', 0) + 1} (epochs count from 1)",
         f"final loss: {_fmt(last.get('loss'))} (step {last['step']})",
     ]
     if metrics.evals:

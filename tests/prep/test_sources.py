@@ -90,6 +90,10 @@ def test_subsets_come_from_the_readme_configs(configs_folder: Path) -> None:
     assert load_rows(f"{configs_folder}:easy")[0]["text"] == "easy train 0"
     with pytest.raises(PrepError, match=r"cannot open dataset '.*:medium' with `datasets`: .*'medium' not found"):
         load_rows(f"{configs_folder}:medium")
+    # No subset named: the error lists them in padless's syntax, not datasets' Python advice.
+    with pytest.raises(PrepError, match=r"'.*multi@validation' has several subsets: easy, hard; name one as "
+                                        r".*multi:SUBSET@validation$"):  # fmt: skip
+        load_rows(f"{configs_folder}@validation")
 
 
 def test_save_to_disk_splits(tmp_path: Path) -> None:

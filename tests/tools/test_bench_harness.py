@@ -77,3 +77,10 @@ def test_format_table_aligns_formats_and_marks_missing_values(harness) -> None:
     assert lines[3].split() == ["padless", "1.23", "0.5", "!"]
     assert lines[4].split() == ["eager", "-", "-", "-"]
     assert len({len(line) for line in lines[1:]}) == 1  # every row as wide as the header
+
+
+def test_model_shapes_hold_the_shards_vocabulary(harness) -> None:
+    family, shape = harness.model_shape("llama3-8b", 151_646)  # a Qwen tokenizer on Llama-3's shape
+    assert family == "llama" and shape["vocab_size"] == 151_680 and shape["hidden_size"] == 4096
+    assert harness.model_shape("qwen3-8b", 151_646)[1]["vocab_size"] == 151_936
+    assert "vocab_size" not in harness.model_shape("tiny", 3072)[1]  # the tiny model takes the shards' own

@@ -153,8 +153,17 @@ def test_a_finished_run_is_replaced_only_with_overwrite(synthetic_shards: Path, 
 
 
 def test_a_run_whose_set_up_failed_is_reused(synthetic_shards: Path, tmp_path: Path) -> None:
+    """A run that stops after marking its folder but before its first step (here: once the model is built) leaves
+    a folder the next run takes without --overwrite."""
+    from padless.train.loop import Callbacks, train
+
     out = tmp_path / "out"
-    assert_one_line_error(_run(synthetic_shards, out, "--target-modules", "nope"), r"--target-modules 'nope'")
+
+    def fail(_model: torch.nn.Module) -> None:
+        raise TrainError("set-up failed")
+
+    with pytest.raises(TrainError, match="set-up failed"):
+        train(cli_equivalent(synthetic_shards, out, max_steps=1), callbacks=Callbacks(on_model=fail))
     assert (out / MARKER).is_file() and not (out / "metrics.jsonl").exists()  # marked, but nothing trained
     _ok(_run(synthetic_shards, out, "--max-steps", "1"))
     assert _steps(out) == [1]

@@ -65,6 +65,7 @@ def test_bad_options(tmp_path: Path, args: list[str], match: str) -> None:
 def test_errors_from_the_model_path(synthetic_shards: Path, tmp_path: Path, args: list[str], match: str) -> None:
     fast = [a for a in FAST if a not in ("--model-overrides", FAST_OVERRIDES)] if "--model" in args else FAST
     assert_one_line_error(_run(synthetic_shards, tmp_path / "out", *fast, *args), match)
+    assert not (tmp_path / "out").exists()  # found before anything was written
 
 
 def test_a_damaged_checkpoint_is_a_user_error(synthetic_shards: Path, tmp_path: Path) -> None:

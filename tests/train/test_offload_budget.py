@@ -135,11 +135,11 @@ def test_only_offload_is_checked() -> None:
 
 
 def test_train_run_stops_before_the_first_step_when_the_host_is_too_small(synthetic_shards: Path, tmp_path) -> None:
-    """A micro-batch budget whose offloaded checkpoints need terabytes: one line, exit 2, no step taken."""
+    """A micro-batch budget whose offloaded checkpoints need terabytes: one line, exit 2, nothing written."""
     args = ["run", str(synthetic_shards), "--output", str(tmp_path / "out"), *CLI_FAST, "--max-steps", "1"]
     result = CliRunner().invoke(main, [*args, "--checkpointing", "offload", "--tokens-per-micro-batch", str(10**10)])
     assert_one_line_error(result, r"^error: --checkpointing offload needs \d+\.\d GiB of pinned host memory .*--qlora")
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert not (tmp_path / "out").exists()
 
 
 class _Recording(HostOffload):

@@ -127,3 +127,13 @@ def test_chat_needs_a_model_folder_with_a_tokenizer(synthetic_shards: Path, tmp_
     assert "train run" in line
     (tmp_path / "config.json").write_text("{}")
     assert_one_line_error(CliRunner().invoke(main, ["chat", str(tmp_path), "--prompt", "hi"]), r"holds no tokenizer")
+
+
+def test_chat_says_why_a_reply_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty reply (the model ended at once, typically a run trained on another prompt format) gets a note."""
+    import padless.train.chat
+
+    monkeypatch.setattr(padless.train.chat, "chat", lambda *args, **kwargs: "")
+    result = CliRunner().invoke(main, ["chat", "any-run", "--prompt", "hi"])
+    assert result.exit_code == 0
+    assert "note: the model ended its reply at once" in result.stderr

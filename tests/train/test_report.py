@@ -47,7 +47,7 @@ def test_report_plots_and_summarises_metrics_jsonl(tmp_path: Path) -> None:
 
     text = (tmp_path / "rep" / "report.txt").read_text()
     assert text in res.output
-    assert "steps: 4 (epoch 0 at the end)" in text
+    assert "steps: 4, the last one in epoch 1 (epochs count from 1)" in text
     assert "final loss: 2.5000 (step 4)" in text
     assert "best eval loss: 4.5000 (step 2; last 4.7500 at step 4)" in text
     # Steady throughput leaves out step 1 (9 s of compiles): 4000 tokens and 1600 trainable over 3 s.
