@@ -39,7 +39,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "counted_first",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+]
 
 # The logits buffer: 372 MiB gives C = 1280 rows at V = 151936 in bf16 (fewer, deeper chunks: faster than 1024 at
 # 16K tokens on the H200), and at T = 16K the buffer plus grad_hidden (128 MiB) stays under 0.5 GiB.
@@ -195,7 +200,7 @@ def _chunk_rows(tokens: int, vocab: int, element_size: int, chunk_bytes: int) ->
     return rows
 
 
-def _counted_first(counted: torch.Tensor) -> torch.Tensor:
+def counted_first(counted: torch.Tensor) -> torch.Tensor:
     """Token indices, counted ones first, each group in order: a permutation built from two prefix sums and a
     scatter (no sort, no host sync, capturable in a CUDA graph)."""
     n_counted = counted.sum()
@@ -273,7 +278,7 @@ def _forward_and_grads(
     if counted_bound is not None:
         # No sync: the counted tokens first (in order), then the ignored ones; the first ``counted_bound`` rows
         # (>= the count) are processed, the ignored among them score 0.
-        keep = _counted_first(targets != ignore_index)[:counted_bound]
+        keep = counted_first(targets != ignore_index)[:counted_bound]
         targets = targets.index_select(0, keep)
     row_loss = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     if not need_grad_hidden:

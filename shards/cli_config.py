@@ -7,6 +7,8 @@ its type decides the click parameter, so help, default, type and allowed values 
 - ``bool``: a flag, ``--name/--no-name``;
 - ``tuple[str, ...]``: a repeatable option, or (``positional``) ``NAME...`` (one or more arguments);
 - ``int``, ``float``, ``str`` (optionally ``| None``): ``--name VALUE``;
+- ``int | Literal["auto"]`` (a number or one of some words, optionally ``| None``): ``--name VALUE``, where VALUE
+  is a number or one of the words (``--tokens-per-micro-batch auto``);
 - a field without a default is a required option (or argument), given on the command line or in the file.
 
 Every command also takes ``--config FILE`` (``padless.shards.config_file``: YAML keyed by field name). A field's
@@ -65,11 +67,13 @@ def option(default: Any = MISSING, *, help: str, **cli: Any) -> Any:
 
 @dataclass(frozen=True)
 class FieldKind:
-    """What a field's annotation allows: ``base`` (int, float, str, bool, tuple, dict), ``choices`` of a Literal."""
+    """What a field's annotation allows: ``base`` (int, float, str, bool, tuple, dict), ``choices`` of a Literal,
+    ``words`` that a number field also takes (``int | Literal["auto"]``)."""
 
     base: type
     choices: tuple[Any, ...] | None = None
     optional: bool = False
+    words: tuple[str, ...] = ()
 
 
 def _kind(annotation: Any) -> FieldKind:
@@ -77,8 +81,13 @@ def _kind(annotation: Any) -> FieldKind:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
         optional = len(rest) < len(typing.get_args(annotation))
+        words = _number_words(rest)
+        if words is not None:
+            return FieldKind(words[0], None, optional, words[1])
         if len(rest) != 1:
-            raise TypeError(f"config field type {annotation!r}: only X or X | None is supported")
+            raise TypeError(
+                f"config field type {annotation!r}: only X, X | None and int/float | Literal[words] are supported"
+            )
         annotation = rest[0]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
@@ -90,6 +99,16 @@ def _kind(annotation: Any) -> FieldKind:
     if annotation in (int, float, str, bool):
         return FieldKind(annotation, None, optional)
     raise TypeError(f"config field type {annotation!r} is not supported (see shards.cli_config)")
+
+
+def _number_words(members: list[Any]) -> tuple[type, tuple[str, ...]] | None:
+    """(int or float, the words) when ``members`` are a number type and a Literal of strings; else None."""
+    numbers = [m for m in members if m in (int, float)]
+    literals = [m for m in members if typing.get_origin(m) is Literal]
+    if len(members) != 2 or len(numbers) != 1 or len(literals) != 1:
+        return None
+    words = typing.get_args(literals[0])
+    return (numbers[0], words) if all(isinstance(w, str) for w in words) else None
 
 
 @functools.cache
@@ -114,6 +133,8 @@ _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or
 
 
 def _fits(value: Any, kind: FieldKind) -> bool:
+    if isinstance(value, str) and value in kind.words:
+        return True
     if kind.choices is not None:
         return any(value == c and type(value) is type(c) for c in kind.choices)
     if kind.base is bool:
@@ -138,7 +159,7 @@ def field_problem(cls: type, f: dataclasses.Field, value: Any) -> str | None:
     if kind.choices is not None:
         allowed = "one of " + ", ".join(repr(c) for c in kind.choices)
     else:
-        allowed = _TYPE_NAMES[kind.base]
+        allowed = _TYPE_NAMES[kind.base] + "".join(f" or {w!r}" for w in kind.words)
     return f"{name}: expected {allowed}{' or None' if kind.optional else ''}"
 
 
@@ -163,6 +184,27 @@ def choice(literal: Any) -> click.Choice:
     return click.Choice([str(c) for c in typing.get_args(literal)])
 
 
+class _NumberOrWord(click.ParamType):
+    """A click type for an ``int | Literal["auto"]`` field: a number, or one of the words as spelled."""
+
+    def __init__(self, kind: FieldKind) -> None:
+        self.kind = kind
+        self.name = "|".join([{int: "integer", float: "float"}[kind.base], *kind.words])
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        """``INTEGER|auto``: click's name of the number, the words as they are spelled."""
+        return "|".join([{int: "INTEGER", float: "FLOAT"}[self.kind.base], *self.kind.words])
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str) or value in self.kind.words:
+            return value
+        try:
+            return self.kind.base(value)
+        except ValueError:
+            words = " or ".join(repr(w) for w in self.kind.words)
+            self.fail(f"{value!r} is not {_TYPE_NAMES[self.kind.base]} or {words}", param, ctx)
+
+
 def _metavar(f: dataclasses.Field, kind: FieldKind) -> str:
     """A positional field's name in usage lines: ``SHARDS``, ``DATASETS...``."""
     return f.metadata.get("metavar") or f.name.upper() + ("..." if kind.base is tuple else "")
@@ -172,7 +214,9 @@ def _param(f: dataclasses.Field, kind: FieldKind) -> Callable[[Callable[..., Any
     meta, required = f.metadata, f.default is MISSING and f.default_factory is MISSING
     default = None if required else f.default
     click_type: Any = None
-    if kind.choices:
+    if kind.words:
+        click_type = _NumberOrWord(kind)
+    elif kind.choices:
         click_type = click.Choice([str(c) for c in kind.choices], case_sensitive=not meta.get("case_insensitive"))
     if meta.get("positional"):
         many = kind.base is tuple

@@ -6,7 +6,8 @@ fields without a flag may be given too. The field's type decides how a plain sca
 surprises do not apply: ``checkpointing: off`` is the string ``"off"``, ``model_params: 7e9`` the string
 ``"7e9"``, ``lr: 2e-4`` the number 0.0002 and ``seed: 010`` the integer 10. A list is a tuple for a
 ``tuple[str, ...]`` field (a single string is a one-item tuple), an int is accepted for a float field, and
-``null`` (or ``~``, or nothing) is None. A quoted scalar is always a string. Relative paths in a file are
+``null`` (or ``~``, or nothing) is None. A quoted scalar is always a string; a number field that also takes
+words (``tokens_per_micro_batch: auto``) reads them as those words. Relative paths in a file are
 relative to the working directory, as on the command line.
 
 :func:`read_config_file` returns the values by field name (checked against the field types, before the
@@ -81,6 +82,8 @@ def _value(node: Any, f: dataclasses.Field, cls: type) -> Any:
     text, plain = node.value, node.style is None
     if plain and text in _NULLS:
         return None
+    if text in kind.words:
+        return text
     if kind.base is str:
         if kind.choices and f.metadata.get("case_insensitive"):
             return {str(c).lower(): c for c in kind.choices}.get(text.lower(), text)

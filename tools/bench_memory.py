@@ -38,28 +38,43 @@ class Case:
     tokens: int  # tokens per micro-batch
     checkpointing: str = "on"
     optimizer: str = "adamw"
+    memory: str = "fast"
     target_gib: float | None = None
 
     @property
     def name(self) -> str:
-        suffix = "" if self.checkpointing == "on" else f"-{self.checkpointing}"
-        suffix += "" if self.optimizer == "adamw" else f"-{self.optimizer}"
+        """shape-mode-Nk, then -low, then what differs from that setting's own choices."""
+        checkpointing, optimizer = ("on", "adamw") if self.memory == "fast" else ("offload", "adamw8bit")
+        suffix = "" if self.memory == "fast" else f"-{self.memory}"
+        suffix += "" if self.checkpointing == checkpointing else f"-{self.checkpointing}"
+        suffix += "" if self.optimizer == optimizer else f"-{self.optimizer}"
         return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
+
+
+def _low(shape: str, mode: str, tokens: int, target_gib: float | None = None, checkpointing: str = "offload") -> Case:
+    """A ``--memory low`` case: offload (unless given) and 8-bit AdamW, as that setting chooses them."""
+    return Case(shape, mode, tokens, checkpointing, "adamw8bit", "low", target_gib)
 
 
 CASES = {
     case.name: case
     for case in (
-        Case("qwen3-4b", "qlora", 2048, target_gib=3.0),
-        Case("qwen3-4b", "qlora", 8192, target_gib=3.5),
-        Case("qwen3-4b", "qlora", 32768, target_gib=6.0),
+        Case("qwen3-4b", "qlora", 2048),
+        Case("qwen3-4b", "qlora", 8192),
+        Case("qwen3-4b", "qlora", 32768),
         Case("qwen3-4b", "qlora", 2048, "offload"),
         Case("qwen3-4b", "qlora", 8192, "offload"),
-        Case("qwen3-4b", "qlora", 2048, "offload", "adamw8bit"),
-        Case("qwen3-14b", "qlora", 4096, target_gib=12.0),
-        Case("qwen3-8b", "lora", 16384, target_gib=20.0),
+        Case("qwen3-14b", "qlora", 4096),
+        Case("qwen3-8b", "lora", 16384),
+        _low("qwen3-4b", "qlora", 2048, 3.0),
+        _low("qwen3-4b", "qlora", 8192, 3.5),
+        _low("qwen3-4b", "qlora", 32768, 6.0),
+        _low("qwen3-14b", "qlora", 4096, 12.0),
+        _low("qwen3-8b", "lora", 16384, 20.0, checkpointing="on"),
+        _low("qwen3-8b", "lora", 16384),
         Case("tiny", "lora", 1024),
         Case("tiny", "qlora", 1024),
+        _low("tiny", "lora", 1024),
     )
 }
 DEFAULT_CASES = [name for name in CASES if not name.startswith("tiny")]
@@ -95,16 +110,19 @@ def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
     from padless.train.plan import Setting, estimate, inventory
 
     inv = inventory(model_config(case.shape, vocab))
-    setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer)
+    setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer, memory=case.memory)
     return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
 
 
 def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     out = args.work / f"run-{case.name}"
     cmd = [sys.executable, "-m", "padless.train", "run", args.shards, "--output", str(out), "--overwrite",
-           f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--checkpointing", case.checkpointing,
-           "--optimizer", case.optimizer,
+           f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--memory", case.memory,
            "--max-steps", str(args.warmup + args.steps), "--eval-every", "-1", "--no-progress", "--force"]  # fmt: skip
+    if case.memory == "fast" or case.checkpointing != "offload":
+        cmd += ["--checkpointing", case.checkpointing]
+    if case.memory == "fast":  # --memory low chooses the optimizer (8-bit AdamW on CUDA)
+        cmd += ["--optimizer", case.optimizer]
     if case.mode == "qlora":
         cmd += ["--model", str(model_folder(case.shape, vocab, args.work))]
     else:
@@ -166,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
         print(json.dumps(result), flush=True)
         rows.append({"bench": "memory", "case": name, "shape": case.shape, "mode": case.mode, "tokens": case.tokens,
-                     "checkpointing": case.checkpointing, "optimizer": case.optimizer, "target_gib": case.target_gib,
+                     "checkpointing": case.checkpointing, "optimizer": case.optimizer, "memory": case.memory,
+                     "target_gib": case.target_gib,
                      "shards": args.shards,
                      "shards_fingerprint": manifest.get("fingerprint"), **result})  # fmt: skip
     cols = [("case", "case", "s"), ("peak_gib", "peak GiB", ".2f"), ("target_gib", "target", ".1f"),

@@ -48,10 +48,12 @@ class PinnedPool:
 
     Pinning memory (``cudaHostAlloc``) costs about as much as the copies it serves, and a packed stream's length
     changes a little from step to step, so a fresh pinned tensor per layer per step (or torch's size-keyed host
-    cache) keeps allocating. Buffers are rounded up to ``granule`` bytes and handed out best fit (at most 25%
-    larger than asked); they come back when the forward pass that took them is gone. All copies into and out of
-    them run on one side stream per device (:func:`side_stream`), so a buffer's next write is ordered after its
-    last read.
+    cache) keeps allocating. Buffers are rounded up to ``granule`` bytes and handed out best fit: a free buffer
+    serves a request when it is no larger than a fresh one would be, or at most 25% larger than asked; they come
+    back when the forward pass that took them is gone. The pool keeps no more free buffers than were ever in use
+    at once (the oldest go first), so streams whose lengths drift cannot grow it without bound. All copies into and
+    out of them run on one side stream per device (:func:`side_stream`), so a buffer's next write is ordered after
+    its last read.
     """
 
     def __init__(self, granule: int = 8 * 2**20, pinned: bool = True) -> None:
@@ -59,23 +61,29 @@ class PinnedPool:
         self.pinned = pinned  # False: plain host memory (tests on machines without CUDA)
         self.allocated = 0  # buffers ever allocated (for tests and logs)
         self._free: list[torch.Tensor] = []
+        self._in_use = 0
+        self._most_in_use = 0
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A pinned uint8 buffer of at least ``nbytes`` bytes."""
+        size = -(-max(nbytes, 1) // self.granule) * self.granule
         with self._lock:
-            fits = [b for b in self._free if nbytes <= b.numel() <= max(nbytes * 5 // 4, self.granule)]
+            self._in_use += 1
+            self._most_in_use = max(self._most_in_use, self._in_use)
+            fits = [b for b in self._free if nbytes <= b.numel() <= max(nbytes * 5 // 4, size)]
             if fits:
                 best = min(fits, key=torch.Tensor.numel)
                 self._free.remove(best)
                 return best
             self.allocated += 1
-        size = -(-max(nbytes, 1) // self.granule) * self.granule
         return torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
 
     def give_back(self, buffers: list[torch.Tensor]) -> None:
         with self._lock:
+            self._in_use -= len(buffers)
             self._free.extend(buffers)
+            del self._free[: max(0, len(self._free) - self._most_in_use)]
             buffers.clear()
 
     def clear(self) -> None:

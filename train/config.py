@@ -25,6 +25,7 @@ __all__ = [
     "Checkpointing",
     "CudaGraphs",
     "Dtype",
+    "Memory",
     "Mode",
     "Optimizer",
     "PlanConfig",
@@ -43,6 +44,7 @@ Optimizer = Literal["adamw", "adamw8bit"]
 Checkpointing = Literal["off", "on", "offload"]
 CudaGraphs = Literal["auto", "on", "off"]
 Dtype = Literal["bf16", "fp16", "fp32"]
+Memory = Literal["fast", "low"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
@@ -83,10 +85,17 @@ class TrainConfig:
     target_modules: str | None = option(
         None, help="Comma-separated module names to put LoRA on (default: all linear projections)."
     )
-    tokens_per_micro_batch: int = option(
+    tokens_per_micro_batch: int | Literal["auto"] = option(
         0,
         help="Token budget of one micro-batch, filled with whole packs (0 = the shards' max_len). Packs are never "
-        "split, so it must be at least the longest pack.",
+        "split, so it must be at least the longest pack. auto: the fastest number of packs (max_len x 1, 2, 4, ... "
+        "up to 256 packs or 1M tokens) whose peak `train plan` predicts fits --max-memory-gib; a resumed run keeps "
+        "its checkpoint's budget.",
+    )
+    max_memory_gib: float | None = option(
+        None,
+        help="Memory the predicted peak of --tokens-per-micro-batch auto may reach, GiB (default on CUDA: the card's "
+        "total less 1 GiB of headroom; on CPU auto needs it).",
     )
     grad_accum: int = option(1, help="Micro-batches per optimizer step (per rank).")
     lr: float = option(2e-4, help="Peak learning rate (after warm-up).")
@@ -117,6 +126,21 @@ class TrainConfig:
         "checkpoint, so that the backward's recompute skips the attention forward (the dominant cost of long "
         "sequences). Costs tokens x heads x (head_dim x dtype bytes + 4) bytes more per layer, kept where the "
         "layer's checkpoint is (GPU or host).",
+    )
+    memory: Memory = option(
+        "fast",
+        help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint, exact, for one GPU: "
+        "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), checkpointed layer "
+        "inputs go to host memory (--checkpointing off becomes offload), AdamW state is 8-bit on CUDA (--optimizer "
+        "adamw becomes adamw8bit), the MLP runs in tiles of 2048 tokens (unless --mlp-tile-tokens is given) and "
+        "CUDA graphs are off. `train plan --memory low` predicts it.",
+    )
+    mlp_tile_tokens: int = option(
+        0,
+        help="Run each decoder layer's MLP N tokens at a time, forward and backward, when a micro-batch holds more "
+        "than N tokens (0 = whole micro-batch): the MLP's (tokens x intermediate size) tensors then scale with N, "
+        "not with the micro-batch; for long sequences in little memory. One process only, not with --cuda-graphs "
+        "on.",
     )
     cuda_graphs: CudaGraphs = option(
         "auto",
@@ -185,8 +209,17 @@ class TrainConfig:
             (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
             (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (
-                self.tokens_per_micro_batch >= 0,
-                f"--tokens-per-micro-batch must be >= 0, got {self.tokens_per_micro_batch}",
+                self.tokens_per_micro_batch == "auto" or self.tokens_per_micro_batch >= 0,
+                f"--tokens-per-micro-batch must be >= 0 or auto, got {self.tokens_per_micro_batch}",
+            ),
+            (
+                self.max_memory_gib is None or self.max_memory_gib > 0,
+                f"--max-memory-gib must be > 0 GiB, got {self.max_memory_gib}",
+            ),
+            (
+                self.max_memory_gib is None or self.tokens_per_micro_batch == "auto",
+                f"--max-memory-gib only sizes --tokens-per-micro-batch auto, and the budget is "
+                f"{self.tokens_per_micro_batch}; pass --tokens-per-micro-batch auto or drop --max-memory-gib",
             ),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
@@ -212,6 +245,20 @@ class TrainConfig:
                 not self.keep_attention or self.checkpointing != "off",
                 "--keep-attention keeps the attention output with each layer's checkpoint; it needs --checkpointing "
                 "on or offload",
+            ),
+            (
+                self.mlp_tile_tokens >= 0,
+                f"--mlp-tile-tokens must be >= 0 (0 = untiled, N = tiles of N tokens), got {self.mlp_tile_tokens}",
+            ),
+            (
+                not (self.mlp_tile_tokens and self.fsdp),
+                "--mlp-tile-tokens with --fsdp: the tiled MLP's backward accumulates each weight's gradient once per "
+                "tile, which FSDP2's gradient reduction does not expect; use --mlp-tile-tokens 0",
+            ),
+            (
+                not (self.mlp_tile_tokens and self.cuda_graphs == "on"),
+                "--mlp-tile-tokens with --cuda-graphs on: the tiled MLP runs a nested backward per tile, which padless "
+                "does not capture in a CUDA graph; use --cuda-graphs auto (eager with --mlp-tile-tokens) or off",
             ),
             (self.shards != "", "SHARDS is empty; expected the folder `prep pack` wrote"),
             (not (self.resume and self.output is None), "--resume needs --output: the folder of the run to continue"),
@@ -298,6 +345,9 @@ class PlanConfig:
     checkpointing: str = option("off,on,offload", help="Comma list of checkpointing modes: off, on, offload.")
     lora_r: int = option(16, help="LoRA rank r.")
     optimizer: Optimizer = option("adamw", help="adamw or adamw8bit (8-bit moments).")
+    memory: Memory = option(
+        "fast", help="fast, or low as `train run --memory low` (frozen embedding and lm_head in host memory)."
+    )
     dtype: Dtype = option("bf16", help="Compute dtype of the base model.")
     json: bool = option(False, help="Print the predictions as JSON lines instead of a table.")
 

@@ -31,6 +31,7 @@ __all__ = [
     "destroy_process_group",
     "detect",
     "init_process_group",
+    "min_over_ranks",
     "no_sync",
     "wrap_model",
 ]
@@ -91,6 +92,15 @@ def all_reduce_sum(t: torch.Tensor) -> None:
     """In-place sum over ranks (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The least ``value`` of all ranks (``value`` itself in a single process): one number every rank agrees on."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 class PackedLossModule(torch.nn.Module):

@@ -30,7 +30,9 @@ from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
+from .host_vocab import keep_vocab_on_host
 from .memory_breakdown import breakdown, persistent_bytes
+from .memory_setting import resolve_memory_setting
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .offload_budget import GIB, check_offload_memory
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
@@ -77,6 +79,11 @@ class TrainResult:
 _SAVE_BASE_LIMIT = 1_000_000_000
 
 
+def _overrides_file(text: str | None) -> str | None:
+    """The file that ``--model-overrides`` names (None when it is inline JSON or not given)."""
+    return None if text is None or text.lstrip().startswith("{") else text
+
+
 def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -92,7 +99,13 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     when the run fails (a group that the calling program set up stays up).
     """
     env = dist_util.detect()
+    if cfg.mlp_tile_tokens and env.distributed:
+        raise TrainError(
+            f"--mlp-tile-tokens with {env.world_size} processes: the tiled MLP's backward accumulates each weight's "
+            "gradient once per tile, and DDP's gradient hooks expect one; use --mlp-tile-tokens 0 or one process"
+        )
     device = resolve_device(cfg, env)
+    cfg = resolve_memory_setting(cfg, device, env.world_size)
     check_optimizer(cfg, device)
     dtype = resolve_dtype(cfg, device)
     owns_group = dist_util.init_process_group(env, device)
@@ -128,6 +141,13 @@ def _train(
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     sizes = pack_sizes(ss)
     budget, max_token_id = check_data(cfg, ss, sizes, eval_ss)
+    auto = None
+    if cfg.tokens_per_micro_batch == "auto":  # the budget `train plan` predicts fits (train.auto_batch)
+        from .auto_batch import auto_budget
+
+        agree = functools.partial(dist_util.min_over_ranks, device=device)
+        auto = auto_budget(cfg, output, device, dtype.itemsize, agree=agree)
+        budget = auto.tokens
     plan_for = functools.lru_cache(maxsize=2)(
         lambda epoch: plan_epoch(
             ss.order(cfg.seed, epoch),
@@ -150,7 +170,7 @@ def _train(
         cfg, world_size=env.world_size, budget=budget, manifest=ss.manifest, dtype=_DTYPE_NAMES[dtype]
     )
     inputs = [("shard set", cfg.shards), ("eval set", str(eval_path) if eval_path else None), ("model", cfg.model),
-              ("--model-overrides file", cfg.model_overrides)]  # fmt: skip
+              ("--model-overrides file", _overrides_file(cfg.model_overrides))]  # fmt: skip
     out_plan = plan_output(cfg, output, settings, inputs=inputs)
     resume_from = out_plan.checkpoint
     dist_util.barrier()  # every rank has read the folder before rank 0 changes it
@@ -183,6 +203,8 @@ def _train(
         target_modules=cfg.target_module_list,
     )
     patch_model(model)
+    if cfg.memory == "low":
+        keep_vocab_on_host(model)
     model.train()
     if callbacks.on_model:
         callbacks.on_model(model)
@@ -219,7 +241,7 @@ def _train(
         every=cfg.log_every,
         main=env.is_main,
     )
-    for note in out_plan.notes:
+    for note in ([auto.note] if auto else []) + out_plan.notes:
         progress.write(note, always=True)
     for warning in result.warnings:
         progress.write(f"warning: {warning}", always=True)
@@ -318,7 +340,7 @@ def _train(
                         lr = scheduler.get_last_lr()[0]
                         optimizer.step()
                         if persistent is None:  # gradients and optimizer state exist now: count them once
-                            persistent = persistent_bytes(model, optimizer)
+                            persistent = persistent_bytes(model, optimizer, device)
                         scheduler.step()
                         # a captured graph accumulates into the existing .grad tensors: zero them, never drop them
                         optimizer.zero_grad(set_to_none=graph_step is None)
@@ -397,7 +419,9 @@ def _train(
         "tokens_per_s": tokens_seen / wall if wall > 0 else None,
         "trainable_tokens_per_s": trainable_seen / wall if wall > 0 else None,
         "peak_mem_gib": peak_memory_gib(device),
-        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer), device),
+        "tokens_per_micro_batch": budget,
+        "predicted_peak_gib": auto.predicted_peak / 2**30 if auto and auto.predicted_peak is not None else None,
+        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
         # without the first, which pays the kernel compiles and the CUDA-graph capture.
@@ -431,6 +455,7 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         (device.type != "cuda", f"device {device} is not CUDA"),
         (env.distributed, "several processes (DDP/FSDP hooks are not captured)"),
         (cfg.checkpointing == "offload", "--checkpointing offload allocates pinned host memory"),
+        (cfg.mlp_tile_tokens > 0, "--mlp-tile-tokens runs a nested backward per tile"),
         (cfg.lora_dropout > 0 and cfg.mode != "full", "--lora-dropout > 0 draws random numbers"),
         (get_patch(model) is None or get_patch(model).fallback, "the architecture takes the unpatched fallback path"),
     ]
@@ -455,6 +480,7 @@ def _checkpoint_options(cfg: TrainConfig) -> dict[str, Any]:
         "checkpointing": cfg.checkpointing,
         "checkpoint_gpu_bytes": int(cfg.checkpoint_gpu_gib * GIB),
         "keep_attention": cfg.keep_attention,
+        "mlp_tile_tokens": cfg.mlp_tile_tokens,
     }
 
 

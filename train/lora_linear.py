@@ -13,13 +13,16 @@ the optimizer keeps fp32 master weights. Results equal peft's up to rounding in 
 in fp32, where the casts are no-ops). Anything that is not a plain, unmerged, vanilla LoRA Linear (DoRA and
 other variants, merged or disabled adapters, mixed-batch adapter names) falls back to calling the module.
 
-The common case, a frozen ``nn.Linear`` base with one adapter and no dropout, is one autograd Function
-(:class:`_FrozenLoraLinear`). Why: with autograd composing ``linear`` + ``addmm``, every projection paid a full
-copy of its (T, out) base output in the forward (an out-of-place ``addmm`` copies its input before the GEMM adds
-into it: 13 of the 14 ``memcpy`` kernels per layer in an H200 profile, 41 ms of a 1.39 s 16K-token step) and an
-extra elementwise add of two (T, in) gradients in the backward (7 ``add_`` kernels per layer, ~27 ms). The
-Function accumulates in place into tensors it owns: forward ``out = x W^T (+ b); out += s (x A^T) B^T``,
-backward ``dx = dy W; dx += s (dy B) A``, ``dA = s (dy B)^T x``, ``dB = s dy^T (x A^T)``.
+The common case, a frozen base with one adapter and no dropout, is one autograd Function
+(:class:`_FrozenLoraLinear`); the base is a ``nn.Linear`` (LoRA) or a bitsandbytes 4-bit layer (QLoRA), whose weight
+is dequantized for each GEMM as bitsandbytes does (for QLoRA this also replaces peft's 4-bit forward, which keeps an
+fp32 copy of every projection's input for the adapters' backward). Why one Function: with autograd composing
+``linear`` + ``addmm``, every projection paid a full copy of its (T, out) base output in the forward (an out-of-
+place ``addmm`` copies its input before the GEMM adds into it: 13 of the 14 ``memcpy`` kernels per layer in an H200
+profile, 41 ms of a 1.39 s 16K-token step) and an extra elementwise add of two (T, in) gradients in the backward (7
+``add_`` kernels per layer, ~27 ms). The Function accumulates in place into tensors it owns: forward ``out = x W^T
+(+ b); out += s (x A^T) B^T``, backward ``dx = dy W; dx += s (dy B) A``, ``dA = s (dy B)^T x``, ``dB = s dy^T (x
+A^T)``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ try:  # peft is a dependency, but keep the plain path importable without it
     from peft.tuners.lora.layer import Linear as _LoraLinear
 except ImportError:  # pragma: no cover - peft missing
     _LoraLinear = None
+try:  # peft's LoRA around a bitsandbytes 4-bit layer (QLoRA); absent without bitsandbytes
+    from peft.tuners.lora.bnb import Linear4bit as _LoraLinear4bit
+except ImportError:
+    _LoraLinear4bit = None
+_LORA_TYPES = tuple(t for t in (_LoraLinear, _LoraLinear4bit) if t is not None)
 
 
 def _plain_lora(module: nn.Module) -> bool:
-    if _LoraLinear is None or not isinstance(module, _LoraLinear):
+    if not _LORA_TYPES or not isinstance(module, _LORA_TYPES):
         return False
     if module.disable_adapters or module.merged:
         return False
@@ -45,24 +53,39 @@ def _plain_lora(module: nn.Module) -> bool:
     return bool(active) and not any(name in module.lora_variant for name in active)
 
 
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A base weight as a dense matrix: itself, or a bitsandbytes 4-bit weight dequantized (a transient copy)."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, state).to(dtype)
+
+
 class _FrozenLoraLinear(torch.autograd.Function):
-    """``x W^T + b + s (x A^T) B^T`` for a frozen base (W, b) with gradients for x, A and B only."""
+    """``x W^T + b + s (x A^T) B^T`` for a frozen base (W, b) with gradients for x, A and B only. A 4-bit W
+    (QLoRA) is dequantized for its GEMM and again in backward, as bitsandbytes' own matmul does, and never kept."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        dense = _dense(weight, x.dtype)
         # The result is allocated in its final shape and written through a 2-D view: a custom Function must not
         # return a view (callers such as in-place RoPE modify the projection's output in place).
-        result = x.new_empty(*x.shape[:-1], weight.shape[0])
-        out = result.view(-1, weight.shape[0])
+        result = x.new_empty(*x.shape[:-1], dense.shape[0])
+        out = result.view(-1, dense.shape[0])
         if bias is not None:
-            torch.addmm(bias, x2, weight.t(), out=out)
+            torch.addmm(bias.to(x.dtype), x2, dense.t(), out=out)
         else:
-            torch.mm(x2, weight.t(), out=out)
+            torch.mm(x2, dense.t(), out=out)
+        del dense
         xa = x2 @ a.t()  # (T, r)
         out.addmm_(xa, b.t(), alpha=scaling)  # in place: the result is ours, nothing else holds it
-        ctx.save_for_backward(x2, xa, weight, a, b)
+        quantized = getattr(weight, "quant_state", None) is not None
+        ctx.save_for_backward(x2, xa, None if quantized else weight, a, b)
+        ctx.quantized = weight if quantized else None
         ctx.scaling = scaling
         ctx.shape = x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
@@ -71,6 +94,8 @@ class _FrozenLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x2, xa, weight, a, b = ctx.saved_tensors
+        if ctx.quantized is not None:
+            weight = _dense(ctx.quantized, grad_out.dtype)
         s = ctx.scaling
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         dyb = dy @ b  # (T, r)
@@ -86,10 +111,17 @@ class _FrozenLoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+def _frozen_base(base: nn.Module) -> bool:
+    """A plain ``nn.Linear`` or a bitsandbytes 4-bit linear layer (NF4/FP4 weight with its quant_state)."""
+    if type(base) is nn.Linear:
+        return True
+    return isinstance(base, nn.Linear) and getattr(base.weight, "quant_state", None) is not None
+
+
 def _frozen_single_adapter(module: nn.Module) -> str | None:
     """The adapter name when ``module`` can take :class:`_FrozenLoraLinear`, else None."""
     base = module.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad:
+    if not _frozen_base(base) or base.weight.requires_grad:
         return None
     if base.bias is not None and base.bias.requires_grad:
         return None

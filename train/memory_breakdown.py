@@ -16,10 +16,18 @@ import torch
 __all__ = ["breakdown", "persistent_bytes"]
 
 
-def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set[tuple[str, int]]) -> int:
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+
+def _storage_bytes(
+    tensors: Iterable[torch.Tensor], seen: set[tuple[str, int]], device: torch.device | None = None
+) -> int:
     total = 0
     for tensor in tensors:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            continue
+        if device is not None and not _on(tensor, device):
             continue
         if hasattr(tensor, "to_local"):  # an FSDP2-sharded DTensor: this rank's shard
             tensor = tensor.to_local()
@@ -42,19 +50,23 @@ def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
     return tensors
 
 
-def persistent_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def persistent_bytes(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, device: torch.device | None = None
+) -> dict[str, int]:
     """Bytes of ``model`` and ``optimizer`` state that live across steps: ``weights`` (frozen parameters, their
-    quantization state, buffers), ``trainable`` (parameters that train), ``gradients`` and ``optimizer``."""
+    quantization state, buffers), ``trainable`` (parameters that train), ``gradients`` and ``optimizer``.
+    ``device``: count only what lives there (``--memory low`` keeps the vocabulary in host memory)."""
     seen: set[tuple[str, int]] = set()
     params = list(model.parameters())
-    trainable = _storage_bytes((p for p in params if p.requires_grad), seen)
+    trainable = _storage_bytes((p for p in params if p.requires_grad), seen, device)
     frozen = [p for p in params if not p.requires_grad]
-    weights = _storage_bytes(frozen, seen)
-    weights += _storage_bytes((t for p in frozen for t in _quant_state_tensors(p)), seen)
-    weights += _storage_bytes(model.buffers(), seen)
-    gradients = _storage_bytes((p.grad for p in params if p.grad is not None), seen)
+    weights = _storage_bytes(frozen, seen, device)
+    weights += _storage_bytes((t for p in frozen for t in _quant_state_tensors(p)), seen, device)
+    weights += _storage_bytes(model.buffers(), seen, device)
+    gradients = _storage_bytes((p.grad for p in params if p.grad is not None), seen, device)
     state = optimizer.state.values() if optimizer is not None else []
-    optimizer_bytes = _storage_bytes((t for s in state for t in s.values() if isinstance(t, torch.Tensor)), seen)
+    tensors = (t for s in state for t in s.values() if isinstance(t, torch.Tensor))
+    optimizer_bytes = _storage_bytes(tensors, seen, device)
     return {"weights": weights, "trainable": trainable, "gradients": gradients, "optimizer": optimizer_bytes}
 
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from padless.kernels import attention, cross_entropy, rmsnorm
+from padless.kernels import attention, cross_entropy, rmsnorm, streamed_cross_entropy
 from padless.kernels import rope as rope_kernel
 from padless.kernels import swiglu as swiglu_kernel
 
@@ -26,6 +26,7 @@ __all__ = [
     "rms_norm",
     "rope",
     "rope_",
+    "streamed_linear_cross_entropy",
     "swiglu",
     "varlen_attention",
 ]
@@ -100,6 +101,21 @@ def varlen_attention(
         )  # fmt: skip
     return attention.varlen_attention_reference(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, return_lse=return_lse, saved=saved
+    )
+
+
+def streamed_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    counted_bound: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_linear_cross_entropy` for a frozen weight kept in host memory (``--memory low``): the weight is
+    streamed to hidden's device in vocab chunks (one PyTorch implementation on every device)."""
+    return streamed_cross_entropy.streamed_linear_cross_entropy(
+        hidden, weight, labels, ignore_index, softcap, counted_bound
     )
 
 

@@ -6,7 +6,8 @@ varlen attention over ``cu_seqlens`` -> o_proj -> residual -> norm -> fused SwiG
 then the final norm and the fused linear cross-entropy against ``lm_head.weight``. No attention mask, no KV cache,
 no padding; the projections go through ``train.lora_linear.project``: a plain peft LoRA Linear takes a fused
 low-rank path in the activations' dtype, anything else (bitsandbytes' 4-bit layers included) is called as a
-module. Each op resolves to a Triton kernel or its reference through ``train.ops``.
+module. Each op resolves to a Triton kernel or its reference through ``train.ops``. With ``mlp_tile_tokens`` the
+MLP (and a sandwich norm after it) runs a tile of tokens at a time (``train.tiled_mlp``).
 
 An unpatched architecture goes through transformers' own forward with packed position_ids and an explicit
 block-diagonal causal mask (``train.model_patch`` explains why and warns).
@@ -22,10 +23,12 @@ from padless.train import ops
 from padless.train.activation_checkpoint import HostOffload, check_mode, offload_saved_tensors, run_layer
 from padless.train.batch import IGNORE_INDEX, MicroBatch
 from padless.train.config import TrainError
+from padless.train.host_vocab import embed_from_host
 from padless.train.kept_attention import KeptAttention
 from padless.train.lora_linear import project
 from padless.train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
 from padless.train.offload_budget import CheckpointShape, layers_on_gpu
+from padless.train.tiled_mlp import tiled_mlp
 
 __all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
 
@@ -60,6 +63,7 @@ def _decoder_layer(
     sin: torch.Tensor,
     batch: MicroBatch,
     attention: KeptAttention | None = None,
+    mlp_tile_tokens: int = 0,
 ) -> torch.Tensor:
     family = handle.family
     offset = family.norm_offset
@@ -81,10 +85,16 @@ def _decoder_layer(
         o = _norm(layer.post_attention_layernorm, o, offset)
     x = x + o
     h = _norm(layer.pre_feedforward_layernorm if family.sandwich_norm else layer.post_attention_layernorm, x, offset)
-    y = _mlp(layer.mlp, h, handle.activation)
-    if family.sandwich_norm:
-        y = _norm(layer.post_feedforward_layernorm, y, offset)
-    return x + y
+
+    def feed_forward(rows: torch.Tensor) -> torch.Tensor:
+        # Row-wise through the sandwich norm, so that a tiled MLP is the layer's last op that saves a tensor
+        # (checkpointing's recompute then stops before it: train.tiled_mlp).
+        y = _mlp(layer.mlp, rows, handle.activation)
+        return _norm(layer.post_feedforward_layernorm, y, offset) if family.sandwich_norm else y
+
+    if 0 < mlp_tile_tokens < n_tokens:
+        return x + tiled_mlp(feed_forward, h, mlp_tile_tokens)
+    return x + feed_forward(h)
 
 
 def _packed_path(
@@ -94,10 +104,15 @@ def _packed_path(
     preserve_rng_state: bool = True,
     checkpoint_gpu_bytes: int = 0,
     keep_attention: bool = False,
+    mlp_tile_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
-    x = decoder.embed_tokens(batch.input_ids)  # (T, E)
+    device = batch.input_ids.device
+    if handle.vocab_on_host:
+        x = embed_from_host(decoder.embed_tokens, batch, device)  # (T, E)
+    else:
+        x = decoder.embed_tokens(batch.input_ids)  # (T, E)
     if handle.embed_scale is not None:
         x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
@@ -119,7 +134,7 @@ def _packed_path(
             plan: LayerPlan = plan,
             attention: KeptAttention | None = attention,
         ) -> torch.Tensor:
-            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, attention)
+            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, attention, mlp_tile_tokens)
 
         def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
             # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
@@ -138,6 +153,8 @@ def _packed_path(
     bound = batch.counted_bound
     if bound is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         bound = batch.num_trainable
+    if handle.vocab_on_host:
+        return ops.streamed_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap, bound)
     return ops.fused_linear_cross_entropy(x, weight, batch.labels, IGNORE_INDEX, handle.final_softcap, bound)
 
 
@@ -227,6 +244,7 @@ def packed_loss(
     preserve_rng_state: bool = True,
     checkpoint_gpu_bytes: int = 0,
     keep_attention: bool = False,
+    mlp_tile_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
 
@@ -238,8 +256,13 @@ def packed_loss(
     ``checkpoint_gpu_bytes`` (``offload``): GPU bytes for the checkpoints of the top layers, which then stay on the
     GPU (``train.offload_budget``). ``keep_attention`` (``on``/``offload``): each layer's attention output and
     log-sum-exp are kept with its checkpoint, and the recompute runs no attention forward (``train.kept_attention``).
+    ``mlp_tile_tokens`` > 0: a stream of more tokens runs each layer's MLP that many tokens at a time
+    (:func:`train.tiled_mlp.tiled_mlp`; the MLP's parameter gradients reach ``.grad`` only, so use
+    ``loss.backward()``); 0 runs it whole.
     """
     check_mode(checkpointing)
+    if mlp_tile_tokens < 0:
+        raise ValueError(f"mlp_tile_tokens must be >= 0 (0 = untiled), got {mlp_tile_tokens}.")
     handle = get_patch(model) or patch_model(model)
     if handle.model is not unwrap_model(model):
         raise RuntimeError("the patch handle belongs to another model instance; call patch_model(model) again.")
@@ -255,8 +278,15 @@ def packed_loss(
                 f"--keep-attention and --checkpoint-gpu-gib work on padless's packed path; model_type "
                 f"{handle.model.config.model_type!r} trains through transformers' own layers. Leave them out"
             )
+        if mlp_tile_tokens:
+            raise TrainError(
+                f"--mlp-tile-tokens {mlp_tile_tokens}: model_type {handle.model.config.model_type!r} takes the "
+                "unpatched fallback path, whose MLP is transformers' own; use --mlp-tile-tokens 0"
+            )
         return _fallback_path(handle, batch, checkpointing)
-    return _packed_path(handle, batch, checkpointing, preserve_rng_state, checkpoint_gpu_bytes, keep_attention)
+    return _packed_path(
+        handle, batch, checkpointing, preserve_rng_state, checkpoint_gpu_bytes, keep_attention, mlp_tile_tokens
+    )
 
 
 class PackedLossModule(nn.Module):
@@ -266,10 +296,11 @@ class PackedLossModule(nn.Module):
     gradient synchronisation prepared by its own forward. ``self.model`` is the (peft-wrapped) causal LM.
     """
 
-    def __init__(self, model: nn.Module, checkpointing: str = "off") -> None:
+    def __init__(self, model: nn.Module, checkpointing: str = "off", mlp_tile_tokens: int = 0) -> None:
         super().__init__()
         self.model = model
         self.checkpointing = check_mode(checkpointing)
+        self.mlp_tile_tokens = mlp_tile_tokens
 
     def forward(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return packed_loss(self.model, batch, checkpointing=self.checkpointing)
+        return packed_loss(self.model, batch, checkpointing=self.checkpointing, mlp_tile_tokens=self.mlp_tile_tokens)

@@ -34,9 +34,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from padless.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+from padless.kernels.streamed_cross_entropy import DEFAULT_VOCAB_CHUNK_BYTES, DEFAULT_WORK_BYTES
 
 from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
+from .memory_setting import LOW_MEMORY_MLP_TILE
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
 
 __all__ = [
@@ -46,19 +48,24 @@ __all__ = [
     "Setting",
     "as_row",
     "estimate",
+    "host_available_bytes",
     "inventory",
     "model_config",
     "plan",
+    "plan_inputs",
     "recommend",
     "shard_statistics",
+    "usable_bytes",
 ]
 
-# One decoder layer's activations per token, in values of the run's dtype, as multiples of the hidden size H and
-# the MLP's intermediate size I (attention heads are counted with H: q and o span H, k and v a fraction of it).
-_LAYER_SAVED_H = 3.0  # normed inputs, q, k, v, attention output
+# One decoder layer's activations per token, in values of the run's dtype, as multiples of the attention width
+# Q (heads x head_dim, the width of q and of o_proj's input) and the MLP's intermediate size I.
+_LAYER_SAVED_Q = 3.0  # checkpointing off: what each layer keeps for its backward (normed inputs, q, k, v, output)
 _LAYER_SAVED_I = 3.0  # gate, up, activation
-_LAYER_BACKWARD_H = 1.0  # transient gradients on top of one layer's saved activations while it is differentiated
-_LAYER_BACKWARD_I = 1.5
+# One layer recomputed and differentiated (checkpointing on/offload): its saved activations and the transient
+# gradients together. bitsandbytes' 4-bit layers keep more per projection than the fused LoRA path.
+_LAYER_WORK_Q = {"lora": 8.5, "full": 8.5, "qlora": 20.1}
+_LAYER_WORK_I = 3.93
 _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
 _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
@@ -81,6 +88,7 @@ class ModelInventory:
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every linear layer but the output head
     other_params: int  # embeddings, head, norms, biases: values kept in the run's dtype
     lora_targets: tuple[str, ...]
+    vocab_params: int = 0  # the input embedding and the output head (a tied pair once)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,12 @@ class Setting:
     lora_r: int = 16
     optimizer: str = "adamw"  # adamw | adamw8bit
     dtype_bytes: int = 2
+    memory: str = "fast"  # fast | low (frozen vocabulary in host memory, the loss streams it)
+    mlp_tile: int = 0  # --mlp-tile-tokens (0: --memory low's tile under low, else untiled)
+
+    def __post_init__(self) -> None:
+        if self.memory == "low" and self.mlp_tile == 0:
+            object.__setattr__(self, "mlp_tile", LOW_MEMORY_MLP_TILE)
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ class Estimate:
     gradients: int
     optimizer: int
     step: int
-    host: int  # pinned host bytes (offloaded layer inputs)
+    host: int  # pinned host bytes (offloaded layer inputs, a vocabulary kept in host memory)
     step_s: float
 
     @property
@@ -118,6 +132,8 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    vocab_params = embedding.weight.numel() + (0 if head.weight is embedding.weight else head.weight.numel())
     linears = tuple(
         (name, m.in_features, m.out_features)
         for name, m in model.named_modules()
@@ -144,6 +160,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
         linears=linears,
         other_params=other,
         lora_targets=tuple(targets),
+        vocab_params=vocab_params,
     )
 
 
@@ -151,10 +168,10 @@ def _targeted(inv: ModelInventory) -> list[tuple[str, int, int]]:
     return [(n, i, o) for n, i, o in inv.linears if n.rsplit(".", 1)[-1] in inv.lora_targets]
 
 
-def _layer_values_per_token(inv: ModelInventory) -> tuple[float, float]:
-    """(saved, backward transient) values per token of one decoder layer."""
-    saved = _LAYER_SAVED_H * inv.hidden + _LAYER_SAVED_I * inv.intermediate
-    return saved, _LAYER_BACKWARD_H * inv.hidden + _LAYER_BACKWARD_I * inv.intermediate
+def _layer_work_values(inv: ModelInventory, mode: str, tokens: int, mlp_tile: int) -> float:
+    """Values of one layer recomputed and differentiated: the MLP's share grows only up to its tile."""
+    mlp_tokens = min(tokens, mlp_tile) if mlp_tile > 0 else tokens
+    return tokens * _LAYER_WORK_Q[mode] * inv.heads * inv.head_dim + mlp_tokens * _LAYER_WORK_I * inv.intermediate
 
 
 def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float = 0.0) -> Estimate:
@@ -175,25 +192,32 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     trainable = gradients = trainable_values * value_bytes
     optimizer = trainable_values * (2 if setting.optimizer == "adamw8bit" else 2 * value_bytes)
 
-    saved, transient = _layer_values_per_token(inv)
-    if setting.checkpointing == "off":
-        activations = inv.layers * T * saved * b
-    elif setting.checkpointing == "on":
-        activations = inv.layers * T * inv.hidden * b + T * saved * b
-    else:
-        activations = _OFFLOAD_LAYERS_IN_FLIGHT * T * inv.hidden * b + T * saved * b
-    activations += T * transient * b
-    rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
-    head = rows * inv.vocab * b + T * inv.hidden * b
-    dequantized = max(i * o for _, i, o in inv.linears) * b * 2 if mode == "qlora" else 0
+    # The step's peak: what lives from the forward into the backward (the layers' kept activations, the hidden
+    # states' gradient from the loss), plus the larger of the loss's working set and one layer's backward.
+    saved = _LAYER_SAVED_Q * inv.heads * inv.head_dim + _LAYER_SAVED_I * inv.intermediate
     host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
+    if setting.checkpointing == "off":
+        kept, layer = inv.layers * T * saved * b, 0
+    else:
+        in_gpu = inv.layers if setting.checkpointing == "on" else _OFFLOAD_LAYERS_IN_FLIGHT
+        kept, layer = in_gpu * T * inv.hidden * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
+    kept += T * inv.hidden * b
+    vocab_on_host = setting.memory == "low" and mode != "full"
+    if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 running sums and target rows
+        weights -= inv.vocab_params * b
+        host += inv.vocab_params * b
+        head = 2 * DEFAULT_VOCAB_CHUNK_BYTES + DEFAULT_WORK_BYTES + T * inv.hidden * (4 + b)
+    else:
+        rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
+        head = rows * inv.vocab * b
+    activations = kept + max(head, layer)
 
     flops = step_flop_model(
         inv.matmul_params, inv.layers, inv.heads, inv.head_dim, full=mode == "full", checkpointing=setting.checkpointing
     ).step_flops(T, sum_sq_per_token * T)
     step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
-                    int(activations + head + dequantized), int(host), step_s)  # fmt: skip
+                    int(activations), int(host), step_s)  # fmt: skip
 
 
 def recommend(estimates: list[Estimate], gpu_bytes: int, host_bytes: int | None = None) -> Estimate | None:
@@ -231,7 +255,13 @@ class Plan:
         return e.peak <= self.gpu_bytes and (self.host_bytes is None or e.host <= self.host_bytes)
 
 
-def _host_available_bytes() -> int | None:
+def usable_bytes(card_bytes: int) -> int:
+    """What a GPU of ``card_bytes`` leaves for the predicted peak: its total less the headroom."""
+    return int(card_bytes - _HEADROOM_GIB * 2**30)
+
+
+def host_available_bytes() -> int | None:
+    """The host memory available now (``/proc/meminfo``'s MemAvailable); None where it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -278,15 +308,21 @@ def model_config(cfg: Any, vocab: int) -> PretrainedConfig:
         raise TrainError(f"--model {cfg.model!r}: cannot read its config.json ({error})") from error
 
 
-def plan(cfg: Any) -> Plan:
-    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
+def plan_inputs(cfg: Any) -> tuple[ModelInventory, int, float]:
+    """What every prediction for ``cfg`` (a ``PlanConfig`` or a ``TrainConfig``: its shards, model, family and
+    model overrides) starts from: the model's inventory, and the shards' max_len and Σ L² / tokens."""
     from padless.shards.reader import open_shards
-
-    from .config import TrainError
 
     vocab = int(open_shards(cfg.shards).manifest["tokenizer"]["vocab_size"])
     max_len, sum_sq_per_token = shard_statistics(cfg.shards)
-    inv = inventory(model_config(cfg, vocab))
+    return inventory(model_config(cfg, vocab)), max_len, sum_sq_per_token
+
+
+def plan(cfg: Any) -> Plan:
+    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
+    from .config import TrainError
+
+    inv, max_len, sum_sq_per_token = plan_inputs(cfg)
     tokens = cfg.token_list
     if tokens is None:
         start = 1 << max(0, (max_len - 1).bit_length())
@@ -299,7 +335,11 @@ def plan(cfg: Any) -> Plan:
         )
     dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[cfg.dtype]
     estimates = [
-        estimate(inv, Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes), sum_sq_per_token=sum_sq_per_token)
+        estimate(
+            inv,
+            Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory),
+            sum_sq_per_token=sum_sq_per_token,
+        )
         for mode in cfg.mode_list
         for ckpt in cfg.checkpointing_list
         for t in tokens
@@ -307,7 +347,7 @@ def plan(cfg: Any) -> Plan:
     gpu = cfg.gpu_mem_gib * 2**30 if cfg.gpu_mem_gib is not None else None
     if gpu is None and torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0).total_memory
-    usable = int(gpu - _HEADROOM_GIB * 2**30) if gpu is not None else None
-    host = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else _host_available_bytes()
+    usable = usable_bytes(gpu) if gpu is not None else None
+    host = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else host_available_bytes()
     recommended = recommend(estimates, usable, host) if usable is not None else None
     return Plan(estimates, usable, host, recommended)

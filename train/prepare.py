@@ -211,9 +211,10 @@ def check_tokenizer(
 
 def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, int]:
     """The checks of the training (and eval) shard sets made before any model is loaded (:func:`check_shards`);
-    returns the micro-batch token budget and the largest token id of both sets."""
-    budget = cfg.tokens_per_micro_batch or ss.max_len
-    given = cfg.tokens_per_micro_batch > 0
+    returns the micro-batch token budget and the largest token id of both sets. ``--tokens-per-micro-batch auto``
+    is checked as max_len, the smallest budget it chooses (``train.auto_batch``)."""
+    given = isinstance(cfg.tokens_per_micro_batch, int) and cfg.tokens_per_micro_batch > 0
+    budget = cfg.tokens_per_micro_batch if given else ss.max_len
     check_shards(ss.path, sizes, budget=budget, budget_given=given, max_len=ss.max_len)
     max_token_id = sizes.max_token_id
     if eval_ss is not None:

@@ -39,6 +39,7 @@ class Demo:
     mode: Literal["a", "b", "c"] = option("b", help="The mode:", switch=True)
     level: Literal["Low", "High"] = option("Low", help="Any case.", case_insensitive=True)
     max_items: int = option(0, help="A cap (0 = none).")
+    batch: int | Literal["auto"] = option(0, help="A count or auto.")
     secret: int | None = None  # library-only
 
     def __post_init__(self) -> None:
@@ -132,12 +133,32 @@ def test_a_bug_is_not_a_user_error() -> None:
         ({"mode": "d"}, "mode='d' (--a/--b/--c): expected one of 'a', 'b', 'c'"),
         ({"inputs": "a.txt"}, "inputs='a.txt': expected a tuple of strings"),
         ({"secret": 1.5}, "secret=1.5: expected an int or None"),
+        ({"batch": "many"}, "batch='many' (--batch): expected an int or 'auto'"),
+        ({"batch": 2.0}, "batch=2.0 (--batch): expected an int or 'auto'"),
     ],
 )
 def test_check_fields_names_the_field_value_and_allowed(kwargs: dict, message: str) -> None:
     settings = {"inputs": ("a",), "size": 1, **kwargs}
     with pytest.raises(BadInput, match=re.escape(message)):
         Demo(**settings)
+
+
+def test_a_number_or_word_field_takes_both(tmp_path: Path) -> None:
+    """``int | Literal["auto"]``: a number or the word, on the command line, in a file, and written back."""
+    assert "batch=7" in _run("go", "a", "--size", "1", "--batch", "7").output
+    assert "batch='auto'" in _run("go", "a", "--size", "1", "--batch", "auto").output
+    assert_one_line_error(
+        _run("go", "a", "--size", "1", "--batch", "lots"),
+        r"^error: Invalid value for '--batch': 'lots' is not an int or 'auto' \(see",
+    )
+    assert "--batch INTEGER|auto" in _run("go", "--help").output
+    for text, expected in (("batch: auto", "auto"), ("batch: '12'", None), ("batch: 12", 12)):
+        r, demo = _go(tmp_path, f"inputs: [a]\nsize: 1\n{text}\n")
+        if expected is None:
+            assert_one_line_error(r, r"batch='12' \(--batch\): expected an int or 'auto'$")
+        else:
+            assert demo.batch == expected
+            assert Demo(**read_config_file(Demo, write_config_file(demo, tmp_path / "back.yaml"))) == demo
 
 
 def test_check_fields_accepts_ints_for_floats_and_lists_for_tuples() -> None:
@@ -233,7 +254,8 @@ def test_values_are_read_as_their_field_types(tmp_path: Path) -> None:
         ("inputs: [a]\nsize: 1\nratio: [1]\n", r"ratio=\[1\] \(--ratio\): expected a number"),
         ("inputs: [a]\nsize: 0\n", r"^error: --size must be >= 1, got 0$"),  # the config's own checks still run
         ("inputs: [a]\nsize: 1\nsizes: 2\n", r"go.yaml': unknown key 'sizes' \(did you mean 'size'\?\); valid keys: "
-         r"inputs, size, color, shade, ratio, tags, verbose, progress, name, mode, level, max_items, secret \(or"),
+         r"inputs, size, color, shade, ratio, tags, verbose, progress, name, mode, level, max_items, batch, secret "
+         r"\(or"),
         ("inputs: [a]\nsize: 1\nwhatever: 2\n", r"unknown key 'whatever'; valid keys: inputs, size"),
         ("inputs: [a]\n1: 2\n", r"unknown key '1'; valid keys"),
         ("", r"--config '.*go.yaml' is empty; expected a mapping of option names to values, e.g. 'seed: 1'"),

@@ -19,12 +19,12 @@ def test_tiny_cases_run_and_record_the_breakdown(tmp_path) -> None:
     cmd = [sys.executable, "-m", "padless.prep", "pack", "demo:alpaca", "--max-len", "128", "--out", str(shards)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     results = tmp_path / "memory.jsonl"
-    cases = "tiny-lora-1k,tiny-qlora-1k"
+    cases = "tiny-lora-1k,tiny-qlora-1k,tiny-lora-1k-low"
     proc = run_tool("bench_memory", "--shards", str(shards), "--cases", cases, "--warmup", "1", "--steps", "1",
                     "--work", str(tmp_path / "work"), "--results", str(results), timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert set(rows) == {"tiny-lora-1k", "tiny-qlora-1k"}
+    assert set(rows) == {"tiny-lora-1k", "tiny-qlora-1k", "tiny-lora-1k-low"}
     for row in rows.values():
         assert row["status"] == "ok" and row["area"] == "memory" and row["step_s"] > 0 and row["peak_gib"] > 0
         assert set(row["memory_gib"]) >= {"weights", "trainable", "gradients", "optimizer"}
@@ -36,13 +36,16 @@ def test_tiny_cases_run_and_record_the_breakdown(tmp_path) -> None:
 
 def test_case_names_say_what_runs() -> None:
     bench = load_tool("bench_memory")
-    case = bench.CASES["qwen3-4b-qlora-2k"]
-    assert (case.shape, case.mode, case.tokens, case.checkpointing, case.target_gib) == (
+    case = bench.CASES["qwen3-4b-qlora-2k-low"]
+    assert (case.shape, case.mode, case.tokens, case.memory, case.checkpointing, case.target_gib) == (
         "qwen3-4b",
         "qlora",
         2048,
-        "on",
+        "low",
+        "offload",
         3.0,
     )
     assert bench.CASES["qwen3-4b-qlora-8k-offload"].checkpointing == "offload"
+    assert bench.CASES["qwen3-8b-lora-16k-low-on"].checkpointing == "on"
+    assert bench.CASES["qwen3-4b-qlora-2k"].memory == "fast"
     assert all(name in bench.CASES for name in bench.DEFAULT_CASES)

@@ -110,6 +110,22 @@ def test_pinned_pool_reuses_best_fit_buffers_and_rounds_up() -> None:
     assert big is not a and big is not b and big.numel() == 2048 and pool.allocated == 3
 
 
+def test_pinned_pool_reuses_a_buffer_no_larger_than_a_fresh_one() -> None:
+    # A request a little over one granule gets two granules; the next step's slightly shorter stream asks for a
+    # little less, and must get the same buffer back although it is more than 25% larger than asked.
+    pool = PinnedPool(granule=1024, pinned=False)
+    a = pool.take(1100)
+    pool.give_back([a])
+    assert pool.take(1090) is a and pool.allocated == 1
+
+
+def test_pinned_pool_keeps_no_more_free_buffers_than_were_in_use() -> None:
+    pool = PinnedPool(granule=1024, pinned=False)
+    for size in range(1, 40):  # each pass's two buffers fit no later request: the free list must not grow
+        pool.give_back([pool.take(size * 4096), pool.take(size * 4096 + 100)])
+    assert len(pool._free) == 2 and pool.allocated == 78
+
+
 def test_host_offload_returns_its_buffers_when_it_is_gone() -> None:
     pool = PinnedPool(granule=1024, pinned=False)
     offload = HostOffload(pool)

@@ -165,6 +165,16 @@ def test_run_then_merge_then_parity(synthetic_shards: Path, tmp_path: Path) -> N
     assert re.search(r"^PASS: packed == one-by-one", res.output, re.M), res.output
 
 
+def test_run_with_a_tiled_mlp(synthetic_shards: Path, tmp_path: Path) -> None:
+    """``--mlp-tile-tokens 64`` on micro-batches of 128 tokens: two tiles per MLP, the run trains and logs it."""
+    out = tmp_path / "run"
+    res = _invoke("run", str(synthetic_shards), "--output", str(out), "--max-steps", "2", "--lr", "1e-2",
+                  "--no-progress", "--mlp-tile-tokens", "64", "--checkpointing", "on")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert re.search(r"done: 2 steps, final loss [\d.]+", res.output), res.output
+    assert "mlp_tile_tokens: 64" in (out / "config.yaml").read_text()
+
+
 def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_shards: Path, tmp_path: Path) -> None:
     """The real user path: `prep pack demo:alpaca` output, a model folder with the demo tokenizer (hash matches),
     eval on the `eval/` set prep wrote, without naming it."""

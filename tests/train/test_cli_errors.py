@@ -36,11 +36,25 @@ def _run(shards: Path, output: Path, *args: str):
         (["--dtype", "fp8"], r"Invalid value for '--dtype': 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
         (["--lr", "fast"], r"Invalid value for '--lr': 'fast' is not a valid float"),
         (["--grad-accum", "0"], r"^error: --grad-accum must be >= 1, got 0$"),
-        (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0, got -5"),
+        (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0 or auto, got -5"),
+        (["--tokens-per-micro-batch", "lots"], r"'--tokens-per-micro-batch': 'lots' is not an int or 'auto'"),
+        (["--tokens-per-micro-batch", "auto", "--max-memory-gib", "0"], r"^error: --max-memory-gib must be > 0 GiB"),
+        (["--max-memory-gib", "8"], r"--max-memory-gib only sizes --tokens-per-micro-batch auto, and the budget is 0;"),
         (["--eval-every", "-2"], r"--eval-every must be >= -1 \(-1 = never\), got -2"),
         (["--checkpoint-gpu-gib", "-1"], r"^error: --checkpoint-gpu-gib must be >= 0 \(0 = all checkpoints to the h"),
         (["--checkpoint-gpu-gib", "4"], r"it needs --checkpointing offload \(got --checkpointing off\)$"),
         (["--keep-attention"], r"^error: --keep-attention keeps .* it needs --checkpointing on or offload$"),
+        (
+            ["--mlp-tile-tokens", "-1"],
+            r"^error: --mlp-tile-tokens must be >= 0 \(0 = untiled, N = tiles of N tokens\), "
+            r"got -1$",
+        ),
+        (["--mlp-tile-tokens", "64", "--fsdp"], r"--mlp-tile-tokens with --fsdp: .*use --mlp-tile-tokens 0$"),
+        (
+            ["--mlp-tile-tokens", "64", "--cuda-graphs", "on"],
+            r"--mlp-tile-tokens with --cuda-graphs on: .*nested "
+            r"backward .*use --cuda-graphs auto",
+        ),
         (["--bogus"], r"No such option '--bogus'.*\(see \w+ run --help\)"),
     ],
 )

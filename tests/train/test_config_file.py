@@ -82,6 +82,18 @@ def test_an_interrupted_run_has_its_config_and_overwrite_owns_it(synthetic_shard
     assert yaml.safe_load((out / "config.yaml").read_text())["overwrite"] is False
 
 
+def test_tokens_per_micro_batch_auto_in_a_file(tmp_path: Path) -> None:
+    from padless.shards.config_file import read_config_file, write_config_file
+
+    (tmp_path / "run.yaml").write_text("shards: s\ntokens_per_micro_batch: auto\nmax_memory_gib: 20\n")
+    cfg = TrainConfig(**read_config_file(TrainConfig, tmp_path / "run.yaml"))
+    assert (cfg.tokens_per_micro_batch, cfg.max_memory_gib) == ("auto", 20.0)
+    assert TrainConfig(**read_config_file(TrainConfig, write_config_file(cfg, tmp_path / "back.yaml"))) == cfg
+    (tmp_path / "run.yaml").write_text("shards: s\ntokens_per_micro_batch: some\n")
+    r = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "run.yaml")])
+    assert_one_line_error(r, r"tokens_per_micro_batch='some' \(--tokens-per-micro-batch\): expected an int or 'auto'$")
+
+
 def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
     from padless.shards.config_file import read_config_file
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from padless.train.adapters import apply_adapters
 from padless.train.batch import IGNORE_INDEX
+from padless.train.config import TrainError
 from padless.train.model_patch import FallbackWarning, patch_model
 from padless.train.packed_forward import block_causal_mask, packed_loss
 from tests.train.tiny_models import (
@@ -145,6 +146,14 @@ def test_fallback_path_equals_one_by_one():
         logits = model(input_ids=batch.input_ids[None, a:b]).logits[0]
         expected += F.cross_entropy(logits[:-1], batch.labels[a + 1 : b], reduction="sum").item()
     assert abs(total.item() - expected) <= 1e-5 * abs(expected)
+
+
+def test_fallback_path_refuses_a_tiled_mlp():
+    model = tiny_neox()
+    with pytest.warns(FallbackWarning):
+        patch_model(model)
+    with pytest.raises(TrainError, match=r"--mlp-tile-tokens 8: model_type 'gpt_neox' takes the unpatched fallback"):
+        packed_loss(model, make_batch(LENGTHS, seed=23), mlp_tile_tokens=8)
 
 
 def test_leak_detector_catches_a_leaky_forward():

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from padless.train.checkpoint import trainable_state
+from padless.train.config import TrainError
 from padless.train.loop import Callbacks, train
 
 from .runs import base_config
@@ -186,6 +187,37 @@ def test_fsdp2_checkpoint_resumes_exactly(synthetic_shards: Path, tmp_path: Path
     (stopped / "summary.json").unlink()
     with pytest.raises(TrainError, match=r"settings differ .*: world size 2 -> 1; --fsdp True -> False\. Resume"):
         train(base_config(synthetic_shards, stopped, resume=True, **dict(SETTINGS, max_steps=3)))
+
+
+def test_mlp_tiling_is_refused_with_several_processes(
+    synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiled MLP's backward accumulates each weight's gradient once per tile, and DDP's reducer allows one per
+    backward ("Expected to mark a variable ready only once" on 2 gloo ranks): refused before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match=r"^--mlp-tile-tokens with 2 processes: .*use --mlp-tile-tokens 0 or one "):
+        train(base_config(synthetic_shards, tmp_path / "out", mlp_tile_tokens=64))
+    assert not (tmp_path / "out").exists() and not torch.distributed.is_initialized()
+
+
+def _min_rank_main(rank: int, world: int, port: int, output: str) -> None:
+    from padless.train.distributed import DistEnv, destroy_process_group, init_process_group, min_over_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_process_group(DistEnv(rank=rank, world_size=world, local_rank=rank), torch.device("cpu"))
+    try:
+        torch.save(min_over_ranks(7 - 3 * rank, torch.device("cpu")), Path(output) / f"min{rank}.pt")
+    finally:
+        destroy_process_group()
+
+
+def test_min_over_ranks_gives_every_rank_the_least_value(tmp_path: Path) -> None:
+    """What --tokens-per-micro-batch auto sizes for on several ranks: the least memory of any of them."""
+    from padless.train.distributed import min_over_ranks
+
+    assert min_over_ranks(5, torch.device("cpu")) == 5  # a single process: its own value
+    mp.spawn(_min_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"min{r}.pt") for r in range(2)] == [4, 4]
 
 
 def test_batch_fields_carry_every_micro_batch_field() -> None:

@@ -23,7 +23,7 @@ from padless.train.checkpoint import latest_checkpoint, trainable_state
 from padless.train.data import pack_sizes
 from padless.train.loop import Callbacks, NonFiniteLossError, train
 
-from .runs import base_config, run_interrupted, run_recorded
+from .runs import Recorder, base_config, run_interrupted, run_recorded
 
 
 def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path, tmp_path: Path) -> None:
@@ -59,6 +59,29 @@ def test_one_micro_batch_of_four_packs_equals_four_of_one(synthetic_shards: Path
 
 class _Interrupt(Exception):
     pass
+
+
+def test_a_tiled_mlp_trains_like_the_whole_mlp(synthetic_shards: Path, tmp_path: Path) -> None:
+    """``mlp_tile_tokens=64`` on micro-batches of up to 128 tokens: every longer micro-batch's MLPs run in tiles of
+    at most 64 tokens, and the losses and gradients are those of the untiled run (fp32, up to summation order)."""
+    rows: list[int] = []
+    rec_tiled = Recorder()
+
+    def on_model(model: torch.nn.Module) -> None:
+        rec_tiled.on_model(model)
+        for layer in model.get_decoder().layers:
+            layer.mlp.gate_proj.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+
+    settings = dict(max_steps=2, mode="full", lr=1e-3, checkpointing="on")
+    whole, rec_whole = run_recorded(base_config(synthetic_shards, tmp_path / "whole", **settings))
+    with rec_tiled:
+        cfg = base_config(synthetic_shards, tmp_path / "tiled", mlp_tile_tokens=64, **settings)
+        tiled = train(cfg, callbacks=Callbacks(on_model=on_model))
+    assert rows and max(rows) <= 64 and 64 in rows
+    assert tiled.losses == pytest.approx(whole.losses, rel=1e-5)
+    for step_tiled, step_whole in zip(rec_tiled.grads, rec_whole.grads, strict=True):
+        for name, g in step_whole.items():
+            torch.testing.assert_close(step_tiled[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_resume_continues_exactly(synthetic_shards: Path, tmp_path: Path) -> None:
@@ -268,6 +291,17 @@ def test_gpu_parity_command_passes_with_triton_kernels(synthetic_shards: Path) -
 
     report = parity(str(synthetic_shards), packs=4, dtype="fp32", device="cuda", tolerance=2e-3)
     assert report.passed, report.render()
+
+
+def test_inline_model_overrides_longer_than_a_file_name(synthetic_shards: Path, tmp_path: Path) -> None:
+    # Inline JSON is not a path: one longer than the file system's name limit must not be looked up as one.
+    fields = json.loads(base_config(synthetic_shards, tmp_path).model_overrides)
+    overrides = json.dumps({**fields, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+                            "initializer_range": 0.02, "attention_dropout": 0.0, "tie_word_embeddings": False,
+                            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "mlp_bias": False})  # fmt: skip
+    assert len(overrides) > 255
+    result = train(base_config(synthetic_shards, tmp_path / "run", max_steps=1, model_overrides=overrides))
+    assert len(result.losses) == 1
 
 
 def test_steady_throughput_leaves_out_the_first_step(synthetic_shards: Path, tmp_path: Path) -> None:

@@ -127,3 +127,31 @@ def test_output_may_be_modified_in_place_like_rope_does(shape: tuple[int, ...]) 
 
     for got, want in zip(run(lambda t: project(module, t)), run(module)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_qlora_projection_takes_the_frozen_function_and_matches_peft(device: str) -> None:
+    # peft's 4-bit LoRA layer casts every input to fp32 for the adapters (an fp32 copy of each projection's input
+    # kept for backward); the frozen Function dequantizes the NF4 weight for its GEMMs and keeps only x and x A^T.
+    from padless.train.adapters import apply_adapters
+    from padless.train.modeling import load_model
+
+    overrides = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 1}
+    model = load_model(
+        None, vocab_size=64, family="qwen3", dtype=torch.bfloat16, device=device, quantize_4bit=True,
+        config_overrides=overrides,
+    )  # fmt: skip
+    model = apply_adapters(model, mode="qlora", r=8)
+    module = model.base_model.model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        module.lora_B["default"].weight.normal_(0, 0.05)  # peft starts B at zero
+    x = torch.randn(37, 256, dtype=torch.bfloat16, device=device, requires_grad=True)
+    upstream = torch.randn(37, 128, dtype=torch.bfloat16, device=device)
+    out, ref = project(module, x), module(x)
+    assert "FrozenLoraLinear" in type(out.grad_fn).__name__
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    params = [x, module.lora_A["default"].weight, module.lora_B["default"].weight]
+    got = torch.autograd.grad((out.float() * upstream.float()).sum(), params)
+    want = torch.autograd.grad((ref.float() * upstream.float()).sum(), params)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and ((g.float() - w.float()).norm() / w.float().norm()) < 2e-2

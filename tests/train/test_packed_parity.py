@@ -125,6 +125,80 @@ def test_checkpointing_matches_off(mode):
         assert_close(ckpt_grads[k], off_grads[k], f"grad {k}", rtol=1e-6)
 
 
+TILED_SETUPS = {
+    "qwen3-lora": ("qwen3", {"mode": "lora", "r": 4}),
+    "llama-lora-mlp-only": ("llama", {"mode": "lora", "r": 4, "target_modules": ["gate_proj", "up_proj", "down_proj"]}),
+    "gemma2-full": ("gemma2", {"mode": "full"}),  # the sandwich norm runs inside the tiles
+}
+
+
+def _backward(model, batch, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and every trainable ``.grad`` after ``loss.backward()`` (the tiled MLP's weights get theirs there)."""
+    model.zero_grad(set_to_none=True)
+    total, _ = packed_loss(model, batch, **kwargs)
+    total.backward()
+    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tile", [7, 100])  # 24 tokens: three tiles of 7 and one of 3; one tile bigger than T
+@pytest.mark.parametrize("mode", ["off", "on", "offload"])
+@pytest.mark.parametrize("setup", list(TILED_SETUPS))
+def test_tiled_mlp_matches_untiled(setup, mode, tile):
+    family, adapters = TILED_SETUPS[setup]
+    model = apply_adapters(tiny_model(family), **adapters)
+    randomize_lora(model)
+    model.train()
+    batch = make_batch(LENGTHS, seed=12)
+    loss, grads = _backward(model, batch)
+    tiled_loss, tiled_grads = _backward(model, batch, checkpointing=mode, mlp_tile_tokens=tile)
+    assert grads.keys() == tiled_grads.keys() and any(".mlp." in k for k in grads)
+    assert_close(tiled_loss, loss, "loss")
+    for k in grads:
+        assert_close(tiled_grads[k], grads[k], f"grad {k}")
+
+
+@pytest.mark.parametrize("tile", [0, 7])
+def test_tiled_mlp_runs_once_forward_and_per_tile_backward_with_checkpointing(tile):
+    """Checkpointing on: the recompute of a layer stops before its tiled MLP, so each gate projection sees the 24
+    tokens once in the forward and once more, tile by tile, in the backward. Untiled, the recompute runs the gate
+    and up projections (not the down projection: it stops at the last saved tensor, the activation's inputs)."""
+    model = apply_adapters(tiny_model("llama"), mode="full")
+    rows = {"gate_proj": [], "down_proj": []}
+
+    def count(name):
+        return lambda module, args, out: rows[name].append(args[0].shape[0])
+
+    hooks = [getattr(layer.mlp, n).register_forward_hook(count(n)) for layer in model.model.layers for n in rows]
+    _backward(model, make_batch(LENGTHS, seed=13), checkpointing="on", mlp_tile_tokens=tile)
+    for hook in hooks:
+        hook.remove()
+    layers = len(model.model.layers)
+    if tile == 0:
+        assert rows == {"gate_proj": [24] * 2 * layers, "down_proj": [24] * layers}
+    else:
+        assert rows == {name: [7, 7, 7, 3] * 2 * layers for name in rows}
+
+
+def test_tiled_mlp_replays_lora_dropout_with_every_checkpointing_mode():
+    model = apply_adapters(tiny_model("qwen3"), mode="lora", r=4, dropout=0.1)
+    randomize_lora(model)
+    model.train()
+    batch = make_batch(LENGTHS, seed=14)
+    results = {}
+    for mode in ("off", "on", "offload"):
+        torch.manual_seed(5)
+        results[mode] = _backward(model, batch, checkpointing=mode, mlp_tile_tokens=7)
+    for mode in ("on", "offload"):
+        assert torch.equal(results[mode][0], results["off"][0])
+        for k, g in results["off"][1].items():
+            assert_close(results[mode][1][k], g, f"{mode} grad {k}", rtol=1e-6)
+
+
+def test_negative_mlp_tile_tokens_is_refused():
+    with pytest.raises(ValueError, match=r"mlp_tile_tokens must be >= 0 \(0 = untiled\), got -1"):
+        packed_loss(tiny_model("llama"), make_batch([4]), mlp_tile_tokens=-1)
+
+
 def test_checkpointing_mode_is_checked():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="checkpointing='sometimes'"):

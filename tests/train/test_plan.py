@@ -111,6 +111,20 @@ def test_bad_options_are_one_line_errors(synthetic_shards: Path, args: list[str]
     assert_one_line_error(result, match)
 
 
+def test_a_run_config_is_planned_from_the_same_inputs(synthetic_shards: Path) -> None:
+    """``train run --tokens-per-micro-batch auto`` predicts from what ``train plan`` reads for the same model."""
+    from padless.train.config import TrainConfig
+    from padless.train.plan import plan_inputs, usable_bytes
+
+    shape = json.dumps(SHAPE)
+    run = TrainConfig(shards=str(synthetic_shards), family="qwen3", model_overrides=shape)
+    planned = PlanConfig(shards=str(synthetic_shards), family="qwen3", model_overrides=shape)
+    inv, max_len, sum_sq_per_token = plan_inputs(run)
+    assert (inv, max_len, sum_sq_per_token) == plan_inputs(planned)
+    assert (inv.hidden, max_len) == (256, open_shards(synthetic_shards).max_len)
+    assert usable_bytes(3 * 2**30) == 2 * 2**30
+
+
 def test_plan_config_checks_its_fields() -> None:
     with pytest.raises(TrainError, match="--lora-r must be >= 1"):
         PlanConfig(shards="s", lora_r=0)

@@ -1,0 +1,250 @@
+"""Linear cross-entropy against a frozen lm_head weight that stays in host memory, streamed to the GPU in chunks.
+
+Shapes: T packed tokens, E hidden size, V vocab, V_c vocab rows per streamed chunk, R tokens per row block.
+
+Why: in the low-memory setting a frozen vocabulary matrix need not occupy GPU memory at all: Qwen3-4B's tied
+embedding is 0.72 GiB in bf16, a quarter of its NF4 footprint, and Qwen3-8B/14B's untied lm_head is 1.16/1.45 GiB.
+The weight sits in pinned host memory and crosses the bus once per step, in vocab chunks copied on a side stream
+one chunk ahead of their use (778 MB for Qwen3-4B: about 16 ms at the 50 GB/s a pinned H100 copy reaches).
+
+One pass over the vocabulary gives the loss and the hidden states' gradient together, with an online softmax kept
+per counted token (fp32):
+
+    z  = hidden @ W_c^T                     (R, V_c) logits of this chunk, in the inputs' dtype
+    m' = max(m, rowmax z)                   running max
+    p  = exp(z - m')
+    s  = s * exp(m - m') + rowsum p         running sum of exponentials
+    g  = g * exp(m - m') + p @ W_c          running un-normalised softmax-weighted sum of weight rows, (T, E)
+    z_t, W_t                                the target's logit and weight row, taken from the chunk that holds it
+
+    loss_t = m + log s - z_t                grad_hidden_t = g / s - W_t
+
+With Gemma 2's ``softcap`` the logits are ``softcap * tanh(z / softcap)`` and both terms carry the cap's derivative
+``1 - tanh^2``. The arithmetic matches :func:`padless.kernels.cross_entropy.fused_linear_cross_entropy` (logits in
+the inputs' dtype, softmax in fp32, the softmax rounded to the inputs' dtype before its GEMM); the result is the
+same function, checked against that module's reference. Only the hidden states get a gradient: the weight is
+frozen (a trainable lm_head stays on the GPU with the fused kernel).
+
+Memory on the GPU: two weight chunks (``vocab_chunk_bytes`` each), one row block's logits and softmax
+(``chunk_bytes``), the running sums (T x E fp32) and grad_hidden (T x E). Like the fused kernel: no host sync,
+gradients computed in the forward and scaled in backward, ``counted_bound`` skips ignored tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cross_entropy import counted_first
+
+__all__ = ["DEFAULT_VOCAB_CHUNK_BYTES", "DEFAULT_WORK_BYTES", "streamed_linear_cross_entropy"]
+
+# One streamed weight chunk (two are in flight): 32 MiB is 6,553 vocab rows at E = 2560, 4,096 at E = 4096.
+DEFAULT_VOCAB_CHUNK_BYTES = 32 * 2**20
+# One row block's logits, fp32 logits and softmax (about 12 bytes per element).
+DEFAULT_WORK_BYTES = 64 * 2**20
+_BYTES_PER_WORK_ELEMENT = 12
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+class _WeightChunks:
+    """The weight's vocab chunks on the compute device, in order: from host memory through two device buffers
+    (the copy of chunk i + 1 runs on a side stream while chunk i is used), or as slices of a weight already there."""
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, rows: int) -> None:
+        self.weight, self.device, self.rows = weight, device, rows
+        self.starts = list(range(0, weight.shape[0], rows))
+        self.streamed = weight.device != device
+        if self.streamed:
+            self.side = _side_stream(device)
+            self.buffers = [torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=device) for _ in range(2)]
+            self.ready = [torch.cuda.Event() for _ in range(2)]
+            self.free = [torch.cuda.Event() for _ in range(2)]
+            for index in range(min(2, len(self.starts))):
+                self._copy(index)
+
+    def _copy(self, index: int) -> None:
+        slot, start = index % 2, self.starts[index]
+        stop = min(start + self.rows, self.weight.shape[0])
+        self.side.wait_stream(torch.cuda.current_stream(self.device))  # the buffer was allocated there
+        with torch.cuda.stream(self.side):
+            if index >= 2:
+                self.side.wait_event(self.free[slot])  # the compute stream is done with chunk index - 2
+            self.buffers[slot][: stop - start].copy_(self.weight[start:stop], non_blocking=True)
+            self.ready[slot].record(self.side)
+
+    def __iter__(self):
+        for index, start in enumerate(self.starts):
+            stop = min(start + self.rows, self.weight.shape[0])
+            if not self.streamed:
+                yield start, self.weight[start:stop]
+                continue
+            slot = index % 2
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.ready[slot])
+            yield start, self.buffers[slot][: stop - start]
+            self.free[slot].record(current)
+            if index + 2 < len(self.starts):
+                self._copy(index + 2)
+
+
+def _cap(z: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(capped logits, their derivative w.r.t. the raw logits or None without a cap), fp32."""
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _forward_and_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    need_grad: bool,
+    counted_bound: int | None,
+    vocab_chunk_bytes: int,
+    work_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    tokens, width = hidden.shape
+    vocab = weight.shape[0]
+    targets = labels.new_full((tokens,), ignore_index)
+    targets[:-1] = labels[1:]
+    n_counted = (targets != ignore_index).sum()
+    if counted_bound is not None and counted_bound >= tokens:
+        counted_bound = None
+    keep = None
+    rows_hidden = hidden
+    if counted_bound is not None:
+        keep = counted_first(targets != ignore_index)[:counted_bound]
+        targets = targets.index_select(0, keep)
+        rows_hidden = hidden.index_select(0, keep)
+    n = targets.shape[0]
+    device = hidden.device
+    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_grad else None
+    if n == 0:
+        return hidden.new_zeros((), dtype=torch.float32), n_counted, grad_hidden
+
+    counted = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    running_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    running_sum = torch.zeros(n, dtype=torch.float32, device=device)
+    target_logit = torch.zeros(n, dtype=torch.float32, device=device)
+    weighted = torch.zeros(n, width, dtype=torch.float32, device=device) if need_grad else None
+    target_row = torch.zeros(n, width, dtype=weight.dtype, device=device) if need_grad else None
+    target_cap = torch.ones(n, dtype=torch.float32, device=device) if need_grad and softcap is not None else None
+
+    vocab_rows = max(1, min(vocab, vocab_chunk_bytes // (width * weight.element_size())))
+    block = max(1, min(n, work_bytes // (vocab_rows * _BYTES_PER_WORK_ELEMENT)))
+    for v0, w in _WeightChunks(weight, device, vocab_rows):
+        v1 = v0 + w.shape[0]
+        for r0 in range(0, n, block):
+            r1 = min(r0 + block, n)
+            z, dcap = _cap(torch.mm(rows_hidden[r0:r1], w.t()).float(), softcap)
+            new_max = torch.maximum(running_max[r0:r1], z.amax(dim=1))
+            rescale = torch.exp(running_max[r0:r1] - new_max)
+            p = torch.exp(z - new_max[:, None])
+            running_sum[r0:r1].mul_(rescale).add_(p.sum(dim=1))
+            running_max[r0:r1] = new_max
+            t = targets[r0:r1]
+            here = (t >= v0) & (t < v1)
+            local = (t - v0).clamp(0, w.shape[0] - 1)
+            target_logit[r0:r1] = torch.where(here, z.gather(1, local[:, None]).squeeze(1), target_logit[r0:r1])
+            if weighted is not None:
+                if dcap is not None:
+                    p.mul_(dcap)
+                weighted[r0:r1].mul_(rescale[:, None]).add_(torch.mm(p.to(w.dtype), w).float())
+                target_row[r0:r1] = torch.where(here[:, None], w.index_select(0, local), target_row[r0:r1])
+                if target_cap is not None:
+                    target_cap[r0:r1] = torch.where(here, dcap.gather(1, local[:, None]).squeeze(1), target_cap[r0:r1])
+
+    row_loss = running_max + torch.log(running_sum) - target_logit
+    row_loss = torch.where(counted, row_loss, torch.zeros_like(row_loss))
+    loss_sum = row_loss.sum()
+    bad = (counted & ~in_range).any()
+    if counted_bound is not None:  # a bound below the true count would drop tokens: make it loud, not wrong
+        bad = bad | (n_counted > counted_bound)
+    loss_sum = torch.where(bad, torch.full_like(loss_sum, float("nan")), loss_sum)
+    if weighted is not None:
+        target = target_row.float() if target_cap is None else target_row.float() * target_cap[:, None]
+        grad_rows = (weighted / running_sum[:, None] - target) * counted[:, None]
+        grad_rows = grad_rows.to(hidden.dtype)
+        if keep is None:
+            grad_hidden.copy_(grad_rows)
+        else:
+            grad_hidden.index_copy_(0, keep, grad_rows)
+    return loss_sum, n_counted, grad_hidden
+
+
+class _StreamedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap, need_grad, counted_bound, chunk, work):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            loss_sum, n_counted, grad_hidden = _forward_and_grad(
+                hidden, weight, labels, ignore_index, softcap, need_grad, counted_bound, chunk, work
+            )
+        ctx.grad_hidden = grad_hidden
+        ctx.mark_non_differentiable(n_counted)
+        return loss_sum, n_counted
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_count):
+        grad_hidden, ctx.grad_hidden = ctx.grad_hidden, None
+        if grad_hidden is None or grad_loss is None:
+            return (None,) * 9
+        return grad_hidden.mul_(grad_loss), None, None, None, None, None, None, None, None
+
+
+def streamed_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    counted_bound: int | None = None,
+    vocab_chunk_bytes: int = DEFAULT_VOCAB_CHUNK_BYTES,
+    work_bytes: int = DEFAULT_WORK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy losses of ``hidden @ weight.T`` and the count of counted tokens, with
+    ``weight`` frozen and either on hidden's device or in (pinned) host memory while hidden is on a GPU.
+
+    The contract is :func:`padless.kernels.cross_entropy.fused_linear_cross_entropy`'s: labels unshifted (token t is
+    scored against labels[t + 1]), ``ignore_index`` labels not counted, an out-of-range label or a
+    ``counted_bound`` below the true count makes loss_sum NaN, no host sync, backward once. Differentiable in
+    loss_sum w.r.t. hidden only; a weight that requires grad is an error (train it with the fused kernel).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"streamed_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}; expected "
+            "(T, E) and (V, E)."
+        )
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0] or labels.dtype.is_floating_point:
+        raise ValueError(
+            f"streamed_linear_cross_entropy: labels {tuple(labels.shape)} {labels.dtype}; expected T = "
+            f"{hidden.shape[0]} integer labels."
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"streamed_linear_cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} differ.")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("streamed_linear_cross_entropy: the weight is frozen here; a trainable lm_head needs the GPU.")
+    if weight.device != hidden.device and not (hidden.is_cuda and weight.device.type == "cpu"):
+        raise ValueError(
+            f"streamed_linear_cross_entropy: hidden on {hidden.device}, weight on {weight.device}; expected the same "
+            "device, or the weight in host memory and hidden on a GPU."
+        )
+    if labels.device != hidden.device:
+        raise ValueError(f"streamed_linear_cross_entropy: labels on {labels.device}, hidden on {hidden.device}.")
+    if vocab_chunk_bytes <= 0 or work_bytes <= 0:
+        raise ValueError("streamed_linear_cross_entropy: vocab_chunk_bytes and work_bytes must be positive.")
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _StreamedLinearCrossEntropy.apply(
+        hidden, weight, labels, int(ignore_index), None if softcap is None else float(softcap), need_grad,
+        None if counted_bound is None else int(counted_bound), int(vocab_chunk_bytes), int(work_bytes),
+    )  # fmt: skip

@@ -1,0 +1,52 @@
+"""train.memory_setting: what ``--memory low`` changes, what it keeps, and what it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from padless.train.config import TrainError
+from padless.train.loop import train
+from padless.train.memory_setting import resolve_memory_setting
+from tests.train.runs import base_config
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_fast_changes_nothing(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, tmp_path / "out")
+    assert resolve_memory_setting(cfg, CUDA, 1) is cfg
+
+
+def test_low_fills_in_the_defaults_and_keeps_explicit_choices(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, tmp_path / "out", memory="low")
+    low = resolve_memory_setting(cfg, CUDA, 1)
+    assert (low.checkpointing, low.optimizer, low.cuda_graphs, low.mlp_tile_tokens) == (
+        "offload",
+        "adamw8bit",
+        "off",
+        2048,
+    )
+    assert resolve_memory_setting(dataclasses.replace(cfg, mlp_tile_tokens=64), CUDA, 1).mlp_tile_tokens == 64
+    on_cpu = resolve_memory_setting(cfg, CPU, 1)
+    assert (on_cpu.checkpointing, on_cpu.optimizer) == ("offload", "adamw")  # 8-bit AdamW needs CUDA
+    chosen = dataclasses.replace(cfg, checkpointing="on")
+    assert resolve_memory_setting(chosen, CUDA, 1).checkpointing == "on"
+
+
+def test_low_refuses_several_processes_and_forced_graphs(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, tmp_path / "out", memory="low")
+    with pytest.raises(TrainError, match="one GPU"):
+        resolve_memory_setting(cfg, CUDA, 2)
+    with pytest.raises(TrainError, match="--cuda-graphs on"):
+        resolve_memory_setting(dataclasses.replace(cfg, cuda_graphs="on"), CUDA, 1)
+
+
+def test_a_low_memory_run_trains_like_a_fast_one(synthetic_shards: Path, tmp_path: Path) -> None:
+    fast = train(base_config(synthetic_shards, tmp_path / "fast", max_steps=3))
+    low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"))
+    assert low.summary["config"]["checkpointing"] == "offload"
+    assert low.losses == pytest.approx(fast.losses, rel=1e-4)
