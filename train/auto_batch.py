@@ -156,8 +156,10 @@ def auto_budget(
     inv, max_len, sum_sq_per_token = plan_inputs(cfg)
     if cfg.mode != "full" and cfg.target_module_list:
         inv = dataclasses.replace(inv, lora_targets=tuple(cfg.target_module_list))
-    setting = Setting(cfg.mode, max_len, cfg.checkpointing, cfg.lora_r, cfg.optimizer, dtype_bytes)
-    host = host_available_bytes() if cfg.checkpointing == "offload" else None
+    setting = Setting(
+        cfg.mode, max_len, cfg.checkpointing, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory, cfg.mlp_tile_tokens
+    )
+    host = host_available_bytes() if cfg.checkpointing == "offload" or cfg.memory == "low" else None
     best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host)
     tokens = best.setting.tokens
     note = (

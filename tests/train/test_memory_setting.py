@@ -50,3 +50,28 @@ def test_a_low_memory_run_trains_like_a_fast_one(synthetic_shards: Path, tmp_pat
     low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"))
     assert low.summary["config"]["checkpointing"] == "offload"
     assert low.losses == pytest.approx(fast.losses, rel=1e-4)
+
+
+# Qwen3-4B's shapes (tied embedding, vocabulary of 151,936), loaded as a user loads a saved model folder.
+QWEN3_4B = {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")
+def test_gpu_qwen3_4b_qlora_at_2k_tokens_peaks_under_3_gib(tmp_path: Path) -> None:
+    """The low-memory promise, guarded: Qwen3-4B QLoRA (r16, all projections) at 2K tokens per micro-batch with
+    --memory low peaks at most 3.0 GiB, from loading the model through the last step."""
+    from padless.train.modeling import tiny_config
+    from padless.train.random_weights import write_random_model
+    from tests.train.runs import write_synthetic_shards
+
+    vocab = 151936
+    folder = write_random_model(tiny_config("qwen3", vocab, **QWEN3_4B), tmp_path / "model", seed=0, device="cuda")
+    shards = write_synthetic_shards(tmp_path / "shards", examples=400, seed=5, max_len=1024, vocab=vocab)
+    torch.cuda.reset_peak_memory_stats()
+    cfg = base_config(shards, tmp_path / "run", model=str(folder), model_overrides=None, mode="qlora",
+                      memory="low", tokens_per_micro_batch=2048, max_steps=3, device="cuda", dtype="bf16")  # fmt: skip
+    result = train(cfg)
+    assert result.summary["config"]["optimizer"] == "adamw8bit"
+    assert result.summary["peak_mem_gib"] <= 3.0, result.summary["memory_gib"]
