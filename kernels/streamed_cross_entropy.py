@@ -4,7 +4,7 @@ Shapes: T packed tokens, E hidden size, V vocab, V_c vocab rows per streamed chu
 
 Why: in the low-memory setting a frozen vocabulary matrix need not occupy GPU memory at all: Qwen3-4B's tied
 embedding is 0.72 GiB in bf16, a quarter of its NF4 footprint, and Qwen3-8B/14B's untied lm_head is 1.16/1.45 GiB.
-The weight sits in pinned host memory and crosses the bus once per step, in vocab chunks copied on a side stream
+The weight sits in pinned host memory and crosses the bus once per micro-batch, in vocab chunks copied on a side stream
 one chunk ahead of their use (778 MB for Qwen3-4B: about 16 ms at the 50 GB/s a pinned H100 copy reaches).
 
 One pass over the vocabulary gives the loss and the hidden states' gradient together, with an online softmax kept
@@ -26,8 +26,10 @@ same function, checked against that module's reference. Only the hidden states g
 frozen (a trainable lm_head stays on the GPU with the fused kernel).
 
 Memory on the GPU: two weight chunks (``vocab_chunk_bytes`` each), one row block's logits and softmax
-(``chunk_bytes``), the running sums (T x E fp32) and grad_hidden (T x E). Like the fused kernel: no host sync,
-gradients computed in the forward and scaled in backward, ``counted_bound`` skips ignored tokens.
+(``work_bytes``), the running sums (T x E fp32), the target rows and, with ``counted_bound``, the counted rows
+(T x E each, in the inputs' dtype); grad_hidden (T x E) replaces the target rows at the end. Like the fused
+kernel: no host sync, gradients computed in the forward and scaled in backward, ``counted_bound`` skips ignored
+tokens.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ class _WeightChunks:
             self.buffers[slot][: stop - start].copy_(self.weight[start:stop], non_blocking=True)
             self.ready[slot].record(self.side)
 
+    def close(self) -> None:
+        """Order the compute stream after every copy issued (also when the pass stopped early, e.g. out of
+        memory), so the buffers it frees are never still being written."""
+        if self.streamed:
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+
     def __iter__(self):
         for index, start in enumerate(self.starts):
             stop = min(start + self.rows, self.weight.shape[0])
@@ -127,9 +135,12 @@ def _forward_and_grad(
         rows_hidden = hidden.index_select(0, keep)
     n = targets.shape[0]
     device = hidden.device
-    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_grad else None
     if n == 0:
-        return hidden.new_zeros((), dtype=torch.float32), n_counted, grad_hidden
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        if counted_bound is not None:  # a bound below the true count would drop tokens: make it loud, not wrong
+            loss_sum = torch.where(n_counted > counted_bound, torch.full_like(loss_sum, float("nan")), loss_sum)
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_grad else None
+        return loss_sum, n_counted, grad_hidden
 
     counted = targets != ignore_index
     in_range = (targets >= 0) & (targets < vocab)
@@ -142,7 +153,54 @@ def _forward_and_grad(
 
     vocab_rows = max(1, min(vocab, vocab_chunk_bytes // (width * weight.element_size())))
     block = max(1, min(n, work_bytes // (vocab_rows * _BYTES_PER_WORK_ELEMENT)))
-    for v0, w in _WeightChunks(weight, device, vocab_rows):
+    chunks = _WeightChunks(weight, device, vocab_rows)
+    try:
+        _stream_chunks(chunks, rows_hidden, targets, softcap, block, running_max, running_sum, target_logit,
+                       weighted, target_row, target_cap)  # fmt: skip
+    finally:
+        chunks.close()
+
+    row_loss = running_max + torch.log(running_sum) - target_logit
+    row_loss = torch.where(counted, row_loss, torch.zeros_like(row_loss))
+    loss_sum = row_loss.sum()
+    bad = (counted & ~in_range).any()
+    if counted_bound is not None:  # a bound below the true count would drop tokens: make it loud, not wrong
+        bad = bad | (n_counted > counted_bound)
+    loss_sum = torch.where(bad, torch.full_like(loss_sum, float("nan")), loss_sum)
+    if weighted is None:
+        return loss_sum, n_counted, None
+    # grad = softmax-weighted rows - the target's row (times the cap's derivative), in place in the fp32 sums; rows
+    # not counted get exactly 0 (never NaN * 0). grad_hidden is allocated only now, after the working set is gone.
+    weighted.div_(running_sum[:, None])
+    if target_cap is None:
+        weighted.sub_(target_row)
+    else:
+        weighted.sub_(target_row.float().mul_(target_cap[:, None]))
+    del target_row
+    weighted.masked_fill_(~counted[:, None], 0.0)
+    if keep is None:
+        return loss_sum, n_counted, weighted.to(hidden.dtype)
+    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+    grad_hidden.index_copy_(0, keep, weighted.to(hidden.dtype))
+    return loss_sum, n_counted, grad_hidden
+
+
+def _stream_chunks(
+    chunks: _WeightChunks,
+    rows_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None,
+    block: int,
+    running_max: torch.Tensor,
+    running_sum: torch.Tensor,
+    target_logit: torch.Tensor,
+    weighted: torch.Tensor | None,
+    target_row: torch.Tensor | None,
+    target_cap: torch.Tensor | None,
+) -> None:
+    """The online-softmax pass over every weight chunk and row block (updates the running tensors in place)."""
+    n = targets.shape[0]
+    for v0, w in chunks:
         v1 = v0 + w.shape[0]
         for r0 in range(0, n, block):
             r1 = min(r0 + block, n)
@@ -164,23 +222,6 @@ def _forward_and_grad(
                 if target_cap is not None:
                     target_cap[r0:r1] = torch.where(here, dcap.gather(1, local[:, None]).squeeze(1), target_cap[r0:r1])
 
-    row_loss = running_max + torch.log(running_sum) - target_logit
-    row_loss = torch.where(counted, row_loss, torch.zeros_like(row_loss))
-    loss_sum = row_loss.sum()
-    bad = (counted & ~in_range).any()
-    if counted_bound is not None:  # a bound below the true count would drop tokens: make it loud, not wrong
-        bad = bad | (n_counted > counted_bound)
-    loss_sum = torch.where(bad, torch.full_like(loss_sum, float("nan")), loss_sum)
-    if weighted is not None:
-        target = target_row.float() if target_cap is None else target_row.float() * target_cap[:, None]
-        grad_rows = (weighted / running_sum[:, None] - target) * counted[:, None]
-        grad_rows = grad_rows.to(hidden.dtype)
-        if keep is None:
-            grad_hidden.copy_(grad_rows)
-        else:
-            grad_hidden.index_copy_(0, keep, grad_rows)
-    return loss_sum, n_counted, grad_hidden
-
 
 class _StreamedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -196,7 +237,12 @@ class _StreamedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_count):
-        grad_hidden, ctx.grad_hidden = ctx.grad_hidden, None
+        if ctx.grad_hidden is False:
+            raise RuntimeError(
+                "streamed_linear_cross_entropy: backward ran twice through the same graph; its gradient is computed "
+                "in the forward and scaled in place once. Call the function again instead of retain_graph=True."
+            )
+        grad_hidden, ctx.grad_hidden = ctx.grad_hidden, False
         if grad_hidden is None or grad_loss is None:
             return (None,) * 9
         return grad_hidden.mul_(grad_loss), None, None, None, None, None, None, None, None
@@ -241,6 +287,11 @@ def streamed_linear_cross_entropy(
         )
     if labels.device != hidden.device:
         raise ValueError(f"streamed_linear_cross_entropy: labels on {labels.device}, hidden on {hidden.device}.")
+    if counted_bound is not None and (isinstance(counted_bound, bool) or not int(counted_bound) >= 0):
+        raise ValueError(
+            f"streamed_linear_cross_entropy: counted_bound={counted_bound!r}; expected None or an int >= the number "
+            "of counted tokens."
+        )
     if vocab_chunk_bytes <= 0 or work_bytes <= 0:
         raise ValueError("streamed_linear_cross_entropy: vocab_chunk_bytes and work_bytes must be positive.")
     need_grad = torch.is_grad_enabled() and hidden.requires_grad

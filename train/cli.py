@@ -98,7 +98,8 @@ def plan_command(**params: Any) -> None:
         s = result.recommended.setting
         click.echo(
             f"recommended for {result.gpu_bytes / 2**30:.1f} GiB usable: --{s.mode} --tokens-per-micro-batch "
-            f"{s.tokens} --checkpointing {s.checkpointing} (predicted peak {result.recommended.peak / 2**30:.2f} GiB, "
+            f"{s.tokens} --checkpointing {s.checkpointing}{' --memory low' if s.memory == 'low' else ''} "
+            f"(predicted peak {result.recommended.peak / 2**30:.2f} GiB, "
             f"about {result.recommended.tokens_per_s:,.0f} tokens/s)"
         )
 

@@ -94,8 +94,9 @@ class TrainConfig:
     )
     max_memory_gib: float | None = option(
         None,
-        help="Memory the predicted peak of --tokens-per-micro-batch auto may reach, GiB (default on CUDA: the card's "
-        "total less 1 GiB of headroom; on CPU auto needs it).",
+        help="GPU memory the predicted peak of --tokens-per-micro-batch auto may reach, GiB (default on CUDA: the "
+        "card's total less 1 GiB of headroom). On CPU auto needs it and only sizes as for a GPU of that memory: the "
+        "process's own memory is not what `train plan` predicts.",
     )
     grad_accum: int = option(1, help="Micro-batches per optimizer step (per rank).")
     lr: float = option(2e-4, help="Peak learning rate (after warm-up).")
@@ -129,11 +130,13 @@ class TrainConfig:
     )
     memory: Memory = option(
         "fast",
-        help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint, exact, for one GPU: "
+        help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint on one GPU (the same "
+        "forward and backward; only the AdamW state is 8-bit): "
         "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), checkpointed layer "
         "inputs go to host memory (--checkpointing off becomes offload), AdamW state is 8-bit on CUDA (--optimizer "
         "adamw becomes adamw8bit), the MLP runs in tiles of 2048 tokens (unless --mlp-tile-tokens is given) and "
-        "CUDA graphs are off. `train plan --memory low` predicts it.",
+        "CUDA graphs are off (--full keeps its trainable embedding and lm_head on the GPU). `train plan --memory "
+        "low` predicts it.",
     )
     mlp_tile_tokens: int = option(
         0,

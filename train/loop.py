@@ -260,6 +260,7 @@ def _train(
             rank=env.rank,
             world_size=env.world_size,
             all_reduce=dist_util.all_reduce_sum,
+            keep_host_ids=cfg.memory == "low",
         )
         result.eval_loss = loss
         metrics.write({"step": step, "eval_loss": loss, "eval_trainable_tokens": count})
@@ -315,7 +316,7 @@ def _train(
                                     result.warnings.append(f"CUDA graphs off: {error}")
                                     progress.write(f"warning: {result.warnings[-1]}", always=True)
                             if loss_sum is None:
-                                batch = host_batch.to(device, non_blocking=True)
+                                batch = host_batch.to(device, non_blocking=True, keep_host_ids=cfg.memory == "low")
                                 with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
                                     # forward: Σ token losses of this micro-batch (logits never materialised)
                                     loss_sum, _ = wrapped.run(batch)

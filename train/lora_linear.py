@@ -50,6 +50,8 @@ def _plain_lora(module: nn.Module) -> bool:
     if module.disable_adapters or module.merged:
         return False
     active = [name for name in module.active_adapters if name in module.lora_A]
+    if any(getattr(module, "lora_bias", {}).get(name) for name in active):
+        return False  # lora_B has a bias: peft's own forward adds it
     return bool(active) and not any(name in module.lora_variant for name in active)
 
 
@@ -118,10 +120,14 @@ def _frozen_base(base: nn.Module) -> bool:
     return isinstance(base, nn.Linear) and getattr(base.weight, "quant_state", None) is not None
 
 
-def _frozen_single_adapter(module: nn.Module) -> str | None:
-    """The adapter name when ``module`` can take :class:`_FrozenLoraLinear`, else None."""
+def _frozen_single_adapter(module: nn.Module, dtype: torch.dtype) -> str | None:
+    """The adapter name when ``module`` can take :class:`_FrozenLoraLinear` for inputs of ``dtype``, else None (a
+    4-bit base whose compute dtype differs keeps bitsandbytes' own cast)."""
     base = module.base_layer
     if not _frozen_base(base) or base.weight.requires_grad:
+        return None
+    quantized = getattr(base.weight, "quant_state", None) is not None
+    if quantized and getattr(base, "compute_dtype", None) not in (None, dtype):
         return None
     if base.bias is not None and base.bias.requires_grad:
         return None
@@ -135,7 +141,7 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a projection; a plain peft LoRA Linear takes the fused low-rank path (module docstring)."""
     if not _plain_lora(module):
         return module(x)
-    name = _frozen_single_adapter(module)
+    name = _frozen_single_adapter(module, x.dtype)
     if name is not None:
         base = module.base_layer
         return _FrozenLoraLinear.apply(

@@ -41,6 +41,8 @@ def resolve_memory_setting(cfg: TrainConfig, device: torch.device, world_size: i
             "--memory low keeps the embedding and lm_head in one process's host memory; it runs on one GPU. Use "
             "--memory fast with several processes"
         )
+    if cfg.fsdp:
+        raise TrainError("--memory low runs in one process without sharding; drop --fsdp or use --memory fast")
     if cfg.cuda_graphs == "on":
         raise TrainError("--memory low runs eagerly (a CUDA graph's pool holds a whole step); drop --cuda-graphs on")
     changes: dict[str, object] = {"cuda_graphs": "off"}

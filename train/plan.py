@@ -14,8 +14,11 @@ The model is built on the meta device (no weights read), which gives every param
   the largest projection (bitsandbytes dequantizes a whole weight for each matmul).
 
 The per-token activation counts of one layer (``_LAYER_*``) are fitted to measured peaks, not derived: what
-padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. Fitted so far to one
-measurement (Qwen3-8B bf16 LoRA, 16K tokens, checkpointing on, H100: 23.06 GiB measured, 23.08 predicted);
+padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. They are fitted to
+seven H100 measurements (Qwen3-8B bf16 LoRA at 16K; Qwen3-4B QLoRA at 2K/8K/32K, with and without offload; Qwen3-14B
+QLoRA at 4K; docs/bench/README.md), each predicted within 3%. The QLoRA ones were measured through peft's 4-bit
+forward, which keeps an fp32 copy of every projection's input; padless's QLoRA takes the fused LoRA projection
+(``train.lora_linear``), which keeps none, so its QLoRA step predictions are upper bounds until measured on it.
 ``tools/bench_memory.py`` prints the prediction beside every case it measures.
 
 Step time is the step's FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
@@ -25,6 +28,7 @@ costs weigh more (``_HALF_TOKENS``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +67,7 @@ __all__ = [
 _LAYER_SAVED_Q = 3.0  # checkpointing off: what each layer keeps for its backward (normed inputs, q, k, v, output)
 _LAYER_SAVED_I = 3.0  # gate, up, activation
 # One layer recomputed and differentiated (checkpointing on/offload): its saved activations and the transient
-# gradients together. bitsandbytes' 4-bit layers keep more per projection than the fused LoRA path.
+# gradients together. The QLoRA value was measured through peft's 4-bit forward (see the module doc).
 _LAYER_WORK_Q = {"lora": 8.5, "full": 8.5, "qlora": 20.1}
 _LAYER_WORK_I = 3.93
 _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
@@ -196,17 +200,17 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     # states' gradient from the loss), plus the larger of the loss's working set and one layer's backward.
     saved = _LAYER_SAVED_Q * inv.heads * inv.head_dim + _LAYER_SAVED_I * inv.intermediate
     host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
-    if setting.checkpointing == "off":
-        kept, layer = inv.layers * T * saved * b, 0
+    if setting.checkpointing == "off":  # every layer's activations, and the top layer's backward on top of them
+        kept, layer = inv.layers * T * saved * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
     else:
         in_gpu = inv.layers if setting.checkpointing == "on" else _OFFLOAD_LAYERS_IN_FLIGHT
         kept, layer = in_gpu * T * inv.hidden * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
     kept += T * inv.hidden * b
     vocab_on_host = setting.memory == "low" and mode != "full"
-    if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 running sums and target rows
+    if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 sums, target and counted rows
         weights -= inv.vocab_params * b
         host += inv.vocab_params * b
-        head = 2 * DEFAULT_VOCAB_CHUNK_BYTES + DEFAULT_WORK_BYTES + T * inv.hidden * (4 + b)
+        head = 2 * DEFAULT_VOCAB_CHUNK_BYTES + DEFAULT_WORK_BYTES + T * inv.hidden * (4 + 2 * b)
     else:
         rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
         head = rows * inv.vocab * b
@@ -318,6 +322,15 @@ def plan_inputs(cfg: Any) -> tuple[ModelInventory, int, float]:
     return inventory(model_config(cfg, vocab)), max_len, sum_sq_per_token
 
 
+def _as_run(setting: Setting) -> Setting:
+    """``setting`` as ``train run`` resolves it: ``--memory low`` offloads where checkpointing was off and keeps
+    8-bit AdamW state (train.memory_setting)."""
+    if setting.memory != "low":
+        return setting
+    checkpointing = "offload" if setting.checkpointing == "off" else setting.checkpointing
+    return dataclasses.replace(setting, checkpointing=checkpointing, optimizer="adamw8bit")
+
+
 def plan(cfg: Any) -> Plan:
     """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
     from .config import TrainError
@@ -335,14 +348,13 @@ def plan(cfg: Any) -> Plan:
         )
     dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[cfg.dtype]
     estimates = [
-        estimate(
-            inv,
-            Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory),
-            sum_sq_per_token=sum_sq_per_token,
+        estimate(inv, setting, sum_sq_per_token=sum_sq_per_token)
+        for setting in dict.fromkeys(
+            _as_run(Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory))
+            for mode in cfg.mode_list
+            for ckpt in cfg.checkpointing_list
+            for t in tokens
         )
-        for mode in cfg.mode_list
-        for ckpt in cfg.checkpointing_list
-        for t in tokens
     ]
     gpu = cfg.gpu_mem_gib * 2**30 if cfg.gpu_mem_gib is not None else None
     if gpu is None and torch.cuda.is_available():

@@ -69,6 +69,7 @@ RESUME_FIXED = (
     "world_size",
     "seed",
     "optimizer",
+    "memory",
     "fsdp",
 )
 RESUME_FREE = (
@@ -84,7 +85,6 @@ RESUME_FREE = (
     "checkpointing",
     "checkpoint_gpu_gib",
     "keep_attention",
-    "memory",
     "mlp_tile_tokens",
     "max_memory_gib",
     "cuda_graphs",

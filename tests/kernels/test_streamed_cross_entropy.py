@@ -84,6 +84,19 @@ def test_loud_failures_are_nan_not_wrong_numbers():
     assert torch.isnan(loss)
 
 
+def test_a_zero_bound_with_counted_tokens_is_nan_and_a_second_backward_is_refused():
+    hidden, weight, labels = _inputs(8, 8, 30, torch.float32, seed=12)
+    loss, count = streamed_linear_cross_entropy(hidden, weight, labels, counted_bound=0)
+    assert int(count) > 0 and torch.isnan(loss)
+    with pytest.raises(ValueError, match="counted_bound"):
+        streamed_linear_cross_entropy(hidden, weight, labels, counted_bound=-1)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = streamed_linear_cross_entropy(h, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_all_ignored_gives_zero_loss_and_gradient():
     hidden, weight, labels = _inputs(12, 8, 30, torch.float32, seed=11)
     h = hidden.clone().requires_grad_(True)

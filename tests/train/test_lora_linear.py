@@ -73,6 +73,14 @@ def test_disabled_merged_and_dora_adapters_fall_back_to_the_module() -> None:
     torch.testing.assert_close(project(dora, x), dora(x))
 
 
+def test_a_lora_bias_is_added_as_peft_adds_it() -> None:
+    module = _lora_block(seed=9, lora_bias=True).base_model.model.q_proj
+    with torch.no_grad():
+        module.lora_B["default"].bias.normal_()  # peft starts it at zero
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(project(module, x), module(x))
+
+
 def test_plain_linear_is_just_called() -> None:
     linear = nn.Linear(6, 3)
     x = torch.randn(4, 6)

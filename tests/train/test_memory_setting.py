@@ -41,13 +41,21 @@ def test_low_refuses_several_processes_and_forced_graphs(tmp_path: Path) -> None
     cfg = base_config(tmp_path, tmp_path / "out", memory="low")
     with pytest.raises(TrainError, match="one GPU"):
         resolve_memory_setting(cfg, CUDA, 2)
+    with pytest.raises(TrainError, match="drop --fsdp"):
+        resolve_memory_setting(dataclasses.replace(cfg, fsdp=True), CUDA, 1)
     with pytest.raises(TrainError, match="--cuda-graphs on"):
         resolve_memory_setting(dataclasses.replace(cfg, cuda_graphs="on"), CUDA, 1)
 
 
 def test_a_low_memory_run_trains_like_a_fast_one(synthetic_shards: Path, tmp_path: Path) -> None:
+    from padless.train.loop import Callbacks
+    from padless.train.model_patch import get_patch
+
     fast = train(base_config(synthetic_shards, tmp_path / "fast", max_steps=3))
-    low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"))
+    models = []
+    low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"),
+                callbacks=Callbacks(on_model=models.append))  # fmt: skip
+    assert get_patch(models[0]).vocab_on_host  # the streamed loss and host embedding rows ran
     assert low.summary["config"]["checkpointing"] == "offload"
     assert low.losses == pytest.approx(fast.losses, rel=1e-4)
 

@@ -46,6 +46,19 @@ def test_persistent_lines_match_the_loaded_model(mode: str) -> None:
         assert planned.weights == held["weights"] - buffers
     else:  # NF4: the quantization state's small tensors are planned per weight, not exactly
         assert planned.weights == pytest.approx(held["weights"] - buffers, rel=0.03)
+    # --memory low: the frozen vocabulary (tied here: one matrix) moves from the GPU's weights to host memory.
+    keep_vocab_on_host_bytes = model.get_input_embeddings().weight.numel() * 2
+    low = estimate(inventory(config), Setting(mode, 1024, "on", lora_r=8, memory="low"))
+    assert planned.weights - low.weights == low.host - planned.host == keep_vocab_on_host_bytes
+
+
+def test_plan_predicts_what_train_run_runs_under_memory_low() -> None:
+    from padless.train.plan import _as_run
+
+    low = _as_run(Setting("qlora", 2048, "off", memory="low"))
+    assert (low.checkpointing, low.optimizer, low.mlp_tile) == ("offload", "adamw8bit", 2048)
+    assert _as_run(Setting("lora", 2048, "on", memory="low")).checkpointing == "on"
+    assert _as_run(Setting("lora", 2048, "off")) == Setting("lora", 2048, "off")
 
 
 def test_shard_statistics_count_every_example(synthetic_shards: Path) -> None:
