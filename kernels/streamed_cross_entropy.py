@@ -67,13 +67,13 @@ class _WeightChunks:
             self.buffers = [torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=device) for _ in range(2)]
             self.ready = [torch.cuda.Event() for _ in range(2)]
             self.free = [torch.cuda.Event() for _ in range(2)]
+            self.side.wait_stream(torch.cuda.current_stream(device))  # the buffers were allocated there
             for index in range(min(2, len(self.starts))):
                 self._copy(index)
 
     def _copy(self, index: int) -> None:
         slot, start = index % 2, self.starts[index]
         stop = min(start + self.rows, self.weight.shape[0])
-        self.side.wait_stream(torch.cuda.current_stream(self.device))  # the buffer was allocated there
         with torch.cuda.stream(self.side):
             if index >= 2:
                 self.side.wait_event(self.free[slot])  # the compute stream is done with chunk index - 2

@@ -5,7 +5,13 @@ table and appends one row per case to docs/bench/results/memory.jsonl.
     python tools/bench_memory.py --shards DIR --cases qwen3-4b-qlora-2k,qwen3-8b-lora-16k
     python tools/bench_memory.py --shards DIR --cases tiny-lora-1k --steps 2          # CPU smoke run
 
-Each case is one ``python -m padless.train run`` subprocess, as a user runs it: QLoRA cases load a random model
+Cases ending in ``-hf`` run the same model, data and micro-batches through Hugging Face + peft (+ bitsandbytes for
+QLoRA) instead: the QLoRA recipe users follow (``BitsAndBytesConfig`` NF4 with double quantization and bf16 compute,
+``prepare_model_for_kbit_training`` with non-reentrant gradient checkpointing, LoRA r16 on the seven projections,
+torch AdamW), each micro-batch's packs as one row with restarting position_ids and SDPA attention, in a subprocess of
+this script (``--hf-worker``).
+
+Each padless case is one ``python -m padless.train run`` subprocess, as a user runs it: QLoRA cases load a random model
 folder (written once per shape into ``--work``, by ``padless.train.random_weights``) with ``--model``, so the base
 reaches the GPU as a user's does, NF4 tensor by tensor; bf16 LoRA cases build the random model on the GPU
 (``--family``). Peak = ``torch.cuda.max_memory_allocated()`` over the whole run, from loading the model through the
@@ -40,6 +46,7 @@ class Case:
     optimizer: str = "adamw"
     memory: str = "fast"
     target_gib: float | None = None
+    system: str = "padless"  # padless | hf (Hugging Face + peft, + bitsandbytes for QLoRA)
 
     @property
     def name(self) -> str:
@@ -48,6 +55,7 @@ class Case:
         suffix = "" if self.memory == "fast" else f"-{self.memory}"
         suffix += "" if self.checkpointing == checkpointing else f"-{self.checkpointing}"
         suffix += "" if self.optimizer == optimizer else f"-{self.optimizer}"
+        suffix += "" if self.system == "padless" else f"-{self.system}"
         return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
 
 
@@ -72,8 +80,13 @@ CASES = {
         _low("qwen3-14b", "qlora", 4096, 12.0),
         _low("qwen3-8b", "lora", 16384, 20.0, checkpointing="on"),
         _low("qwen3-8b", "lora", 16384),
+        Case("qwen3-4b", "qlora", 2048, system="hf"),
+        Case("qwen3-4b", "qlora", 8192, system="hf"),
+        Case("qwen3-14b", "qlora", 4096, system="hf"),
+        Case("qwen3-8b", "lora", 16384, system="hf"),
         Case("tiny", "lora", 1024),
         Case("tiny", "qlora", 1024),
+        Case("tiny", "qlora", 1024, system="hf"),
         _low("tiny", "lora", 1024),
     )
 }
@@ -114,7 +127,90 @@ def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
     return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_worker(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """Train ``case`` through Hugging Face + peft in this process; the row's numbers (peak from the process start)."""
+    import torch
+    from bench_train import packed_row
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from padless.shards.reader import open_shards
+    from padless.train.data import pack_sizes, plan_epoch
+    from padless.train.metrics import peak_memory_gib
+    from padless.train.modeling import load_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda:0" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if case.mode == "qlora":
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            model_folder(case.shape, vocab, args.work), quantization_config=nf4, dtype=dtype,
+            device_map={"": device}, attn_implementation="sdpa",
+        )  # fmt: skip
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        family, fields = H.model_shape(case.shape, vocab)
+        model = load_model(None, vocab_size=vocab, family=family, dtype=dtype, device=device, config_overrides=fields)
+        model.set_attn_implementation("sdpa")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
+    ss = open_shards(args.shards)
+    groups = plan_epoch(ss.order(0, 0), pack_sizes(ss).num_tokens, epoch=0, budget=case.tokens).ranks[0]
+    times = []
+    for group in groups[: args.warmup + args.steps]:
+        packs = [ss[int(i)] for i in group]
+        row = {k: v.to(device) for k, v in packed_row(packs, None).items()}
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        n = sum(int(p.num_trainable) for p in packs)
+        model(**row, use_cache=False, num_items_in_batch=n).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0, sum(int(p.num_tokens) for p in packs)))
+    steady = times[args.warmup :] or times
+    return {
+        "status": "ok",
+        "peak_gib": peak_memory_gib(device),
+        "step_s": statistics.median(t for t, _ in steady),
+        "tokens_per_s": sum(n for _, n in steady) / sum(t for t, _ in steady),
+    }
+
+
+def run_hf_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    if case.mode == "qlora":
+        model_folder(case.shape, vocab, args.work)  # written here, outside the case's timeout
+    row_file = args.work / f"row-{case.name}.json"
+    row_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--shards", args.shards, "--work", str(args.work), "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--hf-worker", case.name, "--row-file", str(row_file)]  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, timeout=args.case_timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {args.case_timeout:.0f} s"}
+    if proc.returncode != 0 or not row_file.is_file():
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"status": f"exit {proc.returncode}: {last[:200]}"}
+    return {**json.loads(row_file.read_text()), "wall_s": time.perf_counter() - t0}
+
+
 def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    if case.system == "hf":
+        return run_hf_case(case, args, vocab)
     out = args.work / f"run-{case.name}"
     cmd = [sys.executable, "-m", "padless.train", "run", args.shards, "--output", str(out), "--overwrite",
            f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--memory", case.memory,
@@ -159,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up")
     p.add_argument("--work", type=Path, default=Path("bench-memory"), help="model folders and runs (kept)")
     p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case's row is a timeout")
+    p.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: run this -hf case here, write --row-file
+    p.add_argument("--row-file", type=Path, help=argparse.SUPPRESS)
     H.add_results_args(p, "memory")
     args = p.parse_args(argv)
     args.cases = H.comma_choices(p, "--cases", args.cases, CASES)
@@ -167,6 +265,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.hf_worker:
+        from padless.shards.reader import open_shards as _open
+
+        vocab = int(_open(args.shards).manifest["tokenizer"]["vocab_size"])
+        args.row_file.write_text(json.dumps(hf_worker(CASES[args.hf_worker], args, vocab)))
+        return
     from padless.shards.reader import open_shards
     from padless.train.plan import shard_statistics
 
@@ -179,11 +283,12 @@ def main(argv: list[str] | None = None) -> None:
         case = CASES[name]
         print(f"=== {name}", flush=True)
         result = run_case(case, args, vocab)
-        result["predicted_gib"] = predicted_gib(case, vocab, sum_sq_per_token)
-        if result.get("peak_gib"):
+        result["predicted_gib"] = predicted_gib(case, vocab, sum_sq_per_token) if case.system == "padless" else None
+        if result.get("peak_gib") and result["predicted_gib"] is not None:
             result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
         print(json.dumps(result), flush=True)
-        rows.append({"bench": "memory", "case": name, "shape": case.shape, "mode": case.mode, "tokens": case.tokens,
+        rows.append({"bench": "memory", "case": name, "system": case.system, "shape": case.shape, "mode": case.mode,
+                     "tokens": case.tokens,
                      "checkpointing": case.checkpointing, "optimizer": case.optimizer, "memory": case.memory,
                      "target_gib": case.target_gib,
                      "shards": args.shards,

@@ -37,7 +37,7 @@ from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_sq
 from .offload_budget import GIB, check_offload_memory
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
-from .prepare import build_model, check_data, check_tokenizer, resolve_device, resolve_dtype
+from .prepare import build_model, check_data, check_tokenizer, model_overrides_file, resolve_device, resolve_dtype
 from .progress import Progress
 from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings, save_run_config
 from .trackers import check_installed, start_trackers
@@ -77,11 +77,6 @@ class TrainResult:
 
 # A random base bigger than this (a benchmark shape from --model-overrides) is not saved: gigabytes of noise.
 _SAVE_BASE_LIMIT = 1_000_000_000
-
-
-def _overrides_file(text: str | None) -> str | None:
-    """The file that ``--model-overrides`` names (None when it is inline JSON or not given)."""
-    return None if text is None or text.lstrip().startswith("{") else text
 
 
 def _param_count(model: torch.nn.Module) -> int:
@@ -170,7 +165,7 @@ def _train(
         cfg, world_size=env.world_size, budget=budget, manifest=ss.manifest, dtype=_DTYPE_NAMES[dtype]
     )
     inputs = [("shard set", cfg.shards), ("eval set", str(eval_path) if eval_path else None), ("model", cfg.model),
-              ("--model-overrides file", _overrides_file(cfg.model_overrides))]  # fmt: skip
+              ("--model-overrides file", model_overrides_file(cfg.model_overrides))]  # fmt: skip
     out_plan = plan_output(cfg, output, settings, inputs=inputs)
     resume_from = out_plan.checkpoint
     dist_util.barrier()  # every rank has read the folder before rank 0 changes it

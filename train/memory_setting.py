@@ -17,7 +17,7 @@ import torch
 
 from .config import TrainConfig, TrainError
 
-__all__ = ["LOW_MEMORY_MLP_TILE", "resolve_memory_setting"]
+__all__ = ["LOW_MEMORY_MLP_TILE", "low_memory_choices", "resolve_memory_setting"]
 
 # MLP tile of --memory low: the (tokens x intermediate) tensors stop growing past it, and a 2048-row GEMM still
 # keeps a Hopper GPU's tensor cores busy.
@@ -30,6 +30,18 @@ def _has_bitsandbytes() -> bool:
     except ImportError:
         return False
     return True
+
+
+def low_memory_choices(
+    checkpointing: str, optimizer: str, mlp_tile_tokens: int, eight_bit: bool
+) -> tuple[str, str, int]:
+    """(checkpointing, optimizer, MLP tile) under ``--memory low``: ``off`` becomes offload, ``adamw`` becomes
+    8-bit AdamW where ``eight_bit`` (CUDA with bitsandbytes), an untiled MLP gets ``LOW_MEMORY_MLP_TILE``."""
+    return (
+        "offload" if checkpointing == "off" else checkpointing,
+        "adamw8bit" if optimizer == "adamw" and eight_bit else optimizer,
+        mlp_tile_tokens or LOW_MEMORY_MLP_TILE,
+    )
 
 
 def resolve_memory_setting(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
@@ -45,11 +57,10 @@ def resolve_memory_setting(cfg: TrainConfig, device: torch.device, world_size: i
         raise TrainError("--memory low runs in one process without sharding; drop --fsdp or use --memory fast")
     if cfg.cuda_graphs == "on":
         raise TrainError("--memory low runs eagerly (a CUDA graph's pool holds a whole step); drop --cuda-graphs on")
-    changes: dict[str, object] = {"cuda_graphs": "off"}
-    if cfg.checkpointing == "off":
-        changes["checkpointing"] = "offload"
-    if cfg.mlp_tile_tokens == 0:
-        changes["mlp_tile_tokens"] = LOW_MEMORY_MLP_TILE
-    if cfg.optimizer == "adamw" and device.type == "cuda" and _has_bitsandbytes():
-        changes["optimizer"] = "adamw8bit"
-    return dataclasses.replace(cfg, **changes)
+    eight_bit = device.type == "cuda" and _has_bitsandbytes()
+    checkpointing, optimizer, tile = low_memory_choices(
+        cfg.checkpointing, cfg.optimizer, cfg.mlp_tile_tokens, eight_bit
+    )
+    return dataclasses.replace(
+        cfg, cuda_graphs="off", checkpointing=checkpointing, optimizer=optimizer, mlp_tile_tokens=tile
+    )

@@ -42,7 +42,7 @@ from padless.kernels.streamed_cross_entropy import DEFAULT_VOCAB_CHUNK_BYTES, DE
 
 from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
-from .memory_setting import LOW_MEMORY_MLP_TILE
+from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
 
 __all__ = [
@@ -107,7 +107,7 @@ class Setting:
     mlp_tile: int = 0  # --mlp-tile-tokens (0: --memory low's tile under low, else untiled)
 
     def __post_init__(self) -> None:
-        if self.memory == "low" and self.mlp_tile == 0:
+        if self.memory == "low" and self.mlp_tile == 0:  # the tile --memory low runs an untiled MLP with
             object.__setattr__(self, "mlp_tile", LOW_MEMORY_MLP_TILE)
 
 
@@ -323,12 +323,13 @@ def plan_inputs(cfg: Any) -> tuple[ModelInventory, int, float]:
 
 
 def _as_run(setting: Setting) -> Setting:
-    """``setting`` as ``train run`` resolves it: ``--memory low`` offloads where checkpointing was off and keeps
-    8-bit AdamW state (train.memory_setting)."""
+    """``setting`` as ``train run`` resolves it on a CUDA GPU (train.memory_setting)."""
     if setting.memory != "low":
         return setting
-    checkpointing = "offload" if setting.checkpointing == "off" else setting.checkpointing
-    return dataclasses.replace(setting, checkpointing=checkpointing, optimizer="adamw8bit")
+    checkpointing, optimizer, tile = low_memory_choices(
+        setting.checkpointing, setting.optimizer, setting.mlp_tile, True
+    )
+    return dataclasses.replace(setting, checkpointing=checkpointing, optimizer=optimizer, mlp_tile=tile)
 
 
 def plan(cfg: Any) -> Plan:

@@ -258,6 +258,11 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
     return parse_model_overrides(cfg.model_overrides, cfg.model)
 
 
+def model_overrides_file(text: str | None) -> str | None:
+    """The file that ``--model-overrides`` names (None when it is inline JSON, which starts with ``{``, or absent)."""
+    return None if text is None or text.lstrip().startswith("{") else text
+
+
 def parse_model_overrides(text: str | None, model: str | None) -> dict[str, Any] | None:
     """``--model-overrides`` (inline JSON or a .json file) as a dict; None when not given. Overrides shape the
     random model, so they cannot go with ``--model``."""
@@ -265,7 +270,7 @@ def parse_model_overrides(text: str | None, model: str | None) -> dict[str, Any]
         return None
     if model is not None:
         raise TrainError("--model-overrides shapes the random model built without --model; drop one of the two")
-    if not text.lstrip().startswith("{"):
+    if model_overrides_file(text) is not None:
         path = Path(text)
         if not path.is_file():
             raise TrainError(f"--model-overrides {text!r} is neither a JSON object nor an existing .json file")

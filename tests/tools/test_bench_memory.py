@@ -19,12 +19,14 @@ def test_tiny_cases_run_and_record_the_breakdown(tmp_path) -> None:
     cmd = [sys.executable, "-m", "padless.prep", "pack", "demo:alpaca", "--max-len", "128", "--out", str(shards)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     results = tmp_path / "memory.jsonl"
-    cases = "tiny-lora-1k,tiny-qlora-1k,tiny-lora-1k-low"
+    cases = "tiny-lora-1k,tiny-qlora-1k,tiny-lora-1k-low,tiny-qlora-1k-hf"
     proc = run_tool("bench_memory", "--shards", str(shards), "--cases", cases, "--warmup", "1", "--steps", "1",
                     "--work", str(tmp_path / "work"), "--results", str(results), timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert set(rows) == {"tiny-lora-1k", "tiny-qlora-1k", "tiny-lora-1k-low"}
+    assert set(rows) == {"tiny-lora-1k", "tiny-qlora-1k", "tiny-lora-1k-low", "tiny-qlora-1k-hf"}
+    hf = rows.pop("tiny-qlora-1k-hf")  # Hugging Face + peft + bitsandbytes on the same folder and micro-batches
+    assert hf["status"] == "ok" and hf["system"] == "hf" and hf["step_s"] > 0 and hf["peak_gib"] > 0
     for row in rows.values():
         assert row["status"] == "ok" and row["area"] == "memory" and row["step_s"] > 0 and row["peak_gib"] > 0
         assert set(row["memory_gib"]) >= {"weights", "trainable", "gradients", "optimizer"}
