@@ -15,6 +15,7 @@ of PyTorch's ``varlen_attn`` and FlexAttention in every packed case at D 64, 128
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from .attention_bwd import BwdConfig, flash_bwd
-from .attention_fwd import FwdConfig, build_schedules, flash_fwd
+from .attention_fwd import LOG2E, FwdConfig, build_schedules, flash_fwd
 from .indexing import needs_long_indexing
 
 __all__ = [
@@ -313,32 +314,62 @@ def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tup
     return tuple(blocks), blocks.index(bwd_cfg.kv_block_n), i_q
 
 
-def _forward(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
+def _forward(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg, saved=None):
     """The forward launches: (out, lse, the dK/dV and dQ schedules or None, long_idx). ``bwd_cfg`` None: forward
-    only (no backward schedules)."""
+    only (no backward schedules). ``saved``: (out, lse) of an earlier forward of the same q, k, v, used instead of
+    the forward kernel (only the schedules are built)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
     blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
     scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
     # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
     long_idx = needs_long_indexing(q, k, v)
-    out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
+    if saved is None:
+        out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
+    else:
+        out, lse = saved
     return (q, k, v), out, lse, (scheds[i_kv], scheds[i_q]), long_idx
+
+
+def _check_saved(q: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """``saved`` must be (out (T, H, D) of q's dtype, lse (T, H) fp32) on q's device, as a forward returned them."""
+    if saved is None:
+        return
+    if not (isinstance(saved, tuple) and len(saved) == 2):
+        raise ValueError(f"saved must be the (out, lse) pair of an earlier forward; got {type(saved).__name__}.")
+    out, lse = saved
+    T, H, _ = q.shape
+    if out.shape != q.shape or out.dtype != q.dtype or lse.shape != (T, H) or lse.dtype != torch.float32:
+        raise ValueError(
+            f"saved (out, lse) must be ({tuple(q.shape)} {q.dtype}, ({T}, {H}) torch.float32) for q of shape "
+            f"{tuple(q.shape)}; got ({tuple(out.shape)} {out.dtype}, {tuple(lse.shape)} {lse.dtype}). Pass the pair "
+            "that return_lse=True returned for these q, k, v."
+        )
+    if out.device != q.device or lse.device != q.device:
+        raise ValueError(f"saved (out, lse) must be on q's device {q.device}; got {out.device}, {lse.device}.")
 
 
 # ------------------------------------------------------------------------------------------ autograd.Function
 class _VarlenAttention(torch.autograd.Function):
+    """(out, lse) of q, k, v; ``saved_out``/``saved_lse`` (both or neither): an earlier forward's, returned without
+    running the forward kernel. lse is not differentiable."""
+
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg):
+    def forward(
+        ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg, saved_out,
+        saved_lse,
+    ):  # fmt: skip
+        saved = None if saved_out is None else (saved_out, saved_lse)
         (q, k, v), out, lse, (sched_kv, sched_q), long_idx = _forward(
-            q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg
+            q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cfg, bwd_cfg, saved
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sched_kv, sched_q)
         ctx.args = (softmax_scale, causal, window, softcap, bwd_cfg, long_idx)
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens, sched_kv, sched_q = ctx.saved_tensors
         softmax_scale, causal, window, softcap, bwd_cfg, long_idx = ctx.args
         dout = _last_dim_contiguous(dout)
@@ -349,7 +380,7 @@ class _VarlenAttention(torch.autograd.Function):
             dout, q, k, v, out, lse, cu_seqlens, sched_kv, sched_q,
             softmax_scale, causal, window, softcap, bwd_cfg, long_indexing=long_idx,
         )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -368,13 +399,16 @@ def varlen_attention_with_configs(
     fwd_cfg: FwdConfig | None = None,
     bwd_cfg: BwdConfig | None = None,
     mean_seqlen: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``varlen_attention`` with explicit tilings (tests and the benchmark sweep); None picks the defaults.
 
     An explicit ``bwd_cfg`` decides the backward path by its ``dq_atomic``; ``deterministic=True`` always turns
     atomics off.
     """
     _check_args(q, k, v, cu_seqlens, causal, window, softcap)
+    _check_saved(q, saved)
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: expected one of {SUPPORTED_DTYPES}, all the same; cast "
@@ -404,10 +438,15 @@ def varlen_attention_with_configs(
         # No backward will run: schedule the forward's blocks only, save nothing, and skip autograd.Function.apply
         # (about a fifth of the call's Python in a CPU profile with the launches stubbed out; an Alpaca-like 4K
         # pack's forward is only ~60 us of GPU work, so the host path matters for eager callers).
-        return _forward(q, k, v, cu_seqlens, scale, causal, window, softcap, fwd_cfg, None)[1]
-    return _VarlenAttention.apply(
-        q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg
+        if saved is not None:
+            return saved if return_lse else saved[0]
+        _, out, lse, _, _ = _forward(q, k, v, cu_seqlens, scale, causal, window, softcap, fwd_cfg, None)
+        return (out, lse) if return_lse else out
+    saved_out, saved_lse = saved if saved is not None else (None, None)
+    out, lse = _VarlenAttention.apply(
+        q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg, saved_out, saved_lse
     )  # fmt: skip
+    return (out, lse) if return_lse else out
 
 
 def varlen_attention(
@@ -423,7 +462,9 @@ def varlen_attention(
     deterministic: bool = False,
     *,
     mean_seqlen: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention over a packed stream (Triton forward and backward, no T x T tensor anywhere).
 
     q (T, H, D), k/v (T, Hkv, D) with H % Hkv == 0 (GQA without repeating k/v), ``cu_seqlens`` int32 (S+1,),
@@ -438,10 +479,15 @@ def varlen_attention(
     recomputes the scores (and delta) then the dK/dV kernel; dq, dk, dv are bitwise reproducible.
     ``mean_seqlen``: the real mean example length, which picks the tiling when the stream holds filler or
     zero-length examples (None: T / S).
+
+    ``return_lse=True``: returns (out, lse), lse (T, H) fp32 in the log2 domain (not differentiable).
+    ``saved=(out, lse)``: the pair an earlier call returned for the same q, k, v; the forward kernel does not run
+    (only the tile schedules are built) and the backward uses them. Activation checkpointing passes it in its
+    recompute, so that the backward never runs the attention forward twice.
     """
     return varlen_attention_with_configs(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, deterministic,
-        mean_seqlen=mean_seqlen,
+        mean_seqlen=mean_seqlen, return_lse=return_lse, saved=saved,
     )  # fmt: skip
 
 
@@ -489,6 +535,98 @@ def _reference_impl(
     return torch.cat(outs, dim=0).to(q.dtype) if outs else q.new_zeros(q.shape)
 
 
+def _example_scores(
+    qs: torch.Tensor, ks: torch.Tensor, scale: float, causal: bool, window: int | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(H, n, n) masked scores of one example (-inf where masked) and, with a softcap, tanh(raw / softcap)."""
+    n = qs.shape[1]
+    raw = (qs @ ks.transpose(1, 2)) * scale
+    capped = torch.tanh(raw / softcap) if softcap is not None else None
+    scores = softcap * capped if softcap is not None else raw
+    i = torch.arange(n, device=qs.device)[:, None]
+    j = torch.arange(n, device=qs.device)[None, :]
+    keep = torch.ones(n, n, dtype=torch.bool, device=qs.device)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= j > i - window
+    return scores.masked_fill(~keep, float("-inf")), capped
+
+
+def _example_ranges(cu_seqlens: torch.Tensor, n_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) token range of every non-empty example."""
+    bounds = cu_seqlens.tolist()  # host sync: fine in the reference
+    if bounds[0] != 0 or bounds[-1] != n_tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={n_tokens}; got {bounds[0]} .. {bounds[-1]}.")
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _heads(x: torch.Tensor, group: int, compute: torch.dtype) -> torch.Tensor:
+    """(n, Hx, D) -> (Hx * group, n, D) in ``compute``: k/v repeated over each GQA group (group 1: q as is)."""
+    return x.to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
+
+
+def _reference_with_lse(q, k, v, cu_seqlens, scale, causal, window, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out q.dtype, lse (T, H) fp32 in the kernel's log2 domain), computed in fp32 (fp64 for fp64 inputs)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    for a, b in _example_ranges(cu_seqlens, q.shape[0]):
+        qs, ks, vs = _heads(q[a:b], 1, compute), _heads(k[a:b], group, compute), _heads(v[a:b], group, compute)
+        scores, _ = _example_scores(qs, ks, scale, causal, window, softcap)
+        row_lse = torch.logsumexp(scores, dim=-1)  # (H, n)
+        out[a:b] = (torch.exp(scores - row_lse[..., None]) @ vs).transpose(0, 1).to(q.dtype)
+        lse[a:b] = (row_lse * LOG2E).transpose(0, 1).float()
+    return out, lse
+
+
+def _reference_backward(dout, q, k, v, out, lse, cu_seqlens, scale, causal, window, softcap):
+    """(dq, dk, dv) from the forward's out and lse (the flash backward's math, per example, no forward rerun):
+    P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), through the softcap, dQ = dS K, dK = dS^T Q."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq, dk, dv = (torch.zeros(x.shape, dtype=compute, device=x.device) for x in (q, k, v))
+    hkv, d = k.shape[1], k.shape[2]
+    group = q.shape[1] // hkv
+    for a, b in _example_ranges(cu_seqlens, q.shape[0]):
+        n = b - a
+        qs, ks, vs = _heads(q[a:b], 1, compute), _heads(k[a:b], group, compute), _heads(v[a:b], group, compute)
+        do = _heads(dout[a:b], 1, compute)
+        scores, capped = _example_scores(qs, ks, scale, causal, window, softcap)
+        p = torch.exp(scores - (lse[a:b].to(compute) / LOG2E).transpose(0, 1)[..., None])  # (H, n, n)
+        delta = (do * out[a:b].to(compute).transpose(0, 1)).sum(-1, keepdim=True)
+        ds = p * (do @ vs.transpose(1, 2) - delta)
+        if capped is not None:
+            ds = ds * (1.0 - capped * capped)
+        ds = ds * scale
+        dq[a:b] = (ds @ ks).transpose(0, 1)
+        dk[a:b] = (ds.transpose(1, 2) @ qs).view(hkv, group, n, d).sum(1).transpose(0, 1)
+        dv[a:b] = (p.transpose(1, 2) @ do).view(hkv, group, n, d).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _ReferenceAttention(torch.autograd.Function):
+    """The reference as (out, lse) with the flash backward's math: the path of ``return_lse`` / ``saved``, so that
+    a checkpoint's recompute given ``saved`` saves the same tensors as the forward and runs no attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale, causal, window, softcap, saved_out, saved_lse):
+        if saved_out is None:
+            out, lse = _reference_with_lse(q, k, v, cu_seqlens, scale, causal, window, softcap)
+        else:
+            out, lse = saved_out, saved_lse
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (scale, causal, window, softcap)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _reference_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
 def varlen_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -499,12 +637,27 @@ def varlen_attention_reference(
     causal: bool = True,
     window: int | None = None,
     softcap: float | None = None,
-) -> torch.Tensor:
+    *,
+    return_lse: bool = False,
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch per-example attention (fp32 inside, fp64 if given fp64), differentiable; returns q.dtype.
 
     GQA repeats k/v here only. ``window=W``: token i sees j with i-W < j <= i. ``softcap``: scores become
-    softcap*tanh(scores/softcap) before masking.
+    softcap*tanh(scores/softcap) before masking. ``return_lse`` / ``saved``: as in :func:`varlen_attention`
+    (lse in the same log2 domain); these go through an autograd.Function with the flash backward's math, the
+    plain call through autograd of the forward.
     """
     _check_args(q, k, v, cu_seqlens, causal, window, softcap)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return _reference_impl(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, compute)
+    if not return_lse and saved is None:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return _reference_impl(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, compute)
+    _check_saved(q, saved)
+    scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2]))
+    if saved is not None and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return saved if return_lse else saved[0]
+    saved_out, saved_lse = saved if saved is not None else (None, None)
+    out, lse = _ReferenceAttention.apply(
+        q, k, v, cu_seqlens, scale, bool(causal), window, softcap, saved_out, saved_lse
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

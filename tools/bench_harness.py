@@ -1,5 +1,5 @@
-"""The benchmark harness shared by ``tools/bench_{prep,kernels,attention,train,memory}.py``: timers, the environment
-record, the results writer, the table printer and the model shapes. It is imported by those scripts
+"""The benchmark harness shared by ``tools/bench_{prep,kernels,attention,train,memory,long}.py``: timers, the
+environment record, the results writer, the table printer and the model shapes. It is imported by those scripts
 (``python tools/bench_x.py`` puts ``tools/`` first on ``sys.path``) and is not run on its own.
 
 - ``time_ms(fn)``: median milliseconds of ``repeats`` calls after ``warmup`` calls; CUDA events around each call on
@@ -9,7 +9,7 @@ record, the results writer, the table printer and the model shapes. It is import
   many input sets to rotate so that L2 cannot serve a memory-bound op from its previous call.
 - ``environment()``: date, GPU, driver, CPU, Python, package versions, git commit and the exact command line.
 - ``append_rows(area, rows)``: appends one JSON line per row to ``docs/bench/results/<area>.jsonl`` (areas:
-  prep, kernels, attention, train, memory), each row carrying the environment record.
+  prep, kernels, attention, train, memory, long), each row carrying the environment record.
 - ``format_table(rows, columns)``: a plain-text table.
 
 Importing this module imports neither torch nor triton (the kernel scripts set ``TRITON_INTERPRET`` first).
@@ -54,7 +54,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "docs" / "bench" / "results"
-AREAS = ("prep", "kernels", "attention", "train", "memory")
+AREAS = ("prep", "kernels", "attention", "train", "memory", "long")
 PACKAGES = ("torch", "triton", "transformers", "peft", "liger-kernel", "numba", "pyarrow", "tokenizers", "padless")
 REQUIRED_KEYS = ("area", "date", "gpu", "driver", "python", "versions", "commit", "command")
 _FALLBACK_L2_BYTES = 50 * 2**20

@@ -11,15 +11,17 @@ On CUDA, :class:`HostOffload` (the packed path and the Hugging Face fallback ali
 stream: each device-to-host copy runs on a side stream once its layer input is ready (the compute stream goes on
 with the next layer), and in the backward the host-to-device copy of the layer below is started while the current
 layer recomputes, so the compute stream only waits for a copy that has had a whole layer's time to finish. One
-:class:`HostOffload` serves one forward pass.
+:class:`HostOffload` serves one forward pass; the tensors of one layer (its input, and what ``--keep-attention``
+stores beside it) form one group, brought back together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import typing
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +110,7 @@ class _Saved:
     device: torch.device
     host: torch.Tensor
     stored: torch.cuda.Event | None  # the device-to-host copy is done
+    group: int  # the layer it belongs to (its own number outside ``HostOffload.layer``)
     loaded: torch.Tensor | None = None
     loaded_event: torch.cuda.Event | None = None
 
@@ -116,15 +119,20 @@ class HostOffload:
     """Saved-tensor hooks for one forward pass that move saved tensors to pinned host memory and back, with the
     copies on a side CUDA stream and the backward's copy of the next layer down started one layer ahead.
 
-    Use ``with offload.hooks(): ...`` around every checkpointed layer of one forward (``run_layer(...,
-    offload=offload)`` does). Saved tensors are numbered in forward order; unpacking number i (the backward walks
-    the layers top down) also starts bringing back number i - 1. Host memory comes from ``pool`` and returns to it
-    when this object is gone (after the backward freed the graph). CPU tensors are kept as copies (the same code
-    path, for tests on machines without a GPU).
+    Use ``with offload.layer(): ...`` around each checkpointed layer of one forward (``run_layer(...,
+    offload=offload)`` does): the tensors saved in it, and those given to :meth:`store` meanwhile, are one group.
+    Groups are numbered in forward order; bringing back any tensor of group g (the backward walks the layers top
+    down) also starts bringing back all of group g - 1, so a layer's tensors are on their way while the layer above
+    computes. Outside ``layer``, each tensor saved under :meth:`hooks`
+    is a group of its own. Host memory comes from ``pool`` and returns to it when this object is gone (after the
+    backward freed the graph). CPU tensors are kept as copies (the same code path, for tests on machines without a
+    GPU).
     """
 
     def __init__(self, pool: PinnedPool = PINNED_POOL) -> None:
         self._saved: list[_Saved] = []
+        self._groups: list[list[int]] = []  # saved-tensor indices per group
+        self._open: int | None = None  # the group of the layer running now
         self._pool = pool
         self._buffers: list[torch.Tensor] = []
         weakref.finalize(self, pool.give_back, self._buffers)
@@ -133,13 +141,45 @@ class HostOffload:
         """The context in which tensors saved for backward go through this offloader."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    @contextlib.contextmanager
+    def layer(self) -> Iterator[None]:
+        """One layer's forward: :meth:`hooks`, with everything saved or stored in it as one group."""
+        assert self._open is None, "HostOffload.layer does not nest"
+        self._open = len(self._groups)
+        self._groups.append([])
+        try:
+            with self.hooks():
+                yield
+        finally:
+            self._open = None
+
+    def store(self, tensor: torch.Tensor) -> int:
+        """Move ``tensor`` to host memory like a saved tensor of the open layer; :meth:`retrieve` gives it back."""
+        return self._pack(tensor)
+
+    def retrieve(self, index: int) -> torch.Tensor:
+        """The tensor :meth:`store` returned ``index`` for, back on its device (starting the group below)."""
+        return self._unpack(index)
+
+    def prefetch_last(self) -> None:
+        """Start bringing back the last group, the first one the backward needs."""
+        if self._groups:
+            self._load_group(len(self._groups) - 1)
+
+    def _add(self, saved: _Saved) -> int:
+        self._saved.append(saved)
+        if saved.group == len(self._groups):
+            self._groups.append([])
+        self._groups[saved.group].append(len(self._saved) - 1)
+        return len(self._saved) - 1
+
     def _pack(self, tensor: torch.Tensor) -> int:
+        group = self._open if self._open is not None else len(self._groups)
         if tensor.device.type != "cuda" or not tensor.is_contiguous():
             # CPU: nothing to offload, the copy keeps one code path; a strided CUDA tensor (never a layer input)
             # takes torch's own pinned allocation.
             host = tensor.detach().clone() if tensor.device.type != "cuda" else tensor.detach().cpu().pin_memory()
-            self._saved.append(_Saved(tensor.device, host, None))
-            return len(self._saved) - 1
+            return self._add(_Saved(tensor.device, host, None, group))
         side = side_stream(tensor.device)
         buffer = self._pool.take(tensor.numel() * tensor.element_size())
         self._buffers.append(buffer)
@@ -150,8 +190,11 @@ class HostOffload:
             stored = torch.cuda.Event()
             stored.record(side)
         tensor.record_stream(side)  # the allocator keeps its memory until the copy is done
-        self._saved.append(_Saved(tensor.device, host, stored))
-        return len(self._saved) - 1
+        return self._add(_Saved(tensor.device, host, stored, group))
+
+    def _load_group(self, group: int) -> None:
+        for index in self._groups[group]:
+            self._load(index)
 
     def _load(self, index: int) -> None:
         """Start the host-to-device copy of saved tensor ``index`` (a no-op if one is under way or it is on CPU)."""
@@ -172,13 +215,13 @@ class HostOffload:
 
     def _unpack(self, index: int) -> torch.Tensor:
         saved = self._saved[index]
+        self._load(index)
+        if saved.group > 0:
+            self._load_group(saved.group - 1)  # the layer below: its copies overlap this layer's recompute and backward
         if saved.device.type != "cuda":
             return saved.host
-        self._load(index)
         tensor, event = saved.loaded, saved.loaded_event
         saved.loaded, saved.loaded_event = None, None  # a second backward through this graph copies again
-        if index > 0:
-            self._load(index - 1)  # the layer below: its copy overlaps this layer's recompute and backward
         torch.cuda.current_stream(saved.device).wait_event(event)
         return tensor
 
@@ -216,6 +259,6 @@ def run_layer(
     if mode == "on":
         return checkpoint(fn, hidden, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     if mode == "offload":
-        with offload.hooks() if offload is not None else offload_saved_tensors():
+        with offload.layer() if offload is not None else offload_saved_tensors():
             return checkpoint(fn, hidden, use_reentrant=False, preserve_rng_state=preserve_rng_state)
     raise ValueError(f"checkpointing={mode!r}: expected one of {CHECKPOINTING_MODES}.")

@@ -115,6 +115,19 @@ class TrainConfig:
         help="Gradient checkpointing: off, on (recompute layers in backward), offload (also keep the checkpointed "
         "hidden states in pinned CPU memory).",
     )
+    checkpoint_gpu_gib: float = option(
+        0.0,
+        help="With --checkpointing offload: GPU memory in GiB for checkpoints kept on the GPU. The top layers whose "
+        "checkpoints fit stay there, the layers below go to pinned host memory (0 = all to the host). The backward "
+        "walks top down, so it starts without waiting for a copy, and the first copy back has those layers' time.",
+    )
+    keep_attention: bool = option(
+        False,
+        help="With --checkpointing on/offload: keep each layer's attention output and log-sum-exp with its "
+        "checkpoint, so that the backward's recompute skips the attention forward (the dominant cost of long "
+        "sequences). Costs tokens x heads x (head_dim x dtype bytes + 4) bytes more per layer, kept where the "
+        "layer's checkpoint is (GPU or host).",
+    )
     memory: Memory = option(
         "fast",
         help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint on one GPU (the same "
@@ -222,6 +235,20 @@ class TrainConfig:
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (
+                self.checkpoint_gpu_gib >= 0,
+                f"--checkpoint-gpu-gib must be >= 0 (0 = all checkpoints to the host), got {self.checkpoint_gpu_gib}",
+            ),
+            (
+                self.checkpoint_gpu_gib == 0 or self.checkpointing == "offload",
+                f"--checkpoint-gpu-gib splits offloaded checkpoints between GPU and host; it needs --checkpointing "
+                f"offload (got --checkpointing {self.checkpointing})",
+            ),
+            (
+                not self.keep_attention or self.checkpointing != "off",
+                "--keep-attention keeps the attention output with each layer's checkpoint; it needs --checkpointing "
+                "on or offload",
+            ),
             (
                 self.mlp_tile_tokens >= 0,
                 f"--mlp-tile-tokens must be >= 0 (0 = untiled, N = tiles of N tokens), got {self.mlp_tile_tokens}",

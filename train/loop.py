@@ -34,6 +34,7 @@ from .host_vocab import keep_vocab_on_host
 from .memory_breakdown import breakdown, persistent_bytes
 from .memory_setting import resolve_memory_setting
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
+from .offload_budget import GIB, check_offload_memory
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
 from .prepare import build_model, check_data, check_tokenizer, model_overrides_file, resolve_device, resolve_dtype
@@ -177,6 +178,7 @@ def _train(
 
     if cfg.mode != "full":
         check_targets(model, cfg.target_module_list)  # before anything is written to --output
+    check_offload_memory(cfg, model.config, dtype, budget)  # the host holds the offloaded share
     tokenizer_from, no_tokenizer = tokenizer_folder(cfg.model, ss.manifest)  # copied next to the output
     result.warnings += [no_tokenizer] if no_tokenizer else []
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run
@@ -203,7 +205,7 @@ def _train(
         callbacks.on_model(model)
     from .packed_forward import packed_loss  # the model path (imported late: it pulls in transformers and peft)
 
-    loss_fn = functools.partial(packed_loss, checkpointing=cfg.checkpointing, mlp_tile_tokens=cfg.mlp_tile_tokens)
+    loss_fn = functools.partial(packed_loss, **_checkpoint_options(cfg))
     wrapped = dist_util.wrap_model(dist_util.PackedLossModule(model, loss_fn), env, device, fsdp=cfg.fsdp)
     # Evaluation runs no backward: DDP's wrapper is bypassed (ranks may run different numbers of eval batches);
     # FSDP2 must go through its wrapper, whose hooks gather the sharded weights.
@@ -213,7 +215,9 @@ def _train(
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    flops = flop_model(model, full=cfg.mode == "full", checkpointing=cfg.checkpointing)
+    flops = flop_model(
+        model, full=cfg.mode == "full", checkpointing=cfg.checkpointing, keep_attention=cfg.keep_attention
+    )
     peak = peak_flops(device)
 
     # Resume: weights, optimizer, scheduler, RNG and the data position of the latest checkpoint.
@@ -462,8 +466,18 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         steps += plans[-1].steps
     mean = float(sizes.num_tokens.sum()) / max(int(sizes.num_examples.sum()), 1)  # attention's tiling hint
     shape = static_shape(budget, sizes.max_examples(plans), ss.max_len, mean, sizes.max_trainable(plans))
-    loss_fn = functools.partial(packed_loss, model, checkpointing=cfg.checkpointing, preserve_rng_state=False)
+    loss_fn = functools.partial(packed_loss, model, **_checkpoint_options(cfg), preserve_rng_state=False)
     return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device)
+
+
+def _checkpoint_options(cfg: TrainConfig) -> dict[str, Any]:
+    """``packed_loss``'s activation-memory arguments from the run's options."""
+    return {
+        "checkpointing": cfg.checkpointing,
+        "checkpoint_gpu_bytes": int(cfg.checkpoint_gpu_gib * GIB),
+        "keep_attention": cfg.keep_attention,
+        "mlp_tile_tokens": cfg.mlp_tile_tokens,
+    }
 
 
 def _nan_message(step: int, loss: float, norm: float, output: Path) -> str:

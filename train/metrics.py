@@ -5,8 +5,8 @@ parameters minus the input embedding, which is a lookup; a tied head counts once
 backward 2N for the activation gradients, plus 2N for the weight gradients only when every weight trains
 (``--full``; LoRA's own weight gradients are negligible); plus another forward 2N when gradient checkpointing
 recomputes it. Attention adds, per layer and per example of length L, 2·L²·H·D in the forward (QKᵀ and PV,
-halved by the causal mask), twice that in the backward, once more when recomputed: the packs' sum of squared
-lengths gives it exactly, from the host.
+halved by the causal mask), twice that in the backward, once more when recomputed (not with --keep-attention,
+whose recompute reuses the forward's output): the packs' sum of squared lengths gives it exactly, from the host.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class FlopModel:
         return self.per_token * tokens + self.per_sq_len * sum_sq_len
 
 
-def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str) -> FlopModel:
+def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str, keep_attention: bool = False) -> FlopModel:
     """Build the FLOP model from the (unwrapped) model's parameters and config (see the module doc)."""
     seen: set[int] = set()
     total = 0
@@ -100,15 +100,25 @@ def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str) -> Flo
     layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
     head_dim = getattr(cfg, "head_dim", None) or (int(getattr(cfg, "hidden_size", 0) or 0) // heads if heads else 0)
-    return step_flop_model(n, layers, heads, head_dim, full=full, checkpointing=checkpointing)
+    return step_flop_model(
+        n, layers, heads, head_dim, full=full, checkpointing=checkpointing, keep_attention=keep_attention
+    )
 
 
 def step_flop_model(
-    matmul_params: int, layers: int, heads: int, head_dim: int, *, full: bool, checkpointing: str
+    matmul_params: int,
+    layers: int,
+    heads: int,
+    head_dim: int,
+    *,
+    full: bool,
+    checkpointing: str,
+    keep_attention: bool = False,
 ) -> FlopModel:
     """The FLOP model from the counts alone (``train plan`` has no loaded model): the passes of the module doc."""
     passes = 1 + 1 + (1 if full else 0) + (1 if checkpointing != "off" else 0)
-    attn_passes = 1 + 2 + (1 if checkpointing != "off" else 0)
+    # --keep-attention: the recompute reuses the forward's attention output (no third attention forward)
+    attn_passes = 1 + 2 + (1 if checkpointing != "off" and not keep_attention else 0)
     return FlopModel(
         matmul_params=matmul_params,
         per_token=2.0 * matmul_params * passes,

@@ -86,14 +86,22 @@ def varlen_attention(
     window: int | None = None,
     softcap: float | None = None,
     mean_seqlen: float | None = None,
-) -> torch.Tensor:
+    *,
+    return_lse: bool = False,
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-diagonal causal attention over the packed stream (no mask tensor); ``mean_seqlen`` (the real mean
-    example length of a padded stream) only picks the Triton kernel's tiling."""
+    example length of a padded stream) only picks the Triton kernel's tiling. ``return_lse``: also the log-sum-exp
+    (T, H) fp32; ``saved``: an earlier call's (out, lse) for the same q, k, v, so no attention forward runs (see
+    ``padless.kernels.attention.varlen_attention``)."""
     if backend_for(q.device) == "triton":
         return attention.varlen_attention(
-            q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, mean_seqlen=mean_seqlen
-        )
-    return attention.varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
+            q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, mean_seqlen=mean_seqlen,
+            return_lse=return_lse, saved=saved,
+        )  # fmt: skip
+    return attention.varlen_attention_reference(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, return_lse=return_lse, saved=saved
+    )
 
 
 def streamed_linear_cross_entropy(

@@ -24,8 +24,10 @@ from padless.train.activation_checkpoint import HostOffload, check_mode, offload
 from padless.train.batch import IGNORE_INDEX, MicroBatch
 from padless.train.config import TrainError
 from padless.train.host_vocab import embed_from_host
+from padless.train.kept_attention import KeptAttention
 from padless.train.lora_linear import project
 from padless.train.model_patch import LayerPlan, PatchHandle, get_patch, patch_model, unwrap_model
+from padless.train.offload_budget import CheckpointShape, layers_on_gpu
 from padless.train.tiled_mlp import tiled_mlp
 
 __all__ = ["PackedLossModule", "block_causal_mask", "packed_loss"]
@@ -60,6 +62,7 @@ def _decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     batch: MicroBatch,
+    attention: KeptAttention | None = None,
     mlp_tile_tokens: int = 0,
 ) -> torch.Tensor:
     family = handle.family
@@ -74,7 +77,7 @@ def _decoder_layer(
         q = _norm(attn.q_norm, q, offset)
         k = _norm(attn.k_norm, k, offset)
     q, k = ops.rope(q, k, cos, sin, batch.position_ids)
-    o = ops.varlen_attention(
+    o = (attention or ops.varlen_attention)(
         q, k, v, batch.cu_seqlens, batch.max_seqlen, plan.scale, True, plan.window, plan.softcap, batch.mean_seqlen
     )
     o = project(attn.o_proj, o.reshape(n_tokens, -1))
@@ -99,6 +102,8 @@ def _packed_path(
     batch: MicroBatch,
     checkpointing: str,
     preserve_rng_state: bool = True,
+    checkpoint_gpu_bytes: int = 0,
+    keep_attention: bool = False,
     mlp_tile_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
@@ -112,17 +117,34 @@ def _packed_path(
         x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
     offload = HostOffload() if checkpointing == "offload" else None  # one per forward: the backward prefetches
-    for layer, plan in zip(decoder.layers, handle.layers):
+    # The top layers whose checkpoints fit the GPU budget keep them there (checkpointing "on" for them): the
+    # backward walks top down, so it starts on them while the first offloaded layer's copy comes back.
+    n_layers, on_gpu = len(decoder.layers), 0
+    if offload is not None and checkpoint_gpu_bytes:
+        shape = CheckpointShape.of(hf.config, x.dtype)
+        on_gpu = layers_on_gpu(checkpoint_gpu_bytes, shape, x.shape[0], keep_attention)
+    keep = keep_attention and checkpointing != "off" and torch.is_grad_enabled()
+    for index, (layer, plan) in enumerate(zip(decoder.layers, handle.layers)):
+        mode = "on" if offload is not None and index >= n_layers - on_gpu else checkpointing
+        attention = KeptAttention(offload if mode == "offload" else None) if keep else None
 
-        def step(hidden: torch.Tensor, layer: nn.Module = layer, plan: LayerPlan = plan) -> torch.Tensor:
-            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, mlp_tile_tokens)
+        def step(
+            hidden: torch.Tensor,
+            layer: nn.Module = layer,
+            plan: LayerPlan = plan,
+            attention: KeptAttention | None = attention,
+        ) -> torch.Tensor:
+            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, attention, mlp_tile_tokens)
 
         def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
             # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
             # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
             return nn.Module.__call__(layer, hidden, padless_step=step)
 
-        x = run_layer(call, x, checkpointing, preserve_rng_state, offload)
+        x = run_layer(call, x, mode, preserve_rng_state, offload)
+    if offload is not None and x.requires_grad:
+        # The backward reaches the decoder's top here: start bringing back the last offloaded layer's tensors.
+        x.register_hook(lambda grad: offload.prefetch_last())
     x = _norm(decoder.norm, x, handle.family.norm_offset)
     weight = hf.get_output_embeddings().weight
     # Prompt tokens (ignored labels) need no lm_head: a host-known bound of the counted tokens (no sync) lets the
@@ -220,6 +242,8 @@ def packed_loss(
     *,
     checkpointing: str = "off",
     preserve_rng_state: bool = True,
+    checkpoint_gpu_bytes: int = 0,
+    keep_attention: bool = False,
     mlp_tile_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
@@ -229,6 +253,9 @@ def packed_loss(
     ``checkpointing``: ``"off"`` | ``"on"`` (per-layer recompute) | ``"offload"`` (recompute, inputs in pinned CPU
     memory). Divide by the step's total trainable tokens, not per micro-batch, for a split-invariant gradient.
     ``preserve_rng_state=False``: checkpointing does not save/restore the RNG (no dropout; CUDA graph capture).
+    ``checkpoint_gpu_bytes`` (``offload``): GPU bytes for the checkpoints of the top layers, which then stay on the
+    GPU (``train.offload_budget``). ``keep_attention`` (``on``/``offload``): each layer's attention output and
+    log-sum-exp are kept with its checkpoint, and the recompute runs no attention forward (``train.kept_attention``).
     ``mlp_tile_tokens`` > 0: a stream of more tokens runs each layer's MLP that many tokens at a time
     (:func:`train.tiled_mlp.tiled_mlp`; the MLP's parameter gradients reach ``.grad`` only, so use
     ``loss.backward()``); 0 runs it whole.
@@ -243,14 +270,23 @@ def packed_loss(
         raise ValueError(
             f"batch.input_ids must be a flat (T,) packed stream; got shape {tuple(batch.input_ids.shape)}."
         )
+    if checkpoint_gpu_bytes < 0:
+        raise ValueError(f"checkpoint_gpu_bytes={checkpoint_gpu_bytes}: expected >= 0 (0 = all to the host).")
     if handle.fallback:
+        if keep_attention or checkpoint_gpu_bytes:
+            raise TrainError(
+                f"--keep-attention and --checkpoint-gpu-gib work on padless's packed path; model_type "
+                f"{handle.model.config.model_type!r} trains through transformers' own layers. Leave them out"
+            )
         if mlp_tile_tokens:
             raise TrainError(
                 f"--mlp-tile-tokens {mlp_tile_tokens}: model_type {handle.model.config.model_type!r} takes the "
                 "unpatched fallback path, whose MLP is transformers' own; use --mlp-tile-tokens 0"
             )
         return _fallback_path(handle, batch, checkpointing)
-    return _packed_path(handle, batch, checkpointing, preserve_rng_state, mlp_tile_tokens)
+    return _packed_path(
+        handle, batch, checkpointing, preserve_rng_state, checkpoint_gpu_bytes, keep_attention, mlp_tile_tokens
+    )
 
 
 class PackedLossModule(nn.Module):

@@ -83,6 +83,8 @@ RESUME_FREE = (
     "save_every",
     "keep_last",
     "checkpointing",
+    "checkpoint_gpu_gib",
+    "keep_attention",
     "mlp_tile_tokens",
     "max_memory_gib",
     "cuda_graphs",

@@ -757,3 +757,57 @@ def test_mean_seqlen_hint_keeps_the_tiling_of_the_unpadded_stream() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"mean_seqlen=0\.0 must be None or > 0"):
         varlen_attention(q, k, v, cu, 300, mean_seqlen=0.0)
+
+
+# ------------------------------------------------------------------- saved forward (selective recomputation)
+def test_saved_forward_gives_the_same_output_and_gradients_without_a_forward_launch(monkeypatch) -> None:
+    """``return_lse`` then ``saved=(out, lse)``: no forward kernel runs, the output is the kept tensor, and the
+    backward's dq, dk, dv are bitwise those of the plain call; lse equals the reference's (log2 domain)."""
+    lens, kw = [5, 23, 1, 9], {"window": 9, "softcap": 3.0}
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=11)
+    cfgs = {"fwd_cfg": SMALL_FWD, "bwd_cfg": SMALL_BWD}
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    out, lse = varlen_attention_with_configs(q, k, v, cu, max(lens), return_lse=True, **cfgs, **kw)
+    assert not lse.requires_grad and lse.shape == (sum(lens), 4) and lse.dtype == torch.float32
+    plain = torch.autograd.grad(out, (q, k, v), do)
+    launches = []
+    real_fwd = attention_mod.flash_fwd
+    monkeypatch.setattr(attention_mod, "flash_fwd", lambda *a, **kw: launches.append(1) or real_fwd(*a, **kw))
+    again = varlen_attention_with_configs(q, k, v, cu, max(lens), saved=(out.detach(), lse), **cfgs, **kw)
+    assert launches == [] and again.data_ptr() == out.data_ptr()
+    for tag, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(again, (q, k, v), do), plain, strict=True):
+        assert torch.equal(a, b), tag
+    ref_out, ref_lse = varlen_attention_reference(q, k, v, cu, max(lens), return_lse=True, **kw)
+    assert_close_verbose(out, ref_out, atol=2e-5, name="out")
+    assert_close_verbose(lse, ref_lse, atol=2e-5, name="lse")
+
+
+@pytest.mark.parametrize("kw", [{}, {"window": 4, "softcap": 2.0}, {"causal": False}], ids=["causal", "wsc", "full"])
+def test_reference_backward_from_lse_equals_autograd_of_the_reference(kw: dict) -> None:
+    """The reference's flash-style backward (from out and lse, no forward rerun) against autograd through the
+    plain reference, in fp64 with GQA and an empty example; ``saved`` reruns no forward."""
+    lens = [6, 0, 13, 1]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 8, dtype=torch.float64, seed=5)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    out, lse = varlen_attention_reference(q, k, v, cu, max(lens), return_lse=True, **kw)
+    got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    again = varlen_attention_reference(q, k, v, cu, max(lens), saved=(out.detach(), lse), **kw)
+    assert again.data_ptr() == out.data_ptr()
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        # lse is fp32 whatever the inputs (as the kernel's): about 1e-7 relative
+        assert_close_verbose(a, e, atol=1e-6 * max(1.0, e.abs().max().item()), name=tag)
+    for tag, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(again, (q, k, v), do), got[1:], strict=True):
+        assert torch.equal(a, b), tag
+
+
+@pytest.mark.parametrize("fn", [varlen_attention, varlen_attention_reference], ids=["triton", "reference"])
+def test_bad_saved_pair_raises(fn) -> None:
+    q, k, v, _, cu = make_inputs([4, 4], 2, 1, 16)
+    lse = torch.zeros(8, 2)
+    with pytest.raises(ValueError, match=r"saved must be the \(out, lse\) pair"):
+        fn(q, k, v, cu, 4, saved=q)
+    with pytest.raises(ValueError, match=r"saved \(out, lse\) must be \(\(8, 2, 16\) torch.float32, \(8, 2\) torch"):
+        fn(q, k, v, cu, 4, saved=(q, lse.double()))
+    with pytest.raises(ValueError, match=r"got \(\(8, 1, 16\) torch.float32"):
+        fn(q, k, v, cu, 4, saved=(k, lse))

@@ -52,6 +52,52 @@ def test_host_offload_keeps_one_host_copy_per_layer_and_unpacks_top_down() -> No
     assert seen == [3, 2, 1, 0]
 
 
+def test_host_offload_groups_a_layer_and_brings_back_the_group_below() -> None:
+    """``layer()`` makes a layer's saved input and what ``store`` kept during it one group; bringing back any
+    tensor of group g starts every tensor of group g - 1, and ``prefetch_last`` starts the top group."""
+    offload = HostOffload()
+    loads: list[int] = []
+    load = offload._load
+
+    def spy(index: int) -> None:
+        loads.append(index)
+        load(index)
+
+    offload._load = spy  # type: ignore[method-assign]
+    kept: list[int] = []
+
+    def layer_fn(layer: torch.nn.Module):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            out = layer(h)
+            if len(kept) < 3:  # the forward pass (a recompute stores nothing)
+                kept.append(offload.store(out.detach() * 2))
+            return out
+
+        return fn
+
+    layers = _layers(3, 8, "cpu")
+    x = torch.randn(5, 8, requires_grad=True)
+    h = x
+    for layer in layers:
+        h = run_layer(layer_fn(layer), h, "offload", offload=offload)
+    assert offload._groups == [[0, 1], [2, 3], [4, 5]]  # (layer input, stored tensor) per layer
+    offload.prefetch_last()
+    assert loads == [4, 5]
+    loads.clear()
+    (h**2).sum().backward()
+    # Top layer: its input (4) is unpacked, group 1 (2, 3) starts; then layer 1 (2) starts group 0 (0, 1).
+    assert loads[:3] == [4, 2, 3] and loads[3:6] == [2, 0, 1]
+    for index, layer in zip(kept, layers):
+        assert torch.equal(offload.retrieve(index), (layer(offload._saved[index - 1].host) * 2).detach())
+
+
+def test_store_outside_a_layer_is_its_own_group() -> None:
+    offload = HostOffload()
+    a, b = offload.store(torch.ones(3)), offload.store(torch.zeros(2))
+    assert offload._groups == [[a], [b]]
+    assert torch.equal(offload.retrieve(b), torch.zeros(2))
+
+
 def test_pinned_pool_reuses_best_fit_buffers_and_rounds_up() -> None:
     pool = PinnedPool(granule=1024, pinned=False)
     a, b = pool.take(1000), pool.take(3000)

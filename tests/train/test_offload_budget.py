@@ -1,0 +1,181 @@
+"""``train.offload_budget``: the bytes of the offloaded checkpoints (pinned-pool and power-of-two rounding), the
+GPU/host split a ``--checkpoint-gpu-gib`` budget picks (and that the packed path runs it with unchanged losses and
+gradients), the host's available memory, and the one-line error before the first step when the host is too small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from padless.train import packed_forward
+from padless.train.activation_checkpoint import HostOffload
+from padless.train.adapters import apply_adapters
+from padless.train.cli import main
+from padless.train.config import TrainConfig, TrainError
+from padless.train.offload_budget import (
+    GIB,
+    HOST_RESERVE,
+    CheckpointShape,
+    available_host_bytes,
+    check_host_memory,
+    check_offload_memory,
+    layers_on_gpu,
+    pinned_block_bytes,
+    plan_offload,
+)
+from padless.train.packed_forward import packed_loss
+from tests.user_errors import assert_one_line_error
+
+from .runs import CLI_FAST
+from .tiny_models import grads_of, make_batch, randomize_lora, tiny_model, trainable
+
+MIB = 2**20
+QWEN3_8B = CheckpointShape(layers=36, hidden=4096, heads=32, head_dim=128, dtype_bytes=2)
+
+
+def test_checkpoint_tensor_bytes_of_qwen3_8b() -> None:
+    t = 131072
+    assert QWEN3_8B.tensor_bytes(t, keep_attention=False) == (GIB,)
+    assert QWEN3_8B.tensor_bytes(t, keep_attention=True) == (GIB, GIB, t * 32 * 4)
+
+
+def test_checkpoint_shape_reads_a_model_config() -> None:
+    config = tiny_model("qwen3", num_hidden_layers=3, head_dim=16).config
+    assert CheckpointShape.of(config, torch.bfloat16) == CheckpointShape(3, 32, 4, 16, 2)
+    assert CheckpointShape.of(tiny_model("llama").config, torch.float32).head_dim == 8  # hidden // heads
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "pinned"),
+    [(1, 8 * MIB), (8 * MIB, 8 * MIB), (9 * MIB, 16 * MIB), (24 * MIB + 1, 32 * MIB), (768 * MIB, GIB)],
+)
+def test_pinned_blocks_round_to_the_granule_then_a_power_of_two(nbytes: int, pinned: int) -> None:
+    assert pinned_block_bytes(nbytes, 8 * MIB) == pinned
+
+
+def test_layers_on_gpu_fill_the_budget_from_the_top() -> None:
+    t = 131072
+    assert layers_on_gpu(0, QWEN3_8B, t, False) == 0
+    assert layers_on_gpu(int(2.5 * GIB), QWEN3_8B, t, False) == 2
+    assert layers_on_gpu(int(2.5 * GIB), QWEN3_8B, t, True) == 1  # 2 GiB + 16 MiB a layer
+    assert layers_on_gpu(1000 * GIB, QWEN3_8B, t, False) == 36
+
+
+def test_plan_counts_pinned_bytes_per_host() -> None:
+    full = plan_offload(QWEN3_8B, 131072)
+    assert (full.gpu_layers, full.host_layers, full.host_bytes) == (0, 36, 36 * GIB)
+    # 96K tokens: a 768 MiB layer input pins a 1 GiB block
+    assert plan_offload(QWEN3_8B, 98304).host_bytes == 36 * GIB
+    split = plan_offload(QWEN3_8B, 131072, keep_attention=True, gpu_budget_bytes=10 * GIB, processes=2)
+    assert (split.gpu_layers, split.host_layers, split.gpu_bytes) == (4, 32, 4 * (2 * GIB + 16 * MIB))
+    assert split.host_layer_bytes == 2 * GIB + 16 * MIB and split.host_bytes == 2 * 32 * split.host_layer_bytes
+    with pytest.raises(ValueError, match=r"processes=0.*expected"):
+        plan_offload(QWEN3_8B, 10, processes=0)
+
+
+@pytest.mark.parametrize("tokens", [32768, 131072, 500_000])
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_suggested_gpu_budget_makes_the_host_part_fit(tokens: int, keep: bool) -> None:
+    host = 100 * GIB
+    plan = plan_offload(QWEN3_8B, tokens, keep_attention=keep)
+    gib = plan.gpu_gib_for(host)
+    fitted = plan_offload(QWEN3_8B, tokens, keep_attention=keep, gpu_budget_bytes=int(gib * GIB))
+    assert fitted.host_bytes <= host
+    if gib > 0:  # and 0.1 GiB less would not do
+        less = plan_offload(QWEN3_8B, tokens, keep_attention=keep, gpu_budget_bytes=int((gib - 0.1) * GIB))
+        assert less.host_bytes > host or less.gpu_layers == fitted.gpu_layers
+    assert plan.gpu_gib_for(-1) is None
+
+
+def test_available_host_bytes_reads_meminfo_and_a_cgroup_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemAvailable:   20971520 kB\nBuffers: 1 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_host_bytes(meminfo, cgroup) == 20 * GIB  # no cgroup files
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(f"{GIB}\n")
+    assert available_host_bytes(meminfo, cgroup) == 20 * GIB  # no limit
+    (cgroup / "memory.max").write_text(f"{9 * GIB}\n")
+    assert available_host_bytes(meminfo, cgroup) == 8 * GIB  # the container's limit is lower
+    assert available_host_bytes(tmp_path / "none", tmp_path / "none") is None
+    assert available_host_bytes() is None or available_host_bytes() > 0  # this machine
+
+
+def test_host_check_names_the_numbers_and_the_ways_out() -> None:
+    plan = plan_offload(QWEN3_8B, 131072)
+    check_host_memory(plan, 38 * GIB)  # 36 GiB + the reserve fit
+    check_host_memory(plan, None)  # unknown: no check
+    with pytest.raises(TrainError) as error:
+        check_host_memory(plan, 30 * GIB)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("--checkpointing offload needs 36.0 GiB of pinned host memory for the checkpoints of 36")
+    assert "131072 tokens per micro-batch (1.00 GiB a layer), but the host has 30.0 GiB available (2 GiB" in message
+    # 28 GiB for the host part: 28 layers there, the top 8 on the GPU
+    assert "--checkpointing on, keep more checkpoints on the GPU with --checkpoint-gpu-gib 8," in message
+    assert message.endswith("or --qlora to free GPU memory for them")
+    two = plan_offload(QWEN3_8B, 131072, processes=2)
+    with pytest.raises(TrainError, match=r"72.0 GiB .*\(1.00 GiB a layer x 2 processes\)"):
+        check_host_memory(two, 60 * GIB)
+    with pytest.raises(TrainError, match=r"available \(2 GiB of it kept free\)\. Use a smaller"):
+        check_host_memory(plan, HOST_RESERVE - 1)  # nothing fits: no --checkpoint-gpu-gib to suggest
+
+
+def test_only_offload_is_checked() -> None:
+    config = tiny_model("llama").config
+    huge = 10**12
+    check_offload_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge)
+    with pytest.raises(TrainError, match=r"--checkpointing offload needs"):
+        check_offload_memory(TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge)
+
+
+def test_train_run_stops_before_the_first_step_when_the_host_is_too_small(synthetic_shards: Path, tmp_path) -> None:
+    """A micro-batch budget whose offloaded checkpoints need terabytes: one line, exit 2, nothing written."""
+    args = ["run", str(synthetic_shards), "--output", str(tmp_path / "out"), *CLI_FAST, "--max-steps", "1"]
+    result = CliRunner().invoke(main, [*args, "--checkpointing", "offload", "--tokens-per-micro-batch", str(10**10)])
+    assert_one_line_error(result, r"^error: --checkpointing offload needs \d+\.\d GiB of pinned host memory .*--qlora")
+    assert not (tmp_path / "out").exists()
+
+
+class _Recording(HostOffload):
+    """HostOffload that remembers the instances the packed path made."""
+
+    made: ClassVar[list[HostOffload]] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _Recording.made.append(self)
+
+
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_a_gpu_budget_keeps_the_top_layers_and_changes_no_gradient(monkeypatch, keep_attention: bool) -> None:
+    """3 layers, a budget of one layer's checkpoint: the bottom two go through the offloader, the top one stays;
+    loss and every LoRA gradient equal all-offload's and all-on's bitwise."""
+    model = apply_adapters(tiny_model("qwen3", num_hidden_layers=3), mode="lora", r=4, alpha=8)
+    randomize_lora(model)
+    model.train()
+    params = trainable(model)
+    batch = make_batch([7, 12, 5, 1], seed=3)
+    monkeypatch.setattr(packed_forward, "HostOffload", _Recording)
+    shape = CheckpointShape.of(model.config, torch.float32)
+    one_layer = sum(shape.tensor_bytes(batch.num_tokens, keep_attention))
+
+    def run(checkpointing: str, gpu_bytes: int = 0):
+        _Recording.made.clear()
+        total, _ = packed_loss(
+            model, batch, checkpointing=checkpointing, checkpoint_gpu_bytes=gpu_bytes, keep_attention=keep_attention
+        )
+        return total.detach(), grads_of(total, params)
+
+    want = run("on")
+    for checkpointing, gpu_bytes, host_groups in [("offload", 0, 3), ("offload", one_layer, 2), ("offload", 9**9, 0)]:
+        loss, grads = run(checkpointing, gpu_bytes)
+        assert len(_Recording.made) == 1 and len(_Recording.made[0]._groups) == host_groups
+        assert torch.equal(loss, want[0])
+        for name in params:
+            assert torch.equal(grads[name], want[1][name]), (gpu_bytes, name)

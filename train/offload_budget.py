@@ -1,0 +1,206 @@
+"""Where the checkpoints of ``--checkpointing offload`` live, and whether the host can hold its share.
+
+A checkpointed layer keeps its input hidden states, T x hidden x dtype bytes, and with ``--keep-attention`` also
+its attention output (T x H x head_dim x dtype bytes) and log-sum-exp (T x H x 4 bytes, fp32). With
+``--checkpoint-gpu-gib`` the top layers whose checkpoints fit that budget stay on the GPU, the others go to pinned
+host memory. On the host each saved tensor takes one buffer of the pinned pool (``PinnedPool``: rounded up to its
+8 MiB granule), and torch's caching host allocator rounds every pinned block up to a power of two
+(``CachingHostAllocator.h``, default ``pinned_max_round_threshold``): a 96K-token Qwen3-8B layer input of 768 MiB
+pins 1 GiB. :func:`plan_offload` does this arithmetic for one micro-batch (also for a ``train plan``-style memory
+account); :func:`check_host_memory` compares it with the host's available memory before the first step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, TrainError
+
+__all__ = [
+    "GIB",
+    "HOST_RESERVE",
+    "CheckpointShape",
+    "OffloadPlan",
+    "available_host_bytes",
+    "check_host_memory",
+    "check_offload_memory",
+    "layers_on_gpu",
+    "pinned_block_bytes",
+    "plan_offload",
+]
+
+GIB = 2**30
+# Left free beside the pinned checkpoints for the rest of the process (Python, the CUDA driver's host memory, the
+# prefetched batches) and the OS: past MemAvailable the kernel's OOM killer ends the run without a message.
+HOST_RESERVE = 2 * GIB
+LSE_BYTES = 4  # the log-sum-exp is fp32 whatever the compute dtype
+
+
+@dataclass(frozen=True)
+class CheckpointShape:
+    """The model shapes that size one layer's checkpoint: ``layers`` decoder layers, ``hidden`` size, ``heads``
+    query heads of ``head_dim``, and ``dtype_bytes`` per element of the compute dtype."""
+
+    layers: int
+    hidden: int
+    heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, config: object, dtype: torch.dtype) -> CheckpointShape:
+        """From a Hugging Face model config and the compute dtype."""
+        hidden = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        return cls(int(config.num_hidden_layers), hidden, heads, head_dim, torch.empty((), dtype=dtype).element_size())
+
+    def tensor_bytes(self, tokens: int, keep_attention: bool) -> tuple[int, ...]:
+        """Bytes of each tensor one layer's checkpoint keeps for ``tokens`` tokens (input; attention out, lse)."""
+        layer_input = tokens * self.hidden * self.dtype_bytes
+        if not keep_attention:
+            return (layer_input,)
+        return layer_input, tokens * self.heads * self.head_dim * self.dtype_bytes, tokens * self.heads * LSE_BYTES
+
+
+def pinned_block_bytes(nbytes: int, granule: int) -> int:
+    """Host bytes one pinned-pool buffer of ``nbytes`` holds: the pool's granule, then torch's power of two."""
+    pooled = -(-max(nbytes, 1) // granule) * granule
+    return 1 << (pooled - 1).bit_length()
+
+
+def layers_on_gpu(gpu_bytes: int, shape: CheckpointShape, tokens: int, keep_attention: bool) -> int:
+    """How many (top) layers' checkpoints of ``tokens`` tokens fit in ``gpu_bytes``, at most every layer."""
+    per_layer = sum(shape.tensor_bytes(tokens, keep_attention))
+    return min(shape.layers, gpu_bytes // per_layer) if per_layer else shape.layers
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Where one micro-batch's checkpoints go: the top ``gpu_layers`` on the GPU (``gpu_bytes``), the
+    ``host_layers`` below in pinned host memory (``host_bytes`` over all ``processes`` on the host, rounding
+    included; ``host_layer_bytes`` per layer and process). ``layer_bytes``: one layer's checkpoint, unrounded."""
+
+    tokens: int
+    layer_bytes: int
+    gpu_layers: int
+    host_layers: int
+    gpu_bytes: int
+    host_layer_bytes: int
+    host_bytes: int
+    processes: int
+
+    def gpu_gib_for(self, host_budget: int) -> float | None:
+        """The smallest ``--checkpoint-gpu-gib`` (to 0.1 GiB) with which the host part fits ``host_budget`` bytes;
+        None when even every layer on the GPU leaves too little (``host_budget`` < 0)."""
+        if host_budget < 0:
+            return None
+        layers = self.gpu_layers + self.host_layers
+        host_per_layer = self.host_layer_bytes * self.processes
+        fit = host_budget // host_per_layer if host_per_layer else layers
+        gpu_layers = max(layers - fit, 0)
+        return -(-gpu_layers * self.layer_bytes * 10 // GIB) / 10
+
+
+def plan_offload(
+    shape: CheckpointShape,
+    tokens: int,
+    *,
+    keep_attention: bool = False,
+    gpu_budget_bytes: int = 0,
+    granule: int = 8 * 2**20,
+    processes: int = 1,
+) -> OffloadPlan:
+    """The split of a ``tokens``-token micro-batch's checkpoints under a GPU budget of ``gpu_budget_bytes``
+    (``--checkpoint-gpu-gib``), with the host bytes of ``processes`` ranks on one host, each with its own pool of
+    ``granule``-byte buffers."""
+    if tokens < 0 or gpu_budget_bytes < 0 or processes < 1 or granule < 1:
+        raise ValueError(
+            f"tokens={tokens}, gpu_budget_bytes={gpu_budget_bytes}, processes={processes}, granule={granule}: "
+            "expected tokens >= 0, a budget >= 0, processes >= 1 and granule >= 1."
+        )
+    sizes = shape.tensor_bytes(tokens, keep_attention)
+    on_gpu = layers_on_gpu(gpu_budget_bytes, shape, tokens, keep_attention)
+    host_layers = shape.layers - on_gpu
+    host_layer = sum(pinned_block_bytes(n, granule) for n in sizes)
+    return OffloadPlan(
+        tokens=tokens,
+        layer_bytes=sum(sizes),
+        gpu_layers=on_gpu,
+        host_layers=host_layers,
+        gpu_bytes=on_gpu * sum(sizes),
+        host_layer_bytes=host_layer,
+        host_bytes=host_layers * host_layer * processes,
+        processes=processes,
+    )
+
+
+def _meminfo_available(path: Path) -> int | None:
+    for line in path.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def _cgroup_available(root: Path) -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), when it has a limit."""
+    limit, current = root / "memory.max", root / "memory.current"
+    if not (limit.exists() and current.exists()):
+        return None
+    text = limit.read_text().strip()
+    if text == "max":
+        return None
+    return max(int(text) - int(current.read_text().strip()), 0)
+
+
+def available_host_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Host memory this process can still take: the kernel's MemAvailable, lowered to the cgroup's remaining
+    limit inside a container that has one; None where neither can be read (not Linux)."""
+    values = []
+    if meminfo.exists():
+        values.append(_meminfo_available(meminfo))
+    values.append(_cgroup_available(cgroup))
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def check_host_memory(plan: OffloadPlan, available: int | None, reserve: int = HOST_RESERVE) -> None:
+    """Raise :class:`TrainError` when ``plan``'s pinned host bytes do not fit ``available`` less ``reserve``.
+
+    The message names both numbers and the ways out: a smaller micro-batch, ``--checkpointing on``, more layers on
+    the GPU (the ``--checkpoint-gpu-gib`` that would fit), or ``--qlora`` to free GPU memory for them. ``available``
+    None (unknown): no check.
+    """
+    budget = (available or 0) - reserve
+    if available is None or plan.host_bytes <= budget:
+        return
+    ranks = f" x {plan.processes} processes" if plan.processes > 1 else ""
+    gpu_gib = plan.gpu_gib_for(budget)
+    on_gpu = f", keep more checkpoints on the GPU with --checkpoint-gpu-gib {gpu_gib:g}" if gpu_gib else ""
+    raise TrainError(
+        f"--checkpointing offload needs {plan.host_bytes / GIB:.1f} GiB of pinned host memory for the checkpoints "
+        f"of {plan.host_layers} layers at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
+        f"GiB a layer{ranks}), but the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it "
+        f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}, or --qlora to free GPU "
+        "memory for them"
+    )
+
+
+def check_offload_memory(cfg: TrainConfig, config: object, dtype: torch.dtype, budget: int) -> None:
+    """With ``--checkpointing offload``: a :class:`TrainError` before the first step if the host cannot hold the
+    offloaded checkpoints of a full micro-batch of ``budget`` tokens (``config``: the Hugging Face model config;
+    every process of this host, torchrun's ``LOCAL_WORLD_SIZE``, pins its own)."""
+    if cfg.checkpointing != "offload":
+        return
+    plan = plan_offload(
+        CheckpointShape.of(config, dtype),
+        budget,
+        keep_attention=cfg.keep_attention,
+        gpu_budget_bytes=int(cfg.checkpoint_gpu_gib * GIB),
+        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+    check_host_memory(plan, available_host_bytes())
