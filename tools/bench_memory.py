@@ -243,6 +243,7 @@ def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]
         "memory_gib": memory,
         "step_s": statistics.median(r["step_time_s"] for r in steady) if steady else None,
         "tokens_per_s": summary.get("steady_tokens_per_s"),
+        "cuda_graphs": summary.get("cuda_graphs"),
         "wall_s": wall,
     }
 

@@ -52,17 +52,11 @@ class MicroBatch:
     # Host-known upper bound of the counted tokens that stays the same for every batch of a CUDA graph (the static
     # shape's max_trainable): the lm_head runs on that many rows, counted tokens first. None: num_trainable eagerly.
     counted_bound: int | None = None
-    # The host copy of input_ids once the batch moved to a GPU (an embedding kept in host memory gathers from it).
-    host_input_ids: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, non_blocking: bool = True, keep_host_ids: bool = False) -> MicroBatch:
-        """Copy every tensor to ``device`` (asynchronously when the source is pinned). ``keep_host_ids``: a host
-        batch keeps its input_ids as ``host_input_ids`` (only for an embedding in host memory: a CPU tensor in the
-        batch would make DDP and FSDP2 copy it to the GPU with a blocking copy)."""
-        keep = keep_host_ids and self.input_ids.device.type == "cpu"
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> MicroBatch:
+        """Copy every tensor to ``device`` (asynchronously when the source is pinned)."""
         return dataclasses.replace(
             self,
-            host_input_ids=self.input_ids if keep else None,
             input_ids=self.input_ids.to(device, non_blocking=non_blocking),
             position_ids=self.position_ids.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),

@@ -36,10 +36,8 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
-    keep_host_ids: bool = False,
 ) -> tuple[float, int]:
-    """Return ``(eval_loss, trainable_tokens)`` of ``ss`` under ``loss_fn(model, batch) -> (loss_sum, n)``;
-    ``keep_host_ids``: batches keep their host input ids (an embedding in host memory gathers from them)."""
+    """Return ``(eval_loss, trainable_tokens)`` of ``ss`` under ``loss_fn(model, batch) -> (loss_sum, n)``."""
     was_training = model.training
     model.eval()
     try:
@@ -49,7 +47,7 @@ def evaluate(
         total = torch.zeros(2, dtype=torch.float64, device=device)
         with Prefetcher(ss, mine, pin=device.type == "cuda") as feed:
             for _, host_batch in feed:
-                batch = host_batch.to(device, non_blocking=True, keep_host_ids=keep_host_ids)
+                batch = host_batch.to(device, non_blocking=True)
                 loss_sum, n = loss_fn(model, batch)
                 total[0] += loss_sum.detach().double()
                 total[1] += n.detach().double() if torch.is_tensor(n) else float(n)

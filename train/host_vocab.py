@@ -3,9 +3,10 @@
 A LoRA or QLoRA run never updates the embedding or the lm_head, and uses them in two cheap ways: the embedding
 is a row lookup (T rows a step) and the lm_head is read once by the loss. So they need not hold GPU memory:
 Qwen3-4B's tied embedding is 0.72 GiB in bf16 against 1.75 GiB for all its NF4 layers, Qwen3-8B's untied pair
-2.3 GiB. :func:`keep_vocab_on_host` moves them to pinned host memory; the packed forward then gathers the
-embedding rows on the host (from the micro-batch's host copy of its input ids) and copies them over, and the loss
-streams the lm_head through :func:`padless.kernels.streamed_cross_entropy.streamed_linear_cross_entropy`.
+2.3 GiB. :func:`keep_vocab_on_host` moves them to pinned host memory; the packed forward then reads the embedding
+rows with a kernel straight out of that memory (:func:`padless.kernels.embedding_gather.gather_rows`), and the loss
+streams the lm_head through :func:`padless.kernels.streamed_cross_entropy.streamed_linear_cross_entropy`. Neither
+syncs with the host, so a low-memory step can still run as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batch import MicroBatch
+from . import ops
 from .config import TrainError
 from .model_patch import get_patch, unwrap_model
 
@@ -61,19 +62,13 @@ def keep_vocab_on_host(model: nn.Module) -> int:
     return moved
 
 
-def embed_from_host(embedding: nn.Embedding, batch: MicroBatch, device: torch.device) -> torch.Tensor:
-    """``embedding(batch.input_ids)`` on ``device`` for an embedding whose weight is in host memory: rows gathered
-    on the host from the batch's host input ids (no device sync when the batch kept them), copied over
-    asynchronously, then scaled as a scaled-embedding subclass (Gemma's ``embed_scale``) scales them."""
+def embed_from_host(embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """``embedding(input_ids)`` on the ids' device for an embedding whose weight is in host memory (on a GPU a
+    kernel reads the rows out of pinned memory), scaled as a scaled-embedding subclass (Gemma's ``embed_scale``)
+    scales them."""
     weight = embedding.weight
-    ids = batch.host_input_ids if batch.host_input_ids is not None else batch.input_ids.cpu()
-    if device.type != "cuda":
-        rows = weight.index_select(0, ids.to(weight.device))
-    else:
-        staged = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
-        torch.index_select(weight, 0, ids, out=staged)
-        rows = staged.to(device, non_blocking=True)
+    rows = ops.gather_rows(weight, input_ids)
     scale = getattr(embedding, "embed_scale", None)
     if scale is not None:
-        rows = rows * (scale.to(device, rows.dtype) if isinstance(scale, torch.Tensor) else scale)
+        rows = rows * (scale.to(rows.device, rows.dtype) if isinstance(scale, torch.Tensor) else scale)
     return rows

@@ -32,7 +32,7 @@ from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
 from .host_vocab import keep_vocab_on_host
 from .memory_breakdown import breakdown, persistent_bytes
-from .memory_setting import resolve_memory_setting
+from .memory_setting import resolve_low_memory_checkpointing, resolve_memory_setting
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .offload_budget import GIB, check_offload_memory
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
@@ -143,6 +143,7 @@ def _train(
         agree = functools.partial(dist_util.min_over_ranks, device=device)
         auto = auto_budget(cfg, output, device, dtype.itemsize, agree=agree)
         budget = auto.tokens
+    cfg = resolve_low_memory_checkpointing(cfg, budget)  # --memory low offloads only long micro-batches
     plan_for = functools.lru_cache(maxsize=2)(
         lambda epoch: plan_epoch(
             ss.order(cfg.seed, epoch),
@@ -255,7 +256,6 @@ def _train(
             rank=env.rank,
             world_size=env.world_size,
             all_reduce=dist_util.all_reduce_sum,
-            keep_host_ids=cfg.memory == "low",
         )
         result.eval_loss = loss
         metrics.write({"step": step, "eval_loss": loss, "eval_trainable_tokens": count})
@@ -311,7 +311,7 @@ def _train(
                                     result.warnings.append(f"CUDA graphs off: {error}")
                                     progress.write(f"warning: {result.warnings[-1]}", always=True)
                             if loss_sum is None:
-                                batch = host_batch.to(device, non_blocking=True, keep_host_ids=cfg.memory == "low")
+                                batch = host_batch.to(device, non_blocking=True)
                                 with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
                                     # forward: Σ token losses of this micro-batch (logits never materialised)
                                     loss_sum, _ = wrapped.run(batch)
@@ -428,6 +428,8 @@ def _train(
         if peak and steady_times
         else None,
         "matmul_params": flops.matmul_params,
+        "cuda_graphs": graph_step is not None,  # the steps ran as CUDA graphs (to the end of the run)
+        "warnings": list(result.warnings),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "output": str(output),
         "config": asdict(cfg),
@@ -451,7 +453,7 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         (device.type != "cuda", f"device {device} is not CUDA"),
         (env.distributed, "several processes (DDP/FSDP hooks are not captured)"),
         (cfg.checkpointing == "offload", "--checkpointing offload allocates pinned host memory"),
-        (cfg.mlp_tile_tokens > 0, "--mlp-tile-tokens runs a nested backward per tile"),
+        (0 < cfg.mlp_tile_tokens < budget, "--mlp-tile-tokens runs a nested backward per tile"),
         (cfg.lora_dropout > 0 and cfg.mode != "full", "--lora-dropout > 0 draws random numbers"),
         (get_patch(model) is None or get_patch(model).fallback, "the architecture takes the unpatched fallback path"),
     ]

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from padless.kernels import attention, cross_entropy, rmsnorm, streamed_cross_entropy
+from padless.kernels import attention, cross_entropy, embedding_gather, rmsnorm, streamed_cross_entropy
 from padless.kernels import rope as rope_kernel
 from padless.kernels import swiglu as swiglu_kernel
 
@@ -22,6 +22,7 @@ __all__ = [
     "ENV_VAR",
     "backend_for",
     "fused_linear_cross_entropy",
+    "gather_rows",
     "geglu",
     "rms_norm",
     "rope",
@@ -102,6 +103,14 @@ def varlen_attention(
     return attention.varlen_attention_reference(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, return_lse=return_lse, saved=saved
     )
+
+
+def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``weight[ids]`` on ids' device, from a weight there or in pinned host memory (read by the kernel in place);
+    an out-of-range id gives a row of zeros."""
+    if backend_for(ids.device) == "triton":
+        return embedding_gather.gather_rows(weight, ids)
+    return embedding_gather.gather_rows_reference(weight, ids)
 
 
 def streamed_linear_cross_entropy(

@@ -108,9 +108,8 @@ def _packed_path(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
-    device = batch.input_ids.device
     if handle.vocab_on_host:
-        x = embed_from_host(decoder.embed_tokens, batch, device)  # (T, E)
+        x = embed_from_host(decoder.embed_tokens, batch.input_ids)  # (T, E)
     else:
         x = decoder.embed_tokens(batch.input_ids)  # (T, E)
     if handle.embed_scale is not None:

@@ -327,7 +327,7 @@ def _as_run(setting: Setting) -> Setting:
     if setting.memory != "low":
         return setting
     checkpointing, optimizer, tile = low_memory_choices(
-        setting.checkpointing, setting.optimizer, setting.mlp_tile, True
+        setting.checkpointing, setting.optimizer, setting.mlp_tile, True, setting.tokens
     )
     return dataclasses.replace(setting, checkpointing=checkpointing, optimizer=optimizer, mlp_tile=tile)
 

@@ -53,10 +53,12 @@ def test_persistent_lines_match_the_loaded_model(mode: str) -> None:
 
 
 def test_plan_predicts_what_train_run_runs_under_memory_low() -> None:
+    from padless.train.memory_setting import LOW_MEMORY_MLP_TILE, LOW_MEMORY_ONLOAD_TOKENS
     from padless.train.plan import _as_run
 
-    low = _as_run(Setting("qlora", 2048, "off", memory="low"))
-    assert (low.checkpointing, low.optimizer, low.mlp_tile) == ("offload", "adamw8bit", 2048)
+    short = _as_run(Setting("qlora", LOW_MEMORY_ONLOAD_TOKENS, "off", memory="low"))
+    assert (short.checkpointing, short.optimizer, short.mlp_tile) == ("on", "adamw8bit", LOW_MEMORY_MLP_TILE)
+    assert _as_run(Setting("qlora", LOW_MEMORY_ONLOAD_TOKENS * 2, "off", memory="low")).checkpointing == "offload"
     assert _as_run(Setting("lora", 2048, "on", memory="low")).checkpointing == "on"
     assert _as_run(Setting("lora", 2048, "off")) == Setting("lora", 2048, "off")
 
