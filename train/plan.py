@@ -67,8 +67,9 @@ __all__ = [
 _LAYER_SAVED_Q = 3.0  # checkpointing off: what each layer keeps for its backward (normed inputs, q, k, v, output)
 _LAYER_SAVED_I = 3.0  # gate, up, activation
 # One layer recomputed and differentiated (checkpointing on/offload): its saved activations and the transient
-# gradients together. The QLoRA value was measured through peft's 4-bit forward (see the module doc).
-_LAYER_WORK_Q = {"lora": 8.5, "full": 8.5, "qlora": 20.1}
+# gradients together. QLoRA projections run the same frozen-LoRA function as LoRA (the NF4 weight dequantized per
+# GEMM and freed), so they keep the same.
+_LAYER_WORK_Q = {"lora": 8.5, "full": 8.5, "qlora": 8.5}
 _LAYER_WORK_I = 3.93
 _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the next one's prefetched input
 _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
@@ -121,10 +122,13 @@ class Estimate:
     step: int
     host: int  # pinned host bytes (offloaded layer inputs, a vocabulary kept in host memory)
     step_s: float
+    # While the model loads: every weight on the GPU (a vocabulary bound for host memory too) and the largest
+    # projection in bf16 before NF4 quantizes it.
+    load: int = 0
 
     @property
     def peak(self) -> int:
-        return self.weights + self.trainable + self.gradients + self.optimizer + self.step
+        return max(self.weights + self.trainable + self.gradients + self.optimizer + self.step, self.load)
 
     @property
     def tokens_per_s(self) -> float:
@@ -206,6 +210,8 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
         in_gpu = inv.layers if setting.checkpointing == "on" else _OFFLOAD_LAYERS_IN_FLIGHT
         kept, layer = in_gpu * T * inv.hidden * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
     kept += T * inv.hidden * b
+    largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
+    load = weights + largest
     vocab_on_host = setting.memory == "low" and mode != "full"
     if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 sums, target and counted rows
         weights -= inv.vocab_params * b
@@ -221,7 +227,7 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     ).step_flops(T, sum_sq_per_token * T)
     step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
-                    int(activations), int(host), step_s)  # fmt: skip
+                    int(activations), int(host), step_s, int(load))  # fmt: skip
 
 
 def recommend(estimates: list[Estimate], gpu_bytes: int, host_bytes: int | None = None) -> Estimate | None:

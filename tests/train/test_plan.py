@@ -50,6 +50,10 @@ def test_persistent_lines_match_the_loaded_model(mode: str) -> None:
     keep_vocab_on_host_bytes = model.get_input_embeddings().weight.numel() * 2
     low = estimate(inventory(config), Setting(mode, 1024, "on", lora_r=8, memory="low"))
     assert planned.weights - low.weights == low.host - planned.host == keep_vocab_on_host_bytes
+    # ... but it is loaded onto the GPU first, and NF4 quantizes each projection from bf16 there.
+    largest_bf16 = SHAPE["intermediate_size"] * SHAPE["hidden_size"] * 2  # gate/up/down_proj
+    assert low.load == planned.load == planned.weights + (largest_bf16 if mode == "qlora" else 0)
+    assert low.peak >= low.load
 
 
 def test_plan_predicts_what_train_run_runs_under_memory_low() -> None:
