@@ -14,6 +14,8 @@ label, into a NaN loss, which stops training with its own message.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +60,8 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     grid = (ids.shape[0], triton.cdiv(weight.shape[1], _BLOCK_E))
-    _gather_rows_kernel[grid](weight, ids, out, weight.shape[0], weight.shape[1], weight.stride(0), out.stride(0),
-                              BLOCK_E=_BLOCK_E)  # fmt: skip
+    # Triton launches on the current device and maps the host pointer there: make that the ids' device.
+    with torch.cuda.device(ids.device) if ids.is_cuda else contextlib.nullcontext():
+        _gather_rows_kernel[grid](weight, ids, out, weight.shape[0], weight.shape[1], weight.stride(0), out.stride(0),
+                                  BLOCK_E=_BLOCK_E)  # fmt: skip
     return out

@@ -132,11 +132,11 @@ class TrainConfig:
         "fast",
         help="fast: everything on the GPU, tuned for speed. low: the smallest GPU footprint on one GPU (the same "
         "forward and backward; only the AdamW state is 8-bit): "
-        "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), checkpointed layer "
-        "inputs go to host memory (--checkpointing off becomes offload), AdamW state is 8-bit on CUDA (--optimizer "
-        "adamw becomes adamw8bit), the MLP runs in tiles of 2048 tokens (unless --mlp-tile-tokens is given) and "
-        "CUDA graphs are off (--full keeps its trainable embedding and lm_head on the GPU). `train plan --memory "
-        "low` predicts it.",
+        "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), every layer is "
+        "checkpointed (--checkpointing off becomes on, and offload above 2048 tokens per micro-batch), AdamW state "
+        "is 8-bit on CUDA (--optimizer adamw becomes adamw8bit) and the MLP runs in tiles of 4096 tokens (unless "
+        "--mlp-tile-tokens is given); micro-batches up to 2048 tokens still run as CUDA graphs (--full keeps its "
+        "trainable embedding and lm_head on the GPU). `train plan --memory low` predicts it.",
     )
     mlp_tile_tokens: int = option(
         0,
