@@ -51,7 +51,10 @@ class Case:
     @property
     def name(self) -> str:
         """shape-mode-Nk, then -low, then what differs from that setting's own choices."""
-        checkpointing, optimizer = ("on", "adamw") if self.memory == "fast" else ("offload", "adamw8bit")
+        if self.memory == "fast":
+            checkpointing, optimizer = "on", "adamw"
+        else:
+            checkpointing, optimizer = _low_checkpointing(self.tokens), "adamw8bit"
         suffix = "" if self.memory == "fast" else f"-{self.memory}"
         suffix += "" if self.checkpointing == checkpointing else f"-{self.checkpointing}"
         suffix += "" if self.optimizer == optimizer else f"-{self.optimizer}"
@@ -59,9 +62,16 @@ class Case:
         return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
 
 
-def _low(shape: str, mode: str, tokens: int, target_gib: float | None = None, checkpointing: str = "offload") -> Case:
-    """A ``--memory low`` case: offload (unless given) and 8-bit AdamW, as that setting chooses them."""
-    return Case(shape, mode, tokens, checkpointing, "adamw8bit", "low", target_gib)
+def _low_checkpointing(tokens: int) -> str:
+    """The checkpointing mode ``--memory low`` chooses for micro-batches of ``tokens``."""
+    from padless.train.memory_setting import low_memory_checkpointing
+
+    return low_memory_checkpointing("off", tokens)
+
+
+def _low(shape: str, mode: str, tokens: int, target_gib: float | None = None, checkpointing: str | None = None) -> Case:
+    """A ``--memory low`` case: its checkpointing mode (unless given) and 8-bit AdamW, as that setting chooses them."""
+    return Case(shape, mode, tokens, checkpointing or _low_checkpointing(tokens), "adamw8bit", "low", target_gib)
 
 
 CASES = {
@@ -215,8 +225,7 @@ def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     cmd = [sys.executable, "-m", "padless.train", "run", args.shards, "--output", str(out), "--overwrite",
            f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--memory", case.memory,
            "--max-steps", str(args.warmup + args.steps), "--eval-every", "-1", "--no-progress", "--force"]  # fmt: skip
-    if case.memory == "fast" or case.checkpointing != "offload":
-        cmd += ["--checkpointing", case.checkpointing]
+    cmd += ["--checkpointing", case.checkpointing]
     if case.memory == "fast":  # --memory low chooses the optimizer (8-bit AdamW on CUDA)
         cmd += ["--optimizer", case.optimizer]
     if case.mode == "qlora":

@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, read_checkpoint_settings
 from .config import TrainConfig, TrainError
+from .memory_setting import low_memory_checkpointing
 from .plan import (
     Estimate,
     ModelInventory,
@@ -90,16 +91,32 @@ def choose(
     *,
     sum_sq_per_token: float,
     host_bytes: int | None = None,
+    cuda_graphs: str = "auto",
 ) -> Estimate:
     """The estimate auto picks for ``setting`` (its ``tokens`` = the shards' max_len, the smallest candidate); a
-    TrainError naming the predicted peak of one pack, the memory and the options when not even that fits."""
+    TrainError naming the predicted peak of one pack, the memory and the options when not even that fits. Under
+    ``--memory low`` each candidate is planned with the checkpointing mode the run resolves for its size."""
     max_len = setting.tokens
-    estimates = [estimate(inv, dataclasses.replace(setting, tokens=t), sum_sq_per_token=sum_sq_per_token)
-                 for t in reversed(candidates(max_len))]  # fmt: skip
+
+    def at(tokens: int) -> Setting:
+        checkpointing = setting.checkpointing
+        if setting.memory == "low":
+            checkpointing = low_memory_checkpointing(checkpointing, tokens, cuda_graphs)
+        return dataclasses.replace(setting, tokens=tokens, checkpointing=checkpointing)
+
+    estimates = [estimate(inv, at(t), sum_sq_per_token=sum_sq_per_token) for t in reversed(candidates(max_len))]
     best = recommend(estimates, memory.bytes, host_bytes)  # the first of equally fast ones: the larger
     if best is not None:
         return best
     one = estimates[-1]
+    if one.load >= one.peak > memory.bytes:  # the load, not a step, is the peak: no step setting helps
+        raise TrainError(
+            f"--tokens-per-micro-batch auto: loading the model is predicted to peak at {one.load / _GIB:.2f} GiB "
+            f"(every weight on the GPU before the step's settings apply), more than the {memory.bytes / _GIB:.2f} GiB "
+            f"available ({memory.source}); try "
+            + ("--qlora, " if setting.mode != "qlora" else "")
+            + "a larger --max-memory-gib if the device has more to give"
+        )
     if one.peak <= memory.bytes:  # the GPU would do; the offloaded layer inputs do not fit the host
         raise TrainError(
             f"--tokens-per-micro-batch auto: even one pack ({max_len} tokens) offloads {one.host / _GIB:.2f} GiB of "
@@ -160,7 +177,7 @@ def auto_budget(
         cfg.mode, max_len, cfg.checkpointing, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory, cfg.mlp_tile_tokens
     )
     host = host_available_bytes() if cfg.checkpointing == "offload" or cfg.memory == "low" else None
-    best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host)
+    best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host, cuda_graphs=cfg.cuda_graphs)
     tokens = best.setting.tokens
     note = (
         f"note: --tokens-per-micro-batch auto: {tokens} tokens ({tokens // max_len} packs of {max_len}), predicted "

@@ -14,7 +14,7 @@ and only a CUDA graph removes that cost (Qwen3-4B QLoRA at 2K tokens on an H100:
 eagerly), while offload rules graphs out; their layer inputs are small (0.35 GiB for Qwen3-4B at 2K tokens) and
 the peak of such a step lies elsewhere. Longer micro-batches are bound by their GEMMs, and their layer inputs grow
 with them. Settings the user chose otherwise (``--checkpointing on`` or ``offload``, a tile size) are kept, and
-``--cuda-graphs on`` keeps the MLP untiled.
+``--cuda-graphs on`` keeps the layer inputs on the GPU and the MLP untiled.
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ def _has_bitsandbytes() -> bool:
     return True
 
 
-def low_memory_checkpointing(checkpointing: str, tokens: int) -> str:
+def low_memory_checkpointing(checkpointing: str, tokens: int, cuda_graphs: str = "auto") -> str:
     """``--checkpointing`` under ``--memory low`` for micro-batches of ``tokens``: ``off`` becomes ``on`` up to
-    ``LOW_MEMORY_ONLOAD_TOKENS`` tokens and ``offload`` above; a mode the user chose is kept."""
+    ``LOW_MEMORY_ONLOAD_TOKENS`` tokens and ``offload`` above (``on`` at every size with ``--cuda-graphs on``,
+    which offload rules out); a mode the user chose is kept."""
     if checkpointing != "off":
         return checkpointing
-    return "on" if tokens <= LOW_MEMORY_ONLOAD_TOKENS else "offload"
+    return "on" if tokens <= LOW_MEMORY_ONLOAD_TOKENS or cuda_graphs == "on" else "offload"
 
 
 def low_memory_choices(
@@ -93,4 +94,4 @@ def resolve_low_memory_checkpointing(cfg: TrainConfig, tokens: int) -> TrainConf
     """``cfg`` with ``--memory low``'s checkpointing mode for micro-batches of ``tokens`` (unchanged under fast)."""
     if cfg.memory != "low":
         return cfg
-    return dataclasses.replace(cfg, checkpointing=low_memory_checkpointing(cfg.checkpointing, tokens))
+    return dataclasses.replace(cfg, checkpointing=low_memory_checkpointing(cfg.checkpointing, tokens, cfg.cuda_graphs))

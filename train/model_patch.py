@@ -60,7 +60,8 @@ class PatchHandle:
     embed_scale: float | None = None  # multiply embeddings by this when the embedding module does not
     final_softcap: float | None = None
     layers: list[LayerPlan] = field(default_factory=list)
-    vocab_on_host: bool = False  # train.host_vocab: embedding rows gathered on the host, the loss streams lm_head
+    # train.host_vocab: embedding rows read from host memory by a kernel, the loss streams the lm_head
+    vocab_on_host: bool = False
     _rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _scales: dict[tuple[torch.dtype, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
 

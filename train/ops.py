@@ -107,7 +107,8 @@ def varlen_attention(
 
 def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``weight[ids]`` on ids' device, from a weight there or in pinned host memory (read by the kernel in place);
-    an out-of-range id gives a row of zeros."""
+    an out-of-range id gives a row of zeros. The reference (``PADLESS_KERNELS=reference`` on a GPU) copies through
+    the host, which a CUDA graph cannot capture."""
     if backend_for(ids.device) == "triton":
         return embedding_gather.gather_rows(weight, ids)
     return embedding_gather.gather_rows_reference(weight, ids)

@@ -10,15 +10,17 @@ The model is built on the meta device (no weights read), which gives every param
 - **step**: what a step adds on top. Per token, with checkpointing ``on`` each layer keeps its input (hidden size x
   dtype) and one layer at a time holds its full activations while it is recomputed and differentiated; ``off``
   keeps every layer's activations; ``offload`` keeps the layer inputs in host memory (a layer or two in flight).
-  The output head adds one chunk of logits and the hidden state's gradient; QLoRA adds the dequantized weight of
-  the largest projection (bitsandbytes dequantizes a whole weight for each matmul).
+  The output head adds one chunk of logits and the hidden state's gradient (under ``--memory low`` the streamed
+  loss's chunks and sums instead); QLoRA adds the dequantized weight of the largest projection (each projection's
+  NF4 weight is dequantized for its GEMM and freed);
+- **load**: while the model loads, every weight is on the GPU (a vocabulary bound for host memory too) and QLoRA
+  quantizes each projection from bf16 there. The peak is the larger of the load and the step.
 
 The per-token activation counts of one layer (``_LAYER_*``) are fitted to measured peaks, not derived: what
-padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. They are fitted to
-seven H100 measurements (Qwen3-8B bf16 LoRA at 16K; Qwen3-4B QLoRA at 2K/8K/32K, with and without offload; Qwen3-14B
-QLoRA at 4K; docs/bench/README.md), each predicted within 3%. The QLoRA ones were measured through peft's 4-bit
-forward, which keeps an fp32 copy of every projection's input; padless's QLoRA takes the fused LoRA projection
-(``train.lora_linear``), which keeps none, so its QLoRA step predictions are upper bounds until measured on it.
+padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. QLoRA projections
+run the same frozen-LoRA function as LoRA ones (``train.lora_linear``) and keep the same. Against thirteen H100
+peaks (Qwen3-8B bf16 LoRA at 16K; Qwen3-4B QLoRA at 2K/8K/32K with checkpointing on, offload, a tiled MLP and
+``--memory low``; Qwen3-14B QLoRA at 4K; docs/bench/README.md) the predictions are within 5%.
 ``tools/bench_memory.py`` prints the prediction beside every case it measures.
 
 Step time is the step's FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
@@ -212,6 +214,7 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     kept += T * inv.hidden * b
     largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
     load = weights + largest
+    layer += largest  # QLoRA: one projection's weight dequantized for its GEMM
     vocab_on_host = setting.memory == "low" and mode != "full"
     if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 sums, target and counted rows
         weights -= inv.vocab_params * b

@@ -44,9 +44,10 @@ def test_case_names_say_what_runs() -> None:
         "qlora",
         2048,
         "low",
-        "offload",
+        "on",  # --memory low keeps a 2K micro-batch's layer inputs on the GPU
         3.0,
     )
+    assert bench.CASES["qwen3-4b-qlora-8k-low"].checkpointing == "offload"
     assert bench.CASES["qwen3-4b-qlora-8k-offload"].checkpointing == "offload"
     assert bench.CASES["qwen3-8b-lora-16k-low-on"].checkpointing == "on"
     assert bench.CASES["qwen3-4b-qlora-2k"].memory == "fast"

@@ -93,6 +93,33 @@ def test_not_even_one_pack_fitting_is_one_error_naming_the_peak_memory_and_optio
         choose(inv, offloaded, Memory(1, "--max-memory-gib 1e-09"), sum_sq_per_token=0.0)
 
 
+def test_low_memory_candidates_are_planned_with_the_checkpointing_each_size_runs(monkeypatch) -> None:
+    from padless.train import memory_setting
+
+    monkeypatch.setattr(memory_setting, "LOW_MEMORY_ONLOAD_TOKENS", 512)  # tiny packs: the switch inside the range
+    inv = inventory(tiny_config("qwen3", 500, **SHAPE))
+    setting = Setting("qlora", 256, "off", lora_r=8, optimizer="adamw8bit", memory="low")
+    best = choose(inv, setting, Memory(10 * GIB, "test"), sum_sq_per_token=0.0)
+    assert best.setting.tokens == candidates(256)[-1] and best.setting.checkpointing == "offload"
+    ran = dataclasses.replace(setting, tokens=best.setting.tokens, checkpointing="offload")
+    assert best.peak == estimate(inv, ran).peak < estimate(inv, dataclasses.replace(ran, checkpointing="off")).peak
+    for tokens, mode in ((256, "on"), (512, "on"), (1024, "offload")):
+        limit = estimate(inv, dataclasses.replace(setting, tokens=tokens, checkpointing=mode)).peak
+        picked = choose(inv, setting, Memory(limit, "test"), sum_sq_per_token=0.0)
+        assert (picked.setting.tokens, picked.setting.checkpointing) == (tokens, mode)
+    graphed = choose(inv, setting, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, cuda_graphs="on")
+    assert graphed.setting.checkpointing == "on"  # --cuda-graphs on: the layer inputs stay on the GPU
+
+
+def test_a_model_whose_load_does_not_fit_is_told_so() -> None:
+    inv = inventory(tiny_config("qwen3", 50_000, **{**SHAPE, "hidden_size": 2048}))  # the vocabulary outweighs all
+    setting = Setting("lora", 256, "on", memory="low")
+    one = estimate(inv, setting)
+    assert one.load == one.peak  # loading with the vocabulary on the GPU is the peak
+    with pytest.raises(TrainError, match=r"loading the model is predicted to peak at .*; try --qlora, a larger"):
+        choose(inv, setting, Memory(one.load - 1, "test"), sum_sq_per_token=0.0)
+
+
 def test_available_memory_on_cpu_needs_max_memory_gib() -> None:
     assert available_memory(1.5, torch.device("cpu")) == Memory(int(1.5 * GIB), "--max-memory-gib 1.5")
     with pytest.raises(TrainError, match=r"device cpu has none to read: pass a number \(e\.g\. --tokens-per-micro"):

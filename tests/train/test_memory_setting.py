@@ -53,9 +53,11 @@ def test_low_refuses_several_processes_and_sharding(tmp_path: Path) -> None:
         resolve_memory_setting(dataclasses.replace(cfg, fsdp=True), CUDA, 1)
 
 
-def test_low_with_cuda_graphs_on_keeps_the_mlp_untiled(tmp_path: Path) -> None:
+def test_low_with_cuda_graphs_on_keeps_layer_inputs_on_the_gpu_and_the_mlp_untiled(tmp_path: Path) -> None:
     cfg = base_config(tmp_path, tmp_path / "out", memory="low", cuda_graphs="on")
-    assert resolve_memory_setting(cfg, CUDA, 1).mlp_tile_tokens == 0
+    low = resolve_memory_setting(cfg, CUDA, 1)
+    assert low.mlp_tile_tokens == 0
+    assert resolve_low_memory_checkpointing(low, LOW_MEMORY_ONLOAD_TOKENS * 8).checkpointing == "on"  # not offload
 
 
 @pytest.mark.parametrize("onload_tokens", [10**6, 0], ids=["layer-inputs-kept", "layer-inputs-offloaded"])
