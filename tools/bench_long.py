@@ -13,9 +13,9 @@ A case is ``TOKENS:LAYERS[:OPTION...]``:
   (``128k`` = 131072);
 - LAYERS: decoder layers of the shape (``num_hidden_layers``): a step of the real layer shapes with fewer layers;
 - then any of ``keep`` (``--keep-attention``), ``gpuX`` (``--checkpoint-gpu-gib X``, X in GiB: ``gpu16``,
-  ``gpu7.5``) and ``qlora`` (the base in NF4, loaded from a random model folder written once per shape and layer
-  count into ``--work`` by ``padless.train.random_weights``; without it, bf16 LoRA on a random model built on the
-  GPU).
+  ``gpu7.5``), ``tileN`` (``--mlp-tile-tokens N``, N tokens or with a ``k`` suffix: ``tile8k``) and ``qlora``
+  (the base in NF4, loaded from a random model folder written once per shape and layer count into ``--work`` by
+  ``padless.train.random_weights``; without it, bf16 LoRA on a random model built on the GPU).
 
 Every case is one ``python -m padless.train run`` subprocess, as a user runs it: ``--checkpointing offload``, LoRA
 r 16 on every linear projection, ``--max-steps --steps``, no evaluation; the shape's ``max_position_embeddings`` is
@@ -24,11 +24,12 @@ raised to 1M (or TOKENS) so that RoPE covers the sequence. A case reads the ``--
 than L) every step is one document of L tokens.
 
 Reported: the first step's time (compiles, pinned-memory allocation), the median step time after ``--warmup`` steps,
-peak GPU memory and its breakdown (summary.json's ``peak_mem_gib`` and ``memory_gib``), the run's peak resident host
-memory (pinned checkpoints included), and useful TFLOP/s: ``padless.train.metrics.step_flop_model`` with
-checkpointing off on ``train plan``'s inventory of the model, i.e. the forward and backward a step needs without any
-recompute (attention counted causal, from the shard set's sum of squared lengths), over the median step time (the
-first step's when there is no other), so that a variant that recomputes less shows as more useful work per second.
+peak GPU memory and its breakdown (summary.json's ``peak_mem_gib`` and ``memory_gib``) beside ``train plan``'s
+prediction for the case, the run's peak resident host memory (pinned checkpoints included), and useful TFLOP/s:
+``padless.train.metrics.step_flop_model`` with checkpointing off on ``train plan``'s inventory of the model, i.e.
+the forward and backward a step needs without any recompute (attention counted causal, from the shard set's sum
+of squared lengths), over the median step time (the first step's when there is no other), so that a variant that
+recomputes less shows as more useful work per second.
 A case that times out (``--case-timeout``, or what is left of ``--budget-s``) or exits with an error is a row with
 that status and the steps it finished (metrics.jsonl is written step by step).
 """
@@ -61,6 +62,7 @@ class Case:
     keep: bool = False  # --keep-attention
     gpu_gib: float = 0.0  # --checkpoint-gpu-gib
     mode: str = "lora"  # lora | qlora
+    tile: int = 0  # --mlp-tile-tokens
 
     @property
     def name(self) -> str:
@@ -70,13 +72,14 @@ class Case:
     @property
     def options(self) -> list[str]:
         return [*(["keep"] if self.keep else []), *([f"gpu{self.gpu_gib:g}"] if self.gpu_gib else []),
-                *(["qlora"] if self.mode == "qlora" else [])]  # fmt: skip
+                *([f"tile{self.tile}"] if self.tile else []), *(["qlora"] if self.mode == "qlora" else [])]  # fmt: skip
 
     @property
     def flags(self) -> list[str]:
         """The ``train run`` options of the case beyond the mode and the token budget."""
         out = ["--checkpointing", "offload", *(["--keep-attention"] if self.keep else [])]
-        return out + (["--checkpoint-gpu-gib", f"{self.gpu_gib:g}"] if self.gpu_gib else [])
+        out += ["--checkpoint-gpu-gib", f"{self.gpu_gib:g}"] if self.gpu_gib else []
+        return out + (["--mlp-tile-tokens", str(self.tile)] if self.tile else [])
 
     @property
     def train_options(self) -> list[str]:
@@ -107,7 +110,9 @@ def parse_case(text: str) -> Case:
     """A ``TOKENS:LAYERS[:OPTION...]`` case (see the module doc); ValueError names the bad part."""
     parts = text.split(":")
     if len(parts) < 2:
-        raise ValueError(f"case {text!r}: expected TOKENS:LAYERS[:keep][:gpuX][:qlora], e.g. 131072:36:keep:gpu16")
+        raise ValueError(
+            f"case {text!r}: expected TOKENS:LAYERS[:keep][:gpuX][:tileN][:qlora], e.g. 131072:36:keep:gpu16"
+        )
     fields: dict[str, Any] = {
         "tokens": _count(parts[0], "TOKENS", k_suffix=True),
         "layers": _count(parts[1], "LAYERS", k_suffix=False),
@@ -119,8 +124,10 @@ def parse_case(text: str) -> Case:
             fields["mode"] = "qlora"
         elif option.startswith("gpu"):
             fields["gpu_gib"] = _gib(option)
+        elif option.startswith("tile"):
+            fields["tile"] = _count(option[4:], "tileN's N", k_suffix=True)
         else:
-            raise ValueError(f"case {text!r}: unknown option {option!r}; expected keep, gpuX or qlora")
+            raise ValueError(f"case {text!r}: unknown option {option!r}; expected keep, gpuX, tileN or qlora")
     return Case(**fields)
 
 
@@ -156,6 +163,15 @@ def model_config(shape: str, vocab: int, case: Case) -> Any:
 
     family, fields = model_fields(shape, vocab, case)
     return tiny_config(family, fields.pop("vocab_size", vocab), **fields)
+
+
+def predicted_gib(case: Case, inv: Any) -> float:
+    """``train plan``'s peak for the case on ``inv``, its inventory of the model."""
+    from padless.train.plan import Setting, estimate
+
+    setting = Setting(case.mode, case.tokens, "offload", lora_r=LORA_R, mlp_tile=case.tile,
+                      keep_attention=case.keep, checkpoint_gpu_bytes=int(case.gpu_gib * GIB))  # fmt: skip
+    return estimate(inv, setting).peak / GIB
 
 
 def useful_flops(inv: Any, tokens: int, sum_sq_per_token: float) -> float:
@@ -227,7 +243,10 @@ def run_case(case: Case, args: argparse.Namespace, shards: str, vocab: int, time
         code, host_gib = _wait(proc, timeout)
     result: dict[str, Any] = {"wall_s": time.perf_counter() - t0, "host_peak_gib": host_gib, "log": str(log)}
     inv = inventory(model_config(args.shape, vocab, case))
+    result["predicted_gib"] = predicted_gib(case, inv)
     result.update(step_numbers(out, args.warmup, inv, args.sum_sq_per_token[shards]))
+    if result.get("peak_gib"):
+        result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
     if code is None:
         result["status"] = f"timeout after {timeout:.0f} s"
     elif code != 0:
@@ -259,7 +278,7 @@ def line(row: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="comma-separated shard sets of one-document packs (prep pack)")
-    p.add_argument("--cases", required=True, help="comma-separated TOKENS:LAYERS[:keep][:gpuX][:qlora]")
+    p.add_argument("--cases", required=True, help="comma-separated TOKENS:LAYERS[:keep][:gpuX][:tileN][:qlora]")
     p.add_argument("--shape", choices=sorted(H.MODEL_SHAPES), default="qwen3-8b", help="model shape")
     p.add_argument("--steps", type=int, default=3, help="steps per case (--max-steps)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the median step time")
@@ -306,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         print(line(row), flush=True)
         rows.append(row)
     cols = [("case", "case", "s"), ("first_step_s", "first s", ".2f"), ("step_s", "s/step", ".2f"),
-            ("peak_gib", "peak GiB", ".2f"), ("memory_gib.weights", "weights", ".2f"),
+            ("peak_gib", "peak GiB", ".2f"), ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
+            ("memory_gib.weights", "weights", ".2f"),
             ("memory_gib.step", "step", ".2f"), ("memory_gib.slack", "slack", ".2f"),
             ("host_peak_gib", "host GiB", ".1f"), ("useful_tflops", "TFLOP/s", ".1f"),
             ("status", "status", "s")]  # fmt: skip

@@ -174,7 +174,16 @@ def auto_budget(
     if cfg.mode != "full" and cfg.target_module_list:
         inv = dataclasses.replace(inv, lora_targets=tuple(cfg.target_module_list))
     setting = Setting(
-        cfg.mode, max_len, cfg.checkpointing, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory, cfg.mlp_tile_tokens
+        cfg.mode,
+        max_len,
+        cfg.checkpointing,
+        cfg.lora_r,
+        cfg.optimizer,
+        dtype_bytes,
+        cfg.memory,
+        cfg.mlp_tile_tokens,
+        keep_attention=cfg.keep_attention,
+        checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
     )
     host = host_available_bytes() if cfg.checkpointing == "offload" or cfg.memory == "low" else None
     best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host, cuda_graphs=cfg.cuda_graphs)

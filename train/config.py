@@ -351,6 +351,13 @@ class PlanConfig:
     memory: Memory = option(
         "fast", help="fast, or low as `train run --memory low` (frozen embedding and lm_head in host memory)."
     )
+    mlp_tile_tokens: int = option(0, help="As `train run --mlp-tile-tokens`: the MLP in tiles of N tokens (0 = whole).")
+    keep_attention: bool = option(
+        False, help="As `train run --keep-attention`: checkpoints also keep each layer's attention output."
+    )
+    checkpoint_gpu_gib: float = option(
+        0.0, help="As `train run --checkpoint-gpu-gib`: offloaded checkpoints keep this many GiB on the GPU."
+    )
     dtype: Dtype = option("bf16", help="Compute dtype of the base model.")
     json: bool = option(False, help="Print the predictions as JSON lines instead of a table.")
 
@@ -363,6 +370,10 @@ class PlanConfig:
         for flag, value in (("--gpu-mem-gib", self.gpu_mem_gib), ("--host-mem-gib", self.host_mem_gib)):
             if value is not None and not value > 0:
                 raise TrainError(f"{flag} must be > 0 GiB, got {value}")
+        if self.mlp_tile_tokens < 0:
+            raise TrainError(f"--mlp-tile-tokens must be >= 0 (0 = untiled), got {self.mlp_tile_tokens}")
+        if not 0 <= self.checkpoint_gpu_gib < float("inf"):
+            raise TrainError(f"--checkpoint-gpu-gib must be >= 0 GiB, got {self.checkpoint_gpu_gib}")
         self.token_list  # noqa: B018
 
     @property

@@ -46,6 +46,7 @@ from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
 from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
+from .offload_budget import CheckpointShape, plan_offload
 
 __all__ = [
     "Estimate",
@@ -108,6 +109,8 @@ class Setting:
     dtype_bytes: int = 2
     memory: str = "fast"  # fast | low (frozen vocabulary in host memory, the loss streams it)
     mlp_tile: int = 0  # --mlp-tile-tokens (0: --memory low's tile under low, else untiled)
+    keep_attention: bool = False  # --keep-attention: each checkpoint also keeps its attention output and lse
+    checkpoint_gpu_bytes: int = 0  # --checkpoint-gpu-gib: offloaded runs keep this much of the checkpoints on GPU
 
     def __post_init__(self) -> None:
         if self.memory == "low" and self.mlp_tile == 0:  # the tile --memory low runs an untiled MLP with
@@ -205,12 +208,20 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     # The step's peak: what lives from the forward into the backward (the layers' kept activations, the hidden
     # states' gradient from the loss), plus the larger of the loss's working set and one layer's backward.
     saved = _LAYER_SAVED_Q * inv.heads * inv.head_dim + _LAYER_SAVED_I * inv.intermediate
-    host = inv.layers * T * inv.hidden * b if setting.checkpointing == "offload" else 0
+    layer = _layer_work_values(inv, mode, T, setting.mlp_tile) * b
+    host = 0
     if setting.checkpointing == "off":  # every layer's activations, and the top layer's backward on top of them
-        kept, layer = inv.layers * T * saved * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
-    else:
-        in_gpu = inv.layers if setting.checkpointing == "on" else _OFFLOAD_LAYERS_IN_FLIGHT
-        kept, layer = in_gpu * T * inv.hidden * b, _layer_work_values(inv, mode, T, setting.mlp_tile) * b
+        kept = inv.layers * T * saved * b
+    else:  # each layer's checkpoint: its input (and with --keep-attention its attention output and lse)
+        shape = CheckpointShape(inv.layers, inv.hidden, inv.heads, inv.head_dim, b)
+        keep = setting.keep_attention
+        checkpoint = sum(shape.tensor_bytes(T, keep))
+        if setting.checkpointing == "on":
+            kept = inv.layers * checkpoint
+        else:  # the top layers the GPU budget holds, and the offloaded ones in flight; the rest pinned on the host
+            split = plan_offload(shape, T, keep_attention=keep, gpu_budget_bytes=setting.checkpoint_gpu_bytes)
+            kept = min(inv.layers, split.gpu_layers + _OFFLOAD_LAYERS_IN_FLIGHT) * checkpoint
+            host = split.host_bytes
     kept += T * inv.hidden * b
     largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
     load = weights + largest
@@ -360,7 +371,20 @@ def plan(cfg: Any) -> Plan:
     estimates = [
         estimate(inv, setting, sum_sq_per_token=sum_sq_per_token)
         for setting in dict.fromkeys(
-            _as_run(Setting(mode, t, ckpt, cfg.lora_r, cfg.optimizer, dtype_bytes, cfg.memory))
+            _as_run(
+                Setting(
+                    mode,
+                    t,
+                    ckpt,
+                    cfg.lora_r,
+                    cfg.optimizer,
+                    dtype_bytes,
+                    cfg.memory,
+                    cfg.mlp_tile_tokens,
+                    keep_attention=cfg.keep_attention and ckpt != "off",
+                    checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
+                )
+            )
             for mode in cfg.mode_list
             for ckpt in cfg.checkpointing_list
             for t in tokens

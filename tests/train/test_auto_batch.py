@@ -66,12 +66,13 @@ def test_the_largest_candidate_that_fits_is_chosen(mode: str, checkpointing: str
 
 
 def test_offloaded_inputs_must_fit_the_host() -> None:
-    inv = inventory(tiny_config("qwen3", 500, **SHAPE))
+    # Wide enough that each candidate's pinned layer inputs (8 MiB buffers, powers of two) take more host memory.
+    inv = inventory(tiny_config("qwen3", 500, **{**SHAPE, "hidden_size": 16384}))
     setting = Setting("lora", 256, "offload")
     hosts = [estimate(inv, dataclasses.replace(setting, tokens=t)).host for t in candidates(256)]
     best = choose(inv, setting, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, host_bytes=hosts[2])
     assert best.setting.tokens == 1024  # the GPU would take 256 packs; the host takes 4
-    with pytest.raises(TrainError, match=r"even one pack \(256 tokens\) offloads 0\.00 GiB of layer inputs to host "):
+    with pytest.raises(TrainError, match=r"even one pack \(256 tokens\) offloads 0\.02 GiB of layer inputs to host "):
         choose(inv, setting, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, host_bytes=hosts[0] - 1)
 
 

@@ -17,6 +17,7 @@ from padless.train.cli import main
 from padless.train.config import PlanConfig, TrainError
 from padless.train.memory_breakdown import persistent_bytes
 from padless.train.modeling import load_model, tiny_config
+from padless.train.offload_budget import CheckpointShape, plan_offload
 from padless.train.plan import Estimate, Setting, estimate, inventory, recommend, shard_statistics
 from tests.user_errors import assert_one_line_error
 
@@ -84,7 +85,23 @@ def test_step_memory_grows_with_tokens_and_falls_with_checkpointing() -> None:
         assert by[ckpt, 4096] > by[ckpt, 1024]
     assert by["off", 4096] > by["on", 4096] > by["offload", 4096]
     offload = estimate(inv, Setting("lora", 4096, "offload"))
-    assert offload.host == inv.layers * 4096 * inv.hidden * 2
+    shape = CheckpointShape(inv.layers, inv.hidden, inv.heads, inv.head_dim, 2)
+    assert offload.host == plan_offload(shape, 4096).host_bytes >= inv.layers * 4096 * inv.hidden * 2
+
+
+def test_kept_attention_and_a_gpu_share_move_checkpoint_bytes_where_the_run_puts_them() -> None:
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=6))
+    T, width = 8192, inv.heads * inv.head_dim
+    pair = T * width * 2 + T * inv.heads * 4  # attention output (bf16) and log-sum-exp (fp32) per layer
+    on, on_keep = (estimate(inv, Setting("lora", T, "on", keep_attention=k)) for k in (False, True))
+    assert on_keep.step - on.step == inv.layers * pair and on_keep.host == on.host == 0
+    off, off_keep = (estimate(inv, Setting("lora", T, "offload", keep_attention=k)) for k in (False, True))
+    assert off_keep.host > off.host and off_keep.step - off.step == 2 * pair  # the two layers in flight
+    layer = T * inv.hidden * 2 + pair
+    shared = estimate(inv, Setting("lora", T, "offload", keep_attention=True, checkpoint_gpu_bytes=2 * layer))
+    assert shared.step - off_keep.step == 2 * layer and shared.host < off_keep.host  # two top layers stay
+    everything = estimate(inv, Setting("lora", T, "offload", keep_attention=True, checkpoint_gpu_bytes=10**12))
+    assert everything.host == 0 and everything.step == on_keep.step
 
 
 def _estimate(tokens: int, peak: int, host: int = 0) -> Estimate:
@@ -112,6 +129,18 @@ def test_cli_marks_what_fits_and_recommends(synthetic_shards: Path) -> None:
     rows = [json.loads(line) for line in as_json.output.splitlines()]
     assert {(r["mode"], r["tokens"]) for r in rows} == {("lora", 512), ("lora", 2048), ("qlora", 512), ("qlora", 2048)}
     assert all(r["fits"] is True for r in rows)
+
+
+def test_cli_plans_long_context_options(synthetic_shards: Path) -> None:
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(SHAPE), "--modes",
+            "lora", "--checkpointing", "on,offload", "--tokens", "2k", "--gpu-mem-gib", "8", "--json"]  # fmt: skip
+    plain = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
+    kept = CliRunner().invoke(main, [*args, "--keep-attention", "--mlp-tile-tokens", "256"])
+    assert kept.exit_code == 0, kept.output
+    kept_rows = [json.loads(line) for line in kept.output.splitlines()]
+    for a, b in zip(plain, kept_rows, strict=True):
+        assert a["checkpointing"] == b["checkpointing"]
+        assert b["host_gib"] >= a["host_gib"] and b["host_gib"] + b["step_gib"] != a["host_gib"] + a["step_gib"]
 
 
 @pytest.mark.parametrize(
@@ -147,4 +176,8 @@ def test_a_run_config_is_planned_from_the_same_inputs(synthetic_shards: Path) ->
 def test_plan_config_checks_its_fields() -> None:
     with pytest.raises(TrainError, match="--lora-r must be >= 1"):
         PlanConfig(shards="s", lora_r=0)
+    with pytest.raises(TrainError, match="--mlp-tile-tokens must be >= 0"):
+        PlanConfig(shards="s", mlp_tile_tokens=-1)
+    with pytest.raises(TrainError, match="--checkpoint-gpu-gib must be >= 0 GiB"):
+        PlanConfig(shards="s", checkpoint_gpu_gib=-1.0)
     assert PlanConfig(shards="s", tokens="1k, 4096").token_list == (1024, 4096)
