@@ -517,17 +517,7 @@ def _reference_impl(
         qs = q[a:b].to(compute_dtype).transpose(0, 1)  # (H, n, D)
         ks = k[a:b].to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         vs = v[a:b].to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)
-        scores = (qs @ ks.transpose(1, 2)) * scale  # (H, n, n)
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        i = torch.arange(n, device=q.device)[:, None]
-        j = torch.arange(n, device=q.device)[None, :]
-        keep = torch.ones(n, n, dtype=torch.bool, device=q.device)
-        if causal:
-            keep &= j <= i
-        if window is not None:
-            keep &= j > i - window
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores, _ = _example_scores(qs, ks, scale, causal, window, softcap)  # (H, n, n)
         p = torch.softmax(scores, dim=-1)
         outs.append((p @ vs).transpose(0, 1))
     if bounds[0] != 0 or bounds[-1] != T:
