@@ -8,6 +8,8 @@ excluded). Adapter weights stay fp32 (peft's ``autocast_adapter_dtype``) on a bf
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from .config import MODES, Mode, TrainError
@@ -60,7 +62,11 @@ def apply_adapters(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing`` property while it wraps the model; the
+        # warning is about peft's code, not the user's run.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def check_targets(model: nn.Module, targets: list[str] | None) -> None:

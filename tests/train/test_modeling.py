@@ -97,6 +97,17 @@ def test_apply_adapters_modes():
         apply_adapters(load_model(None, vocab_size=50, config_overrides=SMALL), mode="dora")
 
 
+def test_adding_lora_warns_about_nothing_the_user_did():
+    """peft reads a property transformers deprecated; a user's run must not print that warning."""
+    import warnings
+
+    model = load_model(None, vocab_size=50, config_overrides=SMALL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_adapters(model, mode="lora", r=4)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+
+
 def test_readme_demo_size_trains_on_cpu():
     """The default tiny model learns: a few AdamW steps on one fixed pack lower the packed loss."""
     model = load_model(None, vocab_size=500, family="llama", seed=0)
