@@ -41,6 +41,7 @@ import triton.language as tl
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "check_loss_inputs",
     "counted_first",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
@@ -343,29 +344,35 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_bytes: int | None) -> None:
+def check_loss_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    """The shapes and dtypes every linear cross-entropy of this package takes (``name`` starts each message):
+    hidden (T, E) and weight (V, E) of one floating dtype, labels (T,) integer."""
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
-            f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be "
-            "2-D, (T, E) and (V, E); flatten the batch first (hidden.reshape(-1, E))."
+            f"{name}: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be 2-D, (T, E) and (V, E); "
+            "flatten the batch first (hidden.reshape(-1, E))."
         )
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"fused_linear_cross_entropy: hidden size {hidden.shape[1]} != weight's {weight.shape[1]}; expected "
-            "hidden (T, E) and weight (V, E) (lm_head.weight, not its transpose)."
+            f"{name}: hidden size {hidden.shape[1]} != weight's {weight.shape[1]}; expected (T, E) and (V, E): the "
+            "hidden states and lm_head.weight, not its transpose."
         )
     if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
         raise ValueError(
-            f"fused_linear_cross_entropy: labels {tuple(labels.shape)} must be 1-D with T = {hidden.shape[0]} "
-            "entries (unshifted Hugging Face labels, one per token)."
+            f"{name}: labels {tuple(labels.shape)} must be 1-D with T = {hidden.shape[0]} integer labels "
+            "(unshifted Hugging Face labels, one per token)."
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"fused_linear_cross_entropy: labels dtype {labels.dtype}; expected an integer dtype (int64).")
+        raise TypeError(f"{name}: labels dtype {labels.dtype}; expected an integer dtype (int64).")
     if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point:
         raise TypeError(
-            f"fused_linear_cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} must share one floating "
-            "dtype (bf16, fp16 or fp32); cast hidden to lm_head.weight.dtype first."
+            f"{name}: hidden {hidden.dtype} and weight {weight.dtype} differ or are not floating; they must share one "
+            "floating dtype (bf16, fp16 or fp32): cast hidden to lm_head.weight.dtype first."
         )
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_bytes: int | None) -> None:
+    check_loss_inputs("fused_linear_cross_entropy", hidden, weight, labels)
     if hidden.device != weight.device or labels.device != hidden.device:
         raise ValueError(
             f"fused_linear_cross_entropy: hidden on {hidden.device}, weight on {weight.device}, labels on "

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .cross_entropy import counted_first
+from .cross_entropy import check_loss_inputs, counted_first
 
 __all__ = ["DEFAULT_VOCAB_CHUNK_BYTES", "DEFAULT_WORK_BYTES", "streamed_linear_cross_entropy"]
 
@@ -266,18 +266,7 @@ def streamed_linear_cross_entropy(
     ``counted_bound`` below the true count makes loss_sum NaN, no host sync, backward once. Differentiable in
     loss_sum w.r.t. hidden only; a weight that requires grad is an error (train it with the fused kernel).
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"streamed_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}; expected "
-            "(T, E) and (V, E)."
-        )
-    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0] or labels.dtype.is_floating_point:
-        raise ValueError(
-            f"streamed_linear_cross_entropy: labels {tuple(labels.shape)} {labels.dtype}; expected T = "
-            f"{hidden.shape[0]} integer labels."
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"streamed_linear_cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} differ.")
+    check_loss_inputs("streamed_linear_cross_entropy", hidden, weight, labels)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("streamed_linear_cross_entropy: the weight is frozen here; a trainable lm_head needs the GPU.")
     if weight.device != hidden.device and not (hidden.is_cuda and weight.device.type == "cpu"):
