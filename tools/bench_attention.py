@@ -3,12 +3,15 @@ its tilings. Prints a table and appends its rows to docs/bench/results/attention
 
     python tools/bench_attention.py                                   # D 64/128/256, packs of 4K and 16K tokens
     python tools/bench_attention.py --dims 128 --packs 16384 --graph  # device time from CUDA-graph replays
+    python tools/bench_attention.py --dims 128 --packs 131072,524288 --shapes one --impls padless,varlen_attn
     python tools/bench_attention.py --sweep --budget-s 500 --write-tuned   # tune, then update the tuned table
     python tools/bench_attention.py --smoke [--sweep]                 # tiny shapes; on a CPU under TRITON_INTERPRET=1
 
 Table (bf16, causal, H 32 / Hkv 8 unless --heads): forward and forward+backward milliseconds (CUDA events, median;
 ``--graph``: CUDA-graph replays, no host launch path) and useful TFLOP/s, on packs filled with Alpaca-like examples
-(log-normal lengths, median 95, clipped to [8, 1024]) or equal lengths of 1K and 4K tokens. Implementations:
+(log-normal lengths, median 95, clipped to [8, 1024]; ``--shapes alpaca``), equal lengths of 1K and 4K tokens
+(``eq1K``, ``eq4K``) or one example filling the pack (``one``, long context). Cases with examples of 64K tokens or
+more time 1 warm-up and 3 calls instead of 3 and 10. Implementations (``--impls``):
 ``padless`` (``varlen_attention``, default backward), ``padless_det`` (``deterministic=True``), ``varlen_attn``
 (``torch.nn.attention.varlen``, when this torch has it) and ``flex`` (compiled FlexAttention, document-causal
 BlockMask built outside the timing). FLOPs count only each example's causal half: forward 4 * sum(l^2 / 2) * H * D,
@@ -19,7 +22,8 @@ the forward, the atomic-dQ backward (``bwd_atomic``) and the deterministic backw
 (``bwd_kv``, ``bwd_dq``, each timed as the whole deterministic backward). One case stands for each bucket (16K-token
 packs: Alpaca-like = short, 1K = medium, 4K = long, one 16K example = xlong); this GPU's current tuned tiles, if any,
 are candidates too. Trials stop starting once ``--budget-s`` is spent. ``--write-tuned [PATH]`` (default
-``kernels/attention_tuned.json``) replaces this GPU's table with the winners, keeps other GPUs' tables, validates the
+``kernels/attention_tuned.json``) replaces this GPU's swept cases with the winners, keeps its other cases and other
+GPUs' tables, validates the
 document with ``parse_tuned`` and writes it atomically; ``backward`` is the faster of the two measured backwards.
 """
 
@@ -54,11 +58,21 @@ def alpaca_lens(total: int, seed: int) -> list[int]:
     return lens
 
 
-def table_cases(packs: list[int]) -> list[tuple[str, list[int]]]:
+SHAPES = ("alpaca", "eq1K", "eq4K", "one")
+IMPLS = ("padless", "padless_det", "varlen_attn", "flex")
+LONG_EXAMPLE = 65536  # examples this long take seconds per pass: fewer timed calls
+
+
+def table_cases(packs: list[int], shapes: list[str]) -> list[tuple[str, list[int]]]:
+    """(name, example lengths) per pack size and shape, in that order."""
     out = []
-    for pack in packs:
-        out.append((f"alpaca/{pack // 1024}K", alpaca_lens(pack, pack)))
-        out += [(f"eq{eq // 1024}K/{pack // 1024}K", [eq] * (pack // eq)) for eq in (1024, 4096) if eq <= pack]
+    for pack, shape in itertools.product(packs, shapes):
+        if shape == "alpaca":
+            out.append((f"alpaca/{pack // 1024}K", alpaca_lens(pack, pack)))
+        elif shape == "one":
+            out.append((f"one{pack // 1024}K", [pack]))
+        elif (eq := int(shape.removeprefix("eq").removesuffix("K")) * 1024) <= pack:
+            out.append((f"eq{eq // 1024}K/{pack // 1024}K", [eq] * (pack // eq)))
     return out
 
 
@@ -113,8 +127,9 @@ def flex_fn(lens, heads, kv_heads, device):
     return lambda q, k, v: flex(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
-def time_case(fn, inputs, do, graph: bool, smoke: bool) -> tuple[float | None, float | None, str]:
-    """(forward ms, forward+backward ms, note) of fn(q, k, v); a pass that fails gets None and the reason."""
+def time_case(fn, inputs, do, graph: bool, smoke: bool, long: bool = False) -> tuple[float | None, float | None, str]:
+    """(forward ms, forward+backward ms, note) of fn(q, k, v); a pass that fails gets None and the reason.
+    ``long``: examples of seconds per pass, timed over 1 warm-up and 3 calls."""
     import torch
 
     def fwd():
@@ -127,7 +142,8 @@ def time_case(fn, inputs, do, graph: bool, smoke: bool) -> tuple[float | None, f
     times, notes = [], []
     for name, call in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
         try:
-            reps = {"warmup": 0, "repeats": 1} if smoke else {"warmup": 3, "repeats": 10}
+            reps = {"warmup": 0, "repeats": 1} if smoke else {"warmup": 1, "repeats": 3} if long else \
+                   {"warmup": 3, "repeats": 10}  # fmt: skip
             times.append(H.time_graph_ms([call], calls=5) if graph else H.time_ms(call, **reps))
         except Exception as error:  # a peer missing, out of memory or not capturable: recorded, the table goes on
             times.append(None)
@@ -139,8 +155,8 @@ def run_table(args, device: str, dtype) -> list[dict]:
     import torch
 
     heads, kv_heads = args.heads
-    impls = ["padless", "padless_det"] + ([] if args.smoke else ["varlen_attn", "flex"])
-    cases = [("tiny", SMOKE_LENS)] if args.smoke else table_cases(args.packs)
+    impls = [i for i in args.impls if not args.smoke or i.startswith("padless")]
+    cases = [("tiny", SMOKE_LENS)] if args.smoke else table_cases(args.packs, args.shapes)
     rows = []
     for d, (case, lens) in itertools.product(args.dims, cases):
         inputs, do, cu = make_inputs(lens, heads, kv_heads, d, device, dtype)
@@ -159,7 +175,7 @@ def run_table(args, device: str, dtype) -> list[dict]:
                 # FlexAttention takes (1, H, T, D): its own contiguous copies of the same inputs
                 bhtd = lambda x: x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(x.requires_grad)
                 ins, dout = ([bhtd(x) for x in inputs], bhtd(do)) if impl == "flex" else (inputs, do)
-                f, fb, note = time_case(fn, ins, dout, args.graph, args.smoke)
+                f, fb, note = time_case(fn, ins, dout, args.graph, args.smoke, long=max(lens) >= LONG_EXAMPLE)
             except Exception as error:  # the peer cannot be built here (missing in this torch, ...)
                 f, fb, note = None, None, f"{type(error).__name__}: {str(error)[:100]}"
             row.update(fwd_ms=f, fwdbwd_ms=fb, note=note)
@@ -299,23 +315,29 @@ def write_tuned(path: Path, results: list[dict], gpu: str) -> dict:
             case["backward"] = "deterministic" if det["ms"] < got["bwd_atomic"]["ms"] else "atomic"
         case["note"] = f"{got[next(iter(got))]['case']}: " + ", ".join(f"{k} {r['ms']:.3f} ms" for k, r in got.items())
         cases.append(case)
-    others = []
+    others, kept = [], []
     if path.exists():
         try:
             old = json.loads(path.read_text())
             parse_tuned(old, str(path))
             others = [t for t in old["tables"] if t["gpu"] != gpu]
+            swept = {(c["D"], c["dtype"], c["bucket"]) for c in cases}
+            kept = [c for t in old["tables"] if t["gpu"] == gpu for c in t["cases"]
+                    if (c["D"], c["dtype"], c["bucket"]) not in swept]  # fmt: skip
         except ValueError as error:  # JSONDecodeError is a ValueError too
             print(f"[tuned] {path} is not a valid version-2 table ({error}); writing a new document", flush=True)
     table = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-             "date": datetime.date.today().isoformat(), "cases": cases}  # fmt: skip
+             "date": datetime.date.today().isoformat(), "cases": [*kept, *cases]}  # fmt: skip
     doc = {"version": 2, "tables": [*others, table]}
     parse_tuned(doc, str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
-    print(f"[tuned] wrote {len(cases)} case(s) for {gpu} to {path} ({len(others)} other GPU table(s) kept)")
+    print(
+        f"[tuned] wrote {len(cases)} case(s) for {gpu} to {path} ({len(kept)} unswept case(s) of this GPU and "
+        f"{len(others)} other GPU table(s) kept)"
+    )
     return doc
 
 
@@ -324,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", default="64,128,256", help="head dims D, comma-separated")
     p.add_argument("--packs", default="4096,16384", help="table: pack sizes in tokens, comma-separated")
+    p.add_argument("--shapes", default="alpaca,eq1K,eq4K", help=f"table: pack contents, some of {','.join(SHAPES)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help="table: implementations, comma-separated")
     p.add_argument("--heads", default="32,8", help="query and key/value heads, H,Hkv")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--graph", action="store_true", help="table: time CUDA-graph replays instead of eager calls")
@@ -339,6 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.packs = [int(x) for x in args.packs.split(",")]
     args.heads = tuple(int(x) for x in args.heads.split(","))
     args.buckets = args.buckets.split(",")
+    args.shapes, args.impls = args.shapes.split(","), args.impls.split(",")
+    for name, given, known in (("--shapes", args.shapes, SHAPES), ("--impls", args.impls, IMPLS)):
+        if unknown := sorted(set(given) - set(known)):
+            p.error(f"{name}: unknown {unknown}; expected some of {list(known)}")
     if args.smoke:
         args.dims, args.heads, args.buckets = [16], (4, 2), ["short"]
     if unknown := sorted(set(args.buckets) - set(BUCKET_CASES)):

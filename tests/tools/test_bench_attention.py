@@ -63,7 +63,7 @@ def test_winners_take_the_fastest_successful_trial() -> None:
     assert best[(128, "bf16", "short", "fwd")]["ms"] == 1.0
 
 
-def test_write_tuned_replaces_this_gpus_table_and_keeps_the_others(tmp_path) -> None:
+def test_write_tuned_replaces_the_swept_cases_and_keeps_the_rest(tmp_path) -> None:
     bench = load_tool("bench_attention")
     attention = pytest.importorskip("padless.kernels.attention")
     if not hasattr(attention, "parse_tuned"):
@@ -71,7 +71,9 @@ def test_write_tuned_replaces_this_gpus_table_and_keeps_the_others(tmp_path) -> 
     fwd = {"block_m": 64, "hpb": 2, "block_n": 64, "num_warps": 4, "num_stages": 3}
     other = {"gpu": "OTHER GPU", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-01-01",
              "cases": [{"D": 64, "dtype": "bf16", "bucket": "short", "tiles": {"fwd": fwd}}]}  # fmt: skip
-    stale = dict(other, gpu="THIS GPU", cases=[{"D": 256, "dtype": "bf16", "bucket": "long", "tiles": {"fwd": fwd}}])
+    unswept = {"D": 256, "dtype": "bf16", "bucket": "long", "tiles": {"fwd": fwd}}
+    swept = {"D": 128, "dtype": "bf16", "bucket": "long", "tiles": {"fwd": fwd}}
+    stale = dict(other, gpu="THIS GPU", cases=[unswept, swept])
     path = tmp_path / "attention_tuned.json"
     path.write_text(json.dumps({"version": 2, "tables": [other, stale]}))
     results = [trial("bwd_atomic", (128, 32, 2, 8, 3), 5.0), trial("bwd_kv", (128, 32, 2, 8, 2), 4.5),
@@ -81,7 +83,8 @@ def test_write_tuned_replaces_this_gpus_table_and_keeps_the_others(tmp_path) -> 
     doc = json.loads(path.read_text())
     attention.parse_tuned(doc, str(path))
     assert [t["gpu"] for t in doc["tables"]] == ["OTHER GPU", "THIS GPU"] and doc["tables"][0] == other
-    long_case, short_case = doc["tables"][1]["cases"]
+    kept, long_case, short_case = doc["tables"][1]["cases"]
+    assert kept == unswept
     assert (long_case["D"], long_case["bucket"], long_case["backward"]) == (128, "long", "deterministic")
     assert long_case["tiles"]["fwd"] == {"block_m": 64, "hpb": 2, "block_n": 128, "num_warps": 8, "num_stages": 3}
     assert long_case["tiles"]["bwd_dq"] == dict(zip(attention.TUNED_FIELDS["bwd_dq"], (64, 2, 64, 8, 3)))
