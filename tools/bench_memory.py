@@ -47,6 +47,7 @@ class Case:
     memory: str = "fast"
     target_gib: float | None = None
     system: str = "padless"  # padless | hf (Hugging Face + peft, + bitsandbytes for QLoRA)
+    mlp_tile: int = 0  # --mlp-tile-tokens (0: the setting's own choice)
 
     @property
     def name(self) -> str:
@@ -59,6 +60,7 @@ class Case:
         suffix += "" if self.checkpointing == checkpointing else f"-{self.checkpointing}"
         suffix += "" if self.optimizer == optimizer else f"-{self.optimizer}"
         suffix += "" if self.system == "padless" else f"-{self.system}"
+        suffix += f"-tile{self.mlp_tile // 1024}k" if self.mlp_tile else ""
         return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
 
 
@@ -69,9 +71,17 @@ def _low_checkpointing(tokens: int) -> str:
     return low_memory_checkpointing("off", tokens)
 
 
-def _low(shape: str, mode: str, tokens: int, target_gib: float | None = None, checkpointing: str | None = None) -> Case:
+def _low(
+    shape: str,
+    mode: str,
+    tokens: int,
+    target_gib: float | None = None,
+    checkpointing: str | None = None,
+    mlp_tile: int = 0,
+) -> Case:
     """A ``--memory low`` case: its checkpointing mode (unless given) and 8-bit AdamW, as that setting chooses them."""
-    return Case(shape, mode, tokens, checkpointing or _low_checkpointing(tokens), "adamw8bit", "low", target_gib)
+    checkpointing = checkpointing or _low_checkpointing(tokens)
+    return Case(shape, mode, tokens, checkpointing, "adamw8bit", "low", target_gib, mlp_tile=mlp_tile)
 
 
 CASES = {
@@ -89,6 +99,7 @@ CASES = {
         _low("qwen3-4b", "qlora", 32768, 6.0),
         _low("qwen3-14b", "qlora", 4096, 12.0),
         _low("qwen3-8b", "lora", 16384, 20.0, checkpointing="on"),
+        _low("qwen3-8b", "lora", 16384, 20.0, checkpointing="on", mlp_tile=8192),
         _low("qwen3-8b", "lora", 16384),
         Case("qwen3-4b", "qlora", 2048, system="hf"),
         Case("qwen3-4b", "qlora", 8192, system="hf"),
@@ -133,7 +144,8 @@ def predicted_gib(case: Case, vocab: int, sum_sq_per_token: float) -> float:
     from padless.train.plan import Setting, estimate, inventory
 
     inv = inventory(model_config(case.shape, vocab))
-    setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer, memory=case.memory)
+    setting = Setting(case.mode, case.tokens, case.checkpointing, optimizer=case.optimizer, memory=case.memory,
+                      mlp_tile=case.mlp_tile)  # fmt: skip
     return estimate(inv, setting, sum_sq_per_token=sum_sq_per_token).peak / 2**30
 
 
@@ -226,6 +238,8 @@ def run_case(case: Case, args: argparse.Namespace, vocab: int) -> dict[str, Any]
            f"--{case.mode}", "--tokens-per-micro-batch", str(case.tokens), "--memory", case.memory,
            "--max-steps", str(args.warmup + args.steps), "--eval-every", "-1", "--no-progress", "--force"]  # fmt: skip
     cmd += ["--checkpointing", case.checkpointing]
+    if case.mlp_tile:
+        cmd += ["--mlp-tile-tokens", str(case.mlp_tile)]
     if case.memory == "fast":  # --memory low chooses the optimizer (8-bit AdamW on CUDA)
         cmd += ["--optimizer", case.optimizer]
     if case.mode == "qlora":

@@ -52,3 +52,11 @@ def test_case_names_say_what_runs() -> None:
     assert bench.CASES["qwen3-8b-lora-16k-low-on"].checkpointing == "on"
     assert bench.CASES["qwen3-4b-qlora-2k"].memory == "fast"
     assert all(name in bench.CASES for name in bench.DEFAULT_CASES)
+
+
+def test_a_tile_case_runs_and_plans_its_tile() -> None:
+    bench = load_tool("bench_memory")
+    tiled, default = bench.CASES["qwen3-8b-lora-16k-low-on-tile8k"], bench.CASES["qwen3-8b-lora-16k-low-on"]
+    assert (tiled.mlp_tile, default.mlp_tile) == (8192, 0)
+    # --memory low's own tile is 4,096: a twice larger tile keeps more of the 16K MLP alive at once
+    assert bench.predicted_gib(tiled, 151936, 0.0) > bench.predicted_gib(default, 151936, 0.0)
