@@ -58,16 +58,21 @@ def rope(
 rope_ = rope
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up."""
-    fn = swiglu_kernel.swiglu if backend_for(gate.device) == "triton" else swiglu_kernel.swiglu_reference
-    return fn(gate, up)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, overwrite_inputs: bool = False) -> torch.Tensor:
+    """silu(gate) * up; ``overwrite_inputs``: the kernel's backward reuses gate's and up's memory for their
+    gradients (the reference lets autograd allocate)."""
+    if backend_for(gate.device) == "triton":
+        return swiglu_kernel.swiglu(gate, up, overwrite_inputs=overwrite_inputs)
+    return swiglu_kernel.swiglu_reference(gate, up)
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """gelu(gate, approximate) * up."""
-    fn = swiglu_kernel.geglu if backend_for(gate.device) == "triton" else swiglu_kernel.geglu_reference
-    return fn(gate, up, approximate)
+def geglu(
+    gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *, overwrite_inputs: bool = False
+) -> torch.Tensor:
+    """gelu(gate, approximate) * up; ``overwrite_inputs`` as :func:`swiglu`."""
+    if backend_for(gate.device) == "triton":
+        return swiglu_kernel.geglu(gate, up, approximate, overwrite_inputs=overwrite_inputs)
+    return swiglu_kernel.geglu_reference(gate, up, approximate)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

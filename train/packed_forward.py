@@ -43,12 +43,13 @@ def _norm(module: nn.Module, x: torch.Tensor, offset: float) -> torch.Tensor:
 def _mlp(mlp: nn.Module, h: torch.Tensor, activation: str) -> torch.Tensor:
     gate = project(mlp.gate_proj, h)
     up = project(mlp.up_proj, h)
+    # gate and up are this function's own: their backward may overwrite them with their gradients.
     if activation == "swiglu":
-        act = ops.swiglu(gate, up)
+        act = ops.swiglu(gate, up, overwrite_inputs=True)
     elif activation == "geglu_tanh":
-        act = ops.geglu(gate, up, "tanh")
+        act = ops.geglu(gate, up, "tanh", overwrite_inputs=True)
     elif activation == "geglu_none":
-        act = ops.geglu(gate, up, "none")
+        act = ops.geglu(gate, up, "none", overwrite_inputs=True)
     else:
         act = mlp.act_fn(gate) * up
     return project(mlp.down_proj, act)

@@ -85,6 +85,46 @@ def test_gated_activation_extreme_inputs_stay_finite():
         assert_close_verbose(fn(gate, up), ref(gate, up), atol=1e-4, rtol=1e-6, name=name)
 
 
+OVERWRITING = {
+    "swiglu": lambda g, u: swiglu(g, u, overwrite_inputs=True),
+    "geglu_tanh": lambda g, u: geglu(g, u, "tanh", overwrite_inputs=True),
+    "geglu_erf": lambda g, u: geglu(g, u, "none", overwrite_inputs=True),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_overwriting_backward_returns_the_same_gradients_in_the_inputs_memory(name):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    gate_leaf, up_leaf, _, dy = _inputs((9, 67), torch.bfloat16, "separate", gen)
+    fn = ACTIVATIONS[name][0]
+    want = torch.autograd.grad(fn(gate_leaf, up_leaf), (gate_leaf, up_leaf), dy)
+    gate, up = gate_leaf * 1, up_leaf * 1  # intermediates, as a model's projections make them
+    gate_ptr, up_ptr = gate.data_ptr(), up.data_ptr()
+    got = torch.autograd.grad(OVERWRITING[name](gate, up), (gate, up), dy, retain_graph=True)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert (got[0].data_ptr(), got[1].data_ptr()) == (gate_ptr, up_ptr)  # no new (T, I) tensors
+
+
+def test_overwriting_backward_refuses_a_second_pass_over_the_graph():
+    gen = torch.Generator().manual_seed(13)
+    gate_leaf, up_leaf, _, dy = _inputs((4, 33), torch.float32, "separate", gen)
+    out = swiglu(gate_leaf * 1, up_leaf * 1, overwrite_inputs=True)
+    torch.autograd.grad(out, (gate_leaf, up_leaf), dy, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, (gate_leaf, up_leaf), dy)
+
+
+def test_overwriting_backward_allocates_for_the_halves_of_one_tensor():
+    """gate and up as two views of one fused output: their memory is not the kernel's to reuse."""
+    gen = torch.Generator().manual_seed(14)
+    gate, up, (base,), dy = _inputs((5, 37), torch.float32, "fused_halves", gen)
+    before = base.detach().clone()
+    got = torch.autograd.grad(swiglu(gate, up, overwrite_inputs=True), base, dy)[0]
+    want = torch.autograd.grad(swiglu(gate, up), base, dy)[0]
+    assert torch.equal(got, want) and torch.equal(base.detach(), before)
+
+
 def test_gated_activation_rejects_bad_inputs():
     g = torch.randn(3, 8)
     with pytest.raises(ValueError, match=r"gate \(3, 8\) and up \(3, 7\) differ"):
