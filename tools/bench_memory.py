@@ -321,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
             ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
             ("memory_gib.weights", "weights", ".2f"), ("memory_gib.trainable", "trainable", ".2f"),
             ("memory_gib.gradients", "grads", ".2f"), ("memory_gib.optimizer", "optim", ".2f"),
-            ("memory_gib.step", "step", ".2f"), ("memory_gib.slack", "slack", ".2f"), ("step_s", "s/step", ".3f"),
-            ("tokens_per_s", "tok/s", ",.0f"), ("status", "status", "s")]  # fmt: skip
+            ("memory_gib.step", "step", ".2f"), ("memory_gib.saved", "saved", ".2f"),
+            ("memory_gib.workspace", "workspace", ".2f"), ("memory_gib.slack", "slack", ".2f"),
+            ("step_s", "s/step", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("status", "status", "s")]  # fmt: skip
     print(H.format_table(rows, cols, title=f"\ntrain run peak memory on {H.environment()['gpu']}"))
     H.record(args, "memory", rows, smoke=all(name.startswith("tiny") for name in args.cases))
 

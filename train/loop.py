@@ -277,6 +277,7 @@ def _train(
     step_times: list[float] = []
     per_step: list[tuple[int, int, float]] = []  # (tokens, trainable tokens, FLOPs) of each step, all ranks
     persistent: dict[str, int] | None = None
+    saved_bytes: int | None = None  # the most an eager forward left allocated for its backward (CUDA)
     with frozen_gc():  # no full GC pass over the model's objects in the middle of a step
         try:
             while step < total_steps:
@@ -312,9 +313,13 @@ def _train(
                                     progress.write(f"warning: {result.warnings[-1]}", always=True)
                             if loss_sum is None:
                                 batch = host_batch.to(device, non_blocking=True)
+                                allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                                 with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
                                     # forward: Σ token losses of this micro-batch (logits never materialised)
                                     loss_sum, _ = wrapped.run(batch)
+                                    if device.type == "cuda":  # the allocator's counter: no sync
+                                        kept = torch.cuda.memory_allocated(device) - allocated
+                                        saved_bytes = max(saved_bytes or 0, kept)
                                     # backward: scaled so the step's gradient is that of the step's token mean
                                     (loss_sum * scale).backward()
                             step_loss += loss_sum.detach().float()
@@ -417,7 +422,7 @@ def _train(
         "peak_mem_gib": peak_memory_gib(device),
         "tokens_per_micro_batch": budget,
         "predicted_peak_gib": auto.predicted_peak / 2**30 if auto and auto.predicted_peak is not None else None,
-        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device),
+        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device, saved_bytes),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
         # without the first, which pays the kernel compiles and the CUDA-graph capture.

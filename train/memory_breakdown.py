@@ -3,8 +3,11 @@
 The persistent part is counted from the tensors themselves (parameters, buffers, gradients, optimizer state: their
 storages, each counted once), so it is exact on any device. What one step adds on top (saved activations and the
 kernels' workspace, the CUDA-graph pool included) is the measured peak minus that persistent part; the allocator's
-slack is what it reserved beyond the peak. Each lever that trades memory (checkpointing, NF4, an 8-bit optimizer)
-shows up in exactly one of these lines.
+slack is what it reserved beyond the peak. The step's share splits into ``saved`` (what a micro-batch's forward
+leaves allocated for its backward: checkpoints, kept activations, the loss's saved inputs; measured by the trainer
+around each eager forward) and ``workspace`` (the rest of the peak: the backward's transient tensors, a layer's
+recompute, the kernels' scratch). Each lever that trades memory (checkpointing, NF4, an 8-bit optimizer) shows up
+in exactly one of these lines.
 """
 
 from __future__ import annotations
@@ -70,13 +73,17 @@ def persistent_bytes(
     return {"weights": weights, "trainable": trainable, "gradients": gradients, "optimizer": optimizer_bytes}
 
 
-def breakdown(persistent: dict[str, int], device: torch.device) -> dict[str, float]:
+def breakdown(persistent: dict[str, int], device: torch.device, saved: int | None = None) -> dict[str, float]:
     """GiB per line: the persistent parts, then (on CUDA) ``step`` = peak allocated beyond them, ``peak`` and
-    ``slack`` = peak reserved beyond the peak allocated."""
+    ``slack`` = peak reserved beyond the peak allocated; with ``saved`` (bytes, the largest a forward left for its
+    backward) also ``saved`` and ``workspace`` = step - saved."""
     gib = {name: value / 2**30 for name, value in persistent.items()}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         gib["step"] = max(0.0, peak - sum(gib.values()))
+        if saved is not None:
+            gib["saved"] = min(saved / 2**30, gib["step"])
+            gib["workspace"] = gib["step"] - gib["saved"]
         gib["peak"] = peak
         gib["slack"] = max(0.0, torch.cuda.max_memory_reserved(device) / 2**30 - peak)
     return gib

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
+import pytest
 import torch
 
 from padless.train.adapters import apply_adapters
+from padless.train.loop import train
 from padless.train.memory_breakdown import breakdown, persistent_bytes
 from padless.train.modeling import load_model
+from tests.train.runs import base_config
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
@@ -53,3 +57,31 @@ def test_nf4_weights_count_their_quantization_state() -> None:
     # half a byte per value, the double-quantized block scales (a byte per 64 values, fp32 per 256 blocks) and the
     # two 256-entry code books of each quantized weight
     assert linear_values * (0.5 + 1 / 64) < nf4 <= linear_values * (0.5 + 1 / 64 + 4 / 64 / 256) + quantized * 2048
+
+
+def test_the_step_splits_into_saved_and_workspace(monkeypatch) -> None:
+    """The split's arithmetic against the allocator's counters (stood in for: this machine may have no GPU)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 11 * gib)
+    lines = {"weights": 6 * gib, "trainable": gib // 2, "gradients": gib // 2, "optimizer": gib}
+    cuda = torch.device("cuda", 0)
+    split = breakdown(lines, cuda, saved=int(1.5 * gib))
+    assert (split["step"], split["saved"], split["workspace"], split["slack"]) == (2.0, 1.5, 0.5, 1.0)
+    assert breakdown(lines, cuda, saved=3 * gib)["saved"] == 2.0  # never more than the step
+    assert "saved" not in breakdown(lines, cuda)  # a run that replayed every step as a graph measured none
+
+
+@pytest.mark.gpu
+def test_gpu_checkpointing_shows_in_the_saved_line(synthetic_shards: Path, tmp_path: Path) -> None:
+    """An eager run's forward keeps every layer's activations without checkpointing and only the layer inputs with
+    it: the saved line says so, and saved + workspace is the step's share."""
+    saved = {}
+    for mode in ("off", "on"):
+        cfg = base_config(synthetic_shards, tmp_path / mode, device="cuda", cuda_graphs="off", checkpointing=mode,
+                          max_steps=2, tokens_per_micro_batch=512)  # fmt: skip
+        lines = train(cfg).summary["memory_gib"]
+        assert lines["saved"] > 0 and lines["workspace"] >= 0
+        assert lines["saved"] + lines["workspace"] == pytest.approx(lines["step"])
+        saved[mode] = lines["saved"]
+    assert saved["on"] < saved["off"] / 2
