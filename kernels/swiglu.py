@@ -13,9 +13,10 @@ int64 through the shared ``needs_long_indexing`` helper.
 ``overwrite_inputs=True`` (for a caller that owns gate and up, such as the model's MLP, whose gate and up are
 fresh projection outputs nothing else reads): the backward writes d_gate and d_up over the saved gate and up, which
 it no longer needs, instead of allocating two more (T, I) tensors, the largest transient of a checkpointed layer's
-backward (2 x 0.75 GiB at 16K tokens with Qwen3-8B shapes). Their version counters are bumped, so a second backward
-through the same graph (``retain_graph``) fails with autograd's in-place error instead of reading gradients as
-inputs.
+backward (2 x 0.375 GiB at 16K tokens with Qwen3-8B shapes). Only intermediates are overwritten (gate and up made
+by autograd-tracked ops, never leaves a caller passed in). Their version counters are bumped, so without
+saved-tensor hooks a second backward through the same graph (``retain_graph``) fails with autograd's in-place error
+instead of reading gradients as inputs.
 """
 
 from __future__ import annotations
@@ -241,7 +242,9 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, act, overwrite_inputs):  # type: ignore[override]
         ctx.save_for_backward(gate, up)
-        ctx.act, ctx.overwrite_inputs = act, overwrite_inputs
+        # intermediates only (a grad_fn each): a leaf's values belong to whoever passed it in
+        ctx.act = act
+        ctx.overwrite_inputs = overwrite_inputs and gate.grad_fn is not None and up.grad_fn is not None
         return _launch_glu_fwd(gate, up, act)
 
     @staticmethod

@@ -60,7 +60,8 @@ class Case:
         suffix += "" if self.checkpointing == checkpointing else f"-{self.checkpointing}"
         suffix += "" if self.optimizer == optimizer else f"-{self.optimizer}"
         suffix += "" if self.system == "padless" else f"-{self.system}"
-        suffix += f"-tile{self.mlp_tile // 1024}k" if self.mlp_tile else ""
+        if self.mlp_tile:
+            suffix += f"-tile{self.mlp_tile // 1024}k" if self.mlp_tile % 1024 == 0 else f"-tile{self.mlp_tile}"
         return f"{self.shape}-{self.mode}-{self.tokens // 1024}k{suffix}"
 
 

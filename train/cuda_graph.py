@@ -61,6 +61,7 @@ class GraphedMicroStep:
         self.shape = shape
         self.device = torch.device(device)
         self.warmup = warmup
+        self.saved_bytes: int | None = None  # the most a warm-up forward left allocated for its backward
         self.graph: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None
         self._scale = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -92,8 +93,11 @@ class GraphedMicroStep:
         self._scale.fill_(scale)
         self._host = padded
 
-    def _forward_backward(self) -> torch.Tensor:
+    def _forward_backward(self, measure: bool = False) -> torch.Tensor:
+        allocated = torch.cuda.memory_allocated(self.device) if measure else 0
         loss_sum, _ = self.loss_fn(self._batch)
+        if measure:  # what this forward left for its backward (the replays cannot be read apart)
+            self.saved_bytes = max(self.saved_bytes or 0, torch.cuda.memory_allocated(self.device) - allocated)
         (loss_sum * self._scale).backward()
         return loss_sum.detach()
 
@@ -102,8 +106,8 @@ class GraphedMicroStep:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph's docs ask
-            for _ in range(self.warmup):
-                self._forward_backward()
+            for i in range(self.warmup):  # the first also makes what persists (RoPE cache, cuBLAS workspace)
+                self._forward_backward(measure=i > 0)
         torch.cuda.current_stream(self.device).wait_stream(side)
         missing = [i for i, p in enumerate(self.params) if p.grad is None]
         if missing:

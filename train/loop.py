@@ -277,7 +277,12 @@ def _train(
     step_times: list[float] = []
     per_step: list[tuple[int, int, float]] = []  # (tokens, trainable tokens, FLOPs) of each step, all ranks
     persistent: dict[str, int] | None = None
-    saved_bytes: int | None = None  # the most an eager forward left allocated for its backward (CUDA)
+    # The most a forward left allocated for its backward (CUDA; not under FSDP2, whose root group stays gathered
+    # after the forward). The run's first step is left out: its forward also makes what persists (the RoPE cache,
+    # cuBLAS's workspace).
+    saved_bytes: int | None = None
+    measure_saved = device.type == "cuda" and not cfg.fsdp
+    first_step = step
     with frozen_gc():  # no full GC pass over the model's objects in the middle of a step
         try:
             while step < total_steps:
@@ -313,11 +318,12 @@ def _train(
                                     progress.write(f"warning: {result.warnings[-1]}", always=True)
                             if loss_sum is None:
                                 batch = host_batch.to(device, non_blocking=True)
-                                allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                                measure = measure_saved and step > first_step
+                                allocated = torch.cuda.memory_allocated(device) if measure else 0
                                 with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
                                     # forward: Σ token losses of this micro-batch (logits never materialised)
                                     loss_sum, _ = wrapped.run(batch)
-                                    if device.type == "cuda":  # the allocator's counter: no sync
+                                    if measure:  # the allocator's counter: no sync
                                         kept = torch.cuda.memory_allocated(device) - allocated
                                         saved_bytes = max(saved_bytes or 0, kept)
                                     # backward: scaled so the step's gradient is that of the step's token mean
@@ -402,6 +408,8 @@ def _train(
 
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0
+    graphed_saved = graph_step.saved_bytes if graph_step is not None and measure_saved else None
+    saved = max(saved_bytes or 0, graphed_saved or 0) if saved_bytes or graphed_saved else None
     result.steps = step
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
@@ -422,7 +430,7 @@ def _train(
         "peak_mem_gib": peak_memory_gib(device),
         "tokens_per_micro_batch": budget,
         "predicted_peak_gib": auto.predicted_peak / 2**30 if auto and auto.predicted_peak is not None else None,
-        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device, saved_bytes),
+        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device, saved),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
         # without the first, which pays the kernel compiles and the CUDA-graph capture.

@@ -115,14 +115,27 @@ def test_overwriting_backward_refuses_a_second_pass_over_the_graph():
         torch.autograd.grad(out, (gate_leaf, up_leaf), dy)
 
 
-def test_overwriting_backward_allocates_for_the_halves_of_one_tensor():
-    """gate and up as two views of one fused output: their memory is not the kernel's to reuse."""
+@pytest.mark.parametrize("layout", ["fused_halves", "stacked"])
+def test_overwriting_backward_leaves_memory_it_does_not_own(layout):
+    """gate and up as two views of one fused output (strided halves, or the contiguous rows of a (2, T, I)
+    stack), or leaves a caller passed in: their memory is not the kernel's to reuse."""
     gen = torch.Generator().manual_seed(14)
-    gate, up, (base,), dy = _inputs((5, 37), torch.float32, "fused_halves", gen)
-    before = base.detach().clone()
-    got = torch.autograd.grad(swiglu(gate, up, overwrite_inputs=True), base, dy)[0]
+    base = torch.randn(2, 5, 37, generator=gen).to(DEVICE).requires_grad_()
+    dy = torch.randn(5, 37, generator=gen).to(DEVICE)
+    fused = base * 1
+    if layout == "stacked":
+        gate, up = fused[0], fused[1]
+    else:
+        flat = fused.transpose(0, 1).reshape(5, 74)
+        gate, up = flat[:, :37], flat[:, 37:]
+    before = fused.detach().clone()
+    got = torch.autograd.grad(swiglu(gate, up, overwrite_inputs=True), base, dy, retain_graph=True)[0]
     want = torch.autograd.grad(swiglu(gate, up), base, dy)[0]
-    assert torch.equal(got, want) and torch.equal(base.detach(), before)
+    assert torch.equal(got, want) and torch.equal(fused.detach(), before)
+    leaf_gate, leaf_up = (x.detach().clone().requires_grad_() for x in (gate, up))
+    leaf_values = leaf_gate.detach().clone()
+    torch.autograd.grad(swiglu(leaf_gate, leaf_up, overwrite_inputs=True), (leaf_gate, leaf_up), dy)
+    assert torch.equal(leaf_gate.detach(), leaf_values)
 
 
 def test_gated_activation_rejects_bad_inputs():
