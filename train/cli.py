@@ -79,14 +79,15 @@ def plan_command(**params: Any) -> None:
         for row in rows:
             click.echo(json.dumps(row))
         return
-    header = f"{'mode':<6} {'tokens':>7} {'ckpt':<7} {'weights':>8} {'adapters':>8} {'step':>7} {'peak GiB':>8} " \
+    header = f"{'mode':<6} {'tokens':>7} {'ckpt':<14} {'weights':>8} {'adapters':>8} {'step':>7} {'peak GiB':>8} " \
              f"{'host':>6} {'s/step':>7} {'tokens/s':>9}  fits"  # fmt: skip
     click.echo(header)
     click.echo("-" * len(header))
     for row in rows:
         fits = {True: "yes", False: "no", None: "?"}[row["fits"]]
+        ckpt = row["checkpointing"] + (f"+{row['checkpoint_gpu_gib']:g}G" if row["checkpoint_gpu_gib"] else "")
         click.echo(
-            f"{row['mode']:<6} {row['tokens']:>7} {row['checkpointing']:<7} {row['weights_gib']:>8.2f} "
+            f"{row['mode']:<6} {row['tokens']:>7} {ckpt:<14} {row['weights_gib']:>8.2f} "
             f"{row['trainable_gib']:>8.2f} {row['step_gib']:>7.2f} {row['peak_gib']:>8.2f} {row['host_gib']:>6.1f} "
             f"{row['step_s']:>7.3f} {row['tokens_per_s']:>9,.0f}  {fits}"
         )
@@ -96,9 +97,10 @@ def plan_command(**params: Any) -> None:
         click.echo(f"nothing asked for fits {result.gpu_bytes / 2**30:.1f} GiB (the card less 1 GiB of headroom)")
     else:
         s = result.recommended.setting
+        share = f" --checkpoint-gpu-gib {s.checkpoint_gpu_bytes / 2**30:g}" if s.checkpoint_gpu_bytes else ""
         click.echo(
             f"recommended for {result.gpu_bytes / 2**30:.1f} GiB usable: --{s.mode} --tokens-per-micro-batch "
-            f"{s.tokens} --checkpointing {s.checkpointing}{' --memory low' if s.memory == 'low' else ''} "
+            f"{s.tokens} --checkpointing {s.checkpointing}{share}{' --memory low' if s.memory == 'low' else ''} "
             f"(predicted peak {result.recommended.peak / 2**30:.2f} GiB, "
             f"about {result.recommended.tokens_per_s:,.0f} tokens/s)"
         )

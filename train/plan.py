@@ -46,7 +46,7 @@ from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
 from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
-from .offload_budget import CheckpointShape, plan_offload
+from .offload_budget import GIB, HOST_RESERVE, CheckpointShape, plan_offload
 
 __all__ = [
     "Estimate",
@@ -253,7 +253,8 @@ def recommend(estimates: list[Estimate], gpu_bytes: int, host_bytes: int | None 
 def as_row(e: Estimate) -> dict[str, Any]:
     s = e.setting
     gib = 2**30
-    return {"mode": s.mode, "tokens": s.tokens, "checkpointing": s.checkpointing, "weights_gib": e.weights / gib,
+    return {"mode": s.mode, "tokens": s.tokens, "checkpointing": s.checkpointing,
+            "checkpoint_gpu_gib": s.checkpoint_gpu_bytes / gib, "weights_gib": e.weights / gib,
             "trainable_gib": (e.trainable + e.gradients + e.optimizer) / gib, "step_gib": e.step / gib,
             "peak_gib": e.peak / gib, "host_gib": e.host / gib, "step_s": e.step_s,
             "tokens_per_s": e.tokens_per_s}  # fmt: skip
@@ -270,7 +271,7 @@ class Plan:
 
     estimates: list[Estimate]
     gpu_bytes: int | None  # usable GPU memory (the card's minus the headroom), None = unknown
-    host_bytes: int | None
+    host_bytes: int | None  # host memory for pinned checkpoints (available less train run's reserve), None = unknown
     recommended: Estimate | None
 
     def fits(self, e: Estimate) -> bool | None:
@@ -352,8 +353,24 @@ def _as_run(setting: Setting) -> Setting:
     return dataclasses.replace(setting, checkpointing=checkpointing, optimizer=optimizer, mlp_tile=tile)
 
 
+def host_fit_split(inv: ModelInventory, setting: Setting, host_budget: int) -> Setting | None:
+    """``setting`` (offload, all checkpoints to the host) with the smallest ``--checkpoint-gpu-gib`` whose host share
+    fits ``host_budget`` bytes; None when it fits already, or when no GPU share makes it fit."""
+    if setting.checkpointing != "offload" or setting.checkpoint_gpu_bytes:
+        return None
+    shape = CheckpointShape(inv.layers, inv.hidden, inv.heads, inv.head_dim, setting.dtype_bytes)
+    split = plan_offload(shape, setting.tokens, keep_attention=setting.keep_attention)
+    if split.host_bytes <= host_budget:
+        return None
+    gpu_gib = split.gpu_gib_for(host_budget)
+    if not gpu_gib:
+        return None
+    return dataclasses.replace(setting, checkpoint_gpu_bytes=int(gpu_gib * GIB))
+
+
 def plan(cfg: Any) -> Plan:
-    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for."""
+    """Predict every setting ``cfg`` (a :class:`~train.config.PlanConfig`) asks for. Where the host cannot hold
+    an offloaded setting's checkpoints, the same setting with the GPU share that makes them fit follows it."""
     from .config import TrainError
 
     inv, max_len, sum_sq_per_token = plan_inputs(cfg)
@@ -394,6 +411,16 @@ def plan(cfg: Any) -> Plan:
     if gpu is None and torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0).total_memory
     usable = usable_bytes(gpu) if gpu is not None else None
-    host = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else host_available_bytes()
+    available = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else host_available_bytes()
+    # What train run's check before the first step allows the pinned checkpoints (train.offload_budget).
+    host = max(available - HOST_RESERVE, 0) if available is not None else None
+    if host is not None:
+        with_splits = []
+        for e in estimates:
+            with_splits.append(e)
+            split = host_fit_split(inv, e.setting, host)
+            if split is not None:
+                with_splits.append(estimate(inv, split, sum_sq_per_token=sum_sq_per_token))
+        estimates = with_splits
     recommended = recommend(estimates, usable, host) if usable is not None else None
     return Plan(estimates, usable, host, recommended)

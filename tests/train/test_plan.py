@@ -17,7 +17,7 @@ from padless.train.cli import main
 from padless.train.config import PlanConfig, TrainError
 from padless.train.memory_breakdown import persistent_bytes
 from padless.train.modeling import load_model, tiny_config
-from padless.train.offload_budget import CheckpointShape, plan_offload
+from padless.train.offload_budget import HOST_RESERVE, CheckpointShape, plan_offload
 from padless.train.plan import Estimate, Setting, estimate, inventory, recommend, shard_statistics
 from tests.user_errors import assert_one_line_error
 
@@ -181,3 +181,23 @@ def test_plan_config_checks_its_fields() -> None:
     with pytest.raises(TrainError, match="--checkpoint-gpu-gib must be >= 0 GiB"):
         PlanConfig(shards="s", checkpoint_gpu_gib=-1.0)
     assert PlanConfig(shards="s", tokens="1k, 4096").token_list == (1024, 4096)
+
+
+def test_plan_offers_the_gpu_share_that_fits_the_host(synthetic_shards: Path) -> None:
+    """Offloaded checkpoints the host cannot hold: the next row keeps the smallest share of them on the GPU that
+    leaves the host part within the host memory less train run's reserve, and that row is recommended."""
+    shape = {**SHAPE, "num_hidden_layers": 8}
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(shape), "--modes",
+            "lora", "--checkpointing", "offload", "--tokens", "64k", "--gpu-mem-gib", "40"]  # fmt: skip
+    inv = inventory(tiny_config("qwen3", 1000, **shape))
+    split = plan_offload(CheckpointShape(inv.layers, inv.hidden, inv.heads, inv.head_dim, 2), 65536)
+    host_gib = (split.host_bytes + HOST_RESERVE) / 2**30 - 0.01  # a little short of everything on the host
+    rows = [json.loads(line) for line in CliRunner().invoke(main, [*args, "--host-mem-gib", str(host_gib),
+                                                                   "--json"]).output.splitlines()]  # fmt: skip
+    assert [(r["checkpoint_gpu_gib"] > 0, r["fits"]) for r in rows] == [(False, False), (True, True)]
+    assert 0 < rows[1]["host_gib"] <= host_gib - HOST_RESERVE / 2**30 < rows[0]["host_gib"]
+    shown = CliRunner().invoke(main, [*args, "--host-mem-gib", str(host_gib)]).output
+    assert f"--checkpoint-gpu-gib {rows[1]['checkpoint_gpu_gib']:g} " in shown.splitlines()[-1]
+    roomy = [json.loads(line) for line in CliRunner().invoke(main, [*args, "--host-mem-gib", "1000",
+                                                                    "--json"]).output.splitlines()]  # fmt: skip
+    assert [r["checkpoint_gpu_gib"] for r in roomy] == [0.0]  # it fits: no second row
