@@ -102,10 +102,24 @@ def padless_fn(lens, cu, deterministic: bool):
 
 
 def varlen_attn_fn(lens, cu, heads, kv_heads):
+    """PyTorch's ``varlen_attn`` as this torch spells it: causal through ``window_size=(-1, 0)`` or (older)
+    ``is_causal``; grouped k/v heads through ``enable_gqa`` or, where it lacks that, repeated to the query heads
+    inside the timed call."""
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn  # ImportError on a torch without it: the row says so
 
-    m = max(lens)
-    return lambda q, k, v: varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0), enable_gqa=kv_heads != heads)
+    params = inspect.signature(varlen_attn).parameters
+    m, gqa = max(lens), kv_heads != heads
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if gqa and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    elif gqa:
+        group = heads // kv_heads
+        return lambda q, k, v: varlen_attn(
+            q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), cu, cu, m, m, **kwargs
+        )
+    return lambda q, k, v: varlen_attn(q, k, v, cu, cu, m, m, **kwargs)
 
 
 _FLEX: dict[str, Any] = {}

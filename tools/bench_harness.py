@@ -239,10 +239,13 @@ def _version(name: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Where and with what a benchmark ran (no package is imported: versions come from the installed metadata)."""
     gpu, driver = _gpu_and_driver()
-    commit = _run(["git", "rev-parse", "HEAD"])
-    if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += "-dirty"
-    commit = commit or os.environ.get("PADLESS_COMMIT")  # a copy of the tree without .git names its commit here
+    # PADLESS_COMMIT names the commit of the code that runs where the checkout's own .git cannot (a wheel of it
+    # installed into a copied tree, a tree without .git); else the checkout's HEAD.
+    commit = os.environ.get("PADLESS_COMMIT")
+    if not commit:
+        commit = _run(["git", "rev-parse", "HEAD"])
+        if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
+            commit += "-dirty"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu,

@@ -59,7 +59,8 @@ def test_time_graph_ms_falls_back_to_wall_clock_per_call(harness) -> None:
     assert harness.input_sets(10**9) == 1
 
 
-def test_environment_has_every_key(harness) -> None:
+def test_environment_has_every_key(harness, monkeypatch) -> None:
+    monkeypatch.delenv("PADLESS_COMMIT", raising=False)
     env = harness.environment()
     assert set(harness.REQUIRED_KEYS) - {"area"} <= set(env)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", env["date"])
@@ -84,3 +85,9 @@ def test_model_shapes_hold_the_shards_vocabulary(harness) -> None:
     assert family == "llama" and shape["vocab_size"] == 151_680 and shape["hidden_size"] == 4096
     assert harness.model_shape("qwen3-8b", 151_646)[1]["vocab_size"] == 151_936
     assert "vocab_size" not in harness.model_shape("tiny", 3072)[1]  # the tiny model takes the shards' own
+
+
+def test_an_explicit_commit_names_the_code_that_ran(harness, monkeypatch) -> None:
+    """A wheel installed into a copied checkout: the copy's .git is not the code's commit."""
+    monkeypatch.setenv("PADLESS_COMMIT", "0123abc")
+    assert harness.environment()["commit"] == "0123abc"
