@@ -18,9 +18,10 @@ The model is built on the meta device (no weights read), which gives every param
 
 The per-token activation counts of one layer (``_LAYER_*``) are fitted to measured peaks, not derived: what
 padless's fused layer keeps for its backward, and its backward's transient gradients, on a GPU. QLoRA projections
-run the same frozen-LoRA function as LoRA ones (``train.lora_linear``) and keep the same. Against thirteen H100
-peaks (Qwen3-8B bf16 LoRA at 16K; Qwen3-4B QLoRA at 2K/8K/32K with checkpointing on, offload, a tiled MLP and
-``--memory low``; Qwen3-14B QLoRA at 4K; docs/bench/README.md) the predictions are within 5%.
+run the same frozen-LoRA function as LoRA ones (``train.lora_linear``) and keep the same. Against the nine rows of
+the H100 memory table in docs/bench/README.md (Qwen3-8B bf16 LoRA at 16K; Qwen3-4B QLoRA at 2K/8K/32K, default and
+``--memory low``; Qwen3-14B QLoRA at 4K) the predictions are within 5% (-1.8% to +4.9%), and against the
+long-context rows there (Qwen3-8B shapes at 128K tokens, offloaded) within 5.4%.
 ``tools/bench_memory.py`` prints the prediction beside every case it measures.
 
 Step time is the step's FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
