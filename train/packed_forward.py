@@ -258,7 +258,9 @@ def packed_loss(
     log-sum-exp are kept with its checkpoint, and the recompute runs no attention forward (``train.kept_attention``).
     ``mlp_tile_tokens`` > 0: a stream of more tokens runs each layer's MLP that many tokens at a time
     (:func:`train.tiled_mlp.tiled_mlp`; the MLP's parameter gradients reach ``.grad`` only, so use
-    ``loss.backward()``); 0 runs it whole.
+    ``loss.backward()``); 0 runs it whole. On the Triton kernels the MLP's backward writes its gate/up gradients
+    over the saved gate and up, so with checkpointing ``off`` a second backward through one graph
+    (``retain_graph=True``) raises autograd's in-place error; ``on``/``offload`` recompute them for each backward.
     """
     check_mode(checkpointing)
     if mlp_tile_tokens < 0:

@@ -55,6 +55,23 @@ def test_long_path_equals_the_unchunked_computation_on_cpu() -> None:
         assert _relative_error(got[name], want[name]) < 1e-4, name  # fp32 sums in another order
 
 
+@pytest.mark.slow
+def test_long_path_on_the_triton_kernels_equals_the_plain_path(monkeypatch) -> None:
+    """The same on the Triton kernels (Triton's interpreter on a CPU): flash attention with its kept output, the
+    in-place gated activation, RoPE and RMSNorm inside tiles and recomputes; a few hundred tokens."""
+    monkeypatch.setenv("PADLESS_KERNELS", "triton")
+    model = apply_adapters(tiny_model("qwen3", num_hidden_layers=2), mode="lora", r=4, alpha=8)
+    randomize_lora(model)
+    model.train()
+    batch = make_batch([150, 90, 1], seed=22)
+    want_loss, want = _backward(model, batch)
+    loss, got = _backward(model, batch, **_long_options(model, batch, torch.float32, tile=64))
+    assert torch.allclose(loss, want_loss, rtol=1e-5), (float(loss), float(want_loss))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert _relative_error(got[name], want[name]) < 1e-4, name
+
+
 @pytest.mark.gpu
 def test_gpu_long_path_at_128k_tokens_equals_the_plain_path() -> None:
     """One 131,072-token example through the Triton kernels in bf16: the long path's loss and LoRA gradients match
