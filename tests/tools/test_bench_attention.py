@@ -90,3 +90,18 @@ def test_write_tuned_replaces_the_swept_cases_and_keeps_the_rest(tmp_path) -> No
     assert long_case["tiles"]["bwd_dq"] == dict(zip(attention.TUNED_FIELDS["bwd_dq"], (64, 2, 64, 8, 3)))
     assert short_case["bucket"] == "short" and "backward" not in short_case and set(short_case["tiles"]) == {"fwd"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attention_tuned.json"]  # no temporary file left
+
+
+def test_table_cases_follow_the_asked_shapes() -> None:
+    bench = load_tool("bench_attention")
+    cases = dict(bench.table_cases([4096, 131072], ["one", "eq4K", "alpaca"]))
+    assert list(cases) == ["one4K", "eq4K/4K", "alpaca/4K", "one128K", "eq4K/128K", "alpaca/128K"]
+    assert cases["one128K"] == [131072] and cases["eq4K/128K"] == [4096] * 32
+    assert all(sum(lens) == int(name.split("/")[-1].removeprefix("one")[:-1]) * 1024 for name, lens in cases.items())
+    assert dict(bench.table_cases([2048], ["eq4K"])) == {}  # no 4K examples fit a 2K pack
+
+
+@pytest.mark.parametrize(("option", "value"), [("--shapes", "one,whole"), ("--impls", "padless,fa3")])
+def test_unknown_shapes_and_implementations_are_refused(option: str, value: str) -> None:
+    proc = run_tool("bench_attention", option, value, timeout=60)
+    assert proc.returncode == 2 and f"{option}: unknown" in proc.stderr
