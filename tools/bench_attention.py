@@ -336,8 +336,13 @@ def write_tuned(path: Path, results: list[dict], gpu: str) -> dict:
             parse_tuned(old, str(path))
             others = [t for t in old["tables"] if t["gpu"] != gpu]
             swept = {(c["D"], c["dtype"], c["bucket"]) for c in cases}
-            kept = [c for t in old["tables"] if t["gpu"] == gpu for c in t["cases"]
-                    if (c["D"], c["dtype"], c["bucket"]) not in swept]  # fmt: skip
+            for t in (t for t in old["tables"] if t["gpu"] == gpu):
+                # the table's torch/triton/date become this sweep's: an unswept case's note keeps its own
+                origin = f"swept {t.get('date')} with torch {t.get('torch')}, triton {t.get('triton')}"
+                for c in t["cases"]:
+                    if (c["D"], c["dtype"], c["bucket"]) not in swept:
+                        note = c.get("note", "")
+                        kept.append({**c, "note": note if note.startswith("swept ") else f"{origin}; {note}"})
         except ValueError as error:  # JSONDecodeError is a ValueError too
             print(f"[tuned] {path} is not a valid version-2 table ({error}); writing a new document", flush=True)
     table = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
