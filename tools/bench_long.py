@@ -1,7 +1,7 @@
 """Step time and peak memory of ``train run`` on long single-document packs with checkpoint offload: Qwen3-8B shapes,
 the option of keeping the attention output (``--keep-attention``) and of keeping the top layers' checkpoints on the
-GPU (``--checkpoint-gpu-gib``). Prints one line per case as it ends, then a table; appends one row per case to
-docs/bench/results/long.jsonl.
+GPU (``--checkpoint-gpu-gib``). Prints one line per case as it ends, then a table; appends each case's row to
+docs/bench/results/long.jsonl as soon as the case ends.
 
     python tools/bench_long.py --shards .device-data/long-128k,.device-data/long-512k \\
         --cases 131072:8,131072:8:keep,131072:36:keep:gpu16,524288:4:keep --steps 3
@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             row.update(run_case(case, args, shards, vocab, min(args.case_timeout, left)))
         print(line(row), flush=True)
         rows.append(row)
+        H.record(args, "long", [row], smoke=args.shape == "tiny")  # each case as it ends: a killed run keeps them
     cols = [("case", "case", "s"), ("first_step_s", "first s", ".2f"), ("step_s", "s/step", ".2f"),
             ("peak_gib", "peak GiB", ".2f"), ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
             ("memory_gib.weights", "weights", ".2f"),
@@ -331,7 +332,6 @@ def main(argv: list[str] | None = None) -> None:
             ("host_peak_gib", "host GiB", ".1f"), ("useful_tflops", "TFLOP/s", ".1f"),
             ("status", "status", "s")]  # fmt: skip
     print(H.format_table(rows, cols, title=f"\ntrain run on long packs, {args.shape}, on {H.environment()['gpu']}"))
-    H.record(args, "long", rows, smoke=args.shape == "tiny")
 
 
 if __name__ == "__main__":

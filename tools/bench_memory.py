@@ -1,5 +1,5 @@
 """Peak GPU memory of ``train run`` per model shape, mode and token budget, broken down by what holds it. Prints a
-table and appends one row per case to docs/bench/results/memory.jsonl.
+table and appends each case's row to docs/bench/results/memory.jsonl as soon as the case ends.
 
     python tools/bench_memory.py --shards shards/alpaca-qwen3-1024                   # every case
     python tools/bench_memory.py --shards DIR --cases qwen3-4b-qlora-2k,qwen3-8b-lora-16k
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     sum_sq_per_token = shard_statistics(args.shards)[1]
     vocab = int(manifest["tokenizer"]["vocab_size"])
     args.work.mkdir(parents=True, exist_ok=True)
+    smoke = all(name.startswith("tiny") for name in args.cases)
     rows = []
     for name in args.cases:
         case = CASES[name]
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                      "target_gib": case.target_gib,
                      "shards": args.shards,
                      "shards_fingerprint": manifest.get("fingerprint"), **result})  # fmt: skip
+        H.record(args, "memory", rows[-1:], smoke=smoke)  # each case as it ends: a killed run keeps them
     cols = [("case", "case", "s"), ("peak_gib", "peak GiB", ".2f"), ("target_gib", "target", ".1f"),
             ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
             ("memory_gib.weights", "weights", ".2f"), ("memory_gib.trainable", "trainable", ".2f"),
@@ -326,7 +328,6 @@ def main(argv: list[str] | None = None) -> None:
             ("memory_gib.workspace", "workspace", ".2f"), ("memory_gib.slack", "slack", ".2f"),
             ("step_s", "s/step", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("status", "status", "s")]  # fmt: skip
     print(H.format_table(rows, cols, title=f"\ntrain run peak memory on {H.environment()['gpu']}"))
-    H.record(args, "memory", rows, smoke=all(name.startswith("tiny") for name in args.cases))
 
 
 if __name__ == "__main__":
