@@ -26,16 +26,8 @@ import torch
 from .checkpoint import latest_checkpoint, read_checkpoint_settings
 from .config import TrainConfig, TrainError
 from .memory_setting import low_memory_checkpointing
-from .plan import (
-    Estimate,
-    ModelInventory,
-    Setting,
-    estimate,
-    host_available_bytes,
-    plan_inputs,
-    recommend,
-    usable_bytes,
-)
+from .offload_budget import host_bytes_of
+from .plan import Estimate, ModelInventory, Setting, estimate, plan_inputs, recommend, usable_bytes
 
 __all__ = ["MAX_PACKS", "MAX_TOKENS", "AutoBudget", "Memory", "auto_budget", "available_memory", "candidates", "choose"]
 
@@ -121,7 +113,8 @@ def choose(
         raise TrainError(
             f"--tokens-per-micro-batch auto: even one pack ({max_len} tokens) offloads {one.host / _GIB:.2f} GiB of "
             f"layer inputs to host memory, more than the {(host_bytes or 0) / _GIB:.2f} GiB available; use "
-            "--checkpointing on, or a smaller --max-len at `prep pack`"
+            "--checkpointing on, a smaller --max-len at `prep pack`, or --host-mem-gib N where the host can give more "
+            "than it has available now"
         )
     options = [
         "--checkpointing on or offload" if setting.checkpointing == "off" else "",
@@ -185,7 +178,7 @@ def auto_budget(
         keep_attention=cfg.keep_attention,
         checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
     )
-    host = host_available_bytes() if cfg.checkpointing == "offload" or cfg.memory == "low" else None
+    host = host_bytes_of(cfg) if cfg.checkpointing == "offload" or cfg.memory == "low" else None
     best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host, cuda_graphs=cfg.cuda_graphs)
     tokens = best.setting.tokens
     note = (

@@ -121,6 +121,13 @@ class TrainConfig:
         "checkpoints fit stay there, the layers below go to pinned host memory (0 = all to the host). The backward "
         "walks top down, so it starts without waiting for a copy, and the first copy back has those layers' time.",
     )
+    host_mem_gib: float | None = option(
+        None,
+        help="Host memory the pinned checkpoints of --checkpointing offload (and --memory low's vocabulary) may "
+        "take, GiB, checked before the first step (default: what the host has available now, MemAvailable within "
+        "the container's limit). Give it where the host can give more than it reports now, e.g. a VM whose memory "
+        "grows as it is used.",
+    )
     keep_attention: bool = option(
         False,
         help="With --checkpointing on/offload: keep each layer's attention output and log-sum-exp with its "
@@ -218,6 +225,10 @@ class TrainConfig:
             (
                 self.max_memory_gib is None or self.max_memory_gib > 0,
                 f"--max-memory-gib must be > 0 GiB, got {self.max_memory_gib}",
+            ),
+            (
+                self.host_mem_gib is None or 0 < self.host_mem_gib < float("inf"),
+                f"--host-mem-gib must be > 0 GiB, got {self.host_mem_gib}",
             ),
             (
                 self.max_memory_gib is None or self.tokens_per_micro_batch == "auto",

@@ -28,6 +28,7 @@ __all__ = [
     "available_host_bytes",
     "check_host_memory",
     "check_offload_memory",
+    "host_bytes_of",
     "layers_on_gpu",
     "pinned_block_bytes",
     "plan_offload",
@@ -168,6 +169,13 @@ def available_host_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = P
     return min(known) if known else None
 
 
+def host_bytes_of(cfg: object) -> int | None:
+    """The host memory a run may use: its ``host_mem_gib`` (``--host-mem-gib``) when given, else what the host has
+    available now (:func:`available_host_bytes`)."""
+    given = getattr(cfg, "host_mem_gib", None)
+    return int(given * GIB) if given is not None else available_host_bytes()
+
+
 def check_host_memory(plan: OffloadPlan, available: int | None, reserve: int = HOST_RESERVE) -> None:
     """Raise :class:`TrainError` when ``plan``'s pinned host bytes do not fit ``available`` less ``reserve``.
 
@@ -186,7 +194,7 @@ def check_host_memory(plan: OffloadPlan, available: int | None, reserve: int = H
         f"of {plan.host_layers} layers at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
         f"GiB a layer{ranks}), but the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it "
         f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}, or --qlora to free GPU "
-        "memory for them"
+        "memory for them (or --host-mem-gib N where the host can give more than it has available now)"
     )
 
 
@@ -203,4 +211,4 @@ def check_offload_memory(cfg: TrainConfig, config: object, dtype: torch.dtype, b
         gpu_budget_bytes=int(cfg.checkpoint_gpu_gib * GIB),
         processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
-    check_host_memory(plan, available_host_bytes())
+    check_host_memory(plan, host_bytes_of(cfg))

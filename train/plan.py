@@ -47,7 +47,7 @@ from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
 from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
-from .offload_budget import GIB, HOST_RESERVE, CheckpointShape, plan_offload
+from .offload_budget import GIB, HOST_RESERVE, CheckpointShape, host_bytes_of, plan_offload
 
 __all__ = [
     "Estimate",
@@ -56,7 +56,6 @@ __all__ = [
     "Setting",
     "as_row",
     "estimate",
-    "host_available_bytes",
     "inventory",
     "model_config",
     "plan",
@@ -286,18 +285,6 @@ def usable_bytes(card_bytes: int) -> int:
     return int(card_bytes - _HEADROOM_GIB * 2**30)
 
 
-def host_available_bytes() -> int | None:
-    """The host memory available now (``/proc/meminfo``'s MemAvailable); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def shard_statistics(shards: str) -> tuple[int, float]:
     """(max_len, Σ L² / tokens) of the shard set: the longest pack, and the attention's work per token."""
     import numpy as np
@@ -412,7 +399,7 @@ def plan(cfg: Any) -> Plan:
     if gpu is None and torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0).total_memory
     usable = usable_bytes(gpu) if gpu is not None else None
-    available = int(cfg.host_mem_gib * 2**30) if cfg.host_mem_gib is not None else host_available_bytes()
+    available = host_bytes_of(cfg)
     # What train run's check before the first step allows the pinned checkpoints (train.offload_budget).
     host = max(available - HOST_RESERVE, 0) if available is not None else None
     if host is not None:

@@ -84,6 +84,7 @@ RESUME_FREE = (
     "keep_last",
     "checkpointing",
     "checkpoint_gpu_gib",
+    "host_mem_gib",
     "keep_attention",
     "mlp_tile_tokens",
     "max_memory_gib",

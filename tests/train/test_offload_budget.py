@@ -4,6 +4,7 @@ gradients), the host's available memory, and the one-line error before the first
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ from padless.train.offload_budget import (
     available_host_bytes,
     check_host_memory,
     check_offload_memory,
+    host_bytes_of,
     layers_on_gpu,
     pinned_block_bytes,
     plan_offload,
@@ -118,7 +120,8 @@ def test_host_check_names_the_numbers_and_the_ways_out() -> None:
     assert "131072 tokens per micro-batch (1.00 GiB a layer), but the host has 30.0 GiB available (2 GiB" in message
     # 28 GiB for the host part: 28 layers there, the top 8 on the GPU
     assert "--checkpointing on, keep more checkpoints on the GPU with --checkpoint-gpu-gib 8," in message
-    assert message.endswith("or --qlora to free GPU memory for them")
+    assert message.endswith("or --qlora to free GPU memory for them (or --host-mem-gib N where the host can give "
+                            "more than it has available now)")  # fmt: skip
     two = plan_offload(QWEN3_8B, 131072, processes=2)
     with pytest.raises(TrainError, match=r"72.0 GiB .*\(1.00 GiB a layer x 2 processes\)"):
         check_host_memory(two, 60 * GIB)
@@ -179,3 +182,14 @@ def test_a_gpu_budget_keeps_the_top_layers_and_changes_no_gradient(monkeypatch, 
         assert torch.equal(loss, want[0])
         for name in params:
             assert torch.equal(grads[name], want[1][name]), (gpu_bytes, name)
+
+
+def test_host_mem_gib_overrides_what_the_host_reports(tmp_path: Path) -> None:
+    """A VM whose memory grows as it is used reports less than it can give: --host-mem-gib says so, and the check
+    before the first step takes it at its word."""
+    cfg = TrainConfig(shards=str(tmp_path), output=str(tmp_path / "out"), checkpointing="offload", host_mem_gib=40.0)
+    assert host_bytes_of(cfg) == 40 * GIB
+    assert host_bytes_of(dataclasses.replace(cfg, host_mem_gib=None)) == available_host_bytes()
+    check_host_memory(plan_offload(QWEN3_8B, 131072), host_bytes_of(cfg))  # 36 GiB + the reserve fit in 40
+    with pytest.raises(TrainError, match=r"--host-mem-gib must be > 0 GiB, got 0"):
+        dataclasses.replace(cfg, host_mem_gib=0.0)
