@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .batch import MicroBatch
+from .memory_breakdown import ForwardMemory
 from .static_batch import StaticShape, pad_micro_batch
 
 __all__ = ["GraphCaptureError", "GraphedMicroStep"]
@@ -53,6 +54,7 @@ class GraphedMicroStep:
         device: torch.device,
         *,
         warmup: int = 2,
+        forward_memory: ForwardMemory | None = None,
     ) -> None:
         if torch.device(device).type != "cuda":
             raise GraphCaptureError(f"CUDA graphs need a CUDA device; got {device}. Use --cuda-graphs off on CPU.")
@@ -61,7 +63,8 @@ class GraphedMicroStep:
         self.shape = shape
         self.device = torch.device(device)
         self.warmup = warmup
-        self.saved_bytes: int | None = None  # the most a warm-up forward left allocated for its backward
+        # measures the warm-up forwards (the replays cannot be read apart)
+        self.forward_memory = forward_memory or ForwardMemory(self.device, enabled=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None
         self._scale = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -94,10 +97,8 @@ class GraphedMicroStep:
         self._host = padded
 
     def _forward_backward(self, measure: bool = False) -> torch.Tensor:
-        allocated = torch.cuda.memory_allocated(self.device) if measure else 0
-        loss_sum, _ = self.loss_fn(self._batch)
-        if measure:  # what this forward left for its backward (the replays cannot be read apart)
-            self.saved_bytes = max(self.saved_bytes or 0, torch.cuda.memory_allocated(self.device) - allocated)
+        with self.forward_memory.forward(measure):
+            loss_sum, _ = self.loss_fn(self._batch)
         (loss_sum * self._scale).backward()
         return loss_sum.detach()
 

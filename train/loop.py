@@ -31,7 +31,7 @@ from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
 from .evaluate import default_eval_shards, evaluate
 from .host_gc import frozen_gc
 from .host_vocab import keep_vocab_on_host
-from .memory_breakdown import breakdown, persistent_bytes
+from .memory_breakdown import ForwardMemory, breakdown, persistent_bytes
 from .memory_setting import resolve_low_memory_checkpointing, resolve_memory_setting
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
 from .offload_budget import GIB, check_offload_memory
@@ -261,7 +261,11 @@ def _train(
         metrics.write({"step": step, "eval_loss": loss, "eval_trainable_tokens": count})
         progress.write(f"step {step}: eval_loss {loss:.4f} over {count} trainable tokens")
 
-    graph_step = _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress)
+    # The saved line of the summary's breakdown: not under FSDP2, whose root group stays gathered after the forward.
+    forward_memory = ForwardMemory(device, enabled=not cfg.fsdp)
+    graph_step = _graph_step(
+        cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress, forward_memory
+    )
     # --report-to (rank 0): every metrics.jsonl record also goes to the trackers, the resolved config once
     hyperparameters = {**asdict(cfg), "output": str(output), "dtype": settings["dtype"], "device": str(device),
                        "world_size": env.world_size, "tokens_per_micro_batch": budget}  # fmt: skip
@@ -277,12 +281,7 @@ def _train(
     step_times: list[float] = []
     per_step: list[tuple[int, int, float]] = []  # (tokens, trainable tokens, FLOPs) of each step, all ranks
     persistent: dict[str, int] | None = None
-    # The most a forward left allocated for its backward (CUDA; not under FSDP2, whose root group stays gathered
-    # after the forward). The run's first step is left out: its forward also makes what persists (the RoPE cache,
-    # cuBLAS's workspace).
-    saved_bytes: int | None = None
-    measure_saved = device.type == "cuda" and not cfg.fsdp
-    first_step = step
+    first_step = step  # its forwards also make what persists: left out of the saved line
     with frozen_gc():  # no full GC pass over the model's objects in the middle of a step
         try:
             while step < total_steps:
@@ -318,14 +317,10 @@ def _train(
                                     progress.write(f"warning: {result.warnings[-1]}", always=True)
                             if loss_sum is None:
                                 batch = host_batch.to(device, non_blocking=True)
-                                measure = measure_saved and step > first_step
-                                allocated = torch.cuda.memory_allocated(device) if measure else 0
                                 with dist_util.no_sync(wrapped, skip=k < window.stop - 1):
                                     # forward: Σ token losses of this micro-batch (logits never materialised)
-                                    loss_sum, _ = wrapped.run(batch)
-                                    if measure:  # the allocator's counter: no sync
-                                        kept = torch.cuda.memory_allocated(device) - allocated
-                                        saved_bytes = max(saved_bytes or 0, kept)
+                                    with forward_memory.forward(measure=step > first_step):
+                                        loss_sum, _ = wrapped.run(batch)
                                     # backward: scaled so the step's gradient is that of the step's token mean
                                     (loss_sum * scale).backward()
                             step_loss += loss_sum.detach().float()
@@ -408,8 +403,6 @@ def _train(
 
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0
-    graphed_saved = graph_step.saved_bytes if graph_step is not None and measure_saved else None
-    saved = max(saved_bytes or 0, graphed_saved or 0) if saved_bytes or graphed_saved else None
     result.steps = step
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
@@ -430,7 +423,7 @@ def _train(
         "peak_mem_gib": peak_memory_gib(device),
         "tokens_per_micro_batch": budget,
         "predicted_peak_gib": auto.predicted_peak / 2**30 if auto and auto.predicted_peak is not None else None,
-        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device, saved),
+        "memory_gib": breakdown(persistent or persistent_bytes(model, optimizer, device), device, forward_memory.most),
         "train_time_s": sum(step_times),
         # Steady state: step time only (no start-up, evaluation or saving) and, when there are several steps,
         # without the first, which pays the kernel compiles and the CUDA-graph capture.
@@ -456,7 +449,7 @@ def _train(
     return result
 
 
-def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress):
+def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for, total_steps, progress, forward_memory):
     """The CUDA-graph micro-step for this run, or None (eager): see ``--cuda-graphs`` and train.cuda_graph."""
     from .model_patch import get_patch
     from .packed_forward import packed_loss
@@ -482,7 +475,7 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
     mean = float(sizes.num_tokens.sum()) / max(int(sizes.num_examples.sum()), 1)  # attention's tiling hint
     shape = static_shape(budget, sizes.max_examples(plans), ss.max_len, mean, sizes.max_trainable(plans))
     loss_fn = functools.partial(packed_loss, model, **_checkpoint_options(cfg), preserve_rng_state=False)
-    return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device)
+    return GraphedMicroStep(lambda batch: loss_fn(batch), trainable, shape, device, forward_memory=forward_memory)
 
 
 def _checkpoint_options(cfg: TrainConfig) -> dict[str, Any]:

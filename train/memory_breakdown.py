@@ -4,19 +4,20 @@ The persistent part is counted from the tensors themselves (parameters, buffers,
 storages, each counted once), so it is exact on any device. What one step adds on top (saved activations and the
 kernels' workspace, the CUDA-graph pool included) is the measured peak minus that persistent part; the allocator's
 slack is what it reserved beyond the peak. The step's share splits into ``saved`` (what a micro-batch's forward
-leaves allocated for its backward: checkpoints, kept activations, the loss's saved inputs; measured by the trainer
-around each eager forward) and ``workspace`` (the rest of the peak: the backward's transient tensors, a layer's
-recompute, the kernels' scratch). Each lever that trades memory (checkpointing, NF4, an 8-bit optimizer) shows up
-in exactly one of these lines.
+leaves allocated for its backward: checkpoints, kept activations, the loss's saved inputs; measured around each
+forward by :class:`ForwardMemory`) and ``workspace`` (the rest of the peak: the backward's transient tensors, a
+layer's recompute, the kernels' scratch). Each lever that trades memory (checkpointing, NF4, an 8-bit optimizer)
+shows up in exactly one of these lines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["breakdown", "persistent_bytes"]
+__all__ = ["ForwardMemory", "breakdown", "persistent_bytes"]
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> bool:
@@ -87,3 +88,26 @@ def breakdown(persistent: dict[str, int], device: torch.device, saved: int | Non
         gib["peak"] = peak
         gib["slack"] = max(0.0, torch.cuda.max_memory_reserved(device) / 2**30 - peak)
     return gib
+
+
+class ForwardMemory:
+    """The most one forward left allocated for its backward: :func:`breakdown`'s ``saved`` line.
+
+    Read from the CUDA allocator's counter around each measured forward (no sync). Disabled (``enabled`` False, or
+    a device that is not CUDA) it measures nothing and ``most`` stays None; so does a run whose every forward was
+    left out (the first step's also makes what persists: the RoPE cache, cuBLAS's workspace).
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.device = device
+        self.enabled = enabled and device.type == "cuda"
+        self.most: int | None = None
+
+    @contextlib.contextmanager
+    def forward(self, measure: bool = True) -> Iterator[None]:
+        """Wrap one forward; ``measure`` False leaves it out."""
+        active = self.enabled and measure
+        before = torch.cuda.memory_allocated(self.device) if active else 0
+        yield
+        if active:
+            self.most = max(self.most or 0, torch.cuda.memory_allocated(self.device) - before)

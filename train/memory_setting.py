@@ -1,4 +1,4 @@
-"""``--memory low``: the settings that trade a little speed for the smallest GPU footprint, resolved once.
+"""``--memory low``: the settings that trade step time for the smallest GPU footprint, resolved once.
 
 ``fast`` (the default) changes nothing. ``low`` keeps everything exact and changes where things live:
 

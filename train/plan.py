@@ -113,7 +113,7 @@ class Setting:
     checkpoint_gpu_bytes: int = 0  # --checkpoint-gpu-gib: offloaded runs keep this much of the checkpoints on GPU
 
     def __post_init__(self) -> None:
-        if self.memory == "low" and self.mlp_tile == 0:  # the tile --memory low runs an untiled MLP with
+        if self.memory == "low" and self.mlp_tile == 0:  # --memory low tiles an MLP the user left untiled
             object.__setattr__(self, "mlp_tile", LOW_MEMORY_MLP_TILE)
 
 

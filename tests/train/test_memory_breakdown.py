@@ -10,7 +10,7 @@ import torch
 
 from padless.train.adapters import apply_adapters
 from padless.train.loop import train
-from padless.train.memory_breakdown import breakdown, persistent_bytes
+from padless.train.memory_breakdown import ForwardMemory, breakdown, persistent_bytes
 from padless.train.modeling import load_model
 from tests.train.runs import base_config
 
@@ -84,3 +84,25 @@ def test_gpu_checkpointing_shows_in_the_saved_line(synthetic_shards: Path, tmp_p
         assert lines["saved"] > 0
         saved[mode] = lines["saved"]
     assert saved["on"] < saved["off"] / 2
+
+
+def test_forward_memory_keeps_the_largest_measured_forward(monkeypatch) -> None:
+    """What the allocator's counter rose by inside each measured forward (stood in for: this machine may have no
+    GPU); a forward left out, or a meter that is off, measures nothing."""
+    allocated = [0]
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
+    meter = ForwardMemory(torch.device("cuda", 0))
+
+    def forward(grow: int, measure: bool = True, on: ForwardMemory = meter) -> None:
+        with on.forward(measure):
+            allocated[0] += grow
+
+    forward(500, measure=False)
+    assert meter.most is None
+    forward(300)
+    forward(200)
+    forward(900, measure=False)
+    assert meter.most == 300
+    off = ForwardMemory(torch.device("cuda", 0), enabled=False)
+    forward(100, on=off)
+    assert off.most is None and ForwardMemory(torch.device("cpu")).enabled is False
