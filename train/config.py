@@ -142,15 +142,14 @@ class TrainConfig:
         "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), every layer is "
         "checkpointed (--checkpointing off becomes on, and offload above 2048 tokens per micro-batch), AdamW state "
         "is 8-bit on CUDA (--optimizer adamw becomes adamw8bit) and the MLP runs in tiles of 4096 tokens (unless "
-        "--mlp-tile-tokens is given); micro-batches up to 2048 tokens still run as CUDA graphs (--full keeps its "
-        "trainable embedding and lm_head on the GPU). `train plan --memory low` predicts it.",
+        "--mlp-tile-tokens is given); micro-batches whose layer inputs stay on the GPU still run as CUDA graphs (--full "
+        "keeps its trainable embedding and lm_head on the GPU). `train plan --memory low` predicts it.",
     )
     mlp_tile_tokens: int = option(
         0,
         help="Run each decoder layer's MLP N tokens at a time, forward and backward, when a micro-batch holds more "
         "than N tokens (0 = whole micro-batch): the MLP's (tokens x intermediate size) tensors then scale with N, "
-        "not with the micro-batch; for long sequences in little memory. One process only, not with --cuda-graphs "
-        "on.",
+        "not with the micro-batch; for long sequences in little memory. One process only.",
     )
     cuda_graphs: CudaGraphs = option(
         "auto",
@@ -268,11 +267,6 @@ class TrainConfig:
                 not (self.mlp_tile_tokens and self.fsdp),
                 "--mlp-tile-tokens with --fsdp: the tiled MLP's backward accumulates each weight's gradient once per "
                 "tile, which FSDP2's gradient reduction does not expect; use --mlp-tile-tokens 0",
-            ),
-            (
-                not (self.mlp_tile_tokens and self.cuda_graphs == "on"),
-                "--mlp-tile-tokens with --cuda-graphs on: the tiled MLP runs a nested backward per tile, which padless "
-                "does not capture in a CUDA graph; use --cuda-graphs auto (eager with --mlp-tile-tokens) or off",
             ),
             (self.shards != "", "SHARDS is empty; expected the folder `prep pack` wrote"),
             (not (self.resume and self.output is None), "--resume needs --output: the folder of the run to continue"),

@@ -459,7 +459,6 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         (device.type != "cuda", f"device {device} is not CUDA"),
         (env.distributed, "several processes (DDP/FSDP hooks are not captured)"),
         (cfg.checkpointing == "offload", "--checkpointing offload allocates pinned host memory"),
-        (0 < cfg.mlp_tile_tokens < budget, "--mlp-tile-tokens runs a nested backward per tile"),
         (cfg.lora_dropout > 0 and cfg.mode != "full", "--lora-dropout > 0 draws random numbers"),
         (get_patch(model) is None or get_patch(model).fallback, "the architecture takes the unpatched fallback path"),
     ]

@@ -14,7 +14,8 @@ and only a CUDA graph removes that cost (Qwen3-4B QLoRA at 2K tokens on an H100:
 eagerly), while offload rules graphs out; their layer inputs are small (0.35 GiB for Qwen3-4B at 2K tokens) and
 the peak of such a step lies elsewhere. Longer micro-batches are bound by their GEMMs, and their layer inputs grow
 with them. Settings the user chose otherwise (``--checkpointing on`` or ``offload``, a tile size) are kept, and
-``--cuda-graphs on`` keeps the layer inputs on the GPU and the MLP untiled.
+``--cuda-graphs on`` keeps the layer inputs on the GPU. The tiled MLP replays inside a CUDA graph like the rest of
+the step, so a run that keeps its layer inputs (``--checkpointing on``) is graphed at any size.
 """
 
 from __future__ import annotations
@@ -85,8 +86,6 @@ def resolve_memory_setting(cfg: TrainConfig, device: torch.device, world_size: i
         raise TrainError("--memory low runs in one process without sharding; drop --fsdp or use --memory fast")
     eight_bit = device.type == "cuda" and _has_bitsandbytes()
     _, optimizer, tile = low_memory_choices(cfg.checkpointing, cfg.optimizer, cfg.mlp_tile_tokens, eight_bit, 0)
-    if cfg.cuda_graphs == "on" and not cfg.mlp_tile_tokens:
-        tile = 0  # graphs asked for: a CUDA graph does not run a tiled MLP
     return dataclasses.replace(cfg, optimizer=optimizer, mlp_tile_tokens=tile)
 
 

@@ -65,6 +65,7 @@ def _decoder_layer(
     batch: MicroBatch,
     attention: KeptAttention | None = None,
     mlp_tile_tokens: int = 0,
+    preserve_rng_state: bool = True,
 ) -> torch.Tensor:
     family = handle.family
     offset = family.norm_offset
@@ -94,7 +95,8 @@ def _decoder_layer(
         return _norm(layer.post_feedforward_layernorm, y, offset) if family.sandwich_norm else y
 
     if 0 < mlp_tile_tokens < n_tokens:
-        return x + tiled_mlp(feed_forward, h, mlp_tile_tokens)
+        # preserve_rng_state=False (no dropout) also keeps the generator untouched inside a CUDA graph capture
+        return x + tiled_mlp(feed_forward, h, mlp_tile_tokens, preserve_rng_state=preserve_rng_state)
     return x + feed_forward(h)
 
 
@@ -134,7 +136,9 @@ def _packed_path(
             plan: LayerPlan = plan,
             attention: KeptAttention | None = attention,
         ) -> torch.Tensor:
-            return _decoder_layer(layer, plan, handle, hidden, cos, sin, batch, attention, mlp_tile_tokens)
+            return _decoder_layer(
+                layer, plan, handle, hidden, cos, sin, batch, attention, mlp_tile_tokens, preserve_rng_state
+            )
 
         def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
             # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);

@@ -50,11 +50,6 @@ def _run(shards: Path, output: Path, *args: str):
             r"got -1$",
         ),
         (["--mlp-tile-tokens", "64", "--fsdp"], r"--mlp-tile-tokens with --fsdp: .*use --mlp-tile-tokens 0$"),
-        (
-            ["--mlp-tile-tokens", "64", "--cuda-graphs", "on"],
-            r"--mlp-tile-tokens with --cuda-graphs on: .*nested "
-            r"backward .*use --cuda-graphs auto",
-        ),
         (["--bogus"], r"No such option '--bogus'.*\(see \w+ run --help\)"),
     ],
 )

@@ -35,14 +35,22 @@ def test_auto_on_cpu_trains_eagerly(synthetic_shards: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("checkpointing", ["off", "on"])
-def test_gpu_graphed_run_matches_eager(synthetic_shards: Path, tmp_path: Path, checkpointing: str) -> None:
+@pytest.mark.parametrize(
+    ("checkpointing", "mlp_tile_tokens"), [("off", 0), ("on", 0), ("on", 64), ("off", 64)],
+    ids=["off", "on", "on-tiled-mlp", "off-tiled-mlp"],
+)  # fmt: skip
+def test_gpu_graphed_run_matches_eager(
+    synthetic_shards: Path, tmp_path: Path, checkpointing: str, mlp_tile_tokens: int
+) -> None:
+    """The tiled MLP's nested per-tile backward is captured and replayed with the rest of the step."""
     settings = dict(
         device=None, model_overrides=None, max_steps=4, grad_accum=2, tokens_per_micro_batch=300,
-        checkpointing=checkpointing, lr=1e-3,
+        checkpointing=checkpointing, mlp_tile_tokens=mlp_tile_tokens, lr=1e-3,
     )  # fmt: skip
     eager, rec_e = run_recorded(base_config(synthetic_shards, tmp_path / "eager", cuda_graphs="off", **settings))
     graphed, rec_g = run_recorded(base_config(synthetic_shards, tmp_path / "graph", cuda_graphs="on", **settings))
+    assert graphed.summary["cuda_graphs"] and not eager.summary["cuda_graphs"]
+    assert graphed.summary["config"]["mlp_tile_tokens"] == mlp_tile_tokens
     assert graphed.warnings == eager.warnings  # nothing about the graphs (the shards name no tokenizer: both say so)
     assert all(math.isfinite(x) for x in graphed.losses)
     # Same kernels, same order; attention's atomic dQ may reorder fp32 sums: equal to bf16 noise.

@@ -53,10 +53,10 @@ def test_low_refuses_several_processes_and_sharding(tmp_path: Path) -> None:
         resolve_memory_setting(dataclasses.replace(cfg, fsdp=True), CUDA, 1)
 
 
-def test_low_with_cuda_graphs_on_keeps_layer_inputs_on_the_gpu_and_the_mlp_untiled(tmp_path: Path) -> None:
+def test_low_with_cuda_graphs_on_keeps_layer_inputs_on_the_gpu_and_tiles_the_mlp(tmp_path: Path) -> None:
     cfg = base_config(tmp_path, tmp_path / "out", memory="low", cuda_graphs="on")
     low = resolve_memory_setting(cfg, CUDA, 1)
-    assert low.mlp_tile_tokens == 0
+    assert low.mlp_tile_tokens == LOW_MEMORY_MLP_TILE  # the tiled MLP replays inside the graph
     assert resolve_low_memory_checkpointing(low, LOW_MEMORY_ONLOAD_TOKENS * 8).checkpointing == "on"  # not offload
 
 
