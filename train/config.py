@@ -142,8 +142,8 @@ class TrainConfig:
         "the frozen embedding and lm_head stay in host memory (the loss streams the lm_head), every layer is "
         "checkpointed (--checkpointing off becomes on, and offload above 2048 tokens per micro-batch), AdamW state "
         "is 8-bit on CUDA (--optimizer adamw becomes adamw8bit) and the MLP runs in tiles of 4096 tokens (unless "
-        "--mlp-tile-tokens is given); micro-batches whose layer inputs stay on the GPU still run as CUDA graphs (--full "
-        "keeps its trainable embedding and lm_head on the GPU). `train plan --memory low` predicts it.",
+        "--mlp-tile-tokens is given); micro-batches whose layer inputs stay on the GPU still run as CUDA graphs "
+        "(--full keeps its trainable embedding and lm_head on the GPU). `train plan --memory low` predicts it.",
     )
     mlp_tile_tokens: int = option(
         0,
