@@ -102,6 +102,10 @@ CASES = {
         _low("qwen3-8b", "lora", 16384, 20.0, checkpointing="on"),
         _low("qwen3-8b", "lora", 16384, 20.0, checkpointing="on", mlp_tile=8192),
         _low("qwen3-8b", "lora", 16384),
+        # What --memory low's parts cost apart at 8B/16K: the default with the low setting's MLP tile, and with its
+        # 8-bit AdamW too (the vocabulary stays on the GPU; the -low-on case adds only that).
+        Case("qwen3-8b", "lora", 16384, mlp_tile=4096),
+        Case("qwen3-8b", "lora", 16384, optimizer="adamw8bit", mlp_tile=4096),
         Case("qwen3-4b", "qlora", 2048, system="hf"),
         Case("qwen3-4b", "qlora", 8192, system="hf"),
         Case("qwen3-14b", "qlora", 4096, system="hf"),

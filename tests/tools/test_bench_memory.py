@@ -60,3 +60,14 @@ def test_a_tile_case_runs_and_plans_its_tile() -> None:
     assert (tiled.mlp_tile, default.mlp_tile) == (8192, 0)
     # --memory low's own tile is 4,096: a twice larger tile keeps more of the 16K MLP alive at once
     assert bench.predicted_gib(tiled, 151936, 0.0) > bench.predicted_gib(default, 151936, 0.0)
+
+
+def test_the_8b_parts_of_the_low_setting_run_apart() -> None:
+    """The default plus the low setting's tile, then plus its 8-bit AdamW: the vocabulary stays on the GPU."""
+    bench = load_tool("bench_memory")
+    tile, both = bench.CASES["qwen3-8b-lora-16k-tile4k"], bench.CASES["qwen3-8b-lora-16k-adamw8bit-tile4k"]
+    assert (tile.memory, tile.optimizer, tile.mlp_tile) == ("fast", "adamw", 4096)
+    assert (both.memory, both.optimizer, both.mlp_tile) == ("fast", "adamw8bit", 4096)
+    default, low = bench.CASES["qwen3-8b-lora-16k"], bench.CASES["qwen3-8b-lora-16k-low-on"]
+    plans = [bench.predicted_gib(case, 151936, 0.0) for case in (default, tile, both, low)]
+    assert plans == sorted(plans, reverse=True)  # each part takes memory off; the host vocabulary the most
