@@ -9,7 +9,8 @@ docs/bench/results/kernels.jsonl.
 Shapes are Qwen3-8B's, bf16: H 32, Hkv 8, D 128, hidden E 4096, intermediate I 12288, vocab V 151936.
 Ops: ``rope`` (q, k in place), ``swiglu``, ``geglu`` (tanh), ``rmsnorm`` (weight gradient), ``rmsnorm_frozen`` (no
 weight gradient, the LoRA case), ``rmsnorm_head`` (Qwen3's per-head q norm, frozen), ``linear_ce`` (lm_head + next-token
-cross-entropy, frozen and trainable weight).
+cross-entropy, frozen and trainable weight; for the frozen weight also ``--memory low``'s streamed loss, with the
+weight in pinned host memory and on the GPU).
 
 Memory-bound ops: device time from CUDA-graph replays over enough input sets that L2 cannot serve them; backward =
 graph(forward + backward) - graph(forward with autograd recording); GB/s of the useful traffic (bf16: RoPE reads and
@@ -193,6 +194,7 @@ def linear_ce_rows(t: int, shape: dict, device: str, repeats: int) -> list[dict]
     import torch
 
     from padless.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+    from padless.kernels.streamed_cross_entropy import streamed_linear_cross_entropy
 
     e, v = shape["E"], shape["V"]
     h = leaf((t, e), device, 0.5)
@@ -209,13 +211,22 @@ def linear_ce_rows(t: int, shape: dict, device: str, repeats: int) -> list[dict]
     fns = {"padless": lambda h, w: fused_linear_cross_entropy(h, w, labels)[0],
            "eager": lambda h, w: fused_linear_cross_entropy_reference(h, w, labels)[0],
            "liger": liger_fn if liger_loss is not None else None}  # fmt: skip
+    # --memory low's loss on a frozen weight: streamed from pinned host memory, and the same code with the weight
+    # already on the GPU (what the online softmax costs without the bus).
+    w_host = w_train.detach().cpu().pin_memory() if device == "cuda" else None
+    streamed = {"streamed_gpu": lambda h, w: streamed_linear_cross_entropy(h, w, labels)[0],
+                "streamed_host": lambda h, w: streamed_linear_cross_entropy(h, w_host, labels)[0]}  # fmt: skip
     rows = []
     for weight, w in (("frozen", w_train.detach()), ("trainable", w_train)):
         wrt = (h, w) if w.requires_grad else (h,)
         returned = sum(x.numel() * x.element_size() for x in wrt)
         flop = (6 if w.requires_grad else 4) * t * e * v
-        for name, fn in fns.items():
-            row: dict[str, Any] = {"op": f"linear_ce_{weight}", "T": t, "impl": name, "note": "" if fn else why}
+        impls = dict(fns, **streamed) if weight == "frozen" else fns
+        for name, fn in impls.items():
+            missing = why
+            if name == "streamed_host" and w_host is None:
+                fn, missing = None, "n/a (needs a CUDA device and pinned host memory)"
+            row: dict[str, Any] = {"op": f"linear_ce_{weight}", "T": t, "impl": name, "note": "" if fn else missing}
             if fn is not None:
                 try:
                     call = lambda fn=fn, w=w, wrt=wrt: torch.autograd.grad(fn(h, w), wrt)

@@ -18,10 +18,15 @@ def test_smoke_run_times_every_op(tmp_path) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     ops = {"rope", "swiglu", "geglu", "rmsnorm", "rmsnorm_frozen", "rmsnorm_head"}
     assert {r["op"] for r in rows} == ops | {"linear_ce_frozen", "linear_ce_trainable"}
+    streamed = {(r["op"], r["impl"]) for r in rows if r["impl"].startswith("streamed")}
+    assert streamed == {("linear_ce_frozen", "streamed_gpu"), ("linear_ce_frozen", "streamed_host")}
     for r in rows:
-        assert r["smoke"] is True and r["impl"] in ("padless", "eager", "liger")
+        assert r["smoke"] is True and r["impl"] in ("padless", "eager", "liger", "streamed_gpu", "streamed_host")
         if r["impl"] == "liger" and r["note"].startswith("n/a"):
             continue  # Liger-Kernel is optional
+        if r["impl"] == "streamed_host":  # pinned host memory needs CUDA
+            assert r["note"].startswith("n/a (needs a CUDA device") and "fwdbwd_ms" not in r
+            continue
         assert r["note"] == "", r
         if r["op"] in ops:
             assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_gbps"] > 0
