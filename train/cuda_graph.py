@@ -13,9 +13,10 @@ a gradient-accumulation step exactly as eager backwards do; the caller must ther
 (``optimizer.zero_grad(set_to_none=False)``), never drop them. The optimizer step, clipping and logging stay eager
 (a handful of fused launches).
 
-Requirements (checked where they can be): one process (DDP/FSDP hooks are not captured), CUDA, no host syncs in
-the loss path (padless's patched path has none), no RNG in the step (LoRA dropout 0: checkpointing is told not to
-save RNG state), checkpointing ``off`` or ``on`` (``offload`` allocates pinned host memory, which a capture cannot).
+Requirements (checked where they can be): one process (DDP/FSDP hooks are not captured), CUDA, no host syncs in the
+loss path (padless's patched path has none), no RNG in the step (LoRA dropout 0: checkpointing and the tiled MLP are
+told not to save RNG state; the tiled MLP's per-tile backward is captured with the rest), checkpointing ``off`` or
+``on`` (``offload`` allocates pinned host memory, which a capture cannot).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Token-tiled MLP: a row-wise function of the token stream run a tile of tokens at a time, forward and backward.
 
-Why: a decoder layer's MLP makes several (T, intermediate) tensors (gate, up, the activation, their gradients);
-in a checkpointed layer's backward they are all alive at once, about 5 x 152 MiB at 8K tokens with Qwen3-4B shapes.
-Rows of an MLP are independent, so running it on tiles of ``tile_tokens`` rows is exact and bounds those tensors
-by the tile: the forward runs each tile without a graph, writing into one (T, out) output, and keeps only the
-input; the backward recomputes one tile at a time with a graph, back-propagates it at once, and writes that
-tile's rows of the input gradient. The parameters are not inputs of the autograd Function: the nested backward of
-each tile accumulates their gradients into ``.grad`` (so ``loss.backward()`` sees them, ``torch.autograd.grad``
-does not), and a gradient hook on them fires once per tile (why the trainer refuses it with DDP/FSDP).
+Why: a decoder layer's MLP makes several (T, intermediate) tensors (gate, up, the activation, their gradients); in a
+checkpointed layer's backward they are all alive at once, about 5 x 152 MiB at 8K tokens with Qwen3-4B shapes. Rows of
+an MLP are independent, so running it on tiles of ``tile_tokens`` rows is exact and bounds those tensors by the tile:
+the forward runs each tile without an autograd graph, writing into one (T, out) output, and keeps only the input; the
+backward recomputes one tile at a time with an autograd graph, back-propagates it at once, and writes that tile's rows
+of the input gradient. The parameters are not inputs of the autograd Function: the nested backward of each tile
+accumulates their gradients into ``.grad`` (so ``loss.backward()`` sees them, ``torch.autograd.grad`` does not), and a
+gradient hook on them fires once per tile (why the trainer refuses it with DDP/FSDP).
 
 Two Functions, so that non-reentrant activation checkpointing does not recompute the MLP before the tiled backward
 recomputes it again: ``_SaveInput`` saves the input and ``_TiledForward`` (which runs the tiles) saves nothing.
@@ -18,6 +18,10 @@ input, saved before the tiles run, so the recompute ends there.
 Random numbers (dropout inside ``fn``): the CPU and CUDA generator states are taken before the forward's first
 tile and restored around the backward's tiles, which run in the same order, so every tile draws the same numbers
 in both (``preserve_rng_state=False`` skips this when ``fn`` draws none). Autocast is replayed the same way.
+
+CUDA graphs: nothing in either pass syncs with the host or depends on tensor values, and the nested backward adds
+into the parameters' existing ``.grad`` in place, so a captured step replays the tiles too. A capture cannot read or
+set the generator state: there ``preserve_rng_state`` must be False (no dropout), which the trainer passes.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class _TiledForward(torch.autograd.Function):
         ctx.rng = _RngState(h.device) if preserve_rng_state else None
         kind = h.device.type
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        return _forward_tiles(fn, h, tile)  # a Function's forward runs without a graph
+        return _forward_tiles(fn, h, tile)  # a Function's forward runs without an autograd graph
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -144,6 +148,11 @@ def tiled_mlp(
         raise ValueError(f"tiled_mlp needs a (T, ...) input with T >= 1; got shape {tuple(h.shape)}.")
     if not torch.is_grad_enabled():
         return _forward_tiles(fn, h, tile_tokens)
+    if preserve_rng_state and h.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "tiled_mlp: preserve_rng_state=True inside a CUDA graph capture, which cannot read or set the generator "
+            "state; pass preserve_rng_state=False when fn draws no random numbers (no dropout)."
+        )
     link = _Link(h.requires_grad)
     anchor = torch.empty(0, device=h.device, requires_grad=True)
     linked = _SaveInput.apply(h, anchor, link)

@@ -3,6 +3,7 @@ random model folder written once) and their rows carry the memory breakdown."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -70,4 +71,5 @@ def test_the_8b_parts_of_the_low_setting_run_apart() -> None:
     assert (both.memory, both.optimizer, both.mlp_tile) == ("fast", "adamw8bit", 4096)
     default, low = bench.CASES["qwen3-8b-lora-16k"], bench.CASES["qwen3-8b-lora-16k-low-on"]
     plans = [bench.predicted_gib(case, 151936, 0.0) for case in (default, tile, both, low)]
-    assert plans == sorted(plans, reverse=True)  # each part takes memory off; the host vocabulary the most
+    savings = [before - after for before, after in itertools.pairwise(plans)]
+    assert min(savings) > 0 and savings[-1] == max(savings)  # each part takes memory off; the host vocabulary most

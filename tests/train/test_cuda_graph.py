@@ -28,6 +28,17 @@ def test_cpu_refuses_graphs_by_name(synthetic_shards: Path, tmp_path: Path) -> N
         train(base_config(synthetic_shards, tmp_path / "on", cuda_graphs="on", max_steps=1))
 
 
+def test_a_tiled_mlp_does_not_rule_graphs_out(synthetic_shards: Path, tmp_path: Path) -> None:
+    """--mlp-tile-tokens with --cuda-graphs on is a valid setting; on a CPU the device is the only reason named."""
+    from padless.train.config import TrainConfig
+
+    assert TrainConfig(shards="x", mlp_tile_tokens=64, cuda_graphs="on").mlp_tile_tokens == 64
+    cfg = base_config(synthetic_shards, tmp_path / "on", cuda_graphs="on", max_steps=1, mlp_tile_tokens=16,
+                      tokens_per_micro_batch=256)  # fmt: skip
+    with pytest.raises(TrainError, match=r"is not possible here: device cpu is not CUDA\. Use --cuda-graphs"):
+        train(cfg)
+
+
 def test_auto_on_cpu_trains_eagerly(synthetic_shards: Path, tmp_path: Path) -> None:
     auto = train(base_config(synthetic_shards, tmp_path / "auto", cuda_graphs="auto", max_steps=2))
     off = train(base_config(synthetic_shards, tmp_path / "off", cuda_graphs="off", max_steps=2))

@@ -194,6 +194,26 @@ def test_tiled_mlp_replays_lora_dropout_with_every_checkpointing_mode():
             assert_close(results[mode][1][k], g, f"{mode} grad {k}", rtol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_preserve_rng_state_reaches_the_tiled_mlp(monkeypatch, checkpointing):
+    """A CUDA-graph step passes preserve_rng_state=False: the tiled MLP must then leave the generator alone."""
+    from padless.train import packed_forward
+
+    real, seen = packed_forward.tiled_mlp, []
+
+    def spy(fn, h, tile, *, preserve_rng_state=True):
+        seen.append(preserve_rng_state)
+        return real(fn, h, tile, preserve_rng_state=preserve_rng_state)
+
+    monkeypatch.setattr(packed_forward, "tiled_mlp", spy)
+    model = apply_adapters(tiny_model("qwen3"), mode="lora", r=4)
+    for preserve in (False, True):
+        seen.clear()
+        _backward(model, make_batch(LENGTHS, seed=15), checkpointing=checkpointing, mlp_tile_tokens=7,
+                  preserve_rng_state=preserve)  # fmt: skip
+        assert seen and all(s is preserve for s in seen), (preserve, seen)
+
+
 def test_negative_mlp_tile_tokens_is_refused():
     with pytest.raises(ValueError, match=r"mlp_tile_tokens must be >= 0 \(0 = untiled\), got -1"):
         packed_loss(tiny_model("llama"), make_batch([4]), mlp_tile_tokens=-1)

@@ -160,3 +160,45 @@ def test_bad_arguments_are_refused() -> None:
         tiled_mlp(block.mlp, torch.randn(4, E), 0)
     with pytest.raises(ValueError, match=r"T >= 1; got shape \(0, 8\)"):
         tiled_mlp(block.mlp, torch.randn(0, E), 4)
+
+
+def test_without_preserved_rng_no_generator_is_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA graph capture needs: preserve_rng_state=False never reads or sets a generator's state."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("the generator state was read or set")
+
+    for name in ("get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch, name, touched)
+        monkeypatch.setattr(torch.cuda, name, touched)
+    linear = nn.Linear(8, 8)
+    h = torch.randn(37, 8, requires_grad=True)
+    tiled_mlp(linear, h, 10, preserve_rng_state=False).sum().backward()
+    assert linear.weight.grad is not None and h.grad is not None
+
+
+def test_preserving_rng_inside_a_capture_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    h = torch.randn(20, 8, requires_grad=True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.raises(RuntimeError, match=r"inside a CUDA graph capture.*preserve_rng_state=False"):
+        tiled_mlp(nn.Linear(8, 8), h, 10)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_the_backward_adds_into_the_existing_grad_storage(mode: str) -> None:
+    """A replayed CUDA graph writes where the captured step wrote: .grad must be accumulated in place."""
+    linear = nn.Linear(8, 8)
+    x = torch.randn(37, 8)
+    for p in linear.parameters():
+        p.grad = torch.zeros_like(p)
+    storage = [p.grad.data_ptr() for p in linear.parameters()]
+    for _ in range(2):
+        xi = x.clone().requires_grad_()
+        run_layer(lambda t: tiled_mlp(linear, t, 10, preserve_rng_state=False), xi, mode, False).sum().backward()
+    assert [p.grad.data_ptr() for p in linear.parameters()] == storage
+    reference = nn.Linear(8, 8)
+    reference.load_state_dict(linear.state_dict())
+    (reference(x).sum() * 2).backward()
+    torch.testing.assert_close(linear.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(linear.bias.grad, reference.bias.grad)
