@@ -13,7 +13,8 @@ A case is ``TOKENS:LAYERS[:OPTION...]``:
   (``128k`` = 131072);
 - LAYERS: decoder layers of the shape (``num_hidden_layers``): a step of the real layer shapes with fewer layers;
 - then any of ``keep`` (``--keep-attention``), ``gpuX`` (``--checkpoint-gpu-gib X``, X in GiB: ``gpu16``,
-  ``gpu7.5``), ``tileN`` (``--mlp-tile-tokens N``, N tokens or with a ``k`` suffix: ``tile8k``) and ``qlora``
+  ``gpu7.5``), ``tileN`` (``--mlp-tile-tokens N``, N tokens or with a ``k`` suffix: ``tile8k``), ``segN``
+  (``--checkpoint-layers N``: a checkpoint per N layers) and ``qlora``
   (the base in NF4, loaded from a random model folder written once per shape and layer count into ``--work`` by
   ``padless.train.random_weights``; without it, bf16 LoRA on a random model built on the GPU).
 
@@ -63,6 +64,7 @@ class Case:
     gpu_gib: float = 0.0  # --checkpoint-gpu-gib
     mode: str = "lora"  # lora | qlora
     tile: int = 0  # --mlp-tile-tokens
+    segment: int = 1  # --checkpoint-layers
 
     @property
     def name(self) -> str:
@@ -72,13 +74,15 @@ class Case:
     @property
     def options(self) -> list[str]:
         return [*(["keep"] if self.keep else []), *([f"gpu{self.gpu_gib:g}"] if self.gpu_gib else []),
-                *([f"tile{self.tile}"] if self.tile else []), *(["qlora"] if self.mode == "qlora" else [])]  # fmt: skip
+                *([f"tile{self.tile}"] if self.tile else []), *([f"seg{self.segment}"] if self.segment > 1 else []),
+                *(["qlora"] if self.mode == "qlora" else [])]  # fmt: skip
 
     @property
     def flags(self) -> list[str]:
         """The ``train run`` options of the case beyond the mode and the token budget."""
         out = ["--checkpointing", "offload", *(["--keep-attention"] if self.keep else [])]
         out += ["--checkpoint-gpu-gib", f"{self.gpu_gib:g}"] if self.gpu_gib else []
+        out += ["--checkpoint-layers", str(self.segment)] if self.segment > 1 else []
         return out + (["--mlp-tile-tokens", str(self.tile)] if self.tile else [])
 
     @property
@@ -111,7 +115,7 @@ def parse_case(text: str) -> Case:
     parts = text.split(":")
     if len(parts) < 2:
         raise ValueError(
-            f"case {text!r}: expected TOKENS:LAYERS[:keep][:gpuX][:tileN][:qlora], e.g. 131072:36:keep:gpu16"
+            f"case {text!r}: expected TOKENS:LAYERS[:keep][:gpuX][:tileN][:segN][:qlora], e.g. 131072:36:keep:gpu16"
         )
     fields: dict[str, Any] = {
         "tokens": _count(parts[0], "TOKENS", k_suffix=True),
@@ -126,8 +130,12 @@ def parse_case(text: str) -> Case:
             fields["gpu_gib"] = _gib(option)
         elif option.startswith("tile"):
             fields["tile"] = _count(option[4:], "tileN's N", k_suffix=True)
+        elif option.startswith("seg"):
+            fields["segment"] = _count(option[3:], "segN's N", k_suffix=False)
         else:
-            raise ValueError(f"case {text!r}: unknown option {option!r}; expected keep, gpuX, tileN or qlora")
+            raise ValueError(f"case {text!r}: unknown option {option!r}; expected keep, gpuX, tileN, segN or qlora")
+    if fields.get("keep") and fields.get("segment", 1) > 1:
+        raise ValueError(f"case {text!r}: keep and segN do not go together (--keep-attention keeps one layer's output)")
     return Case(**fields)
 
 
@@ -170,7 +178,8 @@ def predicted_gib(case: Case, inv: Any) -> float:
     from padless.train.plan import Setting, estimate
 
     setting = Setting(case.mode, case.tokens, "offload", lora_r=LORA_R, mlp_tile=case.tile,
-                      keep_attention=case.keep, checkpoint_gpu_bytes=int(case.gpu_gib * GIB))  # fmt: skip
+                      keep_attention=case.keep, checkpoint_gpu_bytes=int(case.gpu_gib * GIB),
+                      checkpoint_layers=case.segment)  # fmt: skip
     return estimate(inv, setting).peak / GIB
 
 
@@ -278,7 +287,7 @@ def line(row: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="comma-separated shard sets of one-document packs (prep pack)")
-    p.add_argument("--cases", required=True, help="comma-separated TOKENS:LAYERS[:keep][:gpuX][:tileN][:qlora]")
+    p.add_argument("--cases", required=True, help="comma-separated TOKENS:LAYERS[:keep][:gpuX][:tileN][:segN][:qlora]")
     p.add_argument("--shape", choices=sorted(H.MODEL_SHAPES), default="qwen3-8b", help="model shape")
     p.add_argument("--steps", type=int, default=3, help="steps per case (--max-steps)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the median step time")

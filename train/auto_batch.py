@@ -177,6 +177,7 @@ def auto_budget(
         cfg.mlp_tile_tokens,
         keep_attention=cfg.keep_attention,
         checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
+        checkpoint_layers=cfg.checkpoint_layers,
     )
     host = host_bytes_of(cfg) if cfg.checkpointing == "offload" or cfg.memory == "low" else None
     best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host, cuda_graphs=cfg.cuda_graphs)

@@ -85,7 +85,8 @@ def plan_command(**params: Any) -> None:
     click.echo("-" * len(header))
     for row in rows:
         fits = {True: "yes", False: "no", None: "?"}[row["fits"]]
-        ckpt = row["checkpointing"] + (f"+{row['checkpoint_gpu_gib']:g}G" if row["checkpoint_gpu_gib"] else "")
+        ckpt = row["checkpointing"] + (f"/{row['checkpoint_layers']}" if row["checkpoint_layers"] > 1 else "")
+        ckpt += f"+{row['checkpoint_gpu_gib']:g}G" if row["checkpoint_gpu_gib"] else ""
         click.echo(
             f"{row['mode']:<6} {row['tokens']:>7} {ckpt:<14} {row['weights_gib']:>8.2f} "
             f"{row['trainable_gib']:>8.2f} {row['step_gib']:>7.2f} {row['peak_gib']:>8.2f} {row['host_gib']:>6.1f} "
@@ -98,6 +99,7 @@ def plan_command(**params: Any) -> None:
     else:
         s = result.recommended.setting
         share = f" --checkpoint-gpu-gib {s.checkpoint_gpu_bytes / 2**30:g}" if s.checkpoint_gpu_bytes else ""
+        share += f" --checkpoint-layers {s.checkpoint_layers}" if s.checkpoint_layers > 1 else ""
         click.echo(
             f"recommended for {result.gpu_bytes / 2**30:.1f} GiB usable: --{s.mode} --tokens-per-micro-batch "
             f"{s.tokens} --checkpointing {s.checkpointing}{share}{' --memory low' if s.memory == 'low' else ''} "

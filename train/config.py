@@ -121,6 +121,14 @@ class TrainConfig:
         "checkpoints fit stay there, the layers below go to pinned host memory (0 = all to the host). The backward "
         "walks top down, so it starts without waiting for a copy, and the first copy back has those layers' time.",
     )
+    checkpoint_layers: int = option(
+        1,
+        help="With --checkpointing on/offload: layers per checkpoint. 1 keeps every layer's input; N keeps the input "
+        "of every N-th layer only (1/N of the checkpoint memory, on the GPU or the host), and the backward recomputes "
+        "the layers of such a segment from it, each layer's own recompute nested inside: (N-1)/N more layer "
+        "forwards. For very long sequences, whose checkpoints would not fit GPU and host together. Not with "
+        "--keep-attention.",
+    )
     host_mem_gib: float | None = option(
         None,
         help="Host memory the pinned checkpoints of --checkpointing offload (and --memory low's vocabulary) may "
@@ -254,6 +262,22 @@ class TrainConfig:
                 f"--checkpoint-gpu-gib splits offloaded checkpoints between GPU and host; it needs --checkpointing "
                 f"offload (got --checkpointing {self.checkpointing})",
             ),
+            (self.checkpoint_layers >= 1, f"--checkpoint-layers must be >= 1, got {self.checkpoint_layers}"),
+            (
+                self.checkpoint_layers == 1 or self.checkpointing != "off" or self.memory == "low",
+                "--checkpoint-layers groups layers under one checkpoint; it needs --checkpointing on or offload (or "
+                "--memory low, which checkpoints every run)",
+            ),
+            (
+                self.checkpoint_layers == 1 or not self.keep_attention,
+                "--checkpoint-layers with --keep-attention: a kept attention output belongs to one layer's "
+                "checkpoint; use --checkpoint-layers 1 to keep attention, or leave --keep-attention out",
+            ),
+            (
+                self.checkpoint_layers == 1 or not self.fsdp,
+                "--checkpoint-layers with --fsdp: a segment's recompute would gather its layers' shards once more; "
+                "use --checkpoint-layers 1",
+            ),
             (
                 not self.keep_attention or self.checkpointing != "off",
                 "--keep-attention keeps the attention output with each layer's checkpoint; it needs --checkpointing "
@@ -363,6 +387,9 @@ class PlanConfig:
     checkpoint_gpu_gib: float = option(
         0.0, help="As `train run --checkpoint-gpu-gib`: offloaded checkpoints keep this many GiB on the GPU."
     )
+    checkpoint_layers: int = option(
+        1, help="As `train run --checkpoint-layers`: layers per checkpoint (checkpointed settings only)."
+    )
     dtype: Dtype = option("bf16", help="Compute dtype of the base model.")
     json: bool = option(False, help="Print the predictions as JSON lines instead of a table.")
 
@@ -379,6 +406,13 @@ class PlanConfig:
             raise TrainError(f"--mlp-tile-tokens must be >= 0 (0 = untiled), got {self.mlp_tile_tokens}")
         if not 0 <= self.checkpoint_gpu_gib < float("inf"):
             raise TrainError(f"--checkpoint-gpu-gib must be >= 0 GiB, got {self.checkpoint_gpu_gib}")
+        if self.checkpoint_layers < 1:
+            raise TrainError(f"--checkpoint-layers must be >= 1, got {self.checkpoint_layers}")
+        if self.checkpoint_layers > 1 and self.keep_attention:
+            raise TrainError(
+                "--checkpoint-layers with --keep-attention: a kept attention output belongs to one layer's "
+                "checkpoint; use --checkpoint-layers 1 to keep attention"
+            )
         self.token_list  # noqa: B018
 
     @property

@@ -217,7 +217,11 @@ def _train(
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     flops = flop_model(
-        model, full=cfg.mode == "full", checkpointing=cfg.checkpointing, keep_attention=cfg.keep_attention
+        model,
+        full=cfg.mode == "full",
+        checkpointing=cfg.checkpointing,
+        keep_attention=cfg.keep_attention,
+        checkpoint_layers=cfg.checkpoint_layers,
     )
     peak = peak_flops(device)
 
@@ -459,6 +463,7 @@ def _graph_step(cfg, env, device, model, trainable, ss, sizes, budget, plan_for,
         (device.type != "cuda", f"device {device} is not CUDA"),
         (env.distributed, "several processes (DDP/FSDP hooks are not captured)"),
         (cfg.checkpointing == "offload", "--checkpointing offload allocates pinned host memory"),
+        (cfg.checkpoint_layers > 1, "--checkpoint-layers nests checkpoints, which padless does not capture"),
         (cfg.lora_dropout > 0 and cfg.mode != "full", "--lora-dropout > 0 draws random numbers"),
         (get_patch(model) is None or get_patch(model).fallback, "the architecture takes the unpatched fallback path"),
     ]
@@ -484,6 +489,7 @@ def _checkpoint_options(cfg: TrainConfig) -> dict[str, Any]:
         "checkpoint_gpu_bytes": int(cfg.checkpoint_gpu_gib * GIB),
         "keep_attention": cfg.keep_attention,
         "mlp_tile_tokens": cfg.mlp_tile_tokens,
+        "checkpoint_layers": cfg.checkpoint_layers,
     }
 
 

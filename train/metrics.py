@@ -7,6 +7,8 @@ backward 2N for the activation gradients, plus 2N for the weight gradients only 
 recomputes it. Attention adds, per layer and per example of length L, 2·L²·H·D in the forward (QKᵀ and PV,
 halved by the causal mask), twice that in the backward, once more when recomputed (not with --keep-attention,
 whose recompute reuses the forward's output): the packs' sum of squared lengths gives it exactly, from the host.
+With ``--checkpoint-layers k`` the first k - 1 layers of each segment are forwarded once more again (the segment's
+recompute rebuilds the inputs of the layers above them).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ class FlopModel:
         return self.per_token * tokens + self.per_sq_len * sum_sq_len
 
 
-def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str, keep_attention: bool = False) -> FlopModel:
+def flop_model(
+    model: torch.nn.Module, *, full: bool, checkpointing: str, keep_attention: bool = False, checkpoint_layers: int = 1
+) -> FlopModel:
     """Build the FLOP model from the (unwrapped) model's parameters and config (see the module doc)."""
     seen: set[int] = set()
     total = 0
@@ -101,7 +105,14 @@ def flop_model(model: torch.nn.Module, *, full: bool, checkpointing: str, keep_a
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
     head_dim = getattr(cfg, "head_dim", None) or (int(getattr(cfg, "hidden_size", 0) or 0) // heads if heads else 0)
     return step_flop_model(
-        n, layers, heads, head_dim, full=full, checkpointing=checkpointing, keep_attention=keep_attention
+        n,
+        layers,
+        heads,
+        head_dim,
+        full=full,
+        checkpointing=checkpointing,
+        keep_attention=keep_attention,
+        checkpoint_layers=checkpoint_layers,
     )
 
 
@@ -114,11 +125,18 @@ def step_flop_model(
     full: bool,
     checkpointing: str,
     keep_attention: bool = False,
+    checkpoint_layers: int = 1,
 ) -> FlopModel:
     """The FLOP model from the counts alone (``train plan`` has no loaded model): the passes of the module doc."""
-    passes = 1 + 1 + (1 if full else 0) + (1 if checkpointing != "off" else 0)
+    # Recompute: one more forward per layer; segments of k layers (--checkpoint-layers) forward their first k - 1
+    # layers once more again, to rebuild the inputs of the layers above them.
+    recompute = 0.0
+    if checkpointing != "off":
+        count = max(layers, 1)
+        recompute = 1.0 + (count - -(-count // max(checkpoint_layers, 1))) / count
+    passes = 1 + 1 + (1 if full else 0) + recompute
     # --keep-attention: the recompute reuses the forward's attention output (no third attention forward)
-    attn_passes = 1 + 2 + (1 if checkpointing != "off" and not keep_attention else 0)
+    attn_passes = 1 + 2 + (0 if checkpointing == "off" else recompute - (1 if keep_attention else 0))
     return FlopModel(
         matmul_params=matmul_params,
         per_token=2.0 * matmul_params * passes,

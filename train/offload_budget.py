@@ -28,6 +28,7 @@ __all__ = [
     "available_host_bytes",
     "check_host_memory",
     "check_offload_memory",
+    "checkpoints_of",
     "host_bytes_of",
     "layers_on_gpu",
     "pinned_block_bytes",
@@ -43,8 +44,9 @@ LSE_BYTES = 4  # the log-sum-exp is fp32 whatever the compute dtype
 
 @dataclass(frozen=True)
 class CheckpointShape:
-    """The model shapes that size one layer's checkpoint: ``layers`` decoder layers, ``hidden`` size, ``heads``
-    query heads of ``head_dim``, and ``dtype_bytes`` per element of the compute dtype."""
+    """The model shapes that size one layer's checkpoint: ``layers`` checkpointed units (decoder layers, or segments
+    of ``--checkpoint-layers`` layers), ``hidden`` size, ``heads`` query heads of ``head_dim``, and ``dtype_bytes``
+    per element of the compute dtype."""
 
     layers: int
     hidden: int
@@ -53,12 +55,14 @@ class CheckpointShape:
     dtype_bytes: int
 
     @classmethod
-    def of(cls, config: object, dtype: torch.dtype) -> CheckpointShape:
-        """From a Hugging Face model config and the compute dtype."""
+    def of(cls, config: object, dtype: torch.dtype, checkpoint_layers: int = 1) -> CheckpointShape:
+        """From a Hugging Face model config and the compute dtype; with ``checkpoint_layers`` (``--checkpoint-layers``)
+        > 1 the units are segments of that many layers, one checkpoint each (``layers`` counts the segments)."""
         hidden = int(config.hidden_size)
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-        return cls(int(config.num_hidden_layers), hidden, heads, head_dim, torch.empty((), dtype=dtype).element_size())
+        units = checkpoints_of(int(config.num_hidden_layers), checkpoint_layers)
+        return cls(units, hidden, heads, head_dim, torch.empty((), dtype=dtype).element_size())
 
     def tensor_bytes(self, tokens: int, keep_attention: bool) -> tuple[int, ...]:
         """Bytes of each tensor one layer's checkpoint keeps for ``tokens`` tokens (input; attention out, lse)."""
@@ -66,6 +70,12 @@ class CheckpointShape:
         if not keep_attention:
             return (layer_input,)
         return layer_input, tokens * self.heads * self.head_dim * self.dtype_bytes, tokens * self.heads * LSE_BYTES
+
+
+def checkpoints_of(layers: int, checkpoint_layers: int) -> int:
+    """How many checkpoints ``layers`` decoder layers keep in segments of ``checkpoint_layers`` (the last may be
+    shorter)."""
+    return -(-layers // max(checkpoint_layers, 1))
 
 
 def pinned_block_bytes(nbytes: int, granule: int) -> int:
@@ -180,7 +190,8 @@ def check_host_memory(plan: OffloadPlan, available: int | None, reserve: int = H
     """Raise :class:`TrainError` when ``plan``'s pinned host bytes do not fit ``available`` less ``reserve``.
 
     The message names both numbers and the ways out: a smaller micro-batch, ``--checkpointing on``, more layers on
-    the GPU (the ``--checkpoint-gpu-gib`` that would fit), or ``--qlora`` to free GPU memory for them. ``available``
+    the GPU (the ``--checkpoint-gpu-gib`` that would fit), fewer checkpoints (``--checkpoint-layers 2``), or
+    ``--qlora`` to free GPU memory for them. ``available``
     None (unknown): no check.
     """
     budget = (available or 0) - reserve
@@ -193,8 +204,9 @@ def check_host_memory(plan: OffloadPlan, available: int | None, reserve: int = H
         f"--checkpointing offload needs {plan.host_bytes / GIB:.1f} GiB of pinned host memory for the checkpoints "
         f"of {plan.host_layers} layers at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
         f"GiB a layer{ranks}), but the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it "
-        f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}, or --qlora to free GPU "
-        "memory for them (or --host-mem-gib N where the host can give more than it has available now)"
+        f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}, a checkpoint per two "
+        "layers with --checkpoint-layers 2, or --qlora to free GPU memory for them (or --host-mem-gib N where the "
+        "host can give more than it has available now)"
     )
 
 
@@ -205,7 +217,7 @@ def check_offload_memory(cfg: TrainConfig, config: object, dtype: torch.dtype, b
     if cfg.checkpointing != "offload":
         return
     plan = plan_offload(
-        CheckpointShape.of(config, dtype),
+        CheckpointShape.of(config, dtype, cfg.checkpoint_layers),
         budget,
         keep_attention=cfg.keep_attention,
         gpu_budget_bytes=int(cfg.checkpoint_gpu_gib * GIB),

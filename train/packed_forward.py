@@ -100,6 +100,19 @@ def _decoder_layer(
     return x + feed_forward(h)
 
 
+def _segment(calls: list, preserve_rng_state: bool):
+    """Several layers under one checkpoint: each layer is checkpointed on its own inside it, so the segment's
+    recompute keeps only the inputs of its layers (up to the last one's) and each layer recomputes its activations
+    when its backward comes; the checkpoint's early stop ends the segment's recompute at its last layer's input."""
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        for call in calls:
+            hidden = run_layer(call, hidden, "on", preserve_rng_state)
+        return hidden
+
+    return run
+
+
 def _packed_path(
     handle: PatchHandle,
     batch: MicroBatch,
@@ -108,6 +121,7 @@ def _packed_path(
     checkpoint_gpu_bytes: int = 0,
     keep_attention: bool = False,
     mlp_tile_tokens: int = 0,
+    checkpoint_layers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hf = handle.model
     decoder = hf.get_decoder()
@@ -119,33 +133,41 @@ def _packed_path(
         x = x * handle.embed_scale_tensor(x.dtype, x.device)
     cos, sin = handle.rope_cache(batch.max_seqlen, x.device)
     offload = HostOffload() if checkpointing == "offload" else None  # one per forward: the backward prefetches
-    # The top layers whose checkpoints fit the GPU budget keep them there (checkpointing "on" for them): the
-    # backward walks top down, so it starts on them while the first offloaded layer's copy comes back.
+    # Checkpoints: one per segment of ``checkpoint_layers`` layers (the input of its first layer). The top segments
+    # whose checkpoints fit the GPU budget keep them there (checkpointing "on" for them): the backward walks top
+    # down, so it starts on them while the first offloaded segment's copy comes back.
     n_layers, on_gpu = len(decoder.layers), 0
+    starts = range(0, n_layers, checkpoint_layers)
     if offload is not None and checkpoint_gpu_bytes:
-        shape = CheckpointShape.of(hf.config, x.dtype)
+        shape = CheckpointShape.of(hf.config, x.dtype, checkpoint_layers)
         on_gpu = layers_on_gpu(checkpoint_gpu_bytes, shape, x.shape[0], keep_attention)
     keep = keep_attention and checkpointing != "off" and torch.is_grad_enabled()
-    for index, (layer, plan) in enumerate(zip(decoder.layers, handle.layers)):
-        mode = "on" if offload is not None and index >= n_layers - on_gpu else checkpointing
-        attention = KeptAttention(offload if mode == "offload" else None) if keep else None
+    for number, start in enumerate(starts):
+        mode = "on" if offload is not None and number >= len(starts) - on_gpu else checkpointing
+        calls = []
+        for layer, plan in zip(decoder.layers[start : start + checkpoint_layers], handle.layers[start:]):
+            attention = KeptAttention(offload if mode == "offload" else None) if keep else None
 
-        def step(
-            hidden: torch.Tensor,
-            layer: nn.Module = layer,
-            plan: LayerPlan = plan,
-            attention: KeptAttention | None = attention,
-        ) -> torch.Tensor:
-            return _decoder_layer(
-                layer, plan, handle, hidden, cos, sin, batch, attention, mlp_tile_tokens, preserve_rng_state
-            )
+            def step(
+                hidden: torch.Tensor,
+                layer: nn.Module = layer,
+                plan: LayerPlan = plan,
+                attention: KeptAttention | None = attention,
+            ) -> torch.Tensor:
+                return _decoder_layer(
+                    layer, plan, handle, hidden, cos, sin, batch, attention, mlp_tile_tokens, preserve_rng_state
+                )
 
-        def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
-            # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
-            # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
-            return nn.Module.__call__(layer, hidden, padless_step=step)
+            def call(hidden: torch.Tensor, layer: nn.Module = layer, step=step) -> torch.Tensor:
+                # Through nn.Module.__call__ so the layer's hooks fire (the patched instance forward runs ``step``);
+                # not through HF's own checkpointing wrapper: ``run_layer`` owns checkpointing here.
+                return nn.Module.__call__(layer, hidden, padless_step=step)
 
-        x = run_layer(call, x, mode, preserve_rng_state, offload)
+            calls.append(call)
+        if len(calls) == 1:
+            x = run_layer(calls[0], x, mode, preserve_rng_state, offload)
+        else:
+            x = run_layer(_segment(calls, preserve_rng_state), x, mode, preserve_rng_state, offload)
     if offload is not None and x.requires_grad:
         # The backward reaches the decoder's top here: start bringing back the last offloaded layer's tensors.
         x.register_hook(lambda grad: offload.prefetch_last())
@@ -249,6 +271,7 @@ def packed_loss(
     checkpoint_gpu_bytes: int = 0,
     keep_attention: bool = False,
     mlp_tile_tokens: int = 0,
+    checkpoint_layers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 0-dim, number of counted tokens int64 0-dim) of a packed micro-batch.
 
@@ -265,6 +288,8 @@ def packed_loss(
     ``loss.backward()``); 0 runs it whole. On the Triton kernels the MLP's backward writes its gate/up gradients
     over the saved gate and up, so with checkpointing ``off`` a second backward through one graph
     (``retain_graph=True``) raises autograd's in-place error; ``on``/``offload`` recompute them for each backward.
+    ``checkpoint_layers`` > 1 (``on``/``offload``, not with ``keep_attention``): one checkpoint per that many layers,
+    each layer checkpointed again inside it (see ``_segment``).
     """
     check_mode(checkpointing)
     if mlp_tile_tokens < 0:
@@ -278,11 +303,16 @@ def packed_loss(
         )
     if checkpoint_gpu_bytes < 0:
         raise ValueError(f"checkpoint_gpu_bytes={checkpoint_gpu_bytes}: expected >= 0 (0 = all to the host).")
+    if checkpoint_layers < 1 or (checkpoint_layers > 1 and (checkpointing == "off" or keep_attention)):
+        raise ValueError(
+            f"checkpoint_layers={checkpoint_layers}: expected 1, or more with checkpointing 'on'/'offload' and "
+            f"without keep_attention (got checkpointing={checkpointing!r}, keep_attention={keep_attention})."
+        )
     if handle.fallback:
-        if keep_attention or checkpoint_gpu_bytes:
+        if keep_attention or checkpoint_gpu_bytes or checkpoint_layers > 1:
             raise TrainError(
-                f"--keep-attention and --checkpoint-gpu-gib work on padless's packed path; model_type "
-                f"{handle.model.config.model_type!r} trains through transformers' own layers. Leave them out"
+                f"--keep-attention, --checkpoint-gpu-gib and --checkpoint-layers work on padless's packed path; "
+                f"model_type {handle.model.config.model_type!r} trains through transformers' own layers. Leave them out"
             )
         if mlp_tile_tokens:
             raise TrainError(
@@ -291,8 +321,9 @@ def packed_loss(
             )
         return _fallback_path(handle, batch, checkpointing)
     return _packed_path(
-        handle, batch, checkpointing, preserve_rng_state, checkpoint_gpu_bytes, keep_attention, mlp_tile_tokens
-    )
+        handle, batch, checkpointing, preserve_rng_state, checkpoint_gpu_bytes, keep_attention, mlp_tile_tokens,
+        checkpoint_layers,
+    )  # fmt: skip
 
 
 class PackedLossModule(nn.Module):

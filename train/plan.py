@@ -47,7 +47,7 @@ from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
 from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
-from .offload_budget import GIB, HOST_RESERVE, CheckpointShape, host_bytes_of, plan_offload
+from .offload_budget import GIB, HOST_RESERVE, CheckpointShape, checkpoints_of, host_bytes_of, plan_offload
 
 __all__ = [
     "Estimate",
@@ -111,6 +111,7 @@ class Setting:
     mlp_tile: int = 0  # --mlp-tile-tokens (0: --memory low's tile under low, else untiled)
     keep_attention: bool = False  # --keep-attention: each checkpoint also keeps its attention output and lse
     checkpoint_gpu_bytes: int = 0  # --checkpoint-gpu-gib: offloaded runs keep this much of the checkpoints on GPU
+    checkpoint_layers: int = 1  # --checkpoint-layers: layers per checkpoint (on/offload)
 
     def __post_init__(self) -> None:
         if self.memory == "low" and self.mlp_tile == 0:  # --memory low tiles an MLP the user left untiled
@@ -212,15 +213,18 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     host = 0
     if setting.checkpointing == "off":  # every layer's activations, and the top layer's backward on top of them
         kept = inv.layers * T * saved * b
-    else:  # each layer's checkpoint: its input (and with --keep-attention its attention output and lse)
-        shape = CheckpointShape(inv.layers, inv.hidden, inv.heads, inv.head_dim, b)
+    else:  # each checkpoint: its layer's input (and with --keep-attention its attention output and lse)
+        units = checkpoints_of(inv.layers, setting.checkpoint_layers)
+        shape = CheckpointShape(units, inv.hidden, inv.heads, inv.head_dim, b)
         keep = setting.keep_attention
         checkpoint = sum(shape.tensor_bytes(T, keep))
+        # a segment's backward holds the recomputed inputs of its layers above the first
+        layer += (min(setting.checkpoint_layers, inv.layers) - 1) * T * inv.hidden * b
         if setting.checkpointing == "on":
-            kept = inv.layers * checkpoint
+            kept = units * checkpoint
         else:  # the top layers the GPU budget holds, and the offloaded ones in flight; the rest pinned on the host
             split = plan_offload(shape, T, keep_attention=keep, gpu_budget_bytes=setting.checkpoint_gpu_bytes)
-            kept = min(inv.layers, split.gpu_layers + _OFFLOAD_LAYERS_IN_FLIGHT) * checkpoint
+            kept = min(units, split.gpu_layers + _OFFLOAD_LAYERS_IN_FLIGHT) * checkpoint
             host = split.host_bytes
     kept += T * inv.hidden * b
     largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
@@ -237,7 +241,13 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     activations = kept + max(head, layer)
 
     flops = step_flop_model(
-        inv.matmul_params, inv.layers, inv.heads, inv.head_dim, full=mode == "full", checkpointing=setting.checkpointing
+        inv.matmul_params,
+        inv.layers,
+        inv.heads,
+        inv.head_dim,
+        full=mode == "full",
+        checkpointing=setting.checkpointing,
+        checkpoint_layers=setting.checkpoint_layers,
     ).step_flops(T, sum_sq_per_token * T)
     step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
@@ -254,7 +264,8 @@ def as_row(e: Estimate) -> dict[str, Any]:
     s = e.setting
     gib = 2**30
     return {"mode": s.mode, "tokens": s.tokens, "checkpointing": s.checkpointing,
-            "checkpoint_gpu_gib": s.checkpoint_gpu_bytes / gib, "weights_gib": e.weights / gib,
+            "checkpoint_layers": s.checkpoint_layers, "checkpoint_gpu_gib": s.checkpoint_gpu_bytes / gib,
+            "weights_gib": e.weights / gib,
             "trainable_gib": (e.trainable + e.gradients + e.optimizer) / gib, "step_gib": e.step / gib,
             "peak_gib": e.peak / gib, "host_gib": e.host / gib, "step_s": e.step_s,
             "tokens_per_s": e.tokens_per_s}  # fmt: skip
@@ -346,7 +357,8 @@ def host_fit_split(inv: ModelInventory, setting: Setting, host_budget: int) -> S
     fits ``host_budget`` bytes; None when it fits already, or when no GPU share makes it fit."""
     if setting.checkpointing != "offload" or setting.checkpoint_gpu_bytes:
         return None
-    shape = CheckpointShape(inv.layers, inv.hidden, inv.heads, inv.head_dim, setting.dtype_bytes)
+    units = checkpoints_of(inv.layers, setting.checkpoint_layers)
+    shape = CheckpointShape(units, inv.hidden, inv.heads, inv.head_dim, setting.dtype_bytes)
     split = plan_offload(shape, setting.tokens, keep_attention=setting.keep_attention)
     if split.host_bytes <= host_budget:
         return None
@@ -388,6 +400,7 @@ def plan(cfg: Any) -> Plan:
                     cfg.mlp_tile_tokens,
                     keep_attention=cfg.keep_attention and ckpt != "off",
                     checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
+                    checkpoint_layers=cfg.checkpoint_layers if ckpt != "off" else 1,
                 )
             )
             for mode in cfg.mode_list

@@ -84,6 +84,7 @@ RESUME_FREE = (
     "keep_last",
     "checkpointing",
     "checkpoint_gpu_gib",
+    "checkpoint_layers",
     "host_mem_gib",
     "keep_attention",
     "mlp_tile_tokens",

@@ -32,6 +32,10 @@ def test_cases_parse_to_train_run_options(bench) -> None:
     assert tiled.tile == 8192 and tiled.name == "131072:36:keep:tile8192"
     assert tiled.flags[-2:] == ["--mlp-tile-tokens", "8192"]
     assert bench.parse_case(tiled.name) == tiled  # a row's case name parses back to the case
+    segments = bench.parse_case("1024k:4:seg2:qlora:gpu24")
+    assert segments.segment == 2 and segments.name == "1048576:4:gpu24:seg2:qlora"
+    assert segments.flags == ["--checkpointing", "offload", "--checkpoint-gpu-gib", "24", "--checkpoint-layers", "2"]
+    assert bench.parse_case(segments.name) == segments
 
 
 @pytest.mark.parametrize(
@@ -42,7 +46,9 @@ def test_cases_parse_to_train_run_options(bench) -> None:
         ("0:4", r"TOKENS '0': expected a positive whole number \(k for x 1024 allowed\)"),
         ("131072:4:gpu", r"'gpu': expected gpuX with X > 0 GiB"),
         ("131072:4:gpu-1", r"'gpu-1': expected gpuX with X > 0 GiB"),
-        ("131072:4:fast", r"unknown option 'fast'; expected keep, gpuX, tileN or qlora"),
+        ("131072:4:fast", r"unknown option 'fast'; expected keep, gpuX, tileN, segN or qlora"),
+        ("131072:4:seg0", r"segN's N '0': expected a positive whole number"),
+        ("131072:4:keep:seg2", r"keep and segN do not go together"),
         ("131072:4:tile", r"tileN's N '': expected a positive whole number"),
     ],
 )
@@ -102,13 +108,13 @@ def test_tiny_cases_run_train_run_and_record_rows(tmp_path) -> None:
            "--overlong", "truncate", "--out", str(shards), "--no-progress"]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     results = tmp_path / "long.jsonl"
-    cases = "256:2,256:3:keep:qlora:tile128,128:2"
+    cases = "256:2,256:3:keep:qlora:tile128,128:2,256:3:seg2"
     proc = run_tool("bench_long", "--shards", str(shards), "--shape", "tiny", "--cases", cases, "--steps", "2",
                     "--work", str(tmp_path / "work"), "--results", str(results), timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = {r["case"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert list(got) == ["256:2", "256:3:keep:tile128:qlora", "128:2"]
-    for name in ("256:2", "256:3:keep:tile128:qlora"):
+    assert list(got) == ["256:2", "256:3:keep:tile128:qlora", "128:2", "256:3:seg2"]
+    for name in ("256:2", "256:3:keep:tile128:qlora", "256:3:seg2"):
         row = got[name]
         assert row["status"] == "ok" and row["area"] == "long" and row["steps"] == 2 and row["step_tokens"] == 256
         assert min(row["step_s"], row["first_step_s"], row["peak_gib"], row["useful_tflops"]) > 0
@@ -118,5 +124,6 @@ def test_tiny_cases_run_train_run_and_record_rows(tmp_path) -> None:
     tiled = got["256:3:keep:tile128:qlora"]
     assert tiled["flags"] == "--checkpointing offload --keep-attention --mlp-tile-tokens 128"
     assert tiled["mode"] == "qlora" and got["256:2"]["mode"] == "lora"
+    assert got["256:3:seg2"]["flags"] == "--checkpointing offload --checkpoint-layers 2"
     assert (tmp_path / "work" / "model-tiny-3-layers-1048576-positions" / "config.json").is_file()
     assert got["128:2"]["status"] == "no --shards set with max_len <= 128 (have [256])"

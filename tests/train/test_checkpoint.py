@@ -150,7 +150,11 @@ def test_flop_model_counts_matmul_parameters_and_passes() -> None:
     assert lora_off.per_token == pytest.approx(4 * n)  # forward 2N + activation grads 2N
     assert flop_model(model, full=True, checkpointing="off").per_token == pytest.approx(6 * n)
     assert flop_model(model, full=True, checkpointing="on").per_token == pytest.approx(8 * n)
+    # two layers in one segment (--checkpoint-layers 2): the lower one is forwarded once more, half a pass on average
+    segment = flop_model(model, full=True, checkpointing="on", checkpoint_layers=2)
+    assert model.config.num_hidden_layers == 2 and segment.per_token == pytest.approx(9 * n)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert lora_off.per_sq_len == pytest.approx(2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * 3)
+    assert segment.per_sq_len == pytest.approx(lora_off.per_sq_len * 4.5 / 3)  # forward, backward 2, recompute 1.5
     assert sum_squared_lengths(torch.tensor([0, 3, 7, 12], dtype=torch.int32)) == 9 + 16 + 25

@@ -44,6 +44,16 @@ def _run(shards: Path, output: Path, *args: str):
         (["--checkpoint-gpu-gib", "-1"], r"^error: --checkpoint-gpu-gib must be >= 0 \(0 = all checkpoints to the h"),
         (["--checkpoint-gpu-gib", "4"], r"it needs --checkpointing offload \(got --checkpointing off\)$"),
         (["--keep-attention"], r"^error: --keep-attention keeps .* it needs --checkpointing on or offload$"),
+        (["--checkpoint-layers", "0"], r"^error: --checkpoint-layers must be >= 1, got 0$"),
+        (["--checkpoint-layers", "2"], r"^error: --checkpoint-layers groups layers .* needs --checkpointing on or off"),
+        (
+            ["--checkpoint-layers", "2", "--checkpointing", "on", "--keep-attention"],
+            r"^error: --checkpoint-layers with --keep-attention: .*leave --keep-attention out$",
+        ),
+        (
+            ["--checkpoint-layers", "2", "--checkpointing", "on", "--fsdp"],
+            r"^error: --checkpoint-layers with --fsdp: .*use --checkpoint-layers 1$",
+        ),
         (
             ["--mlp-tile-tokens", "-1"],
             r"^error: --mlp-tile-tokens must be >= 0 \(0 = untiled, N = tiles of N tokens\), "

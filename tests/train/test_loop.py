@@ -315,3 +315,14 @@ def test_steady_throughput_leaves_out_the_first_step(synthetic_shards: Path, tmp
     assert s["steady_tokens_per_s"] == pytest.approx(sum(r["tokens"] for r in later) / seconds)
     assert s["steady_trainable_tokens_per_s"] == pytest.approx(sum(r["trainable_tokens"] for r in later) / seconds)
     assert s["train_time_s"] == pytest.approx(sum(r["step_time_s"] for r in steps))
+
+
+def test_checkpoint_segments_train_like_per_layer_checkpoints(synthetic_shards: Path, tmp_path: Path) -> None:
+    """--checkpoint-layers 3 over 4 layers (3 + 1), offloaded: the same losses as one checkpoint per layer."""
+    four = '{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, ' \
+           '"head_dim": 16, "num_hidden_layers": 4}'  # fmt: skip
+    settings = dict(model_overrides=four, max_steps=3, checkpointing="offload")
+    per_layer = train(base_config(synthetic_shards, tmp_path / "one", **settings))
+    segments = train(base_config(synthetic_shards, tmp_path / "three", checkpoint_layers=3, **settings))
+    assert segments.summary["config"]["checkpoint_layers"] == 3
+    assert segments.losses == pytest.approx(per_layer.losses, rel=1e-5)

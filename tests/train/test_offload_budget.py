@@ -24,6 +24,7 @@ from padless.train.offload_budget import (
     available_host_bytes,
     check_host_memory,
     check_offload_memory,
+    checkpoints_of,
     host_bytes_of,
     layers_on_gpu,
     pinned_block_bytes,
@@ -49,6 +50,9 @@ def test_checkpoint_shape_reads_a_model_config() -> None:
     config = tiny_model("qwen3", num_hidden_layers=3, head_dim=16).config
     assert CheckpointShape.of(config, torch.bfloat16) == CheckpointShape(3, 32, 4, 16, 2)
     assert CheckpointShape.of(tiny_model("llama").config, torch.float32).head_dim == 8  # hidden // heads
+    # --checkpoint-layers: one checkpoint per segment, the last one shorter
+    assert CheckpointShape.of(config, torch.bfloat16, checkpoint_layers=2).layers == 2
+    assert [checkpoints_of(36, k) for k in (1, 2, 5, 36, 40)] == [36, 18, 8, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -135,6 +139,16 @@ def test_only_offload_is_checked() -> None:
     check_offload_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge)
     with pytest.raises(TrainError, match=r"--checkpointing offload needs"):
         check_offload_memory(TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge)
+
+
+def test_the_host_check_counts_segments() -> None:
+    """36 layers at 128K tokens need 36 GiB pinned; a checkpoint per two layers needs 18."""
+    config = tiny_model("qwen3", num_hidden_layers=36).config
+    tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
+    cfg = dict(shards="x", checkpointing="offload", host_mem_gib=30.0)
+    with pytest.raises(TrainError, match=r"needs 36\.0 GiB .*--checkpoint-layers 2"):
+        check_offload_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens)
+    check_offload_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens)
 
 
 def test_train_run_stops_before_the_first_step_when_the_host_is_too_small(synthetic_shards: Path, tmp_path) -> None:

@@ -125,6 +125,78 @@ def test_checkpointing_matches_off(mode):
         assert_close(ckpt_grads[k], off_grads[k], f"grad {k}", rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("mode", "layers_per_checkpoint", "tile", "gpu_checkpoints"),
+    [("on", 2, 0, 0), ("on", 3, 7, 0), ("offload", 2, 0, 0), ("offload", 2, 7, 1), ("offload", 5, 0, 0)],
+)
+def test_checkpoint_segments_match_off(mode, layers_per_checkpoint, tile, gpu_checkpoints):
+    """Five layers in segments of 2 (2 + 2 + 1), 3 (3 + 2) or 5, nested per-layer checkpoints inside: the same loss
+    and gradients as no checkpointing, with LoRA dropout replayed, a tiled MLP and a GPU share of the checkpoints."""
+    model = apply_adapters(tiny_model("qwen3", num_hidden_layers=5), mode="lora", r=4, dropout=0.1)
+    randomize_lora(model)
+    model.train()
+    params = trainable(model)
+    batch = make_batch(LENGTHS, seed=16)
+    torch.manual_seed(12)
+    off, _ = packed_loss(model, batch, checkpointing="off", mlp_tile_tokens=tile)
+    off_grads = grads_of(off, params)
+    checkpoint_bytes = batch.input_ids.shape[0] * model.config.hidden_size * 4  # one fp32 segment input
+    torch.manual_seed(12)
+    segmented, _ = packed_loss(model, batch, checkpointing=mode, mlp_tile_tokens=tile,
+                               checkpoint_layers=layers_per_checkpoint,
+                               checkpoint_gpu_bytes=gpu_checkpoints * checkpoint_bytes)  # fmt: skip
+    segmented_grads = grads_of(segmented, params)
+    assert torch.equal(off.detach(), segmented.detach())
+    for k in params:
+        assert_close(segmented_grads[k], off_grads[k], f"grad {k}", rtol=1e-6)
+
+
+def test_a_segment_forwards_its_lower_layers_once_more():
+    """Segments of 2 over 5 layers: layers 0 and 2 run in the forward, the segment's recompute and their own
+    recompute (3 times); 1, 3 and the lone layer 4 in the forward and their own recompute (2 times)."""
+    model = apply_adapters(tiny_model("llama", num_hidden_layers=5), mode="full")
+    calls = [0] * 5
+
+    def count(index):
+        def hook(module, args):
+            calls[index] += 1
+
+        return hook
+
+    # pre-hooks: a recompute that has rebuilt what it needs stops inside the layer, before any forward hook
+    hooks = [layer.register_forward_pre_hook(count(i)) for i, layer in enumerate(model.model.layers)]
+    _backward(model, make_batch(LENGTHS, seed=17), checkpointing="on", checkpoint_layers=2)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [3, 2, 3, 2, 2]
+
+
+@pytest.mark.parametrize(("layers_per_checkpoint", "kept"), [(1, 5), (2, 3), (5, 1)])
+def test_offload_keeps_one_tensor_per_segment(monkeypatch, layers_per_checkpoint, kept):
+    """What the forward leaves for the backward under offload: one hidden-state tensor per segment, on the host."""
+    from padless.train.activation_checkpoint import HostOffload
+
+    packed, real = [], HostOffload._pack
+
+    def pack(self, tensor):
+        packed.append(tuple(tensor.shape))
+        return real(self, tensor)
+
+    monkeypatch.setattr(HostOffload, "_pack", pack)
+    model = apply_adapters(tiny_model("qwen3", num_hidden_layers=5), mode="lora", r=4)
+    batch = make_batch(LENGTHS, seed=18)
+    packed_loss(model, batch, checkpointing="offload", checkpoint_layers=layers_per_checkpoint)
+    assert packed == [(batch.input_ids.shape[0], model.config.hidden_size)] * kept
+
+
+def test_bad_checkpoint_layers_are_refused():
+    model, batch = tiny_model("llama"), make_batch([4])
+    for kwargs in ({"checkpoint_layers": 0}, {"checkpoint_layers": 2},
+                   {"checkpoint_layers": 2, "checkpointing": "on", "keep_attention": True}):  # fmt: skip
+        with pytest.raises(ValueError, match=r"checkpoint_layers=\d+: expected 1, or more with checkpointing"):
+            packed_loss(model, batch, **kwargs)
+
+
 TILED_SETUPS = {
     "qwen3-lora": ("qwen3", {"mode": "lora", "r": 4}),
     "llama-lora-mlp-only": ("llama", {"mode": "lora", "r": 4, "target_modules": ["gate_proj", "up_proj", "down_proj"]}),

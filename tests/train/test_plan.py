@@ -104,6 +104,19 @@ def test_kept_attention_and_a_gpu_share_move_checkpoint_bytes_where_the_run_puts
     assert everything.host == 0 and everything.step == on_keep.step
 
 
+def test_checkpoint_segments_divide_the_checkpoints_and_add_a_recompute() -> None:
+    """--checkpoint-layers 2 over 6 layers: 3 checkpoints instead of 6 (on the GPU or the host), one more hidden
+    state alive in a segment's backward, and a third of the layers forwarded once more."""
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=6))
+    T, checkpoint = 8192, 8192 * inv.hidden * 2
+    one, two = (estimate(inv, Setting("lora", T, "on", checkpoint_layers=k)) for k in (1, 2))
+    assert one.step - two.step == 3 * checkpoint - checkpoint  # 3 fewer kept, 1 more in the segment's backward
+    assert two.step_s > one.step_s
+    off1, off2 = (estimate(inv, Setting("lora", T, "offload", checkpoint_layers=k)) for k in (1, 2))
+    shape = CheckpointShape(3, inv.hidden, inv.heads, inv.head_dim, 2)
+    assert off2.host == plan_offload(shape, T).host_bytes and off1.host == 2 * off2.host
+
+
 def _estimate(tokens: int, peak: int, host: int = 0) -> Estimate:
     return Estimate(Setting("lora", tokens, "on"), peak, 0, 0, 0, 0, host, step_s=1.0)
 
@@ -141,6 +154,13 @@ def test_cli_plans_long_context_options(synthetic_shards: Path) -> None:
     for a, b in zip(plain, kept_rows, strict=True):
         assert a["checkpointing"] == b["checkpointing"]
         assert b["host_gib"] >= a["host_gib"] and b["host_gib"] + b["step_gib"] != a["host_gib"] + a["step_gib"]
+    segments = CliRunner().invoke(main, [*args, "--checkpoint-layers", "2"])
+    assert segments.exit_code == 0, segments.output
+    for a, b in zip(plain, map(json.loads, segments.output.splitlines()), strict=True):
+        assert b["checkpoint_layers"] == 2 and b["step_s"] > a["step_s"]
+        assert b["host_gib"] + b["step_gib"] <= a["host_gib"] + a["step_gib"]  # two layers: one kept, one rebuilt
+    table = CliRunner().invoke(main, [*args[:-1], "--checkpoint-layers", "2"])
+    assert " on/2 " in table.output and " offload/2 " in table.output
 
 
 @pytest.mark.parametrize(
@@ -180,6 +200,10 @@ def test_plan_config_checks_its_fields() -> None:
         PlanConfig(shards="s", mlp_tile_tokens=-1)
     with pytest.raises(TrainError, match="--checkpoint-gpu-gib must be >= 0 GiB"):
         PlanConfig(shards="s", checkpoint_gpu_gib=-1.0)
+    with pytest.raises(TrainError, match="--checkpoint-layers must be >= 1"):
+        PlanConfig(shards="s", checkpoint_layers=0)
+    with pytest.raises(TrainError, match="--checkpoint-layers with --keep-attention"):
+        PlanConfig(shards="s", checkpoint_layers=2, keep_attention=True)
     assert PlanConfig(shards="s", tokens="1k, 4096").token_list == (1024, 4096)
 
 
