@@ -366,3 +366,28 @@ def test_gpu_bf16_triton_path_matches_reference_path(monkeypatch):
         a, b = tri_grads[k].float(), ref_grads[k].float()
         rel = (a - b).norm() / b.norm().clamp_min(1e-12)
         assert rel < 5e-2, f"grad {k}: relative L2 difference {rel:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_checkpoint_segments_match_per_layer_checkpoints():
+    """bf16 on the Triton kernels: segments of 2 over 5 layers, offloaded with one segment kept on the GPU, give the
+    per-layer checkpoints' loss and LoRA gradients (same kernels; only fp32 atomics may reorder sums)."""
+    device = "cuda"
+    model = tiny_model(
+        "qwen3", vocab_size=4096, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, num_hidden_layers=5,
+    ).to(device=device, dtype=torch.bfloat16)  # fmt: skip
+    model = apply_adapters(model, mode="lora", r=16)
+    randomize_lora(model, std=0.02)
+    params = trainable(model)
+    batch = make_batch([300, 517, 64, 1, 140], vocab_size=4096, seed=9, device=device)
+    per_layer, _ = packed_loss(model, batch, checkpointing="on", mlp_tile_tokens=256)
+    per_layer_grads = grads_of(per_layer, params)
+    one_segment = batch.input_ids.shape[0] * 512 * 2
+    segmented, _ = packed_loss(model, batch, checkpointing="offload", mlp_tile_tokens=256, checkpoint_layers=2,
+                               checkpoint_gpu_bytes=one_segment)  # fmt: skip
+    segmented_grads = grads_of(segmented, params)
+    assert torch.equal(segmented.detach(), per_layer.detach())  # the forward is the same kernels on the same inputs
+    for k in params:
+        a, b = segmented_grads[k].float(), per_layer_grads[k].float()
+        assert (a - b).norm() <= 1e-2 * b.norm().clamp_min(1e-12), k
