@@ -117,9 +117,10 @@ class TrainConfig:
     )
     checkpoint_gpu_gib: float = option(
         0.0,
-        help="With --checkpointing offload: GPU memory in GiB for checkpoints kept on the GPU. The top layers whose "
-        "checkpoints fit stay there, the layers below go to pinned host memory (0 = all to the host). The backward "
-        "walks top down, so it starts without waiting for a copy, and the first copy back has those layers' time.",
+        help="With --checkpointing offload: GPU memory in GiB for checkpoints kept on the GPU. The top layers (or "
+        "segments, with --checkpoint-layers) whose checkpoints fit stay there, the ones below go to pinned host "
+        "memory (0 = all to the host). The backward walks top down, so it starts without waiting for a copy, and the "
+        "first copy back has those layers' time.",
     )
     checkpoint_layers: int = option(
         1,
@@ -162,8 +163,9 @@ class TrainConfig:
     cuda_graphs: CudaGraphs = option(
         "auto",
         help="Replay each micro-batch's forward+backward as one CUDA graph (removes the per-kernel host cost that "
-        "bounds small steps): auto (on for a single CUDA process with --checkpointing off/on, LoRA dropout 0 and a "
-        "patched architecture; falls back to eager with a warning if capture fails), on (fail instead), off.",
+        "bounds small steps): auto (on for a single CUDA process with --checkpointing off/on, --checkpoint-layers "
+        "1, LoRA dropout 0 and a patched architecture; falls back to eager with a warning if capture fails), on "
+        "(fail instead), off.",
     )
     eval_shards: str | None = option(
         None, help="Held-out shard set for eval_loss. Default: SHARDS/eval when `prep pack --eval-fraction` wrote it."

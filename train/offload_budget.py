@@ -186,27 +186,32 @@ def host_bytes_of(cfg: object) -> int | None:
     return int(given * GIB) if given is not None else available_host_bytes()
 
 
-def check_host_memory(plan: OffloadPlan, available: int | None, reserve: int = HOST_RESERVE) -> None:
+def check_host_memory(
+    plan: OffloadPlan, available: int | None, reserve: int = HOST_RESERVE, checkpoint_layers: int = 1
+) -> None:
     """Raise :class:`TrainError` when ``plan``'s pinned host bytes do not fit ``available`` less ``reserve``.
 
     The message names both numbers and the ways out: a smaller micro-batch, ``--checkpointing on``, more layers on
-    the GPU (the ``--checkpoint-gpu-gib`` that would fit), fewer checkpoints (``--checkpoint-layers 2``), or
-    ``--qlora`` to free GPU memory for them. ``available``
-    None (unknown): no check.
+    the GPU (the ``--checkpoint-gpu-gib`` that would fit), twice the run's ``checkpoint_layers`` when that halves
+    the host part enough, or ``--qlora`` to free GPU memory for them. ``available`` None (unknown): no check.
     """
     budget = (available or 0) - reserve
     if available is None or plan.host_bytes <= budget:
         return
     ranks = f" x {plan.processes} processes" if plan.processes > 1 else ""
+    unit = "layer" if checkpoint_layers == 1 else f"segment of {checkpoint_layers} layers"
+    units = "layers" if checkpoint_layers == 1 else f"segments of {checkpoint_layers} layers"
     gpu_gib = plan.gpu_gib_for(budget)
     on_gpu = f", keep more checkpoints on the GPU with --checkpoint-gpu-gib {gpu_gib:g}" if gpu_gib else ""
+    halved = -(-plan.host_layers // 2) * plan.host_layer_bytes * plan.processes
+    fewer = f", a checkpoint per {2 * checkpoint_layers} layers (--checkpoint-layers {2 * checkpoint_layers})"
     raise TrainError(
         f"--checkpointing offload needs {plan.host_bytes / GIB:.1f} GiB of pinned host memory for the checkpoints "
-        f"of {plan.host_layers} layers at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
-        f"GiB a layer{ranks}), but the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it "
-        f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}, a checkpoint per two "
-        "layers with --checkpoint-layers 2, or --qlora to free GPU memory for them (or --host-mem-gib N where the "
-        "host can give more than it has available now)"
+        f"of {plan.host_layers} {units} at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
+        f"GiB a {unit}{ranks}), but the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it "
+        f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}"
+        f"{fewer if halved <= budget else ''}, or --qlora to free GPU memory for them (or --host-mem-gib N where "
+        "the host can give more than it has available now)"
     )
 
 
@@ -223,4 +228,4 @@ def check_offload_memory(cfg: TrainConfig, config: object, dtype: torch.dtype, b
         gpu_budget_bytes=int(cfg.checkpoint_gpu_gib * GIB),
         processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
-    check_host_memory(plan, host_bytes_of(cfg))
+    check_host_memory(plan, host_bytes_of(cfg), checkpoint_layers=cfg.checkpoint_layers)

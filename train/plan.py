@@ -400,7 +400,8 @@ def plan(cfg: Any) -> Plan:
                     cfg.mlp_tile_tokens,
                     keep_attention=cfg.keep_attention and ckpt != "off",
                     checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
-                    checkpoint_layers=cfg.checkpoint_layers if ckpt != "off" else 1,
+                    # --memory low checkpoints a run whose --checkpointing is off (see _as_run)
+                    checkpoint_layers=cfg.checkpoint_layers if ckpt != "off" or cfg.memory == "low" else 1,
                 )
             )
             for mode in cfg.mode_list

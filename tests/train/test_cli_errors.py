@@ -45,7 +45,10 @@ def _run(shards: Path, output: Path, *args: str):
         (["--checkpoint-gpu-gib", "4"], r"it needs --checkpointing offload \(got --checkpointing off\)$"),
         (["--keep-attention"], r"^error: --keep-attention keeps .* it needs --checkpointing on or offload$"),
         (["--checkpoint-layers", "0"], r"^error: --checkpoint-layers must be >= 1, got 0$"),
-        (["--checkpoint-layers", "2"], r"^error: --checkpoint-layers groups layers .* needs --checkpointing on or off"),
+        (
+            ["--checkpoint-layers", "2"],
+            r"^error: --checkpoint-layers groups layers .* needs --checkpointing on or offload \(or --memory low",
+        ),
         (
             ["--checkpoint-layers", "2", "--checkpointing", "on", "--keep-attention"],
             r"^error: --checkpoint-layers with --keep-attention: .*leave --keep-attention out$",

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from padless.shards.reader import open_shards
+from padless.train.activation_checkpoint import HostOffload
 from padless.train.batch import IGNORE_INDEX
 from padless.train.checkpoint import latest_checkpoint, trainable_state
 from padless.train.data import pack_sizes
@@ -317,12 +318,19 @@ def test_steady_throughput_leaves_out_the_first_step(synthetic_shards: Path, tmp
     assert s["train_time_s"] == pytest.approx(sum(r["step_time_s"] for r in steps))
 
 
-def test_checkpoint_segments_train_like_per_layer_checkpoints(synthetic_shards: Path, tmp_path: Path) -> None:
+def test_checkpoint_segments_train_like_per_layer_checkpoints(
+    synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--checkpoint-layers 3 over 4 layers (3 + 1), offloaded: the same losses as one checkpoint per layer."""
     four = '{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, ' \
            '"head_dim": 16, "num_hidden_layers": 4}'  # fmt: skip
     settings = dict(model_overrides=four, max_steps=3, checkpointing="offload")
+    packs = []
+    real = HostOffload._pack
+    monkeypatch.setattr(HostOffload, "_pack", lambda self, tensor: packs.append(1) or real(self, tensor))
     per_layer = train(base_config(synthetic_shards, tmp_path / "one", **settings))
+    per_layer_packs = len(packs)
     segments = train(base_config(synthetic_shards, tmp_path / "three", checkpoint_layers=3, **settings))
     assert segments.summary["config"]["checkpoint_layers"] == 3
     assert segments.losses == pytest.approx(per_layer.losses, rel=1e-5)
+    assert per_layer_packs == 2 * (len(packs) - per_layer_packs) > 0  # 4 checkpoints a micro-batch against 2

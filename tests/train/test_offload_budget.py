@@ -149,6 +149,14 @@ def test_the_host_check_counts_segments() -> None:
     with pytest.raises(TrainError, match=r"needs 36\.0 GiB .*--checkpoint-layers 2"):
         check_offload_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens)
     check_offload_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens)
+    tight = dict(cfg, host_mem_gib=12.0)  # 10 GiB for 18 segments of 2 layers: 4 layers a checkpoint need 9
+    with pytest.raises(TrainError, match=r"of 18 segments of 2 layers .*GiB a segment of 2 layers.*"
+                                         r"--checkpoint-layers 4\)"):  # fmt: skip
+        check_offload_memory(TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens)
+    with pytest.raises(TrainError) as refused:  # 3 GiB: even halving does not fit, so it is not offered
+        check_offload_memory(TrainConfig(**dict(cfg, host_mem_gib=5.0), checkpoint_layers=2), config, torch.bfloat16,
+                             tokens)  # fmt: skip
+    assert "--checkpoint-layers" not in str(refused.value)
 
 
 def test_train_run_stops_before_the_first_step_when_the_host_is_too_small(synthetic_shards: Path, tmp_path) -> None:

@@ -171,22 +171,34 @@ def test_a_segment_forwards_its_lower_layers_once_more():
     assert calls == [3, 2, 3, 2, 2]
 
 
-@pytest.mark.parametrize(("layers_per_checkpoint", "kept"), [(1, 5), (2, 3), (5, 1)])
-def test_offload_keeps_one_tensor_per_segment(monkeypatch, layers_per_checkpoint, kept):
-    """What the forward leaves for the backward under offload: one hidden-state tensor per segment, on the host."""
+@pytest.mark.parametrize(
+    ("layers_per_checkpoint", "gpu_checkpoints", "packed_layers"),
+    [(1, 0, [0, 1, 2, 3, 4]), (2, 0, [0, 2, 4]), (2, 1, [0, 2]), (3, 1, [0]), (5, 0, [0])],
+)
+def test_offload_packs_the_input_of_each_offloaded_segment(
+    monkeypatch, layers_per_checkpoint, gpu_checkpoints, packed_layers
+):
+    """What the forward leaves for the backward under offload: the input of each segment's first layer, on the host,
+    the top segments' kept on the GPU; the backward packs nothing more and brings each one back once."""
     from padless.train.activation_checkpoint import HostOffload
 
-    packed, real = [], HostOffload._pack
-
-    def pack(self, tensor):
-        packed.append(tuple(tensor.shape))
-        return real(self, tensor)
-
-    monkeypatch.setattr(HostOffload, "_pack", pack)
-    model = apply_adapters(tiny_model("qwen3", num_hidden_layers=5), mode="lora", r=4)
+    packed, unpacked, real_pack, real_unpack = [], [], HostOffload._pack, HostOffload._unpack
+    monkeypatch.setattr(HostOffload, "_pack", lambda self, t: packed.append(t.data_ptr()) or real_pack(self, t))
+    monkeypatch.setattr(HostOffload, "_unpack", lambda self, i: unpacked.append(i) or real_unpack(self, i))
+    model = apply_adapters(tiny_model("qwen3", num_hidden_layers=5), mode="full")
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].data_ptr()))
+             for layer in model.model.layers]  # fmt: skip
     batch = make_batch(LENGTHS, seed=18)
-    packed_loss(model, batch, checkpointing="offload", checkpoint_layers=layers_per_checkpoint)
-    assert packed == [(batch.input_ids.shape[0], model.config.hidden_size)] * kept
+    checkpoint_bytes = batch.input_ids.shape[0] * model.config.hidden_size * 4
+    loss, _ = packed_loss(model, batch, checkpointing="offload", checkpoint_layers=layers_per_checkpoint,
+                          checkpoint_gpu_bytes=gpu_checkpoints * checkpoint_bytes)  # fmt: skip
+    forward_inputs = inputs[:5]
+    assert packed == [forward_inputs[i] for i in packed_layers]
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert len(packed) == len(packed_layers) and sorted(unpacked) == list(range(len(packed_layers)))
 
 
 def test_bad_checkpoint_layers_are_refused():

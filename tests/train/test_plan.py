@@ -225,3 +225,21 @@ def test_plan_offers_the_gpu_share_that_fits_the_host(synthetic_shards: Path) ->
     roomy = [json.loads(line) for line in CliRunner().invoke(main, [*args, "--host-mem-gib", "1000",
                                                                     "--json"]).output.splitlines()]  # fmt: skip
     assert [r["checkpoint_gpu_gib"] for r in roomy] == [0.0]  # it fits: no second row
+
+
+def test_segments_are_planned_for_the_host_split_and_under_memory_low(synthetic_shards: Path) -> None:
+    """host_fit_split counts segments (half the host bytes at --checkpoint-layers 2), and a --memory low plan of an
+    unchecked run carries the segments train run will use once it checkpoints."""
+    from padless.train.plan import host_fit_split
+
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=8))
+    one, two = (Setting("lora", 65536, "offload", checkpoint_layers=k) for k in (1, 2))
+    host_two = estimate(inv, two).host
+    assert host_fit_split(inv, two, host_two) is None  # the segments' host part fits as it is
+    split = host_fit_split(inv, one, host_two)  # per layer, the same host memory needs half the layers on the GPU
+    assert split is not None and estimate(inv, split).host <= host_two < estimate(inv, one).host
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(SHAPE), "--modes",
+            "lora", "--checkpointing", "off", "--tokens", "8k", "--memory", "low", "--checkpoint-layers", "2",
+            "--gpu-mem-gib", "8", "--json"]  # fmt: skip
+    rows = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
+    assert [(r["checkpointing"], r["checkpoint_layers"]) for r in rows] == [("offload", 2)]
