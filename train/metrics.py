@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .offload_budget import checkpoints_of
+
 __all__ = [
     "PEAK_BF16_FLOPS",
     "FlopModel",
@@ -133,7 +135,7 @@ def step_flop_model(
     recompute = 0.0
     if checkpointing != "off":
         count = max(layers, 1)
-        recompute = 1.0 + (count - -(-count // max(checkpoint_layers, 1))) / count
+        recompute = 1.0 + (count - checkpoints_of(count, checkpoint_layers)) / count
     passes = 1 + 1 + (1 if full else 0) + recompute
     # --keep-attention: the recompute reuses the forward's attention output (no third attention forward)
     attn_passes = 1 + 2 + (0 if checkpointing == "off" else recompute - (1 if keep_attention else 0))

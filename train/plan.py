@@ -182,6 +182,12 @@ def _targeted(inv: ModelInventory) -> list[tuple[str, int, int]]:
     return [(n, i, o) for n, i, o in inv.linears if n.rsplit(".", 1)[-1] in inv.lora_targets]
 
 
+def _checkpoint_shape(inv: ModelInventory, setting: Setting) -> CheckpointShape:
+    """What one checkpoint of ``setting`` holds, counted in checkpoints (segments of ``--checkpoint-layers``)."""
+    units = checkpoints_of(inv.layers, setting.checkpoint_layers)
+    return CheckpointShape(units, inv.hidden, inv.heads, inv.head_dim, setting.dtype_bytes)
+
+
 def _layer_work_values(inv: ModelInventory, mode: str, tokens: int, mlp_tile: int) -> float:
     """Values of one layer recomputed and differentiated: the MLP's share grows only up to its tile."""
     mlp_tokens = min(tokens, mlp_tile) if mlp_tile > 0 else tokens
@@ -214,8 +220,8 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     if setting.checkpointing == "off":  # every layer's activations, and the top layer's backward on top of them
         kept = inv.layers * T * saved * b
     else:  # each checkpoint: its layer's input (and with --keep-attention its attention output and lse)
-        units = checkpoints_of(inv.layers, setting.checkpoint_layers)
-        shape = CheckpointShape(units, inv.hidden, inv.heads, inv.head_dim, b)
+        shape = _checkpoint_shape(inv, setting)
+        units = shape.layers
         keep = setting.keep_attention
         checkpoint = sum(shape.tensor_bytes(T, keep))
         # a segment's backward holds the recomputed inputs of its layers above the first
@@ -357,9 +363,7 @@ def host_fit_split(inv: ModelInventory, setting: Setting, host_budget: int) -> S
     fits ``host_budget`` bytes; None when it fits already, or when no GPU share makes it fit."""
     if setting.checkpointing != "offload" or setting.checkpoint_gpu_bytes:
         return None
-    units = checkpoints_of(inv.layers, setting.checkpoint_layers)
-    shape = CheckpointShape(units, inv.hidden, inv.heads, inv.head_dim, setting.dtype_bytes)
-    split = plan_offload(shape, setting.tokens, keep_attention=setting.keep_attention)
+    split = plan_offload(_checkpoint_shape(inv, setting), setting.tokens, keep_attention=setting.keep_attention)
     if split.host_bytes <= host_budget:
         return None
     gpu_gib = split.gpu_gib_for(host_budget)
