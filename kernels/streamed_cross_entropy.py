@@ -8,33 +8,38 @@ The weight sits in pinned host memory and crosses the bus once per micro-batch, 
 one chunk ahead of their use (778 MB for Qwen3-4B: about 16 ms at the 50 GB/s a pinned H100 copy reaches).
 
 One pass over the vocabulary gives the loss and the hidden states' gradient together, with an online softmax kept
-per counted token (fp32):
+per counted token (fp32). Per chunk and row block:
 
-    z  = hidden @ W_c^T                     (R, V_c) logits of this chunk, in the inputs' dtype
-    m' = max(m, rowmax z)                   running max
-    p  = exp(z - m')
-    s  = s * exp(m - m') + rowsum p         running sum of exponentials
-    g  = g * exp(m - m') + p @ W_c          running un-normalised softmax-weighted sum of weight rows, (T, E)
-    z_t, W_t                                the target's logit and weight row, taken from the chunk that holds it
+    z  = hidden @ W_c^T                     cuBLAS, (R, V_c) logits in the inputs' dtype
+    one Triton pass over z                  ``_online_rows_kernel``, per row: the chunk's max; the reference max m
+                                            moves (and s and g are rescaled) only when the chunk's max passes it
+                                            by more than ``_RESCALE_MARGIN``; p = exp(z - m) written over z in
+                                            place; s += rowsum p; the target's logit and weight row taken from the
+                                            chunk that holds it
+    g += p @ W_c                            cuBLAS into a (R, E) product, added to the fp32 sums g (T, E)
 
     loss_t = m + log s - z_t                grad_hidden_t = g / s - W_t
 
-With Gemma 2's ``softcap`` the logits are ``softcap * tanh(z / softcap)`` and both terms carry the cap's derivative
-``1 - tanh^2``. The arithmetic matches :func:`padless.kernels.cross_entropy.fused_linear_cross_entropy` (logits in
-the inputs' dtype, softmax in fp32, the softmax rounded to the inputs' dtype before its GEMM); the result is the
-same function, checked against that module's reference. Only the hidden states get a gradient: the weight is
-frozen (a trainable lm_head stays on the GPU with the fused kernel).
+A lazy reference max keeps p <= exp(margin) (finite in bf16 and fp32) and leaves g alone for almost every chunk:
+the rescale is a per-row branch inside the row kernel, not a pass over (T, E). With Gemma 2's ``softcap`` the
+logits are ``softcap * tanh(z / softcap)`` and both terms carry the cap's derivative ``1 - tanh^2``. The arithmetic
+matches :func:`padless.kernels.cross_entropy.fused_linear_cross_entropy` (logits in the inputs' dtype, softmax in
+fp32, the softmax rounded to the inputs' dtype before its GEMM); the result is the same function, checked against
+that module's reference. Only the hidden states get a gradient: the weight is frozen (a trainable lm_head stays on
+the GPU with the fused kernel).
 
-Memory on the GPU: two weight chunks (``vocab_chunk_bytes`` each), one row block's logits and softmax
-(``work_bytes``), the running sums (T x E fp32), the target rows and, with ``counted_bound``, the counted rows
-(T x E each, in the inputs' dtype); grad_hidden (T x E) replaces the target rows at the end. Like the fused
-kernel: no host sync, gradients computed in the forward and scaled in backward, ``counted_bound`` skips ignored
-tokens.
+Memory on the GPU: two weight chunks (``vocab_chunk_bytes`` each), one row block's logits and product
+(``work_bytes``: R x (V_c + E) elements), the running sums (T x E fp32), the target rows and, with
+``counted_bound``, the counted rows (T x E each, in the inputs' dtype); grad_hidden (T x E) replaces the target
+rows at the end. Like the fused kernel: no host sync, gradients computed in the forward and scaled in backward,
+``counted_bound`` skips ignored tokens. Offsets: rows are widened to int64 before multiplying by a row stride.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from .cross_entropy import check_loss_inputs, counted_first
 
@@ -42,10 +47,108 @@ __all__ = ["DEFAULT_VOCAB_CHUNK_BYTES", "DEFAULT_WORK_BYTES", "streamed_linear_c
 
 # One streamed weight chunk (two are in flight): 32 MiB is 6,553 vocab rows at E = 2560, 4,096 at E = 4096.
 DEFAULT_VOCAB_CHUNK_BYTES = 32 * 2**20
-# One row block's logits, fp32 logits and softmax (about 12 bytes per element).
+# One row block's logits (R x V_c) and product (R x E), in the inputs' dtype: 4,096 rows at E = V_c = 4096 in bf16.
 DEFAULT_WORK_BYTES = 64 * 2**20
-_BYTES_PER_WORK_ELEMENT = 12
+# The reference max moves only when a chunk's max passes it by more than this (natural log units): p <= e^8 ~ 2981.
+_RESCALE_MARGIN = 8.0
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp: saturates correctly at +-inf (exp -> inf gives 1, exp -> 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _online_rows_kernel(
+    logits_ptr,  # (R, n_cols) this chunk's logits, row stride n_cols; overwritten with p (times the cap's derivative)
+    targets_ptr,  # (R,) int, already shifted and offset to the block
+    ref_max_ptr,  # (R,) fp32 state: the reference max m
+    sum_ptr,  # (R,) fp32 state: s = sum of exp(z - m) so far
+    target_logit_ptr,  # (R,) fp32 out: the target's (capped) logit, set by the chunk that holds it
+    target_cap_ptr,  # (R,) fp32 out: the cap's derivative at the target (HAS_SOFTCAP and WRITE_GRAD only)
+    weighted_ptr,  # (R, E) fp32 state g, row stride E: rescaled here when m moves (WRITE_GRAD only)
+    target_row_ptr,  # (R, E) out: the target's weight row (WRITE_GRAD only)
+    weight_ptr,  # (n_cols, E) this chunk's weight rows
+    stride_weight,
+    n_cols,
+    v0,  # the chunk's first vocab id
+    ignore_index,
+    softcap,
+    COLS: tl.constexpr,  # the chunk's row count (the last chunk may use fewer: n_cols)
+    E: tl.constexpr,
+    MARGIN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """One program per token row: the chunk's max (pass 1), then p, its sum and the target (pass 2)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * n_cols
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    if target == ignore_index:
+        # Not counted: p = 0 adds nothing to g; the loss and gradient rows are masked at the end.
+        if WRITE_GRAD:
+            zero = tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty)
+            for start in range(0, COLS, BLOCK_V):
+                tl.store(row_ptr + start + cols, zero, mask=start + cols < n_cols)
+    else:
+        NEG: tl.constexpr = -3.0e38
+        top = tl.full([BLOCK_V], NEG, dtype=tl.float32)
+        for start in range(0, COLS, BLOCK_V):
+            mask = start + cols < n_cols
+            z = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            top = tl.maximum(top, tl.where(mask, z, NEG))
+        chunk_max = tl.max(top, axis=0)
+        old_ref = tl.load(ref_max_ptr + row)
+        moves = chunk_max > old_ref + MARGIN  # always for the first chunk (old_ref = -inf)
+        ref = tl.where(moves, chunk_max, old_ref)
+        scale = tl.where(moves, tl.exp(old_ref - ref), 1.0)  # exp(-inf) = 0 for the first chunk
+
+        local = target - v0
+        if (local >= 0) & (local < n_cols):  # read before pass 2 overwrites the row
+            z_t = tl.load(row_ptr + local).to(tl.float32)
+            if HAS_SOFTCAP:
+                t_t = _tanh(z_t / softcap)
+                z_t = softcap * t_t
+                if WRITE_GRAD:
+                    tl.store(target_cap_ptr + row, 1.0 - t_t * t_t)
+            tl.store(target_logit_ptr + row, z_t)
+            if WRITE_GRAD:
+                e_cols = tl.arange(0, BLOCK_E)
+                for e0 in range(0, E, BLOCK_E):
+                    e_mask = e0 + e_cols < E
+                    w = tl.load(weight_ptr + local * stride_weight + e0 + e_cols, mask=e_mask)
+                    tl.store(target_row_ptr + row * E + e0 + e_cols, w, mask=e_mask)
+
+        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, COLS, BLOCK_V):
+            mask = start + cols < n_cols
+            x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                p = tl.where(mask, tl.exp(softcap * t - ref), 0.0)
+            else:
+                p = tl.where(mask, tl.exp(x - ref), 0.0)
+            acc += p
+            if WRITE_GRAD:
+                if HAS_SOFTCAP:
+                    p = p * (1.0 - t * t)
+                tl.store(row_ptr + start + cols, p.to(logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(sum_ptr + row, tl.load(sum_ptr + row) * scale + tl.sum(acc, axis=0))
+        tl.store(ref_max_ptr + row, ref)
+        if WRITE_GRAD:  # noqa: SIM102 (a constexpr branch around a runtime one)
+            if moves & (old_ref > NEG):  # g holds earlier chunks' sums: bring them to the new reference
+                e_cols = tl.arange(0, BLOCK_E)
+                for e0 in range(0, E, BLOCK_E):
+                    e_mask = e0 + e_cols < E
+                    g_ptr = weighted_ptr + row * E + e0 + e_cols
+                    tl.store(g_ptr, tl.load(g_ptr, mask=e_mask) * scale, mask=e_mask)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -101,14 +204,6 @@ class _WeightChunks:
                 self._copy(index + 2)
 
 
-def _cap(z: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(capped logits, their derivative w.r.t. the raw logits or None without a cap), fp32."""
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z / softcap)
-    return softcap * t, 1.0 - t * t
-
-
 def _forward_and_grad(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -152,11 +247,11 @@ def _forward_and_grad(
     target_cap = torch.ones(n, dtype=torch.float32, device=device) if need_grad and softcap is not None else None
 
     vocab_rows = max(1, min(vocab, vocab_chunk_bytes // (width * weight.element_size())))
-    block = max(1, min(n, work_bytes // (vocab_rows * _BYTES_PER_WORK_ELEMENT)))
+    block = max(1, min(n, work_bytes // ((vocab_rows + width) * hidden.element_size())))
     chunks = _WeightChunks(weight, device, vocab_rows)
     try:
-        _stream_chunks(chunks, rows_hidden, targets, softcap, block, running_max, running_sum, target_logit,
-                       weighted, target_row, target_cap)  # fmt: skip
+        _stream_chunks(chunks, rows_hidden, targets, ignore_index, softcap, block, running_max, running_sum,
+                       target_logit, weighted, target_row, target_cap)  # fmt: skip
     finally:
         chunks.close()
 
@@ -189,6 +284,7 @@ def _stream_chunks(
     chunks: _WeightChunks,
     rows_hidden: torch.Tensor,
     targets: torch.Tensor,
+    ignore_index: int,
     softcap: float | None,
     block: int,
     running_max: torch.Tensor,
@@ -199,28 +295,28 @@ def _stream_chunks(
     target_cap: torch.Tensor | None,
 ) -> None:
     """The online-softmax pass over every weight chunk and row block (updates the running tensors in place)."""
-    n = targets.shape[0]
+    n, width = rows_hidden.shape
+    write_grad = weighted is not None
+    logits_store = rows_hidden.new_empty(block * chunks.rows)
+    product_store = rows_hidden.new_empty(block * width) if write_grad else None
+    block_v = min(4096, triton.next_power_of_2(chunks.rows))
     for v0, w in chunks:
-        v1 = v0 + w.shape[0]
+        cols = w.shape[0]
         for r0 in range(0, n, block):
             r1 = min(r0 + block, n)
-            z, dcap = _cap(torch.mm(rows_hidden[r0:r1], w.t()).float(), softcap)
-            new_max = torch.maximum(running_max[r0:r1], z.amax(dim=1))
-            rescale = torch.exp(running_max[r0:r1] - new_max)
-            p = torch.exp(z - new_max[:, None])
-            running_sum[r0:r1].mul_(rescale).add_(p.sum(dim=1))
-            running_max[r0:r1] = new_max
-            t = targets[r0:r1]
-            here = (t >= v0) & (t < v1)
-            local = (t - v0).clamp(0, w.shape[0] - 1)
-            target_logit[r0:r1] = torch.where(here, z.gather(1, local[:, None]).squeeze(1), target_logit[r0:r1])
-            if weighted is not None:
-                if dcap is not None:
-                    p.mul_(dcap)
-                weighted[r0:r1].mul_(rescale[:, None]).add_(torch.mm(p.to(w.dtype), w).float())
-                target_row[r0:r1] = torch.where(here[:, None], w.index_select(0, local), target_row[r0:r1])
-                if target_cap is not None:
-                    target_cap[r0:r1] = torch.where(here, dcap.gather(1, local[:, None]).squeeze(1), target_cap[r0:r1])
+            z = torch.mm(rows_hidden[r0:r1], w.t(), out=logits_store[: (r1 - r0) * cols].view(r1 - r0, cols))
+            _online_rows_kernel[(r1 - r0,)](
+                z, targets[r0:r1], running_max[r0:r1], running_sum[r0:r1], target_logit[r0:r1],
+                target_cap[r0:r1] if target_cap is not None else target_logit[r0:r1],
+                weighted[r0:r1] if write_grad else running_sum, target_row[r0:r1] if write_grad else z,
+                w, w.stride(0), cols, v0, ignore_index, 1.0 if softcap is None else float(softcap),
+                COLS=chunks.rows, E=width, MARGIN=_RESCALE_MARGIN, HAS_SOFTCAP=softcap is not None,
+                WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_E=min(1024, triton.next_power_of_2(width)),
+                num_warps=8 if block_v >= 4096 else 4,
+            )  # fmt: skip
+            if write_grad:
+                product = torch.mm(z, w, out=product_store[: (r1 - r0) * width].view(r1 - r0, width))
+                weighted[r0:r1].add_(product)
 
 
 class _StreamedLinearCrossEntropy(torch.autograd.Function):

@@ -41,7 +41,10 @@ def _check(hidden, weight, labels, *, softcap=None, counted_bound=None, **sizes)
 
 def _sizes(vocab_rows: int, width: int, dtype: torch.dtype, block_rows: int) -> dict[str, int]:
     """Byte budgets giving chunks of ``vocab_rows`` weight rows and row blocks of ``block_rows`` tokens."""
-    return {"vocab_chunk_bytes": vocab_rows * width * dtype.itemsize, "work_bytes": block_rows * vocab_rows * 12}
+    return {
+        "vocab_chunk_bytes": vocab_rows * width * dtype.itemsize,
+        "work_bytes": block_rows * (vocab_rows + width) * dtype.itemsize,
+    }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -51,6 +54,24 @@ def test_matches_reference_across_chunks_and_blocks(dtype, softcap):
     # rescale across chunks, and every target falls in some chunk.
     hidden, weight, labels = _inputs(41, 23, 257, dtype, seed=3 + (softcap is not None))
     _check(hidden, weight, labels, softcap=softcap, **_sizes(40, 23, dtype, 6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [None, 40.0])
+def test_a_later_chunk_far_above_the_reference_max_rescales_the_sums(dtype, softcap):
+    # Weight rows grow with their vocab id, so each chunk's max passes the one before by more than the rescale
+    # margin for most rows: the running sum and the softmax-weighted rows must be brought to the new reference.
+    # Without softcap the last chunks pass the first by more than exp's fp32 range: no rescale would overflow.
+    hidden, weight, labels = _inputs(33, 16, 160, dtype, seed=31)
+    weight = (weight.float() * torch.linspace(1.0, 60.0 if softcap is None else 12.0, 160)[:, None]).to(dtype)
+    logits = hidden.float() @ weight.float().T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    chunk_max = logits.view(33, 4, 40).amax(dim=2)
+    assert (chunk_max[:, 1:] - chunk_max[:, :-1].cummax(dim=1).values > 8.0).any(dim=1).float().mean() > 0.5
+    if softcap is None:
+        assert (chunk_max[:, 3] - chunk_max[:, 0] > 100.0).float().mean() > 0.5
+    _check(hidden, weight, labels, softcap=softcap, **_sizes(40, 16, dtype, 7))
 
 
 def test_one_chunk_one_block_and_default_sizes():
