@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import check_loss_inputs, counted_first
+from .cross_entropy import _tanh, check_loss_inputs, counted_first
 
 __all__ = ["DEFAULT_VOCAB_CHUNK_BYTES", "DEFAULT_WORK_BYTES", "streamed_linear_cross_entropy"]
 
@@ -52,12 +52,6 @@ DEFAULT_WORK_BYTES = 64 * 2**20
 # The reference max moves only when a chunk's max passes it by more than this (natural log units): p <= e^8 ~ 2981.
 _RESCALE_MARGIN = 8.0
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp: saturates correctly at +-inf (exp -> inf gives 1, exp -> 0 gives -1).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -101,10 +95,10 @@ def _online_rows_kernel(
         for start in range(0, COLS, BLOCK_V):
             mask = start + cols < n_cols
             z = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                z = softcap * _tanh(z / softcap)
             top = tl.maximum(top, tl.where(mask, z, NEG))
         chunk_max = tl.max(top, axis=0)
+        if HAS_SOFTCAP:  # the cap is increasing: the capped max is the cap of the max
+            chunk_max = softcap * _tanh(chunk_max / softcap)
         old_ref = tl.load(ref_max_ptr + row)
         moves = chunk_max > old_ref + MARGIN  # always for the first chunk (old_ref = -inf)
         ref = tl.where(moves, chunk_max, old_ref)
