@@ -13,9 +13,9 @@ per counted token (fp32). Per chunk and row block:
     z  = hidden @ W_c^T                     cuBLAS, (R, V_c) logits in the inputs' dtype
     one Triton pass over z                  ``_online_rows_kernel``, per row: the chunk's max; the reference max m
                                             moves (and s and g are rescaled) only when the chunk's max passes it
-                                            by more than ``_RESCALE_MARGIN``; p = exp(z - m) written over z in
-                                            place; s += rowsum p; the target's logit and weight row taken from the
-                                            chunk that holds it
+                                            by more than a margin (8 nats; 0 in fp16); p = exp(z - m) written
+                                            over z in place; s += rowsum p; the target's logit and weight row
+                                            taken from the chunk that holds it
     g += p @ W_c                            cuBLAS into a (R, E) product, added to the fp32 sums g (T, E)
 
     loss_t = m + log s - z_t                grad_hidden_t = g / s - W_t
@@ -50,7 +50,8 @@ DEFAULT_VOCAB_CHUNK_BYTES = 32 * 2**20
 # One row block's logits (R x V_c) and product (R x E), in the inputs' dtype: 4,096 rows at E = V_c = 4096 in bf16.
 DEFAULT_WORK_BYTES = 64 * 2**20
 # The reference max moves only when a chunk's max passes it by more than this (natural log units): p <= e^8 ~ 2981.
-_RESCALE_MARGIN = 8.0
+# fp16 keeps p <= 1 (margin 0): a chunk's p @ W_c sums V_c products in fp16, whose range ends at 65504.
+_RESCALE_MARGIN, _RESCALE_MARGIN_FP16 = 8.0, 0.0
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -294,6 +295,7 @@ def _stream_chunks(
     logits_store = rows_hidden.new_empty(block * chunks.rows)
     product_store = rows_hidden.new_empty(block * width) if write_grad else None
     block_v = min(4096, triton.next_power_of_2(chunks.rows))
+    margin = _RESCALE_MARGIN_FP16 if rows_hidden.dtype == torch.float16 else _RESCALE_MARGIN
     for v0, w in chunks:
         cols = w.shape[0]
         for r0 in range(0, n, block):
@@ -304,7 +306,7 @@ def _stream_chunks(
                 target_cap[r0:r1] if target_cap is not None else target_logit[r0:r1],
                 weighted[r0:r1] if write_grad else running_sum, target_row[r0:r1] if write_grad else z,
                 w, w.stride(0), cols, v0, ignore_index, 1.0 if softcap is None else float(softcap),
-                COLS=chunks.rows, E=width, MARGIN=_RESCALE_MARGIN, HAS_SOFTCAP=softcap is not None,
+                COLS=chunks.rows, E=width, MARGIN=margin, HAS_SOFTCAP=softcap is not None,
                 WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_E=min(1024, triton.next_power_of_2(width)),
                 num_warps=8 if block_v >= 4096 else 4,
             )  # fmt: skip

@@ -74,6 +74,19 @@ def test_a_later_chunk_far_above_the_reference_max_rescales_the_sums(dtype, soft
     _check(hidden, weight, labels, softcap=softcap, **_sizes(40, 16, dtype, 7))
 
 
+def test_fp16_softmax_weighted_rows_stay_in_range():
+    # A later chunk whose every logit is 7.5 above the first chunk's max, with weight rows of 100 in a direction the
+    # logits do not see: fp16 sums of p @ W_c must not overflow (65504) although the true gradient is ~100.
+    width, vocab, tokens = 4, 128, 6
+    weight = torch.zeros(vocab, width)
+    weight[:64, 0] = torch.linspace(-1.0, 0.0, 64)
+    weight[64:, 0], weight[64:, 1] = 7.5, 100.0
+    hidden = torch.zeros(tokens, width)
+    hidden[:, 0] = 1.0
+    labels = torch.tensor([0, 3, 70, 100, 5, 127])
+    _check(hidden.half(), weight.half(), labels, **_sizes(64, width, torch.float16, tokens))
+
+
 def test_one_chunk_one_block_and_default_sizes():
     hidden, weight, labels = _inputs(29, 16, 101, torch.float32, seed=5)
     _check(hidden, weight, labels)
