@@ -66,7 +66,8 @@ def _online_rows_kernel(
     weighted_ptr,  # (R, E) fp32 state g, row stride E: rescaled here when m moves (WRITE_GRAD only)
     target_row_ptr,  # (R, E) out: the target's weight row (WRITE_GRAD only)
     weight_ptr,  # (n_cols, E) this chunk's weight rows
-    stride_weight,
+    stride_weight,  # the weight chunk's row stride
+    stride_weight_e,  # its column stride (1 unless the weight is a transposed view)
     n_cols,
     v0,  # the chunk's first vocab id
     ignore_index,
@@ -84,13 +85,9 @@ def _online_rows_kernel(
     row_ptr = logits_ptr + row * n_cols
     target = tl.load(targets_ptr + row).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
-    if target == ignore_index:
-        # Not counted: p = 0 adds nothing to g; the loss and gradient rows are masked at the end.
-        if WRITE_GRAD:
-            zero = tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty)
-            for start in range(0, COLS, BLOCK_V):
-                tl.store(row_ptr + start + cols, zero, mask=start + cols < n_cols)
-    else:
+    # A row not counted is skipped: its z row enters p @ W_c as it is, but only its own g row, which is masked with
+    # its loss at the end.
+    if target != ignore_index:
         NEG: tl.constexpr = -3.0e38
         top = tl.full([BLOCK_V], NEG, dtype=tl.float32)
         for start in range(0, COLS, BLOCK_V):
@@ -118,13 +115,13 @@ def _online_rows_kernel(
                 e_cols = tl.arange(0, BLOCK_E)
                 for e0 in range(0, E, BLOCK_E):
                     e_mask = e0 + e_cols < E
-                    w = tl.load(weight_ptr + local * stride_weight + e0 + e_cols, mask=e_mask)
+                    w = tl.load(weight_ptr + local * stride_weight + (e0 + e_cols) * stride_weight_e, mask=e_mask)
                     tl.store(target_row_ptr + row * E + e0 + e_cols, w, mask=e_mask)
 
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, COLS, BLOCK_V):
             mask = start + cols < n_cols
-            x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)  # exp(-inf) = 0
             if HAS_SOFTCAP:
                 t = _tanh(x / softcap)
                 p = tl.where(mask, tl.exp(softcap * t - ref), 0.0)
@@ -305,7 +302,7 @@ def _stream_chunks(
                 z, targets[r0:r1], running_max[r0:r1], running_sum[r0:r1], target_logit[r0:r1],
                 target_cap[r0:r1] if target_cap is not None else target_logit[r0:r1],
                 weighted[r0:r1] if write_grad else running_sum, target_row[r0:r1] if write_grad else z,
-                w, w.stride(0), cols, v0, ignore_index, 1.0 if softcap is None else float(softcap),
+                w, w.stride(0), w.stride(1), cols, v0, ignore_index, 1.0 if softcap is None else float(softcap),
                 COLS=chunks.rows, E=width, MARGIN=margin, HAS_SOFTCAP=softcap is not None,
                 WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_E=min(1024, triton.next_power_of_2(width)),
                 num_warps=8 if block_v >= 4096 else 4,

@@ -34,9 +34,10 @@ def keep_vocab_on_host(model: nn.Module) -> int:
     """Move the frozen input embedding and lm_head weights of a patched ``model`` to pinned host memory (a tied
     pair once) and mark its patch so the packed forward uses them from there; returns the bytes moved.
 
-    On a CPU model nothing moves, but the forward still takes the host path (the streamed loss), so CPU tests run
-    the same code. A trainable embedding or lm_head (full fine-tuning) stays where it is, and so does the other
-    when they are tied. The unpatched fallback (transformers' own forward) cannot use host weights: a TrainError.
+    On a CPU model nothing moves, but the forward still takes the host path (the embedding gather and the streamed
+    loss, through their references unless ``PADLESS_KERNELS=triton``), so CPU tests run the same model code. A
+    trainable embedding or lm_head (full fine-tuning) stays where it is, and so does the other when they are tied.
+    The unpatched fallback (transformers' own forward) cannot use host weights: a TrainError.
     """
     handle = get_patch(model)
     if handle is None or handle.fallback:

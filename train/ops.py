@@ -127,11 +127,13 @@ def streamed_linear_cross_entropy(
     softcap: float | None = None,
     counted_bound: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_linear_cross_entropy` for a frozen weight kept in host memory (``--memory low``): the weight is
-    streamed to hidden's device in vocab chunks (one PyTorch implementation on every device)."""
-    return streamed_cross_entropy.streamed_linear_cross_entropy(
-        hidden, weight, labels, ignore_index, softcap, counted_bound
-    )
+    """:func:`fused_linear_cross_entropy` for a frozen weight kept in host memory (``--memory low``): the Triton
+    path streams the weight to hidden's device in vocab chunks; the reference copies it there whole."""
+    if backend_for(hidden.device) == "triton":
+        fn = streamed_cross_entropy.streamed_linear_cross_entropy
+        return fn(hidden, weight, labels, ignore_index, softcap, counted_bound)
+    weight = weight.to(hidden.device)
+    return cross_entropy.fused_linear_cross_entropy_reference(hidden, weight, labels, ignore_index, softcap)
 
 
 def fused_linear_cross_entropy(

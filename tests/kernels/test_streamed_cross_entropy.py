@@ -87,6 +87,27 @@ def test_fp16_softmax_weighted_rows_stay_in_range():
     _check(hidden.half(), weight.half(), labels, **_sizes(64, width, torch.float16, tokens))
 
 
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_reference_max_ignores_padding_columns_and_follows_the_cap(softcap):
+    # Without a cap every logit sits ~150 below 0 (a constant hidden column times a -150 weight column); with cap 2.5
+    # the raw logits reach ~150 while the capped ones stay below 2.5. A reference max taken over the last chunk's
+    # padding columns (0) or over the uncapped logits would put exp(z - m) below fp32's range.
+    hidden, weight, labels = _inputs(23, 12, 117, torch.float32, seed=41)
+    if softcap is None:
+        hidden[:, -1], weight[:, -1] = 1.0, -150.0
+    else:
+        weight = weight * 50.0
+    _check(hidden, weight, labels, softcap=softcap, **_sizes(40, 12, torch.float32, 5))
+
+
+def test_a_transposed_weight_view_gives_the_same_result():
+    # weight.stride(1) != 1 (a (V, E) view of an (E, V) tensor): the target rows must follow both strides.
+    hidden, weight, labels = _inputs(19, 10, 73, torch.float32, seed=43)
+    _check(hidden, weight.T.contiguous().T, labels, **_sizes(30, 10, torch.float32, 4))
+    padded = torch.cat([weight, torch.zeros(73, 3)], dim=1)[:, :10]
+    _check(hidden, padded, labels, **_sizes(30, 10, torch.float32, 4))
+
+
 def test_one_chunk_one_block_and_default_sizes():
     hidden, weight, labels = _inputs(29, 16, 101, torch.float32, seed=5)
     _check(hidden, weight, labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -173,6 +174,18 @@ def test_run_with_a_tiled_mlp(synthetic_shards: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert re.search(r"done: 2 steps, final loss [\d.]+", res.output), res.output
     assert "mlp_tile_tokens: 64" in (out / "config.yaml").read_text()
+
+
+def test_memory_low_runs_on_cpu_without_the_triton_interpreter(synthetic_shards: Path, tmp_path: Path) -> None:
+    """A user's CPU run (no ``TRITON_INTERPRET``): ``--memory low`` takes the reference ops, its loss included."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PADLESS_KERNELS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "padless.train", "run", str(synthetic_shards), "--output", str(tmp_path / "run"),
+         "--max-steps", "2", "--memory", "low", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"done: 2 steps, final loss [\d.]+", proc.stdout + proc.stderr), proc.stdout[-2000:]
 
 
 def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_shards: Path, tmp_path: Path) -> None:

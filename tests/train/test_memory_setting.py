@@ -72,7 +72,7 @@ def test_a_low_memory_run_trains_like_a_fast_one(
     models = []
     low = train(base_config(synthetic_shards, tmp_path / "low", max_steps=3, memory="low"),
                 callbacks=Callbacks(on_model=models.append))  # fmt: skip
-    assert get_patch(models[0]).vocab_on_host  # the streamed loss and the gathered embedding rows ran
+    assert get_patch(models[0]).vocab_on_host  # the host-vocab path ran (the loss's and gather's references)
     assert low.summary["config"]["checkpointing"] == ("on" if onload_tokens else "offload")
     assert low.summary["cuda_graphs"] is False and low.summary["warnings"] == low.warnings  # a CPU run is eager
     assert low.losses == pytest.approx(fast.losses, rel=1e-4)
