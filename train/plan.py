@@ -253,6 +253,7 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
         inv.head_dim,
         full=mode == "full",
         checkpointing=setting.checkpointing,
+        keep_attention=setting.keep_attention,
         checkpoint_layers=setting.checkpoint_layers,
     ).step_flops(T, sum_sq_per_token * T)
     step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)

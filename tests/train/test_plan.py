@@ -16,6 +16,7 @@ from padless.train.adapters import apply_adapters
 from padless.train.cli import main
 from padless.train.config import PlanConfig, TrainError
 from padless.train.memory_breakdown import persistent_bytes
+from padless.train.metrics import step_flop_model
 from padless.train.modeling import load_model, tiny_config
 from padless.train.offload_budget import HOST_RESERVE, CheckpointShape, plan_offload
 from padless.train.plan import Estimate, Setting, estimate, inventory, recommend, shard_statistics
@@ -102,6 +103,12 @@ def test_kept_attention_and_a_gpu_share_move_checkpoint_bytes_where_the_run_puts
     assert shared.step - off_keep.step == 2 * layer and shared.host < off_keep.host  # two top layers stay
     everything = estimate(inv, Setting("lora", T, "offload", keep_attention=True, checkpoint_gpu_bytes=10**12))
     assert everything.host == 0 and everything.step == on_keep.step
+    # Kept attention skips the recompute's attention forward: of one 8K document's 4 attention passes (forward,
+    # backward = 2, recompute), 3 are left; the matmul passes stay.
+    plain, kept = (estimate(inv, Setting("lora", T, "on", keep_attention=k), sum_sq_per_token=T) for k in (False, True))
+    flops = [step_flop_model(inv.matmul_params, inv.layers, inv.heads, inv.head_dim, full=False, checkpointing="on",
+                             keep_attention=k).step_flops(T, T * T) for k in (False, True)]  # fmt: skip
+    assert kept.step_s / plain.step_s == pytest.approx(flops[1] / flops[0]) and flops[1] < flops[0]
 
 
 def test_checkpoint_segments_divide_the_checkpoints_and_add_a_recompute() -> None:
