@@ -132,8 +132,7 @@ def streamed_linear_cross_entropy(
     if backend_for(hidden.device) == "triton":
         fn = streamed_cross_entropy.streamed_linear_cross_entropy
         return fn(hidden, weight, labels, ignore_index, softcap, counted_bound)
-    weight = weight.to(hidden.device)
-    return cross_entropy.fused_linear_cross_entropy_reference(hidden, weight, labels, ignore_index, softcap)
+    return fused_linear_cross_entropy(hidden, weight.to(hidden.device), labels, ignore_index, softcap)
 
 
 def fused_linear_cross_entropy(
