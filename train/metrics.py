@@ -79,6 +79,9 @@ class FlopModel:
     matmul_params: int
     per_token: float
     per_sq_len: float
+    # Attention forwards per layer in a step (the forward, and the recompute's unless its output is kept); the
+    # backward is the rest of ``per_sq_len``. ``train plan`` times the two at the kernels' own rates.
+    attention_forwards: float = 1.0
 
     def step_flops(self, tokens: int, sum_sq_len: int) -> float:
         return self.per_token * tokens + self.per_sq_len * sum_sq_len
@@ -143,6 +146,7 @@ def step_flop_model(
         matmul_params=matmul_params,
         per_token=2.0 * matmul_params * passes,
         per_sq_len=2.0 * layers * heads * head_dim * attn_passes,
+        attention_forwards=attn_passes - 2,
     )
 
 

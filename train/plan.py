@@ -24,9 +24,10 @@ the H100 memory table in docs/bench/README.md (Qwen3-8B bf16 LoRA at 16K; Qwen3-
 long-context rows there (Qwen3-8B shapes at 128K tokens, offloaded) within 5.4%.
 ``tools/bench_memory.py`` prints the prediction beside every case it measures.
 
-Step time is the step's FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
+Step time is the step's matmul FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
 utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches, whose fixed per-step
-costs weigh more (``_HALF_TOKENS``).
+costs weigh more (``_HALF_TOKENS``), plus its attention at the varlen kernels' own measured rates, forward and
+backward apart (``_ATTENTION_*_FLOPS``): below the matmuls' rate, they are most of a long sequence's step.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the nex
 _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
 _PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
+# Useful FLOP/s of the attention kernels on one 128K-token sequence (H100, head dim 128, 32 query and 8 key/value
+# heads; tools/bench_attention.py): a causal forward is 2 L^2 heads head_dim FLOPs, its backward 2.5 times that.
+_ATTENTION_FWD_FLOPS = 505e12
+_ATTENTION_BWD_FLOPS = 377e12
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
 _NF4_BYTES_PER_TENSOR = 2048
 
@@ -255,8 +260,10 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
         checkpointing=setting.checkpointing,
         keep_attention=setting.keep_attention,
         checkpoint_layers=setting.checkpoint_layers,
-    ).step_flops(T, sum_sq_per_token * T)
-    step_s = flops / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS)
+    )
+    attention_forward = 2.0 * inv.layers * inv.heads * inv.head_dim * sum_sq_per_token * T  # every layer's, once
+    attention_s = attention_forward * (flops.attention_forwards / _ATTENTION_FWD_FLOPS + 2.5 / _ATTENTION_BWD_FLOPS)
+    step_s = flops.per_token * T / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS) + attention_s
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
                     int(activations), int(host), step_s, int(load))  # fmt: skip
 

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from padless.shards.reader import open_shards
+from padless.train import plan as plan_mod
 from padless.train.adapters import apply_adapters
 from padless.train.cli import main
 from padless.train.config import PlanConfig, TrainError
@@ -103,12 +104,29 @@ def test_kept_attention_and_a_gpu_share_move_checkpoint_bytes_where_the_run_puts
     assert shared.step - off_keep.step == 2 * layer and shared.host < off_keep.host  # two top layers stay
     everything = estimate(inv, Setting("lora", T, "offload", keep_attention=True, checkpoint_gpu_bytes=10**12))
     assert everything.host == 0 and everything.step == on_keep.step
-    # Kept attention skips the recompute's attention forward: of one 8K document's 4 attention passes (forward,
-    # backward = 2, recompute), 3 are left; the matmul passes stay.
+    # Kept attention skips the recompute's attention forward (one 8K document: of 4 attention passes, forward,
+    # backward = 2 and recompute, 3 are left) and nothing else: the time saved is one attention forward per layer
+    # at the forward kernel's rate.
     plain, kept = (estimate(inv, Setting("lora", T, "on", keep_attention=k), sum_sq_per_token=T) for k in (False, True))
     flops = [step_flop_model(inv.matmul_params, inv.layers, inv.heads, inv.head_dim, full=False, checkpointing="on",
                              keep_attention=k).step_flops(T, T * T) for k in (False, True)]  # fmt: skip
-    assert kept.step_s / plain.step_s == pytest.approx(flops[1] / flops[0]) and flops[1] < flops[0]
+    forward = 2.0 * inv.layers * inv.heads * inv.head_dim * T * T
+    assert flops[0] - flops[1] == pytest.approx(forward)
+    assert plain.step_s - kept.step_s == pytest.approx(forward / plan_mod._ATTENTION_FWD_FLOPS)
+
+
+def test_attention_is_timed_at_the_kernels_rates_forward_and_backward_apart() -> None:
+    """A long document's step: the matmuls at the mode's utilisation, then every attention forward (the forward
+    and, with checkpointing, its recompute) at the forward kernel's rate and one backward, 2.5 forwards of FLOPs,
+    at the backward's."""
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=6))
+    T = 131072
+    forward = 2.0 * inv.layers * inv.heads * inv.head_dim * T * T
+    rates = 1.0 / plan_mod._ATTENTION_FWD_FLOPS, 2.5 / plan_mod._ATTENTION_BWD_FLOPS
+    for ckpt, forwards in (("off", 1), ("on", 2), ("offload", 2)):
+        short, long = (estimate(inv, Setting("lora", T, ckpt), sum_sq_per_token=s) for s in (0.0, T))
+        assert long.step_s - short.step_s == pytest.approx(forward * (forwards * rates[0] + rates[1])), ckpt
+    assert plan_mod._ATTENTION_BWD_FLOPS < plan_mod._ATTENTION_FWD_FLOPS <= plan_mod._PEAK_FLOPS
 
 
 def test_checkpoint_segments_divide_the_checkpoints_and_add_a_recompute() -> None:
