@@ -25,12 +25,12 @@ raised to 1M (or TOKENS) so that RoPE covers the sequence. A case reads the ``--
 than L) every step is one document of L tokens.
 
 Reported: the first step's time (compiles, pinned-memory allocation), the median step time after ``--warmup`` steps,
-peak GPU memory and its breakdown (summary.json's ``peak_mem_gib`` and ``memory_gib``) beside ``train plan``'s
-prediction for the case, the run's peak resident host memory (pinned checkpoints included), and useful TFLOP/s:
-``padless.train.metrics.step_flop_model`` with checkpointing off on ``train plan``'s inventory of the model, i.e.
-the forward and backward a step needs without any recompute (attention counted causal, from the shard set's sum
-of squared lengths), over the median step time (the first step's when there is no other), so that a variant that
-recomputes less shows as more useful work per second.
+peak GPU memory and its breakdown (summary.json's ``peak_mem_gib`` and ``memory_gib``), with ``train plan``'s
+predictions of the peak and the step time for the case beside them, the run's peak resident host memory (pinned
+checkpoints included), and useful TFLOP/s: ``padless.train.metrics.step_flop_model`` with checkpointing off on
+``train plan``'s inventory of the model, i.e. the forward and backward a step needs without any recompute
+(attention counted causal, from the shard set's sum of squared lengths), over the median step time (the first
+step's when there is no other), so that a variant that recomputes less shows as more useful work per second.
 A case that times out (``--case-timeout``, or what is left of ``--budget-s``) or exits with an error is a row with
 that status and the steps it finished (metrics.jsonl is written step by step).
 """
@@ -173,14 +173,15 @@ def model_config(shape: str, vocab: int, case: Case) -> Any:
     return tiny_config(family, fields.pop("vocab_size", vocab), **fields)
 
 
-def predicted_gib(case: Case, inv: Any) -> float:
-    """``train plan``'s peak for the case on ``inv``, its inventory of the model."""
+def predicted(case: Case, inv: Any, sum_sq_per_token: float) -> tuple[float, float]:
+    """``train plan``'s peak (GiB) and step time (s) for the case on ``inv``, its inventory of the model."""
     from padless.train.plan import Setting, estimate
 
     setting = Setting(case.mode, case.tokens, "offload", lora_r=LORA_R, mlp_tile=case.tile,
                       keep_attention=case.keep, checkpoint_gpu_bytes=int(case.gpu_gib * GIB),
                       checkpoint_layers=case.segment)  # fmt: skip
-    return estimate(inv, setting).peak / GIB
+    e = estimate(inv, setting, sum_sq_per_token=sum_sq_per_token)
+    return e.peak / GIB, e.step_s
 
 
 def useful_flops(inv: Any, tokens: int, sum_sq_per_token: float) -> float:
@@ -252,7 +253,7 @@ def run_case(case: Case, args: argparse.Namespace, shards: str, vocab: int, time
         code, host_gib = _wait(proc, timeout)
     result: dict[str, Any] = {"wall_s": time.perf_counter() - t0, "host_peak_gib": host_gib, "log": str(log)}
     inv = inventory(model_config(args.shape, vocab, case))
-    result["predicted_gib"] = predicted_gib(case, inv)
+    result["predicted_gib"], result["predicted_step_s"] = predicted(case, inv, args.sum_sq_per_token[shards])
     result.update(step_numbers(out, args.warmup, inv, args.sum_sq_per_token[shards]))
     if result.get("peak_gib"):
         result["predicted_error"] = result["predicted_gib"] / result["peak_gib"] - 1
@@ -335,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         H.record(args, "long", [row], smoke=args.shape == "tiny")  # each case as it ends: a killed run keeps them
     cols = [("case", "case", "s"), ("first_step_s", "first s", ".2f"), ("step_s", "s/step", ".2f"),
-            ("peak_gib", "peak GiB", ".2f"), ("predicted_gib", "plan", ".2f"), ("predicted_error", "plan err", "+.1%"),
+            ("predicted_step_s", "plan s", ".2f"), ("peak_gib", "peak GiB", ".2f"), ("predicted_gib", "plan", ".2f"),
+            ("predicted_error", "plan err", "+.1%"),
             ("memory_gib.weights", "weights", ".2f"),
             ("memory_gib.step", "step", ".2f"), ("memory_gib.slack", "slack", ".2f"),
             ("host_peak_gib", "host GiB", ".1f"), ("useful_tflops", "TFLOP/s", ".1f"),

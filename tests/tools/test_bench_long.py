@@ -121,6 +121,9 @@ def test_tiny_cases_run_train_run_and_record_rows(tmp_path) -> None:
         assert row["host_peak_gib"] > 0 and set(row["memory_gib"]) >= {"weights", "trainable"}
         assert f"{name} " in proc.stdout  # its one line
         assert row["predicted_gib"] > 0 and row["predicted_error"] == row["predicted_gib"] / row["peak_gib"] - 1
+        assert row["predicted_step_s"] > 0
+    # train plan's step time for the case: more layers, more time
+    assert got["256:3:seg2"]["predicted_step_s"] > got["256:2"]["predicted_step_s"]
     tiled = got["256:3:keep:tile128:qlora"]
     assert tiled["flags"] == "--checkpointing offload --keep-attention --mlp-tile-tokens 128"
     assert tiled["mode"] == "qlora" and got["256:2"]["mode"] == "lora"
