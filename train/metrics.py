@@ -83,6 +83,11 @@ class FlopModel:
     # backward is the rest of ``per_sq_len``. ``train plan`` times the two at the kernels' own rates.
     attention_forwards: float = 1.0
 
+    @property
+    def attention_forward_per_sq_len(self) -> float:
+        """One attention forward over every layer, FLOPs per L² (``per_sq_len`` counts the backward as two)."""
+        return self.per_sq_len / (self.attention_forwards + 2)
+
     def step_flops(self, tokens: int, sum_sq_len: int) -> float:
         return self.per_token * tokens + self.per_sq_len * sum_sq_len
 

@@ -261,7 +261,7 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
         keep_attention=setting.keep_attention,
         checkpoint_layers=setting.checkpoint_layers,
     )
-    attention_forward = 2.0 * inv.layers * inv.heads * inv.head_dim * sum_sq_per_token * T  # every layer's, once
+    attention_forward = flops.attention_forward_per_sq_len * sum_sq_per_token * T  # every layer's, once
     attention_s = attention_forward * (flops.attention_forwards / _ATTENTION_FWD_FLOPS + 2.5 / _ATTENTION_BWD_FLOPS)
     step_s = flops.per_token * T / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS) + attention_s
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
