@@ -166,19 +166,7 @@ def auto_budget(
     inv, max_len, sum_sq_per_token = plan_inputs(cfg)
     if cfg.mode != "full" and cfg.target_module_list:
         inv = dataclasses.replace(inv, lora_targets=tuple(cfg.target_module_list))
-    setting = Setting(
-        cfg.mode,
-        max_len,
-        cfg.checkpointing,
-        cfg.lora_r,
-        cfg.optimizer,
-        dtype_bytes,
-        cfg.memory,
-        cfg.mlp_tile_tokens,
-        keep_attention=cfg.keep_attention,
-        checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * 2**30),
-        checkpoint_layers=cfg.checkpoint_layers,
-    )
+    setting = Setting.of_run(cfg, max_len, dtype_bytes)
     host = host_bytes_of(cfg) if cfg.checkpointing == "offload" or cfg.memory == "low" else None
     best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host, cuda_graphs=cfg.cuda_graphs)
     tokens = best.setting.tokens

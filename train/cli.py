@@ -97,14 +97,10 @@ def plan_command(**params: Any) -> None:
     elif result.recommended is None:
         click.echo(f"nothing asked for fits {result.gpu_bytes / 2**30:.1f} GiB (the card less 1 GiB of headroom)")
     else:
-        s = result.recommended.setting
-        share = f" --checkpoint-gpu-gib {s.checkpoint_gpu_bytes / 2**30:g}" if s.checkpoint_gpu_bytes else ""
-        share += f" --checkpoint-layers {s.checkpoint_layers}" if s.checkpoint_layers > 1 else ""
+        best = result.recommended
         click.echo(
-            f"recommended for {result.gpu_bytes / 2**30:.1f} GiB usable: --{s.mode} --tokens-per-micro-batch "
-            f"{s.tokens} --checkpointing {s.checkpointing}{share}{' --memory low' if s.memory == 'low' else ''} "
-            f"(predicted peak {result.recommended.peak / 2**30:.2f} GiB, "
-            f"about {result.recommended.tokens_per_s:,.0f} tokens/s)"
+            f"recommended for {result.gpu_bytes / 2**30:.1f} GiB usable: {' '.join(best.setting.run_options())} "
+            f"(predicted peak {best.peak / 2**30:.2f} GiB, about {best.tokens_per_s:,.0f} tokens/s)"
         )
 
 

@@ -122,6 +122,42 @@ class Setting:
         if self.memory == "low" and self.mlp_tile == 0:  # --memory low tiles an MLP the user left untiled
             object.__setattr__(self, "mlp_tile", LOW_MEMORY_MLP_TILE)
 
+    @classmethod
+    def of_run(cls, cfg: Any, tokens: int, dtype_bytes: int) -> Setting:
+        """The setting a ``train run`` configuration (:class:`~train.config.TrainConfig`) trains at ``tokens`` per
+        micro-batch in a ``dtype_bytes`` compute dtype."""
+        return cls(
+            cfg.mode,
+            tokens,
+            cfg.checkpointing,
+            cfg.lora_r,
+            cfg.optimizer,
+            dtype_bytes,
+            cfg.memory,
+            cfg.mlp_tile_tokens,
+            keep_attention=cfg.keep_attention,
+            checkpoint_gpu_bytes=int(cfg.checkpoint_gpu_gib * GIB),
+            checkpoint_layers=cfg.checkpoint_layers,
+        )
+
+    def run_options(self) -> list[str]:
+        """The ``train run`` options that run this setting (defaults left out): what ``train plan`` recommends must
+        be the setting it predicted, tiles, kept attention and GPU share included."""
+        low = self.memory == "low"
+        out = [f"--{self.mode}", "--tokens-per-micro-batch", str(self.tokens), "--checkpointing", self.checkpointing]
+        out += ["--lora-r", str(self.lora_r)] if self.mode != "full" and self.lora_r != Setting.lora_r else []
+        out += ["--checkpoint-gpu-gib", f"{self.checkpoint_gpu_bytes / GIB:g}"] if self.checkpoint_gpu_bytes else []
+        out += ["--checkpoint-layers", str(self.checkpoint_layers)] if self.checkpoint_layers > 1 else []
+        out += ["--keep-attention"] if self.keep_attention else []
+        out += ["--memory", "low"] if low else []
+        out += (
+            ["--mlp-tile-tokens", str(self.mlp_tile)]
+            if self.mlp_tile and not (low and self.mlp_tile == LOW_MEMORY_MLP_TILE)
+            else []
+        )
+        out += ["--optimizer", self.optimizer] if self.optimizer != Setting.optimizer and not low else []
+        return out + (["--dtype", "fp32"] if self.dtype_bytes == 4 else [])
+
 
 @dataclass(frozen=True)
 class Estimate:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+from padless.shards.cli_config import click_options, config_from_params
 from padless.shards.reader import open_shards
 from padless.train import plan as plan_mod
 from padless.train.adapters import apply_adapters
 from padless.train.cli import main
-from padless.train.config import PlanConfig, TrainError
+from padless.train.config import PlanConfig, TrainConfig, TrainError
 from padless.train.memory_breakdown import persistent_bytes
 from padless.train.metrics import step_flop_model
 from padless.train.modeling import load_model, tiny_config
@@ -167,6 +169,53 @@ def test_cli_marks_what_fits_and_recommends(synthetic_shards: Path) -> None:
     rows = [json.loads(line) for line in as_json.output.splitlines()]
     assert {(r["mode"], r["tokens"]) for r in rows} == {("lora", 512), ("lora", 2048), ("qlora", 512), ("qlora", 2048)}
     assert all(r["fits"] is True for r in rows)
+
+
+def _parsed_by_train_run(options: list[str]) -> TrainConfig:
+    """``options`` as ``train run``'s own command-line parser reads them (``--config`` and defaults included)."""
+    seen: list[TrainConfig] = []
+
+    @click.command()
+    @click_options(TrainConfig)
+    def run(**params: object) -> None:
+        seen.append(config_from_params(TrainConfig, params))
+
+    result = CliRunner().invoke(run, ["shards", *options])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        Setting("lora", 262144, "offload", mlp_tile=8192, keep_attention=True, checkpoint_gpu_bytes=int(24.2 * 2**30)),
+        Setting(
+            "qlora", 1 << 20, "offload", lora_r=32, checkpoint_layers=2, checkpoint_gpu_bytes=24 * 2**30, mlp_tile=8192
+        ),
+        Setting("full", 4096, "on", optimizer="adamw8bit", dtype_bytes=4),
+        Setting("qlora", 8192, "offload", memory="low"),
+        Setting("lora", 2048, "off"),
+    ],
+)
+def test_recommended_options_run_the_predicted_setting(setting: Setting) -> None:
+    """What `train plan` recommends, read by `train run`'s parser, is the setting it predicted: the MLP tile, the
+    kept attention, the GPU share of the checkpoints, segments, rank, optimizer and dtype all come through."""
+    cfg = _parsed_by_train_run(setting.run_options())
+    dtype_bytes = 4 if cfg.dtype == "fp32" else 2
+    run_as = plan_mod._as_run(Setting.of_run(cfg, cfg.tokens_per_micro_batch, dtype_bytes))
+    assert run_as == plan_mod._as_run(setting)
+
+
+def test_cli_recommends_a_complete_command(synthetic_shards: Path) -> None:
+    """The recommended line carries the options the plan was asked for (here the MLP tile and kept attention),
+    not only the mode, tokens and checkpointing."""
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(SHAPE), "--modes",
+            "lora", "--checkpointing", "offload", "--tokens", "2k", "--gpu-mem-gib", "8", "--host-mem-gib", "64",
+            "--mlp-tile-tokens", "256", "--keep-attention"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    line = result.output.splitlines()[-1]
+    assert line.startswith("recommended for") and " --keep-attention" in line and " --mlp-tile-tokens 256 " in line
 
 
 def test_cli_plans_long_context_options(synthetic_shards: Path) -> None:
