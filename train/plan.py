@@ -269,9 +269,12 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
         layer += (min(setting.checkpoint_layers, inv.layers) - 1) * T * inv.hidden * b
         if setting.checkpointing == "on":
             kept = units * checkpoint
-        else:  # the top layers the GPU budget holds, and the offloaded ones in flight; the rest pinned on the host
+        else:  # the top layers the GPU budget holds, or the offloaded ones in flight; the rest pinned on the host
+            # The backward starts on the GPU-held top layers with the first offloaded layer's copy on its way; two
+            # offloaded layers are in flight only once the backward is below the GPU-held ones, which are gone.
             split = plan_offload(shape, T, keep_attention=keep, gpu_budget_bytes=setting.checkpoint_gpu_bytes)
-            kept = min(units, split.gpu_layers + _OFFLOAD_LAYERS_IN_FLIGHT) * checkpoint
+            in_flight = min(split.host_layers, _OFFLOAD_LAYERS_IN_FLIGHT)
+            kept = max(split.gpu_layers + min(in_flight, 1), in_flight) * checkpoint
             host = split.host_bytes
     kept += T * inv.hidden * b
     largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
