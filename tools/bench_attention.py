@@ -20,10 +20,10 @@ forward+backward 3.5x that.
 ``--sweep`` times candidate tilings per (D, dtype, length bucket, kind) through ``varlen_attention_with_configs``:
 the forward, the atomic-dQ backward (``bwd_atomic``) and the deterministic backward's dK/dV then dQ kernels
 (``bwd_kv``, ``bwd_dq``, each timed as the whole deterministic backward). One case stands for each bucket (16K-token
-packs: Alpaca-like = short, 1K = medium, 4K = long, one 16K example = xlong); this GPU's current tuned tiles, if any,
-are candidates too. Trials stop starting once ``--budget-s`` is spent. ``--write-tuned [PATH]`` (default
-``kernels/attention_tuned.json``) replaces this GPU's swept cases with the winners, keeps its other cases and other
-GPUs' tables, validates the
+packs: Alpaca-like = short, 1K = medium, 4K = long; xlong: one 64K example, nearer the 128K+ sequences the bucket
+serves than a 16K one, whose winners lost at 128K); this GPU's current tuned tiles, if any, are candidates too.
+Trials stop starting once ``--budget-s`` is spent. ``--write-tuned [PATH]`` (default ``kernels/attention_tuned.json``)
+replaces this GPU's swept cases with the winners, keeps its other cases and other GPUs' tables, validates the
 document with ``parse_tuned`` and writes it atomically; ``backward`` is the faster of the two measured backwards.
 """
 
@@ -77,7 +77,7 @@ def table_cases(packs: list[int], shapes: list[str]) -> list[tuple[str, list[int
 
 
 BUCKET_CASES = {"short": ("alpaca/16K", lambda: alpaca_lens(16384, 16384)), "medium": ("eq1K/16K", lambda: [1024] * 16),
-                "long": ("eq4K/16K", lambda: [4096] * 4), "xlong": ("eq16K/16K", lambda: [16384])}  # fmt: skip
+                "long": ("eq4K/16K", lambda: [4096] * 4), "xlong": ("one64K", lambda: [65536])}  # fmt: skip
 
 
 def causal_flops(lens: list[int], heads: int, d: int) -> float:
