@@ -253,8 +253,9 @@ def _dq_step(
 ):  # fmt: skip
     """One key block's contribution to this query block's dQ."""
     cols = j0 + offs_n
-    kT = _load_kv(k_base, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, MASK, True)
-    vT = _load_kv(v_base, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, MASK, True)
+    # As the forward: a scalar base pointer per key block, loop-invariant int32 offsets inside the tile.
+    kT = _load_kv(k_base + j0 * stride_kt, offs_n, offs_d, stride_kt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
+    vT = _load_kv(v_base + j0 * stride_vt, offs_n, offs_d, stride_vt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
     qk = _dot(q, kT, None, PREC)
     s, t = _scores(qk, pre, post, SOFTCAP)
     p = tl.exp2(s - lse[:, None])

@@ -153,8 +153,10 @@ def _fwd_step(
 ):  # fmt: skip
     """One key block of the online softmax: scores, running max/denominator, rescaled accumulator."""
     cols = j0 + offs_n
-    # K loaded transposed (BLOCK_D, BLOCK_N): the dot needs q @ k^T.
-    kT = _load_kv(k_base, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, MASK, True)
+    # K loaded transposed (BLOCK_D, BLOCK_N): the dot needs q @ k^T. The block's base pointer moves by a scalar
+    # (int64 when LONG_INDEXING) and the tile's own offsets stay int32 and loop-invariant: no per-element 64-bit
+    # multiply on a 500K-token sequence.
+    kT = _load_kv(k_base + j0 * stride_kt, offs_n, offs_d, stride_kt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
     qk = _dot(q, kT, None, PREC)
     s, _ = _scores(qk, pre, post, SOFTCAP)
     if MASK:
@@ -169,7 +171,7 @@ def _fwd_step(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load_kv(v_base, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, MASK, False)
+    v = _load_kv(v_base + j0 * stride_vt, offs_n, offs_d, stride_vt, n - j0, HEAD_DIM, BLOCK_D, MASK, False)
     acc = _dot(p.to(v.dtype), v, acc, PREC)
     return acc, m_new, l_i
 
