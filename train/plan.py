@@ -81,8 +81,8 @@ _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixe
 _PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
 # Useful FLOP/s of the attention kernels on one 128K-token sequence (H100, head dim 128, 32 query and 8 key/value
 # heads; tools/bench_attention.py): a causal forward is 2 L^2 heads head_dim FLOPs, its backward 2.5 times that.
-_ATTENTION_FWD_FLOPS = 505e12
-_ATTENTION_BWD_FLOPS = 377e12
+_ATTENTION_FWD_FLOPS = 513e12
+_ATTENTION_BWD_FLOPS = 395e12
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
 _NF4_BYTES_PER_TENSOR = 2048
 
