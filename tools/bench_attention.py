@@ -219,14 +219,25 @@ def candidates(kind: str, bucket: str, d: int, group: int) -> list[tuple]:
         grid = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (64, 64, 8)] if big else \
                [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4), (128, 64, 4)]  # fmt: skip
         return list(dict.fromkeys((m(rows, hf), hf, n, w, 2 if big else 3) for rows, n, w in grid))
+    # Head dims up to 128 also try the backward's first tile with up to 4 heads per tile: fewer, longer head loops
+    # (one 128K sequence on an H100: 16 tokens x 4 heads per tile beat 32 x 2).
+    h4 = pow2_divisor(group, 4)
     if kind in ("bwd_kv", "bwd_atomic"):  # (kv_block_n, kv_block_m, kv_hpb, kv_warps, kv_stages)
         grid = [(32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 16, 8, 2), (32, 64, 4, 2)] if big else \
                [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)]  # fmt: skip
-        return list(dict.fromkeys((n, m(rows, hb), hb, w, s) for n, rows, w, s in grid))
+        tiles = [(n, m(rows, hb), hb, w, s) for n, rows, w, s in grid]
+        if not big:
+            n, rows, w, s = grid[0]
+            tiles.append((n, m(rows, h4), h4, w, s))
+        return list(dict.fromkeys(tiles))
     # bwd_dq: (q_block_m, q_hpb, q_block_n, q_warps, q_stages)
     grid = [(32, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)] if big else \
            [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)]  # fmt: skip
-    return list(dict.fromkeys((m(rows, hb), hb, n, w, s) for rows, n, w, s in grid))
+    tiles = [(m(rows, hb), hb, n, w, s) for rows, n, w, s in grid]
+    if not big:
+        rows, n, w, s = grid[0]
+        tiles.append((m(rows, h4), h4, n, w, s))
+    return list(dict.fromkeys(tiles))
 
 
 def current_tiles(gpu: str, d: int, dtype: str, bucket: str) -> dict[str, tuple]:

@@ -106,3 +106,15 @@ def test_table_cases_follow_the_asked_shapes() -> None:
 def test_unknown_shapes_and_implementations_are_refused(option: str, value: str) -> None:
     proc = run_tool("bench_attention", option, value, timeout=60)
     assert proc.returncode == 2 and f"{option}: unknown" in proc.stderr
+
+
+@pytest.mark.parametrize("bucket", ["medium", "long", "xlong"])
+def test_backward_candidates_try_four_heads_per_tile(bucket: str) -> None:
+    # Longer buckets pack 2 heads per tile; 4 (16 tokens x 4 heads) won on one 128K sequence on an H100, so the
+    # sweep must try it, for both backward passes, and not for head dims above 128 (their tiles are smaller).
+    bench = load_tool("bench_attention")
+    for kind, hpb_at in (("bwd_kv", 2), ("bwd_atomic", 2), ("bwd_dq", 1)):
+        assert 4 in {c[hpb_at] for c in bench.candidates(kind, bucket, 128, 4)}, kind
+        assert 2 in {c[hpb_at] for c in bench.candidates(kind, bucket, 128, 4)}, kind
+        assert 4 not in {c[hpb_at] for c in bench.candidates(kind, bucket, 256, 4)}, kind
+        assert {c[hpb_at] for c in bench.candidates(kind, bucket, 128, 2)} == {2}, kind
