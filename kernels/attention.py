@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 # Length buckets for the tiling: short (Alpaca-like, mean <= 256 tokens), medium (<= 2048), long (<= 8192) and
-# xlong (longer, up to one 500K+ example per pack, where the dK/dV loop over query blocks is 16x longer than at 4K
-# already at 64K).
+# xlong (longer, up to one 1M-token example per pack; at 64K the dK/dV loop over query blocks is already 16x its 4K
+# length).
 SHORT, MEDIUM, LONG = 256, 2048, 8192
 BUCKETS = ("short", "medium", "long", "xlong")
 # A bucket with no tuned entry of a kind takes the tuned entry of the bucket named here (else the built-in tiles).
