@@ -173,15 +173,23 @@ def test_deterministic_backward_is_bitwise_repeatable() -> None:
         assert torch.equal(x, y)
 
 
-def test_deterministic_flag_picks_the_backward_path() -> None:
-    """Built-in default: atomic dQ; deterministic=True: the dQ kernel (also over an explicit atomic bwd_cfg)."""
-    fast = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, gpu=None)[1]
-    safe = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, deterministic=True, gpu=None)[1]
-    assert fast.dq_atomic and not safe.dq_atomic
+def test_deterministic_flag_picks_the_backward_path(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built-in default: the deterministic pair; a tuned "atomic" case: atomic dQ, which deterministic=True turns
+    off (also over an explicit atomic bwd_cfg)."""
+    for length in (64.0, 1024.0, 4096.0, 16384.0):
+        assert not default_configs(128, torch.bfloat16, 16384, 4, length, gpu=None)[1].dq_atomic
     for gpu in (None, "NVIDIA H200"):
         for bucket_len in (64.0, 1024.0, 4096.0, 16384.0):
             bwd = default_configs(128, torch.bfloat16, 16384, 4, bucket_len, deterministic=True, gpu=gpu)[1]
             assert not bwd.dq_atomic
+    path = tmp_path / "tuned.json"
+    at = {"kv_block_n": 128, "kv_block_m": 32, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 3}
+    _write_tuned(path, [{"D": 128, "dtype": "bf16", "bucket": "long", "backward": "atomic",
+                         "tiles": {"bwd_atomic": at}}])  # fmt: skip
+    _use_table(monkeypatch, path)
+    fast = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, gpu="GPU A")[1]
+    safe = default_configs(128, torch.bfloat16, 4096, 4, 4096.0, deterministic=True, gpu="GPU A")[1]
+    assert fast.dq_atomic and not safe.dq_atomic
     calls = []
     real = attention_mod.flash_bwd
 
@@ -197,7 +205,7 @@ def test_deterministic_flag_picks_the_backward_path() -> None:
         got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, 20, deterministic=True, fwd_cfg=SMALL_FWD,
                         bwd_cfg=atomic_cfg)  # fmt: skip
         run_grads(varlen_attention, q, k, v, do, cu, 20)
-    assert calls == [False, True]
+    assert calls == [False, False]
     want = run_grads(varlen_attention_reference, q, k, v, do, cu, 20)
     for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"deterministic:{tag}")
@@ -263,19 +271,20 @@ def test_tuned_table_is_read_and_fitted_to_the_group(tmp_path, monkeypatch: pyte
 
 
 def test_tuned_table_is_honoured_only_on_its_gpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Another GPU (or the CPU) gets the built-in tiles and the atomic backward, not GPU A's measurements."""
+    """Another GPU (or the CPU) gets the built-in tiles and the deterministic backward, not GPU A's measurements."""
     path = tmp_path / "tuned.json"
     fwd = {"block_m": 32, "hpb": 2, "block_n": 64, "num_warps": 4, "num_stages": 2}
-    kv = {"kv_block_n": 64, "kv_block_m": 32, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 1}
-    _write_tuned(path, [{"D": 128, "dtype": "bf16", "bucket": "long", "backward": "deterministic",
-                         "tiles": {"fwd": fwd, "bwd_kv": kv}}])  # fmt: skip
+    at = {"kv_block_n": 64, "kv_block_m": 32, "kv_hpb": 2, "kv_warps": 8, "kv_stages": 1}
+    _write_tuned(path, [{"D": 128, "dtype": "bf16", "bucket": "long", "backward": "atomic",
+                         "tiles": {"fwd": fwd, "bwd_atomic": at}}])  # fmt: skip
     _use_table(monkeypatch, path)
     builtin = attention_mod._builtin_configs(128, "long", 4)
     f, b = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, gpu="GPU A")
-    assert f == FwdConfig(**fwd) and tuple(b[:5]) == tuple(kv.values()) and not b.dq_atomic
+    assert f == FwdConfig(**fwd) and tuple(b[:5]) == tuple(at.values()) and b.dq_atomic
     for other in ("GPU B", None):
         f, b = default_configs(128, torch.bfloat16, 8192, 4, 8192.0, gpu=other)
-        assert tuple(f) == builtin["fwd"] and tuple(b[:5]) == builtin["bwd_atomic"] and b.dq_atomic
+        assert tuple(f) == builtin["fwd"] and tuple(b[:10]) == (*builtin["bwd_kv"], *builtin["bwd_dq"])
+        assert not b.dq_atomic
 
 
 def test_xlong_bucket_takes_long_tiles_until_it_has_its_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -610,7 +619,7 @@ def test_gpu_realistic_bf16(lens: list[int], kw: dict) -> None:
     for tag, a, s, e in zip(("out", "dq", "dk", "dv"), got, same, exact, strict=True):
         bound = dtype_error_bound(s, e, atol=1e-3 * max(1.0, e.abs().max().item()))
         assert_close_verbose(a, e, atol=bound, name=f"gpu:{tag}")
-    # Default backward: dq by atomics (may differ in the last bits), dk/dv always bitwise repeatable.
+    # Default backward: where the table chose the atomic kernel dq may differ in the last bits; dk/dv never do.
     again = run_grads(varlen_attention, q, k, v, do, cu, max(lens), **kw)
     for tag, x, y in zip(("out", "dq", "dk", "dv"), got, again, strict=True):
         assert tag == "dq" or torch.equal(x, y), f"{tag} not deterministic"
