@@ -27,7 +27,8 @@ long-context rows there (Qwen3-8B shapes at 128K tokens, offloaded) within 5.4%.
 Step time is the step's matmul FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
 utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches, whose fixed per-step
 costs weigh more (``_HALF_TOKENS``), plus its attention at the varlen kernels' own measured rates, forward and
-backward apart (``_ATTENTION_*_FLOPS``): below the matmuls' rate, they are most of a long sequence's step.
+backward apart and per example length (``attention_rates``): below the matmuls' rate, they are most of a long
+sequence's step.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "Plan",
     "Setting",
     "as_row",
+    "attention_rates",
     "estimate",
     "inventory",
     "model_config",
@@ -79,10 +81,11 @@ _OFFLOAD_LAYERS_IN_FLIGHT = 2  # offload: the layer being recomputed and the nex
 _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per mode at large micro-batches
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
 _PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
-# Useful FLOP/s of the attention kernels on one 128K-token sequence (H100, head dim 128, 32 query and 8 key/value
-# heads; tools/bench_attention.py): a causal forward is 2 L^2 heads head_dim FLOPs, its backward 2.5 times that.
-_ATTENTION_FWD_FLOPS = 513e12
-_ATTENTION_BWD_FLOPS = 395e12
+# Useful FLOP/s of the attention kernels, forward and backward, on one sequence of each length (H100, head dim 128,
+# 32 query and 8 key/value heads; tools/bench_attention.py, docs/bench/README.md): a causal forward is
+# 2 L^2 heads head_dim FLOPs, its backward 2.5 times that. Past 2**31 elements (the 512K sequence) the kernels index
+# with int64 and run slower.
+_ATTENTION_RATES = ((131072, 513e12, 395e12), (524288, 488e12, 361e12))
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
 _NF4_BYTES_PER_TENSOR = 2048
 
@@ -301,10 +304,20 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
         checkpoint_layers=setting.checkpoint_layers,
     )
     attention_forward = flops.attention_forward_per_sq_len * sum_sq_per_token * T  # every layer's, once
-    attention_s = attention_forward * (flops.attention_forwards / _ATTENTION_FWD_FLOPS + 2.5 / _ATTENTION_BWD_FLOPS)
+    # sum_sq_per_token is the token-weighted mean example length: the length whose kernel rates the FLOPs run at.
+    fwd_rate, bwd_rate = attention_rates(sum_sq_per_token)
+    attention_s = attention_forward * (flops.attention_forwards / fwd_rate + 2.5 / bwd_rate)
     step_s = flops.per_token * T / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS) + attention_s
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),
                     int(activations), int(host), step_s, int(load))  # fmt: skip
+
+
+def attention_rates(length: float) -> tuple[float, float]:
+    """Useful forward and backward FLOP/s of the attention kernels on examples of ``length`` tokens: the measured
+    rates, log-linear between the measured lengths and held beyond them."""
+    (l0, f0, b0), (l1, f1, b1) = _ATTENTION_RATES
+    x = min(max((math.log(max(length, 1.0)) - math.log(l0)) / (math.log(l1) - math.log(l0)), 0.0), 1.0)
+    return f0 + x * (f1 - f0), b0 + x * (b1 - b0)
 
 
 def recommend(estimates: list[Estimate], gpu_bytes: int, host_bytes: int | None = None) -> Estimate | None:

@@ -116,7 +116,7 @@ def test_kept_attention_and_a_gpu_share_move_checkpoint_bytes_where_the_run_puts
                              keep_attention=k).step_flops(T, T * T) for k in (False, True)]  # fmt: skip
     forward = 2.0 * inv.layers * inv.heads * inv.head_dim * T * T
     assert flops[0] - flops[1] == pytest.approx(forward)
-    assert plain.step_s - kept.step_s == pytest.approx(forward / plan_mod._ATTENTION_FWD_FLOPS)
+    assert plain.step_s - kept.step_s == pytest.approx(forward / plan_mod.attention_rates(T)[0])
 
 
 def test_attention_is_timed_at_the_kernels_rates_forward_and_backward_apart() -> None:
@@ -126,11 +126,33 @@ def test_attention_is_timed_at_the_kernels_rates_forward_and_backward_apart() ->
     inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=6))
     T = 131072
     forward = 2.0 * inv.layers * inv.heads * inv.head_dim * T * T
-    rates = 1.0 / plan_mod._ATTENTION_FWD_FLOPS, 2.5 / plan_mod._ATTENTION_BWD_FLOPS
+    fwd_rate, bwd_rate = plan_mod.attention_rates(T)
+    rates = 1.0 / fwd_rate, 2.5 / bwd_rate
     for ckpt, forwards in (("off", 1), ("on", 2), ("offload", 2)):
         short, long = (estimate(inv, Setting("lora", T, ckpt), sum_sq_per_token=s) for s in (0.0, T))
         assert long.step_s - short.step_s == pytest.approx(forward * (forwards * rates[0] + rates[1])), ckpt
-    assert plan_mod._ATTENTION_BWD_FLOPS < plan_mod._ATTENTION_FWD_FLOPS <= plan_mod._PEAK_FLOPS
+    assert bwd_rate < fwd_rate <= plan_mod._PEAK_FLOPS
+
+
+def test_attention_rates_follow_the_measured_lengths() -> None:
+    """The measured rates at the measured lengths, held outside them, and in between a blend that falls with the
+    length (the int64 path of a 512K sequence runs slower than a 128K one)."""
+    (l0, f0, b0), (l1, f1, b1) = plan_mod._ATTENTION_RATES
+    assert plan_mod.attention_rates(l0) == pytest.approx((f0, b0))
+    assert plan_mod.attention_rates(l1) == pytest.approx((f1, b1))
+    assert plan_mod.attention_rates(1000) == pytest.approx((f0, b0)) == plan_mod.attention_rates(0)
+    assert plan_mod.attention_rates(4 * l1) == pytest.approx((f1, b1))
+    mid = plan_mod.attention_rates((l0 * l1) ** 0.5)  # halfway in log length: halfway in rate
+    assert mid == pytest.approx(((f0 + f1) / 2, (b0 + b1) / 2))
+    lengths = [l0 * 1.5**i for i in range(5)]
+    fwd = [plan_mod.attention_rates(n)[0] for n in lengths]
+    assert fwd == sorted(fwd, reverse=True) and fwd[0] > fwd[-1]
+    # A 512K document's step takes its attention at the 512K rates.
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=2))
+    T = int(l1)
+    forward = 2.0 * inv.layers * inv.heads * inv.head_dim * T * T
+    short, long = (estimate(inv, Setting("lora", T, "off"), sum_sq_per_token=s) for s in (0.0, T))
+    assert long.step_s - short.step_s == pytest.approx(forward * (1 / f1 + 2.5 / b1))
 
 
 def test_checkpoint_segments_divide_the_checkpoints_and_add_a_recompute() -> None:
