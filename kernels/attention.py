@@ -412,6 +412,10 @@ def varlen_attention_with_configs(
     """
     _check_args(q, k, v, cu_seqlens, causal, window, softcap)
     _check_saved(q, saved)
+    if window is not None and window >= q.shape[0]:
+        # A window of at least the pack's length hides no key: plain causal, whose kernels skip the window's
+        # range arithmetic (int32 in the kernels, where a sentinel such as 2**31 - 1 would wrap).
+        window = None
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: expected one of {SUPPORTED_DTYPES}, all the same; cast "

@@ -164,6 +164,20 @@ def test_no_contamination_between_examples(window: int | None) -> None:
         assert not torch.equal(x[a:b], y[a:b]), f"{tag} of the changed example did not change: test is vacuous"
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_window_past_the_pack_is_plain_causal(deterministic: bool) -> None:
+    """A window no shorter than the pack (2**31 - 1 as an 'unbounded' sentinel, or exactly T) gives plain causal
+    attention: no key hidden, no int32 range arithmetic wrapping to an empty range (dK = dV = 0)."""
+    lens = [13, 1, 29, 18]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=12)
+    kw = {"fwd_cfg": PACKED_FWD, "bwd_cfg": PACKED_BWD._replace(dq_atomic=not deterministic)}
+    want = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), **kw)
+    for window in (2**31 - 1, sum(lens)):
+        got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), window=window, **kw)
+        for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+            assert_close_verbose(a, e, atol=1e-5, name=f"window={window}:{tag}")
+
+
 def test_deterministic_backward_is_bitwise_repeatable() -> None:
     lens = ragged_lens(70, 5)
     q, k, v, do, cu = make_inputs(lens, 4, 1, 16, dtype=torch.bfloat16, seed=5)
