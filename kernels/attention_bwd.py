@@ -41,6 +41,7 @@ from .attention_fwd import (
     score_constants,
 )
 from .indexing import needs_long_indexing
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["BwdConfig", "flash_bwd"]
 
@@ -393,7 +394,7 @@ def flash_bwd(
         _delta_kernel[(-(-T // block_t), H)](
             out, do, delta, dq_acc, T, *out.stride()[:2], *dos,
             H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t, LONG_INDEXING=long_indexing, ZERO_DQ=True,
-            num_warps=4, num_stages=3,
+            num_warps=4, num_stages=3, **LAUNCH_OPTIONS,
         )  # fmt: skip
     else:
         _dq_kernel[(sched_q.shape[0] * (H // cfg.q_hpb),)](
@@ -402,7 +403,7 @@ def flash_bwd(
             sched_q.shape[0], window or 0, pre, post, softmax_scale,
             GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.q_block_m, HPB=cfg.q_hpb,
             BLOCK_N=cfg.q_block_n, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing,
-            PREC=prec, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+            PREC=prec, num_warps=cfg.q_warps, num_stages=cfg.q_stages, **LAUNCH_OPTIONS,
         )  # fmt: skip
     _dkdv_kernel[(sched_kv.shape[0] * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc if cfg.dq_atomic else dq, cu_seqlens, sched_kv,
@@ -410,7 +411,7 @@ def flash_bwd(
         sched_kv.shape[0], window or 0, pre, post, softmax_scale,
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m,
         HPB=cfg.kv_hpb, CAUSAL=causal, WINDOW=wflag, SOFTCAP=sflag, LONG_INDEXING=long_indexing, PREC=prec,
-        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        ATOMIC_DQ=cfg.dq_atomic, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **LAUNCH_OPTIONS,
     )  # fmt: skip
     if cfg.dq_atomic and dq is not dq_acc:
         dq.copy_(dq_acc)

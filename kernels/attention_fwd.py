@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .indexing import needs_long_indexing
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["FwdConfig", "build_schedules", "dot_precision", "flash_fwd", "head_dim_block", "n_slots", "score_constants"]
 
@@ -320,7 +321,7 @@ def build_schedules(cu_seqlens: torch.Tensor, n_tokens: int, blocks: tuple[int, 
     # few compiled variants (surplus steps do nothing).
     _schedule_kernel[grid](
         cu_seqlens, buf, n_seq, n_tokens, b[0], b[1], b[2], o[1], o[2],
-        LOG_S=-(-n_seq.bit_length() // 4) * 4, BLOCK_T=SCHEDULE_BLOCK, num_warps=4, num_stages=3,
+        LOG_S=-(-n_seq.bit_length() // 4) * 4, BLOCK_T=SCHEDULE_BLOCK, num_warps=4, num_stages=3, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return scheds
 
@@ -372,6 +373,6 @@ def flash_fwd(
         n_tiles, window or 0, pre, post,
         GROUP=group, H=H, HEAD_DIM=D, BLOCK_D=head_dim_block(D), BLOCK_M=cfg.block_m, HPB=cfg.hpb, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, LONG_INDEXING=long_indexing,
-        PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out, lse

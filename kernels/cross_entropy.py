@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import LAUNCH_OPTIONS
+
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "check_loss_inputs",
@@ -183,6 +185,7 @@ def _launch_rows(
         BLOCK_V=block,
         SEGMENT=segment,
         num_warps=num_warps,
+        **LAUNCH_OPTIONS,
     )
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import LAUNCH_OPTIONS
+
 __all__ = ["gather_rows", "gather_rows_reference"]
 
 _BLOCK_E = 512  # row elements per program: 1 KiB of bf16, whole 128-byte transactions over the bus
@@ -63,5 +65,5 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     # Triton launches on the current device and maps the host pointer there: make that the ids' device.
     with torch.cuda.device(ids.device) if ids.is_cuda else contextlib.nullcontext():
         _gather_rows_kernel[grid](weight, ids, out, weight.shape[0], weight.shape[1], weight.stride(0), out.stride(0),
-                                  BLOCK_E=_BLOCK_E)  # fmt: skip
+                                  BLOCK_E=_BLOCK_E, **LAUNCH_OPTIONS)  # fmt: skip
     return out

@@ -31,6 +31,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .indexing import needs_long_indexing
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
@@ -331,7 +332,7 @@ def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), eps, offset,
         GEMMA_CAST=offset != 0.0, BLOCK_R=block_r, BLOCK_E=block_e, LONG_INDEXING=needs_long_indexing(x2, y),
-        num_warps=num_warps, **_pdl_kwargs(x),
+        num_warps=num_warps, **_pdl_kwargs(x), **LAUNCH_OPTIONS,
     )  # fmt: skip
     return y, rstd
 
@@ -363,14 +364,15 @@ def _launch_bwd(
         n_rows, triton.cdiv(n_rows, cfg.block_r), cfg.programs, dy2.stride(0), x2.stride(0), offset,
         E=n_cols, GEMMA_CAST=offset != 0.0, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, BLOCK_R=cfg.block_r,
         BLOCK_E=cfg.block_e, LONG_INDEXING=needs_long_indexing(dy2, x2, dx), num_warps=cfg.num_warps,
-        maxnreg=cfg.maxnreg, **pdl,
+        maxnreg=cfg.maxnreg, **pdl, **LAUNCH_OPTIONS,
     )  # fmt: skip
     if not compute_dw:
         return dx, None
     dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
     _dw_reduce_kernel[(triton.cdiv(n_cols, REDUCE_BLOCK_C),)](
-        dw_partial, dw, cfg.programs, n_cols, BLOCK_P=cfg.reduce_block_p, BLOCK_C=REDUCE_BLOCK_C, num_warps=8, **pdl
-    )
+        dw_partial, dw, cfg.programs, n_cols, BLOCK_P=cfg.reduce_block_p, BLOCK_C=REDUCE_BLOCK_C, num_warps=8,
+        **pdl, **LAUNCH_OPTIONS,
+    )  # fmt: skip
     return dx, dw
 
 

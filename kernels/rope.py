@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .indexing import needs_long_indexing
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["rope_", "rope_reference"]
 
@@ -202,6 +203,7 @@ def _launch_rope(
         BACKWARD=backward,
         LONG_INDEXING=needs_long_indexing(q, k, position_ids, cos),
         num_warps=num_warps or (8 if block_t * (h + hkv) * d >= 8192 else 4),
+        **LAUNCH_OPTIONS,
     )
 
 

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _tanh, check_loss_inputs, counted_first
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["DEFAULT_VOCAB_CHUNK_BYTES", "DEFAULT_WORK_BYTES", "streamed_linear_cross_entropy"]
 
@@ -305,7 +306,7 @@ def _stream_chunks(
                 w, w.stride(0), w.stride(1), cols, v0, ignore_index, 1.0 if softcap is None else float(softcap),
                 COLS=chunks.rows, E=width, MARGIN=margin, HAS_SOFTCAP=softcap is not None,
                 WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_E=min(1024, triton.next_power_of_2(width)),
-                num_warps=8 if block_v >= 4096 else 4,
+                num_warps=8 if block_v >= 4096 else 4, **LAUNCH_OPTIONS,
             )  # fmt: skip
             if write_grad:
                 product = torch.mm(z, w, out=product_store[: (r1 - r0) * width].view(r1 - r0, width))

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .indexing import needs_long_indexing
+from .launch import LAUNCH_OPTIONS
 
 __all__ = ["geglu", "geglu_reference", "swiglu", "swiglu_reference"]
 
@@ -169,6 +170,7 @@ def _launch_glu_fwd(
         BLOCK=block,
         LONG_INDEXING=needs_long_indexing(g2, u2, out),
         num_warps=num_warps or default_warps,
+        **LAUNCH_OPTIONS,
     )
     return out
 
@@ -212,6 +214,7 @@ def _launch_glu_bwd(
         BLOCK=block,
         LONG_INDEXING=needs_long_indexing(d2, g2, u2, dgate),
         num_warps=num_warps or default_warps,
+        **LAUNCH_OPTIONS,
     )
     return dgate, dup
 
