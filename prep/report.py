@@ -84,6 +84,22 @@ def _cost(tokens: int, padded: int, c: CostConfig) -> dict[str, Any] | None:
     return out
 
 
+def length_histogram(lens: np.ndarray, max_bins: int = 20) -> dict[str, list[int]]:
+    """Example lengths in at most ``max_bins`` bins of equal integer width from the shortest to the longest.
+
+    Bin i holds lengths in [edges[i], edges[i + 1]); integer edges keep every label a real range of lengths (a
+    set where all examples are 4,096 tokens long is one bin, not twenty slivers of one token).
+    """
+    if len(lens) == 0:
+        return {"counts": [], "edges": []}
+    lo, hi = int(lens.min()), int(lens.max())
+    width = -(-(hi - lo + 1) // max_bins)
+    n_bins = -(-(hi - lo + 1) // width)
+    edges = lo + width * np.arange(n_bins + 1, dtype=np.int64)
+    counts = np.bincount((np.asarray(lens, dtype=np.int64) - lo) // width, minlength=n_bins)
+    return {"counts": counts.tolist(), "edges": edges.tolist()}
+
+
 def shard_stats(path: str, cost: CostConfig) -> dict[str, Any]:
     """Everything ``prep stats`` shows, as a dict (``--json`` prints it)."""
     from padless.shards.reader import open_shards
@@ -94,8 +110,7 @@ def shard_stats(path: str, cost: CostConfig) -> dict[str, Any]:
     st["prep"] = ss.manifest.get("prep", {})
     st["tokenizer"] = ss.manifest.get("tokenizer", {})
     lens = example_lengths(ss)
-    hist, edges = np.histogram(lens, bins=min(20, max(1, int(lens.max()))))
-    st["histogram"] = {"counts": hist.tolist(), "edges": edges.tolist()}
+    st["histogram"] = length_histogram(lens)
     st["speedup_vs_padded"] = {b: v / st["tokens"] for b, v in st["padded_tokens"].items()}
     st["cost"] = _cost(st["tokens"], st["padded_tokens"][8], cost)
     return st
@@ -119,9 +134,10 @@ def format_stats(st: dict[str, Any]) -> str:
         "example length: " + "  ".join(f"p{k} {v:.0f}" for k, v in pc.items()) + f"  mean {st['length_mean']:.1f}"
     )
     h = st["histogram"]
-    top = max(h["counts"]) or 1
+    top = max(h["counts"], default=0) or 1
     for c, lo, hi in zip(h["counts"], h["edges"][:-1], h["edges"][1:]):
-        lines.append(f"  {lo:7.0f}-{hi:<7.0f} {'#' * round(40 * c / top):40s} {c:,}")
+        span = f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}"
+        lines.append(f"  {span:>15} {'#' * round(40 * c / top):40s} {c:,}")
     lines.append("padded batching (random order, pad to longest in batch) vs packed tokens:")
     for b in (1, 2, 4, 8, 16, 32):
         v = st["padded_tokens"][b]

@@ -68,6 +68,9 @@ def test_stats_against_independent_recount(tmp_path):
     assert (st["packs"], st["tokens"], st["trainable"], st["examples"]) == (packs, tokens, trainable, len(lens))
     assert st["fill"] == tokens / (packs * 128) and st["lower_bound_packs"] == -(-tokens // 128)
     assert st["length_percentiles"]["50"] == float(np.percentile(lens, 50))
+    edges, counts = st["histogram"]["edges"], st["histogram"]["counts"]
+    assert edges[0] == lens.min() and edges[-2] <= lens.max() < edges[-1] and len(counts) <= 20
+    assert counts == [int(((lens >= a) & (lens < b)).sum()) for a, b in itertools.pairwise(edges)]
     # Padded batching: the same random order, brute force.
     order = np.random.default_rng(0).permutation(len(lens))
     for b in (1, 3, 8, 32):
