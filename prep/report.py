@@ -40,24 +40,43 @@ def format_pack_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_params_from_config(path: str) -> float:
-    """Approximate parameter count of a decoder-only HF config (embeddings, attention, gated MLP, norms)."""
+def _read_model_config(path: str) -> dict[str, Any]:
+    """The JSON object of ``--model-config`` (a config.json or its folder), its ``text_config`` for multimodal ones."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
     try:
-        c = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        c = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PrepError(f"--model-config {path!r}: cannot read a config.json ({e})") from e
-    c = c.get("text_config", c)
-    try:
-        e, n_layer, v = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    except KeyError as k:
-        raise PrepError(f"--model-config {path!r} lacks {k}; expected a decoder-only Hugging Face config") from k
-    inter = c.get("intermediate_size", 4 * e)
-    heads = c.get("num_attention_heads", 1)
-    hd = c.get("head_dim") or e // heads
-    kv = c.get("num_key_value_heads", heads)
+    c = c.get("text_config", c) if isinstance(c, dict) else c
+    if not isinstance(c, dict):
+        raise PrepError(f"--model-config {path!r} is a JSON {type(c).__name__}; expected a Hugging Face config object")
+    return c
+
+
+def _positive_int(c: dict[str, Any], key: str, path: str, default: int | None = None) -> int:
+    """``c[key]`` (or ``default`` when absent or null), checked to be a positive integer."""
+    v = c.get(key)
+    v = default if v is None else v
+    if v is None:
+        raise PrepError(f"--model-config {path!r} lacks {key!r}; expected a decoder-only Hugging Face config")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise PrepError(f"--model-config {path!r}: {key} is {v!r}; expected a positive integer")
+    return v
+
+
+def model_params_from_config(path: str) -> float:
+    """Approximate parameter count of a decoder-only HF config (embeddings, attention, gated MLP, norms).
+
+    Every size it reads must be a positive integer: a config with a string, null or zero there is one
+    :class:`PrepError` naming the key, never a wrong count."""
+    c = _read_model_config(path)
+    e, n_layer, v = (_positive_int(c, k, path) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
+    inter = _positive_int(c, "intermediate_size", path, 4 * e)
+    heads = _positive_int(c, "num_attention_heads", path, 1)
+    hd = _positive_int(c, "head_dim", path, e // heads or 1)
+    kv = _positive_int(c, "num_key_value_heads", path, heads)
     attn = e * heads * hd * 2 + e * kv * hd * 2
     mlp = 3 * e * inter
     emb = v * e * (1 if c.get("tie_word_embeddings", False) else 2)

@@ -127,6 +127,30 @@ def test_stats_user_errors(tmp_path: Path, args: list[str], match: str) -> None:
     assert_one_line_error(_invoke("stats", str(tmp_path), *args), match)
 
 
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (b"[1, 2]", r"--model-config '[^']*model' is a JSON list; expected a Hugging Face config object"),
+        (b"\xff{}", r"--model-config '[^']*model': cannot read a config.json \('utf-8' codec can't decode"),
+        (b'{"hidden_size": "64", "num_hidden_layers": 2, "vocab_size": 100}',
+         r"--model-config '[^']*model': hidden_size is '64'; expected a positive integer"),
+        (b'{"hidden_size": null, "num_hidden_layers": 2, "vocab_size": 100}',
+         r"--model-config '[^']*model' lacks 'hidden_size'"),
+        (b'{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "num_attention_heads": 0}',
+         r"--model-config '[^']*model': num_attention_heads is 0; expected a positive integer"),
+    ],
+    ids=["list", "not-utf8", "string-size", "null-size", "zero-heads"],
+)  # fmt: skip
+def test_a_model_config_that_cannot_be_counted_is_one_line(
+    alpaca_file: Path, tmp_path: Path, config: bytes, match: str
+) -> None:
+    out = tmp_path / "o"
+    assert _invoke("pack", str(alpaca_file), "--max-len", "64", "--out", str(out), "--no-progress").exit_code == 0
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_bytes(config)
+    assert_one_line_error(_invoke("stats", str(out), "--model-config", str(tmp_path / "model")), match)
+
+
 def test_show_and_verify_exit_codes(alpaca_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     assert _invoke("pack", str(alpaca_file), "--max-len", "64", "--out", str(out), "--no-progress").exit_code == 0
