@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -211,11 +212,12 @@ def template_datetime(text: str) -> datetime.datetime:
 
 
 def parse_param_count(text: str) -> float:
-    """``7e9``, ``1.5B``, ``500M`` -> a parameter count."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", text)
-    if not m or m.group(1).count(".") > 1:
-        raise PrepError(f"--model-params {text!r}: expected a number like 7e9, 1.5B or 500M")
-    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    """``7e9``, ``1.5B``, ``500M`` -> a parameter count (finite and > 0)."""
+    m = re.fullmatch(r"\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([kKmMbBtT]?)\s*", text)
+    n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()] if m else 0.0
+    if not 0 < n < math.inf:
+        raise PrepError(f"--model-params {text!r}: expected a number > 0 like 7e9, 1.5B or 500M")
+    return n
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -237,7 +239,7 @@ class CostConfig:
             parse_param_count(self.model_params)
         if not 0 < self.mfu <= 1:
             raise PrepError(f"--mfu {self.mfu}: expected a fraction in (0, 1]")
-        if self.epochs <= 0:
-            raise PrepError(f"--epochs {self.epochs}: expected > 0")
-        if self.price_per_hour is not None and self.price_per_hour < 0:
-            raise PrepError(f"--price-per-hour {self.price_per_hour}: expected >= 0")
+        if not 0 < self.epochs < math.inf:
+            raise PrepError(f"--epochs {self.epochs}: expected a finite number > 0")
+        if self.price_per_hour is not None and not 0 <= self.price_per_hour < math.inf:
+            raise PrepError(f"--price-per-hour {self.price_per_hour}: expected a finite number >= 0")

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from padless.prep.cli import main
-from padless.prep.config import CostConfig, PackConfig
+from padless.prep.config import CostConfig, PackConfig, parse_param_count
 from padless.prep.errors import PrepError
 from padless.prep.tokenizer import DEFAULT_TOKENIZER
 from tests.user_errors import assert_one_line_error, assert_one_line_error_in_process
@@ -119,8 +119,13 @@ def test_a_chat_template_that_rejects_a_conversation_is_a_user_error(tmp_path: P
     [
         (["--gpu", "H300"], r"Invalid value for '--gpu': 'H300' is not one of 'b200', "),
         (["--mfu", "2"], r"--mfu 2.0: expected a fraction in \(0, 1\]"),
-        (["--model-params", "seven"], r"--model-params 'seven': expected a number like 7e9"),
-        (["--epochs", "0"], r"--epochs 0.0: expected > 0"),
+        (["--model-params", "seven"], r"--model-params 'seven': expected a number > 0 like 7e9"),
+        (["--model-params", "."], r"--model-params '.': expected a number > 0 like 7e9"),
+        (["--model-params", "0"], r"--model-params '0': expected a number > 0 like 7e9"),
+        (["--model-params", "1e400"], r"--model-params '1e400': expected a number > 0 like 7e9"),
+        (["--epochs", "0"], r"--epochs 0.0: expected a finite number > 0"),
+        (["--epochs", "inf"], r"--epochs inf: expected a finite number > 0"),
+        (["--price-per-hour", "nan"], r"--price-per-hour nan: expected a finite number >= 0"),
     ],
 )
 def test_stats_user_errors(tmp_path: Path, args: list[str], match: str) -> None:
@@ -181,6 +186,7 @@ def test_configs_reject_values_outside_their_types() -> None:
     assert CostConfig(gpu="h200").gpu == "H200"
     with pytest.raises(PrepError, match=r"mfu='0.5' \(--mfu\): expected a number"):
         CostConfig(mfu="0.5")
+    assert [parse_param_count(t) for t in ("7e9", "1E9", "1.5B", ".5b", "500M")] == [7e9, 1e9, 1.5e9, 5e8, 5e8]
 
 
 def test_installed_command_prints_one_line(tmp_path: Path) -> None:
