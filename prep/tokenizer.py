@@ -50,6 +50,7 @@ class TokenizerInfo:
     content_parts: dict[str, str] | None = None  # shards.tokenizer_identity.part_hashes of the folder
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # --chat-template-kwargs
     template_date: str | None = None  # --template-date (None: the default date)
+    template_names: tuple[str, ...] = ()  # names of the config's named chat templates, if it has a list of them
     _env: Any = field(default=None, repr=False)
 
     def token_id(self, key: str) -> int | None:
@@ -96,6 +97,12 @@ class TokenizerInfo:
     @property
     def chat(self) -> ChatTemplate:
         """The compiled chat template (built on first use; raises PrepError when the tokenizer has none)."""
+        if self.chat_template is None and self.template_names:
+            raise PrepError(
+                f"tokenizer {self.name!r} has named chat templates {list(self.template_names)} but none named "
+                "'default', so chat data (messages/conversations) cannot be rendered; name the one to use 'default' "
+                "in tokenizer_config.json, or save it as chat_template.jinja beside the tokenizer files"
+            )
         if self.chat_template is None:
             raise PrepError(
                 f"tokenizer {self.name!r} has no chat template, so chat data (messages/conversations) cannot be "
@@ -157,6 +164,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _chat_template(folder: Path, config: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """The folder's chat template as transformers picks it, and the names of its named templates.
+
+    ``chat_template.jinja`` wins; else the config's ``chat_template``: text, or a list of ``{name, template}``
+    objects of which the one named ``default`` is used. A list of another shape or a template file that is not
+    UTF-8 is a :class:`PrepError` naming the file."""
+    template = config.get("chat_template")
+    names: tuple[str, ...] = ()
+    if isinstance(template, list):  # named templates: use "default"
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in template):
+            raise PrepError(
+                f"{str(folder / 'tokenizer_config.json')!r}: chat_template is a list, but not of {{name, template}} "
+                "objects; expected Jinja text or a list of named templates"
+            )
+        names = tuple(t["name"] for t in template)
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = jinja.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PrepError(f"cannot read {str(jinja)!r} ({e}); expected a UTF-8 Jinja chat template") from e
+    return template, names
+
+
 def load_tokenizer(
     spec: str | Path | None = None,
     *,
@@ -187,12 +219,7 @@ def load_tokenizer(
     config = _read_json(folder / "tokenizer_config.json")
     for k, v in _read_json(folder / "special_tokens_map.json").items():
         config.setdefault(k, v)
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: use "default"
-        template = {t["name"]: t["template"] for t in template}.get("default")
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    template, names = _chat_template(folder, config)
     h = hashlib.sha256()
     for name in _FILES:
         p = folder / name
@@ -213,4 +240,5 @@ def load_tokenizer(
         content_parts=parts,
         template_kwargs=dict(template_kwargs or {}),
         template_date=template_date,
+        template_names=names,
     )

@@ -98,6 +98,39 @@ def test_pack_data_and_tokenizer_errors(tmp_path: Path) -> None:
     assert_one_line_error(_invoke(*args, str(broken)), r"cannot read .*tokenizer_config.json.*expected a JSON object")
 
 
+def test_a_chat_template_that_cannot_be_read_is_one_line(tmp_path: Path) -> None:
+    """A tokenizer folder whose named chat templates are malformed or lack a default, or whose chat_template.jinja is
+    not UTF-8: one line that names the file or the templates (text data needs no template and still packs)."""
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "yo"}]}])  # fmt: skip
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+
+    def folder(name: str, template: object = None, jinja: bytes | None = None) -> str:
+        tok = tmp_path / name
+        shutil.copytree(DEFAULT_TOKENIZER, tok)
+        config = json.loads((tok / "tokenizer_config.json").read_text())
+        config["chat_template"] = template if template is not None else config["chat_template"]
+        (tok / "tokenizer_config.json").write_text(json.dumps(config))
+        if jinja is not None:
+            (tok / "chat_template.jinja").write_bytes(jinja)
+        return str(tok)
+
+    cases = [
+        (folder("nameless", [{"template": "{{ messages }}"}]),
+         r"tokenizer_config.json': chat_template is a list, but not of \{name, template\} objects"),
+        (folder("no_default", [{"name": "tool_use", "template": "{{ messages }}"}]),
+         r"has named chat templates \['tool_use'\] but none named 'default'"),
+        (folder("latin1", jinja=b"\xff{{ messages }}"),
+         r"cannot read '.*chat_template.jinja' \('utf-8' codec can't decode .*\); expected a UTF-8 Jinja chat"),
+    ]  # fmt: skip
+    for i, (tok, match) in enumerate(cases):
+        r = _invoke("pack", str(chats), "--max-len", "64", "--tokenizer", tok, "--out", str(tmp_path / f"o{i}"))
+        assert_one_line_error(r, match)
+        assert not (tmp_path / f"o{i}").exists()
+    r = _invoke("pack", str(texts), "--max-len", "64", "--tokenizer", cases[1][0], "--out", str(tmp_path / "text"))
+    assert r.exit_code == 0, r.output
+
+
 def test_a_chat_template_that_rejects_a_conversation_is_a_user_error(tmp_path: Path) -> None:
     strict = tmp_path / "strict"
     shutil.copytree(DEFAULT_TOKENIZER, strict)
