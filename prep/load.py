@@ -125,9 +125,11 @@ def _sha256_files(files: list[Path]) -> str:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """A text file (gzipped or not) as UTF-8; a leading byte order mark (as Excel and Notepad write) is skipped, not
+    read as part of the first JSON value or CSV column name."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _objects(rows: list[Any], path: Path, first: int) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 
 import pyarrow as pa
@@ -43,6 +44,29 @@ def test_every_local_format_loads_the_same_rows(tmp_path):
     write_jsonl(tmp_path / "dir" / "1.jsonl", ROWS[:5])
     write_jsonl(tmp_path / "dir" / "2.jsonl", ROWS[5:])
     assert load_rows(str(tmp_path / "dir")) == ROWS
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """UTF-8 files that start with a BOM (Excel's "CSV UTF-8", Notepad) load the same rows as without one."""
+    bom = b"\xef\xbb\xbf"
+    paths = {
+        "jsonl": write_jsonl(tmp_path / "a.jsonl", ROWS),
+        "jsonl.gz": write_jsonl(tmp_path / "a.jsonl.gz", ROWS, gz=True),
+        "json": tmp_path / "a.json",
+        "csv": tmp_path / "a.csv",
+    }
+    paths["json"].write_text(json.dumps(ROWS))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+        w.writeheader()
+        w.writerows(ROWS)
+    for kind, p in paths.items():
+        if kind.endswith(".gz"):
+            p.write_bytes(gzip.compress(bom + gzip.decompress(p.read_bytes())))
+        else:
+            p.write_bytes(bom + p.read_bytes())
+        assert load_rows(str(p)) == ROWS, kind
+    assert run(tmp_path, [paths["csv"]])["train"]["rows"] == len(ROWS)
 
 
 def test_save_to_disk_folder(tmp_path):
