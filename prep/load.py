@@ -181,8 +181,17 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
 
 
 def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
+    """Rows of a CSV file by its header; a header that names a column twice is refused (a row would keep only the
+    last of the two values)."""
     with _open_text(path) as f:
         reader = csv.DictReader(f)
+        names = reader.fieldnames or []
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise PrepError(
+                f"{str(path)!r}: the header names the column(s) {twice} more than once; expected one column per name "
+                "(rename the copies)"
+            )
         rows = []
         for r in reader:
             if None in r:  # csv puts the fields past the header under the key None

@@ -277,11 +277,13 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
     [
         ("bin.csv", b"text\n\xff\xfe,1\n", r"cannot read dataset '.*bin.csv': 'utf-8' codec can't decode byte 0xff"),
         ("wide.csv", b"text\nhello,world\n", r"'.*wide.csv' line 2 has more fields than its header \(1\)"),
+        ("twice.csv", b"text,input,text\na,b,c\n",
+         r"'.*twice.csv': the header names the column\(s\) \['text'\] more than once; expected one column per name"),
         ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-12],
          r"cannot read '.*cut.jsonl.gz': Compressed file ended before the end-of-stream marker"),
         ("bad.arrow", b"ARROW1\x00\x00garbage", r"'.*bad.arrow' is not an Arrow IPC file or stream"),
     ],
-    ids=["not-utf8-csv", "wide-csv", "truncated-gzip", "not-arrow"],
+    ids=["not-utf8-csv", "wide-csv", "duplicate-csv-column", "truncated-gzip", "not-arrow"],
 )  # fmt: skip
 def test_an_unreadable_dataset_is_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     (tmp_path / name).write_bytes(data)
