@@ -166,7 +166,7 @@ def _sharegpt(row: dict[str, Any], f: _Fields) -> str | None:
                 return f"{f('conversations', at + '.value')} (a function_call) is not JSON ({e.msg})"
             except ValueError as e:
                 return f"{f('conversations', at + '.value')} (a function_call): {e}"
-    first = {"role": "system", "content": conv[0].get("value")} if conv[0].get("from") == "system" else None
+    first = {"role": "system", "content": conv[0]["value"]} if conv[0]["from"].lower() == "system" else None
     return _system(row, f, first) or _tools(row, f)
 
 

@@ -74,6 +74,8 @@ BAD = [
     ("tool-call-no-name", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None,
                                                                              "tool_calls": [{"function": {}}]}]}],
      r"`messages\[1\].tool_calls` must be a list of \{function: \{name, arguments\}\} objects"),
+    ("sharegpt-system-clash", [_sg(("System", "a"), ("human", "q"), ("gpt", "b"), system="c")],
+     r"^row 0: `system` and the conversation's own system message differ"),
     ("sharegpt-from", [OK_SG, _sg(("human", "a"), ("bot", "b"))], r"^row 1: `conversations\[1\].from` is 'bot'"),
     ("sharegpt-no-value", [{"conversations": [{"from": "human"}]}], r"`conversations\[0\]` has no `value`"),
     ("sharegpt-value", [_sg(("human", ["a"]))], r"`conversations\[0\].value` is a list, expected a string"),
