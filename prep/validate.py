@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .chat import join_text
+from .chat import REASONING_FIELDS, join_text
 from .render import SHAREGPT_ROLES, parse_documents, parse_tools, tool_calls
 
 __all__ = ["CHAT_ROLES", "row_name", "row_problem"]
@@ -71,6 +71,28 @@ def _tools(row: dict[str, Any], f: _Fields) -> str | None:
             return f"{f(name)} is not valid JSON ({e.msg} at column {e.colno}); expected a list of {what}"
         except ValueError as e:
             return f"{f(name)}: {e}"
+    return None
+
+
+def _call_arguments(calls: list | None, f: _Fields, at: str) -> str | None:
+    """Each tool call's ``arguments``: an object, or a string (JSON of one, as OpenAI data gives it), or absent; a
+    list or number would reach the template as a tool call no model emits."""
+    for j, call in enumerate(calls or ()):
+        fn = call.get("function", call)
+        args = fn.get("arguments")
+        if args is not None and not isinstance(args, (dict, str)):
+            where = f"{at}.tool_calls[{j}]" + (".function" if "function" in call else "") + ".arguments"
+            return f"{f('messages', where)} is {_kind(args)}, expected an object or a JSON string of one"
+    return None
+
+
+def _reasoning(message: dict[str, Any], f: _Fields, at: str) -> str | None:
+    """A message's reasoning (``reasoning_content``, ``thinking``, ``reasoning``) is text when given; templates test
+    ``is string`` and would drop anything else without a word."""
+    for key in REASONING_FIELDS:
+        v = message.get(key)
+        if v is not None and not isinstance(v, str):
+            return f"{f('messages', f'{at}.{key}')} is {_kind(v)}, expected a string"
     return None
 
 
@@ -134,6 +156,8 @@ def _chat(row: dict[str, Any], f: _Fields) -> str | None:
                 f"{f('messages', at + '.tool_calls')} must be a list of {{function: {{name, arguments}}}} objects on "
                 "an assistant message"
             )
+        if (p := _call_arguments(calls, f, at)) is not None or (p := _reasoning(m, f, at)) is not None:
+            return p
         content = m.get("content")
         if content is None and not calls:
             return f"{f('messages', at)} has no `content`"

@@ -74,6 +74,12 @@ BAD = [
     ("tool-call-no-name", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None,
                                                                              "tool_calls": [{"function": {}}]}]}],
      r"`messages\[1\].tool_calls` must be a list of \{function: \{name, arguments\}\} objects"),
+    ("tool-call-arguments", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{}"}}, {"function": {"name": "g", "arguments": [1, 2]}}]}]}],
+     r"^row 0: `messages\[1\].tool_calls\[1\].function.arguments` is a list, expected an object or a JSON string"),
+    ("reasoning-number", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                                                                             "reasoning_content": 5}]}],
+     r"^row 0: `messages\[1\].reasoning_content` is a number, expected a string"),
     ("sharegpt-system-clash", [_sg(("System", "a"), ("human", "q"), ("gpt", "b"), system="c")],
      r"^row 0: `system` and the conversation's own system message differ"),
     ("sharegpt-from", [OK_SG, _sg(("human", "a"), ("bot", "b"))], r"^row 1: `conversations\[1\].from` is 'bot'"),
