@@ -67,7 +67,10 @@ def parse_mix(items: tuple[str, ...] | list[str]) -> list[MixEntry]:
 
 def mix_counts(weights: list[float], total: int) -> list[int]:
     """Rows per source: ``total`` split in proportion to ``weights`` by largest remainder (ties: the earlier
-    source), so the counts sum to ``total``."""
+    source), so the counts sum to ``total``. Weights whose sum overflows (1e308 each) are scaled by the largest
+    first, so they keep their proportions."""
+    if not math.isfinite(sum(weights)):
+        weights = [w / max(weights) for w in weights]
     s = sum(weights)
     exact = [w / s * total for w in weights]
     counts = [math.floor(x) for x in exact]

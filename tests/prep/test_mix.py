@@ -36,6 +36,7 @@ def test_counts_and_draws() -> None:
     assert mix_counts([0.7, 0.3], 10) == [7, 3]
     assert mix_counts([1, 1, 1], 10) == [4, 3, 3], "largest remainder, ties to the earlier source"
     assert sum(mix_counts([0.123, 0.456, 0.421], 9_999)) == 9_999
+    assert mix_counts([1e308, 1e308], 15) == [8, 7], "weights whose sum overflows keep their proportions"
     rows = np.arange(100, 110, dtype=np.int64)
     rng = np.random.default_rng(0)
     few = draw(rows, 4, rng)
