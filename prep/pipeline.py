@@ -121,9 +121,15 @@ def _select(st: Any, cfg: PackConfig, names: list[str]) -> tuple[np.ndarray, dic
 
 def _eval_rows(selected: np.ndarray, n_rows: int, cfg: PackConfig) -> np.ndarray:
     """bool (n_rows,): the held-out rows, a seeded sample of the selected rows' distinct ids (so every copy of a
-    repeated row is on one side)."""
+    repeated row is on one side). A held-out set asked for is never empty: a fraction that rounds to no row is an
+    error, as is one that leaves no row to train on."""
     distinct = np.unique(selected) if cfg.mix else selected  # without a mix every row is there once, in order
     n_eval = cfg.eval_examples or round(cfg.eval_fraction * len(distinct))
+    if cfg.eval_fraction and not n_eval:
+        raise PrepError(
+            f"--eval-fraction {cfg.eval_fraction} of {len(distinct)} rows rounds to no row, so there would be no "
+            "held-out set; raise it, or give the number of rows with --eval-examples N"
+        )
     if n_eval >= len(distinct):
         raise PrepError(f"the eval split takes {n_eval} of {len(distinct)} rows; leave at least one for training")
     is_eval = np.zeros(n_rows, bool)

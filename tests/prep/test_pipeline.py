@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from padless.prep.errors import PrepError
 from padless.prep.pipeline import PackConfig, run_pack
 from padless.prep.render import detect_format
 from padless.prep.tokenize import encode_example
@@ -122,6 +123,16 @@ def test_eval_split_disjoint_and_seeded(tmp_path):
     assert s["eval"]["rows"] == 30
     _, out2 = pack(tmp_path, rows, name="again", eval_fraction=0.15)
     assert len(examples_in_shards(out2 / "eval")) == 30
+
+
+def test_an_eval_fraction_that_rounds_to_no_row_is_an_error(tmp_path):
+    rows = alpaca_rows(10, 9)
+    with pytest.raises(PrepError, match=r"^--eval-fraction 0.04 of 10 rows rounds to no row, so there would be no "
+                                        r"held-out set; raise it, or give .* --eval-examples N$"):  # fmt: skip
+        pack(tmp_path, rows, eval_fraction=0.04)
+    assert not (tmp_path / "out").exists()
+    s, out = pack(tmp_path, rows, eval_fraction=0.06)
+    assert s["eval"]["rows"] == 1 and len(examples_in_shards(out / "eval")) == 1
 
 
 def test_num_proc_byte_identical(tmp_path):
