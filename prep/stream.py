@@ -124,12 +124,28 @@ class Opened:
     chunks: Iterator[list[dict[str, Any]]]
 
 
+def _check_distinct(specs: tuple[str, ...]) -> None:
+    """Refuse a dataset named twice (also as two spellings of one path): its rows would be packed twice, and the
+    held-out split, which draws distinct rows, could put one copy in eval/ and the other in the training set."""
+    from .load import parse_spec
+
+    seen: dict[tuple[str | None, ...], str] = {}
+    for text in specs:
+        s = parse_spec(text)
+        key = (str(s.path.resolve()) if s.path is not None else None, s.hub_id, s.subset, s.split)
+        if key in seen:
+            same = f"{text!r} is given twice" if seen[key] == text else f"{seen[key]!r} and {text!r} are one dataset"
+            raise PrepError(f"{same}; give each dataset once (to repeat one, use --mix DATASET=WEIGHT,...)")
+        seen[key] = text
+
+
 def open_inputs(cfg: PackConfig, maps: dict[str, str]) -> list[Opened]:
     """Open every input and read its first chunk: the format (``--format`` or detected from the first rows'
     columns), the ``--map`` columns and emptiness are checked for all inputs before anything is tokenized."""
     from .load import open_source
     from .render import apply_maps, detect_format
 
+    _check_distinct(cfg.inputs())
     out = []
     for spec in cfg.inputs():
         source = open_source(spec)

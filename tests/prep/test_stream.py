@@ -76,3 +76,19 @@ def test_the_spill_never_outlives_the_run(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(PrepError, match=r"^row 100: `output` is missing"):
         run_pack(PackConfig(datasets=(str(bad),), max_len=64, out=str(tmp_path / "p"), progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "o"]
+
+
+def test_a_dataset_named_twice_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Two copies of one dataset's rows could land on both sides of the held-out split."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    write_jsonl(tmp_path / "b.jsonl", alpaca_rows(10, seed=1))
+    for kw, match in [
+        ({"datasets": ("a.jsonl", "b.jsonl", "a.jsonl")}, r"^'a.jsonl' is given twice; give each dataset once"),
+        ({"datasets": ("a.jsonl", "./a.jsonl")}, r"^'a.jsonl' and './a.jsonl' are one dataset; give each dataset once"),
+        ({"mix": ("a.jsonl=0.5,./a.jsonl=0.5",)}, r"^'a.jsonl' and './a.jsonl' are one dataset; .* use --mix"),
+    ]:
+        with pytest.raises(PrepError, match=match):
+            run_pack(PackConfig(max_len=64, out="out", eval_examples=3, progress=False, **kw))
+        assert not (tmp_path / "out").exists()
+    assert run_pack(PackConfig(datasets=("a.jsonl", "b.jsonl"), max_len=64, out="out", progress=False))
