@@ -40,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "prune_checkpoints",
     "read_checkpoint_settings",
+    "read_checkpoint_step",
     "save_checkpoint",
     "trainable_state",
 ]
@@ -295,6 +296,11 @@ def read_checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The run settings a checkpoint was written with (what ``--resume`` compares)."""
     settings = _read_state(Path(path)).get("settings")
     return settings if isinstance(settings, dict) else {}
+
+
+def read_checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer steps done when the checkpoint was written: a resumed run continues after this step."""
+    return int(_read_state(Path(path))["step"])
 
 
 def load_checkpoint(

@@ -54,15 +54,26 @@ def run_command(**params: Any) -> None:
     from .loop import train
 
     result = train(config_from_params(TrainConfig, params))
-    s = result.summary
-    if s:
-        click.echo(
-            f"done: {s['steps']} steps, final loss {s['final_loss']:.4f}"
-            + (f", eval_loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
-            + f", {s['steady_tokens_per_s']:,.0f} tokens/s ({s['steady_trainable_tokens_per_s']:,.0f} trainable)"
-            + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] is not None else "")
-            + f", peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
-        )
+    if result.summary:
+        click.echo(_done_line(result.summary))
+
+
+def _done_line(s: dict[str, Any]) -> str:
+    """The summary line of a run; a figure the run did not measure is left out (a resumed run whose checkpoint is
+    at its last step trains no step and only writes its output)."""
+
+    def part(key: str, text: str) -> str:
+        return text.format(s[key]) if s.get(key) is not None else ""
+
+    return (
+        f"done: {s['steps']} steps"
+        + part("final_loss", ", final loss {:.4f}")
+        + part("eval_loss", ", eval_loss {:.4f}")
+        + part("steady_tokens_per_s", ", {:,.0f} tokens/s")
+        + part("steady_trainable_tokens_per_s", " ({:,.0f} trainable)")
+        + part("mfu", ", MFU {:.1%}")
+        + f", peak memory {s['peak_mem_gib']:.2f} GiB, {s['wall_s']:.1f} s; output in {s['output']}"
+    )
 
 
 @main.command("plan")

@@ -24,7 +24,7 @@ import torch
 from padless.shards.reader import open_shards
 
 from . import distributed as dist_util
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, read_checkpoint_step, save_checkpoint
 from .config import TrainConfig, TrainError
 from .cuda_graph import GraphCaptureError, GraphedMicroStep
 from .data import Prefetcher, pack_sizes, plan_epoch, step_sum
@@ -169,6 +169,8 @@ def _train(
               ("--model-overrides file", model_overrides_file(cfg.model_overrides))]  # fmt: skip
     out_plan = plan_output(cfg, output, settings, inputs=inputs)
     resume_from = out_plan.checkpoint
+    if resume_from is not None:
+        _check_resume_length(resume_from, total_steps)
     dist_util.barrier()  # every rank has read the folder before rank 0 changes it
 
     # Model: load (or build the tiny one), check the tokenizer, add adapters, patch in the packed path.
@@ -491,6 +493,17 @@ def _checkpoint_options(cfg: TrainConfig) -> dict[str, Any]:
         "mlp_tile_tokens": cfg.mlp_tile_tokens,
         "checkpoint_layers": cfg.checkpoint_layers,
     }
+
+
+def _check_resume_length(checkpoint: Path, total_steps: int) -> None:
+    """A resumed run must not end before its checkpoint: a shorter --max-steps or --epochs would train nothing and
+    save the checkpoint's weights as if the run had ended at its new length."""
+    done = read_checkpoint_step(checkpoint)
+    if done > total_steps:
+        raise TrainError(
+            f"--resume: checkpoint {checkpoint.name} is at step {done}, past this run's last step {total_steps} (from "
+            f"--max-steps / --epochs); resume with --max-steps {done} or more, or choose a new --output"
+        )
 
 
 def _nan_message(step: int, loss: float, norm: float, output: Path) -> str:

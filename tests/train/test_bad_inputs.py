@@ -273,6 +273,22 @@ def test_resume_changed_applies_the_new_learning_rate_and_length(synthetic_shard
         assert r["lr"] == pytest.approx(1e-3 * lr_factor(r["step"] - 1, warmup_steps=0, total_steps=5))
 
 
+def test_resume_at_the_last_step_writes_the_output_and_never_ends_before_it(synthetic_shards: Path, copy_run) -> None:
+    out = copy_run("interrupted")  # its latest checkpoint is step 2
+    before = _tree(out)
+    shorter = ["--resume", "--max-steps", "1", "--resume-changed", "max_steps"]
+    line = assert_one_line_error(_run(synthetic_shards, out, *shorter), r"checkpoint step-00000002 is at step 2, past")
+    assert "resume with --max-steps 2 or more" in line
+    assert _tree(out) == before
+
+    # A checkpoint at the last step (a run stopped while writing its output): nothing to train, the output is written.
+    res = _run(synthetic_shards, out, "--resume", "--max-steps", "2", "--resume-changed", "max_steps")
+    _ok(res)
+    assert res.stdout.startswith("done: 2 steps, peak memory "), res.stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
+    assert _steps(out) == [1, 2]
+
+
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
