@@ -34,6 +34,7 @@ from padless.shards.config_file import SAVED_CONFIG_NAME, write_config_file
 
 from .checkpoint import latest_checkpoint, read_checkpoint_settings
 from .config import RESUME_CHANGEABLE, TrainConfig, TrainError
+from .prepare import parse_model_overrides
 
 __all__ = [
     "MARKER",
@@ -129,6 +130,18 @@ def _model_identity(model: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else model
 
 
+def _overrides_identity(value: Any) -> Any:
+    """``--model-overrides`` for --resume, by content: the fields as sorted JSON, whether given inline or as a file
+    (another spelling of the same fields is the same model); the value as it is when it cannot be read."""
+    if not isinstance(value, str):
+        return value
+    try:
+        fields = parse_model_overrides(value, None)
+    except TrainError:
+        return value
+    return json.dumps(fields, sort_keys=True)
+
+
 def run_settings(
     cfg: TrainConfig, *, world_size: int, budget: int, manifest: dict[str, Any], dtype: str
 ) -> dict[str, Any]:
@@ -138,6 +151,7 @@ def run_settings(
     settings.update(
         shards=shards_identity(manifest),
         model=_model_identity(cfg.model),
+        model_overrides=_overrides_identity(cfg.model_overrides),
         target_modules=sorted(cfg.target_module_list) if cfg.target_module_list else None,
         tokens_per_micro_batch=budget,
         world_size=world_size,
@@ -164,6 +178,8 @@ def _show(value: Any) -> str:
 def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str]]:
     """``(setting, "old -> new")`` for every setting of ``current`` whose saved value differs."""
     out = []
+    if "model_overrides" in saved:
+        saved = {**saved, "model_overrides": _overrides_identity(saved["model_overrides"])}
     for name in (*RESUME_FIXED, *RESUME_CHANGEABLE):
         if name in current and name in saved and saved[name] != current[name]:
             out.append((name, f"{_label(name)} {_show(saved[name])} -> {_show(current[name])}"))

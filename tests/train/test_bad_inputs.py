@@ -31,7 +31,7 @@ from padless.train.optim import lr_factor
 from padless.train.run_folder import MARKER, RESUME_FIXED, RESUME_FREE
 from tests.user_errors import assert_one_line_error
 
-from .runs import CLI_FAST, cli_equivalent, run_interrupted, write_synthetic_shards
+from .runs import CLI_FAST, FAST_OVERRIDES, cli_equivalent, run_interrupted, write_synthetic_shards
 
 STEP = "step-{:08d}".format
 
@@ -287,6 +287,27 @@ def test_resume_at_the_last_step_writes_the_output_and_never_ends_before_it(synt
     assert res.stdout.startswith("done: 2 steps, peak memory "), res.stdout
     assert (out / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
     assert _steps(out) == [1, 2]
+
+
+def test_resume_compares_model_overrides_by_content(synthetic_shards: Path, copy_run, tmp_path: Path) -> None:
+    out = copy_run("interrupted")
+    fields = json.loads(FAST_OVERRIDES)
+    fast = [a for a in CLI_FAST if a not in ("--model-overrides", FAST_OVERRIDES)]
+    bigger = tmp_path / "bigger.json"
+    bigger.write_text(json.dumps({**fields, "hidden_size": 64}))
+    before = _tree(out)
+    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(out), *fast, "--resume",
+                                    "--max-steps", "3", "--model-overrides", str(bigger)])  # fmt: skip
+    assert_one_line_error(res, r"--model-overrides .*\"hidden_size\": 32.* -> .*\"hidden_size\": 64")
+    assert _tree(out) == before
+
+    # The same fields in another order and spacing, or from a file, are the same model.
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(dict(reversed(fields.items())), indent=4))
+    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(out), *fast, "--resume",
+                                    "--max-steps", "3", "--model-overrides", str(same)])  # fmt: skip
+    _ok(res)
+    assert _steps(out) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
