@@ -226,6 +226,11 @@ class TrainConfig:
         checks = [
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
+            (
+                self.target_modules is None or bool(self.target_module_list),
+                f"--target-modules {self.target_modules!r} names no module; give comma-separated names, e.g. "
+                "q_proj,v_proj, or leave it out for all linear projections",
+            ),
             (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (
                 self.tokens_per_micro_batch == "auto" or self.tokens_per_micro_batch >= 0,

@@ -36,6 +36,7 @@ def _run(shards: Path, output: Path, *args: str):
         (["--dtype", "fp8"], r"Invalid value for '--dtype': 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
         (["--lr", "fast"], r"Invalid value for '--lr': 'fast' is not a valid float"),
         (["--grad-accum", "0"], r"^error: --grad-accum must be >= 1, got 0$"),
+        (["--target-modules", ",,"], r"^error: --target-modules ',,' names no module; give comma-separated names"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0 or auto, got -5"),
         (["--tokens-per-micro-batch", "lots"], r"'--tokens-per-micro-batch': 'lots' is not an int or 'auto'"),
         (["--tokens-per-micro-batch", "auto", "--max-memory-gib", "0"], r"^error: --max-memory-gib must be > 0 GiB"),
