@@ -227,6 +227,11 @@ class TrainConfig:
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}"),
             (
+                self.lora_alpha > 0,
+                f"--lora-alpha must be > 0, got {self.lora_alpha}: the LoRA update is scaled by alpha / r, so 0 trains "
+                "nothing and a negative value flips the update",
+            ),
+            (
                 self.target_modules is None or bool(self.target_module_list),
                 f"--target-modules {self.target_modules!r} names no module; give comma-separated names, e.g. "
                 "q_proj,v_proj, or leave it out for all linear projections",

@@ -36,6 +36,8 @@ def _run(shards: Path, output: Path, *args: str):
         (["--dtype", "fp8"], r"Invalid value for '--dtype': 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
         (["--lr", "fast"], r"Invalid value for '--lr': 'fast' is not a valid float"),
         (["--grad-accum", "0"], r"^error: --grad-accum must be >= 1, got 0$"),
+        (["--lora-alpha", "0"], r"^error: --lora-alpha must be > 0, got 0: the LoRA update is scaled by alpha / r"),
+        (["--lora-alpha", "-8"], r"^error: --lora-alpha must be > 0, got -8"),
         (["--target-modules", ",,"], r"^error: --target-modules ',,' names no module; give comma-separated names"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0 or auto, got -5"),
         (["--tokens-per-micro-batch", "lots"], r"'--tokens-per-micro-batch': 'lots' is not an int or 'auto'"),
