@@ -10,6 +10,7 @@ prints its message as one line (exit status 2).
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -242,8 +243,8 @@ class TrainConfig:
                 f"--tokens-per-micro-batch must be >= 0 or auto, got {self.tokens_per_micro_batch}",
             ),
             (
-                self.max_memory_gib is None or self.max_memory_gib > 0,
-                f"--max-memory-gib must be > 0 GiB, got {self.max_memory_gib}",
+                self.max_memory_gib is None or 0 < self.max_memory_gib < math.inf,
+                f"--max-memory-gib must be > 0 GiB and finite, got {self.max_memory_gib}",
             ),
             (
                 self.host_mem_gib is None or 0 < self.host_mem_gib < float("inf"),
@@ -254,8 +255,8 @@ class TrainConfig:
                 f"--max-memory-gib only sizes --tokens-per-micro-batch auto, and the budget is "
                 f"{self.tokens_per_micro_batch}; pass --tokens-per-micro-batch auto or drop --max-memory-gib",
             ),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.lr < math.inf, f"--lr must be > 0 and finite, got {self.lr}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be >= 0 and finite, got {self.weight_decay}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"),
             (self.epochs >= 1 or self.max_steps > 0, f"--epochs must be >= 1, got {self.epochs}"),
@@ -266,8 +267,9 @@ class TrainConfig:
             (self.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (
-                self.checkpoint_gpu_gib >= 0,
-                f"--checkpoint-gpu-gib must be >= 0 (0 = all checkpoints to the host), got {self.checkpoint_gpu_gib}",
+                0 <= self.checkpoint_gpu_gib < math.inf,
+                f"--checkpoint-gpu-gib must be >= 0 (0 = all checkpoints to the host) and finite, got "
+                f"{self.checkpoint_gpu_gib}",
             ),
             (
                 self.checkpoint_gpu_gib == 0 or self.checkpointing == "offload",
@@ -412,8 +414,8 @@ class PlanConfig:
         if self.lora_r < 1:
             raise TrainError(f"--lora-r must be >= 1, got {self.lora_r}")
         for flag, value in (("--gpu-mem-gib", self.gpu_mem_gib), ("--host-mem-gib", self.host_mem_gib)):
-            if value is not None and not value > 0:
-                raise TrainError(f"{flag} must be > 0 GiB, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise TrainError(f"{flag} must be > 0 GiB and finite, got {value}")
         if self.mlp_tile_tokens < 0:
             raise TrainError(f"--mlp-tile-tokens must be >= 0 (0 = untiled), got {self.mlp_tile_tokens}")
         if not 0 <= self.checkpoint_gpu_gib < float("inf"):
