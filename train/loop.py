@@ -133,6 +133,11 @@ def _train(
     # any model is loaded: something to learn, and every pack within the micro-batch budget.
     ss = open_shards(cfg.shards)
     eval_path = cfg.eval_shards or default_eval_shards(cfg.shards)
+    if eval_path is None and cfg.eval_every > 0:
+        raise TrainError(
+            f"--eval-every {cfg.eval_every} needs an eval set, and {cfg.shards!r} has none ({cfg.shards}/eval holds no "
+            "manifest.json): pass --eval-shards, re-run `prep pack` with --eval-fraction, or leave out --eval-every"
+        )
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     sizes = pack_sizes(ss)
     budget, max_token_id = check_data(cfg, ss, sizes, eval_ss)

@@ -184,6 +184,15 @@ def test_an_eval_set_with_nothing_to_learn(synthetic_shards: Path, tmp_path: Pat
     assert_one_line_error(_run(synthetic_shards, tmp_path / "out", *args), r"^error: eval set '.*masked' has no train")
 
 
+def test_eval_every_without_an_eval_set(tmp_path: Path) -> None:
+    shards = write_synthetic_shards(tmp_path / "no-eval", examples=20, seed=3)
+    line = assert_one_line_error(
+        _run(shards, tmp_path / "out", "--eval-every", "2"), r"^error: --eval-every 2 needs an"
+    )
+    assert "pass --eval-shards, re-run `prep pack` with --eval-fraction, or leave out --eval-every" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_micro_batch_budget_below_the_longest_pack(synthetic_shards: Path, tmp_path: Path) -> None:
     sizes = pack_sizes(open_shards(synthetic_shards)).num_tokens
     i, n = int(np.argmax(sizes)), int(sizes.max())
