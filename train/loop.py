@@ -37,7 +37,15 @@ from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_sq
 from .offload_budget import GIB, check_offload_memory
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
-from .prepare import build_model, check_data, check_tokenizer, model_overrides_file, resolve_device, resolve_dtype
+from .prepare import (
+    build_model,
+    check_data,
+    check_eval_set,
+    check_tokenizer,
+    model_overrides_file,
+    resolve_device,
+    resolve_dtype,
+)
 from .progress import Progress
 from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings, save_run_config
 from .trackers import check_installed, start_trackers
@@ -182,6 +190,8 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
+    if eval_ss is not None:
+        result.warnings += check_eval_set(ss.manifest, eval_ss, model, force=cfg.force)
     from .adapters import apply_adapters, check_targets
 
     if cfg.mode != "full":

@@ -24,6 +24,7 @@ from .distributed import DistEnv
 __all__ = [
     "build_model",
     "check_data",
+    "check_eval_set",
     "check_model_source",
     "check_shards",
     "check_token_ids",
@@ -211,17 +212,45 @@ def check_tokenizer(
 
 def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, int]:
     """The checks of the training (and eval) shard sets made before any model is loaded (:func:`check_shards`);
-    returns the micro-batch token budget and the largest token id of both sets. ``--tokens-per-micro-batch auto``
+    returns the micro-batch token budget and the largest token id of the training set (the eval set's ids are
+    checked by :func:`check_eval_set` once the model is loaded). ``--tokens-per-micro-batch auto``
     is checked as max_len, the smallest budget it chooses (``train.auto_batch``)."""
     given = isinstance(cfg.tokens_per_micro_batch, int) and cfg.tokens_per_micro_batch > 0
     budget = cfg.tokens_per_micro_batch if given else ss.max_len
     check_shards(ss.path, sizes, budget=budget, budget_given=given, max_len=ss.max_len)
-    max_token_id = sizes.max_token_id
     if eval_ss is not None:
         eval_sizes = pack_sizes(eval_ss)
         check_shards(eval_ss.path, eval_sizes, budget=budget, budget_given=given, max_len=ss.max_len, kind="eval set")
-        max_token_id = max(max_token_id, eval_sizes.max_token_id)
-    return budget, max_token_id
+    return budget, sizes.max_token_id
+
+
+def _tokenizer_difference(train: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """How two manifests' tokenizers differ (by content hash, else file hash, else vocab size), or None."""
+    a, b = (m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {} for m in (train, other))
+    for key, what in (("content_hash", "content"), ("hash", "files"), ("vocab_size", "vocab size")):
+        if a.get(key) is not None and b.get(key) is not None:
+            if a[key] == b[key]:
+                return None
+            shown = [v[:12] + "..." if isinstance(v, str) and len(v) > 16 else str(v) for v in (a[key], b[key])]
+            return f"the tokenizers differ in {what}: {shown[0]} for the training shards, {shown[1]} for the eval set"
+    return None
+
+
+def check_eval_set(manifest: dict[str, Any], eval_ss: Any, model: torch.nn.Module, *, force: bool) -> list[str]:
+    """The eval set must be tokenized as the training shards (its eval_loss scores the same token ids) and every
+    token id of it must index the model's embedding; returns warnings (a mismatch overridden by ``force``)."""
+    where = f"eval set {str(eval_ss.path)!r}"
+    check_token_ids(pack_sizes(eval_ss).max_token_id, model, where)
+    difference = _tokenizer_difference(manifest, eval_ss.manifest)
+    if difference is None:
+        return []
+    if force:
+        return [f"{where} tokenizer mismatch overridden by --force: {difference}"]
+    raise TrainError(
+        f"{where} was not tokenized like the training shards ({difference}), so its eval_loss would not measure this "
+        "model; pack it with the training shards' --tokenizer (prep pack --eval-fraction writes one), or pass --force "
+        "if you know they agree"
+    )
 
 
 def check_shards(

@@ -193,6 +193,21 @@ def test_eval_every_without_an_eval_set(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_an_eval_set_of_another_tokenizer(synthetic_shards: Path, tmp_path: Path) -> None:
+    def run(eval_set: Path, *args: str):
+        return _run(synthetic_shards, tmp_path / "out", "--eval-shards", str(eval_set), "--eval-every", "0", *args)
+
+    wider = write_synthetic_shards(tmp_path / "wider", examples=8, seed=4, vocab=500)
+    line = assert_one_line_error(run(wider), r"^error: ")
+    assert line.startswith(f"error: eval set {str(wider)!r} holds token id 499, but the model's embedding has 384 rows")
+    narrower = write_synthetic_shards(tmp_path / "narrower", examples=8, seed=4, vocab=300)
+    line = assert_one_line_error(run(narrower), r"^error: ")
+    assert f"eval set {str(narrower)!r} was not tokenized like the training shards (the tokenizers differ" in line
+    assert not (tmp_path / "out").exists()
+    res = run(narrower, "--force", "--max-steps", "1")
+    assert "tokenizer mismatch overridden by --force: the tokenizers differ in files" in _ok(res)
+
+
 def test_a_micro_batch_budget_below_the_longest_pack(synthetic_shards: Path, tmp_path: Path) -> None:
     sizes = pack_sizes(open_shards(synthetic_shards)).num_tokens
     i, n = int(np.argmax(sizes)), int(sizes.max())
