@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from padless.shards.cli_config import one_line
+
 from .config import TrainError
 from .output import copy_tokenizer_files, has_tokenizer
 from .prepare import check_model_source
@@ -40,6 +42,8 @@ def merge(
     base = base or json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise TrainError(f"{str(config_path)!r} names no base model; pass --model BASE")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {str(out)!r} is a file; expected a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
     check_model_source(base)
@@ -47,7 +51,16 @@ def merge(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype] if dtype else "auto")
     except OSError as error:  # transformers: a hub id it cannot fetch, or a folder it cannot read
         raise TrainError(f"cannot load the base model {base!r} ({error}); pass --model with a local folder") from error
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except RuntimeError as error:  # torch: the adapter's weights have other shapes than the base's layers
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        detail = mismatches[0] + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+        raise TrainError(
+            f"the adapter in {str(adapter_dir)!r} does not fit the base model {base!r} "
+            f"({detail if mismatches else one_line(error)[:300]}); pass the --model it was trained on, or leave out "
+            "--model to use the adapter's own base"
+        ) from error
     tmp = out.with_name(out.name + ".tmp-merge")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -18,7 +18,7 @@ from padless.train.cli import main
 from padless.train.config import TrainConfig, TrainError
 from tests.user_errors import assert_one_line_error
 
-from .runs import SYNTH_VOCAB
+from .runs import FAST_OVERRIDES, SYNTH_VOCAB
 
 
 def _invoke(*args: str):
@@ -137,6 +137,23 @@ def test_resume_without_a_run(synthetic_shards: Path, tmp_path: Path) -> None:
 def test_merge_needs_an_adapter_folder(tmp_path: Path) -> None:
     line = _error_line(_invoke("merge", str(tmp_path), "--out", str(tmp_path / "m")))
     assert "has no adapter_config.json" in line
+
+
+def test_merge_into_a_file_or_onto_another_base_is_one_line(synthetic_shards: Path, tmp_path: Path) -> None:
+    run, other = tmp_path / "run", tmp_path / "other"
+    fast = ["--no-progress", "--device", "cpu", "--eval-every", "-1", "--max-steps", "1"]
+    small = _invoke("run", str(synthetic_shards), "--output", str(run), "--model-overrides", FAST_OVERRIDES, *fast)
+    assert small.exit_code == 0, small.output
+    assert _invoke("run", str(synthetic_shards), "--output", str(other), "--full", *fast).exit_code == 0
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    line = _error_line(_invoke("merge", str(run), "--out", str(afile)))
+    assert line == f"error: --out {str(afile)!r} is a file; expected a new or empty folder"
+    assert afile.read_text() == "keep"
+    line = _error_line(_invoke("merge", str(run), "--model", str(other), "--out", str(tmp_path / "merged")))
+    assert f"the adapter in {str(run)!r} does not fit the base model {str(other)!r} (size mismatch for " in line
+    assert line.endswith("pass the --model it was trained on, or leave out --model to use the adapter's own base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "other", "run"]
 
 
 def test_run_then_merge_then_parity(synthetic_shards: Path, tmp_path: Path) -> None:
