@@ -437,6 +437,11 @@ def plan(cfg: Any) -> Plan:
     an offloaded setting's checkpoints, the same setting with the GPU share that makes them fit follows it."""
     from .config import TrainError
 
+    if cfg.gpu_mem_gib is not None and usable_bytes(int(cfg.gpu_mem_gib * 2**30)) <= 0:
+        raise TrainError(
+            f"--gpu-mem-gib {cfg.gpu_mem_gib:g} leaves nothing for training: {_HEADROOM_GIB:g} GiB of a card goes to "
+            "the CUDA context and the allocator's slack; give the card's total memory in GiB, e.g. --gpu-mem-gib 24"
+        )
     inv, max_len, sum_sq_per_token = plan_inputs(cfg)
     tokens = cfg.token_list
     if tokens is None:

@@ -269,6 +269,7 @@ def test_cli_plans_long_context_options(synthetic_shards: Path) -> None:
         (["--tokens", "4k,lots"], r"--tokens '4k,lots': 'lots' is not a token count"),
         (["--tokens", "16"], r"--tokens 16: below the shards' longest pack"),
         (["--gpu-mem-gib", "0"], r"--gpu-mem-gib must be > 0 GiB"),
+        (["--gpu-mem-gib", "0.5"], r"^error: --gpu-mem-gib 0.5 leaves nothing for training: 1 GiB of a card goes"),
         (["--gpu-mem-gib", "inf"], r"^error: --gpu-mem-gib must be > 0 GiB and finite, got inf$"),
         (["--host-mem-gib", "inf"], r"^error: --host-mem-gib must be > 0 GiB and finite, got inf$"),
         (["--model-overrides", "{bad"], r"--model-overrides is not valid JSON"),
