@@ -42,6 +42,8 @@ def _run(shards: Path, output: Path, *args: str):
         (["--checkpointing", "offload", "--checkpoint-gpu-gib", "inf"], r"--checkpoint-gpu-gib must be >= 0 .* finit"),
         (["--lora-alpha", "0"], r"^error: --lora-alpha must be > 0, got 0: the LoRA update is scaled by alpha / r"),
         (["--lora-alpha", "-8"], r"^error: --lora-alpha must be > 0, got -8"),
+        (["--full", "--target-modules", "q_proj"], r"^error: --target-modules 'q_proj' picks the layers LoRA adapts"),
+        (["--full", "--lora-dropout", "0.1"], r"^error: --lora-dropout 0.1 drops LoRA inputs, and --full trains no a"),
         (["--target-modules", ",,"], r"^error: --target-modules ',,' names no module; give comma-separated names"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0 or auto, got -5"),
         (["--tokens-per-micro-batch", "lots"], r"'--tokens-per-micro-batch': 'lots' is not an int or 'auto'"),
