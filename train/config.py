@@ -275,6 +275,11 @@ class TrainConfig:
             (self.eval_every >= -1, f"--eval-every must be >= -1 (-1 = never), got {self.eval_every}"),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {self.keep_last}"),
+            (
+                self.keep_last == 0 or self.save_every > 0,
+                f"--keep-last {self.keep_last} keeps the newest checkpoints, and this run writes none (--save-every "
+                "0); pass --save-every N to write a checkpoint every N steps, or leave out --keep-last",
+            ),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (
                 0 <= self.checkpoint_gpu_gib < math.inf,

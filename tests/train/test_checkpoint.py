@@ -84,7 +84,7 @@ def test_latest_moves_only_when_a_checkpoint_is_whole(tmp_path: Path) -> None:
 
 
 def test_keep_last_deletes_only_older_whole_checkpoints_never_latest(tmp_path: Path) -> None:
-    cfg = TrainConfig(shards="x", keep_last=2)
+    cfg = TrainConfig(shards="x", save_every=1, keep_last=2)
     model = _tiny()
     opt = build_optimizer(model, cfg, torch.device("cpu"))
     sched = build_scheduler(opt, cfg, total_steps=8)
@@ -106,6 +106,8 @@ def test_keep_last_deletes_only_older_whole_checkpoints_never_latest(tmp_path: P
     assert names() == [".tmp-step-00000009", "step-00000001", "step-00000004"]
     with pytest.raises(TrainError, match=r"--keep-last must be >= 0 \(0 = keep all\), got -1"):
         TrainConfig(shards="x", keep_last=-1)
+    with pytest.raises(TrainError, match=r"^--keep-last 2 keeps the newest checkpoints, and this run writes none"):
+        TrainConfig(shards="x", keep_last=2)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
