@@ -22,6 +22,7 @@ from typing import Any
 import huggingface_hub.errors
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .config import TrainError
@@ -217,6 +218,11 @@ def load_model(
                     "--local-dir DIR) and pass --model DIR"
                 ) from error
             raise TrainError(f"cannot load the model folder {str(path)!r}: {error}") from error
+        except SafetensorError as error:  # a weights file cut short or not safetensors at all
+            raise TrainError(
+                f"cannot load the model folder {str(path)!r}: a *.safetensors file in it is damaged ({error}); "
+                "download the weights again"
+            ) from error
     result.config.use_cache = False
     if getattr(result, "generation_config", None) is not None:
         result.generation_config.use_cache = False

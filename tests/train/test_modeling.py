@@ -59,6 +59,13 @@ def test_load_model_errors(tmp_path):
         load_model(str(tmp_path / "missing"))
 
 
+def test_a_damaged_weights_file_is_a_train_error(tmp_path: Path) -> None:
+    load_model(None, vocab_size=61, config_overrides=SMALL).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(TrainError, match=r"^cannot load the model folder .*: a \*\.safetensors file in it is damaged"):
+        load_model(str(tmp_path))
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants
 
