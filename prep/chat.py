@@ -266,13 +266,28 @@ def _texts(content: Any) -> list[str]:
     return [content.strip()] if isinstance(content, str) else []
 
 
+def _tool_calls_text(tpl: ChatTemplate, messages: list[dict[str, Any]], k: int, ctx: dict[str, Any], full: str) -> str:
+    """The part of ``full`` that changes when message k's tool calls are taken out: where the template wrote them.
+    All of ``full`` when the message cannot be rendered without them."""
+    bare = {key: value for key, value in messages[k].items() if key != "tool_calls"}
+    if bare.get("content") is None:
+        bare["content"] = ""
+    other = _try(tpl, [*messages[:k], bare, *messages[k + 1 :]], False, ctx)
+    if other is None:
+        return full
+    p, s = _diff(full, other)
+    return full[p : len(full) - s]
+
+
 def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, full: str, documents=None) -> None:
     """Refuse a rendering that silently leaves out part of the conversation: a message's text, a tool call, a tool, a
     document.
 
     Templates that know no tools (or no tool role, or no documents) render such inputs as nothing; training on the
     rest would teach the model a conversation that never happened. Assistant text is not checked (templates may
-    rewrite it, e.g. drop earlier reasoning), but their tool calls are, by function name."""
+    rewrite it, e.g. drop earlier reasoning), but their tool calls are: each function name must be in the text that
+    the calls themselves add (a name found only in the tools' schemas or in some message does not count)."""
+    ctx = {"tools": tools, "documents": documents}
     for k, m in enumerate(messages):
         role = m.get("role")
         if role != "assistant" and any(t and t not in full for t in _texts(m.get("content"))):
@@ -280,9 +295,11 @@ def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, ful
                 f"the chat template of {tpl.name!r} leaves out message {k} (role {role!r}): its text is not in the "
                 f"rendering; use a tokenizer whose chat template renders {role} messages"
             )
-        for call in m.get("tool_calls") or ():
+        calls = m.get("tool_calls") or ()
+        written = _tool_calls_text(tpl, messages, k, ctx, full) if calls else ""
+        for call in calls:
             name = (call.get("function") or call).get("name")
-            if isinstance(name, str) and name not in full:
+            if isinstance(name, str) and name not in written:
                 raise PrepError(
                     f"the chat template of {tpl.name!r} leaves out the tool call {name!r} of message {k}; use a "
                     "tokenizer whose chat template renders tool calls"

@@ -47,6 +47,24 @@ GLAIVE_ROW = {  # the shape of glaive-function-calling / LLaMA-Factory ShareGPT 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
+CALL_ROW = {  # OpenAI-style messages with one tool call, and the tool's schema
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "21"},
+        {"role": "assistant", "content": "It is 21 degrees."},
+    ],
+    "tools": [{"type": "function", "function": WEATHER}],
+}  # fmt: skip
+# Lists the tools' names in a header but writes no tool call: the call's name is in the rendering all the same.
+TOOLS_NOT_CALLS = (
+    "{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def tokenizer(tmp_path: Path, template: str, name: str = "tok") -> TokenizerInfo:
     folder = tmp_path / name
     shutil.copytree(DEFAULT_TOKENIZER, folder)
@@ -205,8 +223,13 @@ def test_qwen3_packs_end_to_end_with_either_train_on(tmp_path: Path) -> None:
         (TEMPLATES["qwen2-llamafactory"], {"messages": [{"role": "user", "content": "u"},
                                                         {"role": "tool", "content": "result 42"}]},
          r"leaves out message 1 \(role 'tool'\): its text is not in the rendering"),
+        (TOOLS_NOT_CALLS, CALL_ROW, r"leaves out the tool call 'get_weather' of message 1"),
+        (DEMO_TEMPLATE, {"messages": [{**CALL_ROW["messages"][0], "content": "Use get_weather for Paris"},
+                                      {**CALL_ROW["messages"][1], "content": "Checking."}, *CALL_ROW["messages"][2:]]},
+         r"leaves out the tool call 'get_weather' of message 1"),
     ],
-    ids=["demo-tool-call", "qwen2-tool-call", "qwen2-tools", "qwen2-tool-message"],
+    ids=["demo-tool-call", "qwen2-tool-call", "qwen2-tools", "qwen2-tool-message", "schema-names-the-tool",
+         "user-names-the-tool"],
 )  # fmt: skip
 def test_a_template_that_drops_part_of_a_conversation_is_refused(tmp_path: Path, template, row, match) -> None:
     tk = tokenizer(tmp_path, template)
