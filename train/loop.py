@@ -46,7 +46,7 @@ from .prepare import (
     resolve_device,
     resolve_dtype,
 )
-from .progress import Progress
+from .progress import Progress, library_progress_bars
 from .run_folder import apply_output_plan, plan_output, record_outputs, run_settings, save_run_config
 from .trackers import check_installed, start_trackers
 
@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, *, callbacks: Callbacks | None = None) -> TrainResul
     dtype = resolve_dtype(cfg, device)
     owns_group = dist_util.init_process_group(env, device)
     try:
-        return _train(cfg, callbacks or Callbacks(), env, device, dtype)
+        with library_progress_bars(cfg.progress):
+            return _train(cfg, callbacks or Callbacks(), env, device, dtype)
     except OSError as error:
         if error.errno not in (*_DISK_FULL, *_NO_ACCESS):
             raise

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Progress", "format_record"]
+__all__ = ["Progress", "format_record", "library_progress_bars"]
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """Hugging Face's own progress bars (transformers' "Loading weights", "Writing model shards") follow
+    ``--progress``: off for the run with ``--no-progress``, as ours is, and back as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def format_record(record: dict[str, Any]) -> dict[str, str]:
