@@ -39,6 +39,7 @@ def merge(
             f"{str(adapter_dir)!r} has no adapter_config.json: not a peft adapter folder (the --output of a LoRA "
             "`train run`). A --full run already wrote a complete model; there is nothing to merge"
         )
+    what = "--model" if base else f"the adapter's base model (base_model_name_or_path in {str(config_path)!r})"
     base = base or json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise TrainError(f"{str(config_path)!r} names no base model; pass --model BASE")
@@ -46,7 +47,16 @@ def merge(
         raise TrainError(f"--out {str(out)!r} is a file; expected a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
-    check_model_source(base)
+    if out.resolve().is_relative_to(adapter_dir.resolve()):
+        raise TrainError(
+            f"--out {str(out)!r} is inside the run folder {str(adapter_dir)!r}, which padless rewrites on --overwrite "
+            "or --resume; choose a folder outside it"
+        )
+    check_model_source(
+        base,
+        what=what,
+        no_weights_fix="download the weights into it, or pass --model with the base model the adapter was trained on",
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype] if dtype else "auto")
     except OSError as error:  # transformers: a hub id it cannot fetch, or a folder it cannot read

@@ -70,8 +70,15 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def check_model_source(model: str | None) -> None:
-    """Fail early and clearly on a local model path that is missing or holds no weights."""
+def check_model_source(
+    model: str | None,
+    *,
+    what: str = "--model",
+    no_weights_fix: str = "download the weights into it or leave out --model to train the tiny random model",
+) -> None:
+    """Fail early and clearly on a local model path that is missing or holds no weights. ``what`` names where the
+    path came from and ``no_weights_fix`` is the advice for a folder without weights (``train merge`` gives its
+    own: it has no tiny model to fall back on)."""
     if model is None:
         return
     path = Path(model).expanduser()
@@ -79,14 +86,11 @@ def check_model_source(model: str | None) -> None:
     if not looks_local:
         return  # a hub id: transformers resolves it (and says so when offline)
     if not path.is_dir():
-        raise TrainError(f"--model {model!r}: no such folder; expected a Hugging Face model folder or a hub id")
+        raise TrainError(f"{what} {model!r}: no such folder; expected a Hugging Face model folder or a hub id")
     if not (path / "config.json").is_file():
-        raise TrainError(f"--model {model!r} has no config.json; expected a Hugging Face model folder")
+        raise TrainError(f"{what} {model!r} has no config.json; expected a Hugging Face model folder")
     if not any(next(path.glob(g), None) is not None for g in _WEIGHT_GLOBS):
-        raise TrainError(
-            f"--model {model!r} holds no weights (no *.safetensors or *.bin files); download the weights into it "
-            "or leave out --model to train the tiny random model"
-        )
+        raise TrainError(f"{what} {model!r} holds no weights (no *.safetensors or *.bin files); {no_weights_fix}")
 
 
 # The files (in this order) whose bytes, plus the chat template, make prep's tokenizer file hash (the manifest's
