@@ -53,9 +53,26 @@ def run_command(**params: Any) -> None:
     """Fine-tune on SHARDS (a folder made by `prep pack`)."""
     from .loop import train
 
-    result = train(config_from_params(TrainConfig, params))
+    cfg = config_from_params(TrainConfig, params)
+    _refuse_lora_sizes_with_full(cfg)
+    result = train(cfg)
     if result.summary:
         click.echo(_done_line(result.summary))
+
+
+def _refuse_lora_sizes_with_full(cfg: TrainConfig) -> None:
+    """``--lora-r`` / ``--lora-alpha`` typed with ``--full`` would be ignored: full fine-tuning has no adapter. Only
+    the command line is judged: their defaults (and a saved config.yaml, which lists every setting) say nothing."""
+    if cfg.mode != "full":
+        return
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("lora_r", "lora_alpha")
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+    if given:
+        raise TrainError(
+            f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the size of a LoRA adapter, and --full "
+            f"trains every weight and no adapter; leave out {' and '.join(given)}, or drop --full to train LoRA"
+        )
 
 
 def _done_line(s: dict[str, Any]) -> str:

@@ -43,6 +43,8 @@ def _run(shards: Path, output: Path, *args: str):
         (["--lora-alpha", "0"], r"^error: --lora-alpha must be > 0, got 0: the LoRA update is scaled by alpha / r"),
         (["--lora-alpha", "-8"], r"^error: --lora-alpha must be > 0, got -8"),
         (["--full", "--target-modules", "q_proj"], r"^error: --target-modules 'q_proj' picks the layers LoRA adapts"),
+        (["--full", "--lora-r", "8"], r"^error: --lora-r sets the size of a LoRA adapter, and --full trains every w"),
+        (["--lora-alpha", "32", "--full", "--lora-r", "8"], r"^error: --lora-r and --lora-alpha set the size of a "),
         (["--full", "--lora-dropout", "0.1"], r"^error: --lora-dropout 0.1 drops LoRA inputs, and --full trains no a"),
         (["--target-modules", ",,"], r"^error: --target-modules ',,' names no module; give comma-separated names"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0 or auto, got -5"),
@@ -78,6 +80,14 @@ def _run(shards: Path, output: Path, *args: str):
 def test_bad_options(tmp_path: Path, args: list[str], match: str) -> None:
     assert_one_line_error(_run(tmp_path, tmp_path / "out", *args), match)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_s_lora_sizes_do_not_stop_a_full_run(synthetic_shards: Path, tmp_path: Path) -> None:
+    """A saved config.yaml lists every setting, LoRA sizes included: replayed with --full, they are not an error."""
+    config = tmp_path / "config.yaml"
+    config.write_text("lora_r: 8\nlora_alpha: 16\n")
+    r = _run(synthetic_shards, tmp_path / "out", "--config", str(config), "--full", *FAST)
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.parametrize(
