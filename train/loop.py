@@ -435,7 +435,8 @@ def _train(
     steady, steady_times = per_step[first:], step_times[first:]
     result.summary = {
         "steps": step,
-        "final_loss": result.losses[-1] if result.losses else None,
+        # A resume whose checkpoint is at the run's last step trains nothing: its last loss is the checkpoint's.
+        "final_loss": result.losses[-1] if result.losses else metrics.last_value("loss"),
         "eval_loss": result.eval_loss,
         "tokens": tokens_seen,
         "trainable_tokens": trainable_seen,

@@ -190,6 +190,15 @@ class MetricsLog:
         elif keep_until_step is None and self.path.exists():
             self.path.unlink()
 
+    def last_value(self, key: str) -> Any:
+        """``key`` of the newest record in the file that has it (a resumed run's kept lines count), or None."""
+        if not self.enabled or not self.path.exists():
+            return None
+        for line in reversed(self.path.read_text(encoding="utf-8").splitlines()):
+            if line.strip() and (value := json.loads(line).get(key)) is not None:
+                return value
+        return None
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -308,9 +308,11 @@ def test_resume_at_the_last_step_writes_the_output_and_never_ends_before_it(synt
     # A checkpoint at the last step (a run stopped while writing its output): nothing to train, the output is written.
     res = _run(synthetic_shards, out, "--resume", "--max-steps", "2", "--resume-changed", "max_steps")
     _ok(res)
-    assert res.stdout.startswith("done: 2 steps, peak memory "), res.stdout
-    assert (out / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
     assert _steps(out) == [1, 2]
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+    assert res.stdout.startswith(f"done: 2 steps, final loss {last['loss']:.4f}, peak memory "), res.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == last["loss"]
 
 
 def test_resume_compares_model_overrides_by_content(synthetic_shards: Path, copy_run, tmp_path: Path) -> None:
