@@ -102,12 +102,13 @@ def _select(st: Any, cfg: PackConfig, names: list[str]) -> tuple[np.ndarray, dic
     row without --mix, else each source's draw (``prep.mix``)."""
     if not cfg.mix:
         return np.flatnonzero(st.good).astype(np.int64), None
-    from .mix import draw, mix_counts
+    from .mix import check_mix_size, draw, mix_counts
 
     entries = cfg.mix_entries()
     offsets = np.concatenate([[0], np.cumsum(st.source_rows)]).astype(np.int64)
     usable = [np.flatnonzero(st.good[a:b]).astype(np.int64) + a for a, b in itertools.pairwise(offsets)]
     total = cfg.mix_examples or sum(len(u) for u in usable)
+    check_mix_size(total)
     counts = mix_counts([e.weight for e in entries], total)
     drawn, record = [], []
     for i, (e, rows, count) in enumerate(zip(entries, usable, counts)):

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from padless.prep.cli import main
 from padless.prep.errors import PrepError
-from padless.prep.mix import MixEntry, draw, mix_counts, parse_mix
+from padless.prep.mix import BYTES_PER_EXAMPLE, MixEntry, check_mix_size, draw, mix_counts, parse_mix
 from padless.prep.pipeline import PackConfig, run_pack
 from padless.shards.reader import open_shards
 from tests.user_errors import assert_one_line_error
@@ -116,3 +116,12 @@ def test_mix_on_the_command_line(tmp_path: Path) -> None:
                                   "--out", str(tmp_path / "e")])  # fmt: skip
     assert_one_line_error(r, r"--mix: '.*bad.jsonl' has no usable rows, but its weight asks for 10 of the mix")
     assert not (tmp_path / "e").exists()
+    r = CliRunner().invoke(main, [*args[:-1], "--mix-examples", str(10**15), "--out", str(tmp_path / "huge")])
+    assert_one_line_error(r, r"--mix-examples 1,000,000,000,000,000 needs about [\d,.]+ GiB of memory for its ")
+    assert not (tmp_path / "huge").exists()
+
+
+def test_a_mix_whose_arrays_exceed_the_memory_is_refused() -> None:
+    check_mix_size(10**6, memory_bytes=BYTES_PER_EXAMPLE * 10**6)
+    with pytest.raises(PrepError, match=r"--mix-examples 1,000,001 needs about 0.0 GiB .* than this machine's 0.0 GiB"):
+        check_mix_size(10**6 + 1, memory_bytes=BYTES_PER_EXAMPLE * 10**6)
