@@ -8,9 +8,10 @@ holding an input or the working directory, or a folder inside an input or inside
 
 The new set is written into ``.<name>.padless-staging-<pid>-<hex>/new`` next to ``--out`` and swapped into place
 only when complete (one atomic exchange where the OS has it, else two renames); the old set is removed after the new
-one is in place. A killed run leaves only its staging folder; the next run into the same ``--out`` removes staging
-folders whose process is gone (restoring an old set a crash left moved aside, if ``--out`` is missing) before it
-checks ``--out``.
+one is in place. ``--out`` is checked again at that moment, since another process may have written there meanwhile:
+without ``--overwrite`` the set moves in only while ``--out`` is absent or empty, with it only over a shard set. A
+killed run leaves only its staging folder; the next run into the same ``--out`` removes staging folders whose process
+is gone (restoring an old set a crash left moved aside, if ``--out`` is missing) before it checks ``--out``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from padless.shards.schema import FORMAT_NAME, MANIFEST_NAME
 
 from .errors import PrepError
 
-__all__ = ["check_out", "new_staging", "not_a_shard_set", "publish", "remove_stale_staging", "staged_output"]
+__all__ = [
+    "check_out",
+    "new_staging",
+    "not_a_shard_set",
+    "publish",
+    "publish_new",
+    "remove_stale_staging",
+    "staged_output",
+]
 
 _SHARD_FILE = re.compile(r"shard-\d{5,}\.arrow")
 _STAGING = re.compile(r"\.(?P<name>.+)\.padless-staging-(?P<pid>\d+)-[0-9a-f]{8}")
@@ -170,11 +179,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish(stage: Path, out: Path) -> None:
-    """Move the complete set ``stage/new`` to ``out``, replacing what is there, then remove ``stage``.
+    """Move the complete set ``stage/new`` to ``out``, replacing what is there (``--overwrite``), then remove
+    ``stage``.
 
     At every moment either the old or the new set is at ``out`` (the exchange is atomic; with two renames, a crash
-    between them leaves the old set in ``stage/old``, which :func:`remove_stale_staging` puts back)."""
+    between them leaves the old set in ``stage/old``, which :func:`remove_stale_staging` puts back). What is at
+    ``out`` now is checked again: it may have changed while this run packed, and only a shard set is replaced."""
     new = stage / "new"
+    if out.exists() and any(out.iterdir()):
+        why = not_a_shard_set(out)
+        if why is not None:
+            raise PrepError(
+                f"--out {str(out)!r} is not a padless shard set ({why}); --overwrite replaces only a shard set made "
+                "by prep pack, and it changed while this run packed: nothing was replaced"
+            )
     if out.exists():
         if not _exchange(new, out):
             os.rename(out, stage / "old")
@@ -185,9 +203,29 @@ def publish(stage: Path, out: Path) -> None:
         shutil.rmtree(stage)
 
 
+def publish_new(stage: Path, out: Path) -> None:
+    """Move the complete set ``stage/new`` to ``out`` only if ``out`` is still absent or an empty folder (without
+    ``--overwrite``), then remove ``stage``.
+
+    One rename does both the check and the move, so a set that another run wrote to ``out`` while this one packed
+    is never replaced."""
+    try:
+        os.rename(stage / "new", out)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise PrepError(
+            f"--out {str(out)!r} was filled by another process while this run packed; nothing was replaced: run "
+            "again with another --out, or with --overwrite to replace it"
+        ) from e
+    with contextlib.suppress(OSError):
+        shutil.rmtree(stage)
+
+
 @contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """Yield the folder to write the new set into; on a clean exit swap it into ``out``.
+def staged_output(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield the folder to write the new set into; on a clean exit swap it into ``out`` (``overwrite``: replacing
+    the shard set there, :func:`publish`; else only into an absent or empty ``out``, :func:`publish_new`).
 
     On any failure the staging folder and the parent folders this call created go, ``out`` stays as it was, and an
     ``OSError`` (disk full, permission) becomes one :class:`PrepError` that says so."""
@@ -198,7 +236,7 @@ def staged_output(out: Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = new_staging(out)
         yield stage / "new"
-        publish(stage, out)
+        (publish if overwrite else publish_new)(stage, out)
     except BaseException as e:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)

@@ -205,7 +205,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     names = list(cfg.inputs())
     out = Path(cfg.out).expanduser()
     summary: dict[str, Any] = {}
-    with staged_output(out) as new:
+    with staged_output(out, overwrite=cfg.overwrite) as new:
         spill = Spill(new.parent / "spill")  # beside the new set, inside the staging folder
         bar = _bar(None, "tokenize", cfg.progress)
         st = stream_inputs(cfg, inputs, tk, maps, spill, timer.stage, bar.update)

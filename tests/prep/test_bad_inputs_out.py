@@ -254,3 +254,49 @@ def test_library_callers_get_the_same_checks(work: Path, monkeypatch) -> None:
     with pytest.raises(PrepError, match=r"--out '\.' is the working directory"):
         run_pack(PackConfig(datasets=("data.jsonl",), max_len=64, out=".", overwrite=True, progress=False))
     assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_finds_out_taken_when_it_finishes_replaces_nothing(work: Path, monkeypatch) -> None:
+    """Two runs into one new --out: both pass the checks at the start; the one that finishes second, without
+    --overwrite, must not replace the first one's set."""
+    import padless.prep.pipeline as pipeline
+
+    monkeypatch.chdir(work)
+    real_save = pipeline._save_config
+    other: dict[str, str] = {}
+
+    def meanwhile(cfg, new):
+        real_save(cfg, new)
+        if not other:  # the other run, started at the same time in another process, finishes first
+            proc = prep(work, "data.jsonl", "--max-len", "48", "--out", "packed")
+            assert proc.returncode == 0, proc.stderr
+            other["fingerprint"] = json.loads((work / "packed" / "manifest.json").read_text())["fingerprint"]
+
+    monkeypatch.setattr(pipeline, "_save_config", meanwhile)
+    r = CliRunner().invoke(main, ["pack", "data.jsonl", "--max-len", "32", "--out", "packed", "--no-progress"])
+    assert_one_line_error(r, r"--out 'packed' was filled by another process while this run packed; nothing was "
+                             r"replaced: .*--overwrite")  # fmt: skip
+    assert json.loads((work / "packed" / "manifest.json").read_text())["fingerprint"] == other["fingerprint"]
+    assert sorted(p.name for p in work.iterdir()) == ["data", "data.jsonl", "notes.txt", "packed", "tok"]
+
+
+def test_overwrite_replaces_nothing_that_stopped_being_a_shard_set_while_it_packed(work: Path, monkeypatch) -> None:
+    import shutil
+
+    import padless.prep.pipeline as pipeline
+
+    monkeypatch.chdir(work)
+    out = _shard_set(work)
+    real_save = pipeline._save_config
+
+    def meanwhile(cfg, new):
+        real_save(cfg, new)
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+
+    monkeypatch.setattr(pipeline, "_save_config", meanwhile)
+    r = CliRunner().invoke(main, ["pack", "data.jsonl", "--max-len", "32", "--out", "packed", "--overwrite"])
+    assert_one_line_error(r, r"--out 'packed' is not a padless shard set \(it has no manifest.json\); --overwrite")
+    assert (out / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["data", "data.jsonl", "notes.txt", "packed", "tok"]
