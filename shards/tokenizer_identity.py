@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "differing_parts",
     "hash_parts",
     "identity",
+    "manifest_difference",
     "part_hashes",
 ]
 
@@ -257,3 +259,18 @@ def differing_parts(a: dict[str, str] | None, b: dict[str, str] | None) -> list[
     if not a or not b:
         return []
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def manifest_difference(a: Mapping[str, Any], b: Mapping[str, Any], names: tuple[str, str]) -> str | None:
+    """How the tokenizers of two shard-set manifests differ, or None when they agree or neither block can tell.
+
+    Compared by ``content_hash``, else the file ``hash``, else ``vocab_size``: the first that both record. ``names``
+    say which set is which in the message (``"the training shards"``, ``"the eval set"``)."""
+    x, y = (m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {} for m in (a, b))
+    for key, what in (("content_hash", "content"), ("hash", "files"), ("vocab_size", "vocab size")):
+        if x.get(key) is not None and y.get(key) is not None:
+            if x[key] == y[key]:
+                return None
+            shown = [v[:12] + "..." if isinstance(v, str) and len(v) > 16 else str(v) for v in (x[key], y[key])]
+            return f"the tokenizers differ in {what}: {shown[0]} for {names[0]}, {shown[1]} for {names[1]}"
+    return None

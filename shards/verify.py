@@ -14,9 +14,10 @@ import numpy as np
 
 from .errors import ShardFormatError
 from .invariants import batch_problem
-from .manifest import file_sha256
+from .manifest import file_sha256, read_manifest
 from .reader import ShardSet
 from .schema import EVAL_DIR
+from .tokenizer_identity import manifest_difference
 
 __all__ = ["verify_shard_set", "verify_with_eval"]
 
@@ -54,7 +55,9 @@ def verify_with_eval(path: str | os.PathLike) -> dict[str, dict[str, Any] | None
     """Verify the set at ``path`` and its held-out set ``path/eval`` when there is one.
 
     Returns ``{"main": counts, "eval": counts or None}``. An ``eval`` entry that is not a complete shard set fails:
-    the trainer would skip it silently.
+    the trainer would skip it silently. So does one that ``train run`` refuses beside this set: made with another
+    tokenizer (its eval loss would score other token ids) or with a larger ``max_len`` (its packs may not fit the
+    micro-batch, the set's ``max_len`` by default).
     """
     report: dict[str, dict[str, Any] | None] = {"main": verify_shard_set(path), "eval": None}
     held_out = Path(path) / EVAL_DIR
@@ -63,4 +66,17 @@ def verify_with_eval(path: str | os.PathLike) -> dict[str, dict[str, Any] | None
             report["eval"] = verify_shard_set(held_out)
         except ShardFormatError as e:
             raise ShardFormatError(f"held-out set {EVAL_DIR}/: {e}") from e
+        main, ev = read_manifest(path), read_manifest(held_out)
+        difference = manifest_difference(main.raw, ev.raw, ("the set", f"{EVAL_DIR}/"))
+        if difference is not None:
+            raise ShardFormatError(
+                f"held-out set {EVAL_DIR}/ was not tokenized like the set it belongs to ({difference}); `train run` "
+                "refuses it: re-run `prep pack` with --eval-fraction or --eval-examples"
+            )
+        if ev.max_len > main.max_len:
+            raise ShardFormatError(
+                f"held-out set {EVAL_DIR}/ has max_len {ev.max_len}, over the max_len {main.max_len} of the set it "
+                "belongs to, so its packs may not fit `train run`'s default micro-batch; re-run `prep pack` with "
+                "--eval-fraction or --eval-examples"
+            )
     return report

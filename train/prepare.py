@@ -228,24 +228,14 @@ def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None)
     return budget, sizes.max_token_id
 
 
-def _tokenizer_difference(train: dict[str, Any], other: dict[str, Any]) -> str | None:
-    """How two manifests' tokenizers differ (by content hash, else file hash, else vocab size), or None."""
-    a, b = (m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {} for m in (train, other))
-    for key, what in (("content_hash", "content"), ("hash", "files"), ("vocab_size", "vocab size")):
-        if a.get(key) is not None and b.get(key) is not None:
-            if a[key] == b[key]:
-                return None
-            shown = [v[:12] + "..." if isinstance(v, str) and len(v) > 16 else str(v) for v in (a[key], b[key])]
-            return f"the tokenizers differ in {what}: {shown[0]} for the training shards, {shown[1]} for the eval set"
-    return None
-
-
 def check_eval_set(manifest: dict[str, Any], eval_ss: Any, model: torch.nn.Module, *, force: bool) -> list[str]:
     """The eval set must be tokenized as the training shards (its eval_loss scores the same token ids) and every
     token id of it must index the model's embedding; returns warnings (a mismatch overridden by ``force``)."""
     where = f"eval set {str(eval_ss.path)!r}"
     check_token_ids(pack_sizes(eval_ss).max_token_id, model, where)
-    difference = _tokenizer_difference(manifest, eval_ss.manifest)
+    difference = tokenizer_identity.manifest_difference(
+        manifest, eval_ss.manifest, ("the training shards", "the eval set")
+    )
     if difference is None:
         return []
     if force:

@@ -40,3 +40,30 @@ def test_a_damaged_held_out_set_fails_verification(tmp_path):
     r = CliRunner().invoke(main, ["verify", str(out)])
     assert r.exit_code == 1 and r.stderr.startswith("error: held-out set eval/: shard shard-00000.arrow: sha256 ")
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+def _edit(manifest: Path, fn) -> None:
+    import json
+
+    m = json.loads(manifest.read_text())
+    fn(m)
+    manifest.write_text(json.dumps(m))
+
+
+def test_a_held_out_set_of_another_tokenizer_or_a_longer_max_len_fails_verification(tmp_path):
+    """`train run` refuses such an eval/ (another tokenizer: its loss scores other ids; packs over the training
+    max_len: over the default micro-batch), so `prep verify` may not pass it."""
+    out = _pack(tmp_path, "--eval-examples", "10")
+    _edit(out / "eval" / "manifest.json", lambda m: m["tokenizer"].update(content_hash="f" * 64))
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith("error: held-out set eval/ was not tokenized like the set it belongs to (the "
+                               "tokenizers differ in content: "), r.stderr  # fmt: skip
+    (tmp_path / "b").mkdir()
+    out = _pack(tmp_path / "b", "--eval-examples", "10")
+    _edit(out / "eval" / "manifest.json", lambda m: m.update(max_len=128))
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith("error: held-out set eval/ has max_len 128, over the max_len 64 of the set it "), (
+        r.stderr
+    )
