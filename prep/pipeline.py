@@ -254,8 +254,9 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             }
             meta = {
                 "tokenizer": identity,
-                # Where it was loaded from (for `prep show`); not part of the fingerprint, paths differ by machine.
-                "tokenizer_source": str(tk.folder),
+                # Where it was loaded from (for `prep show` and `train run`, from any working directory, so an
+                # absolute path); not part of the fingerprint, paths differ by machine.
+                "tokenizer_source": str(tk.folder.absolute()),
                 "options": options,
                 "source": source,
                 "fingerprint": fingerprint,

@@ -183,3 +183,17 @@ def test_sharegpt_and_map(tmp_path):
     _, out = pack(tmp_path, qa, name="qa", maps=("prompt=question", "completion=answer"))
     [(ids, mask)] = examples_in_shards(out)[0]
     assert tk.tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == " four<|im_end|>"
+
+
+def test_tokenizer_source_is_absolute_whatever_the_working_directory(tmp_path, monkeypatch):
+    """`prep show` and `train run` read tokenizer_source from other working directories (and machines' copies)."""
+    from padless.prep.tokenizer import DEFAULT_TOKENIZER
+
+    (tmp_path / "tok").mkdir()
+    for f in DEFAULT_TOKENIZER.iterdir():
+        (tmp_path / "tok" / f.name).write_bytes(f.read_bytes())
+    write_jsonl(tmp_path / "a.jsonl", text_rows(10))
+    monkeypatch.chdir(tmp_path)
+    run_pack(PackConfig(datasets=("a.jsonl",), max_len=64, tokenizer="tok", out="o", eval_examples=2, progress=False))
+    for set_path in (tmp_path / "o", tmp_path / "o" / "eval"):
+        assert open_shards(set_path).manifest["tokenizer_source"] == str(tmp_path / "tok")
