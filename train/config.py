@@ -281,6 +281,8 @@ class TrainConfig:
                 "0); pass --save-every N to write a checkpoint every N steps, or leave out --keep-last",
             ),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            # numpy's generators (the data order) take no negative seed, torch.manual_seed none past 2^64 - 1.
+            (0 <= self.seed < 2**64, f"--seed must be in [0, 2^64 - 1], got {self.seed}"),
             (
                 0 <= self.checkpoint_gpu_gib < math.inf,
                 f"--checkpoint-gpu-gib must be >= 0 (0 = all checkpoints to the host) and finite, got "

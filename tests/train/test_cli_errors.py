@@ -52,6 +52,8 @@ def _run(shards: Path, output: Path, *args: str):
         (["--tokens-per-micro-batch", "auto", "--max-memory-gib", "0"], r"^error: --max-memory-gib must be > 0 GiB"),
         (["--max-memory-gib", "8"], r"--max-memory-gib only sizes --tokens-per-micro-batch auto, and the budget is 0;"),
         (["--eval-every", "-2"], r"--eval-every must be >= -1 \(-1 = never\), got -2"),
+        (["--seed", "-1"], r"^error: --seed must be in \[0, 2\^64 - 1\], got -1$"),
+        (["--seed", str(2**64)], r"^error: --seed must be in \[0, 2\^64 - 1\], got 18446744073709551616$"),
         (["--checkpoint-gpu-gib", "-1"], r"^error: --checkpoint-gpu-gib must be >= 0 \(0 = all checkpoints to the h"),
         (["--checkpoint-gpu-gib", "4"], r"it needs --checkpointing offload \(got --checkpointing off\)$"),
         (["--keep-attention"], r"^error: --keep-attention keeps .* it needs --checkpointing on or offload$"),
