@@ -178,6 +178,7 @@ def format_stats(st: dict[str, Any]) -> str:
 def show_pack(path: str, i: int, tokenizer: str | None, color: bool = False) -> str:
     """One pack decoded: a header per example, trained text [[in double brackets]] (or green)."""
     from padless.shards.reader import open_shards
+    from padless.shards.tokenizer_identity import manifest_difference
 
     from .tokenizer import load_tokenizer
 
@@ -194,8 +195,10 @@ def show_pack(path: str, i: int, tokenizer: str | None, color: bool = False) -> 
         f"pack {i}: {p.num_tokens} tokens, {p.num_trainable} trained, {p.num_examples} examples, max_seqlen "
         f"{p.max_seqlen} (decoded with {tk.name}; manifest tokenizer {man_tok.get('name')})"
     ]
-    if man_tok.get("hash") and man_tok["hash"] != tk.file_hash:
-        lines.append("warning: this is not the tokenizer the shards were made with; pass --tokenizer")
+    # Compared as `train run` compares: by what decides the token ids, so a re-saved copy is the same tokenizer.
+    difference = manifest_difference(ss.manifest, {"tokenizer": tk.identity()}, ("the shards", "this one"))
+    if difference is not None:
+        lines.append(f"warning: this is not the tokenizer the shards were made with ({difference}); pass --tokenizer")
     on, off = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
     for k in range(p.num_examples):
         a, b = int(p.cu_seqlens[k]), int(p.cu_seqlens[k + 1])

@@ -130,3 +130,33 @@ def test_model_params_from_config_llama2_7b(tmp_path):
            "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert round(model_params_from_config(str(tmp_path)) / 1e6) == 6738  # Llama-2-7B: 6,738M parameters
+
+
+def test_show_warns_about_another_tokenizer_by_content_not_by_file_bytes(tmp_path):
+    """A copy of the tokenizer re-saved with other formatting decodes the same ids: no warning. One whose vocabulary
+    differs gets the warning, saying how it differs."""
+    import json
+
+    from padless.prep.tokenizer import DEFAULT_TOKENIZER
+
+    src = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    r = CliRunner().invoke(main, ["pack", str(src), "--max-len", "256", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((DEFAULT_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
+    for name in ("resaved", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer_config.json").write_bytes(
+            (DEFAULT_TOKENIZER / "tokenizer_config.json").read_bytes()
+        )
+    (tmp_path / "resaved" / "tokenizer.json").write_text(json.dumps(doc, indent=4), encoding="utf-8")
+    vocab = doc["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "resaved")])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "other")])
+    assert r.exit_code == 0, r.output
+    assert (
+        "warning: this is not the tokenizer the shards were made with (the tokenizers differ in content: " in r.output
+    )
