@@ -3,11 +3,14 @@
 Every argument is checked before the disk is touched. Files go to a hidden temp folder next to the
 destination; on a clean exit the manifest is written last (temp file + ``os.replace``) and the folder is
 renamed into place, so a reader never sees a half-written set. On an exception the temp folder is removed.
+Without ``overwrite`` that rename succeeds only onto an absent or empty folder, so a set that another process wrote
+to the destination while this one ran is never replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -267,16 +270,29 @@ class ShardWriter:
         }
         parse_manifest(manifest, where="the manifest being written")  # the reader's checks: they must agree
         write_manifest(self._tmp, manifest)
-        if self.path.exists():
-            # Only reached when empty or --overwrite: move the old set aside first so the swap is two renames.
+        if self.overwrite and self.path.exists():
+            # Move the old set aside first so the swap is two renames.
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, old)
             os.rename(self._tmp, self.path)
             shutil.rmtree(old)
         else:
-            os.rename(self._tmp, self.path)
+            self._rename_into_place()
         self._closed = True
         self.manifest = manifest
+
+    def _rename_into_place(self) -> None:
+        """Rename the finished temp folder to ``path`` only while ``path`` is absent or an empty folder: one rename
+        checks and moves, so a set that another process wrote there since ``__init__`` is never replaced."""
+        try:
+            os.rename(self._tmp, self.path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise FileExistsError(
+                f"output {str(self.path)!r} was written by another process while this writer ran; nothing was "
+                "replaced: choose another path or pass overwrite=True"
+            ) from e
 
     def _abort(self) -> None:
         if self._sink is not None:

@@ -90,6 +90,22 @@ def test_writer_leaves_nothing_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_writer_replaces_nothing_written_to_its_path_meanwhile(tmp_path):
+    """Without overwrite, a set that another writer finished at the same path first is kept, and the writer that
+    finds the path taken fails leaving nothing behind."""
+    a_data = random_packs(np.random.default_rng(5), 40, 64)
+    b_data = random_packs(np.random.default_rng(6), 30, 64)
+    (tmp_path / "empty").mkdir()
+    for name in ("new", "empty"):
+        path = tmp_path / name
+        with pytest.raises(FileExistsError, match=rf"output '.*{name}' was written by another process while this "
+                           r"writer ran; nothing was replaced"), ShardWriter(path, max_len=64) as a:  # fmt: skip
+            a.add_packs(*a_data)
+            write(path, b_data)
+        assert len(open_shards(path)) == len(b_data[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
+
+
 def test_reader_refuses_other_formats_and_versions(tmp_path):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(4), 50, 64))
     with pytest.raises(ShardFormatError, match="not a padless shard set"):
