@@ -34,10 +34,30 @@ __all__ = ["DEFAULT_TOKENS_PER_BATCH", "DEFAULT_TOKENS_PER_SHARD", "DEFAULT_ZSTD
 DEFAULT_ZSTD_LEVEL = 3
 DEFAULT_TOKENS_PER_BATCH = 1 << 16
 DEFAULT_TOKENS_PER_SHARD = 1 << 26
+UINT32_MAX = 2**32 - 1
 
 
 def _is_empty_dir(p: Path) -> bool:
     return p.is_dir() and not any(p.iterdir())
+
+
+def _token_ids(tokens: Any) -> np.ndarray:
+    """``tokens`` as the uint32 of ``input_ids``; ids of another integer type must lie in [0, 2^32 - 1], since a cast
+    would wrap them around into other, valid-looking ids (-1 into 4294967295, 2^32 + 5 into 5)."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype == np.uint32:
+        return np.ascontiguousarray(tokens)
+    if tokens.dtype.kind not in "iub":
+        raise ValueError(f"token ids of dtype {tokens.dtype}: expected integers (input_ids are uint32)")
+    if tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi > UINT32_MAX:
+            bad = int(np.argmax(tokens < 0)) if lo < 0 else int(np.argmax(tokens > UINT32_MAX))
+            raise ValueError(
+                f"token id {int(tokens[bad])} (token {bad}) does not fit input_ids' uint32: expected ids in "
+                f"[0, {UINT32_MAX}]"
+            )
+    return np.ascontiguousarray(tokens, dtype=np.uint32)
 
 
 class ShardWriter:
@@ -142,7 +162,7 @@ class ShardWriter:
         """
         if self._tmp is None or self._closed:
             raise RuntimeError("ShardWriter.add_packs called outside its `with` block")
-        tokens = np.ascontiguousarray(tokens, dtype=np.uint32)
+        tokens = _token_ids(tokens)
         mask = np.ascontiguousarray(loss_mask, dtype=np.bool_)
         lengths = np.asarray(example_lengths, dtype=np.int64)
         per_pack = np.asarray(examples_per_pack, dtype=np.int64)

@@ -106,6 +106,26 @@ def test_a_writer_replaces_nothing_written_to_its_path_meanwhile(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (-1, r"token id -1 \(token 7\) does not fit input_ids' uint32: expected ids in \[0, 4294967295\]"),
+        (2**32 + 5, r"token id 4294967301 \(token 7\) does not fit input_ids' uint32"),
+        (2.5, r"token ids of dtype float64: expected integers"),
+    ],
+    ids=["negative", "past-uint32", "float"],
+)
+def test_writer_refuses_token_ids_that_do_not_fit_uint32(tmp_path, bad, match):
+    """Cast to uint32 as they were, -1 would be stored as 4294967295 and 2^32 + 5 as 5: other tokens, silently."""
+    tokens, mask, lengths, per, index = random_packs(np.random.default_rng(3), 50, 64, vocab=1000)
+    tokens = tokens.astype(np.float64 if isinstance(bad, float) else np.int64)
+    tokens[7] = bad
+    w = ShardWriter(tmp_path / "s", max_len=64)
+    with pytest.raises(ValueError, match=match), w:
+        w.add_packs(tokens, mask, lengths, per, index)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_reader_refuses_other_formats_and_versions(tmp_path):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(4), 50, 64))
     with pytest.raises(ShardFormatError, match="not a padless shard set"):
