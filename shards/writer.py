@@ -60,6 +60,14 @@ def _token_ids(tokens: Any) -> np.ndarray:
     return np.ascontiguousarray(tokens, dtype=np.uint32)
 
 
+def _integers(values: Any, name: str) -> np.ndarray:
+    """``values`` as int64; an array of another kind is refused rather than truncated (3.5 tokens is not a length)."""
+    values = np.asarray(values)
+    if values.size and values.dtype.kind not in "iub":
+        raise ValueError(f"{name} of dtype {values.dtype}: expected integers")
+    return values.astype(np.int64, copy=False)
+
+
 class ShardWriter:
     """Context manager that writes a shard set to ``path``.
 
@@ -164,9 +172,9 @@ class ShardWriter:
             raise RuntimeError("ShardWriter.add_packs called outside its `with` block")
         tokens = _token_ids(tokens)
         mask = np.ascontiguousarray(loss_mask, dtype=np.bool_)
-        lengths = np.asarray(example_lengths, dtype=np.int64)
-        per_pack = np.asarray(examples_per_pack, dtype=np.int64)
-        ex_index = np.ascontiguousarray(example_index, dtype=np.int64)
+        lengths = _integers(example_lengths, "example_lengths")
+        per_pack = _integers(examples_per_pack, "examples_per_pack")
+        ex_index = np.ascontiguousarray(_integers(example_index, "example_index"))
         self._check(tokens, mask, lengths, per_pack, ex_index)
         ex_off = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=ex_off[1:])

@@ -126,6 +126,18 @@ def test_writer_refuses_token_ids_that_do_not_fit_uint32(tmp_path, bad, match):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("which", ["example_lengths", "examples_per_pack", "example_index"])
+def test_writer_refuses_counts_that_are_not_integers(tmp_path, which):
+    """A float length or count would be truncated into another, valid-looking layout."""
+    tokens, mask, lengths, per, index = random_packs(np.random.default_rng(3), 50, 64, vocab=1000)
+    args = {"example_lengths": lengths, "examples_per_pack": per, "example_index": index}
+    args[which] = args[which].astype(np.float64)
+    w = ShardWriter(tmp_path / "s", max_len=64)
+    with pytest.raises(ValueError, match=rf"^{which} of dtype float64: expected integers$"), w:
+        w.add_packs(tokens, mask, **args)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_reader_refuses_other_formats_and_versions(tmp_path):
     path = write(tmp_path / "s", random_packs(np.random.default_rng(4), 50, 64))
     with pytest.raises(ShardFormatError, match="not a padless shard set"):
