@@ -187,8 +187,15 @@ def show_pack(path: str, i: int, tokenizer: str | None, color: bool = False) -> 
         raise PrepError(f"--pack {i} out of range: {path!r} holds packs 0..{len(ss) - 1}")
     source = ss.manifest.get("tokenizer_source")
     if tokenizer is None and source and Path(source).is_dir():
-        tokenizer = source
-    tk = load_tokenizer(tokenizer)
+        try:
+            tk = load_tokenizer(source)
+        except PrepError as e:
+            raise PrepError(
+                f"the shards' manifest names the tokenizer folder {source!r}, which cannot be loaded now ({e}); pass "
+                "--tokenizer with the tokenizer the shards were made with"
+            ) from e
+    else:
+        tk = load_tokenizer(tokenizer)
     man_tok = ss.manifest.get("tokenizer", {})
     p = ss[i]
     lines = [

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from padless.prep.cli import main
 from padless.prep.report import GPUS
+from tests.user_errors import assert_one_line_error
 
 from .rows import alpaca_rows, chat_rows, write_jsonl
 
@@ -160,3 +161,22 @@ def test_show_warns_about_another_tokenizer_by_content_not_by_file_bytes(tmp_pat
     assert (
         "warning: this is not the tokenizer the shards were made with (the tokenizers differ in content: " in r.output
     )
+
+
+def test_show_names_the_manifest_s_tokenizer_folder_when_it_no_longer_loads(tmp_path):
+    """The folder the shards were made with still exists but lost its tokenizer.json: the error says the path came
+    from the manifest and to pass --tokenizer."""
+    import shutil
+
+    from padless.prep.tokenizer import DEFAULT_TOKENIZER
+
+    tok = tmp_path / "tok"
+    shutil.copytree(DEFAULT_TOKENIZER, tok)
+    src = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    r = CliRunner().invoke(main, ["pack", str(src), "--tokenizer", str(tok), "--max-len", "256",
+                                  "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (tok / "tokenizer.json").unlink()
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "o")])
+    line = assert_one_line_error(r, rf"the shards' manifest names the tokenizer folder '{tok}', which cannot be ")
+    assert line.endswith("pass --tokenizer with the tokenizer the shards were made with")
