@@ -170,14 +170,23 @@ def _plot(metrics: Metrics, path: Path) -> None:
 
 def write_report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.txt`` for the run folder ``run`` into ``out`` (default: ``run``);
-    returns their paths. A missing or malformed ``metrics.jsonl`` is a TrainError naming the file and line."""
+    returns their paths. A missing or malformed ``metrics.jsonl`` is a TrainError naming the file and line, and so
+    is an ``out`` that cannot be made a folder or written (a file, a read-only place)."""
     run = Path(run)
     if not run.is_dir():
         raise TrainError(f"{str(run)!r} is not a folder; expected the --output folder of a `train run`")
     metrics = read_metrics(run / "metrics.jsonl")
     target = Path(out) if out is not None else run
-    target.mkdir(parents=True, exist_ok=True)
     png, txt = target / REPORT_PNG, target / REPORT_TXT
-    _plot(metrics, png)
-    txt.write_text(summary_text(metrics, _finished_summary(run)), encoding="utf-8")
+    where = f"--out {str(target)!r}" if out is not None else repr(str(target))
+    if target.exists() and not target.is_dir():
+        raise TrainError(f"{where} is a file; expected a folder for report.png and report.txt")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        _plot(metrics, png)
+        txt.write_text(summary_text(metrics, _finished_summary(run)), encoding="utf-8")
+    except OSError as error:
+        raise TrainError(
+            f"{where}: cannot write the report there ({error.strerror or error}); give --out a folder you can write"
+        ) from error
     return png, txt

@@ -101,3 +101,16 @@ def test_a_damaged_metrics_jsonl_is_one_error(tmp_path: Path, lines: list, match
 def test_report_needs_a_run_folder(tmp_path: Path) -> None:
     assert_one_line_error(CliRunner().invoke(main, ["report", str(tmp_path / "nope")]), r"is not a folder")
     assert_one_line_error(CliRunner().invoke(main, ["report", str(tmp_path)]), r"metrics.jsonl' does not exist")
+
+
+def test_an_out_that_is_not_a_writable_folder_is_one_error(tmp_path: Path) -> None:
+    run = _write(tmp_path / "run", [_step(1, 5.0)])
+    (tmp_path / "a-file").write_text("mine\n")
+    cases = [
+        ("a-file", r"--out '.*a-file' is a file; expected a folder for report.png"),
+        ("a-file/sub", r"--out '.*a-file/sub': cannot write the report there \(Not a directory\)"),
+    ]
+    for out, match in cases:
+        result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / out)])
+        assert "Traceback" not in assert_one_line_error(result, match)
+    assert (tmp_path / "a-file").read_text() == "mine\n"
