@@ -109,7 +109,9 @@ def chat(
         raise TrainError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise TrainError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .prepare import parse_device
+
+    device = str(parse_device(device)) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_output(run, device)
     ids = prompt_ids(tokenizer, prompt, system=system, tools=tools)
     eos = tokenizer.eos_token_id

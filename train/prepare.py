@@ -43,20 +43,21 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 def parse_device(text: str) -> torch.device:
-    """``--device`` as a torch device; a string torch does not know is a TrainError."""
+    """``--device`` as a torch device (``train run``, ``train parity``, ``train chat``); a string torch does not know,
+    or CUDA on a machine without it, is a TrainError rather than torch's traceback at the first tensor moved."""
     try:
-        return torch.device(text)
+        device = torch.device(text)
     except RuntimeError as error:  # torch: "Invalid device string"
         raise TrainError(f"--device {text!r} is not a device torch knows ({error}); use cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {text} asked for CUDA but no CUDA device is available; use --device cpu")
+    return device
 
 
 def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     """``--device``, else ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if cfg.device:
-        device = parse_device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device {cfg.device} asked for CUDA but no CUDA device is available; use --device cpu")
-        return device
+        return parse_device(cfg.device)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)

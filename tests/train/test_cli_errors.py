@@ -111,6 +111,24 @@ def test_errors_from_the_model_path(synthetic_shards: Path, tmp_path: Path, args
     assert not (tmp_path / "out").exists()  # found before anything was written
 
 
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [
+        ("gpu0", r"^error: --device 'gpu0' is not a device torch knows"),
+        pytest.param(
+            "cuda",
+            r"^error: --device cuda asked for CUDA but no CUDA device is available; use --device cpu$",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_parity_and_chat_check_their_device(synthetic_shards: Path, tmp_path: Path, device: str, match: str) -> None:
+    """``--device`` of ``train parity`` and ``train chat`` is checked as ``train run``'s is, before any model loads."""
+    assert_one_line_error(CliRunner().invoke(main, ["parity", str(synthetic_shards), "--device", device]), match)
+    chat = ["chat", str(tmp_path / "run"), "--prompt", "hi", "--device", device]
+    assert_one_line_error(CliRunner().invoke(main, chat), match)
+
+
 def test_a_damaged_checkpoint_is_a_user_error(synthetic_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_interrupted(cli_equivalent(synthetic_shards, out, max_steps=2, save_every=1), after_step=1)
