@@ -186,7 +186,8 @@ class Estimate:
 
 
 def inventory(config: PretrainedConfig) -> ModelInventory:
-    """The model of ``config`` built on the meta device: shapes only, nothing allocated."""
+    """The model of ``config`` built on the meta device: shapes only, nothing allocated. Weights count the whole
+    model (a vision tower too); the per-token sizes are the decoder's (``config.get_text_config()``)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     head = model.get_output_embeddings()
@@ -206,14 +207,16 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
             other += p.numel()
     known = family_for_model_type(getattr(config, "model_type", "")) is not None
     targets = DEFAULT_TARGETS if known else tuple(sorted({n.rsplit(".", 1)[-1] for n, _, _ in linears}))
-    heads = int(config.num_attention_heads)
+    # The decoder's sizes: a multimodal config (Gemma 3, LLaVA, ...) keeps them in its text_config.
+    text = config.get_text_config()
+    heads = int(text.num_attention_heads)
     return ModelInventory(
-        hidden=int(config.hidden_size),
-        intermediate=int(config.intermediate_size),
-        layers=int(config.num_hidden_layers),
+        hidden=int(text.hidden_size),
+        intermediate=int(text.intermediate_size),
+        layers=int(text.num_hidden_layers),
         heads=heads,
-        head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-        vocab=int(config.vocab_size),
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+        vocab=int(text.vocab_size),
         matmul_params=flop_model(model, full=False, checkpointing="off").matmul_params,
         linears=linears,
         other_params=other,

@@ -344,3 +344,23 @@ def test_segments_are_planned_for_the_host_split_and_under_memory_low(synthetic_
             "--gpu-mem-gib", "8", "--json"]  # fmt: skip
     rows = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
     assert [(r["checkpointing"], r["checkpoint_layers"]) for r in rows] == [("offload", 2)]
+
+
+def test_a_multimodal_model_is_planned_from_its_text_config(synthetic_shards: Path, tmp_path: Path) -> None:
+    """A config that keeps the decoder's sizes in ``text_config`` (Gemma 3; `train run` trains it) is planned: the
+    per-token sizes are the decoder's, the weights the whole model's."""
+    from transformers import AutoConfig
+
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}  # fmt: skip
+    AutoConfig.for_model("gemma3", text_config=text, vision_config=vision).save_pretrained(tmp_path / "gemma3")
+    inv = inventory(AutoConfig.from_pretrained(tmp_path / "gemma3"))
+    assert (inv.hidden, inv.intermediate, inv.layers, inv.heads, inv.head_dim, inv.vocab) == (64, 128, 2, 4, 16, 512)
+    assert any("vision_tower" in name for name, _, _ in inv.linears)
+    args = ["plan", str(synthetic_shards), "--model", str(tmp_path / "gemma3"), "--tokens", "512", "--gpu-mem-gib",
+            "8", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert all(json.loads(line)["fits"] for line in result.output.splitlines())
