@@ -29,7 +29,7 @@ from .config import TrainError
 from .families import SUPPORTED_FAMILIES
 from .random_weights import write_random_model
 
-__all__ = ["TINY_FAMILIES", "load_model", "tiny_config"]
+__all__ = ["TINY_FAMILIES", "check_causal_lm", "load_model", "tiny_config"]
 
 TINY_FAMILIES: tuple[str, ...] = SUPPORTED_FAMILIES
 
@@ -83,6 +83,20 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> PretrainedCon
         if family == "gemma2" and "query_pre_attn_scalar" not in overrides:
             kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
     return AutoConfig.for_model(family, **kwargs)
+
+
+def check_causal_lm(config: PretrainedConfig, model: str) -> None:
+    """Refuse a model whose ``model_type`` transformers builds no causal LM for (an encoder-decoder such as T5, a
+    vision or speech encoder): ``AutoModelForCausalLM`` would raise a ValueError listing some 200 config classes."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TrainError(
+            f"--model {model!r} is a {model_type!r} model, and transformers has no causal language model "
+            "(AutoModelForCausalLM) of that type; padless fine-tunes decoder language models such as llama, "
+            "mistral, qwen3 or gemma"
+        )
 
 
 def _has_weights(folder: Path) -> bool:
@@ -207,6 +221,7 @@ def load_model(
         else:
             source = str(model)
         try:
+            check_causal_lm(AutoConfig.from_pretrained(source), str(model))
             result = _from_pretrained(
                 source, dtype=dtype, device=device, quantize_4bit=quantize_4bit, overrides=overrides
             )

@@ -388,7 +388,7 @@ def model_config(cfg: Any, vocab: int) -> PretrainedConfig:
     from transformers import AutoConfig
 
     from .config import TrainError
-    from .modeling import tiny_config
+    from .modeling import check_causal_lm, tiny_config
     from .prepare import parse_model_overrides
 
     overrides = parse_model_overrides(cfg.model_overrides, cfg.model)
@@ -396,9 +396,11 @@ def model_config(cfg: Any, vocab: int) -> PretrainedConfig:
         overrides = dict(overrides or {})
         return tiny_config(cfg.family, max(int(overrides.pop("vocab_size", vocab)), vocab), **overrides)
     try:
-        return AutoConfig.from_pretrained(cfg.model)
+        config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as error:
         raise TrainError(f"--model {cfg.model!r}: cannot read its config.json ({error})") from error
+    check_causal_lm(config, cfg.model)
+    return config
 
 
 def plan_inputs(cfg: Any) -> tuple[ModelInventory, int, float]:

@@ -129,6 +129,21 @@ def test_parity_and_chat_check_their_device(synthetic_shards: Path, tmp_path: Pa
     assert_one_line_error(CliRunner().invoke(main, chat), match)
 
 
+def test_a_model_that_is_no_causal_lm_is_one_error(synthetic_shards: Path, tmp_path: Path) -> None:
+    """An encoder-decoder (T5) has no AutoModelForCausalLM class: run, parity and plan say so in one line."""
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    config = AutoConfig.for_model("t5", vocab_size=384, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    match = r"^error: --model '.*t5' is a 't5' model, and transformers has no causal language model"
+    fast = [a for a in FAST if a not in ("--model-overrides", FAST_OVERRIDES)]
+    assert_one_line_error(_run(synthetic_shards, tmp_path / "out", *fast, "--model", str(tmp_path / "t5")), match)
+    assert not (tmp_path / "out").exists()
+    for command in (["parity"], ["plan", "--gpu-mem-gib", "8"]):
+        args = [command[0], str(synthetic_shards), "--model", str(tmp_path / "t5"), *command[1:]]
+        assert_one_line_error(CliRunner().invoke(main, args), match)
+
+
 def test_a_damaged_checkpoint_is_a_user_error(synthetic_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_interrupted(cli_equivalent(synthetic_shards, out, max_steps=2, save_every=1), after_step=1)
