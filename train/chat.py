@@ -62,12 +62,18 @@ def prompt_ids(
 ) -> torch.Tensor:
     """The prompt as token ids (1, n): one user turn (after ``system``, with ``tools``) through the chat template,
     or plain text to continue when the tokenizer has none. A template that leaves out the system prompt or a tool
-    is an error: the model would not see what was asked for."""
+    is an error: the model would not see what was asked for; so is plain text that gives no token (an empty prompt)."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         if system is not None or tools:
             raise TrainError("--system and --tools need a chat template; this tokenizer has none")
-        return tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:  # generate() cannot start from no token at all
+            raise TrainError(
+                f"--prompt {prompt!r} gives no token: this tokenizer has no chat template and adds no token of its "
+                "own, so the model has nothing to continue; give --prompt some text"
+            )
+        return ids
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}
     ]

@@ -64,3 +64,10 @@ def test_read_tools(tmp_path: Path) -> None:
         read_tools(bad)
     with pytest.raises(TrainError, match=r"cannot read a JSON file"):
         read_tools(tmp_path / "missing.json")
+
+
+def test_an_empty_prompt_without_a_template_is_an_error() -> None:
+    """Plain text to continue: an empty prompt gives the model no token to start from (generate would fail)."""
+    with pytest.raises(TrainError, match=r"--prompt '' gives no token: this tokenizer has no chat template"):
+        prompt_ids(_tokenizer(None), "")
+    assert prompt_ids(_tokenizer(WITH_TOOLS), "").shape[1] > 0  # the template's own tokens
