@@ -51,12 +51,13 @@ def main() -> None:
 )
 def run_command(**params: Any) -> None:
     """Fine-tune on SHARDS (a folder made by `prep pack`)."""
+    from .distributed import detect
     from .loop import train
 
     cfg = config_from_params(TrainConfig, params)
     _refuse_lora_sizes_with_full(cfg)
     result = train(cfg)
-    if result.summary:
+    if result.summary and detect().is_main:  # one line per run, as its notes: not one per torchrun process
         click.echo(_done_line(result.summary))
 
 

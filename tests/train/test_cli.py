@@ -230,3 +230,20 @@ def test_prep_demo_shards_with_a_model_folder_holding_the_same_tokenizer(demo_sh
     assert res.exit_code == 0, res.output
     assert re.search(r"done: 2 steps, final loss [\d.]+, eval_loss [\d.]+", res.output), res.output
     assert "tokenizer mismatch" not in res.output
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_the_done_line_is_printed_by_rank_0_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: str, printed: bool
+) -> None:
+    """Under torchrun every process returns a summary; only rank 0 prints it (rank 1's own figures would be a
+    second, different 'done:' line)."""
+    from padless.train import loop
+
+    summary = {"steps": 2, "final_loss": 1.5, "peak_mem_gib": 0.5, "wall_s": 1.0, "output": str(tmp_path / "out")}
+    monkeypatch.setattr(loop, "train", lambda cfg: loop.TrainResult(output=tmp_path / "out", steps=2, summary=summary))
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "shards"), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert ("done: 2 steps, final loss 1.5000" in result.output) is printed
