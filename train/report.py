@@ -114,8 +114,10 @@ def summary_text(metrics: Metrics, summary: dict[str, Any] | None = None) -> str
         f"steps: {last['step']}, the last one in epoch {last.get('epoch', 0) + 1} (epochs count from 1)",
         f"final loss: {_fmt(last.get('loss'))} (step {last['step']})",
     ]
+    # The best of the finite eval losses: NaN (an eval set without trainable tokens) or null compares as nothing.
+    finite = [r for r in metrics.evals if r["eval_loss"] is not None and math.isfinite(r["eval_loss"])]
     if metrics.evals:
-        best, final = min(metrics.evals, key=lambda r: r["eval_loss"]), metrics.evals[-1]
+        best, final = min(finite or metrics.evals[:1], key=lambda r: r["eval_loss"]), metrics.evals[-1]
         lines.append(
             f"best eval loss: {_fmt(best['eval_loss'])} (step {best['step']}; last {_fmt(final['eval_loss'])} at step "
             f"{final['step']})"

@@ -114,3 +114,12 @@ def test_an_out_that_is_not_a_writable_folder_is_one_error(tmp_path: Path) -> No
         result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / out)])
         assert "Traceback" not in assert_one_line_error(result, match)
     assert (tmp_path / "a-file").read_text() == "mine\n"
+
+
+def test_the_best_eval_loss_is_the_least_finite_one(tmp_path: Path) -> None:
+    """An evaluation that gave NaN (or null) is no 'best' eval loss: min() over NaN depends on the order."""
+    records = [_step(1, 5.0), {"step": 1, "eval_loss": float("nan")}, _step(2, 4.0), {"step": 2, "eval_loss": None},
+               _step(3, 3.0), {"step": 3, "eval_loss": 3.5}, {"step": 4, "eval_loss": 3.75}]  # fmt: skip
+    run = _write(tmp_path / "run", records)
+    assert CliRunner().invoke(main, ["report", str(run)]).exit_code == 0
+    assert "best eval loss: 3.5000 (step 3; last 3.7500 at step 4)" in (run / "report.txt").read_text()
