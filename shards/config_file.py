@@ -104,12 +104,17 @@ def _where(path: str | os.PathLike) -> str:
 
 def read_config_file(cls: type, path: str | os.PathLike) -> dict[str, Any]:
     """The values the YAML file at ``path`` gives to fields of ``cls``, by field name; :class:`ConfigFileError`
-    names the file and the problem (unreadable, not YAML, not a mapping, an unknown or repeated key, a value of
-    the wrong type)."""
+    names the file and the problem (unreadable, TOML, not YAML, not a mapping, an unknown or repeated key, a value
+    of the wrong type)."""
     import yaml
 
     where = _where(path)
     file = Path(path).expanduser()
+    if file.suffix.lower() == ".toml":  # read as YAML it is "a single value" or "not valid YAML": say what it is
+        raise ConfigFileError(
+            f"{where} is a TOML file; a config is YAML (or JSON): write 'key: value' lines, e.g. 'seed: 1', in a "
+            ".yaml file"
+        )
     try:
         if file.is_file() and file.stat().st_size > _LIMIT:
             raise ConfigFileError(f"{where} is larger than {_LIMIT >> 20} MiB; expected a config of a few lines")

@@ -273,6 +273,13 @@ def test_a_bad_file_is_one_error_naming_the_file(tmp_path: Path, text: str, mess
     assert_one_line_error(_go(tmp_path, text)[0], message)
 
 
+@pytest.mark.parametrize("text", ['inputs = ["a"]\nsize = 1\n', "[go]\nsize = 1\n"])
+def test_a_toml_file_is_named_as_such(tmp_path: Path, text: str) -> None:
+    """A .toml file is refused as TOML, not as YAML's 'holds the single value' or 'not valid YAML'."""
+    result = _go(tmp_path, text, name="run.toml")[0]
+    assert_one_line_error(result, r"--config '.*run.toml' is a TOML file; a config is YAML \(or JSON\): write 'key: ")
+
+
 def test_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(_run("go", "--config", str(tmp_path / "nope.yaml")), r"nope.yaml' cannot be read \(No such")
     assert_one_line_error(_run("go", "--config", str(tmp_path)), r"cannot be read \(Is a directory\)")
