@@ -47,6 +47,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_DATASETS = {"demo:alpaca": ASSETS / "demo_alpaca.jsonl.gz", "demo:chat": ASSETS / "demo_chat.jsonl.gz"}
 _SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv", ".csv.gz", ".arrow", ".feather")
 CHUNK_ROWS = 4096  # rows per chunk: what is held as Python objects at once (per chunk in flight)
+# Other files a folder may hold (read through datasets) or a mistyped path may name: never a Hub id.
+_OTHER_FILE_SUFFIXES = (".txt", ".tsv", ".gz", ".zip", ".zst", ".xz", ".bz2", ".py")
+_HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name as the Hub spells repository ids
 _SPLIT = re.compile(r"\w+(?:[.-]\w+)*")  # split names as datasets allows them (train, validation, test.v2, ...)
 _READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
 
@@ -63,7 +66,11 @@ class DatasetSpec:
 
 
 def _is_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).suffix
+    """Whether ``text`` reads as a Hub id ``owner/name`` rather than a missing local file.
+
+    Hub names may hold dots (``teknium/OpenHermes-2.5``); a name ending in a data file's suffix (``org/x.jsonl``)
+    is a path."""
+    return bool(_HUB_ID.fullmatch(text)) and not text.lower().endswith(_SUFFIXES + _OTHER_FILE_SUFFIXES)
 
 
 def parse_spec(text: str) -> DatasetSpec:

@@ -72,6 +72,18 @@ def test_the_syntax(tmp_path: Path, hub_folder: Path) -> None:
         parse_spec("demo:nope@train")
 
 
+def test_a_hub_id_may_hold_dots(tmp_path: Path, monkeypatch) -> None:
+    """Hub names such as teknium/OpenHermes-2.5 are ids; a missing path ending in a data suffix stays a path."""
+    monkeypatch.chdir(tmp_path)
+    assert parse_spec("teknium/OpenHermes-2.5:default@train") == DatasetSpec(
+        "teknium/OpenHermes-2.5:default@train", hub_id="teknium/OpenHermes-2.5", subset="default", split="train"
+    )
+    assert parse_spec("org/data.v2").hub_id == "org/data.v2"
+    for path in ("data/train.jsonl", "data/train.JSONL.gz", "data/notes.txt", "./org/name", "org/name/x"):
+        with pytest.raises(PrepError, match=r"not found: no such file or folder \(and it is not a hub id"):
+            parse_spec(path)
+
+
 def test_a_hub_style_folder_is_split_as_datasets_splits_it(hub_folder: Path) -> None:
     assert [r["text"] for r in load_rows(str(hub_folder))] == [f"train {i}" for i in range(8)]
     assert [r["text"] for r in load_rows(f"{hub_folder}@test")] == ["test 0", "test 1", "test 2"]
