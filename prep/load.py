@@ -131,12 +131,13 @@ def _sha256_files(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
     """A text file (gzipped or not) as UTF-8; a leading byte order mark (as Excel and Notepad write) is skipped, not
-    read as part of the first JSON value or CSV column name."""
+    read as part of the first JSON value or CSV column name. ``newline`` as for :func:`open` (``""`` for csv, which
+    finds line ends itself and keeps the line ends inside a quoted field as written)."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _objects(rows: list[Any], path: Path, first: int) -> list[dict[str, Any]]:
@@ -190,7 +191,7 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
 def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     """Rows of a CSV file by its header; a header that names a column twice is refused (a row would keep only the
     last of the two values)."""
-    with _open_text(path) as f:
+    with _open_text(path, newline="") as f:
         reader = csv.DictReader(f)
         names = reader.fieldnames or []
         twice = sorted({c for c in names if names.count(c) > 1})

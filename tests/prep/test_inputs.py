@@ -69,6 +69,20 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
     assert run(tmp_path, [paths["csv"]])["train"]["rows"] == len(ROWS)
 
 
+def test_csv_fields_keep_their_line_ends(tmp_path):
+    """A line end (CR LF, CR or LF) inside a quoted CSV field is kept as written, in a plain or gzipped file whose
+    own lines end in CR LF."""
+    rows = [{"text": "one\r\ntwo"}, {"text": "three\rfour"}, {"text": "five\nsix"}]
+    plain, zipped = tmp_path / "a.csv", tmp_path / "a.csv.gz"
+    with open(plain, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text"])  # lineterminator \r\n
+        w.writeheader()
+        w.writerows(rows)
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_rows(str(plain)) == rows
+    assert load_rows(str(zipped)) == rows
+
+
 def test_save_to_disk_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
