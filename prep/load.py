@@ -51,6 +51,7 @@ CHUNK_ROWS = 4096  # rows per chunk: what is held as Python objects at once (per
 _OTHER_FILE_SUFFIXES = (".txt", ".tsv", ".gz", ".zip", ".zst", ".xz", ".bz2", ".py")
 _HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name as the Hub spells repository ids
 _SPLIT = re.compile(r"\w+(?:[.-]\w+)*")  # split names as datasets allows them (train, validation, test.v2, ...)
+_CSV_FIELD_LIMIT = 2**31 - 1  # characters in one CSV field: the most csv.field_size_limit takes on every platform
 _READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
 
 
@@ -190,7 +191,9 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
 
 def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     """Rows of a CSV file by its header; a header that names a column twice is refused (a row would keep only the
-    last of the two values)."""
+    last of the two values). A field may be as long as a document: csv's own limit (128 KiB) is raised to
+    ``_CSV_FIELD_LIMIT``."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with _open_text(path, newline="") as f:
         reader = csv.DictReader(f)
         names = reader.fieldnames or []

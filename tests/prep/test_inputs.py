@@ -83,6 +83,16 @@ def test_csv_fields_keep_their_line_ends(tmp_path):
     assert load_rows(str(zipped)) == rows
 
 
+def test_a_csv_field_may_be_a_long_document(tmp_path):
+    """A text field past csv's default limit (131,072 characters) is read whole."""
+    rows = [{"text": "long " * 60_000}, {"text": "short"}]
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text"])
+        w.writeheader()
+        w.writerows(rows)
+    assert load_rows(str(tmp_path / "a.csv")) == rows
+
+
 def test_save_to_disk_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
