@@ -106,12 +106,15 @@ def parse_spec(text: str) -> DatasetSpec:
 class Source:
     """One opened input: its name as given, its row chunks (one pass), and a fingerprint of its content.
 
-    ``fingerprint`` of a source hashed while it streams is set once :meth:`chunks` has been read to the end."""
+    ``fingerprint`` of a source hashed while it streams is set once :meth:`chunks` has been read to the end.
+    ``reads``: what it reads, however it was spelled (to find one dataset given twice): its files' resolved paths, or
+    for a dataset streamed through ``datasets`` its Hub id or folder, subset and split."""
 
     name: str
     _chunks: Iterator[list[dict[str, Any]]] = field(repr=False)
     fingerprint: str | None = None
     _hash: Any = field(default=None, repr=False)
+    reads: tuple[str, ...] = ()
 
     def chunks(self) -> Iterator[list[dict[str, Any]]]:
         try:
@@ -310,17 +313,27 @@ def _open_local(spec: DatasetSpec, n: int) -> Source:
                 f"{spec.text!r}: a single file has no subsets or splits; name the file alone, or a folder of files "
                 "laid out as a Hub dataset"
             )
-        return Source(spec.text, _file_chunks(path, n), _sha256_files([path]))
+        return Source(spec.text, _file_chunks(path, n), _sha256_files([path]), reads=_resolved([path]))
     files = _save_to_disk_files(path, spec)
     if files is not None:
-        return Source(spec.text, _files_chunks(files, n), _sha256_files(files))
+        return Source(spec.text, _files_chunks(files, n), _sha256_files(files), reads=_resolved(files))
     from .hub import folder_files, stream_dataset
 
     files = folder_files(path, spec)
     if files is not None and all(_readable(f) for f in files):
-        return Source(spec.text, _files_chunks(files, n), _sha256_files(files))
+        return Source(spec.text, _files_chunks(files, n), _sha256_files(files), reads=_resolved(files))
     h = hashlib.sha256(f"folder:{spec.subset}:{spec.split}\0".encode())
-    return Source(spec.text, stream_dataset(str(path), spec, n, h), _hash=h)
+    reads = (_streamed(str(path.resolve()), spec),)
+    return Source(spec.text, stream_dataset(str(path), spec, n, h), _hash=h, reads=reads)
+
+
+def _resolved(files: list[Path]) -> tuple[str, ...]:
+    return tuple(str(f.resolve()) for f in files)
+
+
+def _streamed(name: str, spec: DatasetSpec) -> str:
+    """A dataset streamed through ``datasets``: its name, subset and split (``train`` when none is named, as read)."""
+    return f"{name}:{spec.subset}@{spec.split or 'train'}"
 
 
 def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -349,7 +362,7 @@ def open_source(spec: str, chunk_rows: int | None = None) -> Source:
     from .hub import stream_dataset
 
     h = hashlib.sha256(f"hub:{s.hub_id}:{s.subset}:{s.split}\0".encode())
-    return Source(spec, stream_dataset(s.hub_id, s, chunk_rows, h), _hash=h)
+    return Source(spec, stream_dataset(s.hub_id, s, chunk_rows, h), _hash=h, reads=(_streamed(s.hub_id, s),))
 
 
 def load_rows(spec: str) -> list[dict[str, Any]]:

@@ -124,19 +124,24 @@ class Opened:
     chunks: Iterator[list[dict[str, Any]]]
 
 
-def _check_distinct(specs: tuple[str, ...]) -> None:
-    """Refuse a dataset named twice (also as two spellings of one path): its rows would be packed twice, and the
-    held-out split, which draws distinct rows, could put one copy in eval/ and the other in the training set."""
-    from .load import parse_spec
-
-    seen: dict[tuple[str | None, ...], str] = {}
-    for text in specs:
-        s = parse_spec(text)
-        key = (str(s.path.resolve()) if s.path is not None else None, s.hub_id, s.subset, s.split)
-        if key in seen:
-            same = f"{text!r} is given twice" if seen[key] == text else f"{seen[key]!r} and {text!r} are one dataset"
+def _check_distinct(sources: list[Source]) -> None:
+    """Refuse a dataset given twice, however spelled (``a.jsonl`` and ``./a.jsonl``, a saved DatasetDict and its
+    ``@train``, a folder and a file in it): its rows would be packed twice, and the held-out split, which draws
+    distinct rows, could put one copy in eval/ and the other in the training set. Sources are compared by what they
+    read (:attr:`Source.reads`)."""
+    seen: dict[str, Source] = {}
+    for source in sources:
+        for item in source.reads:
+            first = seen.setdefault(item, source)
+            if first is source:
+                continue
+            if first.name == source.name:
+                same = f"{source.name!r} is given twice"
+            elif first.reads == source.reads:
+                same = f"{first.name!r} and {source.name!r} are one dataset"
+            else:
+                same = f"{first.name!r} and {source.name!r} both read {item!r}"
             raise PrepError(f"{same}; give each dataset once (to repeat one, use --mix DATASET=WEIGHT,...)")
-        seen[key] = text
 
 
 def open_inputs(cfg: PackConfig, maps: dict[str, str]) -> list[Opened]:
@@ -145,10 +150,10 @@ def open_inputs(cfg: PackConfig, maps: dict[str, str]) -> list[Opened]:
     from .load import open_source
     from .render import apply_maps, detect_format
 
-    _check_distinct(cfg.inputs())
+    sources = [open_source(spec) for spec in cfg.inputs()]
+    _check_distinct(sources)
     out = []
-    for spec in cfg.inputs():
-        source = open_source(spec)
+    for spec, source in zip(cfg.inputs(), sources):
         chunks = source.chunks()
         first = next(chunks, None)
         if not first:

@@ -92,3 +92,24 @@ def test_a_dataset_named_twice_is_refused(tmp_path: Path, monkeypatch) -> None:
             run_pack(PackConfig(max_len=64, out="out", eval_examples=3, progress=False, **kw))
         assert not (tmp_path / "out").exists()
     assert run_pack(PackConfig(datasets=("a.jsonl", "b.jsonl"), max_len=64, out="out", progress=False))
+
+
+def test_a_dataset_spelled_two_ways_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A saved DatasetDict and its default split, a Hub-style folder and its train split, a folder and a file in it:
+    each pair reads the same rows."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(alpaca_rows(6)),
+                          "test": datasets.Dataset.from_list(alpaca_rows(3, seed=1))}).save_to_disk("dd")  # fmt: skip
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "hub" / "data" / "train-0.jsonl", alpaca_rows(6, seed=2))
+    write_jsonl(tmp_path / "hub" / "data" / "train-1.jsonl", alpaca_rows(6, seed=3))
+    for specs, match in [
+        (("dd", "dd@train"), r"^'dd' and 'dd@train' are one dataset; give each dataset once"),
+        (("hub@train", "hub"), r"^'hub@train' and 'hub' are one dataset"),
+        (("hub", "hub/data/train-1.jsonl"), r"^'hub' and 'hub/data/train-1.jsonl' both read '.*train-1.jsonl'"),
+    ]:
+        with pytest.raises(PrepError, match=match):
+            run_pack(PackConfig(datasets=specs, max_len=64, out="out", progress=False))
+        assert not (tmp_path / "out").exists()
+    assert run_pack(PackConfig(datasets=("dd", "dd@test", "hub"), max_len=64, out="out", progress=False))
