@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = ["folder_files", "stream_dataset"]
 
+# Builder config fields that name or describe the data, or tune only speed: any other field set away from its
+# default (a CSV `sep`, a JSON `field`, Parquet `columns` or `filters`, an `encoding`, ...) changes the rows read.
+_NOT_READ_OPTIONS = frozenset({"name", "version", "data_dir", "data_files", "description", "features", "use_threads",
+                               "block_size", "chunksize", "batch_size", "memory_map", "verbose", "engine"})  # fmt: skip
 # What `datasets` raises for a dataset it cannot find, open or split as asked (no bare Exception).
 _DATASETS_ERRORS = (OSError, ValueError, RuntimeError, ImportError, ConnectionError)
 
@@ -52,10 +56,25 @@ def _open_error(name: str, spec: DatasetSpec, error: Exception, verb: str) -> Pr
     return PrepError(f"cannot {verb} dataset {spec.text!r} with `datasets`: {error}")
 
 
+def _reads_as_stored(config: Any) -> bool:
+    """Whether a builder ``config`` reads its files with its type's default options, as padless's own readers do
+    (a README's ``configs`` entry may set reader options such as ``sep: ";"`` or ``field: data``)."""
+    import dataclasses
+
+    default = type(config)()
+    for f in dataclasses.fields(config):
+        value, usual = getattr(config, f.name), getattr(default, f.name)
+        if f.name not in _NOT_READ_OPTIONS and not (value is usual or (type(value) is type(usual) and value == usual)):
+            return False
+    return True
+
+
 def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
     """The data files of ``spec``'s subset and split in a folder laid out as a Hub dataset repository, as
     ``datasets.load_dataset(folder, subset, split=split)`` would read them (in its order); None for a folder whose
-    builder names no data files (a dataset script, where the installed ``datasets`` still runs them)."""
+    builder names no data files (a dataset script, where the installed ``datasets`` still runs them) or reads them
+    with options of its README configuration (a CSV ``sep``, a JSON ``field``, ...): only ``datasets`` applies
+    those."""
     import datasets
 
     try:
@@ -68,7 +87,7 @@ def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
     except _DATASETS_ERRORS as e:  # e.g. "BuilderConfig 'x' not found. Available: [...]"
         raise _open_error(str(folder), spec, e, "open") from e
     data_files = builder.config.data_files
-    if not data_files:
+    if not data_files or not _reads_as_stored(builder.config):
         return None
     files = {str(k): v for k, v in data_files.items()}
     return [Path(f) for f in files[_split_of(spec, list(files))]]

@@ -11,8 +11,8 @@ A dataset is named ``PATH_OR_ID[:SUBSET][@SPLIT]`` (:func:`parse_spec`):
   subset (the ``configs`` of its README.md) and split (``data/test-*.parquet``, ``validation.jsonl``, ...), exactly as
   ``datasets.load_dataset(folder, SUBSET, split=SPLIT)`` would; the default split is ``train``. Files of the types
   above are read by padless's own readers (each row exactly as stored: no schema is imposed on JSON); other types
-  (``.txt``, ...) and dataset scripts stream through ``datasets`` (scripts only where the installed ``datasets`` still
-  runs them);
+  (``.txt``, ...), a subset whose README configuration sets reader options (a CSV ``sep``, a JSON ``field``, ...)
+  and dataset scripts stream through ``datasets`` (scripts only where the installed ``datasets`` still runs them);
 - a Hub id ``owner/name``, when the Hub can be reached: streamed through ``datasets`` (``streaming=True``), split
   ``train`` unless ``@SPLIT`` names another.
 

@@ -108,6 +108,27 @@ def test_subsets_come_from_the_readme_configs(configs_folder: Path) -> None:
         load_rows(f"{configs_folder}@validation")
 
 
+def test_reader_options_of_the_readme_configs_apply(tmp_path: Path) -> None:
+    """A subset whose README entry sets how its files are read (a CSV `sep`, a JSON `field`, Parquet `columns`) gives
+    the rows datasets gives, never the file read with default options."""
+    for name, option, rows in [
+        ("semi.csv", "sep: ';'", [{"instruction": "hi", "output": "there"}]),
+        ("wrapped.json", "field: data", [{"text": "a"}, {"text": "b"}]),
+        ("wide.parquet", "columns: [text]", [{"text": "c"}]),
+    ]:
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        if name.endswith(".csv"):
+            (folder / name).write_text("instruction;output\nhi;there\n")
+        elif name.endswith(".json"):
+            (folder / name).write_text(json.dumps({"version": 2, "data": rows}))
+        else:
+            _parquet(folder / name, [{"text": "c", "junk": 1}])
+        entry = f"- config_name: default\n  {option}\n  data_files:\n  - split: train\n    path: {name}\n"
+        (folder / "README.md").write_text(f"---\nconfigs:\n{entry}---\n")
+        assert load_rows(str(folder)) == rows, name
+
+
 def test_save_to_disk_splits(tmp_path: Path) -> None:
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(text_rows(3)),
                                "validation": datasets.Dataset.from_list([{"text": "v"}])})  # fmt: skip
