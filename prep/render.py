@@ -99,8 +99,10 @@ def parse_maps(maps: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 def apply_maps(rows: list[dict[str, Any]], maps: dict[str, str], source: str | None) -> list[dict[str, Any]]:
-    """``rows`` with each ``--map`` field NAME set from its COLUMN. ``source``: the input's name, to check first that
-    these rows (the first 100) have every mapped column; None skips the check (later chunks of a checked input)."""
+    """``rows`` with each ``--map`` COLUMN renamed to its field NAME: a mapped column no other map names as a field
+    leaves the row, so it cannot decide the format (``--map prompt=instruction --map completion=output`` makes
+    Alpaca rows prompt-completion rows). ``source``: the input's name, to check first that these rows (the first 100)
+    have every mapped column; None skips the check (later chunks of a checked input)."""
     if not maps:
         return rows
     if source is not None:
@@ -110,7 +112,13 @@ def apply_maps(rows: list[dict[str, Any]], maps: dict[str, str], source: str | N
             raise PrepError(
                 f"--map names columns {missing} that {source!r} does not have; its columns: {sorted(columns)}"
             )
-    return [{**r, **{name: r.get(col) for name, col in maps.items()}} for r in rows]
+    moved = set(maps.values()) - set(maps)
+    out = []
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in moved}
+        row.update((name, r.get(col)) for name, col in maps.items())
+        out.append(row)
+    return out
 
 
 def _columns(rows: list[dict[str, Any]]) -> set[str]:

@@ -185,6 +185,21 @@ def test_sharegpt_and_map(tmp_path):
     assert tk.tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == " four<|im_end|>"
 
 
+def test_map_renames_so_the_mapped_fields_decide_the_format(tmp_path):
+    """Alpaca columns mapped onto prompt/completion pack as prompt-completion: the renamed columns are gone, so they
+    no longer make the rows Alpaca rows."""
+    rows = [{"instruction": "two plus two", "input": "", "output": "four"}] * 4
+    _, out = pack(tmp_path, rows, name="pc", maps=("prompt=instruction", "completion=output"))
+    tk = load_tokenizer(None)
+    [(ids, mask)] = examples_in_shards(out)[0]
+    assert tk.tok.decode(ids, skip_special_tokens=False) == "two plus two four<|im_end|>"
+    # A swap reads both columns as they were.
+    _, out = pack(tmp_path, [{"instruction": "four", "output": "two plus two"}] * 4, name="swap",
+                  maps=("instruction=output", "output=instruction"))  # fmt: skip
+    [(ids, mask)] = examples_in_shards(out)[0]
+    assert tk.tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == "four<|im_end|>"
+
+
 def test_tokenizer_source_is_absolute_whatever_the_working_directory(tmp_path, monkeypatch):
     """`prep show` and `train run` read tokenizer_source from other working directories (and machines' copies)."""
     from padless.prep.tokenizer import DEFAULT_TOKENIZER
