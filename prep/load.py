@@ -322,7 +322,7 @@ def _open_local(spec: DatasetSpec, n: int) -> Source:
     files = folder_files(path, spec)
     if files is not None and all(_readable(f) for f in files):
         return Source(spec.text, _files_chunks(files, n), _sha256_files(files), reads=_resolved(files))
-    h = hashlib.sha256(f"folder:{spec.subset}:{spec.split}\0".encode())
+    h = hashlib.sha256(_streamed("folder", spec).encode() + b"\0")
     reads = (_streamed(str(path.resolve()), spec),)
     return Source(spec.text, stream_dataset(str(path), spec, n, h), _hash=h, reads=reads)
 
@@ -332,7 +332,8 @@ def _resolved(files: list[Path]) -> tuple[str, ...]:
 
 
 def _streamed(name: str, spec: DatasetSpec) -> str:
-    """A dataset streamed through ``datasets``: its name, subset and split (``train`` when none is named, as read)."""
+    """A dataset streamed through ``datasets``: its name, subset and split (``train`` when none is named, as read),
+    so that ``x`` and ``x@train`` are one dataset with one fingerprint."""
     return f"{name}:{spec.subset}@{spec.split or 'train'}"
 
 
@@ -361,7 +362,7 @@ def open_source(spec: str, chunk_rows: int | None = None) -> Source:
         )
     from .hub import stream_dataset
 
-    h = hashlib.sha256(f"hub:{s.hub_id}:{s.subset}:{s.split}\0".encode())
+    h = hashlib.sha256(_streamed(f"hub:{s.hub_id}", s).encode() + b"\0")
     return Source(spec, stream_dataset(s.hub_id, s, chunk_rows, h), _hash=h, reads=(_streamed(s.hub_id, s),))
 
 

@@ -150,6 +150,9 @@ def test_other_file_types_stream_through_datasets(tmp_path: Path) -> None:
     assert src.fingerprint is None, "a streamed source is fingerprinted by what it yields"
     assert [r for c in src.chunks() for r in c] == [{"text": "held out"}]
     assert len(src.fingerprint) == 64 and src.fingerprint != open_source(str(folder)).fingerprint
+    # One dataset, however its default split is spelled, has one fingerprint.
+    default, train = open_source(str(folder)), open_source(f"{folder}@train")
+    assert [list(s.chunks()) for s in (default, train)] and default.fingerprint == train.fingerprint
 
 
 def test_every_reader_streams_in_chunks(tmp_path: Path) -> None:
