@@ -180,6 +180,8 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if count == 0 and not rows:
+                    _refuse_one_object(path)
                 raise PrepError(
                     f"malformed JSON in {str(path)!r} at line {lineno}, column {e.colno}: {e.msg} "
                     "(expected one JSON object per line, or one JSON array)"
@@ -190,6 +192,21 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
                 rows = []
         if rows:
             yield _objects(rows, path, count)
+
+
+def _refuse_one_object(path: Path) -> None:
+    """Refuse a JSON file that holds one object over several lines (``{"version": 1, "data": [...]}``, as SQuAD
+    ships) as what it is, not as malformed JSONL; return when the file is no such object."""
+    with _open_text(path) as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError:
+            return
+    if isinstance(value, dict):
+        raise PrepError(
+            f"{str(path)!r} holds one JSON object (keys {sorted(value)[:8]}), not rows; expected one JSON object per "
+            "line (JSONL) or a JSON array of objects: write the rows it holds out as one of those"
+        )
 
 
 def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:

@@ -124,6 +124,12 @@ def _bad_json_array(tmp_path):
     return [p], {}
 
 
+def _json_object(tmp_path):
+    p = tmp_path / "squad.json"
+    p.write_text(json.dumps({"version": "1.1", "data": [{"text": "ok"}]}, indent=2))
+    return [p], {}
+
+
 def _unknown_format(tmp_path):
     return [write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "answer": "b"}])], {}
 
@@ -162,6 +168,8 @@ def _offline_hub(tmp_path):
         (_missing, r"dataset '.*nope.jsonl' not found: no such file or folder"),
         (_bad_json, r"malformed JSON in '.*bad.jsonl' at line 3, column 10"),
         (_bad_json_array, r"malformed JSON in '.*bad.json' at line 3"),
+        (_json_object, r"'.*squad.json' holds one JSON object \(keys \['data', 'version'\]\), not rows; expected one "
+                       r"JSON object per line \(JSONL\) or a JSON array of objects"),
         (_unknown_format, r"cannot detect the format of .*columns are \['answer', 'question'\]; known formats"),
         (_empty, r"dataset '.*empty.jsonl' is empty: no rows found"),
         (_short, r"--max-len 8 is below 16"),
@@ -170,8 +178,8 @@ def _offline_hub(tmp_path):
         (_offline_hub, r"'someone/some-dataset' is not a local file or folder, and the Hugging Face Hub cannot be "
                        r"reached \(offline\)"),
     ],
-    ids=["missing", "bad-jsonl", "bad-json", "unknown-format", "empty", "max-len", "existing-out", "format-cols",
-         "offline"],
+    ids=["missing", "bad-jsonl", "bad-json", "json-object", "unknown-format", "empty", "max-len", "existing-out",
+         "format-cols", "offline"],
 )  # fmt: skip
 def test_bad_input_clear_error_and_nothing_written(tmp_path, monkeypatch, make, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
