@@ -94,6 +94,8 @@ def parse_maps(maps: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise PrepError(f"--map {m!r}: expected NAME=COLUMN, e.g. --map prompt=question")
         if name not in _FIELDS:
             raise PrepError(f"--map {m!r}: unknown field {name!r}; expected one of {', '.join(_FIELDS)}")
+        if name in out:  # the later one would win without a word
+            raise PrepError(f"--map {name}={out[name]} and --map {m}: the field {name!r} is mapped twice; map it once")
         out[name] = column
     return out
 

@@ -71,6 +71,11 @@ def test_pack_flags_reach_the_config(alpaca_file: Path, tmp_path: Path) -> None:
         (["--max-len", "64", "--num-proc", "0"], r"--num-proc 0: expected >= 1"),
         (["--max-len", "64", "--map", "prompt"], r"--map 'prompt': expected NAME=COLUMN"),
         (["--max-len", "64", "--map", "prompt=nope"], r"--map names columns \['nope'\]"),
+        (
+            ["--max-len", "64", "--map", "prompt=instruction", "--map", "prompt=input"],
+            r"^error: --map prompt=instruction and --map prompt=input: the field 'prompt' is mapped twice; map it "
+            r"once$",
+        ),
         (["--max-len", "64", "--format", "chat"], r"--format chat needs columns \['messages'\]"),
         (["--max-len", "64", "--tokenizer", "/no/such/tokenizer"], r"Hugging Face Hub cannot be reached|no such"),
         ([], r"Missing option '--max-len'"),
