@@ -147,7 +147,7 @@ class PackConfig:
         """The options that change the output (so they enter the fingerprint); num_proc, out, ... do not."""
         skip = ("datasets", "out", "num_proc", "overwrite", "progress", "tokenizer", "extra")
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        d["maps"] = list(self.maps)
+        d["maps"] = sorted(self.maps)  # one mapping per field (prep.render.parse_maps), so their order is no option
         # The mix's weights in order (its datasets' content is in the source fingerprint; paths differ by machine).
         d["mix"] = [e.weight for e in self.mix_entries()]
         d["chat_template_kwargs"] = parse_template_kwargs(self.chat_template_kwargs)

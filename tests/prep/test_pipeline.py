@@ -156,6 +156,11 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     fp["len"] = pack(tmp_path, src, name="len", max_len=256)[0]["fingerprint"]
     fp["seed"] = pack(tmp_path, src, name="seed", seed=5)[0]["fingerprint"]
     fp["all"] = pack(tmp_path, src, name="all", train_on="all")[0]["fingerprint"]
+    # The same --map options in another order make the same shards, so the same fingerprint.
+    maps = ("prompt=instruction", "completion=output")
+    fp["map"] = pack(tmp_path, src, name="map", maps=maps)[0]["fingerprint"]
+    fp["map2"] = pack(tmp_path, src, name="map2", maps=maps[::-1])[0]["fingerprint"]
+    assert fp.pop("map") == fp.pop("map2")
     rows[3]["output"] += "!"
     src2 = write_jsonl(tmp_path / "d2.jsonl", rows)
     fp["data"] = pack(tmp_path, src2, name="data")[0]["fingerprint"]
