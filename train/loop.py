@@ -426,6 +426,9 @@ def _train(
     # Output: the adapter (peft) or the full model (Hugging Face), then the summary.
     wall = time.perf_counter() - wall0
     result.steps = step
+    if not result.losses and result.eval_loss is None:
+        # A resume whose checkpoint is at the run's last step trains nothing: its eval loss is the one logged last.
+        result.eval_loss = metrics.last_value("eval_loss")
     final_state = gather_output_state(model)  # FSDP2: a collective on every rank; None otherwise
     if env.is_main:
         record = functools.partial(record_outputs, output)

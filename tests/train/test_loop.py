@@ -119,6 +119,18 @@ def test_keep_last_prunes_old_checkpoints_and_resume_still_works(synthetic_shard
     assert latest_checkpoint(tmp_path / "b") == root / "step-00000005"
 
 
+def test_a_resume_at_the_last_step_reports_the_eval_loss_of_that_step(synthetic_shards: Path, tmp_path: Path) -> None:
+    """A run stopped right after its last step's evaluation and checkpoint trains nothing when resumed; its result
+    and summary.json still carry the eval loss of the last step, as the uninterrupted run's do."""
+    settings = dict(max_steps=2, save_every=1, eval_every=0)
+    straight = train(base_config(synthetic_shards, tmp_path / "a", **settings))
+    run_interrupted(base_config(synthetic_shards, tmp_path / "b", **settings), after_step=2)
+    resumed = train(base_config(synthetic_shards, tmp_path / "b", resume=True, **settings))
+    assert resumed.losses == [] and straight.eval_loss is not None
+    assert resumed.eval_loss == straight.eval_loss
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["eval_loss"] == straight.eval_loss
+
+
 def _one_by_one_eval_loss(model: torch.nn.Module, eval_ss) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
