@@ -103,7 +103,11 @@ class TrainConfig:
     lr: float = option(2e-4, help="Peak learning rate (after warm-up).")
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices only; norms and biases never decay).")
     warmup_steps: int = option(0, help="Linear warm-up steps from 0 to --lr, then cosine decay.")
-    min_lr_ratio: float = option(0.0, help="Cosine floor as a fraction of --lr at the last step.")
+    min_lr_ratio: float = option(
+        0.0,
+        help="Cosine floor as a fraction of --lr, reached as the run ends: one step after the last, as transformers' "
+        "cosine schedule decays, so no step trains at the floor itself.",
+    )
     max_grad_norm: float = option(1.0, help="Clip the global gradient norm to this (0 = no clipping).")
     epochs: int = option(1, help="Passes over the shard set (ignored when --max-steps > 0).")
     max_steps: int = option(0, help="Optimizer steps to run (0 = run --epochs epochs).")

@@ -47,7 +47,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr before optimizer step ``step`` (0-based): linear warm-up, then cosine to min_ratio."""
+    """Multiplier of the peak lr before optimizer step ``step`` (0-based): linear warm-up, then a cosine that reaches
+    ``min_ratio`` at ``total_steps``, one step past the last, as transformers' ``get_cosine_schedule_with_warmup``
+    decays (with the default floor 0, a last step at the floor would train at lr 0)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)

@@ -140,6 +140,18 @@ def test_warmup_then_cosine() -> None:
     assert all(a >= b for a, b in itertools.pairwise(values))
 
 
+def test_cosine_decays_as_transformers_schedule() -> None:
+    """Past the warm-up, the floor-0 schedule is transformers' cosine with warm-up: the run's last step (19 of 20)
+    still trains above the floor, which is reached one step later."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(opt, num_warmup_steps=4, num_training_steps=20).lr_lambdas[0]
+    for step in range(4, 21):
+        assert lr_factor(step, warmup_steps=4, total_steps=20) == pytest.approx(theirs(step), abs=1e-12), step
+    assert lr_factor(19, warmup_steps=4, total_steps=20) > 0
+
+
 def test_flop_model_counts_matmul_parameters_and_passes() -> None:
     from padless.train.modeling import load_model
 
