@@ -31,6 +31,7 @@ from pathlib import Path
 
 from padless.shards.config_file import SAVED_CONFIG_NAME
 from padless.shards.schema import FORMAT_NAME, MANIFEST_NAME
+from padless.shards.writer import rename_into_vacant
 
 from .errors import PrepError
 
@@ -209,15 +210,11 @@ def publish_new(stage: Path, out: Path) -> None:
 
     One rename does both the check and the move, so a set that another run wrote to ``out`` while this one packed
     is never replaced."""
-    try:
-        os.rename(stage / "new", out)
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise
+    if not rename_into_vacant(stage / "new", out):
         raise PrepError(
             f"--out {str(out)!r} was filled by another process while this run packed; nothing was replaced: run "
             "again with another --out, or with --overwrite to replace it"
-        ) from e
+        )
     with contextlib.suppress(OSError):
         shutil.rmtree(stage)
 
