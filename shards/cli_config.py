@@ -274,10 +274,13 @@ def click_options(
     if CONFIG_PARAM in kinds:
         raise TypeError(f"{cls.__name__}.{CONFIG_PARAM}: the name is taken by --config")
     example = next((n for n in kinds if "_" in n and n not in exclude), "name")
+    # Only the fields' own arguments can come from the file (a command's other click arguments cannot).
+    positional = any(f.metadata.get("positional") for f in dataclasses.fields(cls) if f.name not in exclude)
     config_help = (
         f"YAML (or JSON) file of settings: a mapping of option names ({example} or {example.replace('_', '-')}) to "
-        "values, positional arguments included. Precedence: options given on the command line override the file, "
-        "the file overrides the defaults. Relative paths in it are relative to the working directory."
+        f"values{', positional arguments included' if positional else ''}. Precedence: options given on the command "
+        "line override the file, the file overrides the defaults. Relative paths in it are relative to the working "
+        "directory."
     )
     params = [
         click.option(

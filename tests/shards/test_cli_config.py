@@ -296,6 +296,24 @@ def test_help_states_the_precedence() -> None:
     assert "--verbose / --no-verbose" in help_text and "--size INTEGER A required size. [required]" in help_text
 
 
+@dataclass(kw_only=True, frozen=True)
+class OptionsOnly:
+    size: int = option(1, help="A size.")
+
+
+def test_help_says_positional_arguments_come_from_the_file_only_where_the_config_has_them(tmp_path: Path) -> None:
+    @click.command()
+    @click.argument("target")  # an argument of the command, not of the config: the file cannot give it
+    @click_options(OptionsOnly)
+    def stats(target: str, **params) -> None:
+        click.echo(repr(config_from_params(OptionsOnly, params)))
+
+    assert "positional arguments included" in " ".join(_run("go", "--help").output.split())
+    help_text = " ".join(CliRunner().invoke(stats, ["--help"]).output.split())
+    assert "a mapping of option names to values. Precedence:" in help_text.replace(" (name or name)", "")
+    assert "positional" not in help_text
+
+
 def test_a_written_config_reads_back_as_the_same_config(tmp_path: Path) -> None:
     demo = Demo(inputs=("a b", "off", "7e9", "", "null", "é"), size=3, color="green", shade="red", ratio=1e-10,
                 tags=("yes", "\n### Response:\n", "x: y", "#"), verbose=True, progress=False, name="1e-4",
