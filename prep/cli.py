@@ -86,11 +86,15 @@ def verify_cmd(shard_set: str) -> None:
     Exit status 0 when both pass; 1 when it fails verification (the message names the set, shard and pack); 2 for a
     usage error.
     """
+    from pathlib import Path
+
     from padless.shards.verify import verify_with_eval
 
     try:
         report = verify_with_eval(shard_set)
     except ShardFormatError as error:
+        if not Path(shard_set).is_dir():  # no shard set at all: a usage error (a missing file), as in prep show
+            raise
         click.echo(f"error: {one_line(error)}", err=True)
         sys.exit(1)
     line = f"ok: {_counts(report['main'])} verified"

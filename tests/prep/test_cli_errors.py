@@ -200,6 +200,7 @@ def test_show_and_verify_exit_codes(alpaca_file: Path, tmp_path: Path) -> None:
     assert_one_line_error(_invoke("show", str(out), "--pack", "999"), r"--pack 999 out of range")
     assert_one_line_error(_invoke("show", str(tmp_path / "nope")), r"is not a folder")
     assert_one_line_error(_invoke("verify"), r"Missing argument 'SHARD_SET'")
+    assert_one_line_error(_invoke("verify", str(tmp_path / "nope")), r"is not a folder")  # a missing path: exit 2
     # A shard set that fails verification is a result, not a usage error: exit status 1, said in the help.
     assert "1 when it fails verification" in " ".join(_invoke("verify", "--help").output.split())
     shard = out / "shard-00000.arrow"
