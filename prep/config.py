@@ -90,7 +90,7 @@ class PackConfig:
     )
     overlong: Overlong = option("truncate", help="What to do with examples longer than --max-len.")
     max_examples_per_pack: int = option(0, help="Cap per pack (0 = no cap).")
-    seed: int = option(0, help="Seed of the pack-order shuffle and eval split.")
+    seed: int = option(0, help="Seed of the --mix draw, the pack-order shuffle and the eval split.")
     eval_fraction: float = option(0.0, help="Held-out fraction of rows, packed into OUT/eval/.")
     eval_examples: int = option(0, help="Held-out number of rows, packed into OUT/eval/.")
     num_proc: int = option(1, help="Tokenizer processes (the output is identical for any number).")
