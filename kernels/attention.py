@@ -450,6 +450,8 @@ def varlen_attention_with_configs(
         _, out, lse, _, _ = _forward(q, k, v, cu_seqlens, scale, causal, window, softcap, fwd_cfg, None)
         return (out, lse) if return_lse else out
     saved_out, saved_lse = saved if saved is not None else (None, None)
+    if saved is not None:  # the kernels index out by its token and head strides only, and lse as a dense (T, H)
+        saved_out, saved_lse = _last_dim_contiguous(saved_out), saved_lse.contiguous()
     out, lse = _VarlenAttention.apply(
         q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg, saved_out, saved_lse
     )  # fmt: skip

@@ -800,6 +800,12 @@ def test_saved_forward_gives_the_same_output_and_gradients_without_a_forward_lau
     assert launches == [] and again.data_ptr() == out.data_ptr()
     for tag, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(again, (q, k, v), do), plain, strict=True):
         assert torch.equal(a, b), tag
+    # The same pair in other layouts (lse transposed in memory, out with a strided head dim) gives the same gradients.
+    strided = (out.detach().transpose(1, 2).contiguous().transpose(1, 2), lse.t().contiguous().t())
+    assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
+    again = varlen_attention_with_configs(q, k, v, cu, max(lens), saved=strided, **cfgs, **kw)
+    for tag, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(again, (q, k, v), do), plain, strict=True):
+        assert torch.equal(a, b), f"strided saved pair: {tag}"
     ref_out, ref_lse = varlen_attention_reference(q, k, v, cu, max(lens), return_lse=True, **kw)
     assert_close_verbose(out, ref_out, atol=2e-5, name="out")
     assert_close_verbose(lse, ref_lse, atol=2e-5, name="lse")
