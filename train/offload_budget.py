@@ -57,11 +57,15 @@ class CheckpointShape:
     @classmethod
     def of(cls, config: object, dtype: torch.dtype, checkpoint_layers: int = 1) -> CheckpointShape:
         """From a Hugging Face model config and the compute dtype; with ``checkpoint_layers`` (``--checkpoint-layers``)
-        > 1 the units are segments of that many layers, one checkpoint each (``layers`` counts the segments)."""
-        hidden = int(config.hidden_size)
-        heads = int(config.num_attention_heads)
-        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-        units = checkpoints_of(int(config.num_hidden_layers), checkpoint_layers)
+        > 1 the units are segments of that many layers, one checkpoint each (``layers`` counts the segments).
+
+        The sizes are the decoder's: a multimodal config (Gemma 3) keeps them in its ``text_config``, which
+        ``get_text_config()`` returns (a plain config returns itself)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = int(text.hidden_size)
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        units = checkpoints_of(int(text.num_hidden_layers), checkpoint_layers)
         return cls(units, hidden, heads, head_dim, torch.empty((), dtype=dtype).element_size())
 
     def tensor_bytes(self, tokens: int, keep_attention: bool) -> tuple[int, ...]:

@@ -55,6 +55,22 @@ def test_checkpoint_shape_reads_a_model_config() -> None:
     assert [checkpoints_of(36, k) for k in (1, 2, 5, 36, 40)] == [36, 18, 8, 1, 1]
 
 
+def test_checkpoint_shape_reads_a_multimodal_config_s_text_config() -> None:
+    """Gemma 3 keeps the decoder's sizes in ``text_config`` (its top config has no ``hidden_size``); the host check
+    of ``--checkpointing offload`` reads them there."""
+    from transformers import AutoConfig
+
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}  # fmt: skip
+    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision)
+    assert CheckpointShape.of(config, torch.bfloat16) == CheckpointShape(3, 64, 4, 16, 2)
+    cfg = TrainConfig(shards="x", checkpointing="offload", host_mem_gib=1.0)
+    with pytest.raises(TrainError, match=r"checkpoints of 3 layers at 10000000 tokens"):
+        check_offload_memory(cfg, config, torch.bfloat16, 10**7)
+
+
 @pytest.mark.parametrize(
     ("nbytes", "pinned"),
     [(1, 8 * MIB), (8 * MIB, 8 * MIB), (9 * MIB, 16 * MIB), (24 * MIB + 1, 32 * MIB), (768 * MIB, GIB)],
