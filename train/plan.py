@@ -414,13 +414,17 @@ def plan_inputs(cfg: Any) -> tuple[ModelInventory, int, float]:
 
 
 def _as_run(setting: Setting) -> Setting:
-    """``setting`` as ``train run`` resolves it on a CUDA GPU (train.memory_setting)."""
-    if setting.memory != "low":
-        return setting
-    checkpointing, optimizer, tile = low_memory_choices(
-        setting.checkpointing, setting.optimizer, setting.mlp_tile, True, setting.tokens
-    )
-    return dataclasses.replace(setting, checkpointing=checkpointing, optimizer=optimizer, mlp_tile=tile)
+    """``setting`` as ``train run`` resolves it on a CUDA GPU (train.memory_setting). ``--checkpoint-gpu-gib`` splits
+    offloaded checkpoints only, and ``train run`` refuses it with another mode: a setting that does not offload
+    keeps no GPU share, so that the options it prints run."""
+    if setting.memory == "low":
+        checkpointing, optimizer, tile = low_memory_choices(
+            setting.checkpointing, setting.optimizer, setting.mlp_tile, True, setting.tokens
+        )
+        setting = dataclasses.replace(setting, checkpointing=checkpointing, optimizer=optimizer, mlp_tile=tile)
+    if setting.checkpointing != "offload" and setting.checkpoint_gpu_bytes:
+        setting = dataclasses.replace(setting, checkpoint_gpu_bytes=0)
+    return setting
 
 
 def host_fit_split(inv: ModelInventory, setting: Setting, host_budget: int) -> Setting | None:

@@ -242,6 +242,25 @@ def test_cli_recommends_a_complete_command(synthetic_shards: Path) -> None:
     assert line.startswith("recommended for") and " --keep-attention" in line and " --mlp-tile-tokens 256 " in line
 
 
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_a_gpu_share_is_planned_and_recommended_for_offloaded_rows_only(synthetic_shards: Path, memory: str) -> None:
+    """``--checkpoint-gpu-gib`` splits offloaded checkpoints; ``train run`` refuses it with checkpointing off or on,
+    so those rows carry no share and the recommended line (here an ``off`` or ``on`` row) runs as printed."""
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(SHAPE), "--modes",
+            "lora", "--tokens", "2k", "--gpu-mem-gib", "8", "--host-mem-gib", "64", "--checkpoint-gpu-gib", "1",
+            "--memory", memory]  # fmt: skip
+    rows = [json.loads(line) for line in CliRunner().invoke(main, [*args, "--json"]).output.splitlines()]
+    assert {(r["checkpointing"], r["checkpoint_gpu_gib"]) for r in rows} >= {("on", 0.0), ("offload", 1.0)}
+    assert all(r["checkpoint_gpu_gib"] == (1.0 if r["checkpointing"] == "offload" else 0.0) for r in rows)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    line = result.output.splitlines()[-1]
+    assert line.startswith("recommended for") and "--checkpointing offload" not in line
+    options = line.split(": ", 1)[1].split(" (predicted")[0].split()
+    assert "--checkpoint-gpu-gib" not in options
+    _parsed_by_train_run(options)
+
+
 def test_cli_plans_long_context_options(synthetic_shards: Path) -> None:
     args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides", json.dumps(SHAPE), "--modes",
             "lora", "--checkpointing", "on,offload", "--tokens", "2k", "--gpu-mem-gib", "8", "--json"]  # fmt: skip
