@@ -5,8 +5,9 @@ whole packs, and every pack fits in max_len). Each is predicted by :func:`padles
 run's own setting: its mode, checkpointing, LoRA rank and targets, optimizer and dtype, the model's shapes from its
 config on the meta device, and the shards' attention work. The choice is the fastest of them (plan's tokens/s)
 whose predicted peak fits the memory available, and, under ``--checkpointing offload``, whose offloaded layer
-inputs fit the host's available memory; plan's step time falls per token as the micro-batch grows, so that is the
-largest that fits (a tie goes to the larger).
+inputs fit the host's available memory less the reserve that ``train run``'s host check keeps free
+(``offload_budget.HOST_RESERVE``, as ``train plan`` counts it); plan's step time falls per token as the micro-batch
+grows, so that is the largest that fits (a tie goes to the larger).
 
 The memory available is ``--max-memory-gib``, else the CUDA card's total less plan's headroom; CPU memory is not
 what plan predicts, so on CPU auto needs ``--max-memory-gib``. Under FSDP the prediction is that of one unsharded
@@ -26,7 +27,7 @@ import torch
 from .checkpoint import latest_checkpoint, read_checkpoint_settings
 from .config import TrainConfig, TrainError
 from .memory_setting import low_memory_checkpointing
-from .offload_budget import host_bytes_of
+from .offload_budget import HOST_RESERVE, host_bytes_of
 from .plan import Estimate, ModelInventory, Setting, estimate, plan_inputs, recommend, usable_bytes
 
 __all__ = ["MAX_PACKS", "MAX_TOKENS", "AutoBudget", "Memory", "auto_budget", "available_memory", "candidates", "choose"]
@@ -87,7 +88,8 @@ def choose(
 ) -> Estimate:
     """The estimate auto picks for ``setting`` (its ``tokens`` = the shards' max_len, the smallest candidate); a
     TrainError naming the predicted peak of one pack, the memory and the options when not even that fits. Under
-    ``--memory low`` each candidate is planned with the checkpointing mode the run resolves for its size."""
+    ``--memory low`` each candidate is planned with the checkpointing mode the run resolves for its size.
+    ``host_bytes``: the host memory a candidate's pinned bytes may take (None: not checked)."""
     max_len = setting.tokens
 
     def at(tokens: int) -> Setting:
@@ -112,7 +114,7 @@ def choose(
     if one.peak <= memory.bytes:  # the GPU would do; the offloaded layer inputs do not fit the host
         raise TrainError(
             f"--tokens-per-micro-batch auto: even one pack ({max_len} tokens) offloads {one.host / _GIB:.2f} GiB of "
-            f"layer inputs to host memory, more than the {(host_bytes or 0) / _GIB:.2f} GiB available; use "
+            f"layer inputs to host memory, more than the {(host_bytes or 0) / _GIB:.2f} GiB the host has for them; use "
             "--checkpointing on, a smaller --max-len at `prep pack`, or --host-mem-gib N where the host can give more "
             "than it has available now"
         )
@@ -167,7 +169,10 @@ def auto_budget(
     if cfg.mode != "full" and cfg.target_module_list:
         inv = dataclasses.replace(inv, lora_targets=tuple(cfg.target_module_list))
     setting = Setting.of_run(cfg, max_len, dtype_bytes)
-    host = host_bytes_of(cfg) if cfg.checkpointing == "offload" or cfg.memory == "low" else None
+    host = None
+    if cfg.checkpointing == "offload" or cfg.memory == "low":
+        available = host_bytes_of(cfg)  # what the host check before the first step allows them
+        host = max(available - HOST_RESERVE, 0) if available is not None else None
     best = choose(inv, setting, memory, sum_sq_per_token=sum_sq_per_token, host_bytes=host, cuda_graphs=cfg.cuda_graphs)
     tokens = best.setting.tokens
     note = (

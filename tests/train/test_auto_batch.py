@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from padless.shards.reader import open_shards
 from padless.train.auto_batch import (
     MAX_PACKS,
     MAX_TOKENS,
@@ -138,6 +139,25 @@ def _between(shards: Path, output: Path, packs: int) -> float:
     peaks = _peaks(inv, Setting("lora", max_len, "off", dtype_bytes=4), sum_sq)  # the CLI run: fp32 LoRA on CPU
     k = packs.bit_length() - 1
     return (peaks[k] + peaks[k + 1]) / 2 / GIB
+
+
+def test_offloaded_inputs_leave_the_host_check_s_reserve_free(synthetic_shards: Path, tmp_path: Path) -> None:
+    """Auto sizes the offloaded layer inputs for the host memory less the reserve that ``train run``'s check before
+    the first step keeps free, so the run never refuses the budget auto chose for it."""
+    from padless.train.offload_budget import HOST_RESERVE, check_offload_memory
+    from padless.train.plan import model_config
+
+    cfg = cli_equivalent(synthetic_shards, tmp_path / "run", tokens_per_micro_batch="auto", max_memory_gib=8.0,
+                         checkpointing="offload")  # fmt: skip
+    inv, max_len, _ = plan_inputs(cfg)
+    one_pack = estimate(inv, Setting.of_run(cfg, max_len, 4)).host  # every candidate pins as much (8 MiB buffers)
+    config = model_config(cfg, open_shards(synthetic_shards).vocab_size)
+    exact = (one_pack + HOST_RESERVE) / GIB  # one pack's pinned inputs and the reserve, not a byte more
+    with pytest.raises(TrainError, match=r"even one pack \(128 tokens\) offloads 0\.02 GiB of layer inputs"):
+        auto_budget(dataclasses.replace(cfg, host_mem_gib=exact - 0.001), tmp_path / "run", torch.device("cpu"), 4)
+    sized = dataclasses.replace(cfg, host_mem_gib=exact)
+    tokens = auto_budget(sized, tmp_path / "run", torch.device("cpu"), 4).tokens
+    check_offload_memory(sized, config, torch.float32, tokens)  # the run's own check takes it
 
 
 def test_a_cli_run_sizes_prints_and_records_the_budget(synthetic_shards: Path, tmp_path: Path) -> None:
