@@ -429,13 +429,15 @@ def _as_run(setting: Setting) -> Setting:
 
 def host_fit_split(inv: ModelInventory, setting: Setting, host_budget: int) -> Setting | None:
     """``setting`` (offload, all checkpoints to the host) with the smallest ``--checkpoint-gpu-gib`` whose host share
-    fits ``host_budget`` bytes; None when it fits already, or when no GPU share makes it fit."""
+    fits ``host_budget`` bytes beside what else the setting keeps in host memory (``--memory low``'s vocabulary);
+    None when it fits already, or when no GPU share makes it fit."""
     if setting.checkpointing != "offload" or setting.checkpoint_gpu_bytes:
         return None
     split = plan_offload(_checkpoint_shape(inv, setting), setting.tokens, keep_attention=setting.keep_attention)
-    if split.host_bytes <= host_budget:
+    others = estimate(inv, setting).host - split.host_bytes
+    if split.host_bytes + others <= host_budget:
         return None
-    gpu_gib = split.gpu_gib_for(host_budget)
+    gpu_gib = split.gpu_gib_for(host_budget - others)
     if not gpu_gib:
         return None
     return dataclasses.replace(setting, checkpoint_gpu_bytes=int(gpu_gib * GIB))

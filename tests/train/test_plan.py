@@ -347,6 +347,23 @@ def test_plan_offers_the_gpu_share_that_fits_the_host(synthetic_shards: Path) ->
     assert [r["checkpoint_gpu_gib"] for r in roomy] == [0.0]  # it fits: no second row
 
 
+def test_the_gpu_share_offered_under_memory_low_leaves_room_for_the_vocabulary(synthetic_shards: Path) -> None:
+    """Under ``--memory low`` the host also holds the vocabulary: a host a little short of checkpoints and vocabulary
+    together gets the row with the GPU share that makes both fit, and that row is recommended."""
+    shape = {**SHAPE, "num_hidden_layers": 8}
+    inv = inventory(tiny_config("qwen3", 400_000, **shape))
+    setting = Setting("lora", 65536, "offload", memory="low")
+    need = estimate(inv, setting).host
+    assert need - plan_offload(plan_mod._checkpoint_shape(inv, setting), 65536).host_bytes == inv.vocab_params * 2
+    host_gib = (need + HOST_RESERVE) / 2**30 - 0.01
+    args = ["plan", str(synthetic_shards), "--family", "qwen3", "--model-overrides",
+            json.dumps({**shape, "vocab_size": 400_000}), "--modes", "lora", "--checkpointing", "offload", "--tokens",
+            "64k", "--gpu-mem-gib", "40", "--memory", "low", "--host-mem-gib", str(host_gib), "--json"]  # fmt: skip
+    rows = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
+    assert [(r["checkpoint_gpu_gib"] > 0, r["fits"]) for r in rows] == [(False, False), (True, True)]
+    assert rows[1]["host_gib"] <= host_gib - HOST_RESERVE / 2**30
+
+
 def test_segments_are_planned_for_the_host_split_and_under_memory_low(synthetic_shards: Path) -> None:
     """host_fit_split counts segments (half the host bytes at --checkpoint-layers 2), and a --memory low plan of an
     unchecked run carries the segments train run will use once it checkpoints."""
