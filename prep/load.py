@@ -217,7 +217,7 @@ def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     with _open_text(path, newline="") as f:
         reader = csv.DictReader(f)
         names = reader.fieldnames or []
-        twice = sorted({c for c in names if names.count(c) > 1})
+        twice = sorted({c for c in names if c and names.count(c) > 1})  # empty names: trailing empty columns
         if twice:
             raise PrepError(
                 f"{str(path)!r}: the header names the column(s) {twice} more than once; expected one column per name "

@@ -83,6 +83,14 @@ def test_csv_fields_keep_their_line_ends(tmp_path):
     assert load_rows(str(zipped)) == rows
 
 
+def test_a_csv_header_may_end_in_empty_columns(tmp_path):
+    """Spreadsheets write a header like ``text,,`` when cells past the data were formatted: the named columns load
+    (empty names are no duplicate column)."""
+    path = tmp_path / "a.csv"
+    path.write_text("text,,\nhello,,\nworld,,\n")
+    assert [r["text"] for r in load_rows(str(path))] == ["hello", "world"]
+
+
 def test_a_csv_field_may_be_a_long_document(tmp_path):
     """A text field past csv's default limit (131,072 characters) is read whole."""
     rows = [{"text": "long " * 60_000}, {"text": "short"}]
