@@ -55,23 +55,24 @@ def run_command(**params: Any) -> None:
     from .loop import train
 
     cfg = config_from_params(TrainConfig, params)
-    _refuse_lora_sizes_with_full(cfg)
+    _refuse_lora_options_with_full(cfg)
     result = train(cfg)
     if result.summary and detect().is_main:  # one line per run, as its notes: not one per torchrun process
         click.echo(_done_line(result.summary))
 
 
-def _refuse_lora_sizes_with_full(cfg: TrainConfig) -> None:
-    """``--lora-r`` / ``--lora-alpha`` typed with ``--full`` would be ignored: full fine-tuning has no adapter. Only
-    the command line is judged: their defaults (and a saved config.yaml, which lists every setting) say nothing."""
+def _refuse_lora_options_with_full(cfg: TrainConfig) -> None:
+    """LoRA options typed with ``--full`` would be ignored: full fine-tuning trains every weight and no adapter.
+    Only the command line is judged: their defaults, and a saved config.yaml (which lists every setting, so a LoRA
+    run's file replayed with ``--full`` holds them), say nothing."""
     if cfg.mode != "full":
         return
     ctx = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in ("lora_r", "lora_alpha")
+    given = [f"--{name.replace('_', '-')}" for name in ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]  # fmt: skip
     if given:
         raise TrainError(
-            f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the size of a LoRA adapter, and --full "
+            f"{' and '.join(given)} {'configure' if len(given) > 1 else 'configures'} a LoRA adapter, and --full "
             f"trains every weight and no adapter; leave out {' and '.join(given)}, or drop --full to train LoRA"
         )
 

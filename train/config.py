@@ -237,16 +237,6 @@ class TrainConfig:
                 "nothing and a negative value flips the update",
             ),
             (
-                self.mode != "full" or self.target_modules is None,
-                f"--target-modules {self.target_modules!r} picks the layers LoRA adapts, and --full trains every "
-                "weight; leave out --target-modules, or drop --full to train LoRA on those layers",
-            ),
-            (
-                self.mode != "full" or self.lora_dropout == 0,
-                f"--lora-dropout {self.lora_dropout} drops LoRA inputs, and --full trains no adapters; leave out "
-                "--lora-dropout, or drop --full",
-            ),
-            (
                 self.target_modules is None or bool(self.target_module_list),
                 f"--target-modules {self.target_modules!r} names no module; give comma-separated names, e.g. "
                 "q_proj,v_proj, or leave it out for all linear projections",

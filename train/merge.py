@@ -47,11 +47,6 @@ def merge(
         raise TrainError(f"--out {str(out)!r} is a file; expected a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
-    if out.resolve().is_relative_to(adapter_dir.resolve()):
-        raise TrainError(
-            f"--out {str(out)!r} is inside the run folder {str(adapter_dir)!r}, which padless rewrites on --overwrite "
-            "or --resume; choose a folder outside it"
-        )
     check_model_source(
         base,
         what=what,

@@ -42,10 +42,10 @@ def _run(shards: Path, output: Path, *args: str):
         (["--checkpointing", "offload", "--checkpoint-gpu-gib", "inf"], r"--checkpoint-gpu-gib must be >= 0 .* finit"),
         (["--lora-alpha", "0"], r"^error: --lora-alpha must be > 0, got 0: the LoRA update is scaled by alpha / r"),
         (["--lora-alpha", "-8"], r"^error: --lora-alpha must be > 0, got -8"),
-        (["--full", "--target-modules", "q_proj"], r"^error: --target-modules 'q_proj' picks the layers LoRA adapts"),
-        (["--full", "--lora-r", "8"], r"^error: --lora-r sets the size of a LoRA adapter, and --full trains every w"),
-        (["--lora-alpha", "32", "--full", "--lora-r", "8"], r"^error: --lora-r and --lora-alpha set the size of a "),
-        (["--full", "--lora-dropout", "0.1"], r"^error: --lora-dropout 0.1 drops LoRA inputs, and --full trains no a"),
+        (["--full", "--target-modules", "q_proj"], r"^error: --target-modules configures a LoRA adapter, and --full"),
+        (["--full", "--lora-r", "8"], r"^error: --lora-r configures a LoRA adapter, and --full trains every weight"),
+        (["--lora-alpha", "32", "--full", "--lora-r", "8"], r"^error: --lora-r and --lora-alpha configure a LoRA "),
+        (["--full", "--lora-dropout", "0.1"], r"^error: --lora-dropout configures a LoRA adapter, and --full"),
         (["--target-modules", ",,"], r"^error: --target-modules ',,' names no module; give comma-separated names"),
         (["--tokens-per-micro-batch", "-5"], r"--tokens-per-micro-batch must be >= 0 or auto, got -5"),
         (["--tokens-per-micro-batch", "lots"], r"'--tokens-per-micro-batch': 'lots' is not an int or 'auto'"),
@@ -85,9 +85,9 @@ def test_bad_options(tmp_path: Path, args: list[str], match: str) -> None:
 
 
 def test_a_config_file_s_lora_sizes_do_not_stop_a_full_run(synthetic_shards: Path, tmp_path: Path) -> None:
-    """A saved config.yaml lists every setting, LoRA sizes included: replayed with --full, they are not an error."""
+    """A saved config.yaml lists every setting, LoRA options included: replayed with --full, they are no error."""
     config = tmp_path / "config.yaml"
-    config.write_text("lora_r: 8\nlora_alpha: 16\n")
+    config.write_text("lora_r: 8\nlora_alpha: 16\nlora_dropout: 0.05\ntarget_modules: q_proj,v_proj\n")
     r = _run(synthetic_shards, tmp_path / "out", "--config", str(config), "--full", *FAST)
     assert r.exit_code == 0, r.output
 
