@@ -56,8 +56,7 @@ def verify_with_eval(path: str | os.PathLike) -> dict[str, dict[str, Any] | None
 
     Returns ``{"main": counts, "eval": counts or None}``. An ``eval`` entry that is not a complete shard set fails:
     the trainer would skip it silently. So does one that ``train run`` refuses beside this set: made with another
-    tokenizer (its eval loss would score other token ids) or with a larger ``max_len`` (its packs may not fit the
-    micro-batch, the set's ``max_len`` by default).
+    tokenizer (its eval loss would score other token ids).
     """
     report: dict[str, dict[str, Any] | None] = {"main": verify_shard_set(path), "eval": None}
     held_out = Path(path) / EVAL_DIR
@@ -72,11 +71,5 @@ def verify_with_eval(path: str | os.PathLike) -> dict[str, dict[str, Any] | None
             raise ShardFormatError(
                 f"held-out set {EVAL_DIR}/ was not tokenized like the set it belongs to ({difference}); `train run` "
                 "refuses it: re-run `prep pack` with --eval-fraction or --eval-examples"
-            )
-        if ev.max_len > main.max_len:
-            raise ShardFormatError(
-                f"held-out set {EVAL_DIR}/ has max_len {ev.max_len}, over the max_len {main.max_len} of the set it "
-                "belongs to, so its packs may not fit `train run`'s default micro-batch; re-run `prep pack` with "
-                "--eval-fraction or --eval-examples"
             )
     return report

@@ -50,9 +50,9 @@ def _edit(manifest: Path, fn) -> None:
     manifest.write_text(json.dumps(m))
 
 
-def test_a_held_out_set_of_another_tokenizer_or_a_longer_max_len_fails_verification(tmp_path):
-    """`train run` refuses such an eval/ (another tokenizer: its loss scores other ids; packs over the training
-    max_len: over the default micro-batch), so `prep verify` may not pass it."""
+def test_a_held_out_set_of_another_tokenizer_fails_verification(tmp_path):
+    """`train run` refuses such an eval/ (its loss would score other token ids), so `prep verify` may not pass it. A
+    larger max_len is no problem of its own: `train run` judges the longest pack against its micro-batch."""
     out = _pack(tmp_path, "--eval-examples", "10")
     _edit(out / "eval" / "manifest.json", lambda m: m["tokenizer"].update(content_hash="f" * 64))
     r = CliRunner().invoke(main, ["verify", str(out)])
@@ -63,7 +63,4 @@ def test_a_held_out_set_of_another_tokenizer_or_a_longer_max_len_fails_verificat
     out = _pack(tmp_path / "b", "--eval-examples", "10")
     _edit(out / "eval" / "manifest.json", lambda m: m.update(max_len=128))
     r = CliRunner().invoke(main, ["verify", str(out)])
-    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
-    assert r.stderr.startswith("error: held-out set eval/ has max_len 128, over the max_len 64 of the set it "), (
-        r.stderr
-    )
+    assert r.exit_code == 0, r.output
