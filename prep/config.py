@@ -71,7 +71,7 @@ class PackConfig:
     tokenizer: str | None = option(None, help="Local folder or hub id. Default: the demo tokenizer in prep/assets.")
     format: Format | None = option(None, help="Data format. Default: detected from the columns.")
     maps: tuple[str, ...] = option(
-        (), help="Use COLUMN as field NAME (repeatable).", flag="--map", metavar="NAME=COLUMN"
+        (), help="Rename COLUMN to field NAME (repeatable).", flag="--map", metavar="NAME=COLUMN"
     )
     chat_template_kwargs: tuple[str, ...] = option(
         (),

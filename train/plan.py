@@ -207,7 +207,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
             other += p.numel()
     known = family_for_model_type(getattr(config, "model_type", "")) is not None
     targets = DEFAULT_TARGETS if known else tuple(sorted({n.rsplit(".", 1)[-1] for n, _, _ in linears}))
-    # The decoder's sizes: a multimodal config (Gemma 3, LLaVA, ...) keeps them in its text_config.
+    # The decoder's sizes: a multimodal config (Gemma 3) keeps them in its text_config.
     text = config.get_text_config()
     heads = int(text.num_attention_heads)
     return ModelInventory(
