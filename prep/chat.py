@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections import Counter
 from typing import Any
 
 from .errors import PrepError
@@ -266,17 +267,16 @@ def _texts(content: Any) -> list[str]:
     return [content.strip()] if isinstance(content, str) else []
 
 
-def _tool_calls_text(tpl: ChatTemplate, messages: list[dict[str, Any]], k: int, ctx: dict[str, Any], full: str) -> str:
-    """The part of ``full`` that changes when message k's tool calls are taken out: where the template wrote them.
-    All of ``full`` when the message cannot be rendered without them."""
-    bare = {key: value for key, value in messages[k].items() if key != "tool_calls"}
-    if bare.get("content") is None:
-        bare["content"] = ""
-    other = _try(tpl, [*messages[:k], bare, *messages[k + 1 :]], False, ctx)
-    if other is None:
-        return full
-    p, s = _diff(full, other)
-    return full[p : len(full) - s]
+def _without_tool_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with every tool call taken out (a message left with no content gets empty text)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {key: value for key, value in m.items() if key != "tool_calls"}
+            if m.get("content") is None:
+                m["content"] = ""
+        out.append(m)
+    return out
 
 
 def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, full: str, documents=None) -> None:
@@ -287,7 +287,24 @@ def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, ful
     rest would teach the model a conversation that never happened. Assistant text is not checked (templates may
     rewrite it, e.g. drop earlier reasoning), but their tool calls are: each function name must be in the text that
     the calls themselves add (a name found only in the tools' schemas or in some message does not count)."""
-    ctx = {"tools": tools, "documents": documents}
+    calls: Counter[str] = Counter()  # function name -> tool calls of it in the conversation
+    first_call: dict[str, int] = {}  # function name -> the first message that calls it
+    for k, m in enumerate(messages):
+        for call in m.get("tool_calls") or ():
+            name = (call.get("function") or call).get("name")
+            if isinstance(name, str):
+                calls[name] += 1
+                first_call.setdefault(name, k)
+    if calls:
+        # One more rendering per row, without any tool call: each name must appear once more per call than there.
+        bare = _try(tpl, _without_tool_calls(messages), False, {"tools": tools, "documents": documents})
+        for name, n in calls.items():
+            if full.count(name) - (bare.count(name) if bare is not None else 0) < n:
+                k = first_call[name]
+                raise PrepError(
+                    f"the chat template of {tpl.name!r} leaves out the tool call {name!r} of message {k}; use a "
+                    "tokenizer whose chat template renders tool calls"
+                )
     for k, m in enumerate(messages):
         role = m.get("role")
         if role != "assistant" and any(t and t not in full for t in _texts(m.get("content"))):
@@ -295,15 +312,6 @@ def check_rendered(tpl: ChatTemplate, messages: list[dict[str, Any]], tools, ful
                 f"the chat template of {tpl.name!r} leaves out message {k} (role {role!r}): its text is not in the "
                 f"rendering; use a tokenizer whose chat template renders {role} messages"
             )
-        calls = m.get("tool_calls") or ()
-        written = _tool_calls_text(tpl, messages, k, ctx, full) if calls else ""
-        for call in calls:
-            name = (call.get("function") or call).get("name")
-            if isinstance(name, str) and name not in written:
-                raise PrepError(
-                    f"the chat template of {tpl.name!r} leaves out the tool call {name!r} of message {k}; use a "
-                    "tokenizer whose chat template renders tool calls"
-                )
     for tool in tools or ():
         name = (tool.get("function") or tool).get("name")
         if isinstance(name, str) and name not in full:
