@@ -51,6 +51,7 @@ CHUNK_ROWS = 4096  # rows per chunk: what is held as Python objects at once (per
 _OTHER_FILE_SUFFIXES = (".txt", ".tsv", ".gz", ".zip", ".zst", ".xz", ".bz2", ".py")
 _HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name as the Hub spells repository ids
 _SPLIT = re.compile(r"\w+(?:[.-]\w+)*")  # split names as datasets allows them (train, validation, test.v2, ...)
+_ONE_OBJECT_LIMIT = 64 << 20  # bytes of a file parsed whole to tell one JSON object from malformed JSONL
 _CSV_FIELD_LIMIT = 2**31 - 1  # characters in one CSV field: the most csv.field_size_limit takes on every platform
 _READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
 
@@ -196,7 +197,10 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
 
 def _refuse_one_object(path: Path) -> None:
     """Refuse a JSON file that holds one object over several lines (``{"version": 1, "data": [...]}``, as SQuAD
-    ships) as what it is, not as malformed JSONL; return when the file is no such object."""
+    ships) as what it is, not as malformed JSONL; return when the file is no such object, or too large to parse
+    whole only to word an error."""
+    if path.stat().st_size > _ONE_OBJECT_LIMIT:
+        return
     with _open_text(path) as f:
         try:
             value = json.load(f)
