@@ -40,7 +40,8 @@ from .output import gather_output_state, save_base_model, save_output, tokenizer
 from .prepare import (
     build_model,
     check_data,
-    check_eval_set,
+    check_eval_tokenizer,
+    check_token_ids,
     check_tokenizer,
     model_overrides_file,
     resolve_device,
@@ -149,7 +150,9 @@ def _train(
         )
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     sizes = pack_sizes(ss)
-    budget, max_token_id = check_data(cfg, ss, sizes, eval_ss)
+    budget, max_token_id, eval_max_token_id = check_data(cfg, ss, sizes, eval_ss)
+    if eval_ss is not None:
+        result.warnings += check_eval_tokenizer(ss.manifest, eval_ss, force=cfg.force)
     auto = None
     if cfg.tokens_per_micro_batch == "auto":  # the budget `train plan` predicts fits (train.auto_batch)
         from .auto_batch import auto_budget
@@ -192,7 +195,7 @@ def _train(
     model = build_model(cfg, ss.manifest, device, dtype)
     result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
     if eval_ss is not None:
-        result.warnings += check_eval_set(ss.manifest, eval_ss, model, force=cfg.force)
+        check_token_ids(eval_max_token_id, model, f"eval set {str(eval_ss.path)!r}")
     from .adapters import apply_adapters, check_targets
 
     if cfg.mode != "full":

@@ -24,7 +24,7 @@ from .distributed import DistEnv
 __all__ = [
     "build_model",
     "check_data",
-    "check_eval_set",
+    "check_eval_tokenizer",
     "check_model_source",
     "check_shards",
     "check_token_ids",
@@ -215,28 +215,28 @@ def check_tokenizer(
     )
 
 
-def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, int]:
+def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, int, int | None]:
     """The checks of the training (and eval) shard sets made before any model is loaded (:func:`check_shards`);
-    returns the micro-batch token budget and the largest token id of the training set (the eval set's ids are
-    checked by :func:`check_eval_set` once the model is loaded). ``--tokens-per-micro-batch auto``
-    is checked as max_len, the smallest budget it chooses (``train.auto_batch``)."""
+    returns the micro-batch token budget and the largest token id of the training set and of the eval set (None
+    without one), which the loaded model's embedding must hold (:func:`check_token_ids`).
+    ``--tokens-per-micro-batch auto`` is checked as max_len, the smallest budget it chooses (``train.auto_batch``)."""
     given = isinstance(cfg.tokens_per_micro_batch, int) and cfg.tokens_per_micro_batch > 0
     budget = cfg.tokens_per_micro_batch if given else ss.max_len
     check_shards(ss.path, sizes, budget=budget, budget_given=given, max_len=ss.max_len)
-    if eval_ss is not None:
-        eval_sizes = pack_sizes(eval_ss)
-        check_shards(eval_ss.path, eval_sizes, budget=budget, budget_given=given, max_len=ss.max_len, kind="eval set")
-    return budget, sizes.max_token_id
+    if eval_ss is None:
+        return budget, sizes.max_token_id, None
+    eval_sizes = pack_sizes(eval_ss)
+    check_shards(eval_ss.path, eval_sizes, budget=budget, budget_given=given, max_len=ss.max_len, kind="eval set")
+    return budget, sizes.max_token_id, eval_sizes.max_token_id
 
 
-def check_eval_set(manifest: dict[str, Any], eval_ss: Any, model: torch.nn.Module, *, force: bool) -> list[str]:
-    """The eval set must be tokenized as the training shards (its eval_loss scores the same token ids) and every
-    token id of it must index the model's embedding; returns warnings (a mismatch overridden by ``force``)."""
-    where = f"eval set {str(eval_ss.path)!r}"
-    check_token_ids(pack_sizes(eval_ss).max_token_id, model, where)
+def check_eval_tokenizer(manifest: dict[str, Any], eval_ss: Any, *, force: bool) -> list[str]:
+    """The eval set must be tokenized as the training shards (its eval_loss scores the same token ids); checked from
+    the manifests, before any model is loaded. Returns warnings (a mismatch overridden by ``force``)."""
     difference = tokenizer_identity.manifest_difference(
         manifest, eval_ss.manifest, ("the training shards", "the eval set")
     )
+    where = f"eval set {str(eval_ss.path)!r}"
     if difference is None:
         return []
     if force:

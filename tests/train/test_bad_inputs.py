@@ -197,8 +197,12 @@ def test_an_eval_set_of_another_tokenizer(synthetic_shards: Path, tmp_path: Path
     def run(eval_set: Path, *args: str):
         return _run(synthetic_shards, tmp_path / "out", "--eval-shards", str(eval_set), "--eval-every", "0", *args)
 
+    # The tokenizers are compared from the manifests before the model loads; token ids past the embedding are
+    # refused even with --force.
     wider = write_synthetic_shards(tmp_path / "wider", examples=8, seed=4, vocab=500)
     line = assert_one_line_error(run(wider), r"^error: ")
+    assert f"eval set {str(wider)!r} was not tokenized like the training shards (the tokenizers differ" in line
+    line = assert_one_line_error(run(wider, "--force"), r"^error: ")
     assert line.startswith(f"error: eval set {str(wider)!r} holds token id 499, but the model's embedding has 384 rows")
     narrower = write_synthetic_shards(tmp_path / "narrower", examples=8, seed=4, vocab=300)
     line = assert_one_line_error(run(narrower), r"^error: ")
