@@ -264,13 +264,18 @@ def differing_parts(a: dict[str, str] | None, b: dict[str, str] | None) -> list[
 def manifest_difference(a: Mapping[str, Any], b: Mapping[str, Any], names: tuple[str, str]) -> str | None:
     """How the tokenizers of two shard-set manifests differ, or None when they agree or neither block can tell.
 
-    Compared by ``content_hash``, else the file ``hash``, else ``vocab_size``: the first that both record. ``names``
-    say which set is which in the message (``"the training shards"``, ``"the eval set"``)."""
+    Compared by ``content_hash``, else the file ``hash``, else ``vocab_size``: the first that both record; a content
+    difference names the parts that differ where both record ``content_parts`` (a chat template alone, say, which
+    changes no token id of packed data). ``names`` say which set is which in the message (``"the training shards"``,
+    ``"the eval set"``)."""
     x, y = (m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {} for m in (a, b))
     for key, what in (("content_hash", "content"), ("hash", "files"), ("vocab_size", "vocab size")):
         if x.get(key) is not None and y.get(key) is not None:
             if x[key] == y[key]:
                 return None
             shown = [v[:12] + "..." if isinstance(v, str) and len(v) > 16 else str(v) for v in (x[key], y[key])]
-            return f"the tokenizers differ in {what}: {shown[0]} for {names[0]}, {shown[1]} for {names[1]}"
+            parts = differing_parts(*(t.get("content_parts") if isinstance(t.get("content_parts"), dict) else None
+                                      for t in (x, y)))  # fmt: skip
+            which = f" ({', '.join(parts)})" if key == "content_hash" and parts else ""
+            return f"the tokenizers differ in {what}{which}: {shown[0]} for {names[0]}, {shown[1]} for {names[1]}"
     return None

@@ -159,7 +159,8 @@ def test_show_warns_about_another_tokenizer_by_content_not_by_file_bytes(tmp_pat
     r = CliRunner().invoke(main, ["show", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "other")])
     assert r.exit_code == 0, r.output
     assert (
-        "warning: this is not the tokenizer the shards were made with (the tokenizers differ in content: " in r.output
+        "warning: this is not the tokenizer the shards were made with (the tokenizers differ in content (model): "
+        in r.output
     )
 
 
