@@ -1,4 +1,4 @@
-"""Where the checkpoints of ``--checkpointing offload`` live, and whether the host can hold its share.
+"""The host memory a run pins: the checkpoints of ``--checkpointing offload`` and ``--memory low``'s vocabulary.
 
 A checkpointed layer keeps its input hidden states, T x hidden x dtype bytes, and with ``--keep-attention`` also
 its attention output (T x H x head_dim x dtype bytes) and log-sum-exp (T x H x 4 bytes, fp32). With
@@ -7,7 +7,12 @@ host memory. On the host each saved tensor takes one buffer of the pinned pool (
 8 MiB granule), and torch's caching host allocator rounds every pinned block up to a power of two
 (``CachingHostAllocator.h``, default ``pinned_max_round_threshold``): a 96K-token Qwen3-8B layer input of 768 MiB
 pins 1 GiB. :func:`plan_offload` does this arithmetic for one micro-batch (also for a ``train plan``-style memory
-account); :func:`check_host_memory` compares it with the host's available memory before the first step.
+account).
+
+Beside the checkpoints, ``--memory low`` keeps a LoRA or QLoRA run's frozen input embedding and output head in
+pinned host memory (``train.host_vocab``): :func:`vocab_host_bytes`, which ``train plan``, ``--tokens-per-micro-batch
+auto`` and the run count alike. :func:`check_run_host_memory` compares both with the host's available memory before
+the first step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import TrainConfig, TrainError
 
@@ -27,12 +33,15 @@ __all__ = [
     "OffloadPlan",
     "available_host_bytes",
     "check_host_memory",
-    "check_offload_memory",
+    "check_run_host_memory",
     "checkpoints_of",
     "host_bytes_of",
+    "keeps_vocab_on_host",
     "layers_on_gpu",
     "pinned_block_bytes",
     "plan_offload",
+    "vocab_host_bytes",
+    "vocab_params_of",
 ]
 
 GIB = 2**30
@@ -154,6 +163,27 @@ def plan_offload(
     )
 
 
+def keeps_vocab_on_host(memory: str, mode: str) -> bool:
+    """Whether ``--memory`` ``memory`` keeps a ``mode`` (lora | qlora | full) run's vocabulary in host memory: under
+    low, unless full fine-tuning trains it (``train.host_vocab`` leaves a trainable embedding or head on the GPU)."""
+    return memory == "low" and mode != "full"
+
+
+def vocab_host_bytes(memory: str, mode: str, vocab_params: int, dtype_bytes: int) -> int:
+    """Host bytes a setting keeps beside its checkpoints: ``--memory low``'s frozen vocabulary, ``vocab_params``
+    values (:func:`vocab_params_of`) of ``dtype_bytes`` each, when :func:`keeps_vocab_on_host`; else 0. One count
+    for ``train plan``, ``--tokens-per-micro-batch auto`` and the run's check, so what plan says fits, runs."""
+    return vocab_params * dtype_bytes if keeps_vocab_on_host(memory, mode) else 0
+
+
+def vocab_params_of(model: nn.Module) -> int:
+    """Values of ``model``'s input embedding and output head, a tied pair once: what ``--memory low`` moves to host
+    memory. Shapes only, so a model on the meta device, on the GPU or with its vocabulary moved already counts the
+    same."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return embedding.numel() + (0 if head is embedding else head.numel())
+
+
 def _meminfo_available(path: Path) -> int | None:
     for line in path.read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -191,45 +221,70 @@ def host_bytes_of(cfg: object) -> int | None:
 
 
 def check_host_memory(
-    plan: OffloadPlan, available: int | None, reserve: int = HOST_RESERVE, checkpoint_layers: int = 1
+    plan: OffloadPlan | None,
+    available: int | None,
+    reserve: int = HOST_RESERVE,
+    checkpoint_layers: int = 1,
+    vocab_bytes: int = 0,
 ) -> None:
-    """Raise :class:`TrainError` when ``plan``'s pinned host bytes do not fit ``available`` less ``reserve``.
+    """Raise :class:`TrainError` when ``plan``'s pinned host bytes (None: nothing offloaded) and ``vocab_bytes``
+    (:func:`vocab_host_bytes`) together do not fit ``available`` less ``reserve``.
 
-    The message names both numbers and the ways out: a smaller micro-batch, ``--checkpointing on``, more layers on
-    the GPU (the ``--checkpoint-gpu-gib`` that would fit), twice the run's ``checkpoint_layers`` when that halves
-    the host part enough, or ``--qlora`` to free GPU memory for them. ``available`` None (unknown): no check.
+    The message names the numbers and the ways out: a smaller micro-batch, ``--checkpointing on``, more layers on
+    the GPU (the ``--checkpoint-gpu-gib`` that would fit beside the vocabulary), twice the run's
+    ``checkpoint_layers`` when that halves the host part enough, ``--memory fast`` when the checkpoints alone fit,
+    or ``--qlora`` to free GPU memory for them. A vocabulary that does not fit by itself gets its own message.
+    ``available`` None (unknown) or nothing to pin: no check.
     """
     budget = (available or 0) - reserve
-    if available is None or plan.host_bytes <= budget:
+    checkpoints = plan.host_bytes if plan is not None else 0
+    if available is None or checkpoints + vocab_bytes <= max(budget, 0):  # nothing pinned: nothing to check
         return
+    host = f"the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it kept free)"
+    more = "--host-mem-gib N where the host can give more than it has available now"
+    vocab = f"{vocab_bytes / GIB:.2f} GiB"
+    if plan is None or not checkpoints or vocab_bytes > max(budget, 0):  # the vocabulary alone does not fit
+        raise TrainError(
+            f"--memory low keeps {vocab} of frozen vocabulary (embedding and lm_head) in pinned host memory, but "
+            f"{host}. Use --memory fast to keep it on the GPU (or {more})"
+        )
     ranks = f" x {plan.processes} processes" if plan.processes > 1 else ""
     unit = "layer" if checkpoint_layers == 1 else f"segment of {checkpoint_layers} layers"
     units = "layers" if checkpoint_layers == 1 else f"segments of {checkpoint_layers} layers"
-    gpu_gib = plan.gpu_gib_for(budget)
+    room = budget - vocab_bytes  # what the checkpoints may take beside the vocabulary
+    gpu_gib = plan.gpu_gib_for(room)
     on_gpu = f", keep more checkpoints on the GPU with --checkpoint-gpu-gib {gpu_gib:g}" if gpu_gib else ""
     halved = -(-plan.host_layers // 2) * plan.host_layer_bytes * plan.processes
     fewer = f", a checkpoint per {2 * checkpoint_layers} layers (--checkpoint-layers {2 * checkpoint_layers})"
+    beside = f", and --memory low {vocab} for the frozen vocabulary (embedding and lm_head)" if vocab_bytes else ""
+    fast = ", --memory fast to keep the vocabulary on the GPU" if vocab_bytes and checkpoints <= budget else ""
     raise TrainError(
-        f"--checkpointing offload needs {plan.host_bytes / GIB:.1f} GiB of pinned host memory for the checkpoints "
+        f"--checkpointing offload needs {checkpoints / GIB:.1f} GiB of pinned host memory for the checkpoints "
         f"of {plan.host_layers} {units} at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
-        f"GiB a {unit}{ranks}), but the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it "
-        f"kept free). Use a smaller --tokens-per-micro-batch, --checkpointing on{on_gpu}"
-        f"{fewer if halved <= budget else ''}, or --qlora to free GPU memory for them (or --host-mem-gib N where "
-        "the host can give more than it has available now)"
+        f"GiB a {unit}{ranks}){beside}, but {host}. Use a smaller --tokens-per-micro-batch, --checkpointing on"
+        f"{on_gpu}{fewer if halved <= room else ''}{fast}, or --qlora to free GPU memory for them (or {more})"
     )
 
 
-def check_offload_memory(cfg: TrainConfig, config: object, dtype: torch.dtype, budget: int) -> None:
-    """With ``--checkpointing offload``: a :class:`TrainError` before the first step if the host cannot hold the
-    offloaded checkpoints of a full micro-batch of ``budget`` tokens (``config``: the Hugging Face model config;
-    every process of this host, torchrun's ``LOCAL_WORLD_SIZE``, pins its own)."""
-    if cfg.checkpointing != "offload":
+def check_run_host_memory(
+    cfg: TrainConfig, config: object, dtype: torch.dtype, budget: int, *, vocab_params: int
+) -> None:
+    """A :class:`TrainError` before the first step if the host cannot hold what the run pins there: with
+    ``--checkpointing offload`` the offloaded checkpoints of a full micro-batch of ``budget`` tokens (``config``: the
+    Hugging Face model config; every process of this host, torchrun's ``LOCAL_WORLD_SIZE``, pins its own), and with
+    ``--memory low`` the vocabulary of ``vocab_params`` values (:func:`vocab_params_of`; counted from its shapes,
+    so once whether or not it has moved yet), as ``train plan`` counts them. A CPU run's vocabulary never leaves
+    host memory, so there the check is that much on the safe side."""
+    vocab_bytes = vocab_host_bytes(cfg.memory, cfg.mode, vocab_params, torch.empty((), dtype=dtype).element_size())
+    if cfg.checkpointing != "offload" and not vocab_bytes:
         return
-    plan = plan_offload(
-        CheckpointShape.of(config, dtype, cfg.checkpoint_layers),
-        budget,
-        keep_attention=cfg.keep_attention,
-        gpu_budget_bytes=int(cfg.checkpoint_gpu_gib * GIB),
-        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-    )
-    check_host_memory(plan, host_bytes_of(cfg), checkpoint_layers=cfg.checkpoint_layers)
+    plan = None
+    if cfg.checkpointing == "offload":
+        plan = plan_offload(
+            CheckpointShape.of(config, dtype, cfg.checkpoint_layers),
+            budget,
+            keep_attention=cfg.keep_attention,
+            gpu_budget_bytes=int(cfg.checkpoint_gpu_gib * GIB),
+            processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
+    check_host_memory(plan, host_bytes_of(cfg), checkpoint_layers=cfg.checkpoint_layers, vocab_bytes=vocab_bytes)

@@ -49,7 +49,17 @@ from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
 from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
 from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
-from .offload_budget import GIB, HOST_RESERVE, CheckpointShape, checkpoints_of, host_bytes_of, plan_offload
+from .offload_budget import (
+    GIB,
+    HOST_RESERVE,
+    CheckpointShape,
+    checkpoints_of,
+    host_bytes_of,
+    keeps_vocab_on_host,
+    plan_offload,
+    vocab_host_bytes,
+    vocab_params_of,
+)
 
 __all__ = [
     "Estimate",
@@ -191,8 +201,6 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     head = model.get_output_embeddings()
-    embedding = model.get_input_embeddings()
-    vocab_params = embedding.weight.numel() + (0 if head.weight is embedding.weight else head.weight.numel())
     linears = tuple(
         (name, m.in_features, m.out_features)
         for name, m in model.named_modules()
@@ -221,7 +229,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
         linears=linears,
         other_params=other,
         lora_targets=tuple(targets),
-        vocab_params=vocab_params,
+        vocab_params=vocab_params_of(model),
     )
 
 
@@ -286,10 +294,11 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
     load = weights + largest
     layer += largest  # QLoRA: one projection's weight dequantized for its GEMM
-    vocab_on_host = setting.memory == "low" and mode != "full"
-    if vocab_on_host:  # streamed loss: two weight chunks, one block's work, fp32 sums, target and counted rows
-        weights -= inv.vocab_params * b
-        host += inv.vocab_params * b
+    vocab_host = vocab_host_bytes(setting.memory, mode, inv.vocab_params, b)  # as train run's host check counts it
+    if keeps_vocab_on_host(setting.memory, mode):
+        weights -= vocab_host
+        host += vocab_host
+        # streamed loss: two weight chunks, one block's work, fp32 sums, target and counted rows
         head = 2 * DEFAULT_VOCAB_CHUNK_BYTES + DEFAULT_WORK_BYTES + T * inv.hidden * (4 + 2 * b)
     else:
         rows = min(T, max(1, DEFAULT_CHUNK_BYTES // (inv.vocab * b)))
@@ -434,7 +443,7 @@ def host_fit_split(inv: ModelInventory, setting: Setting, host_budget: int) -> S
     if setting.checkpointing != "offload" or setting.checkpoint_gpu_bytes:
         return None
     split = plan_offload(_checkpoint_shape(inv, setting), setting.tokens, keep_attention=setting.keep_attention)
-    others = estimate(inv, setting).host - split.host_bytes
+    others = vocab_host_bytes(setting.memory, setting.mode, inv.vocab_params, setting.dtype_bytes)
     if split.host_bytes + others <= host_budget:
         return None
     gpu_gib = split.gpu_gib_for(host_budget - others)

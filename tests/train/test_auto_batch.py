@@ -144,7 +144,7 @@ def _between(shards: Path, output: Path, packs: int) -> float:
 def test_offloaded_inputs_leave_the_host_check_s_reserve_free(synthetic_shards: Path, tmp_path: Path) -> None:
     """Auto sizes the offloaded layer inputs for the host memory less the reserve that ``train run``'s check before
     the first step keeps free, so the run never refuses the budget auto chose for it."""
-    from padless.train.offload_budget import HOST_RESERVE, check_offload_memory
+    from padless.train.offload_budget import HOST_RESERVE, check_run_host_memory
     from padless.train.plan import model_config
 
     cfg = cli_equivalent(synthetic_shards, tmp_path / "run", tokens_per_micro_batch="auto", max_memory_gib=8.0,
@@ -157,7 +157,8 @@ def test_offloaded_inputs_leave_the_host_check_s_reserve_free(synthetic_shards: 
         auto_budget(dataclasses.replace(cfg, host_mem_gib=exact - 0.001), tmp_path / "run", torch.device("cpu"), 4)
     sized = dataclasses.replace(cfg, host_mem_gib=exact)
     tokens = auto_budget(sized, tmp_path / "run", torch.device("cpu"), 4).tokens
-    check_offload_memory(sized, config, torch.float32, tokens)  # the run's own check takes it
+    # the run's own check takes it
+    check_run_host_memory(sized, config, torch.float32, tokens, vocab_params=inv.vocab_params)
 
 
 def test_a_cli_run_sizes_prints_and_records_the_budget(synthetic_shards: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ gradients), the host's available memory, and the one-line error before the first
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,23 +18,27 @@ from padless.train.activation_checkpoint import HostOffload
 from padless.train.adapters import apply_adapters
 from padless.train.cli import main
 from padless.train.config import TrainConfig, TrainError
+from padless.train.modeling import tiny_config
 from padless.train.offload_budget import (
     GIB,
     HOST_RESERVE,
     CheckpointShape,
     available_host_bytes,
     check_host_memory,
-    check_offload_memory,
+    check_run_host_memory,
     checkpoints_of,
     host_bytes_of,
     layers_on_gpu,
     pinned_block_bytes,
     plan_offload,
+    vocab_host_bytes,
+    vocab_params_of,
 )
 from padless.train.packed_forward import packed_loss
+from padless.train.plan import Setting, estimate, host_fit_split, inventory, model_config
 from tests.user_errors import assert_one_line_error
 
-from .runs import CLI_FAST
+from .runs import CLI_FAST, SYNTH_VOCAB, cli_equivalent
 from .tiny_models import grads_of, make_batch, randomize_lora, tiny_model, trainable
 
 MIB = 2**20
@@ -68,7 +73,7 @@ def test_checkpoint_shape_reads_a_multimodal_config_s_text_config() -> None:
     assert CheckpointShape.of(config, torch.bfloat16) == CheckpointShape(3, 64, 4, 16, 2)
     cfg = TrainConfig(shards="x", checkpointing="offload", host_mem_gib=1.0)
     with pytest.raises(TrainError, match=r"checkpoints of 3 layers at 10000000 tokens"):
-        check_offload_memory(cfg, config, torch.bfloat16, 10**7)
+        check_run_host_memory(cfg, config, torch.bfloat16, 10**7, vocab_params=0)
 
 
 @pytest.mark.parametrize(
@@ -149,12 +154,14 @@ def test_host_check_names_the_numbers_and_the_ways_out() -> None:
         check_host_memory(plan, HOST_RESERVE - 1)  # nothing fits: no --checkpoint-gpu-gib to suggest
 
 
-def test_only_offload_is_checked() -> None:
+def test_a_run_that_pins_nothing_on_the_host_is_not_checked() -> None:
     config = tiny_model("llama").config
     huge = 10**12
-    check_offload_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge)
+    check_run_host_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge, vocab_params=0)
     with pytest.raises(TrainError, match=r"--checkpointing offload needs"):
-        check_offload_memory(TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge)
+        check_run_host_memory(
+            TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge, vocab_params=0
+        )
 
 
 def test_the_host_check_counts_segments() -> None:
@@ -163,15 +170,15 @@ def test_the_host_check_counts_segments() -> None:
     tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
     cfg = dict(shards="x", checkpointing="offload", host_mem_gib=30.0)
     with pytest.raises(TrainError, match=r"needs 36\.0 GiB .*--checkpoint-layers 2"):
-        check_offload_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens)
-    check_offload_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens)
+        check_run_host_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens, vocab_params=0)
+    check_run_host_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=0)
     tight = dict(cfg, host_mem_gib=12.0)  # 10 GiB for 18 segments of 2 layers: 4 layers a checkpoint need 9
     with pytest.raises(TrainError, match=r"of 18 segments of 2 layers .*GiB a segment of 2 layers.*"
                                          r"--checkpoint-layers 4\)"):  # fmt: skip
-        check_offload_memory(TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens)
+        check_run_host_memory(TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=0)
     with pytest.raises(TrainError) as refused:  # 3 GiB: even halving does not fit, so it is not offered
-        check_offload_memory(TrainConfig(**dict(cfg, host_mem_gib=5.0), checkpoint_layers=2), config, torch.bfloat16,
-                             tokens)  # fmt: skip
+        check_run_host_memory(TrainConfig(**dict(cfg, host_mem_gib=5.0), checkpoint_layers=2), config,
+                              torch.bfloat16, tokens, vocab_params=0)  # fmt: skip
     assert "--checkpoint-layers" not in str(refused.value)
 
 
@@ -181,6 +188,101 @@ def test_train_run_stops_before_the_first_step_when_the_host_is_too_small(synthe
     result = CliRunner().invoke(main, [*args, "--checkpointing", "offload", "--tokens-per-micro-batch", str(10**10)])
     assert_one_line_error(result, r"^error: --checkpointing offload needs \d+\.\d GiB of pinned host memory .*--qlora")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_vocabulary_is_counted_as_plan_counts_it() -> None:
+    """A tied pair once; under ``--memory low`` only, and not when full fine-tuning trains it; the same bytes as
+    ``train plan``'s host column beside the checkpoints."""
+    tied, untied = (tiny_model("qwen3", tie_word_embeddings=tie) for tie in (True, False))
+    assert vocab_params_of(tied) == tied.config.vocab_size * tied.config.hidden_size
+    assert vocab_params_of(untied) == 2 * untied.config.vocab_size * untied.config.hidden_size
+    assert [vocab_host_bytes(m, mode, 1000, 2) for m, mode in [("low", "lora"), ("low", "qlora"), ("low", "full"),
+                                                                 ("fast", "lora")]] == [2000, 2000, 0, 0]  # fmt: skip
+    config = tiny_config("qwen3", 4000, tie_word_embeddings=False)
+    inv = inventory(config)  # train plan's count, from the model on the meta device
+    assert inv.vocab_params == 2 * 4000 * config.hidden_size
+    for ckpt in ("on", "offload"):
+        low, fast = (estimate(inv, Setting("lora", 4096, ckpt, memory=m)).host for m in ("low", "fast"))
+        assert low - fast == vocab_host_bytes("low", "lora", inv.vocab_params, 2) > 0
+
+
+def test_the_run_s_check_counts_the_vocabulary_of_memory_low() -> None:
+    """36 checkpoints of 1 GiB fit a 40 GiB host (38 beside the reserve); a 3 GiB vocabulary beside them does not,
+    and the error names both, the GPU share that leaves room for the vocabulary, and --memory fast. A vocabulary
+    the host cannot hold by itself gets its own line; full fine-tuning keeps its vocabulary on the GPU."""
+    config = tiny_config("qwen3", 1000, num_hidden_layers=36)
+    tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
+    vocab_params = 3 * GIB // 2  # 3 GiB in bf16
+    low = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=40.0)
+    check_run_host_memory(
+        dataclasses.replace(low, memory="fast"), config, torch.bfloat16, tokens, vocab_params=vocab_params
+    )
+    check_run_host_memory(
+        dataclasses.replace(low, mode="full"), config, torch.bfloat16, tokens, vocab_params=vocab_params
+    )
+    with pytest.raises(TrainError) as error:
+        check_run_host_memory(low, config, torch.bfloat16, tokens, vocab_params=vocab_params)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "--checkpointing offload needs 36.0 GiB of pinned host memory for the checkpoints of 36 layers at "
+        f"{tokens} tokens per micro-batch (1.00 GiB a layer), and --memory low 3.00 GiB for the frozen vocabulary "
+        "(embedding and lm_head), but the host has 40.0 GiB available (2 GiB of it kept free). "
+    )
+    # 35 GiB for the checkpoints beside the vocabulary: the top one on the GPU
+    assert "--checkpoint-gpu-gib 1, a checkpoint per 2 layers (--checkpoint-layers 2), --memory fast to keep" in message
+    check_run_host_memory(
+        dataclasses.replace(low, checkpoint_gpu_gib=1.0), config, torch.bfloat16, tokens, vocab_params=vocab_params
+    )
+    short = dataclasses.replace(low, checkpointing="on", host_mem_gib=4.0)  # 2 GiB beside the reserve
+    with pytest.raises(
+        TrainError,
+        match=r"^--memory low keeps 3\.00 GiB of frozen vocabulary \(embedding and lm_head\) "
+        r"in pinned host memory, but the host has 4\.0 GiB available .*--memory fast",
+    ):
+        check_run_host_memory(short, config, torch.bfloat16, tokens, vocab_params=vocab_params)
+    check_run_host_memory(
+        dataclasses.replace(short, host_mem_gib=5.0), config, torch.bfloat16, tokens, vocab_params=vocab_params
+    )
+
+
+def test_the_gpu_share_plan_offers_under_memory_low_passes_the_run_s_check() -> None:
+    """Plan and run agree on the host bytes: a host a little short of what plan counts (checkpoints and vocabulary)
+    refuses the run, and the GPU share plan then offers makes the run's check pass."""
+    config = tiny_config("qwen3", 400_000, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, num_hidden_layers=8)  # fmt: skip
+    inv = inventory(config)
+    setting = Setting("lora", 65536, "offload", memory="low")
+    need = estimate(inv, setting).host
+    host_gib = (need + HOST_RESERVE) / GIB - 0.01
+    cfg = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=host_gib)
+    with pytest.raises(TrainError, match=r"--memory low 0\.05 GiB for the frozen vocabulary"):
+        check_run_host_memory(cfg, config, torch.bfloat16, 65536, vocab_params=inv.vocab_params)
+    split = host_fit_split(inv, setting, need - int(0.01 * GIB))
+    assert split is not None and split.checkpoint_gpu_bytes > 0
+    fitted = dataclasses.replace(cfg, checkpoint_gpu_gib=split.checkpoint_gpu_bytes / GIB)
+    check_run_host_memory(fitted, config, torch.bfloat16, 65536, vocab_params=inv.vocab_params)
+
+
+@pytest.mark.parametrize("checkpointing", ["offload", "on"])
+def test_train_run_counts_the_vocabulary_of_memory_low(synthetic_shards: Path, tmp_path, checkpointing: str) -> None:
+    """``train run --memory low`` on a host that holds its offloaded checkpoints (if any) but not the vocabulary
+    beside them: one line before the first step, nothing written. The vocabulary moves to the host after the
+    check; the check counts it from its shapes, once."""
+    out = tmp_path / "out"
+    cfg = cli_equivalent(synthetic_shards, out, memory="low", checkpointing=checkpointing)
+    config = model_config(cfg, SYNTH_VOCAB)
+    tokens = 128  # the shards' max_len, the default budget
+    checkpoints = plan_offload(CheckpointShape.of(config, torch.float32), tokens).host_bytes  # fp32 on the CPU
+    checkpoints *= checkpointing == "offload"
+    vocab = vocab_host_bytes("low", "lora", inventory(config).vocab_params, 4)
+    host_gib = (checkpoints + HOST_RESERVE + vocab // 2) / GIB  # room for the checkpoints and half the vocabulary
+    args = ["run", str(synthetic_shards), "--output", str(out), *CLI_FAST, "--max-steps", "1", "--memory", "low",
+            "--checkpointing", checkpointing, "--host-mem-gib", repr(host_gib)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    want = "and --memory low 0.00 GiB for the frozen vocabulary" if checkpoints else "--memory low keeps 0.00 GiB of"
+    assert_one_line_error(result, rf"^error: .*{re.escape(want)} .*--memory fast")
+    assert not out.exists()
 
 
 class _Recording(HostOffload):
