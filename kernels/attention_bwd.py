@@ -115,24 +115,21 @@ def _dkdv_step(
     stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, LONG_INDEXING: tl.constexpr,
 ):  # fmt: skip
     """One query block's contribution to this key block's dK and dV."""
     pad_d = BLOCK_D != HEAD_DIM
-    rt = i0 + rows // HPB
+    rt = i0 + rows // HPB  # int32 token indices for the masks
     row_ok = rt < n
-    qT = _load_tile(q_base + rt[None, :] * stride_qt + rh[None, :] * stride_qh + offs_d[:, None],
+    rq = rt.to(tl.int64) if LONG_INDEXING else rt  # element offsets: 64-bit on the long path
+    qT = _load_tile(q_base + rq[None, :] * stride_qt + rh[None, :] * stride_qh + offs_d[:, None],
                     row_ok[None, :], offs_d[:, None] < HEAD_DIM, MASK, pad_d)  # fmt: skip
-    do = _load_tile(do_base + rt[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :],
+    do = _load_tile(do_base + rq[:, None] * stride_dot + rh[:, None] * stride_doh + offs_d[None, :],
                     row_ok[:, None], offs_d[None, :] < HEAD_DIM, MASK, pad_d)  # fmt: skip
     if MASK:
-        lse = tl.load(lse_base + rt * H + rh, mask=row_ok, other=0.0)
+        lse = tl.load(lse_base + rq * H + rh, mask=row_ok, other=0.0)
     else:
-        lse = tl.load(lse_base + rt * H + rh)
-    if MASK:
-        delta = tl.load(delta_base + rt * H + rh, mask=row_ok, other=0.0)
-    else:
-        delta = tl.load(delta_base + rt * H + rh)
+        lse = tl.load(lse_base + rq * H + rh)
     qkT = _dot(k, qT, None, PREC)  # (BLOCK_N, rows)
     sT, tT = _scores(qkT, pre, post, SOFTCAP)
     pT = tl.exp2(sT - lse[None, :])
@@ -149,6 +146,11 @@ def _dkdv_step(
         pT = tl.where(keep, pT, 0.0)
     dv = _dot(pT.to(do.dtype), do, dv, PREC)
     dpT = _dot(v, tl.trans(do), None, PREC)
+    # delta is loaded only now, after the dP product: it is not live across the first three matmuls.
+    if MASK:
+        delta = tl.load(delta_base + rq * H + rh, mask=row_ok, other=0.0)
+    else:
+        delta = tl.load(delta_base + rq * H + rh)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -156,7 +158,7 @@ def _dkdv_step(
     if ATOMIC_DQ:
         # Fast path: dQ += dS K straight into an fp32 (T, H, D) buffer; atomics make it non-deterministic.
         dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PREC)
-        dqa = dqa_base + rt[:, None] * (H * HEAD_DIM) + rh[:, None] * HEAD_DIM + offs_d[None, :]
+        dqa = dqa_base + rq[:, None] * (H * HEAD_DIM) + rh[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dqa, dq * scale, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
@@ -167,7 +169,7 @@ def _dkdv_inner(
     stride_doh, lo, hi, n, window, pre, post, scale, rows, offs_d, h0,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HPB: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, LONG_INDEXING: tl.constexpr,
 ):  # fmt: skip
     rh = h0 + rows % HPB
     if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
@@ -176,14 +178,14 @@ def _dkdv_inner(
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                                 stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
                                 H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC,
-                                ATOMIC_DQ)  # fmt: skip
+                                ATOMIC_DQ, LONG_INDEXING)  # fmt: skip
             i0 += BLOCK_M
     else:
         for i0 in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                                 stride_qh, stride_dot, stride_doh, i0, n, window, pre, post, scale, rows, rh, offs_d,
                                 H, HEAD_DIM, BLOCK_D, HPB, MASK, CAUSAL, WINDOW, SOFTCAP, PREC,
-                                ATOMIC_DQ)  # fmt: skip
+                                ATOMIC_DQ, LONG_INDEXING)  # fmt: skip
     return dk, dv
 
 
@@ -207,14 +209,18 @@ def _dkdv_kernel(
     if ex < 0:
         return
     n = tl.load(CU + ex + 1) - start
+    # Token indices stay int32; on the long path the example's start and the key strides are int64 (the K/V tiles
+    # load once per program), and the query rows' element offsets widen inside the step.
+    kstep, vstep = stride_kt, stride_vt
     if LONG_INDEXING:
-        start, j0, n = start.to(tl.int64), j0.to(tl.int64), n.to(tl.int64)
+        start = start.to(tl.int64)
+        kstep, vstep = tl.cast(stride_kt, tl.int64), tl.cast(stride_vt, tl.int64)
     kvh = pid % NH
     cols = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_M * HPB)
-    k = _load_kv(K + start * stride_kt + kvh * stride_kh, cols, offs_d, stride_kt, n, HEAD_DIM, BLOCK_D, True, False)
-    v = _load_kv(V + start * stride_vt + kvh * stride_vh, cols, offs_d, stride_vt, n, HEAD_DIM, BLOCK_D, True, False)
+    k = _load_kv(K + start * stride_kt + kvh * stride_kh, cols, offs_d, kstep, n, HEAD_DIM, BLOCK_D, True, False)
+    v = _load_kv(V + start * stride_vt + kvh * stride_vh, cols, offs_d, vstep, n, HEAD_DIM, BLOCK_D, True, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_base = Q + start * stride_qt
@@ -229,15 +235,15 @@ def _dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, lo, f_lo, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ)  # fmt: skip
+                             ATOMIC_DQ, LONG_INDEXING)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, f_lo, f_hi, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, False, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ)  # fmt: skip
+                             ATOMIC_DQ, LONG_INDEXING)  # fmt: skip
         dk, dv = _dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, dqa_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, f_hi, hi, n, window, pre, post, scale, rows, offs_d,
                              h0, H, HEAD_DIM, BLOCK_D, BLOCK_M, HPB, True, CAUSAL, WINDOW, SOFTCAP, PREC,
-                             ATOMIC_DQ)  # fmt: skip
+                             ATOMIC_DQ, LONG_INDEXING)  # fmt: skip
     out_ok = (cols[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
     tok = start + cols
     tl.store(DK + tok[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -248,15 +254,15 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post, offs_d, offs_n,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, j0, rt, n, window, pre, post, offs_d,
+    offs_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One key block's contribution to this query block's dQ."""
     cols = j0 + offs_n
     # As the forward: a scalar base pointer per key block, loop-invariant int32 offsets inside the tile.
-    kT = _load_kv(k_base + j0 * stride_kt, offs_n, offs_d, stride_kt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
-    vT = _load_kv(v_base + j0 * stride_vt, offs_n, offs_d, stride_vt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
+    kT = _load_kv(k_base + j0 * kstep, offs_n, offs_d, stride_kt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
+    vT = _load_kv(v_base + j0 * vstep, offs_n, offs_d, stride_vt, n - j0, HEAD_DIM, BLOCK_D, MASK, True)
     qk = _dot(q, kT, None, PREC)
     s, t = _scores(qk, pre, post, SOFTCAP)
     p = tl.exp2(s - lse[:, None])
@@ -276,20 +282,22 @@ def _dq_step(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, rt, n, window, pre, post, offs_d, offs_n,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, lo, hi, rt, n, window, pre, post,
+    offs_d, offs_n, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     if _INTERPRET:  # see _fwd_inner: the interpreter cannot range() over runtime scalars
         j0 = lo
         while j0 < hi:
-            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post,
-                          offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, j0, rt, n, window,
+                          pre, post, offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP,
+                          PREC)  # fmt: skip
             j0 += BLOCK_N
     else:
         for j0 in range(lo, hi, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, j0, rt, n, window, pre, post,
-                          offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, j0, rt, n, window,
+                          pre, post, offs_d, offs_n, HEAD_DIM, BLOCK_D, MASK, CAUSAL, WINDOW, SOFTCAP,
+                          PREC)  # fmt: skip
     return dq
 
 
@@ -313,8 +321,10 @@ def _dq_kernel(
     if ex < 0:
         return
     n = tl.load(CU + ex + 1) - start
-    if LONG_INDEXING:
-        start, m0, n = start.to(tl.int64), m0.to(tl.int64), n.to(tl.int64)
+    kstep, vstep = stride_kt, stride_vt
+    if LONG_INDEXING:  # int32 token indices; the example's start and the key blocks' steps int64
+        start = start.to(tl.int64)
+        kstep, vstep = tl.cast(stride_kt, tl.int64), tl.cast(stride_vt, tl.int64)
     h0 = (pid % NH) * HPB
     kvh = h0 // GROUP
     rows = tl.arange(0, BLOCK_M * HPB)
@@ -335,12 +345,15 @@ def _dq_kernel(
     v_base = V + start * stride_vt + kvh * stride_vh
     dq = tl.zeros([BLOCK_M * HPB, BLOCK_D], dtype=tl.float32)
     lo, f_lo, f_hi, hi = _block_ranges(m0, n, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, f_lo, rt, n, window, pre,
-                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, rt, n, window, pre,
-                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_hi, hi, rt, n, window, pre,
-                   post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP, PREC)  # fmt: skip
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, lo, f_lo, rt, n, window,
+                   pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP,
+                   PREC)  # fmt: skip
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, f_lo, f_hi, rt, n, window,
+                   pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, WINDOW, SOFTCAP,
+                   PREC)  # fmt: skip
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kstep, vstep, f_hi, hi, rt, n, window,
+                   pre, post, offs_d, offs_n, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, WINDOW, SOFTCAP,
+                   PREC)  # fmt: skip
     tl.store(DQ + tok[:, None] * stride_dqt + rh[:, None] * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mask)  # fmt: skip
 

@@ -387,14 +387,53 @@ def test_shipped_tuned_table_resolves_to_its_tiles() -> None:
                 assert tuple(bwd[5:10]) == case.tiles["bwd_dq"], (gpu, D, bucket)
 
 
-def test_long_indexing_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("kw", [{}, {"window": 5}, {"softcap": 3.0}], ids=["causal", "window", "softcap"])
+def test_long_indexing_path(monkeypatch: pytest.MonkeyPatch, kw: dict, atomic: bool) -> None:
+    """The int64 path (forced on small inputs) on ragged examples: int32 token indices, int64 element offsets."""
     monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", "1")
-    lens = [7, 30, 1]
+    lens = [7, 30, 1, 45]
     q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=13)
-    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=PACKED_BWD)
-    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens))
+    bwd = PACKED_BWD._replace(dq_atomic=atomic)
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=bwd, **kw)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
     for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"long:{tag}")
+
+
+@pytest.mark.parametrize("long_indexing", ["0", "1"], ids=["int32", "int64"])
+def test_k_and_v_with_different_token_strides(monkeypatch: pytest.MonkeyPatch, long_indexing: str) -> None:
+    """v a view into a wider (T, 2 Hkv, D) tensor: its token stride is twice k's, so the kernels must step K and V
+    by their own strides."""
+    monkeypatch.setenv("PADLESS_FORCE_LONG_INDEXING", long_indexing)
+    lens = [7, 30, 1, 45]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=17)
+    wide = torch.cat([v, torch.randn_like(v)], dim=1).requires_grad_(True)
+    qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    view = wide[:, : v.shape[1]]
+    assert view.stride(0) == 2 * k.stride(0)
+    out = varlen_attention_with_configs(qg, kg, view, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=PACKED_BWD)
+    dq, dk, dwide = torch.autograd.grad(out, (qg, kg, wide), do)
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens))
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dwide[:, : v.shape[1]]), want, strict=True):
+        assert_close_verbose(a, e, atol=2e-5 * max(1.0, e.abs().max().item()), name=f"strided v:{tag}")
+
+
+@pytest.mark.parametrize(("scale", "size"), [(1e-30, 1.0), (2e8, 0.02)], ids=["tiny", "huge"])
+def test_extreme_scales_keep_masked_keys_out(scale: float, size: float) -> None:
+    """A masked key weighs nothing at a tiny or a huge scale, also in a sliding window whose first key block is
+    wholly masked for some rows (no NaN, no weight leaking to future or padding keys)."""
+    lens = [7, 30, 1, 45]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16, seed=5)
+    q, k = q * size, k * size
+    kw = {"softmax_scale": scale, "window": 5}
+    got = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), fwd_cfg=PACKED_FWD, bwd_cfg=PACKED_BWD,
+                    **kw)  # fmt: skip
+    want = run_grads(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+    assert all(torch.isfinite(x).all() for x in got)
+    # At the huge scale the softmax is nearly one-hot and its gradients amplify fp32 rounding: compare the output.
+    for tag, a, e in list(zip(("out", "dq", "dk", "dv"), got, want, strict=True))[: 1 if scale > 1 else 4]:
+        assert_close_verbose(a, e, atol=2e-4 * max(1.0, e.abs().max().item()), name=f"scale {scale:g}:{tag}")
 
 
 def _expected_schedule(lens: list[int], block: int) -> list[int]:
