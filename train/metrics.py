@@ -1,11 +1,16 @@
 """What a step cost: FLOPs per step, MFU against a small table of GPU peaks, peak memory, and ``metrics.jsonl``.
 
-FLOPs (the usual 6N accounting, made exact for what we run): N = parameters that take part in matmuls (all
-parameters minus the input embedding, which is a lookup; a tied head counts once). Per token: forward 2N;
-backward 2N for the activation gradients, plus 2N for the weight gradients only when every weight trains
-(``--full``; LoRA's own weight gradients are negligible); plus another forward 2N when gradient checkpointing
-recomputes it. Attention adds, per layer and per example of length L, 2·L²·H·D in the forward (QKᵀ and PV,
-halved by the causal mask), twice that in the backward, once more when recomputed (not with --keep-attention,
+FLOPs (the usual 6N accounting, made exact for what we run): N = parameters a text token's matmuls use
+(``active_matmul_params``): the decoder's and the output head's parameters minus the input embedding, which is a
+lookup (a tied head counts once). A mixture-of-experts layer runs its router, its shared experts and only
+``num_experts_per_tok`` of its routed experts per token, so the routed experts count k/E of their parameters; a
+multimodal model's vision or audio tower and projector never run on the text packs padless trains on, so they
+count nothing. (Memory still counts every parameter: ``train.plan`` and ``train.memory_breakdown``.)
+
+Per token: forward 2N; backward 2N for the activation gradients, plus 2N for the weight gradients only when every
+weight trains (``--full``; LoRA's own weight gradients are negligible); plus another forward 2N when gradient
+checkpointing recomputes it. Attention adds, per layer and per example of length L, 2·L²·H·D in the forward (QKᵀ and
+PV, halved by the causal mask), twice that in the backward, once more when recomputed (not with --keep-attention,
 whose recompute reuses the forward's output): the packs' sum of squared lengths gives it exactly, from the host.
 With ``--checkpoint-layers k`` the first k - 1 layers of each segment are forwarded once more again (the segment's
 recompute rebuilds the inputs of the layers above them).
@@ -30,6 +35,7 @@ __all__ = [
     "PEAK_BF16_FLOPS",
     "FlopModel",
     "MetricsLog",
+    "active_matmul_params",
     "flop_model",
     "peak_flops",
     "peak_memory_gib",
@@ -92,30 +98,57 @@ class FlopModel:
         return self.per_token * tokens + self.per_sq_len * sum_sq_len
 
 
+def _routed_experts_share(text_config: Any) -> tuple[int, int]:
+    """(k, E): the routed experts a token runs and how many there are per MoE layer; (1, 1) for a dense model.
+    Qwen-MoE and OLMoE name E ``num_experts``, Mixtral, Llama 4 and GPT-OSS ``num_local_experts``, DeepSeek
+    ``n_routed_experts``; all name k ``num_experts_per_tok``."""
+    k = getattr(text_config, "num_experts_per_tok", None)
+    keys = ("num_experts", "num_local_experts", "n_routed_experts")
+    experts = next((value for key in keys if (value := getattr(text_config, key, None))), None)
+    return (int(k), int(experts)) if k and experts else (1, 1)
+
+
+def _is_routed_expert(name: str) -> bool:
+    # The routed experts live under a module named ``experts`` in every Hugging Face MoE (fused 3-D weights or one
+    # module per expert); the router (``gate``) and shared experts (``shared_expert(s)``) run for every token.
+    return "experts" in name.split(".")
+
+
+def active_matmul_params(model: torch.nn.Module) -> int:
+    """N of the module doc: the parameters of the decoder (``get_decoder()``: a multimodal model's language model)
+    and the output head, less the input embedding and LoRA's own weights, with each MoE layer's routed experts
+    counted at k/E (every routed-expert tensor holds E experts' weights, leading dimension or module list)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    decoder = model if decoder is None else decoder  # no decoder to name: every parameter is the text model's
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    k, experts = _routed_experts_share(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg)
+    seen: set[int] = set()
+    if embed is not None and (head is None or head.weight is not embed.weight):
+        seen.add(id(embed.weight))  # a lookup; tied to the head, the head's matmul still happens
+    n = 0
+    named = [*decoder.named_parameters(), *(head.named_parameters() if head is not None else ())]
+    for name, p in named:
+        if id(p) in seen or "lora_" in name:
+            continue
+        seen.add(id(p))
+        n += _numel(p) * k // experts if _is_routed_expert(name) else _numel(p)
+    return n
+
+
 def flop_model(
     model: torch.nn.Module, *, full: bool, checkpointing: str, keep_attention: bool = False, checkpoint_layers: int = 1
 ) -> FlopModel:
-    """Build the FLOP model from the (unwrapped) model's parameters and config (see the module doc)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += _numel(p)
-    lora = sum(_numel(p) for n, p in model.named_parameters() if "lora_" in n)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    n = total - lora
-    if embed is not None:
-        n -= embed.weight.numel()
-        if head is not None and head.weight is embed.weight:
-            n += head.weight.numel()  # tied: the head's matmul still happens
+    """Build the FLOP model from the (unwrapped) model's parameters and config (see the module doc); the attention's
+    sizes are the decoder's (a multimodal config keeps them in its ``text_config``)."""
     cfg = getattr(model, "config", None)
-    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
-    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
-    head_dim = getattr(cfg, "head_dim", None) or (int(getattr(cfg, "hidden_size", 0) or 0) // heads if heads else 0)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    head_dim = getattr(text, "head_dim", None) or (int(getattr(text, "hidden_size", 0) or 0) // heads if heads else 0)
     return step_flop_model(
-        n,
+        active_matmul_params(model),
         layers,
         heads,
         head_dim,

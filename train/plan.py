@@ -24,11 +24,11 @@ the H100 memory table in docs/bench/README.md (Qwen3-8B bf16 LoRA at 16K; Qwen3-
 long-context rows there (Qwen3-8B shapes at 128K tokens, offloaded) within 5.4%.
 ``tools/bench_memory.py`` prints the prediction beside every case it measures.
 
-Step time is the step's matmul FLOPs (``metrics.step_flop_model``, as ``train run`` counts them) at the model FLOP
-utilisation padless reaches for that mode on Hopper (``_MFU``), lower for small micro-batches, whose fixed per-step
-costs weigh more (``_HALF_TOKENS``), plus its attention at the varlen kernels' own measured rates, forward and
-backward apart and per example length (``attention_rates``): below the matmuls' rate, they are most of a long
-sequence's step.
+Step time is the step's matmul FLOPs (``metrics.step_flop_model``, as ``train run`` counts them: the parameters a
+text token passes through, so a MoE's top-k experts and no vision tower) at the model FLOP utilisation padless
+reaches for that mode on Hopper (``_MFU``), lower for small micro-batches, whose fixed per-step costs weigh more
+(``_HALF_TOKENS``), plus its attention at the varlen kernels' own measured rates, forward and backward apart and
+per example length (``attention_rates``): below the matmuls' rate, they are most of a long sequence's step.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from padless.kernels.streamed_cross_entropy import DEFAULT_VOCAB_CHUNK_BYTES, DE
 from .adapters import DEFAULT_TARGETS
 from .families import family_for_model_type
 from .memory_setting import LOW_MEMORY_MLP_TILE, low_memory_choices
-from .metrics import PEAK_BF16_FLOPS, flop_model, step_flop_model
+from .metrics import PEAK_BF16_FLOPS, active_matmul_params, step_flop_model
 from .offload_budget import (
     GIB,
     HOST_RESERVE,
@@ -110,7 +110,7 @@ class ModelInventory:
     heads: int
     head_dim: int
     vocab: int
-    matmul_params: int  # parameters that take part in matmuls (``metrics.flop_model``'s count)
+    matmul_params: int  # parameters a text token's matmuls use (``metrics.active_matmul_params``)
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every linear layer but the output head
     other_params: int  # embeddings, head, norms, biases: values kept in the run's dtype
     lora_targets: tuple[str, ...]
@@ -197,7 +197,8 @@ class Estimate:
 
 def inventory(config: PretrainedConfig) -> ModelInventory:
     """The model of ``config`` built on the meta device: shapes only, nothing allocated. Weights count the whole
-    model (a vision tower too); the per-token sizes are the decoder's (``config.get_text_config()``)."""
+    model (a vision tower and every expert too); the per-token sizes are the decoder's (``config.get_text_config()``)
+    and the FLOPs a text token's (a MoE's router, shared and top-k routed experts; no vision tower or projector)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     head = model.get_output_embeddings()
@@ -225,7 +226,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
         heads=heads,
         head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
         vocab=int(text.vocab_size),
-        matmul_params=flop_model(model, full=False, checkpointing="off").matmul_params,
+        matmul_params=active_matmul_params(model),
         linears=linears,
         other_params=other,
         lora_targets=tuple(targets),
