@@ -15,7 +15,9 @@ Where each writes, by default inside the run folder (``train.run_folder`` counts
   it); experiment ``MLFLOW_EXPERIMENT_NAME`` or ``padless``.
 
 ``OUTPUT/trackers.json`` keeps the W&B and MLflow run ids, so ``--resume`` continues the same tracker runs; the
-TensorBoard writer purges the events past the checkpoint it resumes from.
+TensorBoard writer purges the events past the checkpoint it resumes from. MLflow and W&B cannot drop logged points:
+for the steps an interrupted run logged past its checkpoint, MLflow keeps both runs' values and W&B online the
+interrupted run's.
 """
 
 from __future__ import annotations
