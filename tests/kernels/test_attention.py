@@ -734,6 +734,28 @@ def test_gpu_long_buckets(D: int, lens: list[int]) -> None:
         assert_close_verbose(a, e, atol=bound, name=f"gpu D={D} {lens}:{tag}")
 
 
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_memory")  # about 45 GB: one at a time under --dist loadgroup
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_past_2_31_elements(deterministic: bool) -> None:
+    """A pack whose q, k, v, dout and gradients run past 2**31 elements (64 heads of 128 over 268,288 tokens): the
+    examples lying wholly past that offset match the reference run on them alone, so no index wrapped."""
+    lens = [2048] * 128 + [1000, 3000, 2144]
+    T, H, D = sum(lens), 64, 128
+    assert (T - sum(lens[-3:])) * H * D >= 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))  # no copies: 8 tensors of 4 GiB and the fp32 dQ buffer
+    out = varlen_attention(q, k, v, make_cu(lens).cuda(), max(lens), deterministic=deterministic)
+    got = (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+    del out
+    tail = slice(T - sum(lens[-3:]), T)
+    alone = (x.detach()[tail].float() for x in (q, k, v, do))
+    want = run_grads(varlen_attention_reference, *alone, make_cu(lens[-3:]).cuda(), max(lens))
+    for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a[tail], e, atol=2e-2 * max(1.0, e.abs().max().item()), name=f"past 2**31:{tag}")
+
+
 def torch_varlen_causal(q, k, v, cu, max_seqlen):
     """Causal ``torch.nn.attention.varlen.varlen_attn`` across torch versions (2.10: is_causal; later: window_size).
 
