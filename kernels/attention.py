@@ -25,7 +25,7 @@ import torch
 
 from .attention_bwd import BwdConfig, flash_bwd
 from .attention_fwd import LOG2E, FwdConfig, build_schedules, flash_fwd
-from .indexing import needs_long_indexing
+from .indexing import INT32_MAX, needs_long_indexing
 
 __all__ = [
     "BUCKETS",
@@ -300,8 +300,19 @@ def _gpu_name(device_index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- host launchers
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+# Rows of one tile: the kernels' in-tile offsets (row x token stride, head x head stride, head-dim index) stay int32
+# even on the long path, where only the token offsets of the tiles' first rows widen to int64.
+_MAX_TILE_ROWS = 256
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (T, heads, D) as the kernels take it: unit stride along D, and head and in-tile offsets that fit int32.
+    Any other layout (e.g. a head-major view of a 1M-token tensor, whose head stride times heads passes 2**31) is
+    copied token-major first."""
+    if x.stride(-1) != 1:
+        return x.contiguous()
+    span = (x.shape[1] - 1) * x.stride(1) + x.shape[2] - 1 + (_MAX_TILE_ROWS - 1) * x.stride(0)
+    return x if span <= INT32_MAX else x.contiguous()
 
 
 def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tuple[int, ...], int, int]:
@@ -321,7 +332,7 @@ def _forward(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cf
     """The forward launches: (out, lse, the dK/dV and dQ schedules or None, long_idx). ``bwd_cfg`` None: forward
     only (no backward schedules). ``saved``: (out, lse) of an earlier forward of the same q, k, v, used instead of
     the forward kernel (only the schedules are built)."""
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
     blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
     scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
@@ -375,7 +386,7 @@ class _VarlenAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens, sched_kv, sched_q = ctx.saved_tensors
         softmax_scale, causal, window, softcap, bwd_cfg, long_idx = ctx.args
-        dout = _last_dim_contiguous(dout)
+        dout = _kernel_layout(dout)
         # A contiguous dout has q's element count, judged in the forward; only a strided one needs a look.
         if not long_idx and not dout.is_contiguous():
             long_idx = needs_long_indexing(dout)
@@ -451,7 +462,7 @@ def varlen_attention_with_configs(
         return (out, lse) if return_lse else out
     saved_out, saved_lse = saved if saved is not None else (None, None)
     if saved is not None:  # the kernels index out by its token and head strides only, and lse as a dense (T, H)
-        saved_out, saved_lse = _last_dim_contiguous(saved_out), saved_lse.contiguous()
+        saved_out, saved_lse = _kernel_layout(saved_out), saved_lse.contiguous()
     out, lse = _VarlenAttention.apply(
         q, k, v, cu_seqlens, int(max_seqlen), scale, causal, window, softcap, fwd_cfg, bwd_cfg, saved_out, saved_lse
     )  # fmt: skip

@@ -18,6 +18,7 @@ from padless.kernels import attention as attention_mod
 from padless.kernels.attention import (
     BwdConfig,
     FwdConfig,
+    _kernel_layout,
     _reference_impl,
     default_configs,
     length_bucket,
@@ -434,6 +435,21 @@ def test_extreme_scales_keep_masked_keys_out(scale: float, size: float) -> None:
     # At the huge scale the softmax is nearly one-hot and its gradients amplify fp32 rounding: compare the output.
     for tag, a, e in list(zip(("out", "dq", "dk", "dv"), got, want, strict=True))[: 1 if scale > 1 else 4]:
         assert_close_verbose(a, e, atol=2e-4 * max(1.0, e.abs().max().item()), name=f"scale {scale:g}:{tag}")
+
+
+def test_kernel_layout_copies_only_layouts_whose_in_tile_offsets_pass_int32() -> None:
+    """The kernels keep head and in-tile offsets int32 on the long path: a head-major view of 1M tokens (head
+    stride x heads past 2**31) is copied token-major, a token-major tensor or a small head-major view is not."""
+    T, H, D = 1 << 20, 32, 128
+    token_major = torch.empty(T, H, D, device="meta")
+    assert _kernel_layout(token_major) is token_major
+    head_major = torch.empty(H, T, D, device="meta").transpose(0, 1)
+    laid = _kernel_layout(head_major)
+    assert laid.is_contiguous() and laid.shape == (T, H, D)
+    small = torch.empty(H, 1024, D, device="meta").transpose(0, 1)
+    assert _kernel_layout(small) is small
+    not_unit = torch.empty(T, H, D, device="meta").transpose(1, 2).contiguous().transpose(1, 2)  # D-stride H
+    assert _kernel_layout(not_unit).stride(-1) == 1
 
 
 def _expected_schedule(lens: list[int], block: int) -> list[int]:
