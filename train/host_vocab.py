@@ -3,9 +3,11 @@
 A LoRA or QLoRA run never updates the embedding or the lm_head, and uses them in two cheap ways: the embedding
 is a row lookup (T rows a step) and the lm_head is read once by the loss. So they need not hold GPU memory:
 Qwen3-4B's tied embedding is 0.72 GiB in bf16 against 1.75 GiB for all its NF4 layers, Qwen3-8B's untied pair
-2.3 GiB. :func:`keep_vocab_on_host` moves them to pinned host memory; the packed forward then reads the embedding
-rows with a kernel straight out of that memory (:func:`padless.kernels.embedding_gather.gather_rows`), and the loss
-streams the lm_head through :func:`padless.kernels.streamed_cross_entropy.streamed_linear_cross_entropy`. Neither
+2.3 GiB. :func:`keep_vocab_on_host` moves them to pinned host memory, one tensor each (torch's caching host
+allocator rounds each up to a power of two: Qwen3-8B's pair pins 4 GiB, ``offload_budget.vocab_host_bytes``); the
+packed forward then reads the embedding rows with a kernel straight out of that memory
+(:func:`padless.kernels.embedding_gather.gather_rows`), and the loss streams the lm_head through
+:func:`padless.kernels.streamed_cross_entropy.streamed_linear_cross_entropy`. Neither
 syncs with the host, so a low-memory step can still run as a CUDA graph.
 """
 

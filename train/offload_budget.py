@@ -10,9 +10,10 @@ pins 1 GiB. :func:`plan_offload` does this arithmetic for one micro-batch (also 
 account).
 
 Beside the checkpoints, ``--memory low`` keeps a LoRA or QLoRA run's frozen input embedding and output head in
-pinned host memory (``train.host_vocab``): :func:`vocab_host_bytes`, which ``train plan``, ``--tokens-per-micro-batch
-auto`` and the run count alike. :func:`check_run_host_memory` compares both with the host's available memory before
-the first step.
+pinned host memory (``train.host_vocab``), one ``torch.empty(..., pin_memory=True)`` tensor each, which the same
+allocator rounds up to a power of two: Qwen3-8B's untied pair of 1.16 GiB tensors pins 4 GiB.
+:func:`vocab_host_bytes` counts it for ``train plan``, ``--tokens-per-micro-batch auto`` and the run alike.
+:func:`check_run_host_memory` compares both with the host's available memory before the first step.
 """
 
 from __future__ import annotations
@@ -169,19 +170,23 @@ def keeps_vocab_on_host(memory: str, mode: str) -> bool:
     return memory == "low" and mode != "full"
 
 
-def vocab_host_bytes(memory: str, mode: str, vocab_params: int, dtype_bytes: int) -> int:
-    """Host bytes a setting keeps beside its checkpoints: ``--memory low``'s frozen vocabulary, ``vocab_params``
-    values (:func:`vocab_params_of`) of ``dtype_bytes`` each, when :func:`keeps_vocab_on_host`; else 0. One count
-    for ``train plan``, ``--tokens-per-micro-batch auto`` and the run's check, so what plan says fits, runs."""
-    return vocab_params * dtype_bytes if keeps_vocab_on_host(memory, mode) else 0
+def vocab_host_bytes(memory: str, mode: str, vocab_params: tuple[int, ...], dtype_bytes: int) -> int:
+    """Host bytes a setting keeps beside its checkpoints: ``--memory low``'s frozen vocabulary when
+    :func:`keeps_vocab_on_host`, else 0. ``vocab_params`` holds the values of each tensor it moves
+    (:func:`vocab_params_of`), ``dtype_bytes`` each; every tensor is one pinned block, rounded up to a power of two
+    (:func:`pinned_block_bytes` without a pool). One count for ``train plan``, ``--tokens-per-micro-batch auto`` and
+    the run's check, so what plan says fits, runs."""
+    if not keeps_vocab_on_host(memory, mode):
+        return 0
+    return sum(pinned_block_bytes(n * dtype_bytes, 1) for n in vocab_params)
 
 
-def vocab_params_of(model: nn.Module) -> int:
-    """Values of ``model``'s input embedding and output head, a tied pair once: what ``--memory low`` moves to host
-    memory. Shapes only, so a model on the meta device, on the GPU or with its vocabulary moved already counts the
-    same."""
+def vocab_params_of(model: nn.Module) -> tuple[int, ...]:
+    """Values of each tensor ``--memory low`` moves to host memory: the input embedding's weight, and the output
+    head's unless tied to it. Shapes only, so a model on the meta device, on the GPU or with its vocabulary moved
+    already counts the same."""
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    return embedding.numel() + (0 if head is embedding else head.numel())
+    return (embedding.numel(),) if head is embedding else (embedding.numel(), head.numel())
 
 
 def _meminfo_available(path: Path) -> int | None:
@@ -267,14 +272,14 @@ def check_host_memory(
 
 
 def check_run_host_memory(
-    cfg: TrainConfig, config: object, dtype: torch.dtype, budget: int, *, vocab_params: int
+    cfg: TrainConfig, config: object, dtype: torch.dtype, budget: int, *, vocab_params: tuple[int, ...]
 ) -> None:
     """A :class:`TrainError` before the first step if the host cannot hold what the run pins there: with
     ``--checkpointing offload`` the offloaded checkpoints of a full micro-batch of ``budget`` tokens (``config``: the
     Hugging Face model config; every process of this host, torchrun's ``LOCAL_WORLD_SIZE``, pins its own), and with
-    ``--memory low`` the vocabulary of ``vocab_params`` values (:func:`vocab_params_of`; counted from its shapes,
-    so once whether or not it has moved yet), as ``train plan`` counts them. A CPU run's vocabulary never leaves
-    host memory, so there the check is that much on the safe side."""
+    ``--memory low`` the vocabulary, ``vocab_params`` values in each tensor it moves (:func:`vocab_params_of`;
+    counted from its shapes, so once whether or not it has moved yet), as ``train plan`` counts them. A CPU run's
+    vocabulary never leaves host memory, so there the check is that much on the safe side."""
     vocab_bytes = vocab_host_bytes(cfg.memory, cfg.mode, vocab_params, torch.empty((), dtype=dtype).element_size())
     if cfg.checkpointing != "offload" and not vocab_bytes:
         return

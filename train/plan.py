@@ -114,7 +114,7 @@ class ModelInventory:
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every linear layer but the output head
     other_params: int  # embeddings, head, norms, biases: values kept in the run's dtype
     lora_targets: tuple[str, ...]
-    vocab_params: int = 0  # the input embedding and the output head (a tied pair once)
+    vocab_params: tuple[int, ...] = ()  # values of the input embedding and of an untied output head (vocab_params_of)
 
 
 @dataclass(frozen=True)
@@ -295,10 +295,9 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     largest = max((i * o for _, i, o in inv.linears), default=0) * b if mode == "qlora" else 0
     load = weights + largest
     layer += largest  # QLoRA: one projection's weight dequantized for its GEMM
-    vocab_host = vocab_host_bytes(setting.memory, mode, inv.vocab_params, b)  # as train run's host check counts it
     if keeps_vocab_on_host(setting.memory, mode):
-        weights -= vocab_host
-        host += vocab_host
+        weights -= sum(inv.vocab_params) * b
+        host += vocab_host_bytes(setting.memory, mode, inv.vocab_params, b)  # pinned blocks, as train run counts them
         # streamed loss: two weight chunks, one block's work, fp32 sums, target and counted rows
         head = 2 * DEFAULT_VOCAB_CHUNK_BYTES + DEFAULT_WORK_BYTES + T * inv.hidden * (4 + 2 * b)
     else:

@@ -73,7 +73,7 @@ def test_checkpoint_shape_reads_a_multimodal_config_s_text_config() -> None:
     assert CheckpointShape.of(config, torch.bfloat16) == CheckpointShape(3, 64, 4, 16, 2)
     cfg = TrainConfig(shards="x", checkpointing="offload", host_mem_gib=1.0)
     with pytest.raises(TrainError, match=r"checkpoints of 3 layers at 10000000 tokens"):
-        check_run_host_memory(cfg, config, torch.bfloat16, 10**7, vocab_params=0)
+        check_run_host_memory(cfg, config, torch.bfloat16, 10**7, vocab_params=())
 
 
 @pytest.mark.parametrize(
@@ -157,10 +157,10 @@ def test_host_check_names_the_numbers_and_the_ways_out() -> None:
 def test_a_run_that_pins_nothing_on_the_host_is_not_checked() -> None:
     config = tiny_model("llama").config
     huge = 10**12
-    check_run_host_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge, vocab_params=0)
+    check_run_host_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge, vocab_params=())
     with pytest.raises(TrainError, match=r"--checkpointing offload needs"):
         check_run_host_memory(
-            TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge, vocab_params=0
+            TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge, vocab_params=()
         )
 
 
@@ -170,15 +170,17 @@ def test_the_host_check_counts_segments() -> None:
     tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
     cfg = dict(shards="x", checkpointing="offload", host_mem_gib=30.0)
     with pytest.raises(TrainError, match=r"needs 36\.0 GiB .*--checkpoint-layers 2"):
-        check_run_host_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens, vocab_params=0)
-    check_run_host_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=0)
+        check_run_host_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens, vocab_params=())
+    check_run_host_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=())
     tight = dict(cfg, host_mem_gib=12.0)  # 10 GiB for 18 segments of 2 layers: 4 layers a checkpoint need 9
     with pytest.raises(TrainError, match=r"of 18 segments of 2 layers .*GiB a segment of 2 layers.*"
                                          r"--checkpoint-layers 4\)"):  # fmt: skip
-        check_run_host_memory(TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=0)
+        check_run_host_memory(
+            TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=()
+        )
     with pytest.raises(TrainError) as refused:  # 3 GiB: even halving does not fit, so it is not offered
         check_run_host_memory(TrainConfig(**dict(cfg, host_mem_gib=5.0), checkpoint_layers=2), config,
-                              torch.bfloat16, tokens, vocab_params=0)  # fmt: skip
+                              torch.bfloat16, tokens, vocab_params=())  # fmt: skip
     assert "--checkpoint-layers" not in str(refused.value)
 
 
@@ -192,18 +194,35 @@ def test_train_run_stops_before_the_first_step_when_the_host_is_too_small(synthe
 
 def test_the_vocabulary_is_counted_as_plan_counts_it() -> None:
     """A tied pair once; under ``--memory low`` only, and not when full fine-tuning trains it; the same bytes as
-    ``train plan``'s host column beside the checkpoints."""
+    ``train plan``'s host column beside the checkpoints, while the GPU saves the tensors' own bytes."""
     tied, untied = (tiny_model("qwen3", tie_word_embeddings=tie) for tie in (True, False))
-    assert vocab_params_of(tied) == tied.config.vocab_size * tied.config.hidden_size
-    assert vocab_params_of(untied) == 2 * untied.config.vocab_size * untied.config.hidden_size
-    assert [vocab_host_bytes(m, mode, 1000, 2) for m, mode in [("low", "lora"), ("low", "qlora"), ("low", "full"),
-                                                                 ("fast", "lora")]] == [2000, 2000, 0, 0]  # fmt: skip
+    values = tied.config.vocab_size * tied.config.hidden_size
+    assert vocab_params_of(tied) == (values,)
+    assert vocab_params_of(untied) == (values, values)
+    settings = [("low", "lora"), ("low", "qlora"), ("low", "full"), ("fast", "lora")]
+    assert [vocab_host_bytes(m, mode, (1024,), 2) for m, mode in settings] == [2048, 2048, 0, 0]
     config = tiny_config("qwen3", 4000, tie_word_embeddings=False)
     inv = inventory(config)  # train plan's count, from the model on the meta device
-    assert inv.vocab_params == 2 * 4000 * config.hidden_size
+    assert inv.vocab_params == (4000 * config.hidden_size,) * 2
     for ckpt in ("on", "offload"):
-        low, fast = (estimate(inv, Setting("lora", 4096, ckpt, memory=m)).host for m in ("low", "fast"))
-        assert low - fast == vocab_host_bytes("low", "lora", inv.vocab_params, 2) > 0
+        low, fast = (estimate(inv, Setting("lora", 4096, ckpt, memory=m)) for m in ("low", "fast"))
+        assert low.host - fast.host == vocab_host_bytes("low", "lora", inv.vocab_params, 2) > 0
+        assert fast.weights - low.weights == 2 * 4000 * config.hidden_size * 2
+
+
+def test_the_vocabulary_pins_a_power_of_two_per_tensor() -> None:
+    """``train.host_vocab`` pins the embedding and an untied head as one tensor each, and torch's caching host
+    allocator rounds each block up to a power of two: Qwen3-8B's pair of 1.16 GiB tensors pins 4 GiB, not 2.32."""
+    shape = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+             "intermediate_size": 12288, "num_hidden_layers": 1}  # fmt: skip
+    config = tiny_config("qwen3", 151936, tie_word_embeddings=False, **shape)
+    inv = inventory(config)
+    assert inv.vocab_params == (151936 * 4096,) * 2
+    assert vocab_host_bytes("low", "lora", inv.vocab_params, 2) == 4 * GIB
+    assert vocab_host_bytes("low", "lora", (GIB // 2,), 2) == GIB  # a power of two already: no rounding
+    low, fast = (estimate(inv, Setting("qlora", 4096, "on", memory=m)) for m in ("low", "fast"))
+    assert low.host - fast.host == 4 * GIB
+    assert fast.weights - low.weights == 2 * 151936 * 4096 * 2  # the GPU saves the tensors, unrounded
 
 
 def test_the_run_s_check_counts_the_vocabulary_of_memory_low() -> None:
@@ -212,7 +231,7 @@ def test_the_run_s_check_counts_the_vocabulary_of_memory_low() -> None:
     the host cannot hold by itself gets its own line; full fine-tuning keeps its vocabulary on the GPU."""
     config = tiny_config("qwen3", 1000, num_hidden_layers=36)
     tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
-    vocab_params = 3 * GIB // 2  # 3 GiB in bf16
+    vocab_params = (GIB, GIB // 2)  # 3 GiB in bf16: powers of two, pinned as they are
     low = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=40.0)
     check_run_host_memory(
         dataclasses.replace(low, memory="fast"), config, torch.bfloat16, tokens, vocab_params=vocab_params
@@ -256,7 +275,7 @@ def test_the_gpu_share_plan_offers_under_memory_low_passes_the_run_s_check() -> 
     need = estimate(inv, setting).host
     host_gib = (need + HOST_RESERVE) / GIB - 0.01
     cfg = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=host_gib)
-    with pytest.raises(TrainError, match=r"--memory low 0\.05 GiB for the frozen vocabulary"):
+    with pytest.raises(TrainError, match=r"--memory low 0\.06 GiB for the frozen vocabulary"):
         check_run_host_memory(cfg, config, torch.bfloat16, 65536, vocab_params=inv.vocab_params)
     split = host_fit_split(inv, setting, need - int(0.01 * GIB))
     assert split is not None and split.checkpoint_gpu_bytes > 0
