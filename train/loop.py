@@ -201,7 +201,7 @@ def _train(
     if cfg.mode != "full":
         check_targets(model, cfg.target_module_list)  # before anything is written to --output
     # the host holds the offloaded checkpoints and --memory low's vocabulary (moved there below, counted here)
-    check_run_host_memory(cfg, model.config, dtype, budget, vocab_params=vocab_params_of(model))
+    check_run_host_memory(cfg, model.config, dtype, budget, device=device, vocab_params=vocab_params_of(model))
     tokenizer_from, no_tokenizer = tokenizer_folder(cfg.model, ss.manifest)  # copied next to the output
     result.warnings += [no_tokenizer] if no_tokenizer else []
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run

@@ -272,14 +272,23 @@ def check_host_memory(
 
 
 def check_run_host_memory(
-    cfg: TrainConfig, config: object, dtype: torch.dtype, budget: int, *, vocab_params: tuple[int, ...]
+    cfg: TrainConfig,
+    config: object,
+    dtype: torch.dtype,
+    budget: int,
+    *,
+    device: torch.device | str,
+    vocab_params: tuple[int, ...],
 ) -> None:
     """A :class:`TrainError` before the first step if the host cannot hold what the run pins there: with
     ``--checkpointing offload`` the offloaded checkpoints of a full micro-batch of ``budget`` tokens (``config``: the
     Hugging Face model config; every process of this host, torchrun's ``LOCAL_WORLD_SIZE``, pins its own), and with
-    ``--memory low`` the vocabulary, ``vocab_params`` values in each tensor it moves (:func:`vocab_params_of`;
-    counted from its shapes, so once whether or not it has moved yet), as ``train plan`` counts them. A CPU run's
-    vocabulary never leaves host memory, so there the check is that much on the safe side."""
+    ``--memory low`` on a CUDA ``device`` the vocabulary, ``vocab_params`` values in each tensor it moves
+    (:func:`vocab_params_of`; counted from its shapes, so once whether or not it has moved yet), as ``train plan``
+    counts them. On the CPU ``train.host_vocab`` moves nothing: the vocabulary stays where the model loaded it, and
+    the run pins nothing for it."""
+    if torch.device(device).type != "cuda":  # host_vocab pins only a vocabulary that is on a CUDA device
+        vocab_params = ()
     vocab_bytes = vocab_host_bytes(cfg.memory, cfg.mode, vocab_params, torch.empty((), dtype=dtype).element_size())
     if cfg.checkpointing != "offload" and not vocab_bytes:
         return

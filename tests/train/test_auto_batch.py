@@ -158,7 +158,9 @@ def test_offloaded_inputs_leave_the_host_check_s_reserve_free(synthetic_shards: 
     sized = dataclasses.replace(cfg, host_mem_gib=exact)
     tokens = auto_budget(sized, tmp_path / "run", torch.device("cpu"), 4).tokens
     # the run's own check takes it
-    check_run_host_memory(sized, config, torch.float32, tokens, vocab_params=inv.vocab_params)
+    check_run_host_memory(
+        sized, config, torch.float32, tokens, device=torch.device("cpu"), vocab_params=inv.vocab_params
+    )
 
 
 def test_a_cli_run_sizes_prints_and_records_the_budget(synthetic_shards: Path, tmp_path: Path) -> None:

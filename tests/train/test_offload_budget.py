@@ -5,7 +5,6 @@ gradients), the host's available memory, and the one-line error before the first
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -43,6 +42,7 @@ from .tiny_models import grads_of, make_batch, randomize_lora, tiny_model, train
 
 MIB = 2**20
 QWEN3_8B = CheckpointShape(layers=36, hidden=4096, heads=32, head_dim=128, dtype_bytes=2)
+CUDA = torch.device("cuda")  # the check's arithmetic of a CUDA run; no GPU needed
 
 
 def test_checkpoint_tensor_bytes_of_qwen3_8b() -> None:
@@ -73,7 +73,7 @@ def test_checkpoint_shape_reads_a_multimodal_config_s_text_config() -> None:
     assert CheckpointShape.of(config, torch.bfloat16) == CheckpointShape(3, 64, 4, 16, 2)
     cfg = TrainConfig(shards="x", checkpointing="offload", host_mem_gib=1.0)
     with pytest.raises(TrainError, match=r"checkpoints of 3 layers at 10000000 tokens"):
-        check_run_host_memory(cfg, config, torch.bfloat16, 10**7, vocab_params=())
+        check_run_host_memory(cfg, config, torch.bfloat16, 10**7, device=CUDA, vocab_params=())
 
 
 @pytest.mark.parametrize(
@@ -157,10 +157,11 @@ def test_host_check_names_the_numbers_and_the_ways_out() -> None:
 def test_a_run_that_pins_nothing_on_the_host_is_not_checked() -> None:
     config = tiny_model("llama").config
     huge = 10**12
-    check_run_host_memory(TrainConfig(shards="x", checkpointing="on"), config, torch.float32, huge, vocab_params=())
+    on = TrainConfig(shards="x", checkpointing="on")
+    check_run_host_memory(on, config, torch.float32, huge, device=CUDA, vocab_params=())
     with pytest.raises(TrainError, match=r"--checkpointing offload needs"):
         check_run_host_memory(
-            TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge, vocab_params=()
+            TrainConfig(shards="x", checkpointing="offload"), config, torch.float32, huge, device=CUDA, vocab_params=()
         )
 
 
@@ -170,17 +171,18 @@ def test_the_host_check_counts_segments() -> None:
     tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
     cfg = dict(shards="x", checkpointing="offload", host_mem_gib=30.0)
     with pytest.raises(TrainError, match=r"needs 36\.0 GiB .*--checkpoint-layers 2"):
-        check_run_host_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens, vocab_params=())
-    check_run_host_memory(TrainConfig(**cfg, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=())
+        check_run_host_memory(TrainConfig(**cfg), config, torch.bfloat16, tokens, device=CUDA, vocab_params=())
+    segments = TrainConfig(**cfg, checkpoint_layers=2)
+    check_run_host_memory(segments, config, torch.bfloat16, tokens, device=CUDA, vocab_params=())
     tight = dict(cfg, host_mem_gib=12.0)  # 10 GiB for 18 segments of 2 layers: 4 layers a checkpoint need 9
     with pytest.raises(TrainError, match=r"of 18 segments of 2 layers .*GiB a segment of 2 layers.*"
                                          r"--checkpoint-layers 4\)"):  # fmt: skip
         check_run_host_memory(
-            TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens, vocab_params=()
+            TrainConfig(**tight, checkpoint_layers=2), config, torch.bfloat16, tokens, device=CUDA, vocab_params=()
         )
     with pytest.raises(TrainError) as refused:  # 3 GiB: even halving does not fit, so it is not offered
         check_run_host_memory(TrainConfig(**dict(cfg, host_mem_gib=5.0), checkpoint_layers=2), config,
-                              torch.bfloat16, tokens, vocab_params=())  # fmt: skip
+                              torch.bfloat16, tokens, device=CUDA, vocab_params=())  # fmt: skip
     assert "--checkpoint-layers" not in str(refused.value)
 
 
@@ -228,19 +230,20 @@ def test_the_vocabulary_pins_a_power_of_two_per_tensor() -> None:
 def test_the_run_s_check_counts_the_vocabulary_of_memory_low() -> None:
     """36 checkpoints of 1 GiB fit a 40 GiB host (38 beside the reserve); a 3 GiB vocabulary beside them does not,
     and the error names both, the GPU share that leaves room for the vocabulary, and --memory fast. A vocabulary
-    the host cannot hold by itself gets its own line; full fine-tuning keeps its vocabulary on the GPU."""
+    the host cannot hold by itself gets its own line; full fine-tuning keeps its vocabulary on the GPU. On the CPU
+    ``train.host_vocab`` moves nothing, so only the checkpoints count."""
     config = tiny_config("qwen3", 1000, num_hidden_layers=36)
     tokens = GIB // (config.hidden_size * 2)  # 1 GiB a checkpoint in bf16
     vocab_params = (GIB, GIB // 2)  # 3 GiB in bf16: powers of two, pinned as they are
+
+    def check(cfg: TrainConfig, device: torch.device | str = CUDA) -> None:
+        check_run_host_memory(cfg, config, torch.bfloat16, tokens, device=device, vocab_params=vocab_params)
+
     low = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=40.0)
-    check_run_host_memory(
-        dataclasses.replace(low, memory="fast"), config, torch.bfloat16, tokens, vocab_params=vocab_params
-    )
-    check_run_host_memory(
-        dataclasses.replace(low, mode="full"), config, torch.bfloat16, tokens, vocab_params=vocab_params
-    )
+    check(dataclasses.replace(low, memory="fast"))
+    check(dataclasses.replace(low, mode="full"))
     with pytest.raises(TrainError) as error:
-        check_run_host_memory(low, config, torch.bfloat16, tokens, vocab_params=vocab_params)
+        check(low)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(
@@ -250,19 +253,20 @@ def test_the_run_s_check_counts_the_vocabulary_of_memory_low() -> None:
     )
     # 35 GiB for the checkpoints beside the vocabulary: the top one on the GPU
     assert "--checkpoint-gpu-gib 1, a checkpoint per 2 layers (--checkpoint-layers 2), --memory fast to keep" in message
-    check_run_host_memory(
-        dataclasses.replace(low, checkpoint_gpu_gib=1.0), config, torch.bfloat16, tokens, vocab_params=vocab_params
-    )
+    check(dataclasses.replace(low, checkpoint_gpu_gib=1.0))
     short = dataclasses.replace(low, checkpointing="on", host_mem_gib=4.0)  # 2 GiB beside the reserve
     with pytest.raises(
         TrainError,
         match=r"^--memory low keeps 3\.00 GiB of frozen vocabulary \(embedding and lm_head\) "
         r"in pinned host memory, but the host has 4\.0 GiB available .*--memory fast",
     ):
-        check_run_host_memory(short, config, torch.bfloat16, tokens, vocab_params=vocab_params)
-    check_run_host_memory(
-        dataclasses.replace(short, host_mem_gib=5.0), config, torch.bfloat16, tokens, vocab_params=vocab_params
-    )
+        check(short)
+    check(dataclasses.replace(short, host_mem_gib=5.0))
+    for cpu in (torch.device("cpu"), "cpu"):
+        check(short, cpu)
+        check(low, cpu)
+        with pytest.raises(TrainError, match=r"^--checkpointing offload needs 36\.0 GiB .* kept free\)\. Use"):
+            check(dataclasses.replace(low, host_mem_gib=30.0), cpu)
 
 
 def test_the_gpu_share_plan_offers_under_memory_low_passes_the_run_s_check() -> None:
@@ -276,18 +280,20 @@ def test_the_gpu_share_plan_offers_under_memory_low_passes_the_run_s_check() -> 
     host_gib = (need + HOST_RESERVE) / GIB - 0.01
     cfg = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=host_gib)
     with pytest.raises(TrainError, match=r"--memory low 0\.06 GiB for the frozen vocabulary"):
-        check_run_host_memory(cfg, config, torch.bfloat16, 65536, vocab_params=inv.vocab_params)
+        check_run_host_memory(cfg, config, torch.bfloat16, 65536, device=CUDA, vocab_params=inv.vocab_params)
     split = host_fit_split(inv, setting, need - int(0.01 * GIB))
     assert split is not None and split.checkpoint_gpu_bytes > 0
     fitted = dataclasses.replace(cfg, checkpoint_gpu_gib=split.checkpoint_gpu_bytes / GIB)
-    check_run_host_memory(fitted, config, torch.bfloat16, 65536, vocab_params=inv.vocab_params)
+    check_run_host_memory(fitted, config, torch.bfloat16, 65536, device=CUDA, vocab_params=inv.vocab_params)
 
 
 @pytest.mark.parametrize("checkpointing", ["offload", "on"])
-def test_train_run_counts_the_vocabulary_of_memory_low(synthetic_shards: Path, tmp_path, checkpointing: str) -> None:
-    """``train run --memory low`` on a host that holds its offloaded checkpoints (if any) but not the vocabulary
-    beside them: one line before the first step, nothing written. The vocabulary moves to the host after the
-    check; the check counts it from its shapes, once."""
+def test_a_cpu_run_does_not_count_the_vocabulary_of_memory_low(
+    synthetic_shards: Path, tmp_path, checkpointing: str
+) -> None:
+    """``train run --memory low`` on the CPU, on a host that holds its offloaded checkpoints (if any) but not the
+    vocabulary beside them: it trains, since on the CPU ``train.host_vocab`` moves nothing to pinned memory and
+    ``--memory fast`` would keep nothing on a GPU."""
     out = tmp_path / "out"
     cfg = cli_equivalent(synthetic_shards, out, memory="low", checkpointing=checkpointing)
     config = model_config(cfg, SYNTH_VOCAB)
@@ -296,12 +302,18 @@ def test_train_run_counts_the_vocabulary_of_memory_low(synthetic_shards: Path, t
     checkpoints *= checkpointing == "offload"
     vocab = vocab_host_bytes("low", "lora", inventory(config).vocab_params, 4)
     host_gib = (checkpoints + HOST_RESERVE + vocab // 2) / GIB  # room for the checkpoints and half the vocabulary
-    args = ["run", str(synthetic_shards), "--output", str(out), *CLI_FAST, "--max-steps", "1", "--memory", "low",
-            "--checkpointing", checkpointing, "--host-mem-gib", repr(host_gib)]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    want = "and --memory low 0.00 GiB for the frozen vocabulary" if checkpoints else "--memory low keeps 0.00 GiB of"
-    assert_one_line_error(result, rf"^error: .*{re.escape(want)} .*--memory fast")
-    assert not out.exists()
+
+    def run(output: Path, host_gib: float):
+        args = ["run", str(synthetic_shards), "--output", str(output), *CLI_FAST, "--max-steps", "1", "--memory",
+                "low", "--checkpointing", checkpointing, "--host-mem-gib", repr(host_gib)]  # fmt: skip
+        return CliRunner().invoke(main, args)
+
+    result = run(out, host_gib)
+    assert result.exit_code == 0, result.output
+    if checkpointing == "offload":  # the checkpoints are still checked: a host short of them refuses the run
+        refused = run(tmp_path / "short", (checkpoints + HOST_RESERVE - 1) / GIB)
+        assert_one_line_error(refused, r"^error: --checkpointing offload needs \d+\.\d GiB of pinned host memory")
+        assert "vocabulary" not in refused.output and not (tmp_path / "short").exists()
 
 
 class _Recording(HostOffload):
