@@ -34,7 +34,7 @@ from .host_vocab import keep_vocab_on_host
 from .memory_breakdown import ForwardMemory, breakdown, persistent_bytes
 from .memory_setting import resolve_low_memory_checkpointing, resolve_memory_setting
 from .metrics import MetricsLog, flop_model, peak_flops, peak_memory_gib, sum_squared_lengths
-from .offload_budget import GIB, check_run_host_memory, vocab_params_of
+from .offload_budget import GIB, check_run_host_memory, keeps_vocab_on_host, vocab_params_of
 from .optim import build_optimizer, build_scheduler, check_optimizer, reapply_hyperparameters
 from .output import gather_output_state, save_base_model, save_output, tokenizer_folder
 from .prepare import (
@@ -201,7 +201,8 @@ def _train(
     if cfg.mode != "full":
         check_targets(model, cfg.target_module_list)  # before anything is written to --output
     # the host holds the offloaded checkpoints and --memory low's vocabulary (moved there below, counted here)
-    check_run_host_memory(cfg, model.config, dtype, budget, device=device, vocab_params=vocab_params_of(model))
+    vocab_params = vocab_params_of(model) if keeps_vocab_on_host(cfg.memory, cfg.mode) else ()
+    check_run_host_memory(cfg, model.config, dtype, budget, device=device, vocab_params=vocab_params)
     tokenizer_from, no_tokenizer = tokenizer_folder(cfg.model, ss.manifest)  # copied next to the output
     result.warnings += [no_tokenizer] if no_tokenizer else []
     if env.is_main:  # the first write: clear what the plan replaces, mark the folder as a padless run

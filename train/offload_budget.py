@@ -183,10 +183,11 @@ def vocab_host_bytes(memory: str, mode: str, vocab_params: tuple[int, ...], dtyp
 
 def vocab_params_of(model: nn.Module) -> tuple[int, ...]:
     """Values of each tensor ``--memory low`` moves to host memory: the input embedding's weight, and the output
-    head's unless tied to it. Shapes only, so a model on the meta device, on the GPU or with its vocabulary moved
-    already counts the same."""
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    return (embedding.numel(),) if head is embedding else (embedding.numel(), head.numel())
+    head's when it has one of its own (a tied pair, or a model without a head, counts the embedding only). Shapes
+    only, so a model on the meta device, on the GPU or with its vocabulary moved already counts the same."""
+    embedding = model.get_input_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)  # None: no head (get_output_embeddings() None)
+    return (embedding.numel(),) if head is None or head is embedding else (embedding.numel(), head.numel())
 
 
 def _meminfo_available(path: Path) -> int | None:

@@ -227,6 +227,25 @@ def test_the_vocabulary_pins_a_power_of_two_per_tensor() -> None:
     assert fast.weights - low.weights == 2 * 151936 * 4096 * 2  # the GPU saves the tensors, unrounded
 
 
+def test_a_model_without_an_output_head_counts_its_embedding() -> None:
+    """``get_output_embeddings()`` None: nothing but the embedding to move, and no crash."""
+    model = tiny_model("qwen3", tie_word_embeddings=False)
+    model.get_output_embeddings = lambda: None
+    assert vocab_params_of(model) == (model.config.vocab_size * model.config.hidden_size,)
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_train_run_of_a_model_without_an_output_head(synthetic_shards: Path, tmp_path, monkeypatch, memory) -> None:
+    """The host check before the first step does not trip over ``get_output_embeddings()`` None (``--memory fast``
+    does not count the vocabulary at all): the patch's one line says what is missing."""
+    from transformers import LlamaForCausalLM  # the CLI's default --family
+
+    monkeypatch.setattr(LlamaForCausalLM, "get_output_embeddings", lambda self: None)
+    args = ["run", str(synthetic_shards), "--output", str(tmp_path / "out"), *CLI_FAST, "--max-steps", "1"]
+    result = CliRunner().invoke(main, [*args, "--memory", memory])
+    assert_one_line_error(result, r"^error: model_type 'llama': no output embedding \(lm_head\)")
+
+
 def test_the_run_s_check_counts_the_vocabulary_of_memory_low() -> None:
     """36 checkpoints of 1 GiB fit a 40 GiB host (38 beside the reserve); a 3 GiB vocabulary beside them does not,
     and the error names both, the GPU share that leaves room for the vocabulary, and --memory fast. A vocabulary
