@@ -36,6 +36,7 @@ __all__ = [
     "check_host_memory",
     "check_run_host_memory",
     "checkpoints_of",
+    "format_bytes",
     "host_bytes_of",
     "keeps_vocab_on_host",
     "layers_on_gpu",
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 GIB = 2**30
+MIB = 2**20
 # Left free beside the pinned checkpoints for the rest of the process (Python, the CUDA driver's host memory, the
 # prefetched batches) and the OS: past MemAvailable the kernel's OOM killer ends the run without a message.
 HOST_RESERVE = 2 * GIB
@@ -190,6 +192,15 @@ def vocab_params_of(model: nn.Module) -> tuple[int, ...]:
     return (embedding.numel(),) if head is None or head is embedding else (embedding.numel(), head.numel())
 
 
+def format_bytes(nbytes: int, digits: int = 2) -> str:
+    """``nbytes`` for a message, with ``digits`` decimals: in GiB, below 1 GiB in MiB and below 1 MiB in KiB, so that a
+    small vocabulary or checkpoint reads "64.00 MiB" rather than "0.06 GiB" (or "0.00 GiB")."""
+    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (2**10, "KiB")):
+        if nbytes >= unit:
+            return f"{nbytes / unit:.{digits}f} {name}"
+    return f"{nbytes} bytes"
+
+
 def _meminfo_available(path: Path) -> int | None:
     for line in path.read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -246,9 +257,9 @@ def check_host_memory(
     checkpoints = plan.host_bytes if plan is not None else 0
     if available is None or checkpoints + vocab_bytes <= max(budget, 0):  # nothing pinned: nothing to check
         return
-    host = f"the host has {available / GIB:.1f} GiB available ({reserve / GIB:g} GiB of it kept free)"
+    host = f"the host has {format_bytes(available, 1)} available ({reserve / GIB:g} GiB of it kept free)"
     more = "--host-mem-gib N where the host can give more than it has available now"
-    vocab = f"{vocab_bytes / GIB:.2f} GiB"
+    vocab = format_bytes(vocab_bytes)
     if plan is None or not checkpoints or vocab_bytes > max(budget, 0):  # the vocabulary alone does not fit
         raise TrainError(
             f"--memory low keeps {vocab} of frozen vocabulary (embedding and lm_head) in pinned host memory, but "
@@ -265,9 +276,9 @@ def check_host_memory(
     beside = f", and --memory low {vocab} for the frozen vocabulary (embedding and lm_head)" if vocab_bytes else ""
     fast = ", --memory fast to keep the vocabulary on the GPU" if vocab_bytes and checkpoints <= budget else ""
     raise TrainError(
-        f"--checkpointing offload needs {checkpoints / GIB:.1f} GiB of pinned host memory for the checkpoints "
-        f"of {plan.host_layers} {units} at {plan.tokens} tokens per micro-batch ({plan.host_layer_bytes / GIB:.2f} "
-        f"GiB a {unit}{ranks}){beside}, but {host}. Use a smaller --tokens-per-micro-batch, --checkpointing on"
+        f"--checkpointing offload needs {format_bytes(checkpoints, 1)} of pinned host memory for the checkpoints "
+        f"of {plan.host_layers} {units} at {plan.tokens} tokens per micro-batch ({format_bytes(plan.host_layer_bytes)} "
+        f"a {unit}{ranks}){beside}, but {host}. Use a smaller --tokens-per-micro-batch, --checkpointing on"
         f"{on_gpu}{fewer if halved <= room else ''}{fast}, or --qlora to free GPU memory for them (or {more})"
     )
 

@@ -26,6 +26,7 @@ from padless.train.offload_budget import (
     check_host_memory,
     check_run_host_memory,
     checkpoints_of,
+    format_bytes,
     host_bytes_of,
     layers_on_gpu,
     pinned_block_bytes,
@@ -152,6 +153,31 @@ def test_host_check_names_the_numbers_and_the_ways_out() -> None:
         check_host_memory(two, 60 * GIB)
     with pytest.raises(TrainError, match=r"available \(2 GiB of it kept free\)\. Use a smaller"):
         check_host_memory(plan, HOST_RESERVE - 1)  # nothing fits: no --checkpoint-gpu-gib to suggest
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "digits", "text"),
+    [(36 * GIB, 1, "36.0 GiB"), (3 * GIB, 2, "3.00 GiB"), (GIB, 2, "1.00 GiB"), (GIB - MIB, 2, "1023.00 MiB"),
+     (64 * MIB, 2, "64.00 MiB"), (8 * MIB, 1, "8.0 MiB"), (3 * 2**10 // 2, 2, "1.50 KiB"), (1000, 2, "1000 bytes"),
+     (0, 2, "0 bytes")],
+)  # fmt: skip
+def test_bytes_read_in_the_largest_unit_that_keeps_them_above_one(nbytes: int, digits: int, text: str) -> None:
+    assert format_bytes(nbytes, digits) == text
+
+
+def test_a_small_vocabulary_and_checkpoints_read_in_mib() -> None:
+    """Beside a host of a few GiB the error names a small vocabulary and small checkpoints in MiB, not as
+    "0.00 GiB"."""
+    with pytest.raises(TrainError, match=r"^--memory low keeps 64\.00 MiB of frozen vocabulary .* 2\.0 GiB available"):
+        check_host_memory(None, HOST_RESERVE, vocab_bytes=64 * MIB)
+    tiny = plan_offload(CheckpointShape(4, 32, 4, 8, 4), 4096)  # 512 KiB a layer: one 8 MiB pool buffer
+    with pytest.raises(TrainError) as error:
+        check_host_memory(tiny, HOST_RESERVE + 20 * MIB, vocab_bytes=256 * 2**10)
+    message = str(error.value)
+    assert message.startswith("--checkpointing offload needs 32.0 MiB of pinned host memory for the checkpoints of 4 "
+                              "layers at 4096 tokens per micro-batch (8.00 MiB a layer), and --memory low 256.00 KiB "
+                              "for the frozen vocabulary")  # fmt: skip
+    assert "0.0" not in message
 
 
 def test_a_run_that_pins_nothing_on_the_host_is_not_checked() -> None:
@@ -298,7 +324,7 @@ def test_the_gpu_share_plan_offers_under_memory_low_passes_the_run_s_check() -> 
     need = estimate(inv, setting).host
     host_gib = (need + HOST_RESERVE) / GIB - 0.01
     cfg = TrainConfig(shards="x", checkpointing="offload", memory="low", host_mem_gib=host_gib)
-    with pytest.raises(TrainError, match=r"--memory low 0\.06 GiB for the frozen vocabulary"):
+    with pytest.raises(TrainError, match=r"--memory low 64\.00 MiB for the frozen vocabulary"):
         check_run_host_memory(cfg, config, torch.bfloat16, 65536, device=CUDA, vocab_params=inv.vocab_params)
     split = host_fit_split(inv, setting, need - int(0.01 * GIB))
     assert split is not None and split.checkpoint_gpu_bytes > 0
@@ -331,7 +357,7 @@ def test_a_cpu_run_does_not_count_the_vocabulary_of_memory_low(
     assert result.exit_code == 0, result.output
     if checkpointing == "offload":  # the checkpoints are still checked: a host short of them refuses the run
         refused = run(tmp_path / "short", (checkpoints + HOST_RESERVE - 1) / GIB)
-        assert_one_line_error(refused, r"^error: --checkpointing offload needs \d+\.\d GiB of pinned host memory")
+        assert_one_line_error(refused, r"^error: --checkpointing offload needs 16\.0 MiB of pinned host memory")
         assert "vocabulary" not in refused.output and not (tmp_path / "short").exists()
 
 
