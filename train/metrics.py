@@ -3,9 +3,10 @@
 FLOPs (the usual 6N accounting, made exact for what we run): N = parameters a text token's matmuls use
 (``active_matmul_params``): the decoder's and the output head's parameters minus the input embedding, which is a
 lookup (a tied head counts once). A mixture-of-experts layer runs its router, its shared experts and only
-``num_experts_per_tok`` of its routed experts per token, so the routed experts count k/E of their parameters; a
-multimodal model's vision or audio tower and projector never run on the text packs padless trains on, so they
-count nothing. (Memory still counts every parameter: ``train.plan`` and ``train.memory_breakdown``.)
+``num_experts_per_tok`` of its routed experts per token, so the routed experts (the parameters under a module named
+``experts``) count k/E of their parameters, and a config naming experts that are not there counts them in full, with
+a warning; a multimodal model's vision or audio tower and projector never run on the text packs padless trains on,
+so they count nothing. (Memory still counts every parameter: ``train.plan`` and ``train.memory_breakdown``.)
 
 Per token: forward 2N; backward 2N for the activation gradients, plus 2N for the weight gradients only when every
 weight trains (``--full``; LoRA's own weight gradients are negligible); plus another forward 2N when gradient
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +103,15 @@ class FlopModel:
 def _routed_experts_share(text_config: Any) -> tuple[int, int]:
     """(k, E): the routed experts a token runs and how many there are per MoE layer; (1, 1) for a dense model.
     Qwen-MoE and OLMoE name E ``num_experts``, Mixtral, Llama 4 and GPT-OSS ``num_local_experts``, DeepSeek
-    ``n_routed_experts``; all name k ``num_experts_per_tok``."""
+    ``n_routed_experts``; all name k ``num_experts_per_tok``. DBRX keeps them in its ``ffn_config`` (an object, or a
+    dict in older configs) as ``moe_num_experts`` and ``moe_top_k``."""
     k = getattr(text_config, "num_experts_per_tok", None)
     keys = ("num_experts", "num_local_experts", "n_routed_experts")
     experts = next((value for key in keys if (value := getattr(text_config, key, None))), None)
+    ffn = getattr(text_config, "ffn_config", None)
+    if not (k and experts) and ffn is not None:
+        field = ffn.get if isinstance(ffn, dict) else lambda key: getattr(ffn, key, None)
+        k, experts = field("moe_top_k"), field("moe_num_experts")
     return (int(k), int(experts)) if k and experts else (1, 1)
 
 
@@ -114,10 +121,18 @@ def _is_routed_expert(name: str) -> bool:
     return "experts" in name.split(".")
 
 
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight's logical shape
+    return tuple(getattr(state, "shape", None) or p.shape)
+
+
 def active_matmul_params(model: torch.nn.Module) -> int:
     """N of the module doc: the parameters of the decoder (``get_decoder()``: a multimodal model's language model)
     and the output head, less the input embedding and LoRA's own weights, with each MoE layer's routed experts
-    counted at k/E (every routed-expert tensor holds E experts' weights, leading dimension or module list)."""
+    counted at k/E (every routed-expert tensor holds E experts' weights, leading dimension or module list).
+
+    A config that names routed experts whose weights are not under a module named ``experts`` (none there, or a
+    tensor of E experts elsewhere: JetMoe's ``mlp.input_linear``) gets one warning: those count in full."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     decoder = model if decoder is None else decoder  # no decoder to name: every parameter is the text model's
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -128,12 +143,31 @@ def active_matmul_params(model: torch.nn.Module) -> int:
     if embed is not None and (head is None or head.weight is not embed.weight):
         seen.add(id(embed.weight))  # a lookup; tied to the head, the head's matmul still happens
     n = 0
+    routed, stray = False, []
     named = [*decoder.named_parameters(), *(head.named_parameters() if head is not None else ())]
     for name, p in named:
         if id(p) in seen or "lora_" in name:
             continue
         seen.add(id(p))
-        n += _numel(p) * k // experts if _is_routed_expert(name) else _numel(p)
+        if _is_routed_expert(name):
+            routed = True
+            n += _numel(p) * k // experts
+        else:
+            shape = _shape(p)
+            if experts > 1 and len(shape) >= 3 and shape[0] == experts:  # E experts' weights in one tensor
+                stray.append(name)
+            n += _numel(p)
+    if experts > 1 and (not routed or stray):
+        model_type = getattr(cfg, "model_type", None) or type(model).__name__
+        more = f" ({len(stray) - 1} more tensors alike)" if len(stray) > 1 else ""
+        where = f"{stray[0]}{more} holds {experts} experts' weights outside one" if stray else "its decoder has none"
+        warnings.warn(
+            f"model_type {model_type!r} routes each token to {k} of {experts} experts, but padless counts a routed "
+            f"expert at k/E only under a module named 'experts', and {where}: step FLOPs (train plan's step time, "
+            f"train run's MFU) count those experts in full, as if all {experts} ran for every token, so they come "
+            "out too high",
+            stacklevel=2,
+        )
     return n
 
 

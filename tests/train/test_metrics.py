@@ -4,6 +4,9 @@ router, shared expert and top-k routed experts, and no vision tower; the memory 
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from padless.train.adapters import apply_adapters
-from padless.train.metrics import flop_model, step_flop_model
+from padless.train.metrics import _routed_experts_share, active_matmul_params, flop_model, step_flop_model
 from padless.train.plan import Setting, estimate, inventory
 
 # The decoder both models of a pair share: the same attention, norms and (untied) head.
@@ -85,3 +88,63 @@ def test_a_multimodal_model_is_timed_as_its_text_model() -> None:
     flops = flop_model(model, full=False, checkpointing="on")
     expected = step_flop_model(text_inv.matmul_params, 2, 4, 16, full=False, checkpointing="on")
     assert flops == expected and flops.per_sq_len > 0
+
+
+def _meta_model(model_type: str, **fields: Any) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+
+
+def _counted_quietly(model: torch.nn.Module) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recognised layout: no warning
+        return active_matmul_params(model)
+
+
+@pytest.mark.parametrize(("moe", "fields"), [(moe, fields) for moe, fields, *_ in MOE_CASES])
+def test_a_recognised_moe_counts_without_a_warning(moe: str, fields: dict[str, Any]) -> None:
+    _counted_quietly(_meta_model(moe, **DECODER, **fields, num_experts_per_tok=TOP_K))
+
+
+def test_dbrx_names_its_experts_in_its_ffn_config() -> None:
+    """DBRX keeps k and E in ``ffn_config`` (``moe_top_k``, ``moe_num_experts``): E experts of which k run count as
+    k experts that all run, plus the router's E - k extra rows per layer."""
+    dbrx = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 512, "max_seq_len": 128,
+            "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0}}  # fmt: skip
+
+    def counted(experts: int) -> int:
+        ffn = {"ffn_hidden_size": EXPERT_WIDTH, "moe_num_experts": experts, "moe_top_k": TOP_K}
+        return _counted_quietly(_meta_model("dbrx", **dbrx, ffn_config=ffn))
+
+    assert counted(EXPERTS) == counted(TOP_K) + dbrx["n_layers"] * (EXPERTS - TOP_K) * dbrx["d_model"]
+    config = SimpleNamespace(ffn_config={"moe_top_k": TOP_K, "moe_num_experts": EXPERTS})  # older configs: a dict
+    assert _routed_experts_share(config) == (TOP_K, EXPERTS)
+
+
+# Configs that route tokens to k of E experts whose weights padless finds under no module named ``experts``:
+# JetMoe's MLP holds them as 3-D ``input_linear``/``output_linear`` (its attention's are under ``experts``), Doge's
+# as the rows of ``down_embed``/``up_embed``.
+UNRECOGNISED_MOES = [
+    ("jetmoe", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "kv_channels": 16,
+                "intermediate_size": 32, "vocab_size": 512, "num_local_experts": EXPERTS},
+     r"and layers\.0\.mlp\.input_linear\.weight \(3 more tensors alike\) holds 8 experts' weights outside one"),
+    ("doge", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512, "is_moe": True, "num_experts": 16},
+     r"and its decoder has none"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("moe", "fields", "where"), UNRECOGNISED_MOES)
+def test_experts_outside_a_module_named_experts_are_counted_in_full_with_a_warning(
+    moe: str, fields: dict[str, Any], where: str
+) -> None:
+    """Rather than silently counting every expert as if it ran: one warning that names the model type."""
+    model = _meta_model(moe, **fields, num_experts_per_tok=TOP_K)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        active_matmul_params(model)
+    assert [w.category for w in caught] == [UserWarning]
+    message = str(caught[0].message)
+    assert message.startswith(f"model_type {moe!r} routes each token to {TOP_K} of ")
+    assert re.search(where, message), message
+    assert "step FLOPs (train plan's step time, train run's MFU) count those experts in full" in message
