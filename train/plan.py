@@ -92,10 +92,11 @@ _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
 _PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
 # Useful FLOP/s of the attention kernels, forward and backward, on one sequence of each length (H100, head dim 128,
-# 32 query and 8 key/value heads; tools/bench_attention.py, docs/bench/README.md): a causal forward is
-# 2 L^2 heads head_dim FLOPs, its backward 2.5 times that. Past 2**31 elements (the 512K sequence) the kernels index
-# with int64 and run slower.
-_ATTENTION_RATES = ((131072, 513e12, 395e12), (524288, 488e12, 361e12))
+# 32 query and 8 key/value heads; docs/bench/README.md's attention section says how each was measured): a causal
+# forward is 2 L^2 heads head_dim FLOPs, its backward 2.5 times that. Both run the int32 offsets (the 512K sequence's q
+# holds exactly 2**31 elements); longer examples get the 512K rates, though a pack past 2**31 elements of q, k, v
+# indexes with int64, which has no timing here.
+_ATTENTION_RATES = ((131072, 513e12, 408e12), (524288, 488e12, 379e12))
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
 _NF4_BYTES_PER_TENSOR = 2048
 

@@ -138,7 +138,7 @@ def test_attention_is_timed_at_the_kernels_rates_forward_and_backward_apart() ->
 
 def test_attention_rates_follow_the_measured_lengths() -> None:
     """The measured rates at the measured lengths, held outside them, and in between a blend that falls with the
-    length (the int64 path of a 512K sequence runs slower than a 128K one)."""
+    length (a 512K sequence's attention runs slower than a 128K one's)."""
     (l0, f0, b0), (l1, f1, b1) = plan_mod._ATTENTION_RATES
     assert plan_mod.attention_rates(l0) == pytest.approx((f0, b0))
     assert plan_mod.attention_rates(l1) == pytest.approx((f1, b1))
