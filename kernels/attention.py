@@ -300,8 +300,9 @@ def _gpu_name(device_index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- host launchers
-# Rows of one tile: the kernels' in-tile offsets (row x token stride, head x head stride, head-dim index) stay int32
-# even on the long path, where only the token offsets of the tiles' first rows widen to int64.
+# The most keys a forward or dQ key block may hold. Some offsets stay int32 even on the long path: head index x head
+# stride, the head-dim index, and key row x token stride inside the K/V blocks that those two kernels step through
+# (the long path widens the token offsets of q, out, dout, dq, lse and of the dK/dV kernel's rows).
 _MAX_TILE_ROWS = 256
 
 
@@ -313,6 +314,13 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous()
     span = (x.shape[1] - 1) * x.stride(1) + x.shape[2] - 1 + (_MAX_TILE_ROWS - 1) * x.stride(0)
     return x if span <= INT32_MAX else x.contiguous()
+
+
+def _check_tile_rows(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig) -> None:
+    """Key blocks of at most ``_MAX_TILE_ROWS`` keys, as :func:`_kernel_layout` assumes (the tuned table's limit)."""
+    for name, keys in (("fwd_cfg.block_n", fwd_cfg.block_n), ("bwd_cfg.q_block_n", bwd_cfg.q_block_n)):
+        if keys > _MAX_TILE_ROWS:
+            raise ValueError(f"{name}={keys}: key blocks of more than {_MAX_TILE_ROWS} keys are not supported.")
 
 
 def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tuple[int, ...], int, int]:
@@ -336,8 +344,9 @@ def _forward(q, k, v, cu_seqlens, softmax_scale, causal, window, softcap, fwd_cf
     # One launch builds every schedule this call needs (forward, dK/dV, dQ); the backward reuses them.
     blocks, i_kv, i_q = _schedule_blocks(fwd_cfg, bwd_cfg)
     scheds = build_schedules(cu_seqlens, q.shape[0], blocks)
-    # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count).
-    long_idx = needs_long_indexing(q, k, v)
+    # int64 offsets if any tensor of the pass needs them (dQ's fp32 buffer has q's element count; a saved out is
+    # read in place of the forward's).
+    long_idx = needs_long_indexing(q, k, v, None if saved is None else saved[0])
     if saved is None:
         out, lse = flash_fwd(q, k, v, cu_seqlens, scheds[0], softmax_scale, causal, window, softcap, fwd_cfg, long_idx)
     else:
@@ -450,8 +459,10 @@ def varlen_attention_with_configs(
     bwd_cfg = bwd_cfg or d_bwd
     if deterministic and bwd_cfg.dq_atomic:
         bwd_cfg = bwd_cfg._replace(dq_atomic=False)
+    fwd_cfg = fwd_cfg or d_fwd
+    _check_tile_rows(fwd_cfg, bwd_cfg)
     scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2]))
-    causal, softcap, fwd_cfg = bool(causal), None if softcap is None else float(softcap), fwd_cfg or d_fwd
+    causal, softcap = bool(causal), None if softcap is None else float(softcap)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # No backward will run: schedule the forward's blocks only, save nothing, and skip autograd.Function.apply
         # (about a fifth of the call's Python in a CPU profile with the launches stubbed out; an Alpaca-like 4K

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -452,6 +453,20 @@ def test_kernel_layout_copies_only_layouts_whose_in_tile_offsets_pass_int32() ->
     assert _kernel_layout(not_unit).stride(-1) == 1
 
 
+@pytest.mark.parametrize(
+    ("configs", "match"),
+    [
+        ({"fwd_cfg": FwdConfig(16, 1, 512, 4, 2)}, "fwd_cfg.block_n=512"),
+        ({"bwd_cfg": PACKED_BWD._replace(q_block_n=512)}, "bwd_cfg.q_block_n=512"),
+    ],
+)
+def test_tiles_past_the_row_limit_are_refused(configs: dict, match: str) -> None:
+    """Explicit key blocks longer than the int32 in-tile offsets are laid out for: one clear error."""
+    q, k, v, _, cu = make_inputs([7, 30], 4, 2, 16, seed=3)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        varlen_attention_with_configs(q, k, v, cu, 30, **configs)
+
+
 def _expected_schedule(lens: list[int], block: int) -> list[int]:
     """Independent model of the slot layout: example s owns slots cu[s] // block + s + j, j < cdiv(l_s, block)."""
     slots = [-1] * n_slots(sum(lens), len(lens), block)
@@ -758,18 +773,20 @@ def test_gpu_past_2_31_elements(deterministic: bool) -> None:
     examples lying wholly past that offset match the reference run on them alone, so no index wrapped."""
     lens = [2048] * 128 + [1000, 3000, 2144]
     T, H, D = sum(lens), 64, 128
-    assert (T - sum(lens[-3:])) * H * D >= 2**31
+    tail = slice(T - sum(lens[-3:]), T)
+    assert tail.start * H * D >= 2**31
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))  # no copies: 8 tensors of 4 GiB and the fp32 dQ buffer
-    out = varlen_attention(q, k, v, make_cu(lens).cuda(), max(lens), deterministic=deterministic)
-    got = (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
-    del out
-    tail = slice(T - sum(lens[-3:]), T)
-    alone = (x.detach()[tail].float() for x in (q, k, v, do))
+    alone = [x[tail].float() for x in (q, k, v, do)]  # copies taken before the kernels run
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))  # no copies: 8 tensors of 4.4 GB and the fp32 dQ buffer
+    fwd, bwd = default_configs(D, q.dtype, max(lens), 1, T / len(lens), gpu=torch.cuda.get_device_name())
+    bwd = bwd._replace(dq_atomic=not deterministic)  # the tables choose the deterministic pair: ask for each
+    out = varlen_attention_with_configs(q, k, v, make_cu(lens).cuda(), max(lens), fwd_cfg=fwd, bwd_cfg=bwd)
+    got = [x[tail].clone() for x in (out.detach(), *torch.autograd.grad(out, (q, k, v), do))]
+    del q, k, v, do, out  # the reference's fp32 scores get the memory
     want = run_grads(varlen_attention_reference, *alone, make_cu(lens[-3:]).cuda(), max(lens))
     for tag, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        assert_close_verbose(a[tail], e, atol=2e-2 * max(1.0, e.abs().max().item()), name=f"past 2**31:{tag}")
+        assert_close_verbose(a, e, atol=2e-2 * max(1.0, e.abs().max().item()), name=f"past 2**31:{tag}")
 
 
 def torch_varlen_causal(q, k, v, cu, max_seqlen):
