@@ -27,7 +27,7 @@ import torch
 from .checkpoint import latest_checkpoint, read_checkpoint_settings
 from .config import TrainConfig, TrainError
 from .memory_setting import low_memory_checkpointing
-from .offload_budget import HOST_RESERVE, host_bytes_of
+from .offload_budget import HOST_RESERVE, format_bytes, host_bytes_of, keeps_vocab_on_host
 from .plan import Estimate, ModelInventory, Setting, estimate, plan_inputs, recommend, usable_bytes
 
 __all__ = ["MAX_PACKS", "MAX_TOKENS", "AutoBudget", "Memory", "auto_budget", "available_memory", "candidates", "choose"]
@@ -111,12 +111,17 @@ def choose(
             + ("--qlora, " if setting.mode != "qlora" else "")
             + "a larger --max-memory-gib if the device has more to give"
         )
-    if one.peak <= memory.bytes:  # the GPU would do; the offloaded layer inputs do not fit the host
+    if one.peak <= memory.bytes:  # the GPU would do; what it pins in host memory does not fit the host
+        offloads = one.setting.checkpointing == "offload"  # --memory low keeps short packs' checkpoints on the GPU
+        vocab = keeps_vocab_on_host(setting.memory, setting.mode)
+        pinned = " and ".join([*(["the offloaded layer inputs"] if offloads else []),
+                               *(["--memory low's vocabulary"] if vocab else [])])  # fmt: skip
+        ways = [*(["--checkpointing on"] if offloads else []), *(["--memory fast"] if vocab else []),
+                *(["a smaller --max-len at `prep pack`"] if offloads else [])]  # fmt: skip
         raise TrainError(
-            f"--tokens-per-micro-batch auto: even one pack ({max_len} tokens) offloads {one.host / _GIB:.2f} GiB of "
-            f"layer inputs to host memory, more than the {(host_bytes or 0) / _GIB:.2f} GiB the host has for them; use "
-            "--checkpointing on, a smaller --max-len at `prep pack`, or --host-mem-gib N where the host can give more "
-            "than it has available now"
+            f"--tokens-per-micro-batch auto: even one pack ({max_len} tokens) pins {format_bytes(one.host)} in host "
+            f"memory ({pinned}), more than the {format_bytes(host_bytes or 0)} the host has for them; use "
+            f"{', '.join(ways)}, or --host-mem-gib N where the host can give more than it has available now"
         )
     options = [
         "--checkpointing on or offload" if setting.checkpointing == "off" else "",

@@ -198,7 +198,7 @@ def format_bytes(nbytes: int, digits: int = 2) -> str:
     for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (2**10, "KiB")):
         if nbytes >= unit:
             return f"{nbytes / unit:.{digits}f} {name}"
-    return f"{nbytes} bytes"
+    return f"{nbytes} byte{'' if nbytes == 1 else 's'}"
 
 
 def _meminfo_available(path: Path) -> int | None:

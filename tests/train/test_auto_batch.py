@@ -73,8 +73,18 @@ def test_offloaded_inputs_must_fit_the_host() -> None:
     hosts = [estimate(inv, dataclasses.replace(setting, tokens=t)).host for t in candidates(256)]
     best = choose(inv, setting, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, host_bytes=hosts[2])
     assert best.setting.tokens == 1024  # the GPU would take 256 packs; the host takes 4
-    with pytest.raises(TrainError, match=r"even one pack \(256 tokens\) offloads 0\.02 GiB of layer inputs to host "):
+    pinned = r"even one pack \(256 tokens\) pins [\d.]+ MiB in host memory \(the offloaded layer inputs\)"
+    with pytest.raises(TrainError, match=pinned):
         choose(inv, setting, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, host_bytes=hosts[0] - 1)
+    low = dataclasses.replace(setting, memory="low")  # the vocabulary is pinned too, and --memory fast frees it
+    both = r"\(the offloaded layer inputs and --memory low's vocabulary\), .*--memory fast"
+    with pytest.raises(TrainError, match=both):
+        choose(inv, low, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, host_bytes=hosts[0] - 1)
+    # A short pack under --memory low keeps its checkpoints on the GPU: only the vocabulary is pinned.
+    onload = dataclasses.replace(low, checkpointing="off")
+    only_vocab = r"pins [\d.]+ MiB in host memory \(--memory low's vocabulary\), .*; use --memory fast, or --host-mem"
+    with pytest.raises(TrainError, match=only_vocab):
+        choose(inv, onload, Memory(10 * GIB, "test"), sum_sq_per_token=0.0, host_bytes=1)
 
 
 def test_not_even_one_pack_fitting_is_one_error_naming_the_peak_memory_and_options() -> None:
@@ -153,7 +163,8 @@ def test_offloaded_inputs_leave_the_host_check_s_reserve_free(synthetic_shards: 
     one_pack = estimate(inv, Setting.of_run(cfg, max_len, 4)).host  # every candidate pins as much (8 MiB buffers)
     config = model_config(cfg, open_shards(synthetic_shards).vocab_size)
     exact = (one_pack + HOST_RESERVE) / GIB  # one pack's pinned inputs and the reserve, not a byte more
-    with pytest.raises(TrainError, match=r"even one pack \(128 tokens\) offloads 0\.02 GiB of layer inputs"):
+    pinned = r"even one pack \(128 tokens\) pins [\d.]+ MiB in host memory \(the offloaded layer inputs\)"
+    with pytest.raises(TrainError, match=pinned):
         auto_budget(dataclasses.replace(cfg, host_mem_gib=exact - 0.001), tmp_path / "run", torch.device("cpu"), 4)
     sized = dataclasses.replace(cfg, host_mem_gib=exact)
     tokens = auto_budget(sized, tmp_path / "run", torch.device("cpu"), 4).tokens
