@@ -47,6 +47,11 @@ __all__ = [
 # xlong (longer, up to one 1M-token example per pack; at 64K the dK/dV loop over query blocks is already 16x its 4K
 # length).
 SHORT, MEDIUM, LONG = 256, 2048, 8192
+# The largest block (query rows or keys) a tile may have: the tuned table's limit, and the key-block size
+# _kernel_layout lays inputs out for. Some offsets stay int32 even on the long path: head index x head stride, the
+# head-dim index, and key row x token stride inside the K/V blocks that the forward and dQ kernels step through (the
+# long path widens the token offsets of q, out, dout, dq, lse and of the dK/dV kernel's rows).
+_MAX_BLOCK = 256
 BUCKETS = ("short", "medium", "long", "xlong")
 # A bucket with no tuned entry of a kind takes the tuned entry of the bucket named here (else the built-in tiles).
 BUCKET_FALLBACK = {"xlong": "long"}
@@ -170,8 +175,9 @@ def _parse_tiles(source: str, where: str, tiles: object) -> dict[str, tuple[int,
                     raise _fail(source, where, f"tiles.{kind}.{f}={x}: expected 1..8")
             elif x < 1 or x & (x - 1) or (f.endswith("warps") and x > 16):
                 raise _fail(source, where, f"tiles.{kind}.{f}={x}: expected a power of two (warps <= 16)")
-            if f.endswith(("block_m", "block_n")) and not 16 <= x <= 256:
-                raise _fail(source, where, f"tiles.{kind}.{f}={x}: block sizes must be 16..256 (tl.dot needs >= 16)")
+            if f.endswith(("block_m", "block_n")) and not 16 <= x <= _MAX_BLOCK:
+                limit = f"block sizes must be 16..{_MAX_BLOCK} (tl.dot needs >= 16)"
+                raise _fail(source, where, f"tiles.{kind}.{f}={x}: {limit}")
         out[kind] = tuple(cfg[f] for f in fields)
     return out
 
@@ -300,27 +306,21 @@ def _gpu_name(device_index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- host launchers
-# The most keys a forward or dQ key block may hold. Some offsets stay int32 even on the long path: head index x head
-# stride, the head-dim index, and key row x token stride inside the K/V blocks that those two kernels step through
-# (the long path widens the token offsets of q, out, dout, dq, lse and of the dK/dV kernel's rows).
-_MAX_TILE_ROWS = 256
-
-
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` (T, heads, D) as the kernels take it: unit stride along D, and head and in-tile offsets that fit int32.
     Any other layout (e.g. a head-major view of a 1M-token tensor, whose head stride times heads passes 2**31) is
     copied token-major first."""
     if x.stride(-1) != 1:
         return x.contiguous()
-    span = (x.shape[1] - 1) * x.stride(1) + x.shape[2] - 1 + (_MAX_TILE_ROWS - 1) * x.stride(0)
+    span = (x.shape[1] - 1) * x.stride(1) + x.shape[2] - 1 + (_MAX_BLOCK - 1) * x.stride(0)
     return x if span <= INT32_MAX else x.contiguous()
 
 
 def _check_tile_rows(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig) -> None:
-    """Key blocks of at most ``_MAX_TILE_ROWS`` keys, as :func:`_kernel_layout` assumes (the tuned table's limit)."""
+    """Key blocks of at most ``_MAX_BLOCK`` keys, as :func:`_kernel_layout` assumes (the tuned table's limit)."""
     for name, keys in (("fwd_cfg.block_n", fwd_cfg.block_n), ("bwd_cfg.q_block_n", bwd_cfg.q_block_n)):
-        if keys > _MAX_TILE_ROWS:
-            raise ValueError(f"{name}={keys}: key blocks of more than {_MAX_TILE_ROWS} keys are not supported.")
+        if keys > _MAX_BLOCK:
+            raise ValueError(f"{name}={keys}: key blocks of more than {_MAX_BLOCK} keys are not supported.")
 
 
 def _schedule_blocks(fwd_cfg: FwdConfig, bwd_cfg: BwdConfig | None) -> tuple[tuple[int, ...], int, int]:
