@@ -766,7 +766,7 @@ def test_gpu_long_buckets(D: int, lens: list[int]) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.xdist_group("gpu_memory")  # about 45 GB: one at a time under --dist loadgroup
+@pytest.mark.gpu_exclusive  # about 45 GB: the card to itself
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_gpu_past_2_31_elements(deterministic: bool) -> None:
     """A pack whose q, k, v, dout and gradients run past 2**31 elements (64 heads of 128 over 268,288 tokens): the
