@@ -43,6 +43,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from padless.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+from padless.kernels.indexing import INT32_MAX
 from padless.kernels.streamed_cross_entropy import DEFAULT_VOCAB_CHUNK_BYTES, DEFAULT_WORK_BYTES
 
 from .adapters import DEFAULT_TARGETS
@@ -92,11 +93,12 @@ _MFU = {"lora": 0.55, "qlora": 0.30, "full": 0.45}  # model FLOP utilisation per
 _HALF_TOKENS = 400  # a micro-batch of this many tokens reaches half of it (fixed per-step costs)
 _PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
 # Useful FLOP/s of the attention kernels, forward and backward, on one sequence of each length (H100, head dim 128,
-# 32 query and 8 key/value heads; docs/bench/README.md's attention section says how each was measured): a causal
-# forward is 2 L^2 heads head_dim FLOPs, its backward 2.5 times that. Both run the int32 offsets (the 512K sequence's q
-# holds exactly 2**31 elements); longer examples get the 512K rates, though a pack past 2**31 elements of q, k, v
-# indexes with int64, which has no timing here.
-_ATTENTION_RATES = ((131072, 513e12, 408e12), (524288, 488e12, 379e12))
+# 32 query and 8 key/value heads; docs/bench/README.md's attention table): a causal forward is 2 L^2 heads head_dim
+# FLOPs, its backward 2.5 times that. Both lengths run the int32 offsets (the 512K sequence's q holds exactly 2**31
+# elements); longer examples get the 512K rates. A pack whose q has more elements indexes with int64: its forward
+# runs at _LONG_INDEX_FORWARD of the rate (438 against 479 TFLOP/s at 512K), its backward at the same rate.
+_ATTENTION_RATES = ((131072, 496e12, 405e12), (524288, 479e12, 381e12))
+_LONG_INDEX_FORWARD = 438 / 479
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256
 _NF4_BYTES_PER_TENSOR = 2048
 
@@ -319,6 +321,8 @@ def estimate(inv: ModelInventory, setting: Setting, *, sum_sq_per_token: float =
     attention_forward = flops.attention_forward_per_sq_len * sum_sq_per_token * T  # every layer's, once
     # sum_sq_per_token is the token-weighted mean example length: the length whose kernel rates the FLOPs run at.
     fwd_rate, bwd_rate = attention_rates(sum_sq_per_token)
+    if T * inv.heads * inv.head_dim - 1 > INT32_MAX:
+        fwd_rate *= _LONG_INDEX_FORWARD
     attention_s = attention_forward * (flops.attention_forwards / fwd_rate + 2.5 / bwd_rate)
     step_s = flops.per_token * T / (_MFU[mode] * T / (T + _HALF_TOKENS) * _PEAK_FLOPS) + attention_s
     return Estimate(setting, int(weights), int(trainable), int(gradients), int(optimizer),

@@ -157,6 +157,20 @@ def test_attention_rates_follow_the_measured_lengths() -> None:
     assert long.step_s - short.step_s == pytest.approx(forward * (1 / f1 + 2.5 / b1))
 
 
+def test_a_pack_past_int32_offsets_takes_the_int64_forward_rate() -> None:
+    """One token more than a q of 2**31 elements switches the attention kernels to int64 offsets, and the plan
+    times that pack's attention forward at the int64 rate; the backward keeps its rate."""
+    inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=2))
+    length = 4096.0  # one example length for both packs: the same kernel rates apart from the offsets
+    fwd_rate, bwd_rate = plan_mod.attention_rates(length)
+    last_int32 = 2**31 // (inv.heads * inv.head_dim)
+    for T, forward_rate in ((last_int32, fwd_rate), (last_int32 + 1, fwd_rate * plan_mod._LONG_INDEX_FORWARD)):
+        forward = 2.0 * inv.layers * inv.heads * inv.head_dim * length * T
+        short, long = (estimate(inv, Setting("lora", T, "off"), sum_sq_per_token=s) for s in (0.0, length))
+        assert long.step_s - short.step_s == pytest.approx(forward * (1 / forward_rate + 2.5 / bwd_rate)), T
+    assert plan_mod._LONG_INDEX_FORWARD < 1
+
+
 def test_checkpoint_segments_divide_the_checkpoints_and_add_a_recompute() -> None:
     """--checkpoint-layers 2 over 6 layers: 3 checkpoints instead of 6 (on the GPU or the host), one more hidden
     state alive in a segment's backward, and a third of the layers forwarded once more."""
