@@ -2,15 +2,19 @@
 between pytest-xdist workers.
 
 A ``gpu_exclusive`` test (one that needs most of the card: tens of GiB in one piece) runs with no other GPU test in
-progress in any worker: every GPU test holds a shared lock on one file while it runs and returns its cached memory to
-the driver before letting go; an exclusive test holds the lock alone. ``xdist_group`` cannot give this: it only
+progress in any worker: every GPU test (marked ``gpu`` or ``gpu_exclusive``) holds a shared lock on one file while it
+runs and returns its cached memory to the driver before letting go; an exclusive test holds the lock alone. Tests
+without these markers take no lock. ``xdist_group`` cannot give this: it only
 orders the tests of one group inside one worker while the other workers keep their own tensors on the card.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,39 +29,68 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _is_gpu_test(item: pytest.Item) -> bool:
+    return item.get_closest_marker("gpu") is not None or item.get_closest_marker("gpu_exclusive") is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    for item in items:
+        if item.get_closest_marker("gpu_exclusive") is not None and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.gpu)  # exclusive implies gpu: selected by -m gpu, skipped without CUDA
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (pytest -m gpu on a GPU machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if _is_gpu_test(item):
             item.add_marker(skip_gpu)
 
 
-def _gpu_lock_path() -> Path:
-    """One lock file per user and visible-device set: the pytest processes that share these cards."""
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-") or "none"
-    return Path(tempfile.gettempdir()) / f"padless-gpu-tests-{os.getuid()}-{devices}.lock"
+def _gpu_lock_paths() -> tuple[Path, Path]:
+    """(gate, lock) files per user and CUDA_VISIBLE_DEVICES string: the pytest processes that share these cards.
+
+    The key is the environment string, not the physical cards ("0,1" and "1,0" get different files)."""
+    devices = re.sub(r"[^\w.-]", "_", os.environ.get("CUDA_VISIBLE_DEVICES", "all")) or "none"
+    stem = Path(tempfile.gettempdir()) / f"padless-gpu-tests-{os.getuid()}-{devices}"
+    return stem.with_suffix(".gate"), stem.with_suffix(".lock")
+
+
+def _release_failed_test_frames() -> None:
+    """Drop the last failure's traceback (pytest keeps it in sys.last_* until the next test) and collect, so the
+    tensors of a failed test are freed before its cached memory is returned."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        sys.__dict__.pop(name, None)
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
 def _gpu_share(request: pytest.FixtureRequest) -> Iterator[None]:
-    if "gpu" not in request.keywords:
-        yield
-        return
+    """Hold the GPU lock (shared, or alone for ``gpu_exclusive``) for the test, then return its cached memory.
+
+    Every request passes the gate first: an exclusive test waits for the lock holding the gate, so no new shared
+    holder slips in ahead of it (flock alone lets readers starve a waiting writer).
+    """
     import torch
 
-    if not torch.cuda.is_available():
+    if not _is_gpu_test(request.node) or not torch.cuda.is_available():
         yield
         return
+    gate_path, lock_path = _gpu_lock_paths()
     exclusive = request.node.get_closest_marker("gpu_exclusive") is not None
-    with open(_gpu_lock_path(), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    with open(gate_path, "a+") as gate, open(lock_path, "a+") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            try:
+                _release_failed_test_frames()
+                if torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
