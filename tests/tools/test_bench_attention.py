@@ -100,6 +100,8 @@ def test_table_cases_follow_the_asked_shapes() -> None:
     assert cases["one128K"] == [131072] and cases["eq4K/128K"] == [4096] * 32
     assert all(sum(lens) == int(name.split("/")[-1].removeprefix("one")[:-1]) * 1024 for name, lens in cases.items())
     assert dict(bench.table_cases([2048], ["eq4K"])) == {}  # no 4K examples fit a 2K pack
+    # One token past a whole K is its own case, not the K below it (the int64 offsets start at 524,289 tokens).
+    assert [name for name, _ in bench.table_cases([524288, 524416], ["one"])] == ["one512K", "one524416"]
 
 
 @pytest.mark.parametrize(("option", "value"), [("--shapes", "one,whole"), ("--impls", "padless,fa3")])
