@@ -96,7 +96,8 @@ _PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # Hopper, where _MFU was measured
 # 32 query and 8 key/value heads; docs/bench/README.md's attention table): a causal forward is 2 L^2 heads head_dim
 # FLOPs, its backward 2.5 times that. Both lengths run the int32 offsets (the 512K sequence's q holds exactly 2**31
 # elements); longer examples get the 512K rates. A pack whose q has more elements indexes with int64: its forward
-# runs at _LONG_INDEX_FORWARD of the rate (438 against 479 TFLOP/s at 512K), its backward at the same rate.
+# runs at _LONG_INDEX_FORWARD of the rate (438 against 479 TFLOP/s, measured at 512K and taken for every example
+# length), its backward at the same rate.
 _ATTENTION_RATES = ((131072, 496e12, 405e12), (524288, 479e12, 381e12))
 _LONG_INDEX_FORWARD = 438 / 479
 _NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / 64 / 256

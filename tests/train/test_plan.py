@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from padless.kernels.indexing import needs_long_indexing
 from padless.shards.cli_config import click_options, config_from_params
 from padless.shards.reader import open_shards
 from padless.train import plan as plan_mod
@@ -165,6 +166,8 @@ def test_a_pack_past_int32_offsets_takes_the_int64_forward_rate() -> None:
     fwd_rate, bwd_rate = plan_mod.attention_rates(length)
     last_int32 = 2**31 // (inv.heads * inv.head_dim)
     for T, forward_rate in ((last_int32, fwd_rate), (last_int32 + 1, fwd_rate * plan_mod._LONG_INDEX_FORWARD)):
+        q = torch.empty(T, inv.heads, inv.head_dim, device="meta")  # the kernels' rule on the packed q
+        assert needs_long_indexing(q) == (forward_rate != fwd_rate), T
         forward = 2.0 * inv.layers * inv.heads * inv.head_dim * length * T
         short, long = (estimate(inv, Setting("lora", T, "off"), sum_sq_per_token=s) for s in (0.0, length))
         assert long.step_s - short.step_s == pytest.approx(forward * (1 / forward_rate + 2.5 / bwd_rate)), T
