@@ -3,9 +3,10 @@ between pytest-xdist workers.
 
 A ``gpu_exclusive`` test (one that needs most of the card: tens of GiB in one piece) runs with no other GPU test in
 progress in any worker: every GPU test (marked ``gpu`` or ``gpu_exclusive``) holds a shared lock on one file while it
-runs and returns its cached memory to the driver before letting go; an exclusive test holds the lock alone. Tests
-without these markers take no lock. ``xdist_group`` cannot give this: it only
-orders the tests of one group inside one worker while the other workers keep their own tensors on the card.
+runs (set-up, call and teardown: its fixtures' tensors are gone before the lock is) and returns its cached memory
+to the driver before letting go; an exclusive test holds the lock alone. Tests without these markers take no lock.
+``xdist_group`` cannot give this: it only orders the tests of one group inside one worker while the other workers
+keep their own tensors on the card.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+# Set while this process (or its parent, for a pytest run inside a test) holds the lock: nested runs take none.
+_LOCK_HELD = "PADLESS_GPU_TEST_LOCK_HELD"
+
+
 def _gpu_lock_paths() -> tuple[Path, Path]:
     """(gate, lock) files per user and CUDA_VISIBLE_DEVICES string: the pytest processes that share these cards.
 
     The key is the environment string, not the physical cards ("0,1" and "1,0" get different files)."""
-    devices = re.sub(r"[^\w.-]", "_", os.environ.get("CUDA_VISIBLE_DEVICES", "all")) or "none"
-    stem = Path(tempfile.gettempdir()) / f"padless-gpu-tests-{os.getuid()}-{devices}"
-    return stem.with_suffix(".gate"), stem.with_suffix(".lock")
+    devices = re.sub(r"[^\w-]", "_", os.environ.get("CUDA_VISIBLE_DEVICES", "all")) or "none"
+    stem = f"padless-gpu-tests-{os.getuid()}-{devices}"
+    return Path(tempfile.gettempdir(), f"{stem}.gate"), Path(tempfile.gettempdir(), f"{stem}.lock")
 
 
 def _release_failed_test_frames() -> None:
@@ -64,30 +69,34 @@ def _release_failed_test_frames() -> None:
     gc.collect()
 
 
-@pytest.fixture(autouse=True)
-def _gpu_share(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Hold the GPU lock (shared, or alone for ``gpu_exclusive``) for the test, then return its cached memory.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Hold the GPU lock (shared, or alone for ``gpu_exclusive``) around the whole test, then return its cached
+    memory.
 
     Every request passes the gate first: an exclusive test waits for the lock holding the gate, so no new shared
     holder slips in ahead of it (flock alone lets readers starve a waiting writer).
     """
+    if not _is_gpu_test(item) or os.environ.get(_LOCK_HELD):
+        return (yield)
     import torch
 
-    if not _is_gpu_test(request.node) or not torch.cuda.is_available():
-        yield
-        return
+    if not torch.cuda.is_available():
+        return (yield)
     gate_path, lock_path = _gpu_lock_paths()
-    exclusive = request.node.get_closest_marker("gpu_exclusive") is not None
+    exclusive = item.get_closest_marker("gpu_exclusive") is not None
     with open(gate_path, "a+") as gate, open(lock_path, "a+") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         finally:
             fcntl.flock(gate, fcntl.LOCK_UN)
+        os.environ[_LOCK_HELD] = "1"
         try:
-            yield
+            return (yield)
         finally:
             try:
+                del os.environ[_LOCK_HELD]
                 _release_failed_test_frames()
                 if torch.cuda.is_initialized():
                     torch.cuda.synchronize()

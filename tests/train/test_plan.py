@@ -158,9 +158,10 @@ def test_attention_rates_follow_the_measured_lengths() -> None:
     assert long.step_s - short.step_s == pytest.approx(forward * (1 / f1 + 2.5 / b1))
 
 
-def test_a_pack_past_int32_offsets_takes_the_int64_forward_rate() -> None:
+def test_a_pack_past_int32_offsets_takes_the_int64_forward_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     """One token more than a q of 2**31 elements switches the attention kernels to int64 offsets, and the plan
     times that pack's attention forward at the int64 rate; the backward keeps its rate."""
+    monkeypatch.delenv("PADLESS_FORCE_LONG_INDEXING", raising=False)  # the kernels' own rule, not the override
     inv = inventory(tiny_config("qwen3", 1000, **SHAPE, num_hidden_layers=2))
     length = 4096.0  # one example length for both packs: the same kernel rates apart from the offsets
     fwd_rate, bwd_rate = plan_mod.attention_rates(length)
