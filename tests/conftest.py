@@ -30,10 +30,6 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-def _is_gpu_test(item: pytest.Item) -> bool:
-    return item.get_closest_marker("gpu") is not None or item.get_closest_marker("gpu_exclusive") is not None
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
@@ -44,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (pytest -m gpu on a GPU machine)")
     for item in items:
-        if _is_gpu_test(item):
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
 
 
@@ -77,7 +73,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     Every request passes the gate first: an exclusive test waits for the lock holding the gate, so no new shared
     holder slips in ahead of it (flock alone lets readers starve a waiting writer).
     """
-    if not _is_gpu_test(item) or os.environ.get(_LOCK_HELD):
+    if item.get_closest_marker("gpu") is None or os.environ.get(_LOCK_HELD):  # collection marked gpu_exclusive
         return (yield)
     import torch
 
