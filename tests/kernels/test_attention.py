@@ -166,6 +166,35 @@ def test_no_contamination_between_examples(window: int | None) -> None:
         assert not torch.equal(x[a:b], y[a:b]), f"{tag} of the changed example did not change: test is vacuous"
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_non_finite_values_stay_in_their_example(atomic: bool, device: str) -> None:
+    """inf in the first and last token of one example's q, k and v leaves every other example's output and
+    gradients bitwise unchanged: no tile that reaches past an example's end reads the next example's values or
+    writes anything but zeros into its rows (0 * inf would be NaN). On the CPU (Triton's interpreter) with small
+    tiles; on a GPU with the tiles ``varlen_attention`` picks."""
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the interpreter case: run where Triton interprets (the cuda case covers this machine)")
+    lens = [13, 1, 29, 18] if device == "cpu" else [300, 1, 1029, 518]
+    q, k, v, do, cu = make_inputs(lens, 4, 2, 16 if device == "cpu" else 128, seed=19)
+    q, k, v, do, cu = (x.to(device) for x in (q, k, v, do, cu))
+    if device == "cpu":
+        kw = {"fwd_cfg": PACKED_FWD, "bwd_cfg": PACKED_BWD._replace(dq_atomic=atomic)}
+    else:
+        fwd, bwd = default_configs(128, q.dtype, max(lens), 2, sum(lens) / len(lens), gpu=torch.cuda.get_device_name())
+        kw = {"fwd_cfg": fwd, "bwd_cfg": bwd._replace(dq_atomic=atomic)}
+    base = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), **kw)
+    a, b = int(cu[2]), int(cu[3])  # the third example
+    for x in (q, k, v):
+        x[a] = x[b - 1] = float("inf")
+    changed = run_grads(varlen_attention_with_configs, q, k, v, do, cu, max(lens), **kw)
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=device)
+    others[a:b] = False
+    for tag, x, y in zip(("out", "dq", "dk", "dv"), base, changed, strict=True):
+        assert torch.equal(x[others], y[others]), f"{tag} of another example changed"
+        assert not y[a:b].isfinite().all(), f"{tag} of the changed example stayed finite: test is vacuous"
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_window_past_the_pack_is_plain_causal(deterministic: bool) -> None:
     """A window no shorter than the pack (2**31 - 1 as an 'unbounded' sentinel, or exactly T) gives plain causal
