@@ -170,6 +170,8 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
                 raise PrepError(f"malformed JSON in {str(path)!r} at line {e.lineno}, column {e.colno}: {e.msg}") from e
+            except (ValueError, RecursionError) as e:
+                raise _beyond_parser(path, "its JSON array", e) from e
             rows = rows if isinstance(rows, list) else [rows]
             for a in range(0, len(rows), n):
                 yield _objects(rows[a : a + n], path, a)
@@ -187,12 +189,21 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
                     f"malformed JSON in {str(path)!r} at line {lineno}, column {e.colno}: {e.msg} "
                     "(expected one JSON object per line, or one JSON array)"
                 ) from e
+            except (ValueError, RecursionError) as e:
+                raise _beyond_parser(path, f"line {lineno}", e) from e
             if len(rows) == n:
                 yield _objects(rows, path, count)
                 count += n
                 rows = []
         if rows:
             yield _objects(rows, path, count)
+
+
+def _beyond_parser(path: Path, where: str, error: ValueError | RecursionError) -> PrepError:
+    """The error for valid JSON that Python's parser refuses: an integer of more than ``sys.get_int_max_str_digits()``
+    digits (a ``ValueError``) or nesting deeper than the recursion limit (a ``RecursionError``)."""
+    what = "is nested too deeply" if isinstance(error, RecursionError) else "holds a number too long"
+    return PrepError(f"{str(path)!r}: {where} {what} for Python's JSON parser ({error}); expected rows of text fields")
 
 
 def _refuse_one_object(path: Path) -> None:
@@ -204,7 +215,7 @@ def _refuse_one_object(path: Path) -> None:
     with _open_text(path) as f:
         try:
             value = json.load(f)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not one object (JSONDecodeError), or beyond the parser
             return
     if isinstance(value, dict):
         raise PrepError(

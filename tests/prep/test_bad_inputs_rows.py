@@ -290,8 +290,14 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
         ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-12],
          r"cannot read '.*cut.jsonl.gz': Compressed file ended before the end-of-stream marker"),
         ("bad.arrow", b"ARROW1\x00\x00garbage", r"'.*bad.arrow' is not an Arrow IPC file or stream"),
+        ("long.jsonl", b'{"text": "a"}\n{"text": "b", "id": 1' + b"0" * 5000 + b"}\n",
+         r"'.*long.jsonl': line 2 holds a number too long for Python's JSON parser \(Exceeds the limit"),
+        ("deep.jsonl", b'{"text": "a", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+         r"'.*deep.jsonl': line 1 is nested too deeply for Python's JSON parser"),
+        ("deep.json", b"[" * 100_000 + b"]" * 100_000, r"'.*deep.json': its JSON array is nested too deeply"),
     ],
-    ids=["not-utf8-csv", "wide-csv", "duplicate-csv-column", "truncated-gzip", "not-arrow"],
+    ids=["not-utf8-csv", "wide-csv", "duplicate-csv-column", "truncated-gzip", "not-arrow", "long-int", "deep-jsonl",
+         "deep-json"],
 )  # fmt: skip
 def test_an_unreadable_dataset_is_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     (tmp_path / name).write_bytes(data)
