@@ -3,12 +3,13 @@
 :func:`row_problem` returns why a row cannot be rendered (``None`` when it can). The pipeline turns a problem into
 one error naming the row and the field, or, with ``--skip-bad-rows``, leaves the row out and counts it. The shapes
 are those ``prep.render`` documents; text fields must be strings (a number, list or object where text belongs is
-an error, never silently turned into text).
+an error, never silently turned into text) of Unicode text (a lone surrogate, which no tokenizer encodes, is named).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .chat import REASONING_FIELDS, join_text
@@ -17,6 +18,15 @@ from .render import SHAREGPT_ROLES, parse_documents, parse_tools, tool_calls
 __all__ = ["CHAT_ROLES", "row_name", "row_problem"]
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+# The fields each format renders (what reaches the tokenizer); other columns of a row are never read.
+_RENDERED = {
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "prompt-completion": ("prompt", "completion"),
+    "chat": ("messages", "system", "tools", "documents"),
+    "sharegpt": ("conversations", "system", "tools", "documents"),
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def row_name(i: int, source: str | None) -> str:
@@ -209,17 +219,51 @@ def _alpaca(row: dict[str, Any], f: _Fields) -> str | None:
     return None
 
 
+def _surrogate_at(value: Any, at: str = "") -> str | None:
+    """Where (``[2].content``, ``""`` for ``value`` itself) the first string inside ``value`` holds a lone UTF-16
+    surrogate, or None."""
+    if isinstance(value, str):
+        return at if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        where = _surrogate_at(item, f"{at}.{key}" if isinstance(value, dict) else f"{at}[{key}]")
+        if where is not None:
+            return where
+    return None
+
+
+def _not_unicode(row: dict[str, Any], fmt: str, f: _Fields) -> str | None:
+    """A rendered field holding a lone surrogate (JSON allows an unpaired ``\\ud800`` escape; scraped text that cut
+    an emoji in half has them): no tokenizer can encode it, as it is not Unicode text."""
+    for name in _RENDERED[fmt]:
+        value = row.get(name)
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
+        if text.isascii() or not _SURROGATE.search(text):
+            continue  # the common case, checked in C over the whole field
+        where = _surrogate_at(value)
+        if where is not None:
+            return (
+                f"{f(name, where)} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                "Unicode text; expected valid text (drop or replace that character)"
+            )
+    return None
+
+
 def row_problem(row: dict[str, Any], fmt: str, columns: dict[str, str] | None = None) -> str | None:
     """Why ``row`` is not a valid ``fmt`` row (naming the field), or None. ``columns``: the --map renames."""
     f = _Fields(columns or {})
     if fmt == "text":
-        return f.text(row, "text", required=True)
-    if fmt == "alpaca":
-        return _alpaca(row, f)
-    if fmt == "prompt-completion":
-        return f.text(row, "prompt", required=True) or f.text(row, "completion", required=True)
-    if fmt == "chat":
-        return _chat(row, f)
-    if fmt == "sharegpt":
-        return _sharegpt(row, f)
-    raise AssertionError(f"unknown format {fmt!r}")
+        why = f.text(row, "text", required=True)
+    elif fmt == "alpaca":
+        why = _alpaca(row, f)
+    elif fmt == "prompt-completion":
+        why = f.text(row, "prompt", required=True) or f.text(row, "completion", required=True)
+    elif fmt == "chat":
+        why = _chat(row, f)
+    elif fmt == "sharegpt":
+        why = _sharegpt(row, f)
+    else:
+        raise AssertionError(f"unknown format {fmt!r}")
+    return why or _not_unicode(row, fmt, f)

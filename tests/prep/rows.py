@@ -59,12 +59,13 @@ def text_rows(n: int, seed: int = 0, hi: int = 60) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict], gz: bool = False) -> Path:
+    """``rows`` as UTF-8 JSONL; a lone surrogate (no UTF-8 for it) is written as its JSON escape ``\\ud800``."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if gz:
-        with gzip.open(path, "wt", encoding="utf-8") as f:
+        with gzip.open(path, "wt", encoding="utf-8", errors="backslashreplace") as f:
             f.write(data)
     else:
-        path.write_text(data, encoding="utf-8")
+        path.write_text(data, encoding="utf-8", errors="backslashreplace")
     return path
 
 

@@ -91,6 +91,13 @@ BAD = [
      r"\(a function_call\): expected each call to be a JSON object with a \"name\" string"),
     ("tools-json", [_sg(("human", "a"), ("gpt", "b"), tools="[{'name': 'x'}]")], r"`tools` is not valid JSON"),
     ("tools-type", [_sg(("human", "a"), ("gpt", "b"), tools="[1, 2]")], r"`tools`: expected a list of tool schemas"),
+    ("text-surrogate", [{"text": "ok"}, {"text": "cut emoji \ud83d"}],
+     r"^row 1: `text` holds a lone surrogate \(an unpaired \\ud800-\\udfff escape\), which is not Unicode text"),
+    ("alpaca-surrogate", [{**OK_ALPACA, "history": [["q", "a\udc00"]]}], r"^row 0: `history\[0\]\[1\]` holds a lone"),
+    ("chat-surrogate", [{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}],
+     r"^row 0: `messages\[0\].content\[0\].text` holds a lone surrogate"),
+    ("sharegpt-surrogate", [OK_SG, _sg(("human", "\udfff"), ("gpt", "b"))],
+     r"^row 1: `conversations\[0\].value` holds a lone surrogate"),
 ]  # fmt: skip
 
 
