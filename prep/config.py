@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from padless.shards.cli_config import check_fields, option
+from padless.shards.manifest import INT32_MAX
 
 from .errors import PrepError
 
@@ -132,6 +133,8 @@ class PackConfig:
             raise PrepError(
                 f"--max-len {self.max_len} is below {MIN_MAX_LEN}; expected at least {MIN_MAX_LEN} tokens per pack"
             )
+        if self.max_len > INT32_MAX:  # the shard format's bound: positions and cu_seqlens are int32
+            raise PrepError(f"--max-len {self.max_len} is above {INT32_MAX}, the most tokens a pack can hold")
         if self.max_examples_per_pack < 0:
             raise PrepError(f"--max-examples-per-pack {self.max_examples_per_pack}: expected >= 0 (0 = no cap)")
         if not 0.0 <= self.eval_fraction < 1.0:

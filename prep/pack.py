@@ -1,7 +1,7 @@
 """First-fit-decreasing bin packing of example lengths into packs of at most ``max_len`` tokens.
 
 All examples are packed at once (not per chunk): chunked packing leaves a half-empty bin per chunk. The
-algorithm is classic FFD made O(n log n): a counting sort by length (lengths are bounded by ``max_len``),
+algorithm is classic FFD made O(n log n): a counting sort by length (bounded by the longest example),
 then a max segment tree over bin free space finds the leftmost bin with room in O(log n); equal lengths come
 in runs and a bin takes as many of a run as fit at once (see ``_ffd_sorted``). An optional cap on examples per
 pack closes a bin once it holds that many. After packing, the pack order is shuffled with a seed: packs come
@@ -21,7 +21,10 @@ __all__ = ["PackPlan", "ffd_assign", "ffd_reference", "plan_packs"]
 
 @numba.njit(cache=True, nogil=True)
 def _sort_desc(lengths: np.ndarray, max_len: int):
-    """A stable counting sort by decreasing length (ties by increasing index): (order, sorted lengths)."""
+    """A stable counting sort by decreasing length (ties by increasing index): (order, sorted lengths).
+
+    ``max_len`` bounds the lengths; its time and memory grow with it, so callers pass the longest length, not the
+    pack capacity (which may be up to 2^31 - 1)."""
     n = lengths.shape[0]
     counts = np.zeros(max_len + 2, np.int64)
     for i in range(n):
@@ -120,7 +123,7 @@ def ffd_assign(lengths: np.ndarray, capacity: int, max_per_bin: int = 0) -> np.n
         return np.zeros(0, np.int64)
     if lengths.min() < 1 or lengths.max() > capacity:
         raise ValueError(f"lengths must be in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
-    order, sorted_len = _sort_desc(lengths, int(capacity))
+    order, sorted_len = _sort_desc(lengths, int(lengths.max()))
     bins = np.empty(len(lengths), np.int64)
     bound = _leaf_bound(lengths, capacity, max_per_bin)
     bins[order] = _ffd_sorted(sorted_len, int(capacity), int(max_per_bin), bound)[0]
@@ -187,7 +190,7 @@ def plan_packs(lengths: np.ndarray, max_len: int, *, max_examples_per_pack: int 
         return PackPlan(np.zeros(0, np.int64), np.zeros(0, np.int64))
     if lengths.min() < 1 or lengths.max() > max_len:
         raise ValueError(f"lengths must be in [1, {max_len}], got [{lengths.min()}, {lengths.max()}]")
-    order, sorted_len = _sort_desc(lengths, int(max_len))
+    order, sorted_len = _sort_desc(lengths, int(lengths.max()))
     bound = _leaf_bound(lengths, max_len, max_examples_per_pack)
     sorted_bins, count = _ffd_sorted(sorted_len, int(max_len), int(max_examples_per_pack), bound)
     n_bins = int(sorted_bins.max()) + 1

@@ -64,6 +64,10 @@ def test_pack_flags_reach_the_config(alpaca_file: Path, tmp_path: Path) -> None:
     ("args", "match"),
     [
         (["--max-len", "8"], r"^error: --max-len 8 is below 16; expected at least 16 tokens per pack$"),
+        (
+            ["--max-len", str(2**31)],
+            r"^error: --max-len 2147483648 is above 2147483647, the most tokens a pack can hold$",
+        ),
         (["--max-len", "64", "--format", "csv"], r"Invalid value for '--format': 'csv' is not one of 'text', "),
         (["--max-len", "64", "--train-on", "some"], r"Invalid value for '--train-on': 'some' is not one of"),
         (["--max-len", "sixty"], r"Invalid value for '--max-len': 'sixty' is not a valid integer"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 from hypothesis import given, settings
@@ -63,3 +65,19 @@ def test_ffd_is_near_lower_bound_on_many_small_examples():
     lengths = np.minimum(np.random.default_rng(3).geometric(1 / 80, size=200_000), 1024)
     bins = ffd_assign(lengths, 1024)
     assert bins.max() + 1 <= 1.005 * np.ceil(lengths.sum() / 1024)
+
+
+def test_the_largest_max_len_costs_no_memory_or_time():
+    """--max-len 2^31 - 1 (the format's bound, "no limit" in practice) packs a few short examples at once: the
+    counting sort spans the longest example, never the pack capacity (16 GiB and a minute and a half)."""
+    code = (
+        "import resource, numpy as np\n"
+        "from padless.prep.pack import ffd_assign, plan_packs\n"
+        "plan = plan_packs(np.array([3, 700, 5, 9]), 2**31 - 1)\n"
+        "assert plan.examples_per_pack.tolist() == [4]\n"
+        "assert ffd_assign(np.array([3, 700]), 2**31 - 1).tolist() == [0, 0]\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 1 << 20, f"peak memory {int(proc.stdout) >> 10} MiB"  # ru_maxrss is in KiB
