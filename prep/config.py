@@ -141,6 +141,8 @@ class PackConfig:
             raise PrepError(f"--eval-fraction {self.eval_fraction}: expected a fraction in [0, 1)")
         if self.eval_examples < 0 or (self.eval_examples and self.eval_fraction):
             raise PrepError("give at most one of --eval-fraction and --eval-examples (and --eval-examples >= 0)")
+        if self.seed < 0:  # numpy's generators take only non-negative seeds
+            raise PrepError(f"--seed {self.seed}: expected an integer >= 0")
         if self.num_proc < 1:
             raise PrepError(f"--num-proc {self.num_proc}: expected >= 1")
         if not self.out:

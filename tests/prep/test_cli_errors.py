@@ -72,6 +72,7 @@ def test_pack_flags_reach_the_config(alpaca_file: Path, tmp_path: Path) -> None:
         (["--max-len", "64", "--train-on", "some"], r"Invalid value for '--train-on': 'some' is not one of"),
         (["--max-len", "sixty"], r"Invalid value for '--max-len': 'sixty' is not a valid integer"),
         (["--max-len", "64", "--eval-fraction", "1.5"], r"--eval-fraction 1.5: expected a fraction in \[0, 1\)"),
+        (["--max-len", "64", "--seed", "-1"], r"^error: --seed -1: expected an integer >= 0$"),
         (["--max-len", "64", "--num-proc", "0"], r"--num-proc 0: expected >= 1"),
         (["--max-len", "64", "--map", "prompt"], r"--map 'prompt': expected NAME=COLUMN"),
         (["--max-len", "64", "--map", "prompt=nope"], r"--map names columns \['nope'\]"),
