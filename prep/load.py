@@ -140,7 +140,7 @@ def _open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
     """A text file (gzipped or not) as UTF-8; a leading byte order mark (as Excel and Notepad write) is skipped, not
     read as part of the first JSON value or CSV column name. ``newline`` as for :func:`open` (``""`` for csv, which
     finds line ends itself and keeps the line ends inside a quoted field as written)."""
-    if path.name.endswith(".gz"):
+    if path.name.lower().endswith(".gz"):  # as the suffix that chose this reader: any letter case (DATA.JSONL.GZ)
         return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
     return open(path, encoding="utf-8-sig", newline=newline)
 

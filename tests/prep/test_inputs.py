@@ -69,6 +69,20 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
     assert run(tmp_path, [paths["csv"]])["train"]["rows"] == len(ROWS)
 
 
+def test_suffixes_match_in_any_letter_case(tmp_path):
+    """Files named by Windows tools (``DATA.JSONL.GZ``, ``Data.Csv.Gz``) are read as their suffix says, gzip
+    included."""
+    paths = [write_jsonl(tmp_path / "DATA.JSONL", ROWS), write_jsonl(tmp_path / "DATA.JSONL.GZ", ROWS, gz=True)]
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+        w.writeheader()
+        w.writerows(ROWS)
+    paths.append(tmp_path / "Data.Csv.Gz")
+    paths[-1].write_bytes(gzip.compress((tmp_path / "a.csv").read_bytes()))
+    for p in paths:
+        assert load_rows(str(p)) == ROWS, p.name
+
+
 def test_csv_fields_keep_their_line_ends(tmp_path):
     """A line end (CR LF, CR or LF) inside a quoted CSV field is kept as written, in a plain or gzipped file whose
     own lines end in CR LF."""
