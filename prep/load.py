@@ -224,14 +224,37 @@ def _refuse_one_object(path: Path) -> None:
         )
 
 
+def _malformed_csv(path: Path, line: int, error: csv.Error) -> PrepError:
+    return PrepError(
+        f"{str(path)!r}: malformed CSV in the record starting at line {line} ({error}); expected each quoted field to "
+        'end in a quote followed by a comma or the line end (a quote inside it doubled: "")'
+    )
+
+
+def _csv_records(reader: csv.DictReader, path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of ``reader``, a strict reader: the lenient one reads a quote that never closes as one field running
+    to the end of the file (every later row lost in it); a malformed record is an error naming its first line."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise _malformed_csv(path, start, e) from e
+
+
 def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
     """Rows of a CSV file by its header; a header that names a column twice is refused (a row would keep only the
     last of the two values). A field may be as long as a document: csv's own limit (128 KiB) is raised to
     ``_CSV_FIELD_LIMIT``."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with _open_text(path, newline="") as f:
-        reader = csv.DictReader(f)
-        names = reader.fieldnames or []
+        reader = csv.DictReader(f, strict=True)
+        try:
+            names = reader.fieldnames or []
+        except csv.Error as e:
+            raise _malformed_csv(path, 1, e) from e
         twice = sorted({c for c in names if c and names.count(c) > 1})  # empty names: trailing empty columns
         if twice:
             raise PrepError(
@@ -239,7 +262,7 @@ def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
                 "(rename the copies)"
             )
         rows = []
-        for r in reader:
+        for r in _csv_records(reader, path):
             if None in r:  # csv puts the fields past the header under the key None
                 raise PrepError(
                     f"{str(path)!r} line {reader.line_num} has more fields than its header "

@@ -292,6 +292,10 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
     [
         ("bin.csv", b"text\n\xff\xfe,1\n", r"cannot read dataset '.*bin.csv': 'utf-8' codec can't decode byte 0xff"),
         ("wide.csv", b"text\nhello,world\n", r"'.*wide.csv' line 2 has more fields than its header \(1\)"),
+        ("stray.csv", b'text\nfirst\n"stray quote\nsecond\nthird\n',
+         r"'.*stray.csv': malformed CSV in the record starting at line 3 \(unexpected end of data\); expected each "
+         r"quoted field to end in a quote"),
+        ("after.csv", b'text,input\n"a"b,c\n', r"'.*after.csv': malformed CSV in the record starting at line 2"),
         ("twice.csv", b"text,input,text\na,b,c\n",
          r"'.*twice.csv': the header names the column\(s\) \['text'\] more than once; expected one column per name"),
         ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-12],
@@ -303,8 +307,8 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
          r"'.*deep.jsonl': line 1 is nested too deeply for Python's JSON parser"),
         ("deep.json", b"[" * 100_000 + b"]" * 100_000, r"'.*deep.json': its JSON array is nested too deeply"),
     ],
-    ids=["not-utf8-csv", "wide-csv", "duplicate-csv-column", "truncated-gzip", "not-arrow", "long-int", "deep-jsonl",
-         "deep-json"],
+    ids=["not-utf8-csv", "wide-csv", "unclosed-csv-quote", "text-after-csv-quote", "duplicate-csv-column",
+         "truncated-gzip", "not-arrow", "long-int", "deep-jsonl", "deep-json"],
 )  # fmt: skip
 def test_an_unreadable_dataset_is_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     (tmp_path / name).write_bytes(data)
