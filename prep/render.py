@@ -32,7 +32,7 @@ from .config import Format
 from .errors import PrepError
 
 __all__ = ["ALPACA_HEADERS", "EOS", "FORMATS", "SHAREGPT_ROLES", "Rendered", "apply_maps", "detect_format",
-           "parse_documents", "parse_maps", "parse_tools", "render_row"]  # fmt: skip
+           "json_object_problem", "parse_documents", "parse_maps", "parse_tools", "render_row"]  # fmt: skip
 
 # The columns of each format, in detection order (it matters: a chat row may also carry a `text` column).
 _REQUIRED = {
@@ -188,10 +188,25 @@ def parse_documents(value: Any) -> list[dict[str, Any]] | None:
     return _json_objects(value, "documents (objects such as {title, text})")
 
 
+def json_object_problem(text: str) -> str | None:
+    """Why ``text`` (a tool call's ``arguments`` string) is not the JSON of an object, or None when it is."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"is not valid JSON ({e.msg} at column {e.colno})"
+    except (ValueError, RecursionError) as e:  # valid JSON beyond Python's parser
+        return f"cannot be parsed ({e})"
+    if isinstance(value, dict):
+        return None
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(value))
+    return f"is the JSON of {kind or 'null'}, not of an object"
+
+
 def tool_calls(value: str) -> list[dict[str, Any]]:
     """A ShareGPT ``function_call`` value (JSON: one ``{"name", "arguments"}`` or a list) as message tool calls.
 
-    ``arguments`` given as a JSON string of an object become that object (templates serialise it themselves)."""
+    ``arguments`` given as a JSON string of an object become that object (templates serialise it themselves); a
+    string that is not one is a ``ValueError``."""
     calls = json.loads(value)
     calls = [calls] if isinstance(calls, dict) else calls
     if not isinstance(calls, list) or not calls:
@@ -202,12 +217,10 @@ def tool_calls(value: str) -> list[dict[str, Any]]:
             raise ValueError('expected each call to be a JSON object with a "name" string')
         args = c.get("arguments", {})
         if isinstance(args, str):
-            try:
-                parsed = json.loads(args)
-            except json.JSONDecodeError:
-                parsed = None
-            args = parsed if isinstance(parsed, dict) else args
-        if not isinstance(args, (dict, str)):
+            if (why := json_object_problem(args)) is not None:
+                raise ValueError(f'"arguments" {why}; expected an object or a JSON string of one')
+            args = json.loads(args)
+        if not isinstance(args, dict):
             raise ValueError(f'expected "arguments" to be an object, got {type(args).__name__}')
         out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})
     return out

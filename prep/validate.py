@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from .chat import REASONING_FIELDS, join_text
-from .render import SHAREGPT_ROLES, parse_documents, parse_tools, tool_calls
+from .render import SHAREGPT_ROLES, json_object_problem, parse_documents, parse_tools, tool_calls
 
 __all__ = ["CHAT_ROLES", "row_name", "row_problem"]
 
@@ -86,13 +86,16 @@ def _tools(row: dict[str, Any], f: _Fields) -> str | None:
 
 def _call_arguments(calls: list | None, f: _Fields, at: str) -> str | None:
     """Each tool call's ``arguments``: an object, or a string (JSON of one, as OpenAI data gives it), or absent; a
-    list or number would reach the template as a tool call no model emits."""
+    list, a number or a string that is not a JSON object would reach the template as a tool call no model should
+    learn to emit."""
     for j, call in enumerate(calls or ()):
         fn = call.get("function", call)
         args = fn.get("arguments")
+        where = f"{at}.tool_calls[{j}]" + (".function" if "function" in call else "") + ".arguments"
         if args is not None and not isinstance(args, (dict, str)):
-            where = f"{at}.tool_calls[{j}]" + (".function" if "function" in call else "") + ".arguments"
             return f"{f('messages', where)} is {_kind(args)}, expected an object or a JSON string of one"
+        if isinstance(args, str) and (why := json_object_problem(args)) is not None:
+            return f"{f('messages', where)} {why}; expected an object or a JSON string of one"
     return None
 
 

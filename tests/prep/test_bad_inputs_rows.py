@@ -77,6 +77,13 @@ BAD = [
     ("tool-call-arguments", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
         {"function": {"name": "f", "arguments": "{}"}}, {"function": {"name": "g", "arguments": [1, 2]}}]}]}],
      r"^row 0: `messages\[1\].tool_calls\[1\].function.arguments` is a list, expected an object or a JSON string"),
+    ("tool-call-arguments-json", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": '{city: "Oslo"'}}]}]}],
+     r"^row 0: `messages\[1\].tool_calls\[0\].function.arguments` is not valid JSON \(Expecting property name "
+     r"enclosed in double quotes at column 2\); expected an object or a JSON string of one"),
+    ("tool-call-arguments-scalar", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant",
+        "tool_calls": [{"name": "f", "arguments": '"Oslo"'}]}]}],
+     r"^row 0: `messages\[1\].tool_calls\[0\].arguments` is the JSON of a string, not of an object"),
     ("reasoning-number", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
                                                                              "reasoning_content": 5}]}],
      r"^row 0: `messages\[1\].reasoning_content` is a number, expected a string"),
@@ -89,6 +96,8 @@ BAD = [
      r"`conversations\[1\].value` \(a function_call\) is not JSON"),
     ("function-call-name", [_sg(("human", "a"), ("function_call", '{"arguments": {}}'))],
      r"\(a function_call\): expected each call to be a JSON object with a \"name\" string"),
+    ("function-call-arguments-json", [_sg(("human", "a"), ("function_call", '{"name": "f", "arguments": "{city"}'))],
+     r"\(a function_call\): \"arguments\" is not valid JSON \(Expecting property name .*\); expected an object"),
     ("tools-json", [_sg(("human", "a"), ("gpt", "b"), tools="[{'name': 'x'}]")], r"`tools` is not valid JSON"),
     ("tools-type", [_sg(("human", "a"), ("gpt", "b"), tools="[1, 2]")], r"`tools`: expected a list of tool schemas"),
     ("text-surrogate", [{"text": "ok"}, {"text": "cut emoji \ud83d"}],
