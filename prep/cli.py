@@ -9,8 +9,13 @@ light: nothing heavy (never torch) is imported at module level.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -50,8 +55,33 @@ def pack_cmd(as_json: bool, **params: Any) -> None:
     from .pipeline import run_pack
     from .report import format_pack_summary
 
-    summary = run_pack(config_from_params(PackConfig, params))
+    with _sigterm_exits():
+        summary = run_pack(config_from_params(PackConfig, params))
     click.echo(json.dumps(summary, indent=2) if as_json else format_pack_summary(summary))
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Make SIGTERM (``kill``, ``timeout``, a job scheduler's stop) end ``prep pack`` as Ctrl-C does: as an exception
+    in this process, so the staging folder and its spill are removed and ``--out`` is left as it was; exit status
+    143 (128 + SIGTERM). Forked tokenizer workers inherit the handler and die of the signal as before."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pid = os.getpid()
+
+    def exit_here(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_here)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command("stats")

@@ -9,9 +9,10 @@ holding an input or the working directory, or a folder inside an input or inside
 The new set is written into ``.<name>.padless-staging-<pid>-<hex>/new`` next to ``--out`` and swapped into place
 only when complete (one atomic exchange where the OS has it, else two renames); the old set is removed after the new
 one is in place. ``--out`` is checked again at that moment, since another process may have written there meanwhile:
-without ``--overwrite`` the set moves in only while ``--out`` is absent or empty, with it only over a shard set. A
-killed run leaves only its staging folder; the next run into the same ``--out`` removes staging folders whose process
-is gone (restoring an old set a crash left moved aside, if ``--out`` is missing) before it checks ``--out``.
+without ``--overwrite`` the set moves in only while ``--out`` is absent or empty, with it only over a shard set. An
+interrupted run (Ctrl-C, SIGTERM) removes its staging folder. A killed run (SIGKILL, a crash) leaves only its staging
+folder; the next run into the same ``--out`` removes staging folders whose process is gone (restoring an old set a
+crash left moved aside, if ``--out`` is missing) before it checks ``--out``.
 """
 
 from __future__ import annotations

@@ -169,6 +169,28 @@ def test_a_killed_run_leaves_only_its_staging_folder_which_the_next_run_removes(
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == [live.name]
 
 
+_TERM_IN_WRITER = _KILL_IN_WRITER.replace("SIGKILL", "SIGTERM")
+# SIGTERM once the first chunk is in the tokenizer (its worker processes are running with --num-proc 2).
+_TERM_IN_TOKENIZER = _TERM_IN_WRITER.replace("padless.shards.writer as w", "padless.prep.tokenize as w").replace(
+    "w.ShardWriter.add_packs", "w.Encoder.put"
+)
+
+
+@pytest.mark.parametrize(("script", "num_proc"), [(_TERM_IN_WRITER, "1"), (_TERM_IN_TOKENIZER, "2")],
+                         ids=["writing", "tokenizing"])  # fmt: skip
+def test_sigterm_cleans_up_as_ctrl_c_does(work: Path, script: str, num_proc: str) -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) is caught: the run removes its staging folder and spill, leaves
+    the previous set as it was and exits with status 143; tokenizer workers end with it."""
+    _shard_set(work)
+    before = snapshot(work)
+    args = ["pack", "data.jsonl", "--max-len", "32", "--out", "packed", "--overwrite", "--no-progress", "--num-proc",
+            num_proc]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=work, capture_output=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert b"Traceback" not in proc.stderr, proc.stderr
+    assert snapshot(work) == before
+
+
 def test_a_crash_between_the_two_renames_is_repaired_by_the_next_run(work: Path, monkeypatch) -> None:
     """Without an atomic exchange, publish() moves the old set aside, then the new one in; if the process dies in
     between, the next run puts the old set back before anything else."""
