@@ -9,6 +9,7 @@ dataset argument.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,37 @@ def folder_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
     if not data_files or not _reads_as_stored(builder.config):
         return None
     files = {str(k): v for k, v in data_files.items()}
-    return [Path(f) for f in files[_split_of(spec, list(files))]]
+    split = _split_of(spec, list(files))
+    _refuse_left_out(folder, spec, split, files[split])
+    return [Path(f) for f in files[split]]
+
+
+def _refuse_left_out(folder: Path, spec: DatasetSpec, split: str, files: list[str]) -> None:
+    """Refuse a folder without README ``configs`` whose ``split`` holds data files of several types: ``datasets``
+    reads only the files of its most common type (``a.jsonl`` beside ``b.parquet`` and ``c.parquet`` is left out),
+    so part of the data would be dropped without a word. A README that lists the files decides alone."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    from .load import readable
+
+    readme = folder / "README.md"
+    try:
+        if readme.is_file() and MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data):
+            return
+        every = DataFilesDict.from_local_or_remote(get_data_patterns(str(folder)), base_path=str(folder))
+    except (*_DATASETS_ERRORS, KeyError, TypeError):  # no listing to compare with: datasets' choice stands
+        return
+    chosen = {str(Path(f).resolve()) for f in files}
+    left = [f for f in every.get(split, []) if readable(Path(f)) and str(Path(f).resolve()) not in chosen]
+    if left:
+        names = [os.path.relpath(f, folder.absolute()) for f in left[:5]] + ["..."] * (len(left) > 5)
+        raise PrepError(
+            f"folder {spec.text!r} mixes data file types in its {split!r} split: `datasets` reads only its "
+            f"{Path(files[0]).suffix} files and would leave out {len(left)} file(s) ({', '.join(names)}); give the "
+            "files (or a folder per type) as separate datasets, or list them under `configs` in a README.md"
+        )
 
 
 def stream_dataset(name: str, spec: DatasetSpec, chunk_rows: int, digest: Any) -> Iterator[list[dict[str, Any]]]:

@@ -9,7 +9,8 @@ A dataset is named ``PATH_OR_ID[:SUBSET][@SPLIT]`` (:func:`parse_spec`):
   ``DatasetDict`` (default ``train``, else its first split);
 - any other folder, laid out as a Hugging Face Hub dataset repository: ``datasets`` decides which files form each
   subset (the ``configs`` of its README.md) and split (``data/test-*.parquet``, ``validation.jsonl``, ...), exactly as
-  ``datasets.load_dataset(folder, SUBSET, split=SPLIT)`` would; the default split is ``train``. Files of the types
+  ``datasets.load_dataset(folder, SUBSET, split=SPLIT)`` would; the default split is ``train`` (a split that mixes
+  file types without README ``configs`` is refused: ``datasets`` would read only one type). Files of the types
   above are read by padless's own readers (each row exactly as stored: no schema is imposed on JSON); other types
   (``.txt``, ...), a subset whose README configuration sets reader options (a CSV ``sep``, a JSON ``field``, ...)
   and dataset scripts stream through ``datasets`` (scripts only where the installed ``datasets`` still runs them);
@@ -310,7 +311,8 @@ def _parquet_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
         raise PrepError(f"cannot read Parquet file {str(path)!r}: {e}") from e
 
 
-def _readable(path: Path) -> bool:
+def readable(path: Path) -> bool:
+    """Whether padless reads ``path`` with its own readers (by its suffix)."""
     return path.name.lower().endswith(_SUFFIXES)
 
 
@@ -375,7 +377,7 @@ def _open_local(spec: DatasetSpec, n: int) -> Source:
     from .hub import folder_files, stream_dataset
 
     files = folder_files(path, spec)
-    if files is not None and all(_readable(f) for f in files):
+    if files is not None and all(readable(f) for f in files):
         return Source(spec.text, _files_chunks(files, n), _sha256_files(files), reads=_resolved(files))
     h = hashlib.sha256(_streamed("folder", spec).encode() + b"\0")
     reads = (_streamed(str(path.resolve()), spec),)

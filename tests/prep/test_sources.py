@@ -96,6 +96,23 @@ def test_a_hub_style_folder_is_split_as_datasets_splits_it(hub_folder: Path) -> 
         load_rows(str(only_test))
 
 
+def test_a_folder_of_mixed_file_types_loses_no_file(tmp_path: Path) -> None:
+    """`datasets` reads only the most common file type of a folder without README configs: a folder of a.jsonl,
+    b.parquet and c.csv is refused, naming what would be left out, unless a README lists the files it means."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", text_rows(3))
+    _parquet(folder / "b.parquet", text_rows(4, seed=1))
+    (folder / "c.csv").write_text("text\nhello\n")
+    with pytest.raises(PrepError, match=r"^folder '.*mixed' mixes data file types in its 'train' split: `datasets` "
+                                        r"reads only its .parquet files and would leave out 2 file\(s\) \(a.jsonl, "
+                                        r"c.csv\); give the files"):  # fmt: skip
+        load_rows(str(folder))
+    entry = "- config_name: default\n  data_files:\n  - split: train\n    path: b.parquet\n"
+    (folder / "README.md").write_text(f"---\nconfigs:\n{entry}---\n")
+    assert load_rows(str(folder)) == text_rows(4, seed=1)
+
+
 def test_subsets_come_from_the_readme_configs(configs_folder: Path) -> None:
     assert [r["text"] for r in load_rows(f"{configs_folder}:hard@validation")][:2] == [
         "hard validation 0", "hard validation 1"]  # fmt: skip
