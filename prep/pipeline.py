@@ -87,13 +87,14 @@ def _no_trainable(split: str, cfg: PackConfig, formats: list[str], before: int, 
             "sit after the prompts); raise --max-len, or use --overlong split"
         )
     chat = any(f in ("chat", "sharegpt") for f in formats)
-    if cfg.train_on == "completion" and chat:
+    masked = cfg.train_on == "completion" and any(f != "text" for f in formats)  # text trains every token anyway
+    if masked and chat:
         why = "no conversation has an assistant turn (only assistant turns are trained)"
-    elif cfg.train_on == "completion":
+    elif masked:
         why = "every response (output / completion) is empty and the tokenizer has no EOS token to train"
     else:
         why = "every example is a single token (the first token of an example has no target)"
-    fix = "use --train-on all, or " if cfg.train_on == "completion" else ""
+    fix = "use --train-on all, or " if masked else ""
     return f"{head}: {why}; {fix}check the data"
 
 

@@ -213,6 +213,10 @@ def test_nothing_to_train_is_an_error_that_says_what_to_change(tmp_path: Path) -
                                         r"--max-len, or use --overlong split$"):  # fmt: skip
         pack(tmp_path, long, name="o3", max_len=32)
     assert pack(tmp_path, long, name="o3", max_len=32, overlong="split")[0]["train"]["trainable"] > 0
+    # Empty texts: --train-on does not apply to text, so it is not the advice.
+    with pytest.raises(PrepError, match=r"\(2 examples\): every example is a single token \(the first token of an "
+                                        r"example has no target\); check the data$"):  # fmt: skip
+        pack(tmp_path, [{"text": ""}] * 2, name="o4")
 
 
 def test_the_eval_split_needs_trainable_tokens_too(tmp_path: Path) -> None:
