@@ -364,6 +364,11 @@ def _save_to_disk_files(folder: Path, spec: DatasetSpec) -> list[Path] | None:
 def _open_local(spec: DatasetSpec, n: int) -> Source:
     path = spec.path
     assert path is not None
+    if not path.is_dir() and not path.is_file():  # a named pipe, a socket, a device (/dev/stdin)
+        raise PrepError(
+            f"dataset {spec.text!r} is not a regular file or folder; prep reads each input twice (its fingerprint, "
+            "then its rows), so save the data to a file first"
+        )
     if not path.is_dir():
         if spec.subset is not None or spec.split is not None:
             raise PrepError(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,6 +84,15 @@ def test_suffixes_match_in_any_letter_case(tmp_path):
     paths[-1].write_bytes(gzip.compress((tmp_path / "a.csv").read_bytes()))
     for p in paths:
         assert load_rows(str(p)) == ROWS, p.name
+
+
+def test_a_named_pipe_is_refused_not_read_twice(tmp_path):
+    """A FIFO named like a data file would be drained by the fingerprint and then block the row reader forever."""
+    fifo = tmp_path / "live.jsonl"
+    os.mkfifo(fifo)
+    code = "from padless.prep.load import open_source; open_source(__import__('sys').argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert "PrepError: dataset '" in proc.stderr and "is not a regular file or folder" in proc.stderr, proc.stderr
 
 
 def test_csv_fields_keep_their_line_ends(tmp_path):
