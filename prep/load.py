@@ -128,12 +128,17 @@ class Source:
 
 
 def _sha256_files(files: list[Path]) -> str:
+    """The sha256 of ``files`` (names and bytes): the first read of every input, so a file that cannot be read (no
+    permission, an I/O error) is named here."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+        try:
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        except OSError as e:
+            raise PrepError(f"cannot read dataset file {str(f)!r}: {e.strerror or e}; expected a readable file") from e
     return h.hexdigest()
 
 

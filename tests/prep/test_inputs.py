@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,6 +94,26 @@ def test_a_named_pipe_is_refused_not_read_twice(tmp_path):
     code = "from padless.prep.load import open_source; open_source(__import__('sys').argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
     assert "PrepError: dataset '" in proc.stderr and "is not a regular file or folder" in proc.stderr, proc.stderr
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    """A file without read permission (chmod 000, for anyone but root) or with an I/O error is one error naming it."""
+    from padless.prep import load
+
+    bad = write_jsonl(tmp_path / "locked.jsonl", ROWS)
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "ok.jsonl", ROWS)
+    write_jsonl(tmp_path / "dir" / "locked.jsonl", ROWS)
+
+    def no_access(path, *args, **kwargs):
+        if Path(path).name == "locked.jsonl":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "open", no_access, raising=False)
+    for dataset in (bad, tmp_path / "dir"):
+        with pytest.raises(PrepError, match=r"^cannot read dataset file '.*locked.jsonl': Permission denied; expected"):
+            load_rows(str(dataset))
 
 
 def test_csv_fields_keep_their_line_ends(tmp_path):
