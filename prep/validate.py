@@ -222,16 +222,21 @@ def _alpaca(row: dict[str, Any], f: _Fields) -> str | None:
     return None
 
 
-def _surrogate_at(value: Any, at: str = "") -> str | None:
-    """Where (``[2].content``, ``""`` for ``value`` itself) the first string inside ``value`` holds a lone UTF-16
-    surrogate, or None."""
+def _surrogate_path(value: Any) -> list[str] | None:
+    """The path (``["[2]", ".content"]``, ``[]`` for ``value`` itself) to the first string inside ``value`` that holds
+    a lone UTF-16 surrogate, or None. An ASCII string (most text) is cleared by one C-level check."""
     if isinstance(value, str):
-        return at if _SURROGATE.search(value) else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        where = _surrogate_at(item, f"{at}.{key}" if isinstance(value, dict) else f"{at}[{key}]")
-        if where is not None:
-            return where
+        return [] if not value.isascii() and _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = _surrogate_path(item)
+            if path is not None:
+                return [f".{key}", *path]
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            path = _surrogate_path(item)
+            if path is not None:
+                return [f"[{i}]", *path]
     return None
 
 
@@ -239,16 +244,10 @@ def _not_unicode(row: dict[str, Any], fmt: str, f: _Fields) -> str | None:
     """A rendered field holding a lone surrogate (JSON allows an unpaired ``\\ud800`` escape; scraped text that cut
     an emoji in half has them): no tokenizer can encode it, as it is not Unicode text."""
     for name in _RENDERED[fmt]:
-        value = row.get(name)
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
-        if text.isascii() or not _SURROGATE.search(text):
-            continue  # the common case, checked in C over the whole field
-        where = _surrogate_at(value)
-        if where is not None:
+        path = _surrogate_path(row.get(name))
+        if path is not None:
             return (
-                f"{f(name, where)} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                f"{f(name, ''.join(path))} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
                 "Unicode text; expected valid text (drop or replace that character)"
             )
     return None
