@@ -56,6 +56,12 @@ def merge(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype] if dtype else "auto")
     except OSError as error:  # transformers: a hub id it cannot fetch, or a folder it cannot read
         raise TrainError(f"cannot load the base model {base!r} ({error}); pass --model with a local folder") from error
+    if getattr(model, "hf_quantizer", None) is not None:
+        # A 4-bit base (a QLoRA run's random base is saved in NF4): its adapter was trained against the dequantized
+        # weights, and transformers cannot save a 4-bit model after peft merged into it.
+        model = model.dequantize()
+        if dtype:
+            model = model.to(_DTYPES[dtype])
     try:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except RuntimeError as error:  # torch: the adapter's weights have other shapes than the base's layers
@@ -68,8 +74,12 @@ def merge(
         ) from error
     tmp = out.with_name(out.name + ".tmp-merge")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    copy_tokenizer_files(adapter_dir if has_tokenizer(adapter_dir) else base, tmp)
+    try:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        copy_tokenizer_files(adapter_dir if has_tokenizer(adapter_dir) else base, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written merged model behind
+        raise
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

@@ -137,3 +137,34 @@ def test_chat_says_why_a_reply_is_empty(monkeypatch: pytest.MonkeyPatch) -> None
     result = CliRunner().invoke(main, ["chat", "any-run", "--prompt", "hi"])
     assert result.exit_code == 0
     assert "note: the model ended its reply at once" in result.stderr
+
+
+def test_merge_of_a_qlora_adapter_saves_a_plain_model(tmp_path: Path) -> None:
+    """A QLoRA run's random base is saved in NF4: the merge dequantizes it, adds the adapter and saves a plain model
+    that computes what the adapter on its 4-bit base computes (transformers cannot save a merged 4-bit model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from padless.train.adapters import apply_adapters
+    from padless.train.modeling import load_model
+    from padless.train.output import save_base_model, save_output
+
+    from .tiny_models import randomize_lora
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+    model = load_model(None, vocab_size=97, quantize_4bit=True, config_overrides=shape)
+    save_base_model(model, tmp_path / "run" / "base_model")
+    model = apply_adapters(model, mode="qlora", r=4)
+    randomize_lora(model, std=0.05)
+    save_output(model, tmp_path / "run", model_source=None)
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
