@@ -45,6 +45,9 @@ def merge(
         raise TrainError(f"{str(config_path)!r} names no base model; pass --model BASE")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {str(out)!r} is a file; expected a new or empty folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TrainError(f"--out {str(out)!r} lies under {str(parent)!r}, which is a file; expected a folder path")
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
     check_model_source(

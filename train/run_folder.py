@@ -213,6 +213,11 @@ def _check_place(output: Path, inputs: Sequence[tuple[str, str | None]]) -> None
             )
     if output.exists() and not output.is_dir():
         raise TrainError(f"--output {str(output)!r} is a file; expected a folder (new, empty, or a padless run)")
+    parent = next((p for p in output.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():  # mkdir would fail there, after the model has loaded
+        raise TrainError(
+            f"--output {str(output)!r} lies under {str(parent)!r}, which is a file; expected a folder path"
+        )
 
 
 def read_marker(output: Path) -> dict[str, Any] | None:

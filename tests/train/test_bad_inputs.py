@@ -123,6 +123,9 @@ def test_output_that_is_a_file(synthetic_shards: Path, tmp_path: Path) -> None:
     (tmp_path / "out").write_text("x")
     assert_one_line_error(_run(synthetic_shards, tmp_path / "out"), r"--output '.*out' is a file; expected a folder")
     assert (tmp_path / "out").read_text() == "x"
+    line = assert_one_line_error(_run(synthetic_shards, tmp_path / "out" / "run"), r"^error: --output '.*run' lies ")
+    assert f"under {str(tmp_path / 'out')!r}, which is a file; expected a folder path" in line
+    assert (tmp_path / "out").read_text() == "x"
 
 
 def test_overwrite_replaces_only_a_run_that_holds_nothing_else(

@@ -168,3 +168,13 @@ def test_merge_of_a_qlora_adapter_saves_a_plain_model(tmp_path: Path) -> None:
     with torch.no_grad():
         got = merged(input_ids=ids).logits.float()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_merge_into_a_path_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    base = json.dumps({"base_model_name_or_path": str(tmp_path / "base")})
+    (tmp_path / "adapter" / "adapter_config.json").write_text(base)
+    (tmp_path / "file").write_text("mine")
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "file" / "merged")])
+    assert_one_line_error(res, r"^error: --out '.*merged' lies under '.*file', which is a file; expected a folder")
+    assert (tmp_path / "file").read_text() == "mine"
