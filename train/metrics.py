@@ -235,6 +235,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record; None for a blank line or one that is not a whole JSON object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line, so a crash loses nothing) and hands
     each record to every callable in ``sinks`` (the ``--report-to`` trackers)."""
@@ -247,11 +256,12 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None and self.path.exists():
-            # A resumed run: drop lines the interrupted run wrote after the checkpoint it resumes from.
+            # A resumed run: drop lines the interrupted run wrote after the checkpoint it resumes from, and a last
+            # line that a kill cut short (not a whole JSON object).
             kept = [
                 line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
+                for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if (record := _record(line)) is not None and record.get("step", 0) <= keep_until_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif keep_until_step is None and self.path.exists():

@@ -283,6 +283,16 @@ def test_resume_with_other_settings_lists_every_difference(synthetic_shards: Pat
     assert "Pass --resume-changed max_steps to continue with the new values" in line
 
 
+def test_resume_after_a_kill_that_cut_a_metrics_line_short(synthetic_shards: Path, copy_run) -> None:
+    """A kill in the middle of a metrics.jsonl write leaves a torn last line: --resume drops it with the other lines
+    past the checkpoint."""
+    out = copy_run("interrupted")
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "epoch": 0, "loss": 5.1')
+    _ok(_run(synthetic_shards, out, "--resume", "--max-steps", "3"))
+    assert _steps(out) == [1, 2, 3]
+
+
 def test_resume_records_the_world_size(synthetic_shards: Path, copy_run) -> None:
     out = copy_run("interrupted")
     state = out / "checkpoints" / STEP(2) / "state.json"
