@@ -9,7 +9,8 @@ it needs pickle to load. It is written into a temp folder and renamed into place
 ``checkpoints/latest`` (a one-line file, also replaced atomically) names it: a crash or a full disk mid-write
 leaves the previous checkpoint intact and current. With ``--keep-last N`` older whole checkpoints are deleted
 once a new one is in place and named by ``latest``, never the one ``latest`` names. A checkpoint that is
-incomplete, unreadable or written by another kind of run raises :class:`TrainError` naming the file and the fix.
+incomplete, unreadable, holding other contents than padless writes, or written by another kind of run raises
+:class:`TrainError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -276,6 +277,18 @@ def _read(path: Path, load: Callable[[Path], Any]) -> Any:
         ) from error
 
 
+def _damaged(path: Path, what: str, error: BaseException | str) -> TrainError:
+    """The error for a checkpoint file that reads but does not hold what padless wrote there."""
+    if isinstance(error, KeyError):
+        detail = f"no {error.args[0]!r}"
+    else:
+        detail = error if isinstance(error, str) else one_line(error)
+    return TrainError(
+        f"checkpoint file {str(path)!r} does not hold {what} ({detail}); it is damaged. Remove its checkpoint folder "
+        "and point checkpoints/latest at an earlier one, or start without --resume"
+    )
+
+
 def _read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's ``state.json``, checked to be one this padless writes."""
     meta = _read(path / "state.json", _json_load)
@@ -283,6 +296,9 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise TrainError(
             f"checkpoint {str(path)!r}: state.json lacks step/epoch/micro_batch; it is damaged or not a padless one"
         )
+    bad = {k: meta[k] for k in ("step", "epoch", "micro_batch") if type(meta[k]) is not int or meta[k] < 0}
+    if bad:
+        raise _damaged(path / "state.json", "a training position", f"expected counts >= 0, got {bad}")
     if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
         raise TrainError(
             f"checkpoint {str(path)!r} is of format {meta.get('checkpoint_format', 1)}, this padless reads format "
@@ -355,6 +371,8 @@ def load_checkpoint(
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name].to(p.device, p.dtype))
+        if not isinstance(optim_state, dict) or not {"state", "param_groups"} <= set(optim_state):
+            raise _damaged(path / "optimizer.pt", "an optimizer state", "no 'state' and 'param_groups'")
         try:
             optimizer.load_state_dict(optim_state)
         except ValueError as error:  # torch: the saved parameter groups do not match this optimizer's
@@ -362,15 +380,21 @@ def load_checkpoint(
                 f"checkpoint {str(path)!r} holds optimizer state of another set-up ({error}); resume with the same "
                 "--optimizer and --weight-decay as the run that wrote it"
             ) from error
-    scheduler.load_state_dict(_read(path / "scheduler.json", _json_load))
+        except (KeyError, TypeError, AttributeError, IndexError) as error:  # the right keys, wrong contents
+            raise _damaged(path / "optimizer.pt", "an optimizer state", error) from error
+    schedule = _read(path / "scheduler.json", _json_load)
+    # LambdaLR.load_state_dict copies any dict into the scheduler's attributes: check the fields the schedule uses.
+    if not isinstance(schedule, dict) or type(schedule.get("last_epoch")) is not int:
+        raise _damaged(path / "scheduler.json", "a learning-rate schedule", "no int last_epoch")
+    try:
+        scheduler.load_state_dict(schedule)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _damaged(path / "scheduler.json", "a learning-rate schedule", error) from error
     rng = path / f"rng-rank{rank}.json"
     if rng.is_file():
         state = _read(rng, _json_load)
         try:
             _set_rng_state(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise TrainError(
-                f"checkpoint file {str(rng)!r} does not hold generator states ({one_line(error)}); it is damaged. "
-                "Remove its checkpoint folder and point checkpoints/latest at an earlier one"
-            ) from error
+            raise _damaged(rng, "generator states", error) from error
     return Position(step=int(meta["step"]), epoch=int(meta["epoch"]), micro_batch=int(meta["micro_batch"]))

@@ -401,6 +401,35 @@ def test_checkpoint_state_loads_without_pickle(synthetic_shards: Path, copy_run)
     assert _RAN == []  # refused, never executed
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("scheduler.json", {}, r"scheduler.json' does not hold a learning-rate schedule \(no int last_epoch\)"),
+        ("scheduler.json", {"last_epoch": 2}, r"scheduler.json' does not hold a learning-rate schedule \(no 'lr_lambd"),
+        ("optimizer.pt", {}, r"optimizer.pt' does not hold an optimizer state \(no 'state' and 'param_groups'\)"),
+        ("optimizer.pt", {"state": {}, "param_groups": [1]}, r"optimizer.pt' does not hold an optimizer state \("),
+        ("state.json", {"step": "2"}, r"state.json' does not hold a training position \(expected counts >= 0, got"),
+        ("state.json", {"micro_batch": -1}, r"state.json' does not hold a training position"),
+    ],
+)
+def test_a_checkpoint_file_with_the_wrong_contents(
+    synthetic_shards: Path, copy_run, name: str, content: dict, match: str
+) -> None:
+    """A checkpoint file that reads but does not hold what padless wrote (edited, or another program's) is damaged:
+    one error naming the file, and the checkpoints and the log are left as they were."""
+    out = copy_run("interrupted")
+    path = out / "checkpoints" / STEP(2) / name
+    if name == "optimizer.pt":
+        torch.save(content, path)
+    else:
+        base = json.loads(path.read_text()) if name == "state.json" else {}
+        path.write_text(json.dumps({**base, **content}))
+    before = _tree(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()
+    line = assert_one_line_error(_run(synthetic_shards, out, "--resume", "--max-steps", "3"), match)
+    assert "it is damaged. Remove its checkpoint folder" in line
+    assert (_tree(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()) == before
+
+
 def test_a_checkpoint_cut_short_is_never_the_latest(synthetic_shards: Path, copy_run) -> None:
     """Killed while writing step 3: a temp folder, and (worse) a step folder without state.json named by a stale
     pointer. The latest whole checkpoint is step 2, and the run continues from there."""
