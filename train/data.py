@@ -54,6 +54,7 @@ class PackSizes:
     num_trainable: np.ndarray  # (P,) int64
     num_examples: np.ndarray  # (P,) int64
     max_token_id: int = -1  # the largest token id in any pack (-1: no tokens)
+    max_seqlen: int = 0  # the longest example of any pack (its positions run 0 .. max_seqlen - 1)
 
     def max_examples(self, plans: Sequence[EpochPlan]) -> int:
         """The most examples any micro-batch of ``plans`` holds (sizes a static CUDA-graph batch)."""
@@ -67,18 +68,20 @@ class PackSizes:
 def pack_sizes(ss: ShardSetLike) -> PackSizes:
     """Token and trainable-token counts of every pack (one pass over the per-pack scalars)."""
     if hasattr(ss, "iter_batches"):  # shards.ShardSet: whole record batches, decoded once
-        columns, top = [], -1
+        columns, top, longest = [], -1, 0
         for _, d in ss.iter_batches():
             columns.append((d["num_tokens"], d["num_trainable"], np.diff(d["cu_seqlens.off"]) - 1))
             if len(d["input_ids"]):
                 top = max(top, int(d["input_ids"].max()))
+            if len(d["max_seqlen"]):
+                longest = max(longest, int(d["max_seqlen"].max()))
         if columns:
             arrays = (np.concatenate([c[j] for c in columns]).astype(np.int64) for j in range(3))
-            return PackSizes(*arrays, max_token_id=top)
+            return PackSizes(*arrays, max_token_id=top, max_seqlen=longest)
     tokens = np.empty(len(ss), dtype=np.int64)
     trainable = np.empty(len(ss), dtype=np.int64)
     examples = np.empty(len(ss), dtype=np.int64)
-    top = -1
+    top, longest = -1, 0
     for i in range(len(ss)):
         pack = ss[i]
         tokens[i] = int(pack.num_tokens)
@@ -86,7 +89,8 @@ def pack_sizes(ss: ShardSetLike) -> PackSizes:
         examples[i] = len(pack.cu_seqlens) - 1
         if len(pack.input_ids):
             top = max(top, int(np.max(pack.input_ids)))
-    return PackSizes(tokens, trainable, examples, max_token_id=top)
+        longest = max(longest, int(pack.max_seqlen))
+    return PackSizes(tokens, trainable, examples, max_token_id=top, max_seqlen=longest)
 
 
 def fill_micro_batches(order: np.ndarray, num_tokens: np.ndarray, budget: int) -> list[np.ndarray]:

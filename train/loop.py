@@ -41,6 +41,7 @@ from .prepare import (
     build_model,
     check_data,
     check_eval_tokenizer,
+    check_positions,
     check_token_ids,
     check_tokenizer,
     model_overrides_file,
@@ -150,7 +151,7 @@ def _train(
         )
     eval_ss = open_shards(eval_path) if eval_path is not None and cfg.eval_every >= 0 else None
     sizes = pack_sizes(ss)
-    budget, max_token_id, eval_max_token_id = check_data(cfg, ss, sizes, eval_ss)
+    budget, eval_sizes = check_data(cfg, ss, sizes, eval_ss)
     if eval_ss is not None:
         result.warnings += check_eval_tokenizer(ss.manifest, eval_ss, force=cfg.force)
     auto = None
@@ -193,9 +194,11 @@ def _train(
     # Model: load (or build the tiny one), check the tokenizer, add adapters, patch in the packed path.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ss.manifest, device, dtype)
-    result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=max_token_id)
-    if eval_ss is not None:
-        check_token_ids(eval_max_token_id, model, f"eval set {str(eval_ss.path)!r}")
+    result.warnings += check_tokenizer(ss.manifest, cfg.model, model, force=cfg.force, max_token_id=sizes.max_token_id)
+    result.warnings += check_positions(sizes.max_seqlen, model, f"the shard set {cfg.shards!r}")
+    if eval_ss is not None and eval_sizes is not None:
+        check_token_ids(eval_sizes.max_token_id, model, f"eval set {str(eval_ss.path)!r}")
+        result.warnings += check_positions(eval_sizes.max_seqlen, model, f"eval set {str(eval_ss.path)!r}")
     from .adapters import apply_adapters, check_targets
 
     if cfg.mode != "full":

@@ -98,7 +98,7 @@ def parity(
     from .model_patch import get_patch, patch_model
     from .modeling import load_model
     from .packed_forward import packed_loss
-    from .prepare import check_model_source, check_tokenizer, parse_device, tiny_model_vocab
+    from .prepare import check_model_source, check_positions, check_tokenizer, parse_device, tiny_model_vocab
 
     if packs < 1:
         raise TrainError(f"--packs must be >= 1, got {packs}")
@@ -112,6 +112,9 @@ def parity(
     net.eval()  # no dropout: both paths must see the same function
     max_token_id = max((int(p.input_ids.max()) for p in chosen if p.num_tokens), default=-1)
     warnings = check_tokenizer(ss.manifest, model, net, force=force, max_token_id=max_token_id)
+    warnings += check_positions(
+        max((int(p.max_seqlen) for p in chosen), default=0), net, f"the shard set {str(shards_path)!r}"
+    )
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     weights = [p for _, p in params]
 

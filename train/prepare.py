@@ -26,6 +26,7 @@ __all__ = [
     "check_data",
     "check_eval_tokenizer",
     "check_model_source",
+    "check_positions",
     "check_shards",
     "check_token_ids",
     "check_tokenizer",
@@ -155,6 +156,29 @@ def check_token_ids(max_token_id: int, model: torch.nn.Module, where: str) -> No
         )
 
 
+def check_positions(longest: int, model: torch.nn.Module, where: str) -> list[str]:
+    """The data's longest example (``longest`` tokens: positions 0 .. longest - 1) against the model's
+    ``max_position_embeddings``. A patched family computes rotary positions past it (a warning: the model never saw
+    them in pretraining); any other architecture goes through transformers' own modules, where a learned position
+    table ends there and the first step would fail, so that is an error. Returns the warnings."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or longest <= limit:
+        return []
+    from .families import family_for_model_type
+
+    model_type = getattr(model.config, "model_type", None)
+    text = f"{where} holds an example of {longest} tokens, more than the model's max_position_embeddings ({limit})"
+    if family_for_model_type(model_type or "") is not None:
+        return [
+            f"{text}: its rotary positions past {limit} were not seen in pretraining; re-pack with `prep pack "
+            f"--max-len {limit}` unless you mean to extend the model's context"
+        ]
+    raise TrainError(
+        f"{text}; padless does not patch model_type {model_type!r}, and transformers' own modules may not take "
+        f"positions past it (a learned position table ends there). Re-run `prep pack --max-len {limit}`"
+    )
+
+
 def _identity_problems(tok: dict[str, Any], folder: Path) -> list[str]:
     """How the shards' tokenizer (manifest) differs from the one in the model folder, by content."""
     try:
@@ -215,19 +239,20 @@ def check_tokenizer(
     )
 
 
-def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, int, int | None]:
+def check_data(cfg: TrainConfig, ss: Any, sizes: PackSizes, eval_ss: Any | None) -> tuple[int, PackSizes | None]:
     """The checks of the training (and eval) shard sets made before any model is loaded (:func:`check_shards`);
-    returns the micro-batch token budget and the largest token id of the training set and of the eval set (None
-    without one), which the loaded model's embedding must hold (:func:`check_token_ids`).
+    returns the micro-batch token budget and the eval set's pack sizes (None without one), whose largest token id
+    and longest example the loaded model must take, as the training set's (:func:`check_token_ids`,
+    :func:`check_positions`).
     ``--tokens-per-micro-batch auto`` is checked as max_len, the smallest budget it chooses (``train.auto_batch``)."""
     given = isinstance(cfg.tokens_per_micro_batch, int) and cfg.tokens_per_micro_batch > 0
     budget = cfg.tokens_per_micro_batch if given else ss.max_len
     check_shards(ss.path, sizes, budget=budget, budget_given=given, max_len=ss.max_len)
     if eval_ss is None:
-        return budget, sizes.max_token_id, None
+        return budget, None
     eval_sizes = pack_sizes(eval_ss)
     check_shards(eval_ss.path, eval_sizes, budget=budget, budget_given=given, max_len=ss.max_len, kind="eval set")
-    return budget, sizes.max_token_id, eval_sizes.max_token_id
+    return budget, eval_sizes
 
 
 def check_eval_tokenizer(manifest: dict[str, Any], eval_ss: Any, *, force: bool) -> list[str]:

@@ -227,6 +227,32 @@ def test_a_micro_batch_budget_below_the_longest_pack(synthetic_shards: Path, tmp
     _ok(_run(synthetic_shards, tmp_path / "out", "--tokens-per-micro-batch", str(n), "--max-steps", "1"))
 
 
+def test_examples_longer_than_the_model_s_positions(synthetic_shards: Path, tmp_path: Path) -> None:
+    """An unpatched architecture with a learned position table (GPT-2) would fail at the first step past its end: an
+    error before anything is written. A patched (rotary) family computes those positions: a warning."""
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    longest = pack_sizes(open_shards(synthetic_shards)).max_seqlen
+    config = AutoConfig.for_model("gpt2", vocab_size=384, n_embd=16, n_layer=1, n_head=2, n_positions=longest - 1)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    fast = [a for a in CLI_FAST if a not in ("--model-overrides", FAST_OVERRIDES)]
+    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / "out"), *fast,
+                                    "--model", str(tmp_path / "gpt2"), "--max-steps", "1"])  # fmt: skip
+    line = assert_one_line_error(res, r"^error: the shard set '.*shards' holds an example of ")
+    assert f"of {longest} tokens, more than the model's max_position_embeddings ({longest - 1})" in line
+    assert "model_type 'gpt2'" in line and f"Re-run `prep pack --max-len {longest - 1}`" in line
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(
+        main, ["parity", str(synthetic_shards), "--model", str(tmp_path / "gpt2"), "--packs", "99"]
+    )
+    assert_one_line_error(res, rf"holds an example of {longest} tokens, more than the model's max_position_embeddings")
+
+    overrides = json.dumps({**json.loads(FAST_OVERRIDES), "max_position_embeddings": longest - 1})
+    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / "rope"), *fast,
+                                    "--model-overrides", overrides, "--max-steps", "1"])  # fmt: skip
+    assert "warning: the shard set" in _ok(res) and "rotary positions past" in res.stderr
+
+
 # ------------------------------------------------------------------------------------------------- resuming
 def test_resume_of_a_finished_run_changes_nothing(synthetic_shards: Path, copy_run) -> None:
     out = copy_run("finished")

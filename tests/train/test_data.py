@@ -84,6 +84,7 @@ def test_pack_sizes_and_prefetcher_match_direct_reads(synthetic_shards) -> None:
     assert sizes.num_tokens.tolist() == [ss[i].num_tokens for i in range(len(ss))]
     assert sizes.num_trainable.tolist() == [ss[i].num_trainable for i in range(len(ss))]
     assert sizes.num_examples.tolist() == [len(ss[i].cu_seqlens) - 1 for i in range(len(ss))]
+    assert sizes.max_seqlen == max(int(np.diff(ss[i].cu_seqlens).max()) for i in range(len(ss)))
     plan = plan_epoch(ss.order(0, 0), sizes.num_tokens, epoch=0, budget=300)
     groups = plan.ranks[0]
     assert sizes.max_examples([plan]) == max(concat_packs([ss[int(i)] for i in g]).num_examples for g in groups)
