@@ -199,6 +199,23 @@ class Estimate:
         return self.setting.tokens / self.step_s
 
 
+_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def _check_sizes(text: PretrainedConfig) -> None:
+    """The plan's per-token sizes come from a Llama-shaped decoder config: one that names them otherwise (GPT-2's
+    ``n_inner``) is a TrainError, not an AttributeError."""
+    from .config import TrainError
+
+    missing = [key for key in _SIZES if not isinstance(getattr(text, key, None), int)]
+    if missing:
+        raise TrainError(
+            f"train plan sizes decoders by {', '.join(_SIZES)}, and the config of model_type "
+            f"{getattr(text, 'model_type', None)!r} gives no {', '.join(missing)}, so it cannot predict this model; "
+            "with train run, give --tokens-per-micro-batch N instead of auto"
+        )
+
+
 def inventory(config: PretrainedConfig) -> ModelInventory:
     """The model of ``config`` built on the meta device: shapes only, nothing allocated. Weights count the whole
     model (a vision tower and every expert too); the per-token sizes are the decoder's (``config.get_text_config()``)
@@ -222,6 +239,7 @@ def inventory(config: PretrainedConfig) -> ModelInventory:
     targets = DEFAULT_TARGETS if known else tuple(sorted({n.rsplit(".", 1)[-1] for n, _, _ in linears}))
     # The decoder's sizes: a multimodal config (Gemma 3) keeps them in its text_config.
     text = config.get_text_config()
+    _check_sizes(text)
     heads = int(text.num_attention_heads)
     return ModelInventory(
         hidden=int(text.hidden_size),

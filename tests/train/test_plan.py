@@ -319,6 +319,22 @@ def test_bad_options_are_one_line_errors(synthetic_shards: Path, args: list[str]
     assert_one_line_error(result, match)
 
 
+def test_a_config_without_llama_sizes_is_one_error(synthetic_shards: Path, tmp_path: Path) -> None:
+    """GPT-2 names its MLP width n_inner: ``train plan`` and ``train run --tokens-per-micro-batch auto`` say they
+    cannot size it instead of an AttributeError."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt2", vocab_size=384, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    match = r"^error: train plan sizes decoders by .* model_type 'gpt2' gives no intermediate_size, so it cannot"
+    plan = ["plan", str(synthetic_shards), "--model", str(tmp_path / "gpt2"), "--gpu-mem-gib", "8"]
+    assert_one_line_error(CliRunner().invoke(main, plan), match)
+    run = ["run", str(synthetic_shards), "--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "out"),
+           "--device", "cpu", "--tokens-per-micro-batch", "auto", "--max-memory-gib", "8"]  # fmt: skip
+    line = assert_one_line_error(CliRunner().invoke(main, run), match)
+    assert line.endswith("give --tokens-per-micro-batch N instead of auto")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_config_is_planned_from_the_same_inputs(synthetic_shards: Path) -> None:
     """``train run --tokens-per-micro-batch auto`` predicts from what ``train plan`` reads for the same model."""
     from padless.train.config import TrainConfig
