@@ -41,8 +41,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    # Fused AdamW: one kernel for all parameters on CUDA. On CPU the default (foreach) path is used.
-    fused = device.type == "cuda"
+    # Fused AdamW: one kernel for all parameters on CUDA. On CPU the default (foreach) path is used, except for fp16
+    # parameters (--full --dtype fp16): it computes in fp16, where eps=1e-8 rounds to 0 and an element whose
+    # gradient is 0 (an unused embedding row) becomes 0/0 = NaN; the fused kernel computes in fp32.
+    fused = device.type == "cuda" or any(p.dtype == torch.float16 for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 

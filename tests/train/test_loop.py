@@ -346,3 +346,15 @@ def test_checkpoint_segments_train_like_per_layer_checkpoints(
     assert segments.summary["config"]["checkpoint_layers"] == 3
     assert segments.losses == pytest.approx(per_layer.losses, rel=1e-5)
     assert per_layer_packs == 2 * (len(packs) - per_layer_packs) > 0  # 4 checkpoints a micro-batch against 2
+
+
+def test_full_fine_tuning_in_fp16_on_the_cpu_stays_finite(synthetic_shards: Path, tmp_path: Path) -> None:
+    """fp16 weights: an embedding row no token of a step uses has a zero gradient, which AdamW computed in fp16
+    (eps 1e-8 rounds to 0) turned into NaN at the first step."""
+    with Recorder() as rec:
+        result = train(
+            base_config(synthetic_shards, tmp_path / "out", max_steps=2, mode="full", dtype="fp16"),
+            callbacks=Callbacks(on_model=rec.on_model),
+        )
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert all(torch.isfinite(p).all() for p in rec.model.parameters())
