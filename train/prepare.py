@@ -348,11 +348,12 @@ def tiny_model_vocab(manifest: dict[str, Any]) -> int:
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
-    """Load the base model (or the tiny one sized to the shards' vocab) on ``device`` in ``dtype``."""
+    """Load the base model (or the tiny one sized to the shards' vocab) on ``device`` in ``dtype``; a model without
+    decoder layers (``num_hidden_layers`` 0) is refused: LoRA finds nothing to adapt and the packed path no layer."""
     from .modeling import load_model
 
     check_model_source(cfg.model)
-    return load_model(
+    model = load_model(
         cfg.model,
         vocab_size=tiny_model_vocab(manifest) if cfg.model is None else None,
         family=cfg.family,
@@ -362,3 +363,7 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
         seed=cfg.seed,
         config_overrides=model_overrides(cfg),
     )
+    if getattr(model.config.get_text_config(), "num_hidden_layers", None) == 0:
+        source = f"--model {cfg.model!r}" if cfg.model is not None else "the model of --model-overrides"
+        raise TrainError(f"{source} has no decoder layers (num_hidden_layers 0); padless trains at least one")
+    return model

@@ -101,6 +101,8 @@ def test_a_config_file_s_lora_sizes_do_not_stop_a_full_run(synthetic_shards: Pat
         (["--model-overrides", "{bad json"], r"--model-overrides is not valid JSON"),
         (["--model-overrides", '{"num_attention_heads": 3}'], r"--model-overrides .*cannot build a llama model"),
         (["--model-overrides", '{"vocab_size": 10}'], r"vocab_size=10 is smaller than the shards' tokenizer"),
+        (["--model-overrides", '{"num_hidden_layers": 0}'], r"--model-overrides has no decoder layers \(num_hidden"),
+        (["--model-overrides", '{"num_hidden_layers": 0}', "--full"], r"has no decoder layers"),
         (["--model", "/no/such/model/folder"], r"--model '/no/such/model/folder': no such folder"),
         (["--device", "gpu0"], r"--device 'gpu0' is not a device torch knows"),
     ],
