@@ -11,6 +11,7 @@ Decoding is greedy unless ``temperature`` > 0.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,8 @@ def chat(
     """The model's reply to ``prompt`` (the new tokens only, decoded without special tokens)."""
     if max_new_tokens < 1:
         raise TrainError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise TrainError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also NaN, which would otherwise decode greedily without a word
+        raise TrainError(f"--temperature must be >= 0 (0 = greedy) and finite, got {temperature}")
     from .prepare import parse_device
 
     device = str(parse_device(device)) if device else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -129,6 +129,12 @@ def test_chat_needs_a_model_folder_with_a_tokenizer(synthetic_shards: Path, tmp_
     assert_one_line_error(CliRunner().invoke(main, ["chat", str(tmp_path), "--prompt", "hi"]), r"holds no tokenizer")
 
 
+@pytest.mark.parametrize("temperature", ["-1", "nan", "inf"])
+def test_chat_temperature_must_be_a_finite_non_negative_number(temperature: str, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["chat", str(tmp_path), "--prompt", "hi", "--temperature", temperature])
+    assert_one_line_error(res, rf"^error: --temperature must be >= 0 \(0 = greedy\) and finite, got {temperature}")
+
+
 def test_chat_says_why_a_reply_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty reply (the model ended at once, typically a run trained on another prompt format) gets a note."""
     import padless.train.chat
