@@ -90,6 +90,11 @@ def check_model_source(
     if not path.is_dir():
         raise TrainError(f"{what} {model!r}: no such folder; expected a Hugging Face model folder or a hub id")
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():  # the output of a LoRA run: an adapter, not a model
+            raise TrainError(
+                f"{what} {model!r} holds a LoRA adapter, not a model (no config.json); merge it into its base with "
+                f"`train merge {model} --out MERGED` and pass that folder"
+            )
         raise TrainError(f"{what} {model!r} has no config.json; expected a Hugging Face model folder")
     if not any(next(path.glob(g), None) is not None for g in _WEIGHT_GLOBS):
         raise TrainError(f"{what} {model!r} holds no weights (no *.safetensors or *.bin files); {no_weights_fix}")

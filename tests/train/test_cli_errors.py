@@ -131,6 +131,16 @@ def test_parity_and_chat_check_their_device(synthetic_shards: Path, tmp_path: Pa
     assert_one_line_error(CliRunner().invoke(main, chat), match)
 
 
+def test_a_lora_output_given_as_the_model(synthetic_shards: Path, tmp_path: Path) -> None:
+    """Continuing from a LoRA run: its output folder is an adapter, which `train merge` turns into a model."""
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    res = _run(synthetic_shards, tmp_path / "out", "--model", str(tmp_path / "lora"), "--device", "cpu")
+    line = assert_one_line_error(res, r"^error: --model '.*lora' holds a LoRA adapter, not a model \(no config.json\)")
+    assert f"`train merge {tmp_path / 'lora'} --out MERGED` and pass that folder" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_that_is_no_causal_lm_is_one_error(synthetic_shards: Path, tmp_path: Path) -> None:
     """An encoder-decoder (T5) has no AutoModelForCausalLM class: run, parity and plan say so in one line."""
     from transformers import AutoConfig, T5ForConditionalGeneration
