@@ -18,7 +18,8 @@ parameter source tells a given option from a default, for ``--lora/--qlora/--ful
 Other metadata keys: ``positional`` (an argument, not an option), ``flag`` (the option's name when it is not the
 field's: ``--map`` for ``maps``), ``metavar``, ``switch`` (a ``Literal`` field given as one flag per value:
 ``--lora/--qlora/--full``), ``case_insensitive`` (a ``Literal`` option that also takes ``h100`` for ``H100``; the
-config receives the Literal's spelling).
+config receives the Literal's spelling), ``comma_list`` and ``json_object`` (a string option holding a comma list or
+a JSON object, which a config file may also give as a YAML list or mapping).
 
 :func:`check_fields` checks an instance against the same types (``__post_init__`` calls it), so a library caller
 and the command line get the same error. :class:`Group` prints every user error, click's usage errors included,

@@ -7,8 +7,10 @@ surprises do not apply: ``checkpointing: off`` is the string ``"off"``, ``model_
 ``"7e9"``, ``lr: 2e-4`` the number 0.0002 and ``seed: 010`` the integer 10. A list is a tuple for a
 ``tuple[str, ...]`` field (a single string is a one-item tuple), an int is accepted for a float field, and
 ``null`` (or ``~``, or nothing) is None. A quoted scalar is always a string; a number field that also takes
-words (``tokens_per_micro_batch: auto``) reads them as those words. Relative paths in a file are
-relative to the working directory, as on the command line.
+words (``tokens_per_micro_batch: auto``) reads them as those words. A string field that the command line takes as a
+comma list (metadata ``comma_list``) also takes a YAML list (``target_modules: [q_proj, v_proj]``), and one that
+takes a JSON object (``json_object``) also takes a YAML mapping (``model_overrides: {num_hidden_layers: 2}``).
+Relative paths in a file are relative to the working directory, as on the command line.
 
 :func:`read_config_file` returns the values by field name (checked against the field types, before the
 config's own checks run); :func:`config_yaml` writes every field of a config, each with its help as a comment,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import os
 import textwrap
 from collections.abc import Iterable
@@ -78,6 +81,17 @@ def _value(node: Any, f: dataclasses.Field, cls: type) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         if kind.base is tuple and isinstance(node, yaml.SequenceNode):
             return tuple(_text(item) for item in node.value)
+        if kind.base is str and f.metadata.get("comma_list") and isinstance(node, yaml.SequenceNode):
+            items = [_text(item) for item in node.value]
+            if all(isinstance(item, str) and "," not in item for item in items):
+                return ",".join(items)
+            return items
+        if kind.base is str and f.metadata.get("json_object") and isinstance(node, yaml.MappingNode):
+            value = _generic(node)
+            try:
+                return json.dumps(value)
+            except (TypeError, ValueError):  # a value JSON cannot hold (a YAML date): the type check names it
+                return value
         return _generic(node)
     text, plain = node.value, node.style is None
     if plain and text in _NULLS:

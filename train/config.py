@@ -84,7 +84,7 @@ class TrainConfig:
     lora_alpha: int = option(16, help="LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = option(0.0, help="Dropout on the LoRA input (0 = none).")
     target_modules: str | None = option(
-        None, help="Comma-separated module names to put LoRA on (default: all linear projections)."
+        None, help="Comma-separated module names to put LoRA on (default: all linear projections).", comma_list=True
     )
     tokens_per_micro_batch: int | Literal["auto"] = option(
         0,
@@ -193,6 +193,7 @@ class TrainConfig:
         + ", ".join(RESUME_CHANGEABLE)
         + ". The shards, model, mode, LoRA settings, token budget, grad-accum, world size, seed and optimizer "
         "never may.",
+        comma_list=True,
     )
     overwrite: bool = option(
         False,
@@ -212,6 +213,7 @@ class TrainConfig:
         help="Config fields (a JSON object, or a .json file) for the random model built without --model, e.g. a "
         "real model's shape for a benchmark without downloading weights (a random base over 1B parameters is not "
         "saved).",
+        json_object=True,
     )
     fsdp: bool = option(False, help="Shard the model with FSDP2 (fully_shard) instead of DDP on several GPUs.")
     report_to: str | None = option(
@@ -222,6 +224,7 @@ class TrainConfig:
         "(WANDB_MODE=offline keeps it local; WANDB_PROJECT, default padless); mlflow logs to MLFLOW_TRACKING_URI, "
         "default sqlite:///OUTPUT/mlflow.db (MLFLOW_EXPERIMENT_NAME, default padless). Needs "
         "`pip install 'padless[trackers]'`.",
+        comma_list=True,
     )
     log_every: int = option(1, help="Refresh the progress bar (or print a line when not on a terminal) every N steps.")
     progress: bool = option(True, help="Show a progress bar.")
@@ -387,7 +390,9 @@ class PlanConfig:
     )
     family: FamilyName = option("llama", help="Architecture of the random model (without --model).")
     model_overrides: str | None = option(
-        None, help="Config fields (a JSON object, or a .json file) of the random model (without --model)."
+        None,
+        help="Config fields (a JSON object, or a .json file) of the random model (without --model).",
+        json_object=True,
     )
     gpu_mem_gib: float | None = option(
         None, help="GPU memory to plan for, GiB (default: this machine's GPU; none: nothing is marked as fitting)."

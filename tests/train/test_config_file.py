@@ -94,6 +94,35 @@ def test_tokens_per_micro_batch_auto_in_a_file(tmp_path: Path) -> None:
     assert_one_line_error(r, r"tokens_per_micro_batch='some' \(--tokens-per-micro-batch\): expected an int or 'auto'$")
 
 
+def test_lists_and_mappings_in_a_file_equal_the_command_line_strings(tmp_path: Path) -> None:
+    """target_modules / report_to / resume_changed as YAML lists and model_overrides as a mapping give the same config
+    as the comma lists and JSON object of the command line, and the saved config reads back as that config."""
+    from padless.shards.config_file import read_config_file, write_config_file
+
+    (tmp_path / "run.yaml").write_text(
+        "shards: s\ntarget_modules: [q_proj, v_proj]\nreport_to:\n  - tensorboard\nresume: true\n"
+        "output: o\nresume_changed: [lr, max_steps]\n"
+        "model_overrides: {num_hidden_layers: 2, rope_theta: 1.0e+4}\n"
+    )
+    cfg = TrainConfig(**read_config_file(TrainConfig, tmp_path / "run.yaml"))
+    want = TrainConfig(shards="s", target_modules="q_proj,v_proj", report_to="tensorboard", resume=True, output="o",
+                       resume_changed="lr,max_steps",
+                       model_overrides=json.dumps({"num_hidden_layers": 2, "rope_theta": 1.0e4}))  # fmt: skip
+    assert cfg == want
+    assert cfg.target_module_list == ["q_proj", "v_proj"]
+    assert TrainConfig(**read_config_file(TrainConfig, write_config_file(cfg, tmp_path / "back.yaml"))) == cfg
+    for text, message in [
+        ("target_modules: [q_proj, [v_proj]]", r"target_modules=\['q_proj', \['v_proj'\]\] \(--target-modules\): exp"),
+        ("target_modules: ['q_proj,k_proj', v_proj]", r"target_modules=\['q_proj,k_proj', 'v_proj'\]"),
+        ("report_to: {tensorboard: 1}", r"report_to=\{'tensorboard': 1\} \(--report-to\): expected a string"),
+        ("model_overrides: [1, 2]", r"model_overrides=\[1, 2\] \(--model-overrides\): expected a string"),
+        ("model_overrides: {day: 2024-01-01}", r"model_overrides=\{'day': datetime.date\(2024, 1, 1\)\}"),
+    ]:
+        (tmp_path / "bad.yaml").write_text(f"shards: s\n{text}\n")
+        r = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "bad.yaml")])
+        assert_one_line_error(r, message)
+
+
 def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
     from padless.shards.config_file import read_config_file
 
@@ -103,3 +132,4 @@ def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
     values = read_config_file(TrainConfig, tmp_path / "run.yaml")
     assert (values["lr"], values["grad_accum"], values["checkpointing"]) == (1e-4, 4, "on")
     assert TrainConfig(**values).shards == "shards/"
+    assert TrainConfig(**values).target_module_list == ["q_proj", "v_proj"]
