@@ -64,7 +64,8 @@ def pack_cmd(as_json: bool, **params: Any) -> None:
 def _sigterm_exits() -> Iterator[None]:
     """Make SIGTERM (``kill``, ``timeout``, a job scheduler's stop) end ``prep pack`` as Ctrl-C does: as an exception
     in this process, so the staging folder and its spill are removed and ``--out`` is left as it was; exit status
-    143 (128 + SIGTERM). Forked tokenizer workers inherit the handler and die of the signal as before."""
+    143 (128 + SIGTERM). Tokenizer workers reset SIGTERM to its default when they start (``prep.tokenize``); one
+    signalled before that dies of it here too."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
@@ -220,6 +221,14 @@ def _set_tokenizer(tk: TokenizerInfo | None) -> None:
     _TK = tk
 
 
+def _start_worker(tk: TokenizerInfo | None) -> None:
+    """A worker process's start: its tokenizer, and SIGTERM's default action. The parent's Python handler (``prep
+    pack`` turns SIGTERM into a clean exit) would run only once the worker's current batch left the tokenizer's native
+    code, so the parent's ``terminate()`` would wait out each busy worker's batch."""
+    _set_tokenizer(tk)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Encoder:
     """Tokenizes chunks of rows, each example alone, in order: in this process, or in ``num_proc`` worker processes
     with at most ``2 * num_proc`` chunks in flight (so memory holds a bounded number of chunks, never the input).
@@ -240,7 +249,7 @@ class Encoder:
             # Fork: workers inherit the tokenizer; Rust-side threads off in them (tokenizers warns otherwise).
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self._pool = ctx.Pool(self.num_proc, initializer=_set_tokenizer, initargs=(self.tk,))
+            self._pool = ctx.Pool(self.num_proc, initializer=_start_worker, initargs=(self.tk,))
         else:
             _set_tokenizer(self.tk)
         return self

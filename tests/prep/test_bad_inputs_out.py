@@ -191,6 +191,20 @@ def test_sigterm_cleans_up_as_ctrl_c_does(work: Path, script: str, num_proc: str
     assert snapshot(work) == before
 
 
+def test_a_tokenizer_worker_dies_of_sigterm_at_once() -> None:
+    """A worker starts with SIGTERM's default action, not the parent's Python handler, which would wait until the
+    worker's batch left the tokenizer's native code (the parent's terminate() would wait that long)."""
+    from padless.prep.tokenize import _set_tokenizer, _start_worker
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        _start_worker(None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        _set_tokenizer(None)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_crash_between_the_two_renames_is_repaired_by_the_next_run(work: Path, monkeypatch) -> None:
     """Without an atomic exchange, publish() moves the old set aside, then the new one in; if the process dies in
     between, the next run puts the old set back before anything else."""
