@@ -172,8 +172,9 @@ def _json_rows(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
         array = f.read(4096).lstrip().startswith("[")
     with _open_text(path) as f:
         if array:  # one JSON array: parsed whole (JSONL streams)
+            text = f.read()  # outside the try: a byte that is not UTF-8 is its own error, not the parser's
             try:
-                rows = json.load(f)
+                rows = json.loads(text)
             except json.JSONDecodeError as e:
                 raise PrepError(f"malformed JSON in {str(path)!r} at line {e.lineno}, column {e.colno}: {e.msg}") from e
             except (ValueError, RecursionError) as e:

@@ -304,6 +304,8 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
     ("name", "data", "match"),
     [
         ("bin.csv", b"text\n\xff\xfe,1\n", r"cannot read dataset '.*bin.csv': 'utf-8' codec can't decode byte 0xff"),
+        ("latin.json", b'[{"text": "' + b"a" * 20_000 + b'\xe9"}]',
+         r"cannot read '.*latin.json': 'utf-8' codec can't decode byte 0xe9 .*; expected a UTF-8"),
         ("wide.csv", b"text\nhello,world\n", r"'.*wide.csv' line 2 has more fields than its header \(1\)"),
         ("stray.csv", b'text\nfirst\n"stray quote\nsecond\nthird\n',
          r"'.*stray.csv': malformed CSV in the record starting at line 3 \(unexpected end of data\); expected each "
@@ -320,8 +322,8 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
          r"'.*deep.jsonl': line 1 is nested too deeply for Python's JSON parser"),
         ("deep.json", b"[" * 100_000 + b"]" * 100_000, r"'.*deep.json': its JSON array is nested too deeply"),
     ],
-    ids=["not-utf8-csv", "wide-csv", "unclosed-csv-quote", "text-after-csv-quote", "duplicate-csv-column",
-         "truncated-gzip", "not-arrow", "long-int", "deep-jsonl", "deep-json"],
+    ids=["not-utf8-csv", "not-utf8-json-array", "wide-csv", "unclosed-csv-quote", "text-after-csv-quote",
+         "duplicate-csv-column", "truncated-gzip", "not-arrow", "long-int", "deep-jsonl", "deep-json"],
 )  # fmt: skip
 def test_an_unreadable_dataset_is_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     (tmp_path / name).write_bytes(data)
