@@ -189,7 +189,10 @@ def parse_documents(value: Any) -> list[dict[str, Any]] | None:
 
 
 def json_object_problem(text: str) -> str | None:
-    """Why ``text`` (a tool call's ``arguments`` string) is not the JSON of an object, or None when it is."""
+    """Why ``text`` (a tool call's ``arguments`` string) is not the JSON of an object, or None when it is; a blank
+    string is a call without arguments (some exports write those as ``""``) and renders as ``{}``."""
+    if not text.strip():
+        return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -219,7 +222,7 @@ def tool_calls(value: str) -> list[dict[str, Any]]:
         if isinstance(args, str):
             if (why := json_object_problem(args)) is not None:
                 raise ValueError(f'"arguments" {why}; expected an object or a JSON string of one')
-            args = json.loads(args)
+            args = json.loads(args) if args.strip() else {}
         if not isinstance(args, dict):
             raise ValueError(f'expected "arguments" to be an object, got {type(args).__name__}')
         out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})
@@ -259,6 +262,24 @@ def _with_system(msgs: list[dict[str, Any]], system: Any) -> list[dict[str, Any]
     return msgs
 
 
+def _blank_arguments_as_empty(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with each tool call whose ``arguments`` string is blank given ``{}`` instead (a call without
+    arguments, as the template renders one); every other call as given."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        target = fn if isinstance(fn, dict) else call
+        args = target.get("arguments") if isinstance(target, dict) else None
+        if isinstance(args, str) and not args.strip():
+            target = {**target, "arguments": {}}
+            call = {**call, "function": target} if isinstance(fn, dict) else target
+        out.append(call)
+    return {**message, "tool_calls": out}
+
+
 def render_row(row: dict[str, Any], fmt: str, train_on: str, separator: str = " ") -> Rendered:
     """Render one (validated) row; ``train_on`` is ``completion`` or ``all`` (text always trains everything).
 
@@ -272,7 +293,7 @@ def render_row(row: dict[str, Any], fmt: str, train_on: str, separator: str = " 
         prompt, completion = _str(row.get("prompt")), _str(row.get("completion"))
         return Rendered(segments=[(prompt, all_), (_join(prompt, completion, separator), True)])
     if fmt == "chat":
-        msgs = [dict(m) for m in row["messages"]]  # content as given: text, a list of parts, or absent
+        msgs = [_blank_arguments_as_empty(dict(m)) for m in row["messages"]]  # content as given: text, parts, or absent
         return Rendered(
             messages=_with_system(msgs, row.get("system")),
             tools=parse_tools(row.get("tools")),

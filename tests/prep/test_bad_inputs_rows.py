@@ -385,3 +385,28 @@ def test_no_row_shape_reaches_the_user_as_a_traceback(tmp_path: Path) -> None:
             assert_one_line_error(r, r"^error: ")
         outcomes[r.exit_code] += 1
     assert min(outcomes.values()) > 30, outcomes  # both packing and refusing were exercised
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_tool_call_arguments_string_is_a_call_without_arguments(blank: str) -> None:
+    """Some exports write a call without arguments as ``"arguments": ""``: such a row is valid and its call renders
+    with ``{}``, in chat messages (either call shape) and ShareGPT function_call turns; the row is not changed."""
+    from padless.prep.render import render_row
+    from padless.prep.validate import row_problem
+
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": blank}}, {"name": "g", "arguments": blank},
+        {"name": "h", "arguments": '{"x": 1}'}]}]}  # fmt: skip
+    assert row_problem(chat, "chat") is None
+    calls = render_row(chat, "chat", "completion").messages[1]["tool_calls"]
+    assert calls == [{"type": "function", "function": {"name": "f", "arguments": {}}}, {"name": "g", "arguments": {}},
+                     {"name": "h", "arguments": '{"x": 1}'}]  # fmt: skip
+    assert chat["messages"][1]["tool_calls"][0]["function"]["arguments"] == blank
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "a"},
+            {"from": "function_call", "value": json.dumps({"name": "f", "arguments": blank})},
+        ]
+    }
+    assert row_problem(sharegpt, "sharegpt") is None
+    assert render_row(sharegpt, "sharegpt", "completion").messages[1]["tool_calls"][0]["function"]["arguments"] == {}
