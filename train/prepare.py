@@ -161,27 +161,53 @@ def check_token_ids(max_token_id: int, model: torch.nn.Module, where: str) -> No
         )
 
 
-def check_positions(longest: int, model: torch.nn.Module, where: str) -> list[str]:
-    """The data's longest example (``longest`` tokens: positions 0 .. longest - 1) against the model's
-    ``max_position_embeddings``. A patched family computes rotary positions past it (a warning: the model never saw
-    them in pretraining); any other architecture goes through transformers' own modules, where a learned position
-    table ends there and the first step would fail, so that is an error. Returns the warnings."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not isinstance(limit, int) or isinstance(limit, bool) or longest <= limit:
-        return []
-    from .families import family_for_model_type
+def _position_limit(config: Any) -> int | None:
+    """How many positions the text config says the model takes: ``max_position_embeddings``, or the length its rope
+    scaling extends to (``factor`` x ``original_max_position_embeddings``, YaRN and the like) when that is larger."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1:
+        original = scaling.get("original_max_position_embeddings") or limit
+        if isinstance(original, int):
+            limit = max(limit, int(original * factor))
+    return limit
 
-    model_type = getattr(model.config, "model_type", None)
-    text = f"{where} holds an example of {longest} tokens, more than the model's max_position_embeddings ({limit})"
-    if family_for_model_type(model_type or "") is not None:
-        return [
-            f"{text}: its rotary positions past {limit} were not seen in pretraining; re-pack with `prep pack "
-            f"--max-len {limit}` unless you mean to extend the model's context"
-        ]
-    raise TrainError(
-        f"{text}; padless does not patch model_type {model_type!r}, and transformers' own modules may not take "
-        f"positions past it (a learned position table ends there). Re-run `prep pack --max-len {limit}`"
-    )
+
+def _learned_position_table(model: torch.nn.Module, limit: int) -> str | None:
+    """The name of an embedding table with one row per position up to ``limit`` (GPT-2's ``wpe``; OPT's has 2 rows
+    more), other than the token embedding, or None (rotary and other computed positions)."""
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.Embedding)
+            and module is not tokens
+            and limit <= module.num_embeddings <= limit + 2
+        ):
+            return name
+    return None
+
+
+def check_positions(longest: int, model: torch.nn.Module, where: str) -> list[str]:
+    """The data's longest example (``longest`` tokens: positions 0 .. longest - 1) against the positions the model
+    takes. A model with a learned position table (one embedding row per position) cannot look up a position past its
+    end: an error before anything is written. Computed positions (rotary) go on past it, untrained in pretraining: a
+    warning, since extending a model's context is a reason to fine-tune. Returns the warnings."""
+    limit = _position_limit(model.config.get_text_config())
+    if limit is None or longest <= limit:
+        return []
+    text = f"{where} holds an example of {longest} tokens, more than the model's {limit} positions"
+    table = _learned_position_table(model, limit)
+    if table is not None:
+        raise TrainError(
+            f"{text}, and its position embedding {table!r} has no row past them; re-run `prep pack --max-len {limit}`"
+        )
+    return [
+        f"{text} (max_position_embeddings): positions past {limit} were not seen in pretraining; re-pack with `prep "
+        f"pack --max-len {limit}` unless you mean to extend the model's context"
+    ]
 
 
 def _identity_problems(tok: dict[str, Any], folder: Path) -> list[str]:

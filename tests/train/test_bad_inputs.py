@@ -228,9 +228,10 @@ def test_a_micro_batch_budget_below_the_longest_pack(synthetic_shards: Path, tmp
 
 
 def test_examples_longer_than_the_model_s_positions(synthetic_shards: Path, tmp_path: Path) -> None:
-    """An unpatched architecture with a learned position table (GPT-2) would fail at the first step past its end: an
-    error before anything is written. A patched (rotary) family computes those positions: a warning."""
-    from transformers import AutoConfig, GPT2LMHeadModel
+    """A learned position table (GPT-2's) has no row past its end: an error before anything is written, from run and
+    parity. Computed (rotary) positions go on: a warning for a patched family and for an unpatched architecture
+    (GPT-NeoX), which both train; none where rope scaling extends the positions past the example."""
+    from transformers import AutoConfig, GPT2LMHeadModel, GPTNeoXForCausalLM
 
     longest = pack_sizes(open_shards(synthetic_shards)).max_seqlen
     config = AutoConfig.for_model("gpt2", vocab_size=384, n_embd=16, n_layer=1, n_head=2, n_positions=longest - 1)
@@ -239,18 +240,27 @@ def test_examples_longer_than_the_model_s_positions(synthetic_shards: Path, tmp_
     res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / "out"), *fast,
                                     "--model", str(tmp_path / "gpt2"), "--max-steps", "1"])  # fmt: skip
     line = assert_one_line_error(res, r"^error: the shard set '.*shards' holds an example of ")
-    assert f"of {longest} tokens, more than the model's max_position_embeddings ({longest - 1})" in line
-    assert "model_type 'gpt2'" in line and f"Re-run `prep pack --max-len {longest - 1}`" in line
+    assert f"of {longest} tokens, more than the model's {longest - 1} positions" in line
+    assert "position embedding 'transformer.wpe' has no row" in line
+    assert f"re-run `prep pack --max-len {longest - 1}`" in line
     assert not (tmp_path / "out").exists()
     res = CliRunner().invoke(
         main, ["parity", str(synthetic_shards), "--model", str(tmp_path / "gpt2"), "--packs", "99"]
     )
-    assert_one_line_error(res, rf"holds an example of {longest} tokens, more than the model's max_position_embeddings")
+    assert_one_line_error(res, rf"holds an example of {longest} tokens, more than the model's {longest - 1} positions")
 
-    overrides = json.dumps({**json.loads(FAST_OVERRIDES), "max_position_embeddings": longest - 1})
-    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / "rope"), *fast,
-                                    "--model-overrides", overrides, "--max-steps", "1"])  # fmt: skip
-    assert "warning: the shard set" in _ok(res) and "rotary positions past" in res.stderr
+    neox = AutoConfig.for_model("gpt_neox", vocab_size=384, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=longest - 1)  # fmt: skip
+    GPTNeoXForCausalLM(neox).save_pretrained(tmp_path / "neox")
+    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / "neox-out"), *fast,
+                                    "--model", str(tmp_path / "neox"), "--max-steps", "1"])  # fmt: skip
+    assert "warning: the shard set" in _ok(res) and f"positions past {longest - 1} were not seen" in res.stderr
+
+    for extra, warned in [({}, True), ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, False)]:
+        overrides = json.dumps({**json.loads(FAST_OVERRIDES), "max_position_embeddings": longest - 1, **extra})
+        res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / f"rope{warned}"),
+                                        *fast, "--model-overrides", overrides, "--max-steps", "1"])  # fmt: skip
+        assert ("were not seen in pretraining" in _ok(res) + res.stderr) is warned, res.stderr
 
 
 # ------------------------------------------------------------------------------------------------- resuming
