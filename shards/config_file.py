@@ -9,7 +9,8 @@ surprises do not apply: ``checkpointing: off`` is the string ``"off"``, ``model_
 ``null`` (or ``~``, or nothing) is None. A quoted scalar is always a string; a number field that also takes
 words (``tokens_per_micro_batch: auto``) reads them as those words. A string field that the command line takes as a
 comma list (metadata ``comma_list``) also takes a YAML list (``target_modules: [q_proj, v_proj]``), and one that
-takes a JSON object (``json_object``) also takes a YAML mapping (``model_overrides: {num_hidden_layers: 2}``).
+takes a JSON object (``json_object``) also takes a YAML mapping (``model_overrides: {num_hidden_layers: 2}``), whose
+values read as the JSON of their text would (``1e6`` a number, ``010`` the integer 10, ``no`` the string "no").
 Relative paths in a file are relative to the working directory, as on the command line.
 
 :func:`read_config_file` returns the values by field name (checked against the field types, before the
@@ -25,6 +26,7 @@ import difflib
 import functools
 import json
 import os
+import re
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +41,8 @@ SAVED_CONFIG_NAME = "config.yaml"
 
 _NULLS = ("", "~", "null", "Null", "NULL")
 _LIMIT = 16 << 20  # bytes; a config is a few kilobytes
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 class ConfigFileError(ValueError):
@@ -73,6 +77,29 @@ def _text(node: Any) -> Any:
     return _generic(node)
 
 
+def _json_value(node: Any) -> Any:
+    """A YAML node as the JSON value its text would be (YAML 1.2's core schema): a plain scalar is null, true/false,
+    a decimal int (``010`` is 10) or a float (``1e6`` too), else a string; a quoted scalar is a string."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return {_json_value(key): _json_value(value) for key, value in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [_json_value(item) for item in node.value]
+    text = node.value
+    if node.style is not None:
+        return text
+    if text in _NULLS:
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text.lower() == "true"
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    return text
+
+
 def _value(node: Any, f: dataclasses.Field, cls: type) -> Any:
     """The value of ``node`` read as field ``f``'s type (see the module doc); anything else as YAML builds it."""
     import yaml
@@ -87,11 +114,7 @@ def _value(node: Any, f: dataclasses.Field, cls: type) -> Any:
                 return ",".join(items)
             return items
         if kind.base is str and f.metadata.get("json_object") and isinstance(node, yaml.MappingNode):
-            value = _generic(node)
-            try:
-                return json.dumps(value)
-            except (TypeError, ValueError):  # a value JSON cannot hold (a YAML date): the type check names it
-                return value
+            return json.dumps(_json_value(node))
         return _generic(node)
     text, plain = node.value, node.style is None
     if plain and text in _NULLS:
