@@ -107,6 +107,9 @@ BAD = [
      r"^row 0: `messages\[0\].content\[0\].text` holds a lone surrogate"),
     ("sharegpt-surrogate", [OK_SG, _sg(("human", "\udfff"), ("gpt", "b"))],
      r"^row 1: `conversations\[0\].value` holds a lone surrogate"),
+    ("key-surrogate", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": {"ci\udc00ty": "Oslo"}}}]}]}],
+     r"^row 0: `messages\[1\].tool_calls\[0\].function.arguments.ci\\udc00ty` holds a lone surrogate"),
 ]  # fmt: skip
 
 
