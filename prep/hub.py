@@ -117,9 +117,10 @@ def _refuse_left_out(folder: Path, spec: DatasetSpec, split: str, files: list[st
     left = [f for f in every.get(split, []) if readable(Path(f)) and str(Path(f).resolve()) not in chosen]
     if left:
         names = [os.path.relpath(f, folder.absolute()) for f in left[:5]] + ["..."] * (len(left) > 5)
+        kept = Path(files[0]).suffixes[-2:] if files[0].lower().endswith(".gz") else [Path(files[0]).suffix]
         raise PrepError(
             f"folder {spec.text!r} mixes data file types in its {split!r} split: `datasets` reads only its "
-            f"{Path(files[0]).suffix} files and would leave out {len(left)} file(s) ({', '.join(names)}); give the "
+            f"{''.join(kept)} files and would leave out {len(left)} file(s) ({', '.join(names)}); give the "
             "files (or a folder per type) as separate datasets, or list them under `configs` in a README.md"
         )
 

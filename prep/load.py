@@ -42,7 +42,7 @@ from typing import Any
 from .errors import PrepError
 
 __all__ = ["ASSETS", "CHUNK_ROWS", "DEMO_DATASETS", "DatasetSpec", "Source", "load_rows", "open_source",
-           "parse_spec"]  # fmt: skip
+           "parse_spec", "readable"]  # fmt: skip
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_DATASETS = {"demo:alpaca": ASSETS / "demo_alpaca.jsonl.gz", "demo:chat": ASSETS / "demo_chat.jsonl.gz"}

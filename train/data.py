@@ -66,7 +66,8 @@ class PackSizes:
 
 
 def pack_sizes(ss: ShardSetLike) -> PackSizes:
-    """Token and trainable-token counts of every pack (one pass over the per-pack scalars)."""
+    """Token, trainable-token and example counts of every pack, the largest token id and the longest example (one
+    pass over the per-pack scalars)."""
     if hasattr(ss, "iter_batches"):  # shards.ShardSet: whole record batches, decoded once
         columns, top, longest = [], -1, 0
         for _, d in ss.iter_batches():

@@ -60,8 +60,8 @@ def merge(
     except OSError as error:  # transformers: a hub id it cannot fetch, or a folder it cannot read
         raise TrainError(f"cannot load the base model {base!r} ({error}); pass --model with a local folder") from error
     if getattr(model, "hf_quantizer", None) is not None:
-        # A 4-bit base (a QLoRA run's random base is saved in NF4): its adapter was trained against the dequantized
-        # weights, and transformers cannot save a 4-bit model after peft merged into it.
+        # A quantized base (a QLoRA run's random base is saved in NF4): its adapter was trained against the
+        # dequantized weights, and transformers cannot save a quantized model after peft merged into it.
         model = model.dequantize()
         if dtype:
             model = model.to(_DTYPES[dtype])
