@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's main job on a fresh clone, CPU only, no network: set up .venv, pack the bundled demo dataset with
-# the bundled demo tokenizer, show what the shards hold, then LoRA-train a tiny randomly initialised model on
-# them and show the loss falling. Outputs land in ./demo-out/.
+# The README's main job on a fresh clone, CPU only (the set-up needs a package index; the job itself no network):
+# set up .venv, pack the bundled demo dataset with the bundled demo tokenizer, show what the shards hold, then
+# fully fine-tune a tiny randomly initialised model on them and show the loss falling. Outputs land in ./demo-out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh

@@ -131,5 +131,5 @@ def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
     (tmp_path / "run.yaml").write_text(block)
     values = read_config_file(TrainConfig, tmp_path / "run.yaml")
     assert (values["lr"], values["grad_accum"], values["checkpointing"]) == (1e-4, 4, "on")
-    assert TrainConfig(**values).shards == "shards/"
+    assert TrainConfig(**values).shards == "packed/"
     assert TrainConfig(**values).target_module_list == ["q_proj", "v_proj"]
