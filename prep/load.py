@@ -239,16 +239,27 @@ def _malformed_csv(path: Path, line: int, error: csv.Error) -> PrepError:
 
 
 def _csv_records(reader: csv.DictReader, path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of ``reader``, a strict reader: the lenient one reads a quote that never closes as one field running
-    to the end of the file (every later row lost in it); a malformed record is an error naming its first line."""
+    """The rows of ``reader``, a strict reader, as ``csv.DictReader`` makes them (fields past the header under the key
+    None, missing ones None; blank lines skipped). The lenient reader reads a quote that never closes as one field
+    running to the end of the file (every later row lost in it); a malformed record is an error naming its first
+    line, counted here since DictReader skips blank lines inside one step."""
+    names, raw = reader.fieldnames or [], reader.reader
     while True:
-        start = reader.line_num + 1
+        start = raw.line_num + 1
         try:
-            yield next(reader)
+            row = next(raw)
         except StopIteration:
             return
         except csv.Error as e:
             raise _malformed_csv(path, start, e) from e
+        if not row:
+            continue
+        record: dict[Any, Any] = dict(zip(names, row, strict=False))
+        if len(row) > len(names):
+            record[None] = row[len(names) :]
+        elif len(row) < len(names):
+            record.update(dict.fromkeys(names[len(row) :]))
+        yield record
 
 
 def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
@@ -272,7 +283,7 @@ def _csv_chunks(path: Path, n: int) -> Iterator[list[dict[str, Any]]]:
         for r in _csv_records(reader, path):
             if None in r:  # csv puts the fields past the header under the key None
                 raise PrepError(
-                    f"{str(path)!r} line {reader.line_num} has more fields than its header "
+                    f"{str(path)!r} line {reader.reader.line_num} has more fields than its header "
                     f"({len(reader.fieldnames or [])}); expected one value per column"
                 )
             rows.append(r)

@@ -314,6 +314,8 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
          r"'.*stray.csv': malformed CSV in the record starting at line 3 \(unexpected end of data\); expected each "
          r"quoted field to end in a quote"),
         ("after.csv", b'text,input\n"a"b,c\n', r"'.*after.csv': malformed CSV in the record starting at line 2"),
+        ("blanks.csv", b'text\nfirst\n\n\n"stray quote\nsecond\n',
+         r"'.*blanks.csv': malformed CSV in the record starting at line 5 "),
         ("twice.csv", b"text,input,text\na,b,c\n",
          r"'.*twice.csv': the header names the column\(s\) \['text'\] more than once; expected one column per name"),
         ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-12],
@@ -326,7 +328,8 @@ def test_prompt_separator_option(tmp_path: Path) -> None:
         ("deep.json", b"[" * 100_000 + b"]" * 100_000, r"'.*deep.json': its JSON array is nested too deeply"),
     ],
     ids=["not-utf8-csv", "not-utf8-json-array", "wide-csv", "unclosed-csv-quote", "text-after-csv-quote",
-         "duplicate-csv-column", "truncated-gzip", "not-arrow", "long-int", "deep-jsonl", "deep-json"],
+         "csv-quote-after-blank-lines", "duplicate-csv-column", "truncated-gzip", "not-arrow", "long-int", "deep-jsonl",
+         "deep-json"],
 )  # fmt: skip
 def test_an_unreadable_dataset_is_one_line(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     (tmp_path / name).write_bytes(data)
