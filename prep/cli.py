@@ -62,10 +62,11 @@ def pack_cmd(as_json: bool, **params: Any) -> None:
 
 @contextlib.contextmanager
 def _sigterm_exits() -> Iterator[None]:
-    """Make SIGTERM (``kill``, ``timeout``, a job scheduler's stop) end ``prep pack`` as Ctrl-C does: as an exception
-    in this process, so the staging folder and its spill are removed and ``--out`` is left as it was; exit status
-    143 (128 + SIGTERM). Tokenizer workers reset SIGTERM to its default when they start (``prep.tokenize``); one
-    signalled before that dies of it here too."""
+    """Make SIGTERM sent to ``prep pack`` (``kill PID``) end it as Ctrl-C does: as an exception in this process, so
+    the staging folder and its spill are removed and ``--out`` is left as it was; exit status 143 (128 + SIGTERM).
+    Tokenizer workers reset SIGTERM to its default when they start (``prep.tokenize``); one signalled before that
+    dies of it here too. A SIGTERM to the whole process group (``timeout``, a job scheduler) with ``--num-proc`` above
+    1 can kill an idle worker inside the pool's queue lock, and the pool's shutdown then waits for SIGKILL."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return

@@ -1,7 +1,7 @@
 """Peak GPU memory of ``train run`` per model shape, mode and token budget, broken down by what holds it. Prints a
 table and appends each case's row to docs/bench/results/memory.jsonl as soon as the case ends.
 
-    python tools/bench_memory.py --shards shards/alpaca-qwen3-1024                   # every case
+    python tools/bench_memory.py --shards packed/alpaca-qwen3-1024                   # every case
     python tools/bench_memory.py --shards DIR --cases qwen3-4b-qlora-2k,qwen3-8b-lora-16k
     python tools/bench_memory.py --shards DIR --cases tiny-lora-1k --steps 2          # CPU smoke run
 

@@ -3,9 +3,9 @@ SDPA or FlexAttention), Liger-Kernel + HF + peft and Unsloth (when importable). 
 system to docs/bench/results/train.jsonl.
 
     python -m padless.prep pack ../shared/data/alpaca/alpaca_data_en_52k.jsonl.gz --max-len 1024 \\
-        --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out shards/alpaca-qwen3-1024
-    python tools/bench_train.py --shards shards/alpaca-qwen3-1024 --preset qwen3-8b      # every system
-    python tools/bench_train.py --shards shards/alpaca-qwen3-1024 --preset llama3-8b --systems padless,hf-padded
+        --tokenizer ../shared/data/tokenizers/qwen3-4b-thinking-2507 --out packed/alpaca-qwen3-1024
+    python tools/bench_train.py --shards packed/alpaca-qwen3-1024 --preset qwen3-8b      # every system
+    python tools/bench_train.py --shards packed/alpaca-qwen3-1024 --preset llama3-8b --systems padless,hf-padded
     python tools/bench_train.py --shards DIR --preset tiny --warmup 1 --steps 1           # CPU smoke run
 
 Every system trains the same randomly initialised model (``padless.train.modeling.load_model`` with the preset's

@@ -20,6 +20,7 @@ from padless.shards import tokenizer_identity
 from .config import TrainConfig, TrainError
 from .data import PackSizes, pack_sizes
 from .distributed import DistEnv
+from .families import family_for_model_type
 
 __all__ = [
     "build_model",
@@ -176,33 +177,43 @@ def _position_limit(config: Any) -> int | None:
     return limit
 
 
-def _learned_position_table(model: torch.nn.Module, limit: int) -> str | None:
-    """The name of an embedding table with one row per position up to ``limit`` (GPT-2's ``wpe``; OPT's has 2 rows
-    more), other than the token embedding, or None (rotary and other computed positions)."""
-    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+def _position_table(model: torch.nn.Module, limit: int) -> str | None:
+    """The name of a table with one row per position up to ``limit`` (OPT's has 2 rows more), looked up by position:
+    an embedding (GPT-2's ``wpe``) or a precomputed buffer (GPT-J's and CodeGen's sinusoids), other than the token
+    embedding and the output head; None where positions are computed (rotary)."""
+    skip = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(model, get)() if hasattr(model, get) else None
+        if layer is not None and getattr(layer, "weight", None) is not None:
+            skip.add(id(layer.weight))
     for name, module in model.named_modules():
-        if (
-            isinstance(module, torch.nn.Embedding)
-            and module is not tokens
-            and limit <= module.num_embeddings <= limit + 2
-        ):
+        table = isinstance(module, torch.nn.Embedding) and id(module.weight) not in skip
+        if table and limit <= module.num_embeddings <= limit + 2:
+            return name
+    for name, buffer in model.named_buffers():
+        if buffer.dim() >= 2 and limit <= buffer.shape[0] <= limit + 2:
             return name
     return None
 
 
 def check_positions(longest: int, model: torch.nn.Module, where: str) -> list[str]:
     """The data's longest example (``longest`` tokens: positions 0 .. longest - 1) against the positions the model
-    takes. A model with a learned position table (one embedding row per position) cannot look up a position past its
-    end: an error before anything is written. Computed positions (rotary) go on past it, untrained in pretraining: a
-    warning, since extending a model's context is a reason to fine-tune. Returns the warnings."""
+    takes. A model that looks positions up in a table (one row per position: a learned embedding, precomputed
+    sinusoids) cannot go past its end: an error before anything is written. Computed positions (rotary; every family
+    padless patches computes its own) go on past it, untrained in pretraining: a warning, since extending a model's
+    context is a reason to fine-tune. Returns the warnings."""
     limit = _position_limit(model.config.get_text_config())
     if limit is None or longest <= limit:
         return []
     text = f"{where} holds an example of {longest} tokens, more than the model's {limit} positions"
-    table = _learned_position_table(model, limit)
+    table = (
+        _position_table(model, limit)
+        if family_for_model_type(getattr(model.config, "model_type", None) or "") is None
+        else None
+    )
     if table is not None:
         raise TrainError(
-            f"{text}, and its position embedding {table!r} has no row past them; re-run `prep pack --max-len {limit}`"
+            f"{text}, and its position table {table!r} has no row past them; re-run `prep pack --max-len {limit}`"
         )
     return [
         f"{text} (max_position_embeddings): positions past {limit} were not seen in pretraining; re-pack with `prep "

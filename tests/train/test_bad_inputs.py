@@ -228,10 +228,11 @@ def test_a_micro_batch_budget_below_the_longest_pack(synthetic_shards: Path, tmp
 
 
 def test_examples_longer_than_the_model_s_positions(synthetic_shards: Path, tmp_path: Path) -> None:
-    """A learned position table (GPT-2's) has no row past its end: an error before anything is written, from run and
-    parity. Computed (rotary) positions go on: a warning for a patched family and for an unpatched architecture
-    (GPT-NeoX), which both train; none where rope scaling extends the positions past the example."""
-    from transformers import AutoConfig, GPT2LMHeadModel, GPTNeoXForCausalLM
+    """A position table (GPT-2's learned one, GPT-J's precomputed sinusoids) has no row past its end: an error before
+    anything is written, from run and parity. Computed (rotary) positions go on: a warning for a patched family and
+    for an unpatched architecture (GPT-NeoX), which both train; none where rope scaling extends the positions past
+    the example."""
+    from transformers import AutoConfig, GPT2LMHeadModel, GPTJForCausalLM, GPTNeoXForCausalLM
 
     longest = pack_sizes(open_shards(synthetic_shards)).max_seqlen
     config = AutoConfig.for_model("gpt2", vocab_size=384, n_embd=16, n_layer=1, n_head=2, n_positions=longest - 1)
@@ -241,13 +242,20 @@ def test_examples_longer_than_the_model_s_positions(synthetic_shards: Path, tmp_
                                     "--model", str(tmp_path / "gpt2"), "--max-steps", "1"])  # fmt: skip
     line = assert_one_line_error(res, r"^error: the shard set '.*shards' holds an example of ")
     assert f"of {longest} tokens, more than the model's {longest - 1} positions" in line
-    assert "position embedding 'transformer.wpe' has no row" in line
+    assert "position table 'transformer.wpe' has no row" in line
     assert f"re-run `prep pack --max-len {longest - 1}`" in line
     assert not (tmp_path / "out").exists()
     res = CliRunner().invoke(
         main, ["parity", str(synthetic_shards), "--model", str(tmp_path / "gpt2"), "--packs", "99"]
     )
     assert_one_line_error(res, rf"holds an example of {longest} tokens, more than the model's {longest - 1} positions")
+
+    gptj = AutoConfig.for_model("gptj", vocab_size=384, n_embd=16, n_layer=1, n_head=2, rotary_dim=4,
+                                n_positions=longest - 1)  # fmt: skip
+    GPTJForCausalLM(gptj).save_pretrained(tmp_path / "gptj")  # sinusoids precomputed into a buffer
+    res = CliRunner().invoke(main, ["run", str(synthetic_shards), "--output", str(tmp_path / "gptj-out"), *fast,
+                                    "--model", str(tmp_path / "gptj"), "--max-steps", "1"])  # fmt: skip
+    assert_one_line_error(res, r"position table '.*embed_positions' has no row past them")
 
     neox = AutoConfig.for_model("gpt_neox", vocab_size=384, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=32, max_position_embeddings=longest - 1)  # fmt: skip
