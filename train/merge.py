@@ -19,6 +19,7 @@ from padless.shards.cli_config import one_line
 from .config import TrainError
 from .output import copy_tokenizer_files, has_tokenizer
 from .prepare import check_model_source
+from .run_folder import refuse_under_file
 
 __all__ = ["merge"]
 
@@ -45,9 +46,7 @@ def merge(
         raise TrainError(f"{str(config_path)!r} names no base model; pass --model BASE")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {str(out)!r} is a file; expected a new or empty folder")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise TrainError(f"--out {str(out)!r} lies under {str(parent)!r}, which is a file; expected a folder path")
+    refuse_under_file(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
     check_model_source(

@@ -42,6 +42,7 @@ __all__ = [
     "apply_output_plan",
     "plan_output",
     "record_outputs",
+    "refuse_under_file",
     "run_settings",
     "save_run_config",
     "settings_differences",
@@ -190,6 +191,14 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def refuse_under_file(folder: Path, flag: str) -> None:
+    """A TrainError when the nearest existing parent of ``folder`` (the value of ``flag``) is a file, so the folder
+    can never be made; checked before any work, not at the mkdir after it."""
+    parent = next((p for p in folder.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TrainError(f"{flag} {str(folder)!r} lies under {str(parent)!r}, which is a file; expected a folder path")
+
+
 def _check_place(output: Path, inputs: Sequence[tuple[str, str | None]]) -> None:
     where = output.resolve()
     cwd = Path.cwd().resolve()
@@ -213,11 +222,7 @@ def _check_place(output: Path, inputs: Sequence[tuple[str, str | None]]) -> None
             )
     if output.exists() and not output.is_dir():
         raise TrainError(f"--output {str(output)!r} is a file; expected a folder (new, empty, or a padless run)")
-    parent = next((p for p in output.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():  # mkdir would fail there, after the model has loaded
-        raise TrainError(
-            f"--output {str(output)!r} lies under {str(parent)!r}, which is a file; expected a folder path"
-        )
+    refuse_under_file(output, "--output")  # mkdir would fail there, after the model has loaded
 
 
 def read_marker(output: Path) -> dict[str, Any] | None:
