@@ -31,8 +31,8 @@ from typing import Any
 from .config import Format
 from .errors import PrepError
 
-__all__ = ["ALPACA_HEADERS", "EOS", "FORMATS", "SHAREGPT_ROLES", "Rendered", "apply_maps", "detect_format",
-           "json_object_problem", "parse_documents", "parse_maps", "parse_tools", "render_row"]  # fmt: skip
+__all__ = ["ALPACA_HEADERS", "EOS", "FORMATS", "SHAREGPT_ROLES", "Rendered", "apply_maps", "call_arguments",
+           "detect_format", "parse_documents", "parse_maps", "parse_tools", "render_row"]  # fmt: skip
 
 # The columns of each format, in detection order (it matters: a chat row may also carry a `text` column).
 _REQUIRED = {
@@ -188,21 +188,21 @@ def parse_documents(value: Any) -> list[dict[str, Any]] | None:
     return _json_objects(value, "documents (objects such as {title, text})")
 
 
-def json_object_problem(text: str) -> str | None:
-    """Why ``text`` (a tool call's ``arguments`` string) is not the JSON of an object, or None when it is; a blank
-    string is a call without arguments (some exports write those as ``""``) and renders as ``{}``."""
+def call_arguments(text: str) -> dict[str, Any]:
+    """A tool call's ``arguments`` string as the object it holds; a blank string is a call without arguments (some
+    exports write those as ``""``): ``{}``. Anything else is a ``ValueError`` that says why."""
     if not text.strip():
-        return None
+        return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        return f"is not valid JSON ({e.msg} at column {e.colno})"
+        raise ValueError(f"is not valid JSON ({e.msg} at column {e.colno})") from e
     except (ValueError, RecursionError) as e:  # valid JSON beyond Python's parser
-        return f"cannot be parsed ({e})"
-    if isinstance(value, dict):
-        return None
-    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(value))
-    return f"is the JSON of {kind or 'null'}, not of an object"
+        raise ValueError(f"cannot be parsed ({e})") from e
+    if not isinstance(value, dict):
+        kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(value))
+        raise ValueError(f"is the JSON of {kind or 'null'}, not of an object")
+    return value
 
 
 def tool_calls(value: str) -> list[dict[str, Any]]:
@@ -220,9 +220,10 @@ def tool_calls(value: str) -> list[dict[str, Any]]:
             raise ValueError('expected each call to be a JSON object with a "name" string')
         args = c.get("arguments", {})
         if isinstance(args, str):
-            if (why := json_object_problem(args)) is not None:
-                raise ValueError(f'"arguments" {why}; expected an object or a JSON string of one')
-            args = json.loads(args) if args.strip() else {}
+            try:
+                args = call_arguments(args)
+            except ValueError as e:
+                raise ValueError(f'"arguments" {e}; expected an object or a JSON string of one') from e
         if not isinstance(args, dict):
             raise ValueError(f'expected "arguments" to be an object, got {type(args).__name__}')
         out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from .chat import REASONING_FIELDS, join_text
-from .render import SHAREGPT_ROLES, json_object_problem, parse_documents, parse_tools, tool_calls
+from .render import SHAREGPT_ROLES, call_arguments, parse_documents, parse_tools, tool_calls
 
 __all__ = ["CHAT_ROLES", "row_name", "row_problem"]
 
@@ -92,8 +92,11 @@ def _call_arguments(calls: list | None, f: _Fields, at: str) -> str | None:
         where = f"{at}.tool_calls[{j}]" + (".function" if "function" in call else "") + ".arguments"
         if args is not None and not isinstance(args, (dict, str)):
             return f"{f('messages', where)} is {_kind(args)}, expected an object or a JSON string of one"
-        if isinstance(args, str) and (why := json_object_problem(args)) is not None:
-            return f"{f('messages', where)} {why}; expected an object or a JSON string of one"
+        if isinstance(args, str):
+            try:
+                call_arguments(args)
+            except ValueError as e:
+                return f"{f('messages', where)} {e}; expected an object or a JSON string of one"
     return None
 
 
